@@ -1,0 +1,125 @@
+"""Reference attention (fp32, chunked over queries) with score modifiers and a keep-set.
+
+Shapes: q ``[B, Hq, Nq, D]``, k ``[B, Hkv, Nkv, D]``, v ``[B, Hkv, Nkv, Dv]``,
+``Hq = G * Hkv`` (G = GQA group; query head h reads key head ``h // G``).
+
+Score modifiers are applied in order to ``s = scale * q @ k^T`` exactly as the model did:
+  ("add",)        s = s + t                (additive float mask, ALiBi, position bias)
+  ("keep",)       s = where(t, s, -inf)    (SDPA boolean mask: True = attend)
+  ("fill", v)     s = s.masked_fill(t, v)  (``masked_fill`` spelling: True = replaced)
+  ("softcap", c)  s = c * tanh(s / c)      (no tensor)
+``causal`` is None, "upper_left" (query i sees keys j <= i, SDPA ``is_causal``) or
+"lower_right" (query i sits at position i + Nkv - Nq: KV-cache alignment).
+
+Example::
+
+    >>> q = k = v = torch.randn(1, 2, 5, 8)
+    >>> out, lse = attention_reference(q, k, v, scale=8 ** -0.5, causal="upper_left")
+    >>> out.shape, lse.shape
+    (torch.Size([1, 2, 5, 8]), torch.Size([1, 2, 5]))
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional, Sequence
+
+import torch
+
+# A pair whose modified score is at or below this counts as masked (HF masks use finfo.min).
+MASKED_BELOW = -1e30
+
+KeepFn = Callable[[int, int], torch.Tensor]  # (row0, row1) -> bool [B, Hs, row1-row0, Nkv]
+
+
+def positions_offset(causal: Optional[str], n_q: int, n_kv: int) -> int:
+    """Absolute position of query row 0 (queries are rows ``offset .. offset + n_q - 1``)."""
+    return 0 if causal == "upper_left" else n_kv - n_q
+
+
+def apply_modifiers(s: torch.Tensor, mods: Sequence[tuple], tensors: Sequence[torch.Tensor],
+                    rows: slice) -> torch.Tensor:
+    """Apply score modifiers to fp32 scores ``s`` [B, H, rows, Nkv] (query rows ``rows``)."""
+    ti = 0
+    for mod in mods:
+        kind = mod[0]
+        if kind == "softcap":
+            cap = float(mod[1])
+            s = torch.tanh(s / cap) * cap
+            continue
+        t = tensors[ti]
+        ti += 1
+        if t.dim() >= 2 and t.shape[-2] != 1:
+            t = t[..., rows, :]
+        if kind == "add":
+            s = s + t.to(torch.float32)
+        elif kind == "keep":
+            s = s.masked_fill(~t.to(torch.bool), float("-inf"))
+        elif kind == "fill":
+            s = s.masked_fill(t.to(torch.bool), float(mod[1]))
+        else:
+            raise ValueError(f"unknown score modifier {mod!r}; expected add/keep/fill/softcap")
+    if ti != len(tensors):
+        raise ValueError(f"{len(tensors)} modifier tensors given, modifiers {list(mods)} use {ti}")
+    return s
+
+
+def _expand_heads(x: torch.Tensor, hq: int) -> torch.Tensor:
+    """[B, Hs, ...] -> [B, Hq, ...] with query head h reading row h // (Hq // Hs)."""
+    hs = x.shape[1]
+    if hs == hq:
+        return x
+    if hs == 1:
+        return x.expand(x.shape[0], hq, *x.shape[2:])
+    return x.repeat_interleave(hq // hs, dim=1)
+
+
+def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float,
+                        mods: Sequence[tuple] = (), mod_tensors: Sequence[torch.Tensor] = (),
+                        causal: Optional[str] = None, keep: Optional[KeepFn] = None,
+                        chunk: int = 1024, stats: Optional[dict] = None):
+    """Softmax attention over the pairs that survive modifiers, causality and ``keep``.
+
+    Returns ``(out [B, Hq, Nq, Dv] in q.dtype, lse [B, Hq, Nq] fp32)``. Rows that keep no key
+    give out = 0, lse = -inf. If ``stats`` is a dict, it receives per-head counts of the pairs
+    the model attends to (``allowed``) and of those kept (``kept``), as float64 [Hq] tensors.
+    """
+    B, Hq, Nq, D = q.shape
+    Nkv = k.shape[2]
+    if Hq % k.shape[1] != 0:
+        raise ValueError(f"query heads {Hq} are not a multiple of key heads {k.shape[1]}")
+    kf = _expand_heads(k, Hq).to(torch.float32)
+    vf = _expand_heads(v, Hq).to(torch.float32)
+    out = torch.empty(B, Hq, Nq, v.shape[-1], dtype=q.dtype, device=q.device)
+    lse = torch.empty(B, Hq, Nq, dtype=torch.float32, device=q.device)
+    off = positions_offset(causal, Nq, Nkv)
+    kv_pos = torch.arange(Nkv, device=q.device)
+    allowed_n = torch.zeros(Hq, dtype=torch.float64, device=q.device)
+    kept_n = torch.zeros(Hq, dtype=torch.float64, device=q.device)
+    for r0 in range(0, Nq, chunk):
+        r1 = min(r0 + chunk, Nq)
+        s = torch.matmul(q[:, :, r0:r1].to(torch.float32), kf.transpose(-1, -2)) * scale
+        s = apply_modifiers(s, mods, mod_tensors, slice(r0, r1))
+        if causal is not None:
+            q_pos = torch.arange(r0, r1, device=q.device) + off
+            s = s.masked_fill(kv_pos[None, :] > q_pos[:, None], float("-inf"))
+        allowed = s > MASKED_BELOW
+        if keep is not None:
+            kp = _expand_heads(keep(r0, r1), Hq)
+            s = s.masked_fill(~kp, float("-inf"))
+            if stats is not None:
+                kept_n += (allowed & kp).sum(dim=(0, 2, 3)).to(torch.float64)
+        elif stats is not None:
+            kept_n += allowed.sum(dim=(0, 2, 3)).to(torch.float64)
+        if stats is not None:
+            allowed_n += allowed.sum(dim=(0, 2, 3)).to(torch.float64)
+        m = s.amax(dim=-1, keepdim=True)
+        m_safe = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+        p = torch.exp(s - m_safe)
+        denom = p.sum(dim=-1, keepdim=True)
+        o = torch.matmul(p, vf) / denom.clamp_min(1e-30)
+        o = torch.where(denom > 0, o, torch.zeros_like(o))
+        out[:, :, r0:r1] = o.to(q.dtype)
+        lse[:, :, r0:r1] = (m_safe + torch.log(denom)).squeeze(-1)
+    if stats is not None:
+        stats["allowed"] = allowed_n
+        stats["kept"] = kept_n
+    return out, lse

@@ -1,0 +1,179 @@
+"""Block scoring and selection references.
+
+Block lists use FlexAttention's layout: ``counts`` int32 ``[B, Hs, NQB]`` and ``indices``
+int32 ``[B, Hs, NQB, NKB]`` (ascending, -1 past ``counts``), NQB = ceil(Nq / block),
+NKB = ceil(Nkv / block), Hs = key heads (one list per GQA group).
+
+Example::
+
+    >>> q = torch.randn(1, 4, 100, 16); k = torch.randn(1, 2, 100, 16)
+    >>> ok = allowed_blocks(q.shape, k.shape, (), (), "lower_right", 32)
+    >>> sc = pooled_block_scores(q, k, 0.25, 32, ok)
+    >>> counts, idx = select_topk_blocks(sc, 100, 100, "lower_right", 32, topk=1,
+    ...                                  sink_blocks=1, local_blocks=1)
+    >>> counts.tolist()
+    [[[1, 2, 3, 3], [1, 2, 3, 3]]]
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+from codegen.attention.reference import MASKED_BELOW, apply_modifiers, positions_offset
+
+
+def _cdiv(a: int, b: int) -> int:
+    return (a + b - 1) // b
+
+
+def _block_any(x: torch.Tensor, block: int, dim: int) -> torch.Tensor:
+    """Pad ``dim`` to a multiple of ``block`` with False and reduce each block with any()."""
+    n = x.shape[dim]
+    pad = _cdiv(n, block) * block - n
+    if pad:
+        shape = list(x.shape)
+        shape[dim] = pad
+        x = torch.cat([x, x.new_zeros(shape)], dim=dim)
+    shape = list(x.shape)
+    shape[dim:dim + 1] = [shape[dim] // block, block]
+    return x.reshape(shape).any(dim=dim + 1)
+
+
+def allowed_blocks(q_shape, k_shape, mods: Sequence[tuple], mod_tensors: Sequence[torch.Tensor],
+                   causal: Optional[str], block: int, device=None) -> torch.Tensor:
+    """bool [B, Hkv, NQB, NKB]: blocks holding at least one pair the model attends to."""
+    B, Hq, Nq, _ = q_shape
+    Hkv, Nkv = k_shape[1], k_shape[2]
+    if device is None:
+        device = mod_tensors[0].device if mod_tensors else "cpu"
+    zero = torch.zeros(1, 1, Nq, Nkv, device=device)
+    s = apply_modifiers(zero, mods, mod_tensors, slice(0, Nq))
+    if causal is not None:
+        off = positions_offset(causal, Nq, Nkv)
+        q_pos = torch.arange(Nq, device=device) + off
+        s = s.masked_fill(torch.arange(Nkv, device=device)[None, :] > q_pos[:, None], float("-inf"))
+    ok = s > MASKED_BELOW                                  # [b, h, Nq, Nkv], b in {1,B}, h in {1,Hq}
+    ok = ok.expand(B, ok.shape[1], Nq, Nkv)
+    if ok.shape[1] == Hq and Hq != Hkv:
+        ok = ok.reshape(B, Hkv, Hq // Hkv, Nq, Nkv).any(dim=2)
+    ok = ok.expand(B, Hkv, Nq, Nkv)
+    return _block_any(_block_any(ok, block, 2), block, 3)
+
+
+def _pool(x: torch.Tensor, block: int) -> torch.Tensor:
+    """Mean over each block of rows (the last block may be short): [B, H, N, D] -> [B, H, NB, D]."""
+    B, H, N, D = x.shape
+    nb = _cdiv(N, block)
+    xp = torch.zeros(B, H, nb * block, D, dtype=torch.float32, device=x.device)
+    xp[:, :, :N] = x.to(torch.float32)
+    sizes = torch.full((nb,), float(block), device=x.device)
+    sizes[-1] = N - (nb - 1) * block
+    return xp.reshape(B, H, nb, block, D).sum(dim=3) / sizes[:, None]
+
+
+def pooled_block_scores(q: torch.Tensor, k: torch.Tensor, scale: float, block: int,
+                        allowed: torch.Tensor) -> torch.Tensor:
+    """Estimated attention mass of each key block for each query block, per GQA group.
+
+    Mean-pooled queries times mean-pooled keys, softmax over the allowed key blocks of each
+    query head, averaged over the heads of a group: fp32 [B, Hkv, NQB, NKB], -inf where the
+    block is not allowed.
+    """
+    B, Hq, _, _ = q.shape
+    Hkv = k.shape[1]
+    pq = _pool(q, block).reshape(B, Hkv, Hq // Hkv, -1, q.shape[-1])  # [B, Hkv, G, NQB, D]
+    pk = _pool(k, block)                                               # [B, Hkv, NKB, D]
+    s = torch.einsum("bhgqd,bhkd->bhgqk", pq, pk) * scale
+    s = s.masked_fill(~allowed[:, :, None], float("-inf"))
+    p = torch.softmax(s, dim=-1).nan_to_num(0.0).mean(dim=2)
+    return p.masked_fill(~allowed, float("-inf"))
+
+
+def _forced_blocks(nqb: int, nkb: int, n_q: int, n_kv: int, causal, block: int,
+                   sink_blocks: int, local_blocks: int, device) -> torch.Tensor:
+    """bool [NQB, NKB]: the sink blocks and the ``local_blocks`` blocks ending at each query
+    block's last position."""
+    forced = torch.zeros(nqb, nkb, dtype=torch.bool, device=device)
+    forced[:, :min(sink_blocks, nkb)] = True
+    off = positions_offset(causal, n_q, n_kv)
+    last_row = torch.clamp((torch.arange(nqb, device=device) + 1) * block, max=n_q) - 1
+    last_blk = torch.clamp((last_row + off) // block, 0, nkb - 1)
+    j = torch.arange(nkb, device=device)
+    forced |= (j[None, :] <= last_blk[:, None]) & (j[None, :] > last_blk[:, None] - local_blocks)
+    return forced
+
+
+def blocks_from_mask(sel: torch.Tensor):
+    """bool [B, H, NQB, NKB] -> (counts int32 [B, H, NQB], indices int32 [B, H, NQB, NKB])."""
+    nkb = sel.shape[-1]
+    counts = sel.sum(dim=-1, dtype=torch.int32)
+    j = torch.arange(nkb, device=sel.device, dtype=torch.int32)
+    key = torch.where(sel, j, nkb + j)                       # selected first, ascending
+    order = key.argsort(dim=-1).to(torch.int32)
+    idx = torch.where(torch.arange(nkb, device=sel.device) < counts[..., None], order,
+                      torch.full_like(order, -1))
+    return counts, idx
+
+
+def mask_from_blocks(counts: torch.Tensor, indices: torch.Tensor, nkb: int) -> torch.Tensor:
+    """Inverse of ``blocks_from_mask``: bool [B, H, NQB, NKB]."""
+    valid = torch.arange(indices.shape[-1], device=indices.device) < counts[..., None].long()
+    sel = torch.zeros(*indices.shape[:-1], nkb + 1, dtype=torch.bool, device=indices.device)
+    tgt = torch.where(valid, indices.long(), torch.full_like(indices, nkb, dtype=torch.long))
+    sel.scatter_(-1, tgt, True)
+    return sel[..., :nkb]
+
+
+def select_topk_blocks(scores: torch.Tensor, n_q: int, n_kv: int, causal, block: int, *,
+                       topk: int, sink_blocks: int, local_blocks: int):
+    """Top-``topk`` allowed key blocks by score plus the forced sink/local blocks."""
+    B, H, nqb, nkb = scores.shape
+    allowed = scores > float("-inf")
+    forced = _forced_blocks(nqb, nkb, n_q, n_kv, causal, block, sink_blocks, local_blocks,
+                            scores.device) & allowed
+    sel = forced.clone()
+    k = min(topk, nkb)
+    if k > 0:
+        rank = scores.masked_fill(forced, float("-inf"))
+        vals, idx = rank.topk(k, dim=-1)
+        sel.scatter_(-1, idx, vals > float("-inf"))
+        sel |= forced
+    return blocks_from_mask(sel)
+
+
+def window_blocks(B: int, H: int, n_q: int, n_kv: int, causal, block: int, *, sink: int,
+                  window: int, device=None):
+    """Key blocks that hold any (query, key) pair with ``key < sink`` or ``|pos_q - key| < window``."""
+    nqb, nkb = _cdiv(n_q, block), _cdiv(n_kv, block)
+    off = positions_offset(causal, n_q, n_kv)
+    first = torch.arange(nqb, device=device) * block + off                 # first query position
+    last = torch.clamp((torch.arange(nqb, device=device) + 1) * block, max=n_q) - 1 + off
+    k_lo = torch.arange(nkb, device=device) * block
+    k_hi = torch.clamp(k_lo + block, max=n_kv) - 1
+    sel = (k_lo[None, :] < sink).expand(nqb, nkb).clone()
+    sel |= (k_hi[None, :] > first[:, None] - window) & (k_lo[None, :] < last[:, None] + window)
+    return blocks_from_mask(sel.expand(B, H, nqb, nkb))
+
+
+def block_keep_fn(counts: torch.Tensor, indices: torch.Tensor, block: int, n_kv: int):
+    """Row-chunk callback for ``attention_reference``: bool [B, Hs, rows, Nkv] from block lists."""
+    nkb = _cdiv(n_kv, block)
+    blk = mask_from_blocks(counts, indices, nkb)                          # [B, Hs, NQB, NKB]
+
+    def keep(r0: int, r1: int) -> torch.Tensor:
+        rows = torch.arange(r0, r1, device=blk.device) // block
+        m = blk[:, :, rows]                                               # [B, Hs, rows, NKB]
+        return m.repeat_interleave(block, dim=-1)[..., :n_kv]
+    return keep
+
+
+def window_keep_fn(n_q: int, n_kv: int, causal, *, sink: int, window: int, device=None):
+    """Row-chunk callback: bool [1, 1, rows, Nkv], key < sink or |pos_q - key| < window."""
+    off = positions_offset(causal, n_q, n_kv)
+    j = torch.arange(n_kv, device=device)
+
+    def keep(r0: int, r1: int) -> torch.Tensor:
+        pos = torch.arange(r0, r1, device=device)[:, None] + off
+        return ((j[None, :] < sink) | ((pos - j[None, :]).abs() < window))[None, None]
+    return keep

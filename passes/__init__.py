@@ -1,0 +1,27 @@
+"""fx passes. The pipeline is written out once, here, in order."""
+from __future__ import annotations
+
+import torch.fx as fx
+
+from passes.context import PassContext, SiteRecord
+from passes.meta import propagate_meta
+from passes.rewrite import discover_attention, rewrite_to_sparse
+from passes.verify import IRVerificationError, verify_ir
+
+PIPELINE = [
+    propagate_meta,       # every node has meta['val']
+    discover_attention,   # ctx.matches / ctx.unmatched
+    rewrite_to_sparse,    # sparse.score -> sparse.select -> sparse.attend
+    verify_ir,            # the IR is well formed
+]
+
+
+def run_pipeline(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
+    for p in PIPELINE:
+        gm = p(gm, ctx)
+        if ctx.verify and p is not verify_ir:
+            verify_ir(gm, ctx)
+    return gm
+
+
+__all__ = ["PIPELINE", "PassContext", "SiteRecord", "IRVerificationError", "run_pipeline"]

@@ -1,0 +1,18 @@
+"""sparse-planner: make attention in PyTorch models dynamically sparse.
+
+    >>> import planner
+    >>> m = planner.compile(model, policy="block_topk")      # doctest: +SKIP
+    >>> y = m(x)                                               # doctest: +SKIP
+    >>> print(planner.inspect(m))                              # doctest: +SKIP
+"""
+from planner.policy import (BlockTopK, Dense, Policy, PolicyMap, PRESETS, SinkWindow,  # noqa: I001
+                            as_policy_map, policy)
+from planner.report import Report, Site
+from planner.backend import Backend, backend, register as _register_backend
+from planner.api import compile, inspect
+
+_register_backend()
+
+__all__ = ["compile", "inspect", "backend", "policy", "Policy", "PolicyMap", "Dense",
+           "SinkWindow", "BlockTopK", "PRESETS", "Report", "Site", "Backend", "as_policy_map"]
+__version__ = "0.1.0"

@@ -1,0 +1,164 @@
+"""Sparsity policies: frozen dataclasses, presets by name, per-layer maps.
+
+A policy says *what* a site keeps; the passes and the runtime decide *how*.
+
+Example::
+
+    >>> import planner
+    >>> planner.policy("block_topk", block=64, topk=8)
+    BlockTopK(block=64, topk=8, sink_blocks=1, local_blocks=1)
+    >>> planner.policy("sink_window", window=128)
+    SinkWindow(sink=4, window=128)
+"""
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+from dataclasses import dataclass
+from typing import Any, Mapping, Union
+
+
+class Policy:
+    """Base of every policy. Subclasses are frozen dataclasses with a ``name``."""
+
+    name: str = "?"
+    #: which kernel family serves the attend step: "dense" | "block" | "token"
+    attend_kind: str = "dense"
+
+    def validate(self) -> None:  # overridden where parameters have ranges
+        pass
+
+    def short(self) -> str:
+        fields = ", ".join(f"{f.name}={getattr(self, f.name)}" for f in dataclasses.fields(self))
+        return f"{self.name}({fields})" if fields else self.name
+
+
+def _check_int(policy: str, param: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"policy {policy!r}: parameter {param!r} must be an int >= {minimum}, "
+                        f"got {value!r} ({type(value).__name__})")
+    if value < minimum:
+        raise ValueError(f"policy {policy!r}: parameter {param!r} must be >= {minimum}, got {value}")
+
+
+@dataclass(frozen=True)
+class Dense(Policy):
+    """Every pair the model attends to: the pipeline's identity check."""
+
+    name = "dense"
+    attend_kind = "dense"
+
+
+@dataclass(frozen=True)
+class SinkWindow(Policy):
+    """StreamingLLM (Xiao et al., 2023): the first ``sink`` tokens plus the last ``window``
+    positions up to and including the query's own. Training-free, static."""
+
+    sink: int = 4
+    window: int = 1024
+    name = "sink_window"
+    attend_kind = "block"
+
+    def validate(self) -> None:
+        _check_int(self.name, "sink", self.sink, 0)
+        _check_int(self.name, "window", self.window, 1)
+
+
+@dataclass(frozen=True)
+class BlockTopK(Policy):
+    """Block routing (MoBA, Lu et al. 2025; MInference block-sparse): keys and queries are
+    mean-pooled per ``block``; each query block keeps the ``topk`` key blocks whose pooled
+    score is highest (the scores of the query heads of one GQA group are pooled together, so
+    the group shares its blocks), plus ``sink_blocks`` first blocks and ``local_blocks``
+    blocks ending at the query's own position, always."""
+
+    block: int = 64
+    topk: int = 32
+    sink_blocks: int = 1
+    local_blocks: int = 1
+    name = "block_topk"
+    attend_kind = "block"
+
+    def validate(self) -> None:
+        _check_int(self.name, "block", self.block, 1)
+        _check_int(self.name, "topk", self.topk, 0)
+        _check_int(self.name, "sink_blocks", self.sink_blocks, 0)
+        _check_int(self.name, "local_blocks", self.local_blocks, 0)
+        if self.topk + self.sink_blocks + self.local_blocks < 1:
+            raise ValueError(f"policy {self.name!r}: topk + sink_blocks + local_blocks must be >= 1, "
+                             f"got {self.topk} + {self.sink_blocks} + {self.local_blocks}")
+
+
+#: presets looked up by name; each maps to the class built with its defaults
+PRESETS: dict[str, type] = {
+    "dense": Dense,
+    "sink_window": SinkWindow,
+    "block_topk": BlockTopK,
+}
+
+DEFAULT_POLICY = "block_topk"
+
+
+def policy(name: str, **params: Any) -> Policy:
+    """Build a policy by preset name, overriding its defaults with ``params``.
+
+    >>> policy("dense")
+    Dense()
+    """
+    if isinstance(name, Policy):
+        if params:
+            return dataclasses.replace(name, **params)
+        return name
+    if not isinstance(name, str) or name not in PRESETS:
+        raise ValueError(f"unknown policy {name!r}; valid names: {', '.join(sorted(PRESETS))}")
+    cls = PRESETS[name]
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(params) - known
+    if unknown:
+        raise TypeError(f"policy {name!r} has no parameter(s) {sorted(unknown)}; "
+                        f"valid: {sorted(known) or 'none'}")
+    p = cls(**params)
+    p.validate()
+    return p
+
+
+PolicyLike = Union[str, Policy, Mapping[str, Union[str, Policy]], None]
+
+
+@dataclass(frozen=True)
+class PolicyMap:
+    """Ordered (glob pattern, policy) pairs; the first pattern matching a site name wins.
+
+    Site names are module paths such as ``model.layers.3.self_attn``.
+    """
+
+    rules: tuple[tuple[str, Policy], ...]
+
+    def lookup(self, site_name: str) -> tuple[Policy | None, str | None]:
+        for pattern, pol in self.rules:
+            if fnmatch.fnmatchcase(site_name, pattern):
+                return pol, pattern
+        return None, None
+
+    def short(self) -> str:
+        return "{" + ", ".join(f"{p!r}: {pol.short()}" for p, pol in self.rules) + "}"
+
+
+def as_policy_map(spec: PolicyLike) -> PolicyMap:
+    """Normalise what users pass as ``policy=`` into a PolicyMap."""
+    if spec is None:
+        spec = DEFAULT_POLICY
+    if isinstance(spec, PolicyMap):
+        return spec
+    if isinstance(spec, (str, Policy)):
+        return PolicyMap((("*", policy(spec)),))
+    if isinstance(spec, Mapping):
+        if not spec:
+            raise ValueError("policy map is empty; give at least one {'pattern': policy} entry")
+        rules = []
+        for pattern, pol in spec.items():
+            if not isinstance(pattern, str):
+                raise TypeError(f"policy map keys must be glob strings, got {pattern!r}")
+            rules.append((pattern, policy(pol)))
+        return PolicyMap(tuple(rules))
+    raise TypeError(f"policy must be a name, a Policy or a {{pattern: policy}} map, got {spec!r}")

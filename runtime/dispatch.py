@@ -1,0 +1,82 @@
+"""Choose the implementation of each sparse op: a compiled kernel where one is registered
+for the device and the spec, else the PyTorch reference (always correct, any device).
+
+Kernel providers register with ``register_attend(name, provider)``; a provider is a callable
+``provider(q, k, v, mod_tensors, counts, indices, spec) -> out | None`` that returns None when
+it does not handle the case (so the next provider, finally the reference, takes it).
+"""
+from __future__ import annotations
+
+import os
+from typing import Callable, Optional
+
+import torch
+
+from codegen.attention.reference import attention_reference
+from codegen.select.reference import (allowed_blocks, block_keep_fn, pooled_block_scores,
+                                      select_topk_blocks, window_blocks, window_keep_fn)
+from runtime import stats
+from runtime.spec import SiteSpec
+
+Provider = Callable[..., Optional[torch.Tensor]]
+_ATTEND_PROVIDERS: list[tuple[str, Provider]] = []
+
+
+def register_attend(name: str, provider: Provider) -> None:
+    """Add a kernel provider for ``sparse.attend``, tried before the reference."""
+    global _ATTEND_PROVIDERS
+    _ATTEND_PROVIDERS = [(n, p) for n, p in _ATTEND_PROVIDERS if n != name] + [(name, provider)]
+
+
+def _fmt_shapes(q, k, v) -> str:
+    return f"q{list(q.shape)} k{list(k.shape)} v{list(v.shape)} {str(q.dtype).replace('torch.', '')}"
+
+
+def score(q, k, mod_tensors, spec: SiteSpec) -> torch.Tensor:
+    pol = spec.policy
+    if pol.name == "block_topk":
+        ok = allowed_blocks(q.shape, k.shape, spec.mods, mod_tensors, spec.causal, pol.block,
+                            device=q.device)
+        return pooled_block_scores(q, k, spec.scale, pol.block, ok)
+    return q.new_empty(0, dtype=torch.float32)
+
+
+def select(scores, q, k, spec: SiteSpec):
+    pol = spec.policy
+    B, Hkv, Nq, Nkv = q.shape[0], k.shape[1], q.shape[2], k.shape[2]
+    if pol.name == "block_topk":
+        return select_topk_blocks(scores, Nq, Nkv, spec.causal, pol.block, topk=pol.topk,
+                                  sink_blocks=pol.sink_blocks, local_blocks=pol.local_blocks)
+    if pol.name == "sink_window":
+        return window_blocks(B, Hkv, Nq, Nkv, spec.causal, spec.block, sink=pol.sink,
+                             window=pol.window, device=q.device)
+    return q.new_empty(0, dtype=torch.int32), q.new_empty(0, dtype=torch.int32)
+
+
+def _want_density() -> bool:
+    return os.environ.get("SPARSE_PLANNER_DENSITY", "1") != "0"
+
+
+def attend(q, k, v, mod_tensors, counts, indices, spec: SiteSpec) -> torch.Tensor:
+    for name, provider in _ATTEND_PROVIDERS:
+        out = provider(q, k, v, mod_tensors, counts, indices, spec)
+        if out is not None:
+            stats.record(spec.stats_key, shapes=_fmt_shapes(q, k, v), kernel=name)
+            return out
+    pol = spec.policy
+    Nq, Nkv = q.shape[2], k.shape[2]
+    keep = None
+    block = getattr(pol, "block", spec.block)
+    if pol.attend_kind == "block" and counts.numel():
+        blk_keep = block_keep_fn(counts, indices, block, Nkv)
+        keep = blk_keep
+        if pol.name == "sink_window":
+            win_keep = window_keep_fn(Nq, Nkv, spec.causal, sink=pol.sink, window=pol.window,
+                                      device=q.device)
+            keep = lambda r0, r1: blk_keep(r0, r1) & win_keep(r0, r1)  # noqa: E731
+    st = {} if _want_density() else None
+    out, _ = attention_reference(q, k, v, scale=spec.scale, mods=spec.mods,
+                                 mod_tensors=mod_tensors, causal=spec.causal, keep=keep, stats=st)
+    stats.record(spec.stats_key, shapes=_fmt_shapes(q, k, v), kernel="reference",
+                 allowed=st.get("allowed") if st else None, kept=st.get("kept") if st else None)
+    return out

@@ -1,0 +1,66 @@
+"""The ``sparse`` custom ops the rewritten graph calls, with fake impls for Dynamo/export.
+
+    scores = torch.ops.sparse.score(q, k, mods, key)                # importance estimate
+    counts, indices = torch.ops.sparse.select(scores, q, k, key)    # index set (block lists)
+    out = torch.ops.sparse.attend(q, k, v, mods, counts, indices, key)
+
+``key`` names a registered ``SiteSpec`` (runtime.spec). Shapes: q [B, Hq, Nq, D],
+k [B, Hkv, Nkv, D], v [B, Hkv, Nkv, Dv], out [B, Hq, Nq, Dv].
+"""
+from __future__ import annotations
+
+from typing import List
+
+import torch
+
+from runtime import dispatch
+from runtime.spec import lookup
+
+
+def _cdiv(a, b):
+    return (a + b - 1) // b
+
+
+@torch.library.custom_op("sparse::score", mutates_args=())
+def score(q: torch.Tensor, k: torch.Tensor, mods: List[torch.Tensor], key: str) -> torch.Tensor:
+    return dispatch.score(q, k, mods, lookup(key))
+
+
+@score.register_fake
+def _(q, k, mods, key):
+    spec = lookup(key)
+    if spec.policy.name == "block_topk":
+        b = spec.policy.block
+        return q.new_empty(q.shape[0], k.shape[1], _cdiv(q.shape[2], b), _cdiv(k.shape[2], b),
+                           dtype=torch.float32)
+    return q.new_empty(0, dtype=torch.float32)
+
+
+@torch.library.custom_op("sparse::select", mutates_args=())
+def select(scores: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+           key: str) -> tuple[torch.Tensor, torch.Tensor]:
+    counts, indices = dispatch.select(scores, q, k, lookup(key))
+    return counts.contiguous(), indices.contiguous()
+
+
+@select.register_fake
+def _(scores, q, k, key):
+    spec = lookup(key)
+    if spec.policy.attend_kind == "block":
+        b = getattr(spec.policy, "block", spec.block)
+        nqb, nkb = _cdiv(q.shape[2], b), _cdiv(k.shape[2], b)
+        return (q.new_empty(q.shape[0], k.shape[1], nqb, dtype=torch.int32),
+                q.new_empty(q.shape[0], k.shape[1], nqb, nkb, dtype=torch.int32))
+    e = q.new_empty(0, dtype=torch.int32)
+    return e, e.clone()
+
+
+@torch.library.custom_op("sparse::attend", mutates_args=())
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mods: List[torch.Tensor],
+           counts: torch.Tensor, indices: torch.Tensor, key: str) -> torch.Tensor:
+    return dispatch.attend(q, k, v, mods, counts, indices, lookup(key))
+
+
+@attend.register_fake
+def _(q, k, v, mods, counts, indices, key):
+    return q.new_empty(q.shape[0], q.shape[1], q.shape[2], v.shape[-1])

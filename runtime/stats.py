@@ -1,0 +1,42 @@
+"""What the runtime observed per site on its last call (shapes, measured density, calls)."""
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from typing import Optional
+
+
+@dataclass
+class SiteStats:
+    calls: int = 0
+    shapes: Optional[str] = None
+    density: Optional[float] = None            # kept / attended-by-the-model pairs, last call
+    density_per_head: Optional[list] = None    # same per query head
+    kernel: Optional[str] = None               # which implementation ran last
+
+
+_STATS: dict[str, SiteStats] = {}
+_LOCK = threading.Lock()
+
+
+def record(site: str, *, shapes: str, kernel: str, allowed=None, kept=None) -> None:
+    with _LOCK:
+        st = _STATS.setdefault(site, SiteStats())
+        st.calls += 1
+        st.shapes = shapes
+        st.kernel = kernel
+        if allowed is not None and kept is not None:
+            tot = float(allowed.sum())
+            st.density = float(kept.sum()) / tot if tot > 0 else 1.0
+            st.density_per_head = [float(k) / float(a) if float(a) > 0 else 1.0
+                                   for k, a in zip(kept.tolist(), allowed.tolist())]
+
+
+def get(site: str) -> Optional[SiteStats]:
+    return _STATS.get(site)
+
+
+def reset(prefix: str = "") -> None:
+    with _LOCK:
+        for name in [n for n in _STATS if n.startswith(prefix)]:
+            del _STATS[name]

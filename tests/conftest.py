@@ -1,0 +1,41 @@
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(autouse=True)
+def _seed(request):
+    # a fresh seed per test, derived from its id, so odd failures are reproducible
+    torch.manual_seed(abs(hash(request.node.nodeid)) % (2 ** 31))
+    yield
+
+
+def max_err(a, b) -> float:
+    return (a - b).abs().max().item()
+
+
+def tiny_llama(impl: str, layers: int = 2, heads: int = 4, kv_heads: int = 2):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    cfg = LlamaConfig(vocab_size=128, hidden_size=16 * heads, intermediate_size=128,
+                      num_hidden_layers=layers, num_attention_heads=heads,
+                      num_key_value_heads=kv_heads, max_position_embeddings=512,
+                      attn_implementation=impl)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def tiny_qwen2(impl: str, layers: int = 2):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+    cfg = Qwen2Config(vocab_size=128, hidden_size=64, intermediate_size=128,
+                      num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                      max_position_embeddings=512, attn_implementation=impl)
+    return Qwen2ForCausalLM(cfg).eval()
+
+
+def tiny_bert(impl: str, layers: int = 2):
+    from transformers import BertConfig, BertModel
+    cfg = BertConfig(vocab_size=100, hidden_size=64, num_hidden_layers=layers,
+                     num_attention_heads=4, intermediate_size=128, attn_implementation=impl)
+    return BertModel(cfg).eval()
