@@ -28,10 +28,11 @@ def verify_ir(gm: fx.GraphModule, ctx=None) -> fx.GraphModule:
             if len(mods) != spec.n_mod_tensors():
                 _fail(n, f"attend has {len(mods)} modifier tensors, spec {spec.mods} needs "
                          f"{spec.n_mod_tensors()}")
-            sel = counts.args[0] if isinstance(counts, fx.Node) else None
-            if sel is None or sel.target is not ops.select.default or sel.args[3] != key:
+            sel = counts.args[0] if isinstance(counts, fx.Node) and counts.args else None
+            if (not isinstance(sel, fx.Node) or sel.target is not ops.select.default
+                    or sel.args[3] != key):
                 _fail(n, "attend's block lists do not come from a select of the same site")
-            if indices.args[0] is not sel:
+            if not isinstance(indices, fx.Node) or not indices.args or indices.args[0] is not sel:
                 _fail(n, "attend's counts and indices come from different selects")
             vq, vk, vv = val(q), val(k), val(v)
             if vq is not None and vk is not None:

@@ -1,4 +1,5 @@
 import os
+import zlib
 
 import pytest
 import torch
@@ -8,8 +9,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 @pytest.fixture(autouse=True)
 def _seed(request):
-    # a fresh seed per test, derived from its id, so odd failures are reproducible
-    torch.manual_seed(abs(hash(request.node.nodeid)) % (2 ** 31))
+    # a seed per test derived from its id (stable across runs, so failures reproduce);
+    # PLANNER_TEST_SEED shifts every seed to draw fresh inputs
+    base = int(os.environ.get("PLANNER_TEST_SEED", "0"))
+    torch.manual_seed((zlib.crc32(request.node.nodeid.encode()) + base) % (2 ** 31))
     yield
 
 
