@@ -89,11 +89,142 @@ class BlockTopK(Policy):
                              f"got {self.topk} + {self.sink_blocks} + {self.local_blocks}")
 
 
+def _check_float(policy: str, param: str, value, lo: float, hi: float, lo_open: bool = True):
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"policy {policy!r}: parameter {param!r} must be a number, got {value!r}")
+    ok = (value > lo if lo_open else value >= lo) and value <= hi
+    if not ok:
+        rng = f"{'(' if lo_open else '['}{lo}, {hi}]"
+        raise ValueError(f"policy {policy!r}: parameter {param!r} must be in {rng}, got {value}")
+
+
+@dataclass(frozen=True)
+class Threshold(Policy):
+    """Adaptive budget (FlexPrefill, Lai et al. 2025; XAttention, Xu et al. 2025): per GQA group
+    and query block, the fewest key blocks whose *estimated* attention mass reaches ``gamma``.
+    The estimate averages the pooled-q x pooled-k block softmax with the last query block's true
+    attention mass per key block. ``min_budget``/``max_budget`` bound the number of blocks chosen
+    besides the forced sink/local blocks (``max_budget=0`` means no bound). Density varies per
+    head and per input."""
+
+    gamma: float = 0.9
+    block: int = 64
+    min_budget: int = 1
+    max_budget: int = 0
+    sink_blocks: int = 1
+    local_blocks: int = 1
+    name = "threshold"
+    attend_kind = "block"
+
+    def validate(self) -> None:
+        _check_float(self.name, "gamma", self.gamma, 0.0, 1.0)
+        _check_int(self.name, "block", self.block, 1)
+        _check_int(self.name, "min_budget", self.min_budget, 0)
+        _check_int(self.name, "max_budget", self.max_budget, 0)
+        _check_int(self.name, "sink_blocks", self.sink_blocks, 0)
+        _check_int(self.name, "local_blocks", self.local_blocks, 0)
+        if self.max_budget and self.min_budget > self.max_budget:
+            raise ValueError(f"policy {self.name!r}: parameter 'min_budget' ({self.min_budget}) "
+                             f"must be <= 'max_budget' ({self.max_budget})")
+
+
+@dataclass(frozen=True)
+class VerticalSlash(Policy):
+    """MInference (Jiang et al., 2024): the attention of the last ``last_q`` queries over all
+    keys gives column sums (vertical lines) and sums along diagonals (slash lines); the top
+    ``n_vertical`` columns and ``n_slash`` diagonals are kept, with the first ``sink_tokens``
+    columns and the ``local_tokens`` nearest diagonals forced. Executed at block granularity:
+    a key block is kept for a query block when a chosen line passes through it."""
+
+    last_q: int = 64
+    n_vertical: int = 1000
+    n_slash: int = 1000
+    block: int = 64
+    sink_tokens: int = 4
+    local_tokens: int = 64
+    name = "vertical_slash"
+    attend_kind = "block"
+
+    def validate(self) -> None:
+        for p, lo in (("last_q", 1), ("n_vertical", 0), ("n_slash", 0), ("block", 1),
+                      ("sink_tokens", 0), ("local_tokens", 0)):
+            _check_int(self.name, p, getattr(self, p), lo)
+
+
+@dataclass(frozen=True)
+class Quest(Policy):
+    """Quest (Tang et al., 2024), query-aware page selection: per ``page`` of keys the channel-wise
+    min/max; a query's page score is the upper bound sum_d max(q_d max_d, q_d min_d); each query
+    (block of ``page`` queries in prefill) attends to its top ``ceil(budget / page)`` pages plus
+    ``sink_pages`` first and ``local_pages`` own pages. Nothing is evicted."""
+
+    page: int = 16
+    budget: int = 2048
+    sink_pages: int = 0
+    local_pages: int = 1
+    name = "quest"
+    attend_kind = "block"
+
+    @property
+    def block(self) -> int:
+        return self.page
+
+    def validate(self) -> None:
+        _check_int(self.name, "page", self.page, 1)
+        _check_int(self.name, "budget", self.budget, 1)
+        _check_int(self.name, "sink_pages", self.sink_pages, 0)
+        _check_int(self.name, "local_pages", self.local_pages, 0)
+        if self.budget < self.page:
+            raise ValueError(f"policy {self.name!r}: parameter 'budget' ({self.budget} tokens) must "
+                             f"be >= 'page' ({self.page}), i.e. at least one page")
+
+
+@dataclass(frozen=True)
+class Longformer(Policy):
+    """Longformer (Beltagy et al., 2020), static: a sliding ``window`` plus ``global_tokens`` that
+    every query sees and that see every key."""
+
+    window: int = 512
+    global_tokens: int = 16
+    block: int = 64
+    name = "longformer"
+    attend_kind = "block"
+
+    def validate(self) -> None:
+        _check_int(self.name, "window", self.window, 1)
+        _check_int(self.name, "global_tokens", self.global_tokens, 0)
+        _check_int(self.name, "block", self.block, 1)
+
+
+@dataclass(frozen=True)
+class BigBird(Policy):
+    """BigBird (Zaheer et al., 2020), static block pattern: window blocks, global blocks and
+    ``random_blocks`` random blocks per query block (fixed by ``seed``)."""
+
+    window: int = 192
+    global_tokens: int = 64
+    random_blocks: int = 3
+    seed: int = 0
+    block: int = 64
+    name = "bigbird"
+    attend_kind = "block"
+
+    def validate(self) -> None:
+        for p, lo in (("window", 0), ("global_tokens", 0), ("random_blocks", 0), ("seed", 0),
+                      ("block", 1)):
+            _check_int(self.name, p, getattr(self, p), lo)
+
+
 #: presets looked up by name; each maps to the class built with its defaults
 PRESETS: dict[str, type] = {
     "dense": Dense,
     "sink_window": SinkWindow,
     "block_topk": BlockTopK,
+    "threshold": Threshold,
+    "vertical_slash": VerticalSlash,
+    "quest": Quest,
+    "longformer": Longformer,
+    "bigbird": BigBird,
 }
 
 DEFAULT_POLICY = "block_topk"

@@ -13,9 +13,8 @@ from typing import Callable, Optional
 import torch
 
 from codegen.attention.reference import attention_reference
-from codegen.select.reference import (allowed_blocks, block_keep_fn, pooled_block_scores,
-                                      select_topk_blocks, window_blocks, window_keep_fn)
-from runtime import stats
+from codegen.select.reference import block_keep_fn
+from runtime import estimators, stats
 from runtime.spec import SiteSpec
 
 Provider = Callable[..., Optional[torch.Tensor]]
@@ -33,24 +32,18 @@ def _fmt_shapes(q, k, v) -> str:
 
 
 def score(q, k, mod_tensors, spec: SiteSpec) -> torch.Tensor:
-    pol = spec.policy
-    if pol.name == "block_topk":
-        ok = allowed_blocks(q.shape, k.shape, spec.mods, mod_tensors, spec.causal, pol.block,
-                            device=q.device)
-        return pooled_block_scores(q, k, spec.scale, pol.block, ok)
-    return q.new_empty(0, dtype=torch.float32)
+    est = estimators.get(spec.policy.name)
+    if est.score is None:
+        return q.new_empty(0, dtype=torch.float32)
+    return est.score(q, k, mod_tensors, spec)
 
 
 def select(scores, q, k, spec: SiteSpec):
-    pol = spec.policy
-    B, Hkv, Nq, Nkv = q.shape[0], k.shape[1], q.shape[2], k.shape[2]
-    if pol.name == "block_topk":
-        return select_topk_blocks(scores, Nq, Nkv, spec.causal, pol.block, topk=pol.topk,
-                                  sink_blocks=pol.sink_blocks, local_blocks=pol.local_blocks)
-    if pol.name == "sink_window":
-        return window_blocks(B, Hkv, Nq, Nkv, spec.causal, spec.block, sink=pol.sink,
-                             window=pol.window, device=q.device)
-    return q.new_empty(0, dtype=torch.int32), q.new_empty(0, dtype=torch.int32)
+    est = estimators.get(spec.policy.name)
+    if est.select is None:
+        return q.new_empty(0, dtype=torch.int32), q.new_empty(0, dtype=torch.int32)
+    counts, indices = est.select(scores, q, k, spec)
+    return counts.to(torch.int32), indices.to(torch.int32)
 
 
 def _want_density() -> bool:
@@ -66,14 +59,13 @@ def attend(q, k, v, mod_tensors, counts, indices, spec: SiteSpec) -> torch.Tenso
     pol = spec.policy
     Nq, Nkv = q.shape[2], k.shape[2]
     keep = None
-    block = getattr(pol, "block", spec.block)
     if pol.attend_kind == "block" and counts.numel():
-        blk_keep = block_keep_fn(counts, indices, block, Nkv)
+        blk_keep = block_keep_fn(counts, indices, estimators.block_of(spec), Nkv)
         keep = blk_keep
-        if pol.name == "sink_window":
-            win_keep = window_keep_fn(Nq, Nkv, spec.causal, sink=pol.sink, window=pol.window,
-                                      device=q.device)
-            keep = lambda r0, r1: blk_keep(r0, r1) & win_keep(r0, r1)  # noqa: E731
+        tok = estimators.get(pol.name).token_keep
+        if tok is not None:
+            tok_keep = tok(spec, Nq, Nkv, q.device)
+            keep = lambda r0, r1: blk_keep(r0, r1) & tok_keep(r0, r1)  # noqa: E731
     st = {} if _want_density() else None
     out, _ = attention_reference(q, k, v, scale=spec.scale, mods=spec.mods,
                                  mod_tensors=mod_tensors, causal=spec.causal, keep=keep, stats=st)

@@ -13,7 +13,7 @@ from typing import List
 
 import torch
 
-from runtime import dispatch
+from runtime import dispatch, estimators
 from runtime.spec import lookup
 
 
@@ -29,11 +29,10 @@ def score(q: torch.Tensor, k: torch.Tensor, mods: List[torch.Tensor], key: str) 
 @score.register_fake
 def _(q, k, mods, key):
     spec = lookup(key)
-    if spec.policy.name == "block_topk":
-        b = spec.policy.block
-        return q.new_empty(q.shape[0], k.shape[1], _cdiv(q.shape[2], b), _cdiv(k.shape[2], b),
-                           dtype=torch.float32)
-    return q.new_empty(0, dtype=torch.float32)
+    est = estimators.get(spec.policy.name)
+    if est.score_shape is None:
+        return q.new_empty(0, dtype=torch.float32)
+    return q.new_empty(*est.score_shape(q, k, spec), dtype=torch.float32)
 
 
 @torch.library.custom_op("sparse::select", mutates_args=())
@@ -47,7 +46,7 @@ def select(scores: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
 def _(scores, q, k, key):
     spec = lookup(key)
     if spec.policy.attend_kind == "block":
-        b = getattr(spec.policy, "block", spec.block)
+        b = estimators.block_of(spec)
         nqb, nkb = _cdiv(q.shape[2], b), _cdiv(k.shape[2], b)
         return (q.new_empty(q.shape[0], k.shape[1], nqb, dtype=torch.int32),
                 q.new_empty(q.shape[0], k.shape[1], nqb, nkb, dtype=torch.int32))

@@ -1,0 +1,288 @@
+"""Estimators and selections of the dynamic-sparsity catalogue (PyTorch; the same code runs on
+CPU and, as on-device estimators, on CUDA). Every selection is a boolean block map
+``[B, Hkv, NQB, NKB]`` turned into block lists by ``blocks_from_mask``; the block map is the
+definition each policy is tested against.
+
+Notation: ``block`` = b, query block i holds rows ``i*b .. min((i+1)*b, Nq) - 1`` at positions
+``row + off`` (``off = positions_offset(causal, Nq, Nkv)``); key block j holds keys
+``j*b .. min((j+1)*b, Nkv) - 1``. GQA: the estimates of the query heads of one group are pooled
+so the group shares its selection.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch
+
+from codegen.attention.reference import MASKED_BELOW, apply_modifiers, positions_offset
+from codegen.select.reference import _forced_blocks, _pool, blocks_from_mask
+
+
+def _cdiv(a: int, b: int) -> int:
+    return (a + b - 1) // b
+
+
+def _group_mean(x: torch.Tensor, hkv: int) -> torch.Tensor:
+    """[B, Hq, ...] -> [B, Hkv, ...] (mean over the query heads of each group)."""
+    B, Hq = x.shape[:2]
+    return x.reshape(B, hkv, Hq // hkv, *x.shape[2:]).mean(dim=2)
+
+
+def block_bounds(n_q: int, n_kv: int, causal, block: int, device=None):
+    """(first_pos [NQB], last_pos [NQB]) of each query block, key block starts [NKB]."""
+    nqb = _cdiv(n_q, block)
+    off = positions_offset(causal, n_q, n_kv)
+    first = torch.arange(nqb, device=device) * block + off
+    last = torch.clamp((torch.arange(nqb, device=device) + 1) * block, max=n_q) - 1 + off
+    return first, last
+
+
+def structural_blocks(n_q: int, n_kv: int, causal, block: int, device=None) -> torch.Tensor:
+    """bool [NQB, NKB]: blocks with a pair the causal rule allows (all blocks if not causal)."""
+    nqb, nkb = _cdiv(n_q, block), _cdiv(n_kv, block)
+    if causal is None:
+        return torch.ones(nqb, nkb, dtype=torch.bool, device=device)
+    _, last = block_bounds(n_q, n_kv, causal, block, device)
+    return (torch.arange(nkb, device=device) * block)[None, :] <= last[:, None]
+
+
+# --------------------------------------------------------------------------- last-query attention
+
+def last_rows_attention(q, k, scale: float, mods: Sequence[tuple], mod_tensors, causal,
+                        last_q: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax attention of the last ``last_q`` query rows over all keys (the model's mods and
+    causal rule applied): (probs fp32 [B, Hq, L, Nkv], positions [L])."""
+    B, Hq, Nq, D = q.shape
+    Hkv, Nkv = k.shape[1], k.shape[2]
+    L = min(last_q, Nq)
+    r0 = Nq - L
+    kf = k.to(torch.float32).repeat_interleave(Hq // Hkv, dim=1)
+    s = torch.matmul(q[:, :, r0:].to(torch.float32), kf.transpose(-1, -2)) * scale
+    s = apply_modifiers(s, mods, mod_tensors, slice(r0, Nq))
+    pos = torch.arange(r0, Nq, device=q.device) + positions_offset(causal, Nq, Nkv)
+    if causal is not None:
+        s = s.masked_fill(torch.arange(Nkv, device=q.device)[None, :] > pos[:, None], float("-inf"))
+    s = s.masked_fill(s <= MASKED_BELOW, float("-inf"))
+    return torch.softmax(s, dim=-1).nan_to_num(0.0), pos
+
+
+# --------------------------------------------------------------------------- threshold
+
+def threshold_estimate(q, k, scale, mods, mod_tensors, causal, block: int,
+                       allowed: torch.Tensor) -> torch.Tensor:
+    """Estimated attention mass per key block for each query block: the mean of
+    (a) the pooled-q x pooled-k block softmax (as block_topk) and
+    (b) the last query block's true attention mass per key block, renormalised over the blocks
+        query block i may see.
+    fp32 [B, Hkv, NQB, NKB], -inf where not allowed; each row sums to 1 over allowed blocks."""
+    from codegen.select.reference import pooled_block_scores
+    B, Hkv, nqb, nkb = allowed.shape
+    p_pool = pooled_block_scores(q, k, scale, block, allowed).clamp_min(0.0)    # -inf -> 0
+    probs, _ = last_rows_attention(q, k, scale, mods, mod_tensors, causal, block)
+    col = _group_mean(probs.mean(dim=2), Hkv)                                  # [B, Hkv, Nkv]
+    pad = nkb * block - col.shape[-1]
+    col = torch.nn.functional.pad(col, (0, pad)).reshape(B, Hkv, nkb, block).sum(-1)
+    last = col[:, :, None, :].expand(B, Hkv, nqb, nkb) * allowed
+    tot = last.sum(-1, keepdim=True)
+    n_ok = allowed.sum(-1, keepdim=True).clamp_min(1)
+    last = torch.where(tot > 0, last / tot.clamp_min(1e-30), allowed / n_ok)
+    est = 0.5 * p_pool + 0.5 * last
+    return est.masked_fill(~allowed, float("-inf"))
+
+
+def select_threshold(est: torch.Tensor, n_q: int, n_kv: int, causal, block: int, *, gamma: float,
+                     min_budget: int, max_budget: Optional[int], sink_blocks: int,
+                     local_blocks: int):
+    """Per (group, query block): forced blocks, then the fewest further blocks in descending
+    estimate order (ties: lower index first) until the kept mass reaches ``gamma`` of the allowed
+    mass; the number of further blocks is clamped to [min_budget, max_budget]."""
+    B, H, nqb, nkb = est.shape
+    allowed = est > float("-inf")
+    forced = _forced_blocks(nqb, nkb, n_q, n_kv, causal, block, sink_blocks, local_blocks,
+                            est.device) & allowed
+    e = est.clamp_min(0.0).masked_fill(~allowed, 0.0)
+    total = e.sum(-1, keepdim=True)
+    m_forced = (e * forced).sum(-1, keepdim=True)
+    rest = e.masked_fill(forced | ~allowed, -1.0)
+    vals, order = torch.sort(rest, dim=-1, descending=True, stable=True)
+    csum = vals.clamp_min(0.0).cumsum(-1)
+    need = gamma * total - m_forced                                             # [B, H, NQB, 1]
+    # smallest t with csum[t-1] >= need (t = 0 if need <= 0)
+    t = (csum < need - 1e-7 * total).sum(-1, keepdim=True) + 1
+    t = torch.where(need <= 1e-7 * total, torch.zeros_like(t), t)
+    n_rest = (rest >= 0).sum(-1, keepdim=True)
+    t = t.clamp(min=min_budget)
+    if max_budget is not None:
+        t = t.clamp(max=max_budget)
+    t = torch.minimum(t, n_rest)
+    take = torch.arange(nkb, device=est.device) < t
+    sel = torch.zeros_like(allowed)
+    sel.scatter_(-1, order, take)
+    return blocks_from_mask(sel | forced)
+
+
+# --------------------------------------------------------------------------- vertical-slash
+
+def vslash_estimate(q, k, scale, mods, mod_tensors, causal, last_q: int) -> torch.Tensor:
+    """MInference estimator: attention of the last ``last_q`` queries; column sums (vertical)
+    and sums along each diagonal offset o = pos_q - key (slash). fp32 [B, Hkv, 2, Nkv]:
+    [..., 0, j] = column mass of key j, [..., 1, o] = mass on offset o."""
+    probs, pos = last_rows_attention(q, k, scale, mods, mod_tensors, causal, last_q)
+    B, Hq, L, Nkv = probs.shape
+    Hkv = k.shape[1]
+    vert = probs.sum(dim=2)                                                     # [B, Hq, Nkv]
+    j = torch.arange(Nkv, device=q.device)
+    off = pos[:, None] - j[None, :]                                             # [L, Nkv]
+    valid = (off >= 0) & (off < Nkv)
+    idx = off.clamp(0, Nkv - 1).expand(B, Hq, L, Nkv)
+    slash = torch.zeros(B, Hq, L, Nkv, device=q.device).scatter_add_(
+        -1, idx, probs * valid).sum(dim=2)                                      # [B, Hq, Nkv]
+    est = torch.stack([vert, slash], dim=2)                                     # [B, Hq, 2, Nkv]
+    B_, H_ = est.shape[:2]
+    return est.reshape(B_, Hkv, H_ // Hkv, 2, Nkv).sum(dim=2)
+
+
+def top_lines(est: torch.Tensor, n_vertical: int, n_slash: int, sink_tokens: int,
+              local_tokens: int):
+    """Chosen columns and offsets: bool [B, H, Nkv] each (forced first columns / offsets, then
+    the top by mass, ties to the lower index)."""
+    vert, slash = est[:, :, 0], est[:, :, 1]
+    Nkv = vert.shape[-1]
+    out = []
+    for score, n, forced_n in ((vert, n_vertical, sink_tokens), (slash, n_slash, local_tokens)):
+        forced = torch.arange(Nkv, device=est.device) < forced_n
+        rank = score.masked_fill(forced, float("-inf"))
+        sel = forced.expand_as(score).clone()
+        n = min(n, Nkv)
+        if n > 0:
+            _, order = torch.sort(rank, dim=-1, descending=True, stable=True)
+            take = torch.zeros_like(sel)
+            take.scatter_(-1, order[..., :n], True)
+            sel |= take & (rank > 0)      # a line with no mass at all is not worth a block
+        out.append(sel)
+    return out[0], out[1]
+
+
+def select_vslash(est: torch.Tensor, n_q: int, n_kv: int, causal, block: int, *, n_vertical: int,
+                  n_slash: int, sink_tokens: int, local_tokens: int):
+    """Block cover of the chosen lines: key block j is kept for query block i if it holds a chosen
+    column visible to the block, or a chosen diagonal crosses block (i, j)."""
+    cols, offs = top_lines(est, n_vertical, n_slash, sink_tokens, local_tokens)
+    B, H, Nkv = cols.shape
+    nqb, nkb = _cdiv(n_q, block), _cdiv(n_kv, block)
+    dev = est.device
+    first, last = block_bounds(n_q, n_kv, causal, block, dev)
+    # verticals: block of each chosen column, visible if column <= last position (causal)
+    j = torch.arange(Nkv, device=dev)
+    vis = (j[None, :] <= last[:, None]) if causal is not None else torch.ones(
+        nqb, Nkv, dtype=torch.bool, device=dev)
+    colmask = cols[:, :, None, :] & vis                                          # [B, H, NQB, Nkv]
+    pad = nkb * block - Nkv
+    sel = torch.nn.functional.pad(colmask, (0, pad)).reshape(B, H, nqb, nkb, block).any(-1)
+    # slashes: offset o covers keys [first - o, last - o] of query block i -> <= 2 blocks
+    o = torch.arange(Nkv, device=dev)
+    lo = first[:, None] - o[None, :]
+    hi = last[:, None] - o[None, :]
+    ok = (hi >= 0) & (lo <= n_kv - 1)                                           # [NQB, Nkv]
+    lo_b = lo.clamp(0, n_kv - 1) // block
+    hi_b = hi.clamp(0, n_kv - 1) // block
+    chosen = offs[:, :, None, :] & ok                                            # [B, H, NQB, Nkv]
+    # a query block spans `block` positions, so a diagonal crosses at most 2 key blocks
+    for bidx in (lo_b, hi_b):
+        idx = bidx.expand(B, H, nqb, Nkv)
+        hit = torch.zeros(B, H, nqb, nkb + 1, dtype=torch.bool, device=dev)
+        hit.scatter_(-1, torch.where(chosen, idx, torch.full_like(idx, nkb)), True)
+        sel |= hit[..., :nkb]
+    sel &= structural_blocks(n_q, n_kv, causal, block, dev)
+    return blocks_from_mask(sel)
+
+
+# --------------------------------------------------------------------------- quest
+
+def quest_estimate(q, k, page: int, allowed: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
+    """Quest (Tang et al., 2024): per page the channel-wise key min/max; a query's bound on its
+    largest logit in the page is sum_d max(q_d * max_d, q_d * min_d). Pooled by max over the
+    queries of a query block (block = page) and over the heads of a group.
+    fp32 [B, Hkv, NQB, NP], -inf where not allowed."""
+    B, Hq, Nq, D = q.shape
+    Hkv, Nkv = k.shape[1], k.shape[2]
+    npg = _cdiv(Nkv, page)
+    kf = k.to(torch.float32)
+    pad = npg * page - Nkv
+    kp = torch.nn.functional.pad(kf, (0, 0, 0, pad)).reshape(B, Hkv, npg, page, D)
+    valid = (torch.arange(npg * page, device=k.device) < Nkv).reshape(npg, page)[..., None]
+    mx = kp.masked_fill(~valid, float("-inf")).amax(3)                          # [B, Hkv, NP, D]
+    mn = kp.masked_fill(~valid, float("inf")).amin(3)
+    G = Hq // Hkv
+    mx = mx.repeat_interleave(G, dim=1)
+    mn = mn.repeat_interleave(G, dim=1)
+    nqb = _cdiv(Nq, page)
+    out = torch.empty(B, Hq, nqb, npg, device=q.device)
+    for r0 in range(0, Nq, chunk):
+        r1 = min(r0 + chunk, Nq)
+        qc = q[:, :, r0:r1].to(torch.float32)
+        bound = torch.relu(qc) @ mx.transpose(-1, -2) - torch.relu(-qc) @ mn.transpose(-1, -2)
+        rows = r1 - r0
+        nb = _cdiv(rows, page)
+        bound = torch.nn.functional.pad(bound, (0, 0, 0, nb * page - rows), value=float("-inf"))
+        out[:, :, r0 // page: r0 // page + nb] = bound.reshape(B, Hq, nb, page, npg).amax(3)
+    est = out.reshape(B, Hkv, G, nqb, npg).amax(2)
+    return est.masked_fill(~allowed, float("-inf"))
+
+
+# --------------------------------------------------------------------------- static patterns
+
+def bigbird_blocks(B: int, H: int, n_q: int, n_kv: int, causal, block: int, *, window: int,
+                   global_tokens: int, random_blocks: int, seed: int, device=None):
+    """BigBird (Zaheer et al., 2020), block form: key blocks within ``ceil(window / block)``
+    blocks of the query block's diagonal block, the first ``ceil(global_tokens / block)`` key
+    blocks, all blocks for the global query blocks, and ``random_blocks`` further blocks per
+    (head, query block) drawn with priorities ``torch.rand(H, NQB, NKB)`` from a CPU generator
+    seeded with ``seed`` (the top priorities among the allowed, not yet chosen blocks)."""
+    nqb, nkb = _cdiv(n_q, block), _cdiv(n_kv, block)
+    first, last = block_bounds(n_q, n_kv, causal, block, device)
+    diag = torch.clamp(last // block, 0, nkb - 1)
+    w = _cdiv(window, block)
+    g = _cdiv(global_tokens, block)
+    j = torch.arange(nkb, device=device)
+    sel = ((j[None, :] - diag[:, None]).abs() <= w) | (j[None, :] < g)
+    sel |= (first // block < g)[:, None]
+    struct = structural_blocks(n_q, n_kv, causal, block, device)
+    sel = (sel & struct).expand(B, H, nqb, nkb).clone()
+    if random_blocks > 0:
+        gen = torch.Generator().manual_seed(seed)
+        prio = torch.rand(H, nqb, nkb, generator=gen).to(device)
+        prio = prio.expand(B, H, nqb, nkb).masked_fill(sel | ~struct, -1.0)
+        r = min(random_blocks, nkb)
+        vals, idx = prio.topk(r, dim=-1)
+        sel |= torch.zeros_like(sel).scatter_(-1, idx, vals >= 0)
+    return blocks_from_mask(sel)
+
+
+def longformer_blocks(B: int, H: int, n_q: int, n_kv: int, causal, block: int, *, window: int,
+                      global_tokens: int, device=None):
+    """Blocks holding a pair of the Longformer pattern (see ``longformer_keep_fn``)."""
+    nqb, nkb = _cdiv(n_q, block), _cdiv(n_kv, block)
+    first, last = block_bounds(n_q, n_kv, causal, block, device)
+    k_lo = torch.arange(nkb, device=device) * block
+    k_hi = torch.clamp(k_lo + block, max=n_kv) - 1
+    sel = (k_lo[None, :] < global_tokens).expand(nqb, nkb).clone()
+    sel |= (k_hi[None, :] > first[:, None] - window) & (k_lo[None, :] < last[:, None] + window)
+    sel |= (first < global_tokens)[:, None]
+    sel &= structural_blocks(n_q, n_kv, causal, block, device)
+    return blocks_from_mask(sel.expand(B, H, nqb, nkb))
+
+
+def longformer_keep_fn(n_q: int, n_kv: int, causal, *, window: int, global_tokens: int,
+                       device=None):
+    """Longformer (Beltagy et al., 2020): key j is kept for the query at position p iff
+    |p - j| < window, or j < global_tokens (global keys), or p < global_tokens (global queries)."""
+    off = positions_offset(causal, n_q, n_kv)
+    j = torch.arange(n_kv, device=device)
+
+    def keep(r0: int, r1: int) -> torch.Tensor:
+        pos = torch.arange(r0, r1, device=device)[:, None] + off
+        return (((pos - j[None, :]).abs() < window) | (j[None, :] < global_tokens)
+                | (pos < global_tokens))[None, None]
+    return keep
