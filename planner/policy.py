@@ -215,6 +215,32 @@ class BigBird(Policy):
             _check_int(self.name, p, getattr(self, p), lo)
 
 
+@dataclass(frozen=True)
+class Auto(Policy):
+    """Adaptive per-head choice between estimators, aiming at ``target_density`` of the attended
+    pairs. Criterion (computed on the input, per GQA group): the Jensen-Shannon divergence
+    between the last query block's pooled-q x pooled-k block estimate and its true attention
+    mass per key block. At most ``tau`` (nats): the head is query-aware and ranks blocks by the
+    pooled estimate (block_topk); above: it ranks blocks by the vertical/slash line mass of the
+    last queries (vertical_slash). Each query block keeps ceil(target_density x its allowed
+    blocks), forced sink/local blocks included."""
+
+    target_density: float = 0.1
+    block: int = 64
+    tau: float = 0.1
+    sink_blocks: int = 1
+    local_blocks: int = 1
+    name = "auto"
+    attend_kind = "block"
+
+    def validate(self) -> None:
+        _check_float(self.name, "target_density", self.target_density, 0.0, 1.0)
+        _check_int(self.name, "block", self.block, 1)
+        _check_float(self.name, "tau", self.tau, 0.0, 0.6931471805599453, lo_open=False)
+        _check_int(self.name, "sink_blocks", self.sink_blocks, 0)
+        _check_int(self.name, "local_blocks", self.local_blocks, 0)
+
+
 #: presets looked up by name; each maps to the class built with its defaults
 PRESETS: dict[str, type] = {
     "dense": Dense,
@@ -225,6 +251,7 @@ PRESETS: dict[str, type] = {
     "quest": Quest,
     "longformer": Longformer,
     "bigbird": BigBird,
+    "auto": Auto,
 }
 
 DEFAULT_POLICY = "block_topk"

@@ -123,6 +123,21 @@ def _bb_select(sc, q, k, spec):
                             random_blocks=p.random_blocks, seed=p.seed, device=q.device)
 
 
+# ---------------------------------------------------------------- auto
+def _auto_score(q, k, mods, spec):
+    p = spec.policy
+    scores, _ = P.auto_estimate(q, k, spec.scale, spec.mods, mods, spec.causal, p.block,
+                                _allowed(q, k, mods, spec), p.tau)
+    return scores
+
+
+def _auto_select(sc, q, k, spec):
+    p = spec.policy
+    return P.select_budget_fraction(sc, q.shape[2], k.shape[2], spec.causal, p.block,
+                                    density=p.target_density, sink_blocks=p.sink_blocks,
+                                    local_blocks=p.local_blocks)
+
+
 ESTIMATORS: dict[str, Estimator] = {
     "dense": Estimator(),
     "block_topk": Estimator(_bt_score, _grid_shape, _bt_select),
@@ -133,6 +148,7 @@ ESTIMATORS: dict[str, Estimator] = {
     "sink_window": Estimator(select=_sw_select, token_keep=_sw_keep),
     "longformer": Estimator(select=_lf_select, token_keep=_lf_keep),
     "bigbird": Estimator(select=_bb_select),
+    "auto": Estimator(_auto_score, _grid_shape, _auto_select),
 }
 
 

@@ -276,3 +276,57 @@ def bigbird_keep(B, Hq, Hkv, Nq, Nkv, *, block, window, global_tokens, random_bl
                               key=lambda kb: -float(prio[hk, qb, kb]))
                 sel[(b, hk, qb)] = chosen | set(rest[:random_blocks])
     return _expand_blocks(sel, B, Hq, Hkv, Nq, Nkv, block)
+
+
+def auto_keep(q, k, *, target_density, block, tau, sink_blocks, local_blocks, scale, causal):
+    B, Hq, Nq, D = q.shape
+    Hkv, Nkv = k.shape[1], k.shape[2]
+    G = Hq // Hkv
+    off, nqb, nkb, first, last = _blocks_geometry(Nq, Nkv, block, causal)
+    probs = _last_rows_probs(q, k, scale, causal, block)
+    L = probs.shape[2]
+    sel = {}
+    for b in range(B):
+        for hk in range(Hkv):
+            p = probs[b, hk * G:(hk + 1) * G]
+            vert = [float(p[:, :, j].sum()) for j in range(Nkv)]
+            slash = [0.0] * Nkv
+            for r in range(L):
+                pos = Nq - L + r + off
+                for j in range(min(pos + 1, Nkv)):
+                    slash[pos - j] += float(p[:, r, j].sum())
+            oks = [[_struct(qb, kb, block, last, causal) for kb in range(nkb)] for qb in range(nqb)]
+            # criterion on the last query block
+            ok = oks[-1]
+            est = _pooled_probs(q, k, b, hk, nqb - 1, block, ok, scale)
+            true = [sum(vert[kb * block:min((kb + 1) * block, Nkv)]) / G / L if ok[kb] else 0.0
+                    for kb in range(nkb)]
+            tot = sum(true)
+            true = torch.tensor([t / tot for t in true], dtype=torch.float64)
+            m = 0.5 * (est + true)
+            kl = lambda a, c: sum(float(x) * math.log(float(x) / float(y))  # noqa: E731
+                                  for x, y in zip(a, c) if x > 0)
+            query_aware = 0.5 * kl(est, m) + 0.5 * kl(true, m) <= tau
+            for qb in range(nqb):
+                ok = oks[qb]
+                if query_aware:
+                    score = [float(x) for x in _pooled_probs(q, k, b, hk, qb, block, ok, scale)]
+                else:
+                    score = []
+                    for kb in range(nkb):
+                        lo, hi = kb * block, min((kb + 1) * block, Nkv) - 1
+                        s = sum(vert[c] for c in range(lo, hi + 1)
+                                if causal is None or c <= last[qb])
+                        s += sum(slash[o] for o in range(Nkv)
+                                 if any(lo <= pos - o <= hi for pos in range(first[qb], last[qb] + 1)))
+                        score.append(s if ok[kb] else 0.0)
+                    t = sum(score)
+                    score = [x / t for x in score] if t > 0 else [1.0 / sum(ok)] * nkb
+                lb = max(0, min(last[qb] // block, nkb - 1))
+                forced = {kb for kb in range(nkb) if ok[kb] and
+                          (kb < sink_blocks or lb - local_blocks < kb <= lb)}
+                budget = math.ceil(target_density * sum(ok))
+                rest = sorted((kb for kb in range(nkb) if ok[kb] and kb not in forced),
+                              key=lambda kb: (-score[kb], kb))
+                sel[(b, hk, qb)] = forced | set(rest[:max(0, budget - len(forced))])
+    return _expand_blocks(sel, B, Hq, Hkv, Nq, Nkv, block)

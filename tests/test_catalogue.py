@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import planner
-from brute import (bigbird_keep, dense_with_keep, longformer_keep, quest_keep,
+from brute import (auto_keep, bigbird_keep, dense_with_keep, longformer_keep, quest_keep,
                    sink_window_keep, threshold_keep, vertical_slash_keep)
 from conftest import max_err
 from planner.models import GPTConfig, TinyGPT
@@ -60,6 +60,18 @@ CASES = [
                  lambda q, k, c: bigbird_keep(q.shape[0], q.shape[1], k.shape[1], q.shape[2],
                                               k.shape[2], block=8, window=8, global_tokens=8,
                                               random_blocks=2, seed=7, causal=c), id="bigbird"),
+    pytest.param(planner.policy("auto", target_density=0.4, block=8, tau=0.05),
+                 lambda q, k, c: auto_keep(q, k, target_density=0.4, block=8, tau=0.05,
+                                           sink_blocks=1, local_blocks=1, scale=0.35, causal=c),
+                 id="auto-d0.4-tau0.05"),
+    pytest.param(planner.policy("auto", target_density=0.3, block=8, tau=0.69),
+                 lambda q, k, c: auto_keep(q, k, target_density=0.3, block=8, tau=0.69,
+                                           sink_blocks=1, local_blocks=1, scale=0.35, causal=c),
+                 id="auto-query-aware"),
+    pytest.param(planner.policy("auto", target_density=0.3, block=8, tau=0.0),
+                 lambda q, k, c: auto_keep(q, k, target_density=0.3, block=8, tau=0.0,
+                                           sink_blocks=1, local_blocks=1, scale=0.35, causal=c),
+                 id="auto-lines"),
 ]
 
 
@@ -84,6 +96,7 @@ def test_selection_equals_brute_force_definition(pol, brute, B, Hq, Hkv, Nq, Nkv
                  id="longformer"),
     pytest.param(planner.policy("bigbird", window=1024, global_tokens=0, random_blocks=0),
                  id="bigbird"),
+    pytest.param(planner.policy("auto", target_density=1.0, block=8), id="auto"),
 ])
 def test_covering_budget_reproduces_dense(pol):
     m = TinyGPT(GPTConfig(n_layer=2)).eval()
@@ -124,6 +137,7 @@ def test_threshold_density_adapts_per_head_and_is_reported():
     ("vertical_slash", {"n_vertical": -1}, "'n_vertical' must be >= 0"),
     ("bigbird", {"random_blocks": -2}, "'random_blocks' must be >= 0"),
     ("longformer", {"window": 0}, "'window' must be >= 1"),
+    ("auto", {"target_density": 0}, "'target_density' must be in (0.0, 1.0]"),
 ])
 def test_bad_parameters_name_the_parameter_and_range(name, params, msg):
     with pytest.raises(ValueError) as e:

@@ -286,3 +286,91 @@ def longformer_keep_fn(n_q: int, n_kv: int, causal, *, window: int, global_token
         return (((pos - j[None, :]).abs() < window) | (j[None, :] < global_tokens)
                 | (pos < global_tokens))[None, None]
     return keep
+
+
+# --------------------------------------------------------------------------- auto
+
+def _js(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """Jensen-Shannon divergence (nats) along the last axis of two distributions."""
+    m = 0.5 * (p + q)
+
+    def kl(a, b):
+        return torch.where(a > 0, a * (torch.log(a.clamp_min(1e-30)) - torch.log(b.clamp_min(1e-30))),
+                           torch.zeros_like(a)).sum(-1)
+    return 0.5 * kl(p, m) + 0.5 * kl(q, m)
+
+
+def vslash_block_scores(est: torch.Tensor, n_q: int, n_kv: int, causal, block: int,
+                        allowed: torch.Tensor) -> torch.Tensor:
+    """Line mass through each block: sum of the column mass of the block's keys (visible ones)
+    plus the mass of every diagonal offset crossing block (i, j). [B, H, NQB, NKB], -inf where
+    not allowed; rows normalised to sum 1."""
+    vert, slash = est[:, :, 0], est[:, :, 1]                                   # [B, H, Nkv]
+    B, H, Nkv = vert.shape
+    nqb, nkb = allowed.shape[2], allowed.shape[3]
+    dev = est.device
+    first, last = block_bounds(n_q, n_kv, causal, block, dev)
+    zero = torch.zeros(B, H, 1, device=dev)
+    cv = torch.cat([zero, vert.cumsum(-1)], -1)                                # prefix sums
+    cs = torch.cat([zero, slash.cumsum(-1)], -1)
+    k_lo = torch.arange(nkb, device=dev) * block
+    k_hi = torch.clamp(k_lo + block, max=n_kv) - 1
+    # columns of block j that query block i can see: [k_lo, min(k_hi, last_i)]
+    c_hi = torch.minimum(k_hi[None, :], last[:, None]) if causal is not None else k_hi[None, :].expand(nqb, nkb)
+    c_ok = c_hi >= k_lo[None, :]
+    v_sum = (cv[..., (c_hi.clamp(min=-1) + 1).clamp(max=Nkv)] - cv[..., k_lo[None, :].expand(nqb, nkb)])
+    v_sum = v_sum * c_ok
+    # offsets crossing block (i, j): o in [first_i - k_hi_j, last_i - k_lo_j], clipped to [0, Nkv-1]
+    o_lo = (first[:, None] - k_hi[None, :]).clamp(0, Nkv)
+    o_hi = (last[:, None] - k_lo[None, :]).clamp(-1, Nkv - 1)
+    s_ok = o_hi >= o_lo
+    s_sum = (cs[..., (o_hi + 1).clamp(0, Nkv)] - cs[..., o_lo]) * s_ok
+    score = (v_sum + s_sum).clamp_min(0.0).masked_fill(~allowed, 0.0)
+    tot = score.sum(-1, keepdim=True)
+    score = torch.where(tot > 0, score / tot.clamp_min(1e-30), allowed / allowed.sum(-1, keepdim=True).clamp_min(1))
+    return score.masked_fill(~allowed, float("-inf"))
+
+
+def auto_estimate(q, k, scale, mods, mod_tensors, causal, block: int, allowed: torch.Tensor,
+                  tau: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per GQA group, pick the estimator its last query block vouches for (FlexPrefill-style).
+
+    Criterion: the Jensen-Shannon divergence between (a) the pooled-q x pooled-k block
+    distribution of the last query block and (b) that block's true attention mass per key
+    block. JS <= ``tau``: the pooled estimate is trusted (query-aware, block_topk scores);
+    otherwise the head follows vertical/slash lines (MInference scores). Returns
+    (scores [B, Hkv, NQB, NKB] with -inf where not allowed, query_aware bool [B, Hkv])."""
+    from codegen.select.reference import pooled_block_scores
+    B, Hkv, nqb, nkb = allowed.shape
+    n_q, n_kv = q.shape[2], k.shape[2]
+    pool = pooled_block_scores(q, k, scale, block, allowed)
+    vs = vslash_estimate(q, k, scale, mods, mod_tensors, causal, block)          # [B, Hkv, 2, Nkv]
+    G = q.shape[1] // Hkv
+    col = vs[:, :, 0] / G / min(block, n_q)                                      # mean per query row
+    pad = nkb * block - n_kv
+    true_last = torch.nn.functional.pad(col, (0, pad)).reshape(B, Hkv, nkb, block).sum(-1)
+    true_last = true_last * allowed[:, :, -1]
+    true_last = true_last / true_last.sum(-1, keepdim=True).clamp_min(1e-30)
+    est_last = pool[:, :, -1].clamp_min(0.0)
+    query_aware = _js(est_last, true_last) <= tau                                # [B, Hkv]
+    lines = vslash_block_scores(vs, n_q, n_kv, causal, block, allowed)
+    scores = torch.where(query_aware[:, :, None, None], pool, lines)
+    return scores, query_aware
+
+
+def select_budget_fraction(scores: torch.Tensor, n_q: int, n_kv: int, causal, block: int, *,
+                           density: float, sink_blocks: int, local_blocks: int):
+    """Per row, the forced blocks plus the top blocks until ``ceil(density * allowed blocks)``
+    blocks are kept (ties to the lower index)."""
+    B, H, nqb, nkb = scores.shape
+    allowed = scores > float("-inf")
+    forced = _forced_blocks(nqb, nkb, n_q, n_kv, causal, block, sink_blocks, local_blocks,
+                            scores.device) & allowed
+    budget = torch.ceil(density * allowed.sum(-1, keepdim=True).to(torch.float64)).to(torch.long)
+    t = (budget - forced.sum(-1, keepdim=True)).clamp_min(0)
+    rank = scores.masked_fill(forced | ~allowed, float("-inf"))
+    _, order = torch.sort(rank, dim=-1, descending=True, stable=True)
+    n_rest = (rank > float("-inf")).sum(-1, keepdim=True)
+    take = torch.arange(nkb, device=scores.device) < torch.minimum(t, n_rest)
+    sel = torch.zeros_like(allowed).scatter_(-1, order, take)
+    return blocks_from_mask(sel | forced)
