@@ -2,8 +2,9 @@
 for the device and the spec, else the PyTorch reference (always correct, any device).
 
 Kernel providers register with ``register_attend(name, provider)``; a provider is a callable
-``provider(q, k, v, mod_tensors, counts, indices, spec) -> out | None`` that returns None when
-it does not handle the case (so the next provider, finally the reference, takes it).
+``provider(q, k, v, mod_tensors, counts, indices, spec) -> (out, density) | None`` that returns
+None when it does not handle the case (so the next provider, finally the reference, takes it);
+``density`` is None or per-query-head ``(allowed, kept)`` pair counts.
 """
 from __future__ import annotations
 
@@ -52,9 +53,13 @@ def _want_density() -> bool:
 
 def attend(q, k, v, mod_tensors, counts, indices, spec: SiteSpec) -> torch.Tensor:
     for name, provider in _ATTEND_PROVIDERS:
-        out = provider(q, k, v, mod_tensors, counts, indices, spec)
-        if out is not None:
-            stats.record(spec.stats_key, shapes=_fmt_shapes(q, k, v), kernel=name)
+        res = provider(q, k, v, mod_tensors, counts, indices, spec)
+        if res is not None:
+            out, dens = res
+            if dens is None and spec.policy.name == "dense":
+                dens = (torch.ones(q.shape[1]), torch.ones(q.shape[1]))
+            stats.record(spec.stats_key, shapes=_fmt_shapes(q, k, v), kernel=name,
+                         allowed=dens[0] if dens else None, kept=dens[1] if dens else None)
             return out
     pol = spec.policy
     Nq, Nkv = q.shape[2], k.shape[2]

@@ -13,8 +13,11 @@ from typing import List
 
 import torch
 
-from runtime import dispatch, estimators
+from runtime import dispatch, estimators, providers
 from runtime.spec import lookup
+
+
+providers.register_all()
 
 
 def _cdiv(a, b):

@@ -25,7 +25,9 @@ def record(site: str, *, shapes: str, kernel: str, allowed=None, kept=None) -> N
         st.calls += 1
         st.shapes = shapes
         st.kernel = kernel
-        if allowed is not None and kept is not None:
+        if allowed is None or kept is None:
+            st.density = st.density_per_head = None      # not measured by this kernel
+        else:
             tot = float(allowed.sum())
             st.density = float(kept.sum()) / tot if tot > 0 else 1.0
             st.density_per_head = [float(k) / float(a) if float(a) > 0 else 1.0

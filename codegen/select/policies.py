@@ -173,27 +173,24 @@ def select_vslash(est: torch.Tensor, n_q: int, n_kv: int, causal, block: int, *,
     nqb, nkb = _cdiv(n_q, block), _cdiv(n_kv, block)
     dev = est.device
     first, last = block_bounds(n_q, n_kv, causal, block, dev)
-    # verticals: block of each chosen column, visible if column <= last position (causal)
-    j = torch.arange(Nkv, device=dev)
-    vis = (j[None, :] <= last[:, None]) if causal is not None else torch.ones(
-        nqb, Nkv, dtype=torch.bool, device=dev)
-    colmask = cols[:, :, None, :] & vis                                          # [B, H, NQB, Nkv]
+    k_lo = torch.arange(nkb, device=dev) * block
+    k_hi = torch.clamp(k_lo + block, max=n_kv) - 1
+    # verticals: block j holds a chosen column the query block can see (the first one is enough)
     pad = nkb * block - Nkv
-    sel = torch.nn.functional.pad(colmask, (0, pad)).reshape(B, H, nqb, nkb, block).any(-1)
-    # slashes: offset o covers keys [first - o, last - o] of query block i -> <= 2 blocks
-    o = torch.arange(Nkv, device=dev)
-    lo = first[:, None] - o[None, :]
-    hi = last[:, None] - o[None, :]
-    ok = (hi >= 0) & (lo <= n_kv - 1)                                           # [NQB, Nkv]
-    lo_b = lo.clamp(0, n_kv - 1) // block
-    hi_b = hi.clamp(0, n_kv - 1) // block
-    chosen = offs[:, :, None, :] & ok                                            # [B, H, NQB, Nkv]
-    # a query block spans `block` positions, so a diagonal crosses at most 2 key blocks
-    for bidx in (lo_b, hi_b):
-        idx = bidx.expand(B, H, nqb, Nkv)
-        hit = torch.zeros(B, H, nqb, nkb + 1, dtype=torch.bool, device=dev)
-        hit.scatter_(-1, torch.where(chosen, idx, torch.full_like(idx, nkb)), True)
-        sel |= hit[..., :nkb]
+    j = torch.arange(Nkv, device=dev)
+    first_col = torch.nn.functional.pad(torch.where(cols, j, Nkv + j), (0, pad),
+                                        value=2 * Nkv).reshape(B, H, nkb, block).amin(-1)
+    sel = first_col[:, :, None, :] <= k_hi[None, None, None, :]            # [B, H, 1, NKB]
+    if causal is not None:
+        sel = sel & (first_col[:, :, None, :] <= last[None, None, :, None])
+    sel = sel.expand(B, H, nqb, nkb)
+    # slashes: a chosen offset o crosses block (i, j) iff o in [first_i - k_hi_j, last_i - k_lo_j]
+    cnt = torch.cat([torch.zeros(B, H, 1, device=dev, dtype=torch.int32),
+                     offs.to(torch.int32).cumsum(-1, dtype=torch.int32)], -1)   # [B, H, Nkv + 1]
+    o_lo = (first[:, None] - k_hi[None, :]).clamp(0, Nkv)                       # [NQB, NKB]
+    o_hi = (last[:, None] - k_lo[None, :]).clamp(-1, Nkv - 1)
+    hits = cnt[..., (o_hi + 1).clamp(0, Nkv)] - cnt[..., o_lo]
+    sel = sel | ((hits > 0) & (o_hi >= o_lo))
     sel &= structural_blocks(n_q, n_kv, causal, block, dev)
     return blocks_from_mask(sel)
 

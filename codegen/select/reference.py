@@ -47,6 +47,15 @@ def allowed_blocks(q_shape, k_shape, mods: Sequence[tuple], mod_tensors: Sequenc
     Hkv, Nkv = k_shape[1], k_shape[2]
     if device is None:
         device = mod_tensors[0].device if mod_tensors else "cpu"
+    nqb, nkb = _cdiv(Nq, block), _cdiv(Nkv, block)
+    if not mods:
+        # no mask tensors: only the causal rule, decided per block without an N x N map
+        ok = torch.ones(nqb, nkb, dtype=torch.bool, device=device)
+        if causal is not None:
+            off = positions_offset(causal, Nq, Nkv)
+            last = torch.clamp((torch.arange(nqb, device=device) + 1) * block, max=Nq) - 1 + off
+            ok = (torch.arange(nkb, device=device) * block)[None, :] <= last[:, None]
+        return ok.expand(B, Hkv, nqb, nkb)
     zero = torch.zeros(1, 1, Nq, Nkv, device=device)
     s = apply_modifiers(zero, mods, mod_tensors, slice(0, Nq))
     if causal is not None:

@@ -1,0 +1,166 @@
+"""Per-policy cost on one GPU: estimator (sparse.score), selection (sparse.select), attend
+(sparse.attend) and total, at each policy's default parameters, vs dense SDPA.
+
+    PYTHONPATH=. python benchmarks/policies.py --out benchmarks/results [--quick]
+
+bf16, B=1, H=16, D=128, causal prefill, N in {16384, 65536}; quest also as a decode step
+(one query over an N-token cache, B=8). Every sparse output is checked against a fp32
+reference on the last 256 query rows before timing. Writes policies_<card>.json/.md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+os.environ.setdefault("SPARSE_PLANNER_DENSITY", "0")      # no host sync inside timed calls
+
+import planner  # noqa: E402
+import runtime.ops  # noqa: E402,F401
+from codegen.select.reference import block_keep_fn  # noqa: E402
+from runtime import estimators  # noqa: E402
+from runtime.providers import _pairs_kept  # noqa: E402
+from runtime.spec import SiteSpec, register  # noqa: E402
+
+POLICIES = ["block_topk", "threshold", "vertical_slash", "auto", "quest", "sink_window",
+            "longformer", "bigbird"]
+DYNAMIC = {"block_topk", "threshold", "vertical_slash", "auto", "quest"}
+
+
+def bench_ms(fn) -> float:
+    import triton.testing
+    return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
+
+
+def check_rows(q, k, v, out, counts, idx, spec, rows: int = 256) -> float:
+    """Relative error of ``out`` on the last ``rows`` query rows vs a fp32 reference."""
+    B, H, N, D = q.shape
+    Nkv = k.shape[2]
+    r0 = N - rows
+    keep = block_keep_fn(counts, idx, estimators.block_of(spec), Nkv)(r0, N)   # [B, Hs, rows, Nkv]
+    tok = estimators.get(spec.policy.name).token_keep
+    if tok is not None:
+        keep = keep & tok(spec, N, Nkv, q.device)(r0, N)
+    keep = keep.repeat_interleave(H // keep.shape[1], dim=1) if keep.shape[1] not in (1, H) else keep
+    s = q[:, :, r0:].float() @ k.float().transpose(-1, -2) * spec.scale
+    pos = torch.arange(r0, N, device=q.device)[:, None] + (Nkv - N)
+    s = s.masked_fill(torch.arange(Nkv, device=q.device)[None, :] > pos, float("-inf"))
+    s = s.masked_fill(~keep, float("-inf"))
+    ref = torch.softmax(s, -1).nan_to_num(0.0) @ v.float()
+    got = out[:, :, r0:].float()
+    return float((got - ref).norm() / ref.norm())
+
+
+def window_density(n_q: int, n_kv: int, sink: int, window: int) -> float:
+    """Exact kept/causal pairs of sink + window (causal; global queries see only earlier keys)."""
+    p = torch.arange(n_kv - n_q, n_kv, dtype=torch.float64)
+    kept = torch.clamp(p + 1, max=window) + torch.clamp(torch.clamp(p - window + 1, min=0), max=sink)
+    return float(kept.sum() / (p + 1).sum())
+
+
+def run_case(name, q, k, v, causal, rows_check=256):
+    pol = planner.policy(name)
+    spec = SiteSpec(site=f"bench.{name}", owner="bench", policy=pol, scale=q.shape[-1] ** -0.5,
+                    causal=causal, gqa_group=q.shape[1] // k.shape[1])
+    key = register(spec)
+    ops = torch.ops.sparse
+    sc = ops.score(q, k, [], key)
+    counts, idx = ops.select(sc, q, k, key)
+    out = ops.attend(q, k, v, [], counts, idx, key)
+    torch.cuda.synchronize()
+    err = check_rows(q, k, v, out, counts, idx, spec, min(rows_check, q.shape[2]))
+    n_q, n_kv = q.shape[2], k.shape[2]
+    if name in ("sink_window", "longformer"):
+        sink, window = (pol.sink, pol.window) if name == "sink_window" else (pol.global_tokens,
+                                                                          pol.window)
+        density = window_density(n_q, n_kv, sink, window)
+    else:
+        kept, allowed = _pairs_kept(counts, idx, estimators.block_of(spec), n_q, n_kv, True)
+        density = float(kept.sum() / allowed.sum())
+    t_score = bench_ms(lambda: ops.score(q, k, [], key)) if estimators.get(name).score else 0.0
+    t_sel = bench_ms(lambda: ops.select(sc, q, k, key))
+    t_att = bench_ms(lambda: ops.attend(q, k, v, [], counts, idx, key))
+    return dict(policy=name, params=pol.short(), density=density, rel_err=err,
+                estimator_ms=t_score, selection_ms=t_sel, attend_ms=t_att,
+                total_ms=t_score + t_sel + t_att)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--quick", action="store_true")
+    args = ap.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    dev = torch.device("cuda")
+    card = torch.cuda.get_device_name(dev)
+    import triton
+    meta = dict(card=card, torch=torch.__version__, triton=triton.__version__,
+                command="PYTHONPATH=. python benchmarks/policies.py" + (" --quick" if args.quick else ""),
+                date=time.strftime("%Y-%m-%d"), dtype="bfloat16", B=1, H=16, D=128)
+    rows = []
+    lengths = [16384] if args.quick else [16384, 65536]
+    torch.manual_seed(0)
+    for N in lengths:
+        q, k, v = (torch.randn(1, 16, N, 128, device=dev, dtype=torch.bfloat16) for _ in range(3))
+        t_dense = bench_ms(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True))
+        rows.append(dict(case="prefill", N=N, policy="dense SDPA", total_ms=t_dense, density=1.0))
+        print(f"N={N} dense SDPA {t_dense:.3f} ms", flush=True)
+        for name in POLICIES:
+            try:
+                r = run_case(name, q, k, v, "lower_right")
+            except Exception as e:      # a policy that fails is reported, the run goes on
+                r = dict(policy=name, error=f"{type(e).__name__}: {e}"[:300])
+            r.update(case="prefill", N=N, dense_ms=t_dense)
+            rows.append(r)
+            print(json.dumps(r), flush=True)
+            torch.cuda.empty_cache()
+        del q, k, v
+    # quest at decode time: one query per sequence over an N-token cache
+    for N in ([32768] if args.quick else [32768, 131072]):
+        B = 8
+        q = torch.randn(B, 16, 1, 128, device=dev, dtype=torch.bfloat16)
+        k, v = (torch.randn(B, 16, N, 128, device=dev, dtype=torch.bfloat16) for _ in range(2))
+        t_dense = bench_ms(lambda: F.scaled_dot_product_attention(q, k, v))
+        try:
+            r = run_case("quest", q, k, v, "lower_right", rows_check=1)
+        except Exception as e:
+            r = dict(policy="quest", error=f"{type(e).__name__}: {e}"[:300])
+        r.update(case="decode B=8", N=N, dense_ms=t_dense)
+        rows.append(r)
+        print(json.dumps(r), flush=True)
+    tag = "h100" if "H100" in card else ("h200" if "H200" in card else "gpu")
+    with open(os.path.join(args.out, f"policies_{tag}.json"), "w") as f:
+        json.dump(dict(meta=meta, rows=rows), f, indent=1)
+    lines = [f"# Policy costs on {card}", "",
+             f"torch {meta['torch']}, triton {meta['triton']}, {meta['date']}, bf16, B=1, H=16, "
+             f"D=128, causal. Command: `{meta['command']}`.", "",
+             "| case | N | policy | density | est. ms | select ms | attend ms | total ms | "
+             "(est+sel)/total | vs dense SDPA | rel err |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if r.get("policy") == "dense SDPA":
+            lines.append(f"| {r['case']} | {r['N']} | dense SDPA | 1 | | | | {r['total_ms']:.3f} | | 1.00x | |")
+            continue
+        if "error" in r:
+            lines.append(f"| {r['case']} | {r['N']} | {r['policy']} | | | | | | | | {r['error']} |")
+            continue
+        share = (r["estimator_ms"] + r["selection_ms"]) / r["total_ms"]
+        lines.append(f"| {r['case']} | {r['N']} | {r['policy']} | {r['density']:.3f} | "
+                     f"{r['estimator_ms']:.3f} | {r['selection_ms']:.3f} | {r['attend_ms']:.3f} | "
+                     f"{r['total_ms']:.3f} | {share:.1%} | {r['dense_ms'] / r['total_ms']:.2f}x | "
+                     f"{r['rel_err']:.1e} |")
+    with open(os.path.join(args.out, f"policies_{tag}.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,134 @@
+"""Kernel providers for ``sparse.attend`` (tried before the PyTorch reference).
+
+* ``sdpa_dense`` — the dense policy on CUDA: ``F.scaled_dot_product_attention`` (the fused
+  kernels), with the site's masks passed as SDPA masks where that is exact.
+* ``triton_block_sparse`` — block policies on CUDA (or on the CPU under ``TRITON_INTERPRET=1``
+  when ``SPARSE_PLANNER_KERNELS=triton``): the block-sparse flash-attention kernel over the
+  selected block lists, with the token-level sink/window masks where the policy has them.
+
+A provider returns ``(out, density)`` — ``density`` None or ``(allowed, kept)`` per-query-head
+pair counts — or None for what it cannot compute exactly (arbitrary mask tensors, top-left
+causal alignment with Nq != Nkv, blocks that are not powers of two >= 16); the reference then
+runs, so a case is never approximated silently.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from runtime import dispatch, estimators
+from runtime.spec import SiteSpec
+
+
+def _kernels_mode() -> str:
+    """``SPARSE_PLANNER_KERNELS``: auto (CUDA only), triton (also the CPU interpreter), reference."""
+    return os.environ.get("SPARSE_PLANNER_KERNELS", "auto")
+
+
+def _causal_flag(spec: SiteSpec, n_q: int, n_kv: int) -> Optional[bool]:
+    """The kernel's causal mode is bottom-right aligned; None if the site's rule differs."""
+    if spec.causal is None:
+        return False
+    if spec.causal == "lower_right" or n_q == n_kv:
+        return True
+    return None
+
+
+def sdpa_dense(q, k, v, mods, counts, indices, spec: SiteSpec):
+    if spec.policy.name != "dense" or q.device.type != "cuda" or _kernels_mode() == "reference":
+        return None
+    mask = None
+    if spec.mods:
+        if len(spec.mods) != 1 or spec.mods[0][0] != "add":
+            return None
+        mask = mods[0]
+    n_q, n_kv = q.shape[2], k.shape[2]
+    is_causal = spec.causal is not None
+    if is_causal and mask is not None:
+        return None
+    if is_causal and spec.causal == "lower_right" and n_q != n_kv:
+        if n_q != 1:
+            return None
+        is_causal = False               # one query at the last position sees every key
+    g = spec.gqa_group
+    kw = {"enable_gqa": True} if g > 1 else {}
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
+                                         scale=spec.scale, **kw)
+    return out, None
+
+
+def _visible_per_block(block: int, n_q: int, n_kv: int, causal: bool, device) -> torch.Tensor:
+    """fp64 [NQB, NKB]: pairs the causal rule allows in each block (closed form, no N x N map)."""
+    nqb, nkb = -(-n_q // block), -(-n_kv // block)
+    r_lo = torch.arange(nqb, device=device, dtype=torch.float64) * block
+    n_rows = torch.clamp(r_lo + block, max=n_q) - r_lo                      # [NQB]
+    k_lo = torch.arange(nkb, device=device, dtype=torch.float64) * block
+    size = torch.clamp(k_lo + block, max=n_kv) - k_lo                       # [NKB]
+    if not causal:
+        return n_rows[:, None] * size[None, :]
+
+    def g(t):   # sum_{x <= t} clamp(x, 0, size) over integers x >= 0
+        t = t.clamp_min(-1.0)
+        lin = t.clamp(max=size) * (t.clamp(max=size) + 1) / 2
+        return lin + (t - size).clamp_min(0.0) * size
+    # a query at position p sees clamp(p - k_lo + 1, 0, size) keys of block j
+    a = (r_lo + (n_kv - n_q))[:, None] - k_lo[None, :] + 1                  # first row's count arg
+    return g(a + n_rows[:, None] - 1) - g(a - 1)
+
+
+def _pairs_kept(counts, indices, block: int, n_q: int, n_kv: int, causal: bool):
+    """Per selection head, (kept, allowed) pair counts of a block selection, causal-aware."""
+    from codegen.select.reference import mask_from_blocks
+    nkb = -(-n_kv // block)
+    sel = mask_from_blocks(counts, indices, nkb)                           # [B, Hs, NQB, NKB]
+    per_block = _visible_per_block(block, n_q, n_kv, causal, counts.device)
+    kept = (sel * per_block).sum(dim=(0, 2, 3))
+    allowed = per_block.sum() * sel.shape[0] * torch.ones_like(kept)
+    return kept, allowed
+
+
+def triton_block_sparse(q, k, v, mods, counts, indices, spec: SiteSpec):
+    mode = _kernels_mode()
+    if mode == "reference":
+        return None
+    pol = spec.policy
+    if pol.attend_kind != "block" or not counts.numel() or spec.mods:
+        return None
+    if q.device.type == "cpu" and mode != "triton":
+        return None
+    from runtime import triton_kernels as tk
+    if not tk.available(q.device) or q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return None
+    block = estimators.block_of(spec)
+    if block < 16 or block & (block - 1):
+        return None
+    n_q, n_kv = q.shape[2], k.shape[2]
+    causal = _causal_flag(spec, n_q, n_kv)
+    if causal is None:
+        return None
+    sink = window = 0
+    if pol.name == "sink_window":
+        if not causal:
+            return None                  # the kernel's window is one-sided (causal)
+        sink, window = pol.sink, pol.window
+    elif pol.name == "longformer":
+        if not causal:
+            return None                  # global queries see later keys only without causality
+        sink, window = pol.global_tokens, pol.window
+    elif estimators.get(pol.name).token_keep is not None:
+        return None
+    out, _ = tk.block_sparse_attention(q, k, v, counts, indices, block=block, scale=spec.scale,
+                                       causal=causal, sink=sink, window=window)
+    if os.environ.get("SPARSE_PLANNER_DENSITY", "1") == "0" or window:
+        return out, None                 # token-level windows: block counts would overstate
+    kept, allowed = _pairs_kept(counts, indices, block, n_q, n_kv, causal)
+    g = q.shape[1] // counts.shape[1]
+    return out, (allowed.repeat_interleave(g), kept.repeat_interleave(g))
+
+
+def register_all() -> None:
+    dispatch.register_attend("sdpa_dense", sdpa_dense)
+    dispatch.register_attend("triton_block_sparse", triton_block_sparse)
