@@ -3,15 +3,19 @@ from __future__ import annotations
 
 import torch.fx as fx
 
+from passes.canonicalize import canonicalize
 from passes.context import PassContext, SiteRecord
 from passes.meta import propagate_meta
 from passes.rewrite import discover_attention, rewrite_to_sparse
+from passes.schedule import plan_schedule
 from passes.verify import IRVerificationError, verify_ir
 
 PIPELINE = [
     propagate_meta,       # every node has meta['val']
+    canonicalize,         # einsum / baddbmm / fused attention modules -> plain ops
     discover_attention,   # ctx.matches / ctx.unmatched
     rewrite_to_sparse,    # sparse.score -> sparse.select -> sparse.attend
+    plan_schedule,        # cost model: estimates, crossover, per-call dense/sparse choice
     verify_ir,            # the IR is well formed
 ]
 

@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
-from planner.policy import PolicyMap
+if TYPE_CHECKING:                      # planner imports passes; keep the import one-way
+    from planner.policy import PolicyMap
 
 
 @dataclass
@@ -23,15 +24,20 @@ class SiteRecord:
     gqa_group: int = 1
     causal: Optional[str] = None
     mods: tuple = ()
+    schedule: str = ""                 # the cost model's choice at the captured shape
+    est_dense_ms: Optional[float] = None
+    est_sparse_ms: Optional[float] = None
+    crossover: Optional[float] = None  # sequence length above which sparse is estimated faster
 
 
 @dataclass
 class PassContext:
-    policies: PolicyMap
+    policies: "PolicyMap"
     owner: str
     graph_index: int = 0
     example_inputs: Any = None
     verify: bool = True
+    cost_model: str = "auto"           # "auto": dense where cheaper per call shape; "off"
     matches: list = field(default_factory=list)
     unmatched: list = field(default_factory=list)
     sites: list = field(default_factory=list)       # SiteRecord, filled by rewrite

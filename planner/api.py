@@ -15,12 +15,15 @@ _ATTR = "_planner_backend"
 
 
 def compile(model: Any, policy: PolicyLike = None, *, dynamic: bool | None = None,
-            verify: bool = True) -> Any:
+            verify: bool = True, cost_model: str = "auto") -> Any:
     """Capture ``model`` with Dynamo and rewrite every attention site with ``policy``.
 
     ``policy`` is a preset name (``"dense"``, ``"block_topk"``, ...), a Policy from
     ``planner.policy(...)``, or a per-layer map ``{"model.layers.0.*": "dense", "*": "block_topk"}``
-    (first matching glob wins). Returns an object with the same call signature and outputs;
+    (first matching glob wins). ``cost_model="auto"`` lets the planner run a site densely at
+    call shapes where its cost model estimates dense to be faster (on devices with sparse
+    kernels; on the CPU the reference kernels always follow the policy); ``"off"`` always
+    follows the policy. Returns an object with the same call signature and outputs;
     for an ``nn.Module`` it is a shallow copy sharing the parameters, whose ``forward`` is
     compiled (so ``generate()`` and other methods that call ``self(...)`` go through it).
 
@@ -32,7 +35,7 @@ def compile(model: Any, policy: PolicyLike = None, *, dynamic: bool | None = Non
     >>> bool((cm(x) - m(x)).abs().max() < 1e-5)
     True
     """
-    be = Backend(policy, verify=verify)
+    be = Backend(policy, verify=verify, cost_model=cost_model)
     _raise_recompile_limit()
     if isinstance(model, torch.nn.Module):
         new = copy.copy(model)

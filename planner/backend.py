@@ -28,7 +28,10 @@ _IDS = itertools.count()
 class Backend:
     """Callable ``(gm, example_inputs) -> callable`` for Dynamo, holding what it compiled."""
 
-    def __init__(self, policy: PolicyLike = None, *, verify: bool = True):
+    def __init__(self, policy: PolicyLike = None, *, verify: bool = True, cost_model: str = "auto"):
+        if cost_model not in ("auto", "off"):
+            raise ValueError(f"cost_model must be 'auto' or 'off', got {cost_model!r}")
+        self.cost_model = cost_model
         self.policies: PolicyMap = as_policy_map(policy)
         self.owner = f"p{next(_IDS)}"
         self.verify = verify
@@ -42,7 +45,8 @@ class Backend:
         with self._lock:
             idx = len(self.graphs)
             ctx = PassContext(policies=self.policies, owner=self.owner, graph_index=idx,
-                              example_inputs=example_inputs, verify=self.verify)
+                              example_inputs=example_inputs, verify=self.verify,
+                              cost_model=self.cost_model)
             gm = run_pipeline(gm, ctx)
             self.graphs.append(gm)
             for rec in ctx.sites:
@@ -74,7 +78,9 @@ class Backend:
                 status=rec.status, reason=rec.reason,
                 density=st.density if st else None,
                 density_per_head=st.density_per_head if st else None,
-                calls=st.calls if st else 0, kernel=st.kernel if st else None, graph=rec.graph))
+                calls=st.calls if st else 0, kernel=st.kernel if st else None, graph=rec.graph,
+                schedule=rec.schedule, est_dense_ms=rec.est_dense_ms,
+                est_sparse_ms=rec.est_sparse_ms, crossover=rec.crossover))
         return Report(sites, list(self.unmatched.values()), list(self.graphs), KERNELS.stats())
 
 

@@ -23,6 +23,10 @@ class Site:
     calls: int = 0
     kernel: Optional[str] = None
     graph: int = 0
+    schedule: str = ""                 # cost model's choice at the captured shape
+    est_dense_ms: Optional[float] = None
+    est_sparse_ms: Optional[float] = None
+    crossover: Optional[float] = None  # length above which sparse is estimated faster
 
     @property
     def density_spread(self) -> Optional[tuple]:
@@ -92,10 +96,14 @@ class Report:
             spread = s.density_spread
             if spread and spread[1] - spread[0] > 1e-3:
                 dens += f" [{spread[0]:.2f}..{spread[1]:.2f}]"
+            est = ("-" if s.est_dense_ms is None else
+                   f"{s.est_dense_ms:.3g}/{s.est_sparse_ms:.3g}")
+            cross = "-" if s.crossover is None else f"{s.crossover:.0f}"
             rows.append([s.name, s.pattern, s.shapes, s.policy, s.status, dens, s.calls,
-                         s.kernel or "-", s.reason])
+                         s.kernel or "-", s.schedule or "-", est, cross, s.reason])
         return tabulate(rows, headers=["site", "pattern", "shapes", "policy", "status", "density",
-                                       "calls", "kernel", "reason"])
+                                       "calls", "kernel", "schedule", "est ms dense/sparse",
+                                       "crossover N", "reason"])
 
     def __str__(self) -> str:
         n_rw = sum(s.status == "rewritten" for s in self.sites)

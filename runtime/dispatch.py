@@ -8,6 +8,7 @@ None when it does not handle the case (so the next provider, finally the referen
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Callable, Optional
 
@@ -15,7 +16,7 @@ import torch
 
 from codegen.attention.reference import attention_reference
 from codegen.select.reference import block_keep_fn
-from runtime import estimators, stats
+from runtime import estimators, plan, stats
 from runtime.spec import SiteSpec
 
 Provider = Callable[..., Optional[torch.Tensor]]
@@ -34,6 +35,8 @@ def _fmt_shapes(q, k, v) -> str:
 
 def score(q, k, mod_tensors, spec: SiteSpec) -> torch.Tensor:
     est = estimators.get(spec.policy.name)
+    if est.score_shape is not None and plan.choose(spec, q, k) == "dense":
+        return q.new_zeros(est.score_shape(q, k, spec), dtype=torch.float32)
     if est.score is None:
         return q.new_empty(0, dtype=torch.float32)
     return est.score(q, k, mod_tensors, spec)
@@ -43,8 +46,19 @@ def select(scores, q, k, spec: SiteSpec):
     est = estimators.get(spec.policy.name)
     if est.select is None:
         return q.new_empty(0, dtype=torch.int32), q.new_empty(0, dtype=torch.int32)
+    if plan.choose(spec, q, k) == "dense":
+        return _all_blocks(q, k, spec)
     counts, indices = est.select(scores, q, k, spec)
     return counts.to(torch.int32), indices.to(torch.int32)
+
+
+def _all_blocks(q, k, spec: SiteSpec):
+    """Block lists naming every key block (same shapes as the policy's selection)."""
+    b = estimators.block_of(spec)
+    nqb, nkb = -(-q.shape[2] // b), -(-k.shape[2] // b)
+    counts = torch.full((q.shape[0], k.shape[1], nqb), nkb, dtype=torch.int32, device=q.device)
+    idx = torch.arange(nkb, dtype=torch.int32, device=q.device).expand(q.shape[0], k.shape[1], nqb, nkb)
+    return counts, idx.contiguous()
 
 
 def _want_density() -> bool:
@@ -52,13 +66,20 @@ def _want_density() -> bool:
 
 
 def attend(q, k, v, mod_tensors, counts, indices, spec: SiteSpec) -> torch.Tensor:
+    tag = ""
+    if spec.policy.name != "dense" and plan.choose(spec, q, k) == "dense":
+        # the cost model chose dense at this shape: exact attention, reported as such
+        from planner.policy import Dense
+        spec = dataclasses.replace(spec, policy=Dense())
+        counts = indices = q.new_empty(0, dtype=torch.int32)
+        tag = " (cost model: dense)"
     for name, provider in _ATTEND_PROVIDERS:
         res = provider(q, k, v, mod_tensors, counts, indices, spec)
         if res is not None:
             out, dens = res
             if dens is None and spec.policy.name == "dense":
                 dens = (torch.ones(q.shape[1]), torch.ones(q.shape[1]))
-            stats.record(spec.stats_key, shapes=_fmt_shapes(q, k, v), kernel=name,
+            stats.record(spec.stats_key, shapes=_fmt_shapes(q, k, v), kernel=name + tag,
                          allowed=dens[0] if dens else None, kept=dens[1] if dens else None)
             return out
     pol = spec.policy
@@ -74,6 +95,6 @@ def attend(q, k, v, mod_tensors, counts, indices, spec: SiteSpec) -> torch.Tenso
     st = {} if _want_density() else None
     out, _ = attention_reference(q, k, v, scale=spec.scale, mods=spec.mods,
                                  mod_tensors=mod_tensors, causal=spec.causal, keep=keep, stats=st)
-    stats.record(spec.stats_key, shapes=_fmt_shapes(q, k, v), kernel="reference",
+    stats.record(spec.stats_key, shapes=_fmt_shapes(q, k, v), kernel="reference" + tag,
                  allowed=st.get("allowed") if st else None, kept=st.get("kept") if st else None)
     return out

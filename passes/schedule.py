@@ -1,0 +1,69 @@
+"""plan_schedule: annotate each rewritten site with the cost model's view of it.
+
+For the captured shape it records the estimated dense and sparse times, the chosen schedule and
+the crossover length (solved on the sympy cost expressions). With ``cost_model="auto"`` the
+site's spec is re-registered with ``schedule="auto"``, so that the runtime re-decides per call
+shape (``runtime.plan``): dense below the crossover, the policy above.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.fx as fx
+
+from passes.graph import val
+from runtime.spec import lookup, register
+
+
+def _hint(x) -> int:
+    try:
+        return int(x)
+    except Exception:                                      # unbacked/symbolic: use the hint
+        from torch.fx.experimental.symbolic_shapes import hint_int
+        return int(hint_int(x))
+
+
+def plan_schedule(gm: fx.GraphModule, ctx) -> fx.GraphModule:
+    from planner import costmodel as cm
+    ops = torch.ops.sparse
+    records = {r.spec_key: r for r in ctx.sites if r.spec_key}
+    for n in gm.graph.nodes:
+        if n.op != "call_function" or n.target is not ops.attend.default:
+            continue
+        key = n.args[-1]
+        spec = lookup(key)
+        rec = records.get(key)
+        vq, vk = val(n.args[0]), val(n.args[1])
+        if rec is None or vq is None or vk is None:
+            continue
+        b, hq, nq, d = (_hint(x) for x in vq.shape)
+        hkv, nkv = _hint(vk.shape[1]), _hint(vk.shape[2])
+        prof = cm.profile_for(vq.device)
+        pol = spec.policy
+        rho = cm.expected_density(pol, nq, nkv)
+        block = int(getattr(pol, "block", 64))
+        t_dense = cm.estimate("dense_sdpa", prof, B=b, Hq=hq, Hkv=hkv, Nq=nq, Nkv=nkv, D=d, rho=1.0)
+        t_sparse = cm.estimate("block_sparse", prof, B=b, Hq=hq, Hkv=hkv, Nq=nq, Nkv=nkv, D=d,
+                               rho=rho, block=block)
+        rec.est_dense_ms, rec.est_sparse_ms = t_dense * 1e3, t_sparse * 1e3
+        if pol.name == "dense":
+            rec.schedule = "dense"
+        elif not prof.sparse_kernels:
+            rec.schedule = "policy (reference kernels)"
+        else:
+            rho_n = cm.sp.Min(1, cm.sp.Float(rho) * nkv / cm.N) if nq > 1 else rho
+            rec.crossover = cm.crossover(prof, B=b, Hq=hq, Hkv=hkv, D=d, rho_of_n=rho_n,
+                                         block=block, decode=nq == 1)
+            chosen = "dense" if t_dense <= t_sparse else "policy"
+            rec.schedule = (f"{chosen} at N={nkv}" if ctx.cost_model == "auto"
+                            else "policy (cost model off)")
+        if ctx.cost_model == "auto" and pol.name != "dense" and prof.sparse_kernels:
+            new_key = register(dataclasses.replace(spec, schedule="auto"))
+            for m in list(gm.graph.nodes):
+                if m.op == "call_function" and m.args and m.args[-1] == key and m.target in (
+                        ops.score.default, ops.select.default, ops.attend.default):
+                    m.args = m.args[:-1] + (new_key,)
+            rec.spec_key = new_key
+    gm.recompile()
+    return gm

@@ -1,0 +1,201 @@
+"""A cost model that chooses: dense or sparse, and knows the crossover length.
+
+Costs are sympy expressions of (B, Hq, Hkv, Nq, Nkv, D, rho, block): FLOPs and bytes of each
+candidate, turned into time with a hardware profile::
+
+    time = max(flops / (peak_flops * eff), bytes / bandwidth) + launches * launch_s + tiles * tile_s
+
+``rho`` is the fraction of the causal pairs a sparse candidate computes (its block density,
+diagonal and partial blocks included); ``causal_frac`` the fraction of all pairs the causal
+rule allows. Profiles live in one dict; a measured profile (from ``benchmarks/calibrate.py``)
+replaces the built-in numbers when ``benchmarks/results/profile_<name>.json`` exists.
+
+    >>> est = estimate("block_sparse", PROFILES["h100"], B=1, Hq=16, Hkv=16, Nq=65536,
+    ...                Nkv=65536, D=128, rho=0.1)
+    >>> est < estimate("dense_sdpa", PROFILES["h100"], B=1, Hq=16, Hkv=16, Nq=65536,
+    ...                Nkv=65536, D=128, rho=1.0)
+    True
+"""
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+from dataclasses import dataclass, replace
+from typing import Optional
+
+import sympy as sp
+
+B, Hq, Hkv, Nq, Nkv, D, rho, blk = sp.symbols("B H_q H_kv N_q N_kv D rho block", positive=True)
+N = sp.Symbol("N", positive=True)
+
+
+@dataclass(frozen=True)
+class HardwareProfile:
+    """Rates of one device. ``*_eff`` are the fractions of ``peak_tflops`` each kernel reaches."""
+
+    name: str
+    peak_tflops: float          # dense bf16 matrix rate
+    bandwidth_gbs: float        # device memory, read + write
+    launch_us: float            # fixed cost per kernel launch
+    tile_us: float              # per (query block, key block) tile of a sparse kernel
+    dense_eff: float            # SDPA / flash kernel
+    sparse_eff: float           # our block-sparse kernel on the tiles it computes
+    estimator_eff: float        # estimators (pooled matmuls, reductions)
+    sparse_kernels: bool = True  # False: the sparse path is the fp32 reference (computes N^2)
+    measured: str = ""          # where the numbers came from
+
+
+PROFILES: dict[str, HardwareProfile] = {
+    # ANCHORS.md (H100 80GB HBM3, torch 2.11, triton 3.6): bf16 GEMM 710 TFLOP/s, SDPA causal
+    # 582-629 TFLOP/s at 16k-64k, device copy 3.0 TB/s. Efficiencies are replaced by the
+    # calibration script's fit when its file is present.
+    "h100": HardwareProfile("h100", 710.0, 3000.0, 5.0, 0.02, 0.85, 0.75, 0.10,
+                            measured="ANCHORS.md peer numbers"),
+    "h200": HardwareProfile("h200", 790.0, 4200.0, 5.0, 0.02, 0.80, 0.75, 0.10,
+                            measured="ANCHORS.md peer numbers"),
+    # 2 CPU cores: fp32 reference kernels; the sparse path computes every score, then masks.
+    "cpu": HardwareProfile("cpu", 0.1, 20.0, 20.0, 0.0, 0.5, 0.3, 0.3, sparse_kernels=False,
+                           measured="order of magnitude for 2 x86 cores"),
+}
+
+
+def causal_frac(n_q, n_kv, causal: bool = True):
+    """Fraction of the Nq x Nkv pairs a bottom-right causal rule allows (1 if not causal)."""
+    if not causal:
+        return sp.Integer(1)
+    return (n_q * n_kv - n_q * (n_q - 1) / 2) / (n_q * n_kv)
+
+
+def flops_bytes(candidate: str, causal: bool = True, elem: int = 2):
+    """(flops, bytes, launches, tiles) as sympy expressions for one attention call."""
+    cf = causal_frac(Nq, Nkv, causal)
+    pairs = B * Hq * Nq * Nkv * cf
+    qo = elem * B * Hq * Nq * D * 2                      # read q, write out
+    kv = elem * B * Hkv * Nkv * D * 2                    # read k and v once
+    if candidate == "dense_sdpa":
+        return 4 * pairs * D, qo + kv, sp.Integer(1), sp.Integer(0)
+    if candidate == "block_sparse":
+        tiles = B * Hq * (Nq / blk) * (Nkv / blk) * cf * rho
+        kv_reads = elem * 2 * D * blk * tiles * Hkv / Hq  # each tile streams a K and a V block
+        est_flops = 2 * B * Hq * (Nq / blk) * (Nkv / blk) * D + 4 * B * Hq * Nq * D
+        return (4 * pairs * rho * D + est_flops, qo + kv_reads + kv, sp.Integer(4), tiles)
+    if candidate == "token_sparse_decode":
+        # one query per sequence over rho * Nkv gathered keys (split over the index list)
+        k_sel = rho * Nkv
+        return (4 * B * Hq * Nq * k_sel * D, elem * 2 * B * Hkv * k_sel * D + qo + 4 * B * Hkv * k_sel,
+                sp.Integer(2), sp.Integer(0))
+    raise ValueError(f"unknown candidate {candidate!r}; known: dense_sdpa, block_sparse, "
+                     "token_sparse_decode")
+
+
+@functools.lru_cache(maxsize=None)
+def time_expr(candidate: str, profile: HardwareProfile, causal: bool = True):
+    """Seconds as a sympy expression (Max of the compute and memory terms, plus overheads)."""
+    fl, by, launches, tiles = flops_bytes(candidate, causal)
+    eff = profile.dense_eff if candidate == "dense_sdpa" else profile.sparse_eff
+    if candidate != "dense_sdpa" and not profile.sparse_kernels:
+        # the reference computes every score and masks: dense work plus the selection
+        fl = fl.subs(rho, 1) if candidate == "token_sparse_decode" else \
+            flops_bytes("dense_sdpa", causal)[0] * 3
+    compute = fl / (profile.peak_tflops * 1e12 * eff)
+    memory = by / (profile.bandwidth_gbs * 1e9)
+    return sp.Max(compute, memory) + launches * profile.launch_us * 1e-6 + \
+        tiles * profile.tile_us * 1e-6
+
+
+@functools.lru_cache(maxsize=None)
+def _fn(candidate: str, profile: HardwareProfile, causal: bool):
+    return sp.lambdify((B, Hq, Hkv, Nq, Nkv, D, rho, blk), time_expr(candidate, profile, causal),
+                       "math")
+
+
+def estimate(candidate: str, profile: HardwareProfile, *, B: int, Hq: int, Hkv: int, Nq: int,
+             Nkv: int, D: int, rho: float, block: int = 128, causal: bool = True) -> float:
+    """Estimated seconds of one call."""
+    return float(_fn(candidate, profile, causal)(B, Hq, Hkv, Nq, Nkv, D, rho, block))
+
+
+def crossover(profile: HardwareProfile, *, B: int = 1, Hq: int, Hkv: int, D: int,
+              rho_of_n, block: int = 128, decode: bool = False) -> Optional[float]:
+    """Sequence length above which the sparse candidate is estimated faster than dense.
+
+    ``rho_of_n`` gives the expected density at length N (a sympy expression in ``N`` or a
+    number). Solved symbolically on the compute-bound branches (prefill: Nq = Nkv = N; decode:
+    Nq = 1, Nkv = N), then checked with the full expression. None when sparse never wins."""
+    cand = "token_sparse_decode" if decode else "block_sparse"
+    subs = {B: 1 if not decode else B, Hq: Hq, Hkv: Hkv, D: D, blk: block}
+    subs = {sp.Symbol("B", positive=True): B, sp.Symbol("H_q", positive=True): Hq,
+            sp.Symbol("H_kv", positive=True): Hkv, sp.Symbol("D", positive=True): D,
+            sp.Symbol("block", positive=True): block}
+    nq = sp.Integer(1) if decode else N
+    t_d = time_expr("dense_sdpa", profile, True).subs(subs).subs({Nq: nq, Nkv: N})
+    t_s = time_expr(cand, profile, True).subs(subs).subs({Nq: nq, Nkv: N, rho: rho_of_n})
+    f = sp.lambdify(N, t_s - t_d, "math")
+    grid = [2 ** e for e in range(7, 24)]
+    vals = [f(n) for n in grid]
+    for lo, hi, vlo, vhi in zip(grid, grid[1:], vals, vals[1:]):
+        if vlo > 0 >= vhi:
+            try:
+                return float(sp.nsolve(t_s - t_d, N, (lo + hi) / 2))
+            except (ValueError, ZeroDivisionError, TypeError):
+                a, b = lo, hi
+                for _ in range(60):
+                    m = (a + b) / 2
+                    a, b = (m, b) if f(m) > 0 else (a, m)
+                return (a + b) / 2
+    return float(grid[0]) if vals[0] <= 0 else None
+
+
+def load_profile(name: str, results_dir: Optional[str] = None) -> HardwareProfile:
+    """The built-in profile, with fitted numbers from ``profile_<name>.json`` if present."""
+    base = PROFILES[name]
+    results_dir = results_dir or os.path.join(os.path.dirname(os.path.dirname(
+        os.path.abspath(__file__))), "benchmarks", "results")
+    path = os.path.join(results_dir, f"profile_{name}.json")
+    if not os.path.exists(path):
+        return base
+    with open(path) as f:
+        fit = json.load(f).get("fit", {})
+    keep = {k: v for k, v in fit.items() if k in base.__dataclass_fields__ and k != "name"}
+    return replace(base, **keep, measured=path)
+
+
+def profile_for(device) -> HardwareProfile:
+    """Pick the profile by the device the model runs on."""
+    import torch
+    dev = torch.device(device)
+    if dev.type != "cuda":
+        return load_profile("cpu")
+    name = torch.cuda.get_device_name(dev)
+    return load_profile("h200" if "H200" in name else "h100")
+
+
+def expected_density(policy, n_q: int, n_kv: int) -> float:
+    """Expected block density of a policy's budget at this shape (for planning; the measured
+    density is what the report shows)."""
+    b = int(getattr(policy, "block", 64))
+    nkb = max(1, math.ceil(n_kv / b))
+    avg_visible = max(1.0, (nkb + 1) / 2 if n_q > 1 else nkb)
+    name = policy.name
+    if name == "dense":
+        return 1.0
+    if name == "block_topk":
+        k = policy.topk + policy.sink_blocks + policy.local_blocks
+    elif name == "quest":
+        k = math.ceil(policy.budget / policy.page) + policy.sink_pages + policy.local_pages
+    elif name == "auto":
+        return min(1.0, policy.target_density + 2 / avg_visible)
+    elif name in ("sink_window", "longformer"):
+        w = policy.window + (policy.sink if name == "sink_window" else policy.global_tokens)
+        k = math.ceil(w / b) + 1
+    elif name == "bigbird":
+        k = 2 * math.ceil(policy.window / b) + 1 + math.ceil(policy.global_tokens / b) + policy.random_blocks
+    elif name == "vertical_slash":
+        k = math.ceil((policy.n_vertical + 2 * policy.n_slash) / b) + 2
+    elif name == "threshold":
+        return min(1.0, 0.3 + 2 / avg_visible)       # adaptive: planning guess only
+    else:
+        return 1.0
+    return min(1.0, k / avg_visible)

@@ -1,0 +1,86 @@
+"""Cost model: symbolic costs, crossover, and the per-call dense/sparse choice."""
+import pytest
+import sympy as sp
+import torch
+import torch.nn.functional as F
+
+import planner
+from planner import costmodel as cm
+from runtime import plan
+
+H100 = cm.PROFILES["h100"]
+
+
+def test_costs_are_symbolic_and_sensible():
+    fl, by, launches, tiles = cm.flops_bytes("block_sparse")
+    assert {str(s) for s in fl.free_symbols} >= {"N_q", "N_kv", "D", "rho", "H_q", "B"}
+    kw = dict(B=1, Hq=16, Hkv=16, D=128)
+    d1 = cm.estimate("dense_sdpa", H100, Nq=4096, Nkv=4096, rho=1.0, **kw)
+    d2 = cm.estimate("dense_sdpa", H100, Nq=8192, Nkv=8192, rho=1.0, **kw)
+    assert 3.0 < d2 / d1 < 4.5                                  # quadratic, plus fixed costs
+    s_lo = cm.estimate("block_sparse", H100, Nq=65536, Nkv=65536, rho=0.03, **kw)
+    s_hi = cm.estimate("block_sparse", H100, Nq=65536, Nkv=65536, rho=0.5, **kw)
+    assert s_lo < s_hi
+
+
+def test_crossover_exists_for_low_density_and_not_for_full():
+    n = cm.crossover(H100, Hq=16, Hkv=16, D=128, rho_of_n=0.05)
+    assert n is not None and 128 <= n <= 65536
+    kw = dict(B=1, Hq=16, Hkv=16, D=128, rho=0.05)
+    below, above = int(n * 0.7), int(n * 1.5)
+    assert cm.estimate("block_sparse", H100, Nq=below, Nkv=below, **kw) > \
+        cm.estimate("dense_sdpa", H100, Nq=below, Nkv=below, **dict(kw, rho=1.0))
+    assert cm.estimate("block_sparse", H100, Nq=above, Nkv=above, **kw) < \
+        cm.estimate("dense_sdpa", H100, Nq=above, Nkv=above, **dict(kw, rho=1.0))
+    assert cm.crossover(H100, Hq=16, Hkv=16, D=128, rho_of_n=1.0) is None
+
+
+def test_cpu_profile_always_follows_the_policy():
+    assert cm.profile_for("cpu").sparse_kernels is False
+    f = planner.compile(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True),
+                        policy=planner.policy("block_topk", block=16, topk=1))
+    q = torch.randn(1, 2, 64, 16)
+    f(q, q, q)
+    s = planner.inspect(f).sites[0]
+    assert s.density < 1 and "reference kernels" in s.schedule
+
+
+def test_runtime_picks_dense_below_the_crossover(monkeypatch):
+    """With a GPU profile the planner runs dense where dense is estimated cheaper."""
+    monkeypatch.setattr(cm, "profile_for", lambda device: H100)
+    plan._choose.cache_clear()
+    pol = planner.policy("block_topk", block=16, topk=1)
+    f = planner.compile(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True),
+                        policy=pol)
+    q, k, v = (torch.randn(1, 2, 128, 16) for _ in range(3))
+    out = f(q, k, v)
+    ref = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    assert (out - ref).abs().max() < 1e-5, "dense chosen at N=128: exact output"
+    s = planner.inspect(f).sites[0]
+    assert "cost model: dense" in s.kernel and s.density == pytest.approx(1.0)
+    assert s.crossover is not None and s.crossover > 128 and s.schedule.startswith("dense")
+    # the same site above its crossover follows the policy (decided on shapes alone)
+    from runtime.spec import lookup
+    gm = planner.inspect(f)._graphs[0]
+    key = [n for n in gm.graph.nodes if n.target is torch.ops.sparse.attend.default][0].args[-1]
+    spec = lookup(key)
+    assert spec.schedule == "auto"
+    n = int(s.crossover * 1.3) + 16
+    big = torch.empty(1, 2, n, 16, device="meta")
+    assert plan.choose(spec, big, big) == "policy"
+    small = torch.empty(1, 2, int(s.crossover * 0.7), 16, device="meta")
+    assert plan.choose(spec, small, small) == "dense"
+    plan._choose.cache_clear()
+
+
+def test_cost_model_off_always_follows_policy(monkeypatch):
+    monkeypatch.setattr(cm, "profile_for", lambda device: H100)
+    plan._choose.cache_clear()
+    f = planner.compile(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True),
+                        policy=planner.policy("block_topk", block=16, topk=1), cost_model="off")
+    q = torch.randn(1, 2, 128, 16)
+    f(q, q, q)
+    assert planner.inspect(f).sites[0].density < 1
+    plan._choose.cache_clear()
+    with pytest.raises(ValueError, match="cost_model"):
+        planner.compile(lambda x: x, cost_model="sometimes")
