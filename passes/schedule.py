@@ -17,11 +17,12 @@ from runtime.spec import lookup, register
 
 
 def _hint(x) -> int:
-    try:
-        return int(x)
-    except Exception:                                      # unbacked/symbolic: use the hint
+    """A concrete size for planning. ``int()`` on a SymInt would add a guard and specialise
+    the graph (one recompile per decode step); the hint does not."""
+    if isinstance(x, torch.SymInt):
         from torch.fx.experimental.symbolic_shapes import hint_int
         return int(hint_int(x))
+    return int(x)
 
 
 def plan_schedule(gm: fx.GraphModule, ctx) -> fx.GraphModule:
