@@ -20,8 +20,12 @@ def _hint(x) -> int:
     """A concrete size for planning. ``int()`` on a SymInt would add a guard and specialise
     the graph (one recompile per decode step); the hint does not."""
     if isinstance(x, torch.SymInt):
-        from torch.fx.experimental.symbolic_shapes import hint_int
-        return int(hint_int(x))
+        hint = getattr(x.node, "hint", None)          # the example value's size, no guard
+        if hint is None:
+            from torch.fx.experimental import symbolic_shapes as ss
+            fn = getattr(ss, "optimization_hint", None) or getattr(ss, "hint_int")
+            hint = fn(x)
+        return int(hint)
     return int(x)
 
 
