@@ -1,0 +1,221 @@
+"""Render specialized Triton source for the sparse-attention kernel families, and load it.
+
+``emit(spec, schedule)`` returns the text of a Python module whose ``@triton.jit`` kernels have
+every shape-independent choice baked in as a literal (head dims, GQA group and packing, block
+sizes, causal, dtype, stride alignment, masking strategy). Sequence lengths, strides, index
+tensors, ``sink`` and ``window`` stay runtime arguments (never specialized), so one emitted
+module serves every sequence length. ``load(source)`` writes the text to
+``runtime.cache.cache_dir()/<hash>.py`` and imports it (Triton reads kernel source from disk).
+
+Example::
+
+    >>> spec = BlockSparseSpec(head_dim=64, v_head_dim=64, gqa_group=1, pack_gqa=False,
+    ...                        lists_per_group=True, causal=True, dtype="bfloat16", block=128)
+    >>> src = emit(spec, Schedule(block_m=128, block_n=64, num_warps=8, num_stages=3))
+    >>> "def block_sparse_fwd" in src
+    True
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+import textwrap
+from dataclasses import dataclass
+from enum import Enum
+from string import Template
+from types import ModuleType
+from typing import Union
+
+from runtime.cache import cache_dir, stable_hash
+
+DTYPES = {"float16": "tl.float16", "bfloat16": "tl.bfloat16", "float32": "tl.float32"}
+
+
+class MaskMode(str, Enum):
+    """How the block-sparse kernel applies token masks (causal, sequence end, sink/window)."""
+    BRANCH = "branch"   # test per key tile, build and apply the mask only where it can bite
+    ALWAYS = "always"   # build and apply the mask on every key tile (no branch in the loop)
+
+
+@dataclass(frozen=True)
+class BlockSparseSpec:
+    """What a block-sparse forward kernel is specialized on (all but lengths and strides).
+
+    ``lists_per_group``: the block lists have one row per KV head (``Hs == Hkv``), else one per
+    query head. ``pack_gqa``: one program serves the ``gqa_group`` query heads of a KV head (only
+    with ``lists_per_group``). ``stride_align``: every q/k/v stride except the last is a
+    multiple of this many elements (lets loads vectorize with runtime strides).
+    """
+    head_dim: int
+    v_head_dim: int
+    gqa_group: int
+    pack_gqa: bool
+    lists_per_group: bool
+    causal: bool
+    dtype: str
+    block: int
+    windowed: bool = False
+    stride_align: int = 1
+
+    def __post_init__(self):
+        _check_common(self)
+        if self.block < 16 or self.block & (self.block - 1):
+            raise ValueError(f"BlockSparseSpec.block must be a power of two >= 16, got {self.block}")
+
+
+@dataclass(frozen=True)
+class TokenSparseSpec:
+    """What a token-sparse (gather) kernel is specialized on; fields as in BlockSparseSpec."""
+    head_dim: int
+    v_head_dim: int
+    gqa_group: int
+    pack_gqa: bool
+    lists_per_group: bool
+    dtype: str
+    stride_align: int = 1
+
+    def __post_init__(self):
+        _check_common(self)
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Tiling and launch choices. ``block_m``: rows of a program's query tile (GQA-packed rows
+    count: ``block_m = heads_per_program_pow2 * queries``); ``block_n``: keys per inner step;
+    ``mask_mode``: block-sparse masking strategy; ``split``: token-sparse only, index entries
+    per program (0 = one program walks the whole list; else split-K plus a combine step);
+    ``persistent``: block-sparse only, 0 = one program per tile, k > 0 = k programs per SM
+    looping over tiles (marked for loop flattening; Triton 3.6 does not flatten this
+    data-dependent nest, and it measured slower on H100); ``tma``: block-sparse only, load K/V tiles through tensor descriptors (the
+    copy engine) instead of per-thread async copies."""
+    block_m: int = 128
+    block_n: int = 64
+    num_warps: int = 4
+    num_stages: int = 2
+    mask_mode: MaskMode = MaskMode.BRANCH
+    split: int = 0
+    persistent: int = 0
+    tma: bool = False
+
+    def __post_init__(self):
+        for name in ("block_m", "block_n"):
+            val = getattr(self, name)
+            if val < 1 or val & (val - 1):
+                raise ValueError(f"Schedule.{name} must be a power of two, got {val}")
+        if self.num_warps not in (1, 2, 4, 8, 16):
+            raise ValueError(f"Schedule.num_warps must be 1, 2, 4, 8 or 16, got {self.num_warps}")
+        if self.split < 0 or (self.split and self.split % self.block_n):
+            raise ValueError(f"Schedule.split must be 0 or a multiple of block_n={self.block_n}, "
+                             f"got {self.split}")
+        if self.persistent < 0:
+            raise ValueError(f"Schedule.persistent must be >= 0, got {self.persistent}")
+        object.__setattr__(self, "mask_mode", MaskMode(self.mask_mode))
+
+    def tag(self) -> str:
+        """Short printable name, e.g. ``m128-n64-w8-s3-branch``."""
+        t = f"m{self.block_m}-n{self.block_n}-w{self.num_warps}-s{self.num_stages}-{self.mask_mode.value}"
+        return t + (f"-split{self.split}" if self.split else "") + (
+            f"-persist{self.persistent}" if self.persistent else "") + ("-tma" if self.tma else "")
+
+
+Spec = Union[BlockSparseSpec, TokenSparseSpec]
+
+
+def _check_common(spec) -> None:
+    if spec.dtype not in DTYPES:
+        raise ValueError(f"{type(spec).__name__}.dtype must be one of {sorted(DTYPES)}, "
+                         f"got {spec.dtype!r}")
+    for name in ("head_dim", "v_head_dim", "gqa_group", "stride_align"):
+        if getattr(spec, name) < 1:
+            raise ValueError(f"{type(spec).__name__}.{name} must be >= 1, got {getattr(spec, name)}")
+    if spec.pack_gqa and not spec.lists_per_group:
+        raise ValueError(f"{type(spec).__name__}: pack_gqa needs lists_per_group (one index list "
+                         "shared by the query heads of a group)")
+
+
+def next_pow2(n: int) -> int:
+    return 1 << max(int(n) - 1, 0).bit_length()
+
+
+def render_template(template: str, **values) -> str:
+    return Template(textwrap.dedent(template)).substitute(
+        {k: str(v) for k, v in values.items()})
+
+
+def indent_code(code: str, n: int) -> str:
+    return textwrap.indent(textwrap.dedent(code).strip("\n"), " " * n) + "\n"
+
+
+_HEADER = '''\
+# Generated by sparse-planner codegen.emit; do not edit.
+# spec: $SPEC
+# schedule: $SCHEDULE
+import triton
+import triton.language as tl
+
+'''
+
+
+def dot_code(spec, a: str, b: str) -> str:
+    prec = ', input_precision="ieee"' if spec.dtype == "float32" else ""
+    return f"tl.dot({a}, {b}{prec})"
+
+
+def head_mapping_code(spec, packed_rows: str) -> str:
+    """Code setting b, hs (list row), kvh (KV head), head (query head per row) from pid_h."""
+    g = spec.gqa_group
+    if spec.pack_gqa:
+        return f"""
+        b = pid_h // Hs
+        hs = pid_h % Hs
+        kvh = hs
+        head = hs * {g} + {packed_rows}
+        """
+    hs = f"hq // {g}" if spec.lists_per_group else "hq"
+    return f"""
+        b = pid_h // Hq
+        hq = pid_h % Hq
+        hs = {hs}
+        kvh = hq // {g}
+        head = hq + {packed_rows} * 0
+        """
+
+
+def emit(spec: Spec, schedule: Schedule) -> str:
+    """Triton module source specialized on ``spec`` and ``schedule`` (see module docstring)."""
+    if isinstance(spec, BlockSparseSpec):
+        from codegen.block_sparse.kernel import render
+    elif isinstance(spec, TokenSparseSpec):
+        from codegen.token_sparse.kernel import render
+    else:
+        raise TypeError(f"emit: expected a BlockSparseSpec or TokenSparseSpec, got {type(spec).__name__}")
+    return render_template(_HEADER, SPEC=repr(spec), SCHEDULE=repr(schedule)) + render(spec, schedule)
+
+
+_LOADED: dict[str, ModuleType] = {}
+
+
+def load(source: str) -> ModuleType:
+    """Write ``source`` to ``cache_dir()/<hash>.py`` (once) and import it as a module."""
+    key = stable_hash(source)
+    if key in _LOADED:
+        return _LOADED[key]
+    path = cache_dir() / f"{key}.py"
+    if not path.exists() or path.read_text() != source:
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(source)
+        os.replace(tmp, path)
+    name = f"sparse_planner_kernels_{key}"
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot import emitted kernel module from {path}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except Exception as e:
+        del sys.modules[name]
+        raise RuntimeError(f"emitted kernel module {path} failed to import: {e}") from e
+    _LOADED[key] = module
+    return module

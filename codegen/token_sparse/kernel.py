@@ -1,0 +1,164 @@
+"""Triton source of token-sparse (gather) attention, rendered per spec and schedule.
+
+Program ``(i, bh, s)`` serves query row ``i`` of one head, or of the ``G`` query heads of a KV
+group when the index lists are shared per group (GQA packing: gathered K/V rows are loaded once
+for the group and multiplied on tensor cores with the group's rows padded to 16). It walks
+entries ``[s * chunk, (s + 1) * chunk)`` of the row's index list with an online softmax. With
+one split the result is final; otherwise (decode: few rows, long lists) each split writes a
+normalized partial output and its lse, and ``token_sparse_combine`` merges them.
+Rendered through ``codegen.emit.emit``; the reference is ``reference.py`` beside this file.
+"""
+from __future__ import annotations
+
+from codegen.emit import (DTYPES, Schedule, TokenSparseSpec, dot_code, head_mapping_code,
+                          indent_code, next_pow2, render_template)
+
+
+def render(spec: TokenSparseSpec, sch: Schedule) -> str:
+    """Source of ``token_sparse_fwd`` and ``token_sparse_combine`` for ``spec`` and ``sch``."""
+    gp = next_pow2(spec.gqa_group) if spec.pack_gqa else 1
+    bd, bdv = next_pow2(max(spec.head_dim, 16)), next_pow2(max(spec.v_head_dim, 16))
+    block_n = max(sch.block_n, 16)
+    dt = DTYPES[spec.dtype]
+    a = spec.stride_align
+    d_mask = " & (offs_d < %d)" % spec.head_dim if bd != spec.head_dim else ""
+    dv_mask = " & (offs_dv < %d)" % spec.v_head_dim if bdv != spec.v_head_dim else ""
+    common = dict(BD=bd, BDV=bdv, DV=spec.v_head_dim, BLOCK_N=block_n, ALIGN=a, DT=dt)
+    signature = '''
+    @triton.jit(do_not_specialize=["sqb", "sqh", "sqn", "skb", "skh", "skn", "svb", "svh", "svn",
+                                   "Nq", "Nkv", "Hs", "Hq", "n_idx", "chunk", "n_split"])
+    def token_sparse_fwd(Q, K, V, IDX, O, LSE, sqb, sqh, sqn, skb, skh, skn, svb, svh, svn,
+                         Nq, Nkv, Hs, Hq, n_idx, chunk, n_split, qk_scale):
+        # Q [B, Hq, Nq, D], K [B, Hkv, Nkv, D], V [B, Hkv, Nkv, Dv] (strides / $ALIGN given),
+        # IDX [B, Hs, Nq, n_idx] int32 (negative = padding); program (i, bh, s) reads entries
+        # [s * chunk, (s + 1) * chunk) and writes O [B, Hq, Nq, n_split, Dv] and
+        # LSE [B, Hq, Nq, n_split] (contiguous; n_split == 1 is the final output).
+        qi = tl.program_id(0)
+        pid_h = tl.program_id(1)
+        pid_s = tl.program_id(2)
+    '''
+    if gp == 1:
+        rows = "0"
+        load_q = '''
+        q = tl.load(Q + b64 * (sqb * $ALIGN) + head.to(tl.int64) * (sqh * $ALIGN) + qi.to(tl.int64) * (sqn * $ALIGN) + offs_d,
+                    mask=(offs_d < $BD)$D_MASK, other=0.0).to(tl.float32)
+        m_i = float("-inf")
+        l_i = 0.0
+        acc = tl.zeros([$BDV], tl.float32)
+        '''
+        step = '''
+            s = tl.sum(k.to(tl.float32) * q[None, :], 1) * qk_scale
+            s = tl.where(ok, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 0))
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.exp2(s - m_use)
+            alpha = tl.exp2(m_i - m_use)
+            l_i = l_i * alpha + tl.sum(p, 0)
+            v = tl.load(v_base + v_rows[:, None] + offs_dv[None, :], mask=ok[:, None]$DV_MASK2, other=0.0)
+            acc = acc * alpha + tl.sum(p[:, None] * v.to(tl.float32), 0)
+            m_i = m_new
+        '''
+        store = '''
+        l_ok = l_i > 0.0
+        l_safe = tl.where(l_ok, l_i, 1.0)
+        lse = tl.where(l_ok, (m_i + tl.log2(l_safe)) * 0.6931471805599453, float("-inf"))
+        out_row = ((b64 * Hq + head) * Nq + qi) * n_split + pid_s
+        tl.store(O + out_row * $DV + offs_dv, (acc / l_safe).to(O.dtype.element_ty), mask=(offs_dv < $BDV)$DV_MASK)
+        tl.store(LSE + out_row, lse)
+        '''
+    else:
+        mr = max(16, gp)
+        rows = "tl.arange(0, %d)" % mr
+        common["MR"] = mr
+        common["G"] = spec.gqa_group
+        load_q = '''
+        g_ok = tl.arange(0, $MR) < $G
+        q_rows = b64 * (sqb * $ALIGN) + head.to(tl.int64) * (sqh * $ALIGN) + qi.to(tl.int64) * (sqn * $ALIGN)
+        q = tl.load(Q + q_rows[:, None] + offs_d[None, :], mask=g_ok[:, None]$D_MASK2, other=0.0)
+        m_i = tl.full([$MR], float("-inf"), tl.float32)
+        l_i = tl.zeros([$MR], tl.float32)
+        acc = tl.zeros([$MR, $BDV], tl.float32)
+        '''
+        step = '''
+            s = $DOT_QK * qk_scale
+            s = tl.where(ok[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.exp2(s - m_use[:, None])
+            alpha = tl.exp2(m_i - m_use)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = tl.load(v_base + v_rows[:, None] + offs_dv[None, :], mask=ok[:, None]$DV_MASK2, other=0.0)
+            acc = acc * alpha[:, None] + $DOT_PV
+            m_i = m_new
+        '''
+        store = '''
+        l_ok = l_i > 0.0
+        l_safe = tl.where(l_ok, l_i, 1.0)
+        lse = tl.where(l_ok, (m_i + tl.log2(l_safe)) * 0.6931471805599453, float("-inf"))
+        out_row = ((b64 * Hq + head) * Nq + qi) * n_split + pid_s
+        out = (acc / l_safe[:, None]).to(O.dtype.element_ty)
+        tl.store(O + out_row[:, None] * $DV + offs_dv[None, :], out, mask=g_ok[:, None]$DV_MASK2)
+        tl.store(LSE + out_row, lse, mask=g_ok)
+        '''
+        common["DOT_QK"] = dot_code(spec, "q", "tl.trans(k)")
+        common["DOT_PV"] = dot_code(spec, f"p.to({dt})", "v")
+    loop = '''
+        b64 = b.to(tl.int64)
+        offs_d = tl.arange(0, $BD)
+        offs_dv = tl.arange(0, $BDV)
+        offs_n = tl.arange(0, $BLOCK_N)
+    $LOAD_Q
+        k_base = K + b64 * (skb * $ALIGN) + kvh.to(tl.int64) * (skh * $ALIGN)
+        v_base = V + b64 * (svb * $ALIGN) + kvh.to(tl.int64) * (svh * $ALIGN)
+        idx_ptr = IDX + ((b64 * Hs + hs) * Nq + qi) * n_idx
+        start = pid_s * chunk
+        end = tl.minimum(start + chunk, n_idx)
+        for j in range(start, end, $BLOCK_N):
+            offs = j + offs_n
+            ids = tl.load(idx_ptr + offs, mask=offs < end, other=-1)
+            ok = (ids >= 0) & (ids < Nkv)
+            k_rows = ids.to(tl.int64) * (skn * $ALIGN)
+            v_rows = ids.to(tl.int64) * (svn * $ALIGN)
+            k = tl.load(k_base + k_rows[:, None] + offs_d[None, :], mask=ok[:, None]$D_MASK2, other=0.0)
+    $STEP
+    $STORE
+    '''
+    d_mask2 = d_mask.replace("offs_d <", "offs_d[None, :] <")
+    dv_mask2 = dv_mask.replace("offs_dv <", "offs_dv[None, :] <")
+    src = render_template(signature, **common)
+    src += indent_code(head_mapping_code(spec, rows), 4)
+    src += render_template(loop, LOAD_Q=indent_code(render_template(load_q, D_MASK=d_mask, D_MASK2=d_mask2, **common), 4)
+                   .rstrip("\n"),
+                   STEP=indent_code(render_template(step, DV_MASK2=dv_mask2, **common), 8).rstrip("\n"),
+                   STORE=indent_code(render_template(store, DV_MASK=dv_mask, DV_MASK2=dv_mask2, **common), 4)
+                   .rstrip("\n"), D_MASK2=d_mask2, **common)
+    src += render_template('''
+
+    @triton.jit(do_not_specialize=["n_split"])
+    def token_sparse_combine(PO, PLSE, O, LSE, n_split):
+        # PO [R, n_split, Dv] fp32 and PLSE [R, n_split] (per-split normalized outputs and lse)
+        # -> O [R, Dv], LSE [R]; R = B * Hq * Nq rows.
+        row = tl.program_id(0).to(tl.int64)
+        offs_s = tl.arange(0, 16)
+        offs_dv = tl.arange(0, $BDV)
+        m = float("-inf")
+        for s0 in range(0, n_split, 16):
+            ls = tl.load(PLSE + row * n_split + s0 + offs_s, mask=s0 + offs_s < n_split, other=float("-inf"))
+            m = tl.maximum(m, tl.max(ls, 0))
+        m_use = tl.where(m == float("-inf"), 0.0, m)
+        den = 0.0
+        acc = tl.zeros([$BDV], tl.float32)
+        for s0 in range(0, n_split, 16):
+            s_ok = s0 + offs_s < n_split
+            ls = tl.load(PLSE + row * n_split + s0 + offs_s, mask=s_ok, other=float("-inf"))
+            w = tl.exp(ls - m_use)
+            po = tl.load(PO + (row * n_split + s0 + offs_s)[:, None] * $DV + offs_dv[None, :],
+                         mask=s_ok[:, None]$DV_MASK2, other=0.0)
+            acc += tl.sum(w[:, None] * po, 0)
+            den += tl.sum(w, 0)
+        ok = den > 0.0
+        d_safe = tl.where(ok, den, 1.0)
+        tl.store(O + row * $DV + offs_dv, (acc / d_safe).to(O.dtype.element_ty), mask=(offs_dv < $BDV)$DV_MASK)
+        tl.store(LSE + row, tl.where(ok, m_use + tl.log(d_safe), float("-inf")))
+    ''', DV_MASK=dv_mask, DV_MASK2=dv_mask2, **common)
+    return src

@@ -1,0 +1,443 @@
+"""Entry points of the Triton sparse-attention kernels: validate, pick a schedule, fetch the
+compiled kernel from ``runtime.cache.KERNELS``, launch.
+
+Both functions return ``(out [B, Hq, Nq, Dv] in q.dtype, lse [B, Hq, Nq] fp32, natural log)``;
+rows that keep no key give out = 0, lse = -inf. On CPU they run under Triton's interpreter
+(``TRITON_INTERPRET=1`` set before the first kernel is loaded); see ``available``.
+
+Example (on a CUDA device)::
+
+    >>> q = torch.randn(1, 8, 1000, 128, device="cuda", dtype=torch.bfloat16)
+    >>> k = v = torch.randn(1, 2, 1000, 128, device="cuda", dtype=torch.bfloat16)
+    >>> nqb = -(-1000 // 128)                                        # 8 query blocks
+    >>> num = torch.arange(1, nqb + 1, dtype=torch.int32, device="cuda").expand(1, 2, nqb)
+    >>> idx = torch.arange(nqb, dtype=torch.int32, device="cuda").expand(1, 2, nqb, nqb)
+    >>> out, lse = block_sparse_attention(q, k, v, num.contiguous(), idx.contiguous(),
+    ...                                   block=128, scale=128 ** -0.5, causal=True)
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import os
+from typing import Optional
+
+import torch
+
+from codegen.emit import BlockSparseSpec, Schedule, TokenSparseSpec, emit, load, next_pow2
+from runtime.cache import KERNELS, seq_bucket, stable_hash
+
+LOG2E = 1.4426950408889634
+_FLOAT_DTYPES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32"}
+MAX_HEAD_DIM = 256
+PACK_GQA_MAX_NQ = 64      # block-sparse: pack GQA groups by default only up to this many queries
+
+
+# Tests set this to fill split-K workspaces with NaN, so a partial result that no program
+# wrote shows up in the output.
+POISON_WORKSPACE = False
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def available(device) -> bool:
+    """True where these kernels can run: a CUDA device, or the CPU under ``TRITON_INTERPRET=1``."""
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        return torch.cuda.is_available()
+    return dev.type == "cpu" and _interpreting()
+
+
+# ----------------------------------------------------------------------------- validation
+
+def _check_qkv(fn: str, q, k, v):
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4:
+            shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f"{fn}: {name} must be a 4-d tensor [B, H, N, D], got {shape}")
+        if t.dtype not in _FLOAT_DTYPES:
+            raise ValueError(f"{fn}: {name}.dtype must be float16, bfloat16 or float32, got {t.dtype}")
+        if t.device != q.device:
+            raise ValueError(f"{fn}: {name} is on {t.device}, q is on {q.device}")
+    if not available(q.device):
+        raise ValueError(f"{fn}: Triton kernels cannot run on {q.device} (need CUDA, or the CPU "
+                         "with TRITON_INTERPRET=1)")
+    if q.device.type == "cpu" and q.dtype == torch.bfloat16:
+        raise ValueError(f"{fn}: bfloat16 is not supported by Triton's CPU interpreter; use "
+                         "float16 or float32 on the CPU")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(f"{fn}: q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    B, Hq, Nq, D = q.shape
+    if k.shape[0] != B or v.shape[0] != B:
+        raise ValueError(f"{fn}: batch sizes differ: q {B}, k {k.shape[0]}, v {v.shape[0]}")
+    if k.shape[3] != D:
+        raise ValueError(f"{fn}: k must be [B, Hkv, Nkv, {D}] (q's head dim), got {tuple(k.shape)}")
+    if v.shape[:3] != k.shape[:3]:
+        raise ValueError(f"{fn}: v must be [{', '.join(map(str, k.shape[:3]))}, Dv], got {tuple(v.shape)}")
+    Hkv = k.shape[1]
+    if Hkv == 0 or Hq % Hkv:
+        raise ValueError(f"{fn}: query heads Hq={Hq} must be a multiple of key heads Hkv={Hkv}")
+    if max(D, v.shape[3]) > MAX_HEAD_DIM:
+        raise ValueError(f"{fn}: head dims up to {MAX_HEAD_DIM} supported, got D={D}, Dv={v.shape[3]}")
+
+
+def _check_scale(fn: str, scale):
+    if not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
+        raise ValueError(f"{fn}: scale must be a finite float > 0, got {scale!r}")
+
+
+def _check_index(fn: str, name: str, t, shape: tuple, device):
+    if not isinstance(t, torch.Tensor) or t.dtype != torch.int32:
+        got = t.dtype if isinstance(t, torch.Tensor) else type(t).__name__
+        raise ValueError(f"{fn}: {name} must be an int32 tensor, got {got}")
+    if t.dim() != len(shape) or any(e is not None and e != a for e, a in zip(shape, t.shape)):
+        want = "[" + ", ".join("*" if e is None else str(e) for e in shape) + "]"
+        raise ValueError(f"{fn}: {name} must have shape {want}, got {list(t.shape)}")
+    if t.device != device:
+        raise ValueError(f"{fn}: {name} is on {t.device}, q is on {device}")
+
+
+def _heads_of_lists(fn: str, name: str, hs: int, Hq: int, Hkv: int) -> bool:
+    """True when the lists are per KV head (shared by a GQA group), False when per query head."""
+    if hs == Hkv:
+        return True
+    if hs == Hq:
+        return False
+    raise ValueError(f"{fn}: {name}.shape[1] must be Hkv={Hkv} (per group) or Hq={Hq} "
+                     f"(per head), got {hs}")
+
+
+def _stride_align(dtype, *tensors) -> int:
+    """Largest of (16 bytes / element size, 1) dividing every non-last stride."""
+    align = 16 // dtype.itemsize
+    ok = all(s % align == 0 for t in tensors for s in t.stride()[:3])
+    return align if ok else 1
+
+
+def _unit_last(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+@functools.lru_cache(maxsize=None)
+def _device_key(device) -> tuple:
+    if device.type == "cuda":
+        return ("cuda",) + tuple(torch.cuda.get_device_capability(device))
+    return ("interpreter",)
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4
+
+
+@functools.lru_cache(maxsize=None)
+def _set_descriptor_allocator() -> None:
+    """Tensor descriptors built inside a kernel need scratch memory from an allocator."""
+    import triton
+
+    def alloc(size: int, alignment: int, stream):
+        return torch.empty(size, device="cuda", dtype=torch.int8)
+
+    triton.set_allocator(alloc)
+
+
+def _outputs(fn: str, out, lse, shape_out: tuple, shape_lse: tuple, dtype, device):
+    """Caller-given (validated) or fresh ``out`` [B, Hq, Nq, Dv] and ``lse`` [B, Hq, Nq]."""
+    if out is None:
+        out = torch.empty(shape_out, device=device, dtype=dtype)
+    elif (tuple(out.shape) != shape_out or out.dtype != dtype or out.device != device
+          or not out.is_contiguous()):
+        raise ValueError(f"{fn}: out must be a contiguous {dtype} tensor {list(shape_out)} on "
+                         f"{device}, got {out.dtype} {list(out.shape)} on {out.device}")
+    if lse is None:
+        lse = torch.empty(shape_lse, device=device, dtype=torch.float32)
+    elif (tuple(lse.shape) != shape_lse or lse.dtype != torch.float32 or lse.device != device
+          or not lse.is_contiguous()):
+        raise ValueError(f"{fn}: lse must be a contiguous float32 tensor {list(shape_lse)} on "
+                         f"{device}, got {lse.dtype} {list(lse.shape)} on {lse.device}")
+    return out, lse
+
+
+def _workspace(shape: tuple, device) -> torch.Tensor:
+    if POISON_WORKSPACE:
+        return torch.full(shape, float("nan"), device=device, dtype=torch.float32)
+    return torch.empty(shape, device=device, dtype=torch.float32)
+
+
+# ----------------------------------------------------------------------------- schedules
+
+def default_block_sparse_schedule(spec: BlockSparseSpec, device, max_blocks: int = 0) -> Schedule:
+    """Default tiling for the block-sparse forward (H100 measurements: benchmarks/NOTES_kernels.md).
+
+    ``max_blocks``: width of the block lists; very short lists (<= 4 blocks) run best with
+    narrow key tiles whose small footprint lets two programs share an SM. Otherwise 128x128
+    tiles with K/V through tensor descriptors (the copy engine) where strides allow. Tiles
+    never exceed the mask block."""
+    d = max(spec.head_dim, spec.v_head_dim)
+    if device.type != "cuda":
+        sch = Schedule(block_m=64, block_n=64, num_warps=4, num_stages=1)
+    elif spec.dtype == "float32":
+        sch = Schedule(block_m=64, block_n=32, num_warps=4, num_stages=2)
+    elif spec.block >= 128 and d <= 128:
+        if 0 < max_blocks <= 4:
+            sch = Schedule(block_m=128, block_n=32, num_warps=8, num_stages=4)
+        elif _tma_ok(spec, device):
+            sch = Schedule(block_m=128, block_n=128, num_warps=8, num_stages=3, tma=True)
+        else:
+            sch = Schedule(block_m=128, block_n=64, num_warps=8, num_stages=3)
+    elif d <= 128:
+        sch = Schedule(block_m=64, block_n=64, num_warps=4, num_stages=3)
+    else:
+        sch = Schedule(block_m=64, block_n=32, num_warps=8, num_stages=2)
+    if sch.block_m > spec.block or sch.block_n > spec.block:
+        sch = dataclasses.replace(sch, block_m=min(sch.block_m, spec.block),
+                                  block_n=min(sch.block_n, spec.block),
+                                  num_warps=min(sch.num_warps, 4))
+    return sch
+
+
+def default_token_sparse_schedule(spec: TokenSparseSpec, device, rows: int, n_idx: int) -> Schedule:
+    """Default for the gather kernel; ``rows`` = programs before splitting (B * heads * Nq).
+
+    Splits the index list when the rows alone cannot fill the device (decode), aiming at ~16
+    small programs per SM (H100 decode sweep: benchmarks/NOTES_kernels.md)."""
+    if device.type != "cuda":
+        return Schedule(block_m=16, block_n=32, num_warps=4, num_stages=1,
+                        split=_split_for(rows, n_idx, 32, 2, minimum=32))
+    if max(spec.head_dim, spec.v_head_dim) <= 128:
+        block_n, warps = 64, 2
+    else:
+        block_n, warps = 32, 4
+    return Schedule(block_m=16, block_n=block_n, num_warps=warps, num_stages=3,
+                    split=_split_for(rows, n_idx, block_n, _sm_count(device), minimum=2 * block_n))
+
+
+def _split_for(rows: int, n_idx: int, block_n: int, sms: int, minimum: int) -> int:
+    """Index entries per program (0 = no split) so that rows x splits ~ 16 programs per SM."""
+    if rows >= 4 * sms or n_idx <= minimum:
+        return 0
+    want = max(1, (16 * sms) // max(rows, 1))
+    split = -(-max(-(-n_idx // want), minimum) // block_n) * block_n
+    split = min(split, 4096)
+    return 0 if split >= n_idx else split
+
+
+# ----------------------------------------------------------------------------- kernels
+
+_spec_hash = functools.lru_cache(maxsize=None)(stable_hash)
+
+
+@dataclasses.dataclass(frozen=True)
+class LaunchPlan:
+    """Everything derived from the shapes, strides and dtypes of one call signature: the
+    kernel's cache key and how to launch it. Built once per signature (``plan``), reused by
+    every later call with the same signature (``run``)."""
+    key: tuple
+    spec: object
+    schedule: Schedule
+    grid: tuple
+    args: tuple                     # integer launch arguments that follow the tensors
+    out_shape: tuple
+    lse_shape: tuple
+    n_split: int = 1
+    contiguous: tuple = ()          # inputs that must be made contiguous before launch
+    tail: tuple = ()                # integer launch arguments after the runtime scalars
+
+
+_PLANS: dict = {}
+_MAX_PLANS = 4096
+
+
+def _signature(fn: str, tensors, extra: tuple) -> tuple:
+    return (fn, extra) + tuple((t.shape, t.stride(), t.dtype, t.device) for t in tensors)
+
+
+def _cached_plan(sig: tuple, build):
+    plan = _PLANS.get(sig)
+    if plan is None:
+        plan = build()
+        if len(_PLANS) >= _MAX_PLANS:
+            _PLANS.clear()
+        _PLANS[sig] = plan
+    return plan
+
+
+def _module(plan: LaunchPlan):
+    return KERNELS.get(plan.key, lambda: load(emit(plan.spec, plan.schedule)))
+
+
+def _plan_block_sparse(q, k, v, kv_num_blocks, kv_indices, block, causal, windowed,
+                       schedule, pack_gqa) -> LaunchPlan:
+    fn = "block_sparse_attention"
+    _check_qkv(fn, q, k, v)
+    if not isinstance(block, int) or block < 16 or block & (block - 1):
+        raise ValueError(f"{fn}: block must be a power of two >= 16, got {block!r}")
+    B, Hq, Nq, D = q.shape
+    Hkv, Nkv, Dv = k.shape[1], k.shape[2], v.shape[3]
+    nqb = -(-Nq // block)
+    _check_index(fn, "kv_num_blocks", kv_num_blocks, (B, None, nqb), q.device)
+    hs = kv_num_blocks.shape[1]
+    _check_index(fn, "kv_indices", kv_indices, (B, hs, nqb, None), q.device)
+    per_group = _heads_of_lists(fn, "kv_num_blocks", hs, Hq, Hkv)
+    G = Hq // Hkv
+    if pack_gqa and not per_group:
+        raise ValueError(f"{fn}: pack_gqa=True needs lists per KV head (Hs == Hkv={Hkv}), "
+                         f"got Hs={hs}")
+    if pack_gqa is None:
+        pack_gqa = Nq <= PACK_GQA_MAX_NQ
+    strided = [_unit_last(t) for t in (q, k, v)]
+    spec = BlockSparseSpec(head_dim=D, v_head_dim=Dv, gqa_group=G,
+                           pack_gqa=bool(pack_gqa) and per_group and G > 1,
+                           lists_per_group=per_group or G == 1, causal=bool(causal),
+                           dtype=_FLOAT_DTYPES[q.dtype], block=block, windowed=windowed,
+                           stride_align=_stride_align(q.dtype, *strided))
+    maxb = kv_indices.shape[-1]
+    if schedule is None:
+        schedule = default_block_sparse_schedule(spec, q.device, maxb)
+    if schedule.tma and not _tma_ok(spec, q.device):
+        schedule = dataclasses.replace(schedule, tma=False)
+    gp = next_pow2(G) if spec.pack_gqa else 1
+    qm = max(schedule.block_m, gp) // gp
+    heads = Hkv if spec.pack_gqa else Hq
+    n_mtiles = -(-Nq // qm)
+    n_tiles = n_mtiles * B * heads
+    if schedule.persistent:
+        grid = (min(n_tiles, schedule.persistent * _sm_count(q.device)),)
+    else:
+        grid = (n_mtiles, B * heads)
+    a = spec.stride_align
+    strides = tuple(st // a for t in strided for st in t.stride()[:3])
+    key = ("block_sparse", _device_key(q.device), (str(q.dtype), str(kv_indices.dtype)),
+           D, G, _spec_hash(spec), schedule, (seq_bucket(Nq), seq_bucket(Nkv)))
+    return LaunchPlan(key=key, spec=spec, schedule=schedule, grid=grid,
+                      args=strides + (Nq, Nkv, hs, Hq, nqb, maxb),
+                      out_shape=(B, Hq, Nq, Dv), lse_shape=(B, Hq, Nq),
+                      contiguous=tuple(t.stride(-1) != 1 for t in (q, k, v)) + (
+                          not kv_num_blocks.is_contiguous(), not kv_indices.is_contiguous()),
+                      tail=(n_mtiles, n_tiles))
+
+
+def _tma_ok(spec: BlockSparseSpec, device) -> bool:
+    """Tensor descriptors need 16-byte strides (and a Triton that has them)."""
+    import triton.language as tl
+    itemsize = 4 if spec.dtype == "float32" else 2
+    return spec.stride_align * itemsize == 16 and hasattr(tl, "make_tensor_descriptor")
+
+
+def _contiguous_as_planned(plan: LaunchPlan, tensors):
+    return [t.contiguous() if c else t for t, c in zip(tensors, plan.contiguous)]
+
+
+def block_sparse_attention(q, k, v, kv_num_blocks, kv_indices, *, block: int, scale: float,
+                           causal: bool, sink: int = 0, window: int = 0,
+                           schedule: Optional[Schedule] = None, pack_gqa: Optional[bool] = None,
+                           out=None, lse=None):
+    """Flash-attention forward over the listed key blocks of each query block.
+
+    Shapes: q ``[B, Hq, Nq, D]``, k ``[B, Hkv, Nkv, D]``, v ``[B, Hkv, Nkv, Dv]``;
+    ``kv_num_blocks`` int32 ``[B, Hs, ceil(Nq/block)]``, ``kv_indices`` int32
+    ``[B, Hs, ceil(Nq/block), MAXB]`` with ``Hs`` in ``{Hkv, Hq}`` (FlexAttention layout).
+    Listed entries must be distinct and in ``[0, ceil(Nkv/block))``. ``causal`` is bottom-right
+    aligned; ``window > 0`` keeps key ``j`` iff ``pos - window < j`` or ``j < sink``.
+    ``pack_gqa``: with per-group lists, let one program serve the group's query heads (K/V
+    tiles loaded once per group); default: only when ``Nq <= PACK_GQA_MAX_NQ``, where query
+    tiles of a single head would be mostly empty (at long Nq both load K/V equally often, and
+    per-head tiles measured faster). ``out`` / ``lse``: optional contiguous tensors to write
+    the results into. Returns ``(out [B, Hq, Nq, Dv], lse [B, Hq, Nq] fp32)``.
+    """
+    fn = "block_sparse_attention"
+    _check_scale(fn, scale)
+    sink, window = int(sink), int(window)
+    if sink < 0 or window < 0:
+        raise ValueError(f"{fn}: sink and window must be >= 0, got sink={sink}, window={window}")
+    tensors = (q, k, v, kv_num_blocks, kv_indices)
+    if not all(isinstance(t, torch.Tensor) for t in tensors):
+        _check_qkv(fn, q, k, v)                  # raises with the offending argument's name
+        _check_index(fn, "kv_num_blocks", kv_num_blocks, (None, None, None), q.device)
+        _check_index(fn, "kv_indices", kv_indices, (None, None, None, None), q.device)
+    sig = _signature(fn, tensors, (block, bool(causal), window > 0, schedule, pack_gqa))
+    plan = _cached_plan(sig, lambda: _plan_block_sparse(q, k, v, kv_num_blocks, kv_indices, block,
+                                                         causal, window > 0, schedule, pack_gqa))
+    mod = _module(plan)
+    if plan.schedule.tma and q.device.type == "cuda":
+        _set_descriptor_allocator()
+    out, lse = _outputs(fn, out, lse, plan.out_shape, plan.lse_shape, q.dtype, q.device)
+    if out.numel() == 0:
+        return out, lse
+    q, k, v, num, idx = _contiguous_as_planned(plan, tensors)
+    mod.block_sparse_fwd[plan.grid](
+        q, k, v, out, lse, num, idx, *plan.args, float(scale) * LOG2E, sink, window, *plan.tail,
+        num_warps=plan.schedule.num_warps, num_stages=plan.schedule.num_stages)
+    return out, lse
+
+
+def _plan_token_sparse(q, k, v, indices, schedule) -> LaunchPlan:
+    fn = "token_sparse_attention"
+    _check_qkv(fn, q, k, v)
+    B, Hq, Nq, D = q.shape
+    Hkv, Nkv, Dv = k.shape[1], k.shape[2], v.shape[3]
+    _check_index(fn, "indices", indices, (B, None, Nq, None), q.device)
+    hs, n_idx = indices.shape[1], indices.shape[3]
+    per_group = _heads_of_lists(fn, "indices", hs, Hq, Hkv)
+    G = Hq // Hkv
+    strided = [_unit_last(t) for t in (q, k, v)]
+    spec = TokenSparseSpec(head_dim=D, v_head_dim=Dv, gqa_group=G, pack_gqa=per_group and G > 1,
+                           lists_per_group=per_group or G == 1, dtype=_FLOAT_DTYPES[q.dtype],
+                           stride_align=_stride_align(q.dtype, *strided))
+    heads = Hkv if spec.pack_gqa else Hq
+    if schedule is None:
+        schedule = default_token_sparse_schedule(spec, q.device, B * heads * Nq, n_idx)
+    chunk = schedule.split if 0 < schedule.split < n_idx else max(n_idx, 1)
+    n_split = max(1, -(-n_idx // chunk))
+    a = spec.stride_align
+    strides = tuple(st // a for t in strided for st in t.stride()[:3])
+    key = ("token_sparse", _device_key(q.device), (str(q.dtype), str(indices.dtype)),
+           D, G, _spec_hash(spec), schedule, (seq_bucket(Nkv), seq_bucket(n_idx)))
+    return LaunchPlan(key=key, spec=spec, schedule=schedule, grid=(Nq, B * heads, n_split),
+                      args=strides + (Nq, Nkv, hs, Hq, n_idx, chunk, n_split),
+                      out_shape=(B, Hq, Nq, Dv), lse_shape=(B, Hq, Nq), n_split=n_split,
+                      contiguous=tuple(t.stride(-1) != 1 for t in (q, k, v)) + (
+                          not indices.is_contiguous(),))
+
+
+def token_sparse_attention(q, k, v, indices, *, scale: float, schedule: Optional[Schedule] = None,
+                           out=None, lse=None):
+    """Each query row attends to its own list of key positions (gather attention).
+
+    Shapes: q ``[B, Hq, Nq, D]``, k ``[B, Hkv, Nkv, D]``, v ``[B, Hkv, Nkv, Dv]``, ``indices``
+    int32 ``[B, Hs, Nq, K]`` with ``Hs`` in ``{Hkv, Hq}``; negative entries are padding and
+    entries ``>= Nkv`` are ignored; entries must be distinct. No causal mask is implied. With
+    few rows (decode) the list is split across programs and merged by a combine kernel.
+    ``out`` / ``lse``: optional contiguous tensors to write the results into.
+    Returns ``(out [B, Hq, Nq, Dv], lse [B, Hq, Nq] fp32)``.
+    """
+    fn = "token_sparse_attention"
+    _check_scale(fn, scale)
+    tensors = (q, k, v, indices)
+    if not all(isinstance(t, torch.Tensor) for t in tensors):
+        _check_qkv(fn, q, k, v)
+        _check_index(fn, "indices", indices, (None, None, None, None), q.device)
+    sig = _signature(fn, tensors, (schedule,))
+    plan = _cached_plan(sig, lambda: _plan_token_sparse(q, k, v, indices, schedule))
+    mod = _module(plan)
+    out, lse = _outputs(fn, out, lse, plan.out_shape, plan.lse_shape, q.dtype, q.device)
+    if out.numel() == 0:
+        return out, lse
+    q, k, v, idx = _contiguous_as_planned(plan, tensors)
+    B, Hq, Nq, Dv = plan.out_shape
+    if plan.n_split > 1:
+        po = _workspace((B, Hq, Nq, plan.n_split, Dv), q.device)       # [B, Hq, Nq, S, Dv]
+        pl = _workspace((B, Hq, Nq, plan.n_split), q.device)           # [B, Hq, Nq, S]
+    else:
+        po, pl = out, lse
+    mod.token_sparse_fwd[plan.grid](
+        q, k, v, idx, po, pl, *plan.args, float(scale) * LOG2E,
+        num_warps=plan.schedule.num_warps, num_stages=plan.schedule.num_stages)
+    if plan.n_split > 1:
+        mod.token_sparse_combine[(B * Hq * Nq,)](po, pl, out, lse, plan.n_split, num_warps=4)
+    return out, lse
