@@ -69,12 +69,113 @@ def block_density(sel: torch.Tensor, n: int) -> float:
     return float((sel * per).sum() / (per.sum() * sel.shape[1]))
 
 
+def _points(rows, cand, D=None):
+    pts = []
+    for r in rows:
+        if cand not in r["measured"] or (D is not None and r["D"] != D):
+            continue
+        dec = r["case"] == "decode"
+        pts.append(dict(B=8 if dec else 1, Hq=r.get("H", 16), Hkv=r.get("H", 16),
+                        Nq=1 if dec else r["N"], Nkv=r["N"], D=r["D"],
+                        rho=1.0 if cand == "dense_sdpa" else r["rho"], block=BLOCK,
+                        ms=r["measured"][cand], row=r))
+    return pts
+
+
+def evaluate(rows, gemm_tflops, bw, n_sm, tag):
+    """Fit each candidate's rates on the D=128 points; estimate every point (D=64 is out of
+    sample); score the choices."""
+    kernels = {}
+    for cand in ("dense_sdpa", "block_sparse", "token_sparse_decode"):
+        pts = _points(rows, cand, D=128)
+        if pts:
+            kernels[cand] = cm.fit_rates(cand, pts, gemm_tflops, bw, n_sm).__dict__
+    fit = dict(peak_tflops=gemm_tflops, bandwidth_gbs=bw, n_sm=n_sm, kernels=kernels)
+    prof = cm.profile_from_fit(tag, fit, measured=f"profile_{tag}.json")
+    errs, hits, hits_oos, n_oos = [], 0, 0, 0
+    for r in rows:
+        est = {}
+        for cand in r["measured"]:
+            p = _points([r], cand)[0]
+            est[cand] = cm.estimate(cand, prof, B=p["B"], Hq=p["Hq"], Hkv=p["Hkv"], Nq=p["Nq"],
+                                    Nkv=p["Nkv"], D=p["D"], rho=p["rho"], block=BLOCK) * 1e3
+            errs.append(abs(est[cand] - r["measured"][cand]) / r["measured"][cand])
+        r["estimated"] = est
+        r["chosen"] = min(est, key=est.get)
+        best = min(r["measured"].values())
+        r["chosen_within_10pct"] = bool(r["measured"][r["chosen"]] <= 1.10 * best)
+        hits += r["chosen_within_10pct"]
+        if r["D"] != 128:
+            n_oos += 1
+            hits_oos += r["chosen_within_10pct"]
+    summary = dict(points=len(rows), chosen_within_10pct=hits / len(rows),
+                   chosen_within_10pct_out_of_sample=hits_oos / max(1, n_oos),
+                   est_err_median=statistics.median(errs), est_err_worst=max(errs))
+    return summary, fit, prof
+
+
+def write_reports(out, tag, card, meta, fit, summary, rows, e2e):
+    with open(os.path.join(out, f"profile_{tag}.json"), "w") as f:
+        json.dump(dict(meta=meta, fit=fit), f, indent=1)
+    with open(os.path.join(out, f"costmodel_{tag}.json"), "w") as f:
+        json.dump(dict(meta=meta, fit=fit, summary=summary, end_to_end=e2e, rows=rows), f,
+                  indent=1)
+    k = fit["kernels"]
+    lines = [f"# Cost model on {card}", "",
+             f"torch {meta['torch']}, triton {meta['triton']}, {meta['date']}. "
+             f"Command: `{meta['command']}`. bf16, H=16, block {BLOCK}; prefill B=1 causal, "
+             f"decode B=8 (one query over an N-token cache).", "",
+             f"Ceilings: GEMM {fit['peak_tflops']:.0f} TFLOP/s, copy {fit['bandwidth_gbs']:.0f} GB/s, "
+             f"{fit['n_sm']} SMs. Fitted on the D=128 points (D=64 is out of sample): "
+             + "; ".join(f"{c}: eff {r['eff']:.2f}, bw eff {r['bw_eff']:.2f}, fixed {r['overhead_us']:.1f} us"
+                         + (f", per program {r['program_us']:.2f} us" if r['program_us'] else "")
+                         for c, r in k.items()) + ".", "",
+             f"**Chosen candidate within 10% of the fastest measured: "
+             f"{summary['chosen_within_10pct']:.0%} of {summary['points']} points "
+             f"({summary['chosen_within_10pct_out_of_sample']:.0%} of the D=64 points).** "
+             f"Estimate error: median {summary['est_err_median']:.0%}, worst {summary['est_err_worst']:.0%}.",
+             ""]
+    if e2e:
+        lines += [f"End to end, N={e2e['N']} (built-in GPT, 4 layers, 16 heads x 128, SDPA "
+                  f"attention, bf16): original {e2e['original_ms']:.3f} ms, compiled with "
+                  f"block_topk {e2e['compiled_ms']:.3f} ms = **{e2e['speed_ratio']:.2f}x of dense "
+                  f"speed**; schedule `{e2e['schedule']}`, crossover N={e2e['crossover']}, "
+                  f"kernels {e2e['kernels']}.", ""]
+    lines += ["| case | N | D | density | candidate | measured ms | estimated ms | chosen | within 10% |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        for cand in r["measured"]:
+            lines.append(f"| {r['case']} | {r['N']} | {r['D']} | {r['rho']:.3f} | {cand} | "
+                         f"{r['measured'][cand]:.3f} | {r['estimated'][cand]:.3f} | "
+                         f"{'*' if cand == r['chosen'] else ''} | {r['chosen_within_10pct']} |")
+    with open(os.path.join(out, f"costmodel_{tag}.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines[:12]))
+
+
+def refit(path: str, out: str) -> int:
+    """Re-fit and re-score from the measurements of an earlier run (no GPU needed)."""
+    with open(path) as f:
+        old = json.load(f)
+    meta, rows = old["meta"], old["rows"]
+    fit0 = old["fit"]
+    tag = "h200" if "H200" in meta["card"] else "h100"
+    summary, fit, _ = evaluate(rows, fit0["peak_tflops"], fit0["bandwidth_gbs"],
+                               fit0.get("n_sm", 132), tag)
+    meta = dict(meta, refit=f"python benchmarks/costmodel.py --refit {os.path.basename(path)}")
+    write_reports(out, tag, meta["card"], meta, fit, summary, rows, old.get("end_to_end"))
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--smoke", action="store_true", help="tiny CPU dry run (TRITON_INTERPRET=1)")
+    ap.add_argument("--refit", help="re-fit from an earlier costmodel_<card>.json (no GPU)")
     args = ap.parse_args()
+    if args.refit:
+        return refit(args.refit, args.out)
     os.makedirs(args.out, exist_ok=True)
     global SMOKE
     SMOKE = args.smoke
@@ -117,7 +218,7 @@ def main() -> int:
                 rho = block_density(sel, n)
                 t_sp = bench_ms(lambda: tk.block_sparse_attention(q, k, v, counts, idx, block=BLOCK,
                                                                   scale=D ** -0.5, causal=True))
-                rows.append(dict(case="prefill", N=n, D=D, target=d, rho=rho,
+                rows.append(dict(case="prefill", N=n, D=D, H=H, target=d, rho=rho,
                                  measured={"dense_sdpa": t_dense, "block_sparse": t_sp}))
             del q, k, v
             if not SMOKE:
@@ -130,57 +231,14 @@ def main() -> int:
                 kk = max(1, int(round(d * n)))
                 idx = torch.rand(8, H, 1, n, device=dev).topk(kk, dim=-1).indices.to(torch.int32)
                 t_tok = bench_ms(lambda: tk.token_sparse_attention(qd, kd, vd, idx, scale=D ** -0.5))
-                rows.append(dict(case="decode", N=n, D=D, target=d, rho=kk / n,
+                rows.append(dict(case="decode", N=n, D=D, H=H, target=d, rho=kk / n,
                                  measured={"dense_sdpa": t_dense, "token_sparse_decode": t_tok}))
             del qd, kd, vd
             if not SMOKE:
                 torch.cuda.empty_cache()
             print(f"D={D} N={n} done", flush=True)
-    # 3. fit on prefill D=128: dense t = F/(P*e_d) + L ; sparse t = F_s/(P*e_s) + tiles*tile + 4L
-    base = cm.HardwareProfile(tag, gemm_tflops, bw, launch_us, 0.0, 1.0, 1.0, 0.1,
-                              measured="fit")
-    fit_rows = [r for r in rows if r["case"] == "prefill" and r["D"] == 128]
-
-    def terms(r, cand):
-        fl, by, launches, tiles = cm.flops_bytes(cand)
-        sub = {cm.B: 1, cm.Hq: H, cm.Hkv: H, cm.Nq: r["N"], cm.Nkv: r["N"], cm.D: r["D"],
-               cm.rho: r["rho"], cm.blk: BLOCK}
-        return float(fl.subs(sub)), float(tiles.subs(sub)), float(launches)
-    import numpy as np
-    dense_pts = {(r["N"]): r for r in fit_rows}.values()
-    A = np.array([[terms(r, "dense_sdpa")[0] / (gemm_tflops * 1e12)] for r in dense_pts])
-    bvec = np.array([r["measured"]["dense_sdpa"] * 1e-3 - launch_us * 1e-6 for r in dense_pts])
-    inv_e = float(np.linalg.lstsq(A, bvec, rcond=None)[0][0])
-    dense_eff = min(1.0, 1.0 / inv_e)
-    A = np.array([[terms(r, "block_sparse")[0] / (gemm_tflops * 1e12), terms(r, "block_sparse")[1]]
-                  for r in fit_rows])
-    bvec = np.array([r["measured"]["block_sparse"] * 1e-3 - 4 * launch_us * 1e-6 for r in fit_rows])
-    (inv_s, tile_s), *_ = np.linalg.lstsq(A, bvec, rcond=None)
-    sparse_eff = min(1.0, 1.0 / max(inv_s, 1e-9))
-    tile_us = max(0.0, float(tile_s) * 1e6)
-    fit = dict(peak_tflops=gemm_tflops, bandwidth_gbs=bw, launch_us=launch_us, tile_us=tile_us,
-               dense_eff=dense_eff, sparse_eff=sparse_eff)
-    prof = cm.HardwareProfile(tag, gemm_tflops, bw, launch_us, tile_us, dense_eff, sparse_eff, 0.1,
-                              measured=f"profile_{tag}.json")
-    print("fit:", json.dumps(fit), flush=True)
-    # 4. evaluate
-    errs, hits = [], 0
-    for r in rows:
-        est = {}
-        for cand in r["measured"]:
-            nq = 1 if r["case"] == "decode" else r["N"]
-            b = 8 if r["case"] == "decode" else 1
-            est[cand] = cm.estimate(cand, prof, B=b, Hq=H, Hkv=H, Nq=nq, Nkv=r["N"], D=r["D"],
-                                    rho=r["rho"] if cand != "dense_sdpa" else 1.0, block=BLOCK) * 1e3
-            errs.append(abs(est[cand] - r["measured"][cand]) / r["measured"][cand])
-        r["estimated"] = est
-        chosen = min(est, key=est.get)
-        best = min(r["measured"].values())
-        r["chosen"] = chosen
-        r["chosen_within_10pct"] = r["measured"][chosen] <= 1.10 * best
-        hits += r["chosen_within_10pct"]
-    summary = dict(points=len(rows), chosen_within_10pct=hits / len(rows),
-                   est_err_median=statistics.median(errs), est_err_worst=max(errs))
+    n_sm = 2 if SMOKE else torch.cuda.get_device_properties(dev).multi_processor_count
+    summary, fit, prof = evaluate(rows, gemm_tflops, bw, n_sm, tag)
     # 5. end to end at N=1024
     import planner
     from planner.models import GPTConfig, TinyGPT
@@ -199,32 +257,7 @@ def main() -> int:
                max_abs_err=e2e_err, kernels=sorted({s.kernel for s in rep.sites}),
                schedule=rep.sites[0].schedule, crossover=rep.sites[0].crossover)
     print("e2e:", json.dumps(e2e), flush=True)
-    with open(os.path.join(args.out, f"profile_{tag}.json"), "w") as f:
-        json.dump(dict(meta=meta, fit=fit), f, indent=1)
-    with open(os.path.join(args.out, f"costmodel_{tag}.json"), "w") as f:
-        json.dump(dict(meta=meta, fit=fit, summary=summary, end_to_end=e2e, rows=rows), f, indent=1)
-    lines = [f"# Cost model on {card}", "",
-             f"torch {meta['torch']}, triton {meta['triton']}, {meta['date']}. "
-             f"Command: `{meta['command']}`. bf16, H=16, block {BLOCK}.", "",
-             f"Ceilings: GEMM {gemm_tflops:.0f} TFLOP/s, copy {bw:.0f} GB/s, launch {launch_us:.1f} us. "
-             f"Fit (prefill, D=128): dense eff {dense_eff:.2f}, sparse eff {sparse_eff:.2f}, "
-             f"tile {tile_us:.4f} us.", "",
-             f"**Chosen candidate within 10% of the fastest measured: {summary['chosen_within_10pct']:.0%} "
-             f"of {len(rows)} points.** Estimate error: median {summary['est_err_median']:.0%}, "
-             f"worst {summary['est_err_worst']:.0%}.", "",
-             f"End to end, N=1024 (TinyGPT 4x2048, SDPA attention, bf16): original {t_orig:.3f} ms, "
-             f"compiled with block_topk {t_comp:.3f} ms = {t_orig / t_comp:.2f}x of dense speed; "
-             f"schedule `{e2e['schedule']}`, crossover N={e2e['crossover']}, kernels {e2e['kernels']}.", "",
-             "| case | N | D | density | candidate | measured ms | estimated ms | chosen | within 10% |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        for cand in r["measured"]:
-            lines.append(f"| {r['case']} | {r['N']} | {r['D']} | {r['rho']:.3f} | {cand} | "
-                         f"{r['measured'][cand]:.3f} | {r['estimated'][cand]:.3f} | "
-                         f"{'*' if cand == r['chosen'] else ''} | {r['chosen_within_10pct']} |")
-    with open(os.path.join(args.out, f"costmodel_{tag}.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
-    print("\n".join(lines[:12]))
+    write_reports(args.out, tag, card, meta, fit, summary, rows, e2e)
     return 0
 
 

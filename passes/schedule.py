@@ -29,11 +29,53 @@ def _hint(x) -> int:
     return int(x)
 
 
+def _dense_sdpa_args(spec, n_q: int, n_kv: int):
+    """(attn_mask transform, is_causal) to run a site as exact SDPA, or None if SDPA cannot
+    express its modifiers and causal rule."""
+    mods = spec.mods
+    if len(mods) > 1 or (mods and mods[0][0] not in ("add", "keep", "fill")):
+        return None
+    if mods and mods[0][0] == "fill" and mods[0][1] != float("-inf"):
+        return None
+    if spec.causal is None:
+        is_causal = False
+    elif spec.causal == "upper_left" or n_q == n_kv:
+        is_causal = True
+    elif n_q == 1:
+        is_causal = False                 # a single query at the last position sees every key
+    else:
+        return None
+    if is_causal and mods:
+        return None                       # SDPA takes a mask or is_causal, not both
+    return (mods[0][0] if mods else None), is_causal
+
+
+def _emit_dense(gm: fx.GraphModule, attend: fx.Node, spec, how) -> fx.Node:
+    """Replace a site's score/select/attend chain by one exact SDPA call."""
+    import torch.nn.functional as F
+    q, k, v, mods = attend.args[0], attend.args[1], attend.args[2], attend.args[3]
+    kind, is_causal = how
+    g = gm.graph
+    with g.inserting_before(attend):
+        mask = None
+        if kind in ("add", "keep"):
+            mask = mods[0]
+        elif kind == "fill":                               # masked_fill(t, -inf): keep ~t
+            mask = g.call_function(torch.logical_not, (mods[0],))
+        kw = {"attn_mask": mask, "is_causal": is_causal, "scale": spec.scale}
+        if spec.gqa_group > 1:
+            kw["enable_gqa"] = True
+        new = g.call_function(F.scaled_dot_product_attention, (q, k, v), kw)
+    new.meta.update({kk: vv for kk, vv in attend.meta.items() if kk != "sparse_site"})
+    attend.replace_all_uses_with(new)
+    return new
+
+
 def plan_schedule(gm: fx.GraphModule, ctx) -> fx.GraphModule:
     from planner import costmodel as cm
     ops = torch.ops.sparse
     records = {r.spec_key: r for r in ctx.sites if r.spec_key}
-    for n in gm.graph.nodes:
+    for n in list(gm.graph.nodes):
         if n.op != "call_function" or n.target is not ops.attend.default:
             continue
         key = n.args[-1]
@@ -42,6 +84,7 @@ def plan_schedule(gm: fx.GraphModule, ctx) -> fx.GraphModule:
         vq, vk = val(n.args[0]), val(n.args[1])
         if rec is None or vq is None or vk is None:
             continue
+        static = not any(isinstance(x, torch.SymInt) for x in (vq.shape[2], vk.shape[2]))
         b, hq, nq, d = (_hint(x) for x in vq.shape)
         hkv, nkv = _hint(vk.shape[1]), _hint(vk.shape[2])
         prof = cm.profile_for(vq.device)
@@ -63,6 +106,15 @@ def plan_schedule(gm: fx.GraphModule, ctx) -> fx.GraphModule:
             chosen = "dense" if t_dense <= t_sparse else "policy"
             rec.schedule = (f"{chosen} at N={nkv}" if ctx.cost_model == "auto"
                             else "policy (cost model off)")
+        if ctx.cost_model == "auto" and prof.sparse_kernels and static and (
+                pol.name == "dense" or t_dense <= t_sparse):
+            # static shape, dense is cheaper: emit exact SDPA, no sparse ops at run time
+            how = _dense_sdpa_args(spec, nq, nkv)
+            if how is not None:
+                _emit_dense(gm, n, spec, how)
+                rec.schedule = f"dense SDPA (static N={nkv}, planned)"
+                rec.kernel_planned = "sdpa (in graph)"
+                continue
         if ctx.cost_model == "auto" and pol.name != "dense" and prof.sparse_kernels:
             new_key = register(dataclasses.replace(spec, schedule="auto"))
             for m in list(gm.graph.nodes):
@@ -70,5 +122,6 @@ def plan_schedule(gm: fx.GraphModule, ctx) -> fx.GraphModule:
                         ops.score.default, ops.select.default, ops.attend.default):
                     m.args = m.args[:-1] + (new_key,)
             rec.spec_key = new_key
+    gm.graph.eliminate_dead_code()
     gm.recompile()
     return gm

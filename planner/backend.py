@@ -78,7 +78,8 @@ class Backend:
                 status=rec.status, reason=rec.reason,
                 density=st.density if st else None,
                 density_per_head=st.density_per_head if st else None,
-                calls=st.calls if st else 0, kernel=st.kernel if st else None, graph=rec.graph,
+                calls=st.calls if st else 0,
+                kernel=st.kernel if st else rec.kernel_planned, graph=rec.graph,
                 schedule=rec.schedule, est_dense_ms=rec.est_dense_ms,
                 est_sparse_ms=rec.est_sparse_ms, crossover=rec.crossover))
         return Report(sites, list(self.unmatched.values()), list(self.graphs), KERNELS.stats())

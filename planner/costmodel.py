@@ -3,7 +3,8 @@
 Costs are sympy expressions of (B, Hq, Hkv, Nq, Nkv, D, rho, block): FLOPs and bytes of each
 candidate, turned into time with a hardware profile::
 
-    time = max(flops / (peak_flops * eff), bytes / bandwidth) + launches * launch_s + tiles * tile_s
+    time = max(flops / (peak * eff), bytes / (bandwidth * bw_eff)) + overhead
+           + programs * program_cost / n_sm
 
 ``rho`` is the fraction of the causal pairs a sparse candidate computes (its block density,
 diagonal and partial blocks included); ``causal_frac`` the fraction of all pairs the causal
@@ -32,32 +33,51 @@ N = sp.Symbol("N", positive=True)
 
 
 @dataclass(frozen=True)
-class HardwareProfile:
-    """Rates of one device. ``*_eff`` are the fractions of ``peak_tflops`` each kernel reaches."""
+class KernelRates:
+    """How one candidate kernel uses a device: the fraction of the matrix rate (``eff``) and of
+    the bandwidth (``bw_eff``) it reaches, a fixed cost per call and a cost per program
+    (query-block prologue/epilogue), the latter spread over the multiprocessors."""
 
+    eff: float
+    bw_eff: float
+    overhead_us: float
+    program_us: float = 0.0
+
+
+@dataclass(frozen=True)
+class HardwareProfile:
     name: str
-    peak_tflops: float          # dense bf16 matrix rate
-    bandwidth_gbs: float        # device memory, read + write
-    launch_us: float            # fixed cost per kernel launch
-    tile_us: float              # per (query block, key block) tile of a sparse kernel
-    dense_eff: float            # SDPA / flash kernel
-    sparse_eff: float           # our block-sparse kernel on the tiles it computes
-    estimator_eff: float        # estimators (pooled matmuls, reductions)
+    peak_tflops: float          # dense bf16 matrix rate (measured GEMM)
+    bandwidth_gbs: float        # device memory, read + write (measured copy)
+    n_sm: int
+    kernels: tuple              # ((candidate, KernelRates), ...)
     sparse_kernels: bool = True  # False: the sparse path is the fp32 reference (computes N^2)
     measured: str = ""          # where the numbers came from
 
+    def rates(self, candidate: str) -> KernelRates:
+        for name, r in self.kernels:
+            if name == candidate:
+                return r
+        raise KeyError(f"profile {self.name!r} has no rates for {candidate!r}")
+
+
+_GPU_DEFAULT = (("dense_sdpa", KernelRates(0.80, 0.8, 20.0)),
+                ("block_sparse", KernelRates(0.65, 0.7, 40.0, 1.0)),
+                ("token_sparse_decode", KernelRates(0.5, 0.6, 50.0)))
 
 PROFILES: dict[str, HardwareProfile] = {
-    # ANCHORS.md (H100 80GB HBM3, torch 2.11, triton 3.6): bf16 GEMM 710 TFLOP/s, SDPA causal
-    # 582-629 TFLOP/s at 16k-64k, device copy 3.0 TB/s. Efficiencies are replaced by the
-    # calibration script's fit when its file is present.
-    "h100": HardwareProfile("h100", 710.0, 3000.0, 5.0, 0.02, 0.85, 0.75, 0.10,
+    # ANCHORS.md (H100 80GB HBM3): bf16 GEMM 710 TFLOP/s, SDPA causal 582-629 TFLOP/s, copy
+    # 3.0 TB/s. Replaced by the fit of benchmarks/costmodel.py when profile_h100.json exists.
+    "h100": HardwareProfile("h100", 710.0, 3000.0, 132, _GPU_DEFAULT,
                             measured="ANCHORS.md peer numbers"),
-    "h200": HardwareProfile("h200", 790.0, 4200.0, 5.0, 0.02, 0.80, 0.75, 0.10,
+    "h200": HardwareProfile("h200", 790.0, 4200.0, 132, _GPU_DEFAULT,
                             measured="ANCHORS.md peer numbers"),
-    # 2 CPU cores: fp32 reference kernels; the sparse path computes every score, then masks.
-    "cpu": HardwareProfile("cpu", 0.1, 20.0, 20.0, 0.0, 0.5, 0.3, 0.3, sparse_kernels=False,
-                           measured="order of magnitude for 2 x86 cores"),
+    # 2 CPU cores, fp32 reference kernels: the sparse path computes every score, then masks.
+    "cpu": HardwareProfile("cpu", 0.1, 20.0, 2,
+                           (("dense_sdpa", KernelRates(0.5, 0.5, 20.0)),
+                            ("block_sparse", KernelRates(0.15, 0.3, 100.0)),
+                            ("token_sparse_decode", KernelRates(0.15, 0.3, 100.0))),
+                           sparse_kernels=False, measured="order of magnitude for 2 x86 cores"),
 }
 
 
@@ -69,40 +89,37 @@ def causal_frac(n_q, n_kv, causal: bool = True):
 
 
 def flops_bytes(candidate: str, causal: bool = True, elem: int = 2):
-    """(flops, bytes, launches, tiles) as sympy expressions for one attention call."""
+    """(flops, bytes, programs) of one kernel call as sympy expressions."""
     cf = causal_frac(Nq, Nkv, causal)
     pairs = B * Hq * Nq * Nkv * cf
     qo = elem * B * Hq * Nq * D * 2                      # read q, write out
     kv = elem * B * Hkv * Nkv * D * 2                    # read k and v once
     if candidate == "dense_sdpa":
-        return 4 * pairs * D, qo + kv, sp.Integer(1), sp.Integer(0)
+        return 4 * pairs * D, qo + kv, sp.Integer(0)
     if candidate == "block_sparse":
+        # every computed tile streams a K and a V block; one program per (head, query block)
         tiles = B * Hq * (Nq / blk) * (Nkv / blk) * cf * rho
-        kv_reads = elem * 2 * D * blk * tiles * Hkv / Hq  # each tile streams a K and a V block
-        est_flops = 2 * B * Hq * (Nq / blk) * (Nkv / blk) * D + 4 * B * Hq * Nq * D
-        return (4 * pairs * rho * D + est_flops, qo + kv_reads + kv, sp.Integer(4), tiles)
+        kv_reads = elem * 2 * D * blk * tiles
+        return 4 * pairs * rho * D, qo + kv_reads, B * Hq * sp.ceiling(Nq / blk)
     if candidate == "token_sparse_decode":
-        # one query per sequence over rho * Nkv gathered keys (split over the index list)
-        k_sel = rho * Nkv
-        return (4 * B * Hq * Nq * k_sel * D, elem * 2 * B * Hkv * k_sel * D + qo + 4 * B * Hkv * k_sel,
-                sp.Integer(2), sp.Integer(0))
+        k_sel = rho * Nkv                                 # gathered keys per query
+        return (4 * B * Hq * Nq * k_sel * D,
+                elem * 2 * B * Hkv * k_sel * D + qo + 4 * B * Hkv * Nq * k_sel, sp.Integer(0))
     raise ValueError(f"unknown candidate {candidate!r}; known: dense_sdpa, block_sparse, "
                      "token_sparse_decode")
 
 
 @functools.lru_cache(maxsize=None)
 def time_expr(candidate: str, profile: HardwareProfile, causal: bool = True):
-    """Seconds as a sympy expression (Max of the compute and memory terms, plus overheads)."""
-    fl, by, launches, tiles = flops_bytes(candidate, causal)
-    eff = profile.dense_eff if candidate == "dense_sdpa" else profile.sparse_eff
+    """Seconds: Max(compute, memory) + fixed cost + programs x per-program cost / SMs."""
+    fl, by, programs = flops_bytes(candidate, causal)
+    r = profile.rates(candidate)
     if candidate != "dense_sdpa" and not profile.sparse_kernels:
-        # the reference computes every score and masks: dense work plus the selection
-        fl = fl.subs(rho, 1) if candidate == "token_sparse_decode" else \
-            flops_bytes("dense_sdpa", causal)[0] * 3
-    compute = fl / (profile.peak_tflops * 1e12 * eff)
-    memory = by / (profile.bandwidth_gbs * 1e9)
-    return sp.Max(compute, memory) + launches * profile.launch_us * 1e-6 + \
-        tiles * profile.tile_us * 1e-6
+        fl, by, _ = flops_bytes("dense_sdpa", causal)     # the reference computes every pair
+    compute = fl / (profile.peak_tflops * 1e12 * r.eff)
+    memory = by / (profile.bandwidth_gbs * 1e9 * r.bw_eff)
+    return (sp.Max(compute, memory) + r.overhead_us * 1e-6
+            + programs * r.program_us * 1e-6 / profile.n_sm)
 
 
 @functools.lru_cache(maxsize=None)
@@ -125,7 +142,6 @@ def crossover(profile: HardwareProfile, *, B: int = 1, Hq: int, Hkv: int, D: int
     number). Solved symbolically on the compute-bound branches (prefill: Nq = Nkv = N; decode:
     Nq = 1, Nkv = N), then checked with the full expression. None when sparse never wins."""
     cand = "token_sparse_decode" if decode else "block_sparse"
-    subs = {B: 1 if not decode else B, Hq: Hq, Hkv: Hkv, D: D, blk: block}
     subs = {sp.Symbol("B", positive=True): B, sp.Symbol("H_q", positive=True): Hq,
             sp.Symbol("H_kv", positive=True): Hkv, sp.Symbol("D", positive=True): D,
             sp.Symbol("block", positive=True): block}
@@ -149,7 +165,7 @@ def crossover(profile: HardwareProfile, *, B: int = 1, Hq: int, Hkv: int, D: int
 
 
 def load_profile(name: str, results_dir: Optional[str] = None) -> HardwareProfile:
-    """The built-in profile, with fitted numbers from ``profile_<name>.json`` if present."""
+    """The built-in profile, replaced by the fit in ``profile_<name>.json`` if present."""
     base = PROFILES[name]
     results_dir = results_dir or os.path.join(os.path.dirname(os.path.dirname(
         os.path.abspath(__file__))), "benchmarks", "results")
@@ -157,9 +173,42 @@ def load_profile(name: str, results_dir: Optional[str] = None) -> HardwareProfil
     if not os.path.exists(path):
         return base
     with open(path) as f:
-        fit = json.load(f).get("fit", {})
-    keep = {k: v for k, v in fit.items() if k in base.__dataclass_fields__ and k != "name"}
-    return replace(base, **keep, measured=path)
+        fit = json.load(f)["fit"]
+    return profile_from_fit(name, fit, measured=path, sparse_kernels=base.sparse_kernels)
+
+
+def profile_from_fit(name: str, fit: dict, measured: str = "", sparse_kernels: bool = True):
+    kernels = tuple((c, KernelRates(**r)) for c, r in fit["kernels"].items())
+    return HardwareProfile(name, fit["peak_tflops"], fit["bandwidth_gbs"], int(fit["n_sm"]),
+                           kernels, sparse_kernels=sparse_kernels, measured=measured)
+
+
+def fit_rates(candidate: str, points: list, peak_tflops: float, bandwidth_gbs: float,
+              n_sm: int) -> KernelRates:
+    """Least relative error fit of one candidate's rates to measured points.
+
+    ``points``: dicts with B, Hq, Hkv, Nq, Nkv, D, rho, block, ms. Grid search over the two
+    efficiencies and the per-program cost; the fixed cost is the median residual."""
+    import statistics
+    feats = []
+    for p in points:
+        sub = {B: p["B"], Hq: p["Hq"], Hkv: p["Hkv"], Nq: p["Nq"], Nkv: p["Nkv"], D: p["D"],
+               rho: p["rho"], blk: p.get("block", 128)}
+        fl, by, progs = (float(e.subs(sub)) for e in flops_bytes(candidate))
+        feats.append((fl / (peak_tflops * 1e12), by / (bandwidth_gbs * 1e9), progs / n_sm,
+                      p["ms"] * 1e-3))
+    best = None
+    effs = [x / 100 for x in range(20, 101, 2)]
+    progs_us = [0.0] if candidate != "block_sparse" else [x / 4 for x in range(0, 41)]
+    for e in effs:
+        for be in effs:
+            for pu in progs_us:
+                base = [max(c / e, m / be) + g * pu * 1e-6 for c, m, g, _ in feats]
+                over = max(0.0, statistics.median(t - b for b, (_, _, _, t) in zip(base, feats)))
+                err = sum(abs(b + over - t) / t for b, (_, _, _, t) in zip(base, feats))
+                if best is None or err < best[0]:
+                    best = (err, KernelRates(e, be, over * 1e6, pu))
+    return best[1]
 
 
 def profile_for(device) -> HardwareProfile:

@@ -9,6 +9,7 @@ None when it does not handle the case (so the next provider, finally the referen
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from typing import Callable, Optional
 
@@ -61,6 +62,12 @@ def _all_blocks(q, k, spec: SiteSpec):
     return counts, idx.contiguous()
 
 
+@functools.lru_cache(maxsize=1024)
+def _dense_variant(spec: SiteSpec) -> SiteSpec:
+    from planner.policy import Dense
+    return dataclasses.replace(spec, policy=Dense())
+
+
 def _want_density() -> bool:
     return os.environ.get("SPARSE_PLANNER_DENSITY", "1") != "0"
 
@@ -69,8 +76,7 @@ def attend(q, k, v, mod_tensors, counts, indices, spec: SiteSpec) -> torch.Tenso
     tag = ""
     if spec.policy.name != "dense" and plan.choose(spec, q, k) == "dense":
         # the cost model chose dense at this shape: exact attention, reported as such
-        from planner.policy import Dense
-        spec = dataclasses.replace(spec, policy=Dense())
+        spec = _dense_variant(spec)
         counts = indices = q.new_empty(0, dtype=torch.int32)
         tag = " (cost model: dense)"
     for name, provider in _ATTEND_PROVIDERS:
@@ -78,7 +84,7 @@ def attend(q, k, v, mod_tensors, counts, indices, spec: SiteSpec) -> torch.Tenso
         if res is not None:
             out, dens = res
             if dens is None and spec.policy.name == "dense":
-                dens = (torch.ones(q.shape[1]), torch.ones(q.shape[1]))
+                dens = ([1.0] * q.shape[1], [1.0] * q.shape[1])
             stats.record(spec.stats_key, shapes=_fmt_shapes(q, k, v), kernel=name + tag,
                          allowed=dens[0] if dens else None, kept=dens[1] if dens else None)
             return out

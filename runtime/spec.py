@@ -6,6 +6,7 @@ Sequence lengths are not part of a spec: they come from the tensors at run time.
 """
 from __future__ import annotations
 
+import functools
 import threading
 from dataclasses import dataclass, field
 from typing import Optional
@@ -37,8 +38,8 @@ class SiteSpec:
     block: int = 64
     schedule: Optional[object] = field(default=None, compare=True)
 
-    @property
-    def key(self) -> str:
+    @functools.cached_property
+    def key(self) -> str:                   # computed once per spec (hashing repr is not free)
         return f"{self.site}#{stable_hash(self, 12)}"
 
     @property

@@ -28,10 +28,11 @@ def record(site: str, *, shapes: str, kernel: str, allowed=None, kept=None) -> N
         if allowed is None or kept is None:
             st.density = st.density_per_head = None      # not measured by this kernel
         else:
-            tot = float(allowed.sum())
-            st.density = float(kept.sum()) / tot if tot > 0 else 1.0
-            st.density_per_head = [float(k) / float(a) if float(a) > 0 else 1.0
-                                   for k, a in zip(kept.tolist(), allowed.tolist())]
+            allowed = allowed.tolist() if hasattr(allowed, "tolist") else list(allowed)
+            kept = kept.tolist() if hasattr(kept, "tolist") else list(kept)
+            tot = float(sum(allowed))
+            st.density = float(sum(kept)) / tot if tot > 0 else 1.0
+            st.density_per_head = [k / a if a > 0 else 1.0 for k, a in zip(kept, allowed)]
 
 
 def get(site: str) -> Optional[SiteStats]:

@@ -12,7 +12,7 @@ H100 = cm.PROFILES["h100"]
 
 
 def test_costs_are_symbolic_and_sensible():
-    fl, by, launches, tiles = cm.flops_bytes("block_sparse")
+    fl, by, programs = cm.flops_bytes("block_sparse")
     assert {str(s) for s in fl.free_symbols} >= {"N_q", "N_kv", "D", "rho", "H_q", "B"}
     kw = dict(B=1, Hq=16, Hkv=16, D=128)
     d1 = cm.estimate("dense_sdpa", H100, Nq=4096, Nkv=4096, rho=1.0, **kw)
@@ -45,13 +45,34 @@ def test_cpu_profile_always_follows_the_policy():
     assert s.density < 1 and "reference kernels" in s.schedule
 
 
+def test_static_shape_below_crossover_is_planned_as_sdpa(monkeypatch):
+    """Static shape, dense cheaper: the site is emitted as exact SDPA (no sparse ops run)."""
+    monkeypatch.setattr(cm, "profile_for", lambda device: H100)
+    plan._choose.cache_clear()
+
+    def attn(q, k, v, m):
+        s = q @ k.transpose(-2, -1) * 0.25
+        s = s.masked_fill(m, float("-inf"))
+        return torch.softmax(s, -1) @ v
+    f = planner.compile(attn, policy=planner.policy("block_topk", block=16, topk=1))
+    q, k, v = (torch.randn(1, 2, 96, 16) for _ in range(3))
+    m = torch.ones(96, 96, dtype=torch.bool).triu(1)
+    assert (f(q, k, v, m) - attn(q, k, v, m)).abs().max() < 1e-5
+    rep = planner.inspect(f)
+    s = rep.sites[0]
+    assert s.schedule.startswith("dense SDPA (static") and s.kernel == "sdpa (in graph)"
+    code = rep.graph_code()
+    assert "scaled_dot_product_attention" in code and "sparse.attend" not in code
+    plan._choose.cache_clear()
+
+
 def test_runtime_picks_dense_below_the_crossover(monkeypatch):
     """With a GPU profile the planner runs dense where dense is estimated cheaper."""
     monkeypatch.setattr(cm, "profile_for", lambda device: H100)
     plan._choose.cache_clear()
     pol = planner.policy("block_topk", block=16, topk=1)
     f = planner.compile(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True),
-                        policy=pol)
+                        policy=pol, dynamic=True)
     q, k, v = (torch.randn(1, 2, 128, 16) for _ in range(3))
     out = f(q, k, v)
     ref = F.scaled_dot_product_attention(q, k, v, is_causal=True)

@@ -24,10 +24,10 @@ def _attn(q, k, v):
 def test_compiled_site_runs_triton_kernel_and_matches_reference(pol, monkeypatch):
     q, k, v = (torch.randn(1, h, 70, 16, device=DEV) for h in (4, 2, 2))
     monkeypatch.setenv("SPARSE_PLANNER_KERNELS", "reference")
-    f_ref = planner.compile(_attn, policy=pol)
+    f_ref = planner.compile(_attn, policy=pol, cost_model="off")
     ref = f_ref(q, k, v)
     monkeypatch.setenv("SPARSE_PLANNER_KERNELS", "triton")
-    f = planner.compile(_attn, policy=pol)
+    f = planner.compile(_attn, policy=pol, cost_model="off")     # the kernel, not dense
     out = f(q, k, v)
     site = planner.inspect(f).sites[0]
     assert site.kernel == "triton_block_sparse"
@@ -46,6 +46,7 @@ def test_masks_the_kernel_cannot_apply_fall_back_to_reference(monkeypatch):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=m)
     q = torch.randn(1, 2, 40, 16, device=DEV)
     m = torch.rand(1, 1, 40, 40, device=DEV) > 0.3
-    f = planner.compile(attn, policy=planner.policy("block_topk", block=16, topk=1))
+    f = planner.compile(attn, policy=planner.policy("block_topk", block=16, topk=1),
+                        cost_model="off")
     f(q, q, q, m)
     assert planner.inspect(f).sites[0].kernel == "reference"
