@@ -1,12 +1,13 @@
-"""Canonical op labels over fx nodes and the networkx view of a graph.
+"""Canonical op labels over fx nodes, the networkx view of a graph, and helpers to add nodes.
 
 Dynamo, ``torch.export`` and ``symbolic_trace`` spell one operation many ways
-(``torch.matmul`` / ``operator.matmul`` / ``Tensor.matmul``); discovery works on the
-canonical label instead of the spelling.
+(``torch.matmul`` / ``operator.matmul`` / ``Tensor.matmul``, ``x += y`` / ``x + y``); discovery
+works on the canonical label instead of the spelling.
 """
 from __future__ import annotations
 
 import operator
+import re
 from typing import Any, Optional
 
 import networkx as nx
@@ -14,37 +15,80 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
+# Dynamo cannot trace the builtin ``torch._safe_softmax`` and breaks the graph around it, which
+# would split an attention between two graphs; keep it in the graph as one op instead.
+torch._dynamo.allow_in_graph(torch._safe_softmax)
+
 _FUNCTIONS: dict[Any, str] = {
     torch.matmul: "matmul", operator.matmul: "matmul", torch.bmm: "matmul",
     torch.softmax: "softmax", F.softmax: "softmax", torch.Tensor.softmax: "softmax",
     torch._C._nn.scaled_dot_product_attention: "sdpa",
-    operator.mul: "mul", torch.mul: "mul", operator.truediv: "div", torch.div: "div",
-    operator.add: "add", torch.add: "add",
+    torch.einsum: "einsum", torch.baddbmm: "baddbmm",
+    operator.mul: "mul", torch.mul: "mul", operator.imul: "mul",
+    operator.truediv: "div", torch.div: "div", operator.itruediv: "div",
+    operator.add: "add", torch.add: "add", operator.iadd: "add",
+    operator.sub: "sub", torch.sub: "sub", operator.isub: "sub",
+    operator.neg: "neg", torch.neg: "neg", torch.tanh: "tanh",
     F.dropout: "dropout", torch.dropout: "dropout",
     torch.masked_fill: "masked_fill", torch.where: "where",
     torch.transpose: "transpose", torch.permute: "permute",
-    operator.getitem: "getitem", torch.unsqueeze: "unsqueeze",
-    torch.reshape: "reshape", torch.cat: "cat",
+    operator.getitem: "getitem", torch.unsqueeze: "unsqueeze", torch.squeeze: "squeeze",
+    torch.reshape: "reshape", torch.flatten: "reshape", torch.cat: "cat",
+    torch.repeat_interleave: "repeat_interleave",
+    operator.lt: "lt", operator.le: "le", operator.gt: "gt", operator.ge: "ge",
+    operator.eq: "eq", operator.ne: "ne", torch.lt: "lt", torch.le: "le", torch.gt: "gt",
+    torch.ge: "ge", torch.eq: "eq", torch.ne: "ne",
+    operator.and_: "and", operator.or_: "or", operator.xor: "xor", operator.invert: "not",
+    torch.logical_and: "and", torch.logical_or: "or", torch.logical_xor: "xor",
+    torch.logical_not: "not", torch.bitwise_and: "and", torch.bitwise_or: "or",
+    torch.bitwise_not: "not",
+    torch.tril: "tril", torch.triu: "triu", torch.arange: "arange",
+    torch.ones: "full", torch.zeros: "full", torch.full: "full", torch.ones_like: "full",
+    torch.zeros_like: "full", torch.full_like: "full", torch.tensor: "full",
+    torch.scalar_tensor: "full", torch.empty_like: "other:empty_like",
+    F.embedding: "embedding",
+    F.multi_head_attention_forward: "mha",
+    torch._transformer_encoder_layer_fwd: "encoder_layer",
+    torch._native_multi_head_attention: "native_mha",
 }
 if hasattr(F, "scaled_dot_product_attention"):
     _FUNCTIONS[F.scaled_dot_product_attention] = "sdpa"
 
 _METHODS = {
-    "matmul": "matmul", "bmm": "matmul", "softmax": "softmax", "transpose": "transpose",
-    "permute": "permute", "to": "cast", "float": "cast", "half": "cast", "bfloat16": "cast",
-    "type": "cast", "type_as": "cast", "contiguous": "identity", "clone": "identity",
-    "masked_fill": "masked_fill", "mul": "mul", "div": "div", "add": "add",
-    "expand": "expand", "reshape": "reshape", "view": "reshape", "unsqueeze": "unsqueeze",
+    "matmul": "matmul", "bmm": "matmul", "__matmul__": "matmul", "softmax": "softmax",
+    "baddbmm": "baddbmm", "transpose": "transpose", "permute": "permute",
+    "to": "cast", "float": "cast", "half": "cast", "bfloat16": "cast", "double": "cast",
+    "bool": "cast", "int": "cast", "long": "cast", "type": "cast", "type_as": "cast",
+    "contiguous": "identity", "clone": "identity", "detach": "identity",
+    "masked_fill": "masked_fill", "masked_fill_": "masked_fill",
+    "mul": "mul", "mul_": "mul", "div": "div", "div_": "div", "add": "add", "add_": "add",
+    "sub": "sub", "sub_": "sub", "neg": "neg", "tanh": "tanh",
+    "expand": "expand", "expand_as": "expand", "reshape": "reshape", "view": "reshape",
+    "view_as": "reshape", "reshape_as": "reshape", "flatten": "reshape", "unflatten": "reshape",
+    "unsqueeze": "unsqueeze", "squeeze": "squeeze",
     "repeat_interleave": "repeat_interleave",
+    "lt": "lt", "le": "le", "gt": "gt", "ge": "ge", "eq": "eq", "ne": "ne",
+    "logical_and": "and", "logical_or": "or", "logical_not": "not", "__and__": "and",
+    "__or__": "or", "__invert__": "not", "bitwise_not": "not",
+    "tril": "tril", "triu": "triu",
+    "new_ones": "full", "new_zeros": "full", "new_full": "full", "new_tensor": "full",
 }
+
+# aten-level spellings (torch.export, or code calling torch.ops.aten.* directly)
+_ATEN = {"_safe_softmax": "softmax", "_softmax": "softmax", "softmax": "softmax",
+         "bmm": "matmul", "matmul": "matmul", "scaled_dot_product_attention": "sdpa"}
 
 
 def label(node: fx.Node) -> str:
     """Canonical label of a node: 'matmul', 'softmax', 'sdpa', 'mul', ... or 'other:<name>'."""
     if node.op == "call_function":
         lab = _FUNCTIONS.get(node.target)
+        if lab is None and isinstance(node.target, torch._ops.OpOverload):
+            lab = _ATEN.get(node.target._opname)
         if lab is None and getattr(node.target, "__name__", "") == "_safe_softmax":
             lab = "softmax"
+        if lab is None and node.target is getattr and len(node.args) > 1:
+            lab = {"mT": "mT", "T": "other:T"}.get(node.args[1])
         return lab or f"other:{getattr(node.target, '__name__', node.target)}"
     if node.op == "call_method":
         return _METHODS.get(node.target, f"other:{node.target}")
@@ -87,9 +131,516 @@ def module_path(node: fx.Node) -> str:
 
 def clean_path(path: str) -> str:
     """Strip Dynamo's source prefixes: ``L['self'].model.layers.0`` -> ``model.layers.0``."""
-    import re
     path = re.sub(r"^(L|G)\[[^\]]*\](\[[^\]]*\])*\.?", "", path)
     path = re.sub(r"_modules\['([^']*)'\]", r"\1", path)
     path = re.sub(r"\[(\d+)\]", r".\1", path)
     path = re.sub(r"\['([^']*)'\]", r".\1", path)
+    path = re.sub(r"(^|\.)__self__(?=\.|$)", "", path)      # a compiled bound method's module
     return path.strip(".").replace("..", ".")
+
+
+# ---------------------------------------------------------------------------- adding nodes
+
+_COPIED_META = ("nn_module_stack", "stack_trace", "source_fn_stack")
+
+
+class Emitter:
+    """Adds nodes to a graph before an anchor, with ``meta['val']`` computed on fake tensors
+    and the anchor's module stack (so sites keep their module path).
+
+        em = Emitter(gm.graph, anchor)
+        kt = em.method("transpose", k, -2, -1)        # [B, H, D, N]
+        s = em.call(torch.matmul, q, kt)              # [B, H, N, N]
+    """
+
+    def __init__(self, graph: fx.Graph, anchor: fx.Node):
+        self.graph, self.anchor = graph, anchor
+        self.meta = {k: anchor.meta[k] for k in _COPIED_META if k in anchor.meta}
+
+    def _add(self, op: str, target, args, kwargs):
+        from torch._subclasses.fake_tensor import FakeTensor
+        inputs: list = []
+        fx.node.map_arg((args, kwargs), inputs.append)
+        # the mode of the recorded values (the tracing context may hold another one)
+        mode = next((v.fake_mode for v in map(val, inputs) if isinstance(v, FakeTensor)), None)
+        with self.graph.inserting_before(self.anchor):
+            node = self.graph.create_node(op, target, tuple(args), dict(kwargs))
+        node.meta.update(self.meta)
+        a, kw = fx.node.map_arg((args, kwargs),
+                                lambda n: n.meta.get("val", n.meta.get("example_value")))
+        if mode is not None:
+            with mode:
+                fn = getattr(a[0], target) if op == "call_method" else target
+                out = fn(*a[1:], **kw) if op == "call_method" else fn(*a, **kw)
+            node.meta["val"] = out
+        return node
+
+    def call(self, fn, *args, **kwargs) -> fx.Node:
+        return self._add("call_function", fn, args, kwargs)
+
+    def method(self, name: str, *args, **kwargs) -> fx.Node:
+        return self._add("call_method", name, args, kwargs)
+
+
+def runtime_scalar(x: Any) -> bool:
+    """A node holding a Python number known only at run time (a SymFloat/SymInt: Dynamo lifts
+    a float attribute that changed between compilations, e.g. ``self.scaling``, to one)."""
+    if not isinstance(x, fx.Node):
+        return False
+    v = x.meta.get("val", x.meta.get("example_value"))
+    return isinstance(v, (torch.SymFloat, torch.SymInt))
+
+
+def sym_expr(x: Any):
+    """sympy expression of an int / SymInt / fx node holding one (None otherwise)."""
+    import sympy
+    if isinstance(x, fx.Node):
+        x = x.meta.get("val", x.meta.get("example_value"))
+    if isinstance(x, bool):
+        return None
+    if isinstance(x, int):
+        return sympy.Integer(x)
+    if isinstance(x, torch.SymInt):
+        return x.node.expr
+    return None
+
+
+def const_scalar(x: Any) -> Optional[float]:
+    """A compile-time constant number: a Python number, or a node that builds a one-element
+    tensor from literals (``torch.full([], 8.0)``, ``torch.tensor(0.125)``, ``torch.ones(())``)."""
+    if isinstance(x, bool):
+        return None
+    if isinstance(x, (int, float)):
+        return float(x)
+    if isinstance(x, fx.Node) and x.op in ("call_function", "call_method") and label(x) == "full":
+        v = val(x)
+        if v is not None and v.numel() == 1:
+            return const_scalar(_fill_value(x))
+    return None
+
+
+_FILLS = {torch.ones: 1, torch.ones_like: 1, torch.zeros: 0, torch.zeros_like: 0,
+          "new_ones": 1, "new_zeros": 0}
+_FILL_ARG = {torch.full: 1, torch.full_like: 1, "new_full": 2, torch.tensor: 0,
+             torch.scalar_tensor: 0}
+
+
+def _fill_value(n: fx.Node):
+    """The value every element of a constant-building node (label "full") has."""
+    if n.target in _FILLS:
+        return _FILLS[n.target]
+    i = _FILL_ARG.get(n.target)
+    return arg(n, i, "fill_value") if i is not None else None
+
+
+# ---------------------------------------------------------------------------- index functions
+#
+# Masks are built from index arithmetic: ``arange`` compared with ``arange`` (HF masking_utils,
+# ``kv_idx <= q_idx``), ``tril``/``triu`` of constants, slices of a causal buffer (nanoGPT).
+# ``IndexEval`` evaluates such a subgraph *symbolically*: each tensor becomes an exact function
+# of its indices (sympy), so a mask can be proved causal from the graph rather than sampled.
+
+
+class IndexFn:
+    """A tensor as an exact function of its indices.
+
+    axes: per dim, the sympy symbol indexing that dim, or None where the value does not vary
+    kind: "int"  -> expr is a sympy integer expression (arange arithmetic, positions)
+          "bool" -> expr is a sympy boolean
+          "num"  -> expr is a tuple of (value, condition) pairs; conditions disjoint, covering
+    """
+
+    __slots__ = ("axes", "kind", "expr")
+
+    def __init__(self, axes, kind: str, expr):
+        self.axes, self.kind, self.expr = tuple(axes), kind, expr
+
+    def __repr__(self) -> str:
+        return f"IndexFn(axes={self.axes}, kind={self.kind}, expr={self.expr})"
+
+
+class Opaque(Exception):
+    """The tensor depends on something other than indices and constants (the reason says what)."""
+
+
+def _sp():
+    import sympy
+    return sympy
+
+
+def _shape(node) -> tuple:
+    v = val(node)
+    if v is None:
+        raise Opaque(f"no value recorded for {node}")
+    return tuple(sym_expr(s) for s in v.shape)
+
+
+def _subs(fn: IndexFn, mapping: dict) -> IndexFn:
+    if not mapping:
+        return fn
+    axes = tuple(mapping.get(a, a) if a is not None else None for a in fn.axes)
+    axes = tuple(a if (a is None or getattr(a, "is_Symbol", False)) else None for a in axes)
+    if fn.kind == "num":
+        expr = tuple((v, c.subs(mapping)) for v, c in fn.expr)
+    else:
+        expr = fn.expr.subs(mapping)
+    return IndexFn(axes, fn.kind, expr)
+
+
+def _merge(cases) -> tuple:
+    sp = _sp()
+    out: dict = {}
+    for v, c in cases:
+        if c is sp.false:
+            continue
+        out[v] = sp.Or(out[v], c) if v in out else c
+    if len(out) > 32:
+        raise Opaque("mask has too many distinct values")
+    return tuple(out.items())
+
+
+def to_num(fn: IndexFn) -> IndexFn:
+    sp = _sp()
+    if fn.kind == "num":
+        return fn
+    if fn.kind == "bool":
+        return IndexFn(fn.axes, "num", _merge([(1.0, fn.expr), (0.0, sp.Not(fn.expr))]))
+    if fn.expr.is_number:
+        return IndexFn(fn.axes, "num", ((float(fn.expr), sp.true),))
+    raise Opaque("an index expression is used as a mask value")
+
+
+def to_bool(fn: IndexFn):
+    sp = _sp()
+    if fn.kind == "bool":
+        return fn.expr
+    if fn.kind == "num":
+        return sp.Or(*[c for v, c in fn.expr if v != 0])
+    return sp.Ne(fn.expr, 0)
+
+
+def _const(x) -> IndexFn:
+    sp = _sp()
+    if isinstance(x, bool):
+        return IndexFn((), "bool", sp.true if x else sp.false)
+    if isinstance(x, int):
+        return IndexFn((), "int", sp.Integer(x))
+    if isinstance(x, float):
+        return IndexFn((), "num", ((x, sp.true),))
+    e = sym_expr(x)
+    if e is not None:
+        return IndexFn((), "int", e)
+    raise Opaque(f"unsupported operand {x!r}")
+
+
+def _tri(x: IndexFn, rows, cols, diagonal, upper: bool, fresh) -> IndexFn:
+    """tril/triu over the last two dims (sizes ``rows``, ``cols``)."""
+    sp = _sp()
+    axes = list(x.axes)
+    if len(axes) < 2:
+        raise Opaque("tril/triu of a tensor with fewer than 2 dims")
+    idx = []
+    for d, size in ((-2, rows), (-1, cols)):
+        if axes[d] is None:
+            if size == 1:
+                idx.append(sp.Integer(0))
+                continue
+            axes[d] = fresh()
+        idx.append(axes[d])
+    diff = idx[1] - idx[0]
+    cond = sp.Ge(diff, diagonal) if upper else sp.Le(diff, diagonal)
+    if x.kind == "bool":
+        return IndexFn(axes, "bool", sp.And(x.expr, cond))
+    n = to_num(x)
+    return IndexFn(axes, "num", _merge([(v, sp.And(c, cond)) for v, c in n.expr]
+                                       + [(0.0, sp.Not(cond))]))
+
+
+_ARITH = {"add": operator.add, "sub": operator.sub, "mul": operator.mul, "div": operator.truediv}
+_CMP = {"lt": "Lt", "le": "Le", "gt": "Gt", "ge": "Ge", "eq": "Eq", "ne": "Ne"}
+_PYCMP = {"lt": operator.lt, "le": operator.le, "gt": operator.gt, "ge": operator.ge,
+          "eq": operator.eq, "ne": operator.ne}
+
+
+def data_index_fn(t: torch.Tensor, fresh) -> IndexFn:
+    """IndexFn of a stored tensor that is a triangular pattern (a causal buffer), checked in
+    full: ``tril(ones(n, n)).view(1, 1, n, n)`` -> ``col - row <= 0``."""
+    sp = _sp()
+    if t.dim() < 2 or any(s != 1 for s in t.shape[:-2]) or t.numel() > (1 << 24):
+        raise Opaque(f"stored tensor of shape {list(t.shape)} is not a [1, .., R, C] pattern")
+    m = t.reshape(t.shape[-2], t.shape[-1])
+    nz = m if m.dtype == torch.bool else m != 0
+    dev = m.device
+    diff = (torch.arange(m.shape[1], device=dev)[None, :]
+            - torch.arange(m.shape[0], device=dev)[:, None])
+    r, c = fresh(), fresh()
+    if not nz.any():
+        cond = sp.false
+    else:
+        hi, lo = int(diff[nz].max()), int(diff[nz].min())
+        if torch.equal(nz, diff <= hi):
+            cond = sp.Le(c - r, hi)
+        elif torch.equal(nz, diff >= lo):
+            cond = sp.Ge(c - r, lo)
+        else:
+            raise Opaque("stored tensor is not a triangular (causal) pattern")
+    axes = [None] * (t.dim() - 2) + [r, c]
+    if m.dtype == torch.bool:
+        return IndexFn(axes, "bool", cond)
+    vals = m[nz].unique() if nz.any() else torch.zeros(0)
+    if vals.numel() > 1:
+        raise Opaque("stored tensor has several non-zero values")
+    v = float(vals[0]) if vals.numel() else 0.0
+    return IndexFn(axes, "num", _merge([(v, cond), (0.0, sp.Not(cond))]))
+
+
+def _is_buffer(n: fx.Node) -> bool:
+    """Is this Dynamo placeholder a module buffer (``..._buffers['bias']``)?"""
+    src = getattr(n.meta.get("grapharg"), "source", None)
+    name = getattr(src, "name", "") if src is not None else ""
+    name = name() if callable(name) else name
+    return "_buffers" in n.name or "_buffers[" in str(name)
+
+
+class IndexEval:
+    """Evaluate nodes into ``IndexFn`` (memoised); ``Opaque`` says what stops it.
+
+    ``example_inputs`` (the real tensors a Dynamo backend receives, in placeholder order) let
+    stored buffers be read; trainable parameters and other inputs stay opaque.
+    """
+
+    def __init__(self, gm: fx.GraphModule, example_inputs=None):
+        self.gm = gm
+        self.memo: dict = {}
+        self._n = 0
+        self.data: dict = {}
+        phs = [n for n in gm.graph.nodes if n.op == "placeholder"]
+        if example_inputs is not None and len(example_inputs) == len(phs):
+            for n, t in zip(phs, example_inputs):
+                self.data[n] = t
+
+    def fresh(self):
+        self._n += 1
+        return _sp().Symbol(f"x{self._n}", integer=True, nonnegative=True)
+
+    def __call__(self, x) -> IndexFn:
+        if not isinstance(x, fx.Node):
+            return _const(x)
+        if x not in self.memo:
+            try:
+                fn = self._eval(x)
+                v = val(x)
+                if v is not None and v.dim() == len(fn.axes):
+                    # a size-1 dim broadcasts: its value is the one at index 0 (arange(1) -> 0)
+                    ones = {a: 0 for a, s in zip(fn.axes, v.shape) if a is not None and s == 1}
+                    fn = _subs(fn, ones)
+                self.memo[x] = fn
+            except Opaque as e:
+                self.memo[x] = e
+        r = self.memo[x]
+        if isinstance(r, Opaque):
+            raise r
+        return r
+
+    # -- helpers
+    def _bcast(self, fns: list, out_ndim: int) -> tuple[list, list]:
+        """Right-align ``fns`` to ``out_ndim`` dims, unifying index symbols per dim."""
+        axes: list = [None] * out_ndim
+        out = []
+        for fn in fns:
+            pad = [None] * (out_ndim - len(fn.axes)) + list(fn.axes)
+            mapping = {}
+            for d, a in enumerate(pad):
+                if a is None:
+                    continue
+                if axes[d] is None:
+                    axes[d] = a
+                elif axes[d] != a:
+                    mapping[a] = axes[d]
+            out.append(_subs(IndexFn(pad, fn.kind, fn.expr), mapping))
+        return axes, out
+
+    def _eval(self, n: fx.Node) -> IndexFn:
+        sp = _sp()
+        lab = label(n)
+        v = val(n)
+        if v is None and sym_expr(n) is not None:             # a SymInt: a size or an offset
+            return IndexFn((), "int", sym_expr(n))
+        if n.op in ("placeholder", "get_attr"):
+            t = self.data.get(n) if n.op == "placeholder" else getattr(self.gm, n.target, None)
+            from torch._subclasses.fake_tensor import FakeTensor
+            if not isinstance(t, torch.Tensor) or isinstance(t, FakeTensor):
+                raise Opaque(f"graph input {n.name}")
+            if isinstance(t, torch.nn.Parameter) and t.requires_grad:
+                raise Opaque(f"trainable parameter {n.name}")
+            if n.op == "placeholder" and not _is_buffer(n):
+                # a call argument may hold other values on the next call (Dynamo does not guard
+                # tensor values): never prove anything from its contents
+                raise Opaque(f"graph input {n.name} (a call argument, its values may change)")
+            return data_index_fn(t.detach(), self.fresh)
+        if v is None:
+            raise Opaque(f"{n.name} is not a tensor")
+        nd = v.dim()
+        src_dtype = getattr(val(n.args[0]), "dtype", None) if n.args else None
+        if lab == "identity" or (lab == "cast" and v.dtype == src_dtype):
+            return self(n.args[0])
+        if lab == "cast":
+            src = self(n.args[0])
+            if v.dtype == torch.bool:
+                return IndexFn(src.axes, "bool", to_bool(src))
+            if src.kind == "int":
+                return src
+            num = to_num(src)
+            if not v.dtype.is_floating_point:
+                num = IndexFn(num.axes, "num", _merge([(float(int(a)), c) for a, c in num.expr]))
+            return num
+        if lab == "arange":
+            a = [arg(n, i, nm) for i, nm in enumerate(("start", "end", "step"))]
+            a = [x for x in a if x is not None]
+            start, step = (0, 1) if len(a) == 1 else (a[0], a[2] if len(a) > 2 else 1)
+            s0, st = sym_expr(start), sym_expr(step)
+            if s0 is None or st is None:
+                raise Opaque(f"arange with non-integer bounds ({n.format_node()})")
+            s = self.fresh()
+            return IndexFn([s], "int", s0 + st * s)
+        if lab == "full":
+            c = const_scalar(_fill_value(n))
+            if c is None:
+                raise Opaque(f"constant with unknown fill value ({n.format_node()})")
+            axes = [None] * nd
+            if v.dtype == torch.bool:
+                return IndexFn(axes, "bool", sp.true if c else sp.false)
+            return IndexFn(axes, "num", ((c, sp.true),))
+        if lab in _ARITH or lab in _CMP or lab in ("and", "or", "xor"):
+            a, b = n.args[0], n.args[1] if len(n.args) > 1 else arg(n, 1, "other")
+            axes, (fa, fb) = self._bcast([self(a), self(b)], nd)
+            return IndexFn(axes, *self._binary(lab, fa, fb, v))
+        if lab == "neg":
+            f = self(n.args[0])
+            if f.kind == "int":
+                return IndexFn(f.axes, "int", -f.expr)
+            f = to_num(f)
+            return IndexFn(f.axes, "num", _merge([(-a, c) for a, c in f.expr]))
+        if lab == "not":
+            f = self(n.args[0])
+            if f.kind != "bool":
+                raise Opaque(f"bitwise not of a non-boolean tensor ({n.format_node()})")
+            return IndexFn(f.axes, "bool", sp.Not(f.expr))
+        if lab in ("where", "masked_fill"):
+            if lab == "where":
+                c, a, b = n.args[0], n.args[1], n.args[2]
+            else:
+                a, c, b = arg(n, 2, "value"), arg(n, 1, "mask"), n.args[0]
+            axes, (fc, fa, fb) = self._bcast([self(c), self(a), self(b)], nd)
+            cond = to_bool(fc)
+            cases = [(x, sp.And(k, cond)) for x, k in to_num(fa).expr]
+            cases += [(x, sp.And(k, sp.Not(cond))) for x, k in to_num(fb).expr]
+            out = IndexFn(axes, "num", _merge(cases))
+            return IndexFn(axes, "bool", to_bool(out)) if v.dtype == torch.bool else out
+        if lab in ("tril", "triu"):
+            x = self(n.args[0])
+            d = sym_expr(arg(n, 1, "diagonal", 0))
+            shp = _shape(n)
+            return _tri(x, shp[-2], shp[-1], d, lab == "triu", self.fresh)
+        if lab == "getitem":
+            return self._getitem(n)
+        if lab in ("unsqueeze", "squeeze", "reshape", "expand"):
+            return self._reshape(n)
+        if lab in ("transpose", "permute"):
+            x = self(n.args[0])
+            r = len(x.axes)
+            if lab == "transpose":
+                d0, d1 = arg(n, 1, "dim0") % r, arg(n, 2, "dim1") % r
+                order = list(range(r))
+                order[d0], order[d1] = order[d1], order[d0]
+            else:
+                order = n.args[1:] if len(n.args) > 2 else arg(n, 1, "dims")
+                order = [d % r for d in order]
+            return IndexFn([x.axes[d] for d in order], x.kind, x.expr)
+        raise Opaque(f"{n.format_node()} ({lab}) is not index arithmetic")
+
+    def _binary(self, lab, fa: IndexFn, fb: IndexFn, v) -> tuple:
+        sp = _sp()
+        if lab in ("and", "or", "xor"):
+            if fa.kind == "bool" and fb.kind == "bool":
+                op = {"and": sp.And, "or": sp.Or, "xor": sp.Xor}[lab]
+                return "bool", op(fa.expr, fb.expr)
+            raise Opaque(f"logical {lab} of non-boolean tensors")
+        if fa.kind == "int" and fb.kind == "int":
+            if lab in _CMP:
+                return "bool", getattr(sp, _CMP[lab])(fa.expr, fb.expr)
+            if lab == "div":
+                raise Opaque("division of index tensors")
+            return "int", _ARITH[lab](fa.expr, fb.expr)
+        na, nb = to_num(fa), to_num(fb)
+        cases = []
+        for x, cx in na.expr:
+            for y, cy in nb.expr:
+                r = _PYCMP[lab](x, y) if lab in _PYCMP else _ARITH[lab](x, y)
+                cases.append((r, sp.And(cx, cy)))
+        if lab in _CMP:
+            return "bool", sp.Or(*[c for r, c in cases if r])
+        return "num", _merge(cases)
+
+    def _getitem(self, n: fx.Node) -> IndexFn:
+        x = self(n.args[0])
+        shp = _shape(n.args[0])
+        idx = n.args[1] if isinstance(n.args[1], tuple) else (n.args[1],)
+        used = sum(1 for i in idx if i is not None and i is not Ellipsis)
+        exp = []
+        for i in idx:
+            if i is Ellipsis:
+                exp += [slice(None)] * (len(x.axes) - used)
+            else:
+                exp.append(i)
+        exp += [slice(None)] * (len(x.axes) - sum(1 for i in exp if i is not None))
+        axes, mapping, d = [], {}, 0
+        for i in exp:
+            if i is None:
+                axes.append(None)
+                continue
+            a = x.axes[d]
+            if isinstance(i, slice):
+                if i.step not in (None, 1):
+                    raise Opaque(f"strided slice in {n.format_node()}")
+                start = sym_expr(i.start) if i.start is not None else _sp().Integer(0)
+                if start is None:
+                    raise Opaque(f"slice start {i.start!r} is not an integer")
+                if start.is_number and start < 0:
+                    start = shp[d] + start
+                if a is not None and start != 0:
+                    t = self.fresh()
+                    mapping[a] = start + t
+                    a = t
+                axes.append(a)
+            else:
+                k = sym_expr(i)
+                if k is None:
+                    raise Opaque(f"tensor index in {n.format_node()}")
+                if k.is_number and k < 0:
+                    k = shp[d] + k
+                if a is not None:
+                    mapping[a] = k
+            d += 1
+        out = _subs(IndexFn(x.axes, x.kind, x.expr), mapping)
+        return IndexFn(axes, out.kind, out.expr)
+
+    def _reshape(self, n: fx.Node) -> IndexFn:
+        """Views that only add/drop size-1 dims or broadcast size-1 dims (expand)."""
+        x = self(n.args[0])
+        sin, sout = _shape(n.args[0]), _shape(n)
+        zero = {a: 0 for a, s in zip(x.axes, sin) if a is not None and s == 1}
+        if label(n) == "expand":
+            pad = len(sout) - len(sin)
+            axes = [None] * pad + [None if s == 1 else a for a, s in zip(x.axes, sin)]
+            out = _subs(x, zero)
+            return IndexFn(axes, out.kind, out.expr)
+        kin = [(a, s) for a, s in zip(x.axes, sin) if s != 1]
+        kout = [d for d, s in enumerate(sout) if s != 1]
+        if [s for _, s in kin] != [sout[d] for d in kout]:
+            raise Opaque(f"reshape {list(sin)} -> {list(sout)} mixes dims ({n.format_node()})")
+        axes = [None] * len(sout)
+        for (a, _), d in zip(kin, kout):
+            axes[d] = a
+        out = _subs(x, zero)
+        return IndexFn(axes, out.kind, out.expr)

@@ -3,6 +3,10 @@
     scores          = torch.ops.sparse.score(q, k, [mods...], key)
     counts, indices = torch.ops.sparse.select(scores, q, k, key)
     out             = torch.ops.sparse.attend(q, k, v, [mods...], counts, indices, key)
+
+A match may ask for small views first (``Match.q_fix`` ...): a ``[B*H, N, D]`` layout is viewed
+as ``[B, H, N, D]`` and the output viewed back; a mask given as ``where(m, s, v)`` is negated
+to fit ``masked_fill``; a bias added before a scale is scaled.
 """
 from __future__ import annotations
 
@@ -14,13 +18,40 @@ import torch.fx as fx
 import runtime.ops  # noqa: F401  (registers torch.ops.sparse.*)
 from passes.context import SiteRecord
 from passes.discover import discover
-from passes.graph import val
+from passes.graph import Emitter, val
 from runtime.spec import SiteSpec, register
 
 
 def discover_attention(gm: fx.GraphModule, ctx) -> fx.GraphModule:
-    ctx.matches, ctx.unmatched = discover(gm)
+    ctx.matches, ctx.unmatched = discover(gm, ctx.example_inputs)
     return gm
+
+
+def _apply_fix(em: Emitter, x: fx.Node, fix) -> fx.Node:
+    """Materialise a discovery recipe on ``x`` (see ``passes.discover.Match``)."""
+    for step in fix:
+        op = step[0]
+        if op == "mul":
+            x = em.call(operator.mul, x, step[1])
+        elif op == "div":
+            x = em.call(operator.truediv, x, step[1])
+        elif op == "neg":
+            x = em.call(operator.neg, x)
+        elif op == "not":
+            x = em.call(torch.logical_not, x)
+        elif op == "unflatten0":
+            x = em.method("unflatten", x, 0, (-1, step[1]))
+        elif op == "unsqueeze0":
+            x = em.method("unsqueeze", x, 0)
+        elif op == "flatten01":
+            x = em.method("flatten", x, 0, 1)
+        elif op == "squeeze0":
+            x = em.method("squeeze", x, 0)
+        elif op == "to":
+            x = em.method("to", x, step[1])
+        else:
+            raise ValueError(f"unknown recipe step {step!r} for {x.format_node()}")
+    return x
 
 
 def _shapes(m) -> str:
@@ -53,21 +84,18 @@ def rewrite_to_sparse(gm: fx.GraphModule, ctx) -> fx.GraphModule:
         spec = SiteSpec(site=m.site, owner=ctx.owner, policy=pol, scale=m.scale, causal=m.causal,
                         gqa_group=m.gqa_group, mods=m.mods)
         key = register(spec)
-        meta = {k: m.out.meta[k] for k in ("nn_module_stack", "stack_trace", "source_fn_stack")
-                if k in m.out.meta}
-        with g.inserting_before(m.out):
-            mods = list(m.mod_nodes)
-            sc = g.call_function(torch.ops.sparse.score.default, (m.q, m.k, mods, key))
-            sel = g.call_function(torch.ops.sparse.select.default, (sc, m.q, m.k, key))
-            counts = g.call_function(operator.getitem, (sel, 0))
-            indices = g.call_function(operator.getitem, (sel, 1))
-            out = g.call_function(torch.ops.sparse.attend.default,
-                                  (m.q, m.k, m.v, mods, counts, indices, key))
-        for n in (sc, sel, counts, indices, out):
-            n.meta.update(meta)
-        if "val" in m.out.meta:
-            out.meta["val"] = m.out.meta["val"]
+        em = Emitter(g, m.out)
+        q, k, v = (_apply_fix(em, x, fix) for x, fix in ((m.q, m.q_fix), (m.k, m.k_fix),
+                                                         (m.v, m.v_fix)))
+        mods = [_apply_fix(em, t, fix) for t, fix in zip(m.mod_nodes, m.mod_fix or
+                                                         [()] * len(m.mod_nodes))]
+        sc = em.call(torch.ops.sparse.score.default, q, k, mods, key)
+        sel = em.call(torch.ops.sparse.select.default, sc, q, k, key)
+        counts = em.call(operator.getitem, sel, 0)
+        indices = em.call(operator.getitem, sel, 1)
+        out = em.call(torch.ops.sparse.attend.default, q, k, v, mods, counts, indices, key)
         out.meta["sparse_site"] = m.site
+        out = _apply_fix(em, out, m.out_fix)
         m.out.replace_all_uses_with(out)
         rec.status, rec.spec_key = "rewritten", key
     g.eliminate_dead_code()

@@ -10,7 +10,9 @@
 from __future__ import annotations
 
 import itertools
+import os
 import threading
+import warnings
 from typing import Optional
 
 import torch
@@ -47,7 +49,18 @@ class Backend:
             ctx = PassContext(policies=self.policies, owner=self.owner, graph_index=idx,
                               example_inputs=example_inputs, verify=self.verify,
                               cost_model=self.cost_model)
-            gm = run_pipeline(gm, ctx)
+            try:
+                gm = run_pipeline(gm, ctx)
+            except Exception as e:             # never break the user's model: run it as captured
+                if os.environ.get("PLANNER_STRICT", "0") == "1":
+                    raise
+                self.graphs.append(gm)
+                self.unmatched[("<graph>", f"graph{idx}")] = UnmatchedSoftmax(
+                    f"graph{idx}", "<whole graph>",
+                    f"planner passes failed, graph left as captured: {type(e).__name__}: {e}", idx)
+                warnings.warn(f"sparse-planner: passes failed on graph {idx}, running it unchanged: "
+                              f"{type(e).__name__}: {e}")
+                return gm.forward
             self.graphs.append(gm)
             for rec in ctx.sites:
                 self.records[rec.name] = rec

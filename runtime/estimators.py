@@ -138,6 +138,23 @@ def _auto_select(sc, q, k, spec):
                                     local_blocks=p.local_blocks)
 
 
+def _static(select_fn):
+    """Static patterns do not depend on the input: build them once per shape and reuse them
+    (across calls, layers and heads of the same shape)."""
+    cache: dict = {}
+
+    def select(sc, q, k, spec):
+        key = (spec.policy, spec.causal, spec.block, q.shape[0], k.shape[1], q.shape[2],
+               k.shape[2], str(q.device))
+        hit = cache.get(key)
+        if hit is None:
+            if len(cache) > 64:
+                cache.clear()
+            hit = cache[key] = select_fn(sc, q, k, spec)
+        return hit[0].clone(), hit[1].clone()       # op outputs must not alias each other
+    return select
+
+
 ESTIMATORS: dict[str, Estimator] = {
     "dense": Estimator(),
     "block_topk": Estimator(_bt_score, _grid_shape, _bt_select),
@@ -145,9 +162,9 @@ ESTIMATORS: dict[str, Estimator] = {
     "vertical_slash": Estimator(_vs_score, lambda q, k, s: (q.shape[0], k.shape[1], 2, k.shape[2]),
                                 _vs_select),
     "quest": Estimator(_q_score, _grid_shape, _q_select),
-    "sink_window": Estimator(select=_sw_select, token_keep=_sw_keep),
-    "longformer": Estimator(select=_lf_select, token_keep=_lf_keep),
-    "bigbird": Estimator(select=_bb_select),
+    "sink_window": Estimator(select=_static(_sw_select), token_keep=_sw_keep),
+    "longformer": Estimator(select=_static(_lf_select), token_keep=_lf_keep),
+    "bigbird": Estimator(select=_static(_bb_select)),
     "auto": Estimator(_auto_score, _grid_shape, _auto_select),
 }
 

@@ -80,3 +80,40 @@ def test_graph_break_between_sites_keeps_both():
     assert torch.allclose(out, f(q, q, q), atol=1e-6)
     assert len(rep._graphs) == 2
     assert sorted(s.status for s in rep.sites) == ["rewritten", "rewritten"]
+
+
+def test_call_argument_mask_is_never_proved_causal():
+    """A mask passed in by the caller may differ next call: it stays a modifier."""
+    from runtime.spec import lookup
+
+    def attn(q, k, v, m):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=m)
+    q = torch.randn(1, 2, 24, 8)
+    tril = torch.ones(24, 24, dtype=torch.bool).tril()
+    f, out, rep = _compile_fn(attn, q, q, q, tril)
+    gm = rep._graphs[0]
+    (spec,) = [lookup(n.args[-1]) for n in gm.graph.nodes
+               if n.target is torch.ops.sparse.attend.default]
+    assert spec.causal is None and spec.mods == (("keep",),)
+    other = torch.rand(24, 24) > 0.5
+    other[:, 0] = True
+    assert torch.allclose(f(q, q, q, other), attn(q, q, q, other), atol=1e-6)
+
+
+def test_a_failing_pass_leaves_the_model_running(monkeypatch):
+    import passes
+
+    def broken(gm, ctx):
+        raise RuntimeError("boom")
+    monkeypatch.setattr(passes, "PIPELINE", [broken])
+    q = torch.randn(1, 2, 8, 4)
+
+    def f(q, k, v):
+        return F.scaled_dot_product_attention(q, k, v)
+    with pytest.warns(UserWarning, match="boom"):
+        cf, out, rep = _compile_fn(f, q, q, q)
+    assert torch.allclose(out, f(q, q, q))
+    assert any("boom" in u.reason for u in rep.unmatched())
+    monkeypatch.setenv("PLANNER_STRICT", "1")
+    with pytest.raises(Exception, match="boom"):
+        planner.compile(lambda x: torch.softmax(x, -1) * 2, policy="dense")(torch.randn(3, 3))

@@ -57,8 +57,10 @@ def last_rows_attention(q, k, scale: float, mods: Sequence[tuple], mod_tensors, 
     Hkv, Nkv = k.shape[1], k.shape[2]
     L = min(last_q, Nq)
     r0 = Nq - L
-    kf = k.to(torch.float32).repeat_interleave(Hq // Hkv, dim=1)
-    s = torch.matmul(q[:, :, r0:].to(torch.float32), kf.transpose(-1, -2)) * scale
+    G = Hq // Hkv
+    # [B, Hkv, G*L, D] @ [B, Hkv, D, Nkv] in the inputs' dtype (fp32 accumulate), no K copy
+    ql = q[:, :, r0:].reshape(B, Hkv, G * L, D)
+    s = torch.matmul(ql, k.transpose(-1, -2)).to(torch.float32).reshape(B, Hq, L, Nkv) * scale
     s = apply_modifiers(s, mods, mod_tensors, slice(r0, Nq))
     pos = torch.arange(r0, Nq, device=q.device) + positions_offset(causal, Nq, Nkv)
     if causal is not None:

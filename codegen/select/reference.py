@@ -71,14 +71,17 @@ def allowed_blocks(q_shape, k_shape, mods: Sequence[tuple], mod_tensors: Sequenc
 
 
 def _pool(x: torch.Tensor, block: int) -> torch.Tensor:
-    """Mean over each block of rows (the last block may be short): [B, H, N, D] -> [B, H, NB, D]."""
+    """Mean over each block of rows (the last block may be short): [B, H, N, D] -> [B, H, NB, D]
+    in fp32, accumulated without an fp32 copy of ``x``."""
     B, H, N, D = x.shape
-    nb = _cdiv(N, block)
-    xp = torch.zeros(B, H, nb * block, D, dtype=torch.float32, device=x.device)
-    xp[:, :, :N] = x.to(torch.float32)
-    sizes = torch.full((nb,), float(block), device=x.device)
-    sizes[-1] = N - (nb - 1) * block
-    return xp.reshape(B, H, nb, block, D).sum(dim=3) / sizes[:, None]
+    full = N // block
+    parts = []
+    if full:
+        parts.append(x[:, :, :full * block].reshape(B, H, full, block, D).sum(3, dtype=torch.float32)
+                     / block)
+    if N % block:
+        parts.append(x[:, :, full * block:].sum(2, keepdim=True, dtype=torch.float32) / (N % block))
+    return torch.cat(parts, dim=2) if len(parts) > 1 else parts[0]
 
 
 def pooled_block_scores(q: torch.Tensor, k: torch.Tensor, scale: float, block: int,
@@ -114,15 +117,17 @@ def _forced_blocks(nqb: int, nkb: int, n_q: int, n_kv: int, causal, block: int,
 
 
 def blocks_from_mask(sel: torch.Tensor):
-    """bool [B, H, NQB, NKB] -> (counts int32 [B, H, NQB], indices int32 [B, H, NQB, NKB])."""
+    """bool [B, H, NQB, NKB] -> (counts int32 [B, H, NQB], indices int32 [B, H, NQB, NKB]).
+
+    Selected block ids ascending, -1 after ``counts`` (a scatter by running count, no sort)."""
     nkb = sel.shape[-1]
     counts = sel.sum(dim=-1, dtype=torch.int32)
-    j = torch.arange(nkb, device=sel.device, dtype=torch.int32)
-    key = torch.where(sel, j, nkb + j)                       # selected first, ascending
-    order = key.argsort(dim=-1).to(torch.int32)
-    idx = torch.where(torch.arange(nkb, device=sel.device) < counts[..., None], order,
-                      torch.full_like(order, -1))
-    return counts, idx
+    pos = torch.cumsum(sel, dim=-1, dtype=torch.int32) - 1                # slot of each selected id
+    pos = torch.where(sel, pos, torch.full_like(pos, nkb))                 # unselected -> spare slot
+    j = torch.arange(nkb, device=sel.device, dtype=torch.int32).expand_as(pos)
+    idx = torch.full((*sel.shape[:-1], nkb + 1), -1, dtype=torch.int32, device=sel.device)
+    idx.scatter_(-1, pos.long(), j)
+    return counts, idx[..., :nkb].contiguous()
 
 
 def mask_from_blocks(counts: torch.Tensor, indices: torch.Tensor, nkb: int) -> torch.Tensor:
