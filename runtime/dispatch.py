@@ -54,12 +54,16 @@ def select(scores, q, k, spec: SiteSpec):
 
 
 def _all_blocks(q, k, spec: SiteSpec):
-    """Block lists naming every key block (same shapes as the policy's selection)."""
+    """Placeholder lists (shaped like the policy's selection, all empty) for a call the cost
+    model runs densely: attend ignores them and computes every pair."""
     b = estimators.block_of(spec)
-    nqb, nkb = -(-q.shape[2] // b), -(-k.shape[2] // b)
-    counts = torch.full((q.shape[0], k.shape[1], nqb), nkb, dtype=torch.int32, device=q.device)
-    idx = torch.arange(nkb, dtype=torch.int32, device=q.device).expand(q.shape[0], k.shape[1], nqb, nkb)
-    return counts, idx.contiguous()
+    nqb, width = -(-q.shape[2] // b), -(-k.shape[2] // b)
+    w = estimators.get(spec.policy.name).select_width
+    if w is not None:
+        width = w(q, k, spec)
+    counts = torch.zeros((q.shape[0], k.shape[1], nqb), dtype=torch.int32, device=q.device)
+    idx = torch.full((q.shape[0], k.shape[1], nqb, width), -1, dtype=torch.int32, device=q.device)
+    return counts, idx
 
 
 @functools.lru_cache(maxsize=1024)

@@ -14,8 +14,9 @@ from typing import Callable, Optional
 import torch
 
 from codegen.select import policies as P
-from codegen.select.reference import (allowed_blocks, pooled_block_scores, select_topk_blocks,
-                                      window_blocks, window_keep_fn)
+from codegen.select.reference import (allowed_blocks, pooled_block_logits, pooled_block_scores,
+                                      select_topk_blocks, topk_width, window_blocks,
+                                      window_keep_fn)
 
 
 def _cdiv(a, b):
@@ -27,6 +28,7 @@ class Estimator:
     score: Optional[Callable] = None          # (q, k, mod_tensors, spec) -> Tensor
     score_shape: Optional[Callable] = None    # (q, k, spec) -> shape of the score tensor
     select: Optional[Callable] = None         # (scores, q, k, spec) -> (counts, indices)
+    select_width: Optional[Callable] = None   # (q, k, spec) -> index-list width (default NKB)
     token_keep: Optional[Callable] = None     # (spec, n_q, n_kv, device) -> keep(r0, r1)
 
 
@@ -46,7 +48,10 @@ def _grid_shape(q, k, spec):
 
 # ---------------------------------------------------------------- block_topk
 def _bt_score(q, k, mods, spec):
-    return pooled_block_scores(q, k, spec.scale, spec.policy.block, _allowed(q, k, mods, spec))
+    allowed = _allowed(q, k, mods, spec)
+    if q.shape[1] == k.shape[1]:          # one head per group: the softmax cannot change ranks
+        return pooled_block_logits(q, k, spec.scale, spec.policy.block, allowed)
+    return pooled_block_scores(q, k, spec.scale, spec.policy.block, allowed)
 
 
 def _bt_select(sc, q, k, spec):
@@ -157,11 +162,15 @@ def _static(select_fn):
 
 ESTIMATORS: dict[str, Estimator] = {
     "dense": Estimator(),
-    "block_topk": Estimator(_bt_score, _grid_shape, _bt_select),
+    "block_topk": Estimator(_bt_score, _grid_shape, _bt_select, select_width=lambda q, k, s: topk_width(
+        _cdiv(k.shape[2], s.policy.block), s.policy.topk, s.policy.sink_blocks,
+        s.policy.local_blocks)),
     "threshold": Estimator(_th_score, _grid_shape, _th_select),
     "vertical_slash": Estimator(_vs_score, lambda q, k, s: (q.shape[0], k.shape[1], 2, k.shape[2]),
                                 _vs_select),
-    "quest": Estimator(_q_score, _grid_shape, _q_select),
+    "quest": Estimator(_q_score, _grid_shape, _q_select, select_width=lambda q, k, s: topk_width(
+        _cdiv(k.shape[2], s.policy.page), math.ceil(s.policy.budget / s.policy.page),
+        s.policy.sink_pages, s.policy.local_pages)),
     "sink_window": Estimator(select=_static(_sw_select), token_keep=_sw_keep),
     "longformer": Estimator(select=_static(_lf_select), token_keep=_lf_keep),
     "bigbird": Estimator(select=_static(_bb_select)),

@@ -51,6 +51,9 @@ def _(scores, q, k, key):
     if spec.policy.attend_kind == "block":
         b = estimators.block_of(spec)
         nqb, nkb = _cdiv(q.shape[2], b), _cdiv(k.shape[2], b)
+        width = estimators.get(spec.policy.name).select_width
+        if width is not None:
+            nkb = width(q, k, spec)
         return (q.new_empty(q.shape[0], k.shape[1], nqb, dtype=torch.int32),
                 q.new_empty(q.shape[0], k.shape[1], nqb, nkb, dtype=torch.int32))
     e = q.new_empty(0, dtype=torch.int32)

@@ -84,6 +84,17 @@ def _pool(x: torch.Tensor, block: int) -> torch.Tensor:
     return torch.cat(parts, dim=2) if len(parts) > 1 else parts[0]
 
 
+def pooled_block_logits(q: torch.Tensor, k: torch.Tensor, scale: float, block: int,
+                        allowed: torch.Tensor) -> torch.Tensor:
+    """Pooled-q x pooled-k logits [B, Hkv, NQB, NKB] (-inf where not allowed), for MHA/MQA
+    groups of one head, where ranking by logit equals ranking by ``pooled_block_scores``."""
+    B, Hq, _, _ = q.shape
+    if Hq != k.shape[1]:
+        raise ValueError("pooled_block_logits ranks like pooled_block_scores only when Hq == Hkv")
+    s = torch.matmul(_pool(q, block), _pool(k, block).transpose(-1, -2)) * scale
+    return s.masked_fill(~allowed, float("-inf"))
+
+
 def pooled_block_scores(q: torch.Tensor, k: torch.Tensor, scale: float, block: int,
                         allowed: torch.Tensor) -> torch.Tensor:
     """Estimated attention mass of each key block for each query block, per GQA group.
@@ -139,21 +150,51 @@ def mask_from_blocks(counts: torch.Tensor, indices: torch.Tensor, nkb: int) -> t
     return sel[..., :nkb]
 
 
+def topk_width(nkb: int, topk: int, sink_blocks: int, local_blocks: int) -> int:
+    """Width of the index lists ``select_topk_blocks`` returns (at most NKB)."""
+    return max(1, min(nkb, topk + sink_blocks + local_blocks))
+
+
 def select_topk_blocks(scores: torch.Tensor, n_q: int, n_kv: int, causal, block: int, *,
                        topk: int, sink_blocks: int, local_blocks: int):
-    """Top-``topk`` allowed key blocks by score plus the forced sink/local blocks."""
+    """Top-``topk`` allowed key blocks by score plus the forced sink/local blocks.
+
+    Returns block lists of width ``topk_width(...)`` (FlexAttention allows lists narrower than
+    NKB): ascending ids, -1 after ``counts``. No [NQB, NKB] selection map is built."""
     B, H, nqb, nkb = scores.shape
+    dev = scores.device
+    width = topk_width(nkb, topk, sink_blocks, local_blocks)
     allowed = scores > float("-inf")
-    forced = _forced_blocks(nqb, nkb, n_q, n_kv, causal, block, sink_blocks, local_blocks,
-                            scores.device) & allowed
-    sel = forced.clone()
+    forced = _forced_blocks(nqb, nkb, n_q, n_kv, causal, block, sink_blocks, local_blocks, dev)
+    big = torch.iinfo(torch.int32).max
+    parts = []
     k = min(topk, nkb)
     if k > 0:
         rank = scores.masked_fill(forced, float("-inf"))
         vals, idx = rank.topk(k, dim=-1)
-        sel.scatter_(-1, idx, vals > float("-inf"))
-        sel |= forced
-    return blocks_from_mask(sel)
+        parts.append(torch.where(vals > float("-inf"), idx.to(torch.int32), big))
+    # forced ids: sink blocks, then local blocks that are not sink blocks
+    off = positions_offset(causal, n_q, n_kv)
+    last_row = torch.clamp((torch.arange(nqb, device=dev) + 1) * block, max=n_q) - 1
+    last_blk = torch.clamp((last_row + off) // block, 0, nkb - 1)                  # [NQB]
+    f_ids = []
+    if sink_blocks:
+        f_ids.append(torch.arange(min(sink_blocks, nkb), device=dev).expand(nqb, -1))
+    if local_blocks:
+        loc = last_blk[:, None] - torch.arange(local_blocks, device=dev)[None, :]
+        f_ids.append(torch.where(loc >= sink_blocks, loc, torch.full_like(loc, -1)))
+    if f_ids:
+        fid = torch.cat(f_ids, dim=1)                                                # [NQB, F]
+        ok = (fid >= 0) & allowed.gather(-1, fid.clamp_min(0).expand(B, H, nqb, -1))
+        parts.append(torch.where(ok, fid.to(torch.int32).expand(B, H, nqb, -1), big))
+    ids = torch.cat(parts, dim=-1) if parts else torch.full((B, H, nqb, 1), big, dtype=torch.int32,
+                                                            device=dev)
+    ids, _ = ids.sort(dim=-1)
+    ids = ids[..., :width]
+    counts = (ids != big).sum(-1, dtype=torch.int32)
+    if ids.shape[-1] < width:
+        ids = torch.cat([ids, ids.new_full((B, H, nqb, width - ids.shape[-1]), big)], -1)
+    return counts, torch.where(ids == big, torch.full_like(ids, -1), ids).contiguous()
 
 
 def window_blocks(B: int, H: int, n_q: int, n_kv: int, causal, block: int, *, sink: int,
