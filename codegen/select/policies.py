@@ -207,12 +207,19 @@ def quest_estimate(q, k, page: int, allowed: torch.Tensor, chunk: int = 4096) ->
     B, Hq, Nq, D = q.shape
     Hkv, Nkv = k.shape[1], k.shape[2]
     npg = _cdiv(Nkv, page)
-    kf = k.to(torch.float32)
-    pad = npg * page - Nkv
-    kp = torch.nn.functional.pad(kf, (0, 0, 0, pad)).reshape(B, Hkv, npg, page, D)
-    valid = (torch.arange(npg * page, device=k.device) < Nkv).reshape(npg, page)[..., None]
-    mx = kp.masked_fill(~valid, float("-inf")).amax(3)                          # [B, Hkv, NP, D]
-    mn = kp.masked_fill(~valid, float("inf")).amin(3)
+    full = Nkv // page
+    # min/max over the pages in k's own dtype (one read of k, no fp32 or padded copy)
+    mxs, mns = [], []
+    if full:
+        kp = k[:, :, :full * page].reshape(B, Hkv, full, page, D)
+        mxs.append(kp.amax(3))
+        mns.append(kp.amin(3))
+    if Nkv % page:
+        tail = k[:, :, full * page:]
+        mxs.append(tail.amax(2, keepdim=True))
+        mns.append(tail.amin(2, keepdim=True))
+    mx = torch.cat(mxs, 2).to(torch.float32) if len(mxs) > 1 else mxs[0].to(torch.float32)
+    mn = torch.cat(mns, 2).to(torch.float32) if len(mns) > 1 else mns[0].to(torch.float32)
     G = Hq // Hkv
     mx = mx.repeat_interleave(G, dim=1)
     mn = mn.repeat_interleave(G, dim=1)
