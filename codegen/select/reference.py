@@ -171,7 +171,7 @@ def select_topk_blocks(scores: torch.Tensor, n_q: int, n_kv: int, causal, block:
     k = min(topk, nkb)
     if k > 0:
         rank = scores.masked_fill(forced, float("-inf"))
-        vals, idx = rank.topk(k, dim=-1)
+        vals, idx = rank.topk(k, dim=-1, sorted=False)          # ids are sorted below
         parts.append(torch.where(vals > float("-inf"), idx.to(torch.int32), big))
     # forced ids: sink blocks, then local blocks that are not sink blocks
     off = positions_offset(causal, n_q, n_kv)
