@@ -8,6 +8,7 @@ is defined per token (sink_window, longformer).
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -47,7 +48,31 @@ def _grid_shape(q, k, spec):
 
 
 # ---------------------------------------------------------------- block_topk
+# With one head per group and no mask tensors, on CUDA (or the CPU under Triton's interpreter
+# with SPARSE_PLANNER_KERNELS=triton), score returns the unscaled pooled dot products
+# (Triton pooling + one matmul) and select runs one Triton program per query block that applies
+# the scale and the causal rule and picks the blocks: the same lists as the PyTorch path.
+def _bt_kernels(q, k, spec) -> bool:
+    mode = os.environ.get("SPARSE_PLANNER_KERNELS", "auto")
+    if mode == "reference" or spec.mods or q.shape[1] != k.shape[1] or q.dim() != 4:
+        return False
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32) or k.dtype != q.dtype:
+        return False
+    if q.device.type == "cpu":
+        if mode != "triton" or q.dtype == torch.bfloat16:
+            return False
+    elif q.device.type != "cuda":
+        return False
+    from runtime import triton_kernels as tk
+    return (tk.available(q.device) and q.shape[-1] <= tk.MAX_HEAD_DIM
+            and _cdiv(k.shape[2], spec.policy.block) <= tk.BLOCK_TOPK_MAX_NKB)
+
+
 def _bt_score(q, k, mods, spec):
+    if _bt_kernels(q, k, spec):
+        from runtime import triton_kernels as tk
+        b = spec.policy.block
+        return torch.matmul(tk.pool_blocks(q, b), tk.pool_blocks(k, b).transpose(-1, -2))
     allowed = _allowed(q, k, mods, spec)
     if q.shape[1] == k.shape[1]:          # one head per group: the softmax cannot change ranks
         return pooled_block_logits(q, k, spec.scale, spec.policy.block, allowed)
@@ -56,6 +81,11 @@ def _bt_score(q, k, mods, spec):
 
 def _bt_select(sc, q, k, spec):
     p = spec.policy
+    if _bt_kernels(q, k, spec):
+        from runtime import triton_kernels as tk
+        return tk.block_topk_select(sc, q.shape[2], k.shape[2], spec.causal, p.block,
+                                    scale=spec.scale, topk=p.topk, sink_blocks=p.sink_blocks,
+                                    local_blocks=p.local_blocks)
     return select_topk_blocks(sc, q.shape[2], k.shape[2], spec.causal, p.block, topk=p.topk,
                               sink_blocks=p.sink_blocks, local_blocks=p.local_blocks)
 

@@ -441,3 +441,53 @@ def token_sparse_attention(q, k, v, indices, *, scale: float, schedule: Optional
     if plan.n_split > 1:
         mod.token_sparse_combine[(B * Hq * Nq,)](po, pl, out, lse, plan.n_split, num_warps=4)
     return out, lse
+
+
+# ----------------------------------------------------------------------------- block_topk
+
+BLOCK_TOPK_MAX_NKB = 16384     # key blocks one selection program keeps in registers
+
+
+def _block_topk_module(device):
+    from codegen.emit import load
+    from codegen.select.block_topk_kernel import render
+    return KERNELS.get(("block_topk", _device_key(device)), lambda: load(render()))
+
+
+def pool_blocks(x: torch.Tensor, block: int) -> torch.Tensor:
+    """Mean of each block of ``block`` rows of ``x [B, H, N, D]`` (the last block may be
+    short): fp32 ``[B, H, ceil(N / block), D]``."""
+    B, H, N, D = x.shape
+    nb = -(-N // block)
+    out = torch.empty((B, H, nb, D), device=x.device, dtype=torch.float32)
+    if out.numel() == 0:
+        return out
+    rows = min(next_pow2(block), 64 if D <= 64 else 32)
+    d_p = next_pow2(max(D, 16))
+    _block_topk_module(x.device).pool_rows[(nb, B * H)](
+        x, out, *x.stride(), H, N, nb, block, D, ROWS=rows, D_P=d_p, num_warps=4)
+    return out
+
+
+def block_topk_select(dots: torch.Tensor, n_q: int, n_kv: int, causal: Optional[str], block: int,
+                      *, scale: float, topk: int, sink_blocks: int, local_blocks: int):
+    """``select_topk_blocks`` on the logits ``scale * dots`` (``dots`` fp32 ``[B, H, NQB, NKB]``
+    unscaled pooled dot products), with the causal rule (``"lower_right"`` / ``"upper_left"`` /
+    None) applied by position inside the kernel. Returns ``(counts int32 [B, H, NQB], indices
+    int32 [B, H, NQB, W])``, W = ``topk_width(NKB, topk, sink_blocks, local_blocks)``."""
+    from codegen.select.reference import topk_width
+    B, H, nqb, nkb = dots.shape
+    width = topk_width(nkb, topk, sink_blocks, local_blocks)
+    counts = torch.empty((B, H, nqb), device=dots.device, dtype=torch.int32)
+    idx = torch.empty((B, H, nqb, width), device=dots.device, dtype=torch.int32)
+    if counts.numel() == 0:
+        return counts, idx
+    dots = dots.contiguous()
+    off = 0 if causal == "upper_left" else n_kv - n_q
+    nkb_p = next_pow2(max(nkb, 16))
+    warps = 4 if nkb_p <= 1024 else (8 if nkb_p <= 4096 else 16)
+    _block_topk_module(dots.device).block_topk_select[(nqb, B * H)](
+        dots, counts, idx, nqb, nkb, n_q, off, block, float(scale), min(topk, nkb), sink_blocks,
+        local_blocks, width, CAUSAL=causal is not None, NKB_P=nkb_p,
+        W_P=next_pow2(max(width, 16)), num_warps=warps)
+    return counts, idx
