@@ -83,6 +83,13 @@ def attend(q, k, v, mod_tensors, counts, indices, spec: SiteSpec) -> torch.Tenso
         spec = _dense_variant(spec)
         counts = indices = q.new_empty(0, dtype=torch.int32)
         tag = " (cost model: dense)"
+    else:
+        go_dense, rho = plan.dense_at_measured_density(spec, q, k, counts,
+                                                       estimators.block_of(spec))
+        if go_dense:
+            spec = _dense_variant(spec)
+            counts = indices = q.new_empty(0, dtype=torch.int32)
+            tag = f" (cost model: dense at measured density {rho:.2f})"
     for name, provider in _ATTEND_PROVIDERS:
         res = provider(q, k, v, mod_tensors, counts, indices, spec)
         if res is not None:

@@ -35,3 +35,34 @@ def choose(spec, q: torch.Tensor, k: torch.Tensor) -> str:
     dev = str(q.device) if q.device.type != "cuda" else f"cuda:{q.device.index or 0}"
     return _choose(spec.key, q.shape[2], k.shape[2], dev, spec.policy,
                    (q.shape[0], q.shape[1], k.shape[1], q.shape[3]))[0]
+
+
+#: policies whose density is only known after selection (adaptive budgets)
+ADAPTIVE = ("threshold", "vertical_slash")
+
+
+def dense_at_measured_density(spec, q: torch.Tensor, k: torch.Tensor, counts: torch.Tensor,
+                              block: int) -> tuple:
+    """For adaptive policies under ``cost_model="auto"``: (run dense?, measured block density).
+
+    The measured density is the fraction of the causally visible key blocks the selection
+    kept (one host sync). Dense runs when the cost model estimates it cheaper at that
+    density, e.g. a threshold policy that had to keep 80% of the blocks."""
+    if spec.schedule != "auto" or spec.policy.name not in ADAPTIVE or not counts.numel():
+        return False, None
+    from planner import costmodel as cm
+    prof = cm.profile_for(q.device)
+    if not prof.sparse_kernels:
+        return False, None
+    n_q, n_kv = q.shape[2], k.shape[2]
+    nqb, nkb = counts.shape[-1], -(-n_kv // block)
+    if spec.causal is not None:
+        last = torch.clamp((torch.arange(nqb) + 1) * block, max=n_q) - 1 + (n_kv - n_q)
+        visible = float(torch.clamp(last // block + 1, max=nkb).sum())
+    else:
+        visible = float(nqb * nkb)
+    rho = float(counts.sum()) / (visible * counts.shape[0] * counts.shape[1])
+    shape = dict(B=q.shape[0], Hq=q.shape[1], Hkv=k.shape[1], Nq=n_q, Nkv=n_kv, D=q.shape[3])
+    dense = cm.estimate("dense_sdpa", prof, rho=1.0, **shape)
+    sparse = cm.estimate("block_sparse", prof, rho=rho, block=block, **shape)
+    return dense <= sparse, rho

@@ -105,3 +105,23 @@ def test_cost_model_off_always_follows_policy(monkeypatch):
     plan._choose.cache_clear()
     with pytest.raises(ValueError, match="cost_model"):
         planner.compile(lambda x: x, cost_model="sometimes")
+
+
+def test_adaptive_policy_falls_back_to_dense_at_high_measured_density(monkeypatch):
+    """A threshold selection that kept almost every block runs dense; a sparse one does not."""
+    from runtime.spec import SiteSpec
+    monkeypatch.setattr(cm, "profile_for", lambda device: H100)
+    spec = SiteSpec(site="t", owner="test", policy=planner.policy("threshold", block=64),
+                    scale=0.1, causal="lower_right", schedule="auto")
+    n, b = 65536, 64
+    q = k = torch.empty(1, 16, n, 128, device="meta")
+    nqb = n // b
+    full = torch.arange(1, nqb + 1, dtype=torch.int32).expand(1, 16, nqb)   # every visible block
+    go, rho = plan.dense_at_measured_density(spec, q, k, full, b)
+    assert go and rho == pytest.approx(1.0)
+    few = torch.full((1, 16, nqb), 3, dtype=torch.int32)
+    go, rho = plan.dense_at_measured_density(spec, q, k, few, b)
+    assert not go and rho < 0.01
+    off = SiteSpec(site="t", owner="test", policy=planner.policy("threshold", block=64),
+                   scale=0.1, causal="lower_right")                       # cost model off
+    assert plan.dense_at_measured_density(off, q, k, full, b) == (False, None)
