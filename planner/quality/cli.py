@@ -1,0 +1,201 @@
+"""``python -m planner eval`` (quality of policies on a real model) and ``python -m planner assets``.
+
+    python -m planner assets                       # install / convert / extract, idempotent
+    python -m planner eval --lengths 2048 --trials 4 \\
+        --policy dense --policy sink_window@0.1 --policy "block_topk:block=16,topk=5" \\
+        --out benchmarks/results/quality
+"""
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+
+from planner.quality.policies import DEFAULT_POLICIES
+from planner.quality.tasks import PASSKEY_DEPTHS, TASKS
+
+
+def _ints_per_length(text: str):
+    """``4`` -> 4; ``2048=8,8192=2`` -> {2048: 8, 8192: 2}."""
+    if "=" not in text:
+        return int(text)
+    out = {}
+    for item in text.split(","):
+        k, v = item.split("=")
+        out[int(k)] = int(v)
+    return out
+
+
+def add_parsers(sub) -> None:
+    e = sub.add_parser("eval", help="quality of policies on a real model: perplexity, retrieval, "
+                                    "density (see planner/quality)")
+    e.add_argument("--model", default="smollm2-135m",
+                   help="a model of planner.quality.assets.MODELS, or a local HF folder")
+    e.add_argument("--text", default="austen", choices=["austen", "pydoc"])
+    e.add_argument("--lengths", default="2048,8192", help="comma-separated context lengths")
+    e.add_argument("--policy", action="append", dest="policies", metavar="SPEC",
+                   help="repeatable: dense | NAME:k=v,... | NAME@DENSITY[:k=v] | label=SPEC | "
+                        "JSON {glob: SPEC} map (default: " + " ".join(DEFAULT_POLICIES) + ")")
+    e.add_argument("--tasks", default=",".join(TASKS))
+    e.add_argument("--depths", default=",".join(str(d) for d in PASSKEY_DEPTHS),
+                   help="passkey depths in [0, 1]")
+    e.add_argument("--trials", default="4", help="trials per cell: N or LEN=N,LEN=N")
+    e.add_argument("--ppl-windows", default="1", help="perplexity windows: N or LEN=N,LEN=N")
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
+    e.add_argument("--out", default="benchmarks/results/quality", help="output folder")
+    e.add_argument("--name", default=None, help="file stem (default: the model name)")
+    e.add_argument("--reference-attend", action="store_true",
+                   help="run sparse.attend through the runtime's fp32 reference (slow on CPU)")
+    e.add_argument("--check-attend", type=int, default=0, metavar="TOKENS",
+                   help="first compare the fast CPU attend with the reference at TOKENS tokens")
+    e.add_argument("--resume", action="store_true", help="skip rows already in the JSON")
+    e.add_argument("--estimate", action="store_true",
+                   help="time one prefill per length and policy, print the projected run time")
+    e.add_argument("--install", action="store_true", help="fetch missing assets first")
+    e.add_argument("--note", action="append", default=[], help="a line for the report's notes")
+    e.add_argument("--report-only", action="store_true",
+                   help="re-write the table, Markdown and plot from the JSON (adds --note lines)")
+    e.set_defaults(func=run_eval)
+
+    a = sub.add_parser("assets", help="install and prepare the offline eval assets (idempotent)")
+    a.add_argument("--no-install", action="store_true", help="only check, install nothing")
+    a.set_defaults(func=run_assets)
+
+
+def run_assets(args) -> int:
+    from planner.quality.assets import prepare_all
+    for k, v in prepare_all(install=not args.no_install).items():
+        print(f"{k}: {v}")
+    return 0
+
+
+def _commit() -> str:
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, text=True,
+                              capture_output=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               text=True, capture_output=True).stdout.strip()
+        return head + (" (working tree modified)" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def _load(args, log):
+    from planner.quality import assets
+    from planner.quality.text import HFCodec, Haystack
+    if os.path.isdir(args.model):
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        lm = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32,
+                                                  attn_implementation="sdpa").eval()
+        tok, desc = AutoTokenizer.from_pretrained(args.model), args.model
+    else:
+        lm, tok, desc = assets.load_model(args.model, install=args.install, log=log)
+    corpus = assets.load_corpus(args.text, install=args.install, log=log)
+    codec = HFCodec(tok)
+    t0 = time.perf_counter()
+    hay = Haystack.from_text(codec, corpus.haystack, corpus.name)
+    ppl_ids = codec.encode(corpus.heldout)
+    log(f"model: {desc}\ntext: {corpus.description} ({len(hay)} haystack tokens, {len(ppl_ids)} "
+        f"held-out tokens; tokenised in {time.perf_counter() - t0:.0f}s)")
+    return lm, codec, hay, ppl_ids, desc, corpus.description
+
+
+def run_eval(args) -> int:
+    import torch
+    import transformers
+    from planner.quality import harness
+
+    torch.set_num_threads(args.threads)
+    log = lambda s: print(s, flush=True)                                # noqa: E731
+    stem = args.name or os.path.basename(os.path.normpath(args.model)).replace("-", "_")
+    base = os.path.join(args.out, stem)
+    if args.report_only:
+        with open(base + ".json") as f:
+            result = json.load(f)
+        result["meta"]["notes"] = result["meta"].get("notes", []) + list(args.note)
+        harness._write(result, base + ".json")
+        return _write_reports(result, base, log)
+    cfg = harness.EvalConfig(
+        lengths=tuple(int(x) for x in args.lengths.split(",")),
+        policies=tuple(args.policies or DEFAULT_POLICIES),
+        tasks=tuple(t.strip() for t in args.tasks.split(",") if t.strip()),
+        depths=tuple(float(d) for d in args.depths.split(",")),
+        trials=_ints_per_length(args.trials), ppl_windows=_ints_per_length(args.ppl_windows),
+        seed=args.seed, fast_attend=not args.reference_attend, check_attend=args.check_attend)
+    for p in cfg.policies:                                  # fail on a bad spec before loading
+        harness.PolicySpec.parse(p)
+    lm, codec, hay, ppl_ids, model_desc, text_desc = _load(args, log)
+    if args.estimate:
+        return _estimate(lm, codec, hay, cfg, log)
+    meta = {"model": model_desc, "text": text_desc, "transformers": transformers.__version__,
+            "command": "python -m planner " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+            if sys.argv and sys.argv[0].endswith("__main__.py") else " ".join(sys.argv),
+            "commit": _commit(),
+            "attend": ("fp32 reference (runtime)" if args.reference_attend else
+                       "planner.quality.cpu_attend (SDPA for dense, gathered kept blocks for "
+                       "block policies; same outputs and densities as the reference)"),
+            "cpu": _cpu(), "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
+            "notes": list(args.note)}
+    result = harness.evaluate(lm, codec, hay, ppl_ids, cfg, out_path=base + ".json", meta=meta,
+                              log=log, resume=args.resume)
+    return _write_reports(result, base, log)
+
+
+def _cpu() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), "")
+    except OSError:
+        name = ""
+    return f"{name or 'unknown CPU'}, {os.cpu_count()} logical cores"
+
+
+def _write_reports(result: dict, base: str, log) -> int:
+    from planner.quality import report
+    with open(base + ".md", "w") as f:
+        f.write(report.markdown(result))
+    png = report.plot(result, base + ".png", log=log)
+    log("\n" + report.main_table(result, fmt="simple"))
+    dt = report.depth_table(result, fmt="simple")
+    if dt:
+        log("\npasskey accuracy by depth\n" + dt)
+    log(f"\nwrote {base}.json, {base}.md" + (f", {png}" if png else ""))
+    return 0
+
+
+def _estimate(lm, codec, hay, cfg, log) -> int:
+    """Time one prefill per (length, policy) and project the run (compile time excluded)."""
+    import torch
+    from planner.quality import cpu_attend
+    from planner.quality.harness import Runner, build_samples, _per_length
+    from planner.quality.policies import PolicySpec, describe
+    from planner.quality.tasks import cells
+    total = 0.0
+    max_pos = getattr(lm.config, "max_position_embeddings", None)
+    for length in cfg.lengths:
+        n_tok = cfg.prompt_tokens(length, max_pos)
+        s = build_samples(cfg, codec, hay, n_tok, 1)[0][2]
+        n_fwd = (len(cells(cfg.tasks, cfg.depths)) * _per_length(cfg.trials, length, 4)
+                 + _per_length(cfg.ppl_windows, length, 1))
+        for p in cfg.policies:
+            spec = PolicySpec.parse(p)
+            runner = Runner(lm, spec.resolve(n_tok))
+            with cpu_attend.enabled(cfg.fast_attend), torch.no_grad():
+                runner.answer(s.ids, s.answer_ids)                   # compiles
+                t0 = time.perf_counter()
+                runner.answer(s.ids, s.answer_ids)
+                dt = time.perf_counter() - t0
+            total += dt * n_fwd
+            log(f"{length:>6} {spec.label:<24} {describe(spec.resolve(n_tok)):<60} "
+                f"{dt:6.1f}s/prompt x {n_fwd} = {dt * n_fwd / 60:5.1f} min "
+                f"(density {runner.last_density['mean']:.3f})")
+            del runner
+            torch._dynamo.reset()
+    log(f"projected: {total / 60:.1f} min plus compilation (~10-20 s per policy and length)")
+    return 0

@@ -1,0 +1,346 @@
+"""Run a causal LM under each policy: perplexity, retrieval trials, measured density.
+
+One ``Runner`` per (policy, length): the model's base (``lm.model`` for Llama/Gemma/Qwen) is
+wrapped so that ``planner.compile`` sees the same module paths as in the HF model
+(``model.layers.3.self_attn``) and returns hidden states plus the KV cache; the LM head runs
+outside, on slices of positions, so an 8192-token window never materialises 8192 x vocab
+logits.
+
+* perplexity: one prefill of a window of ``T`` tokens; NLL of tokens 1..T-1 (fp64 sum).
+* retrieval: prefill the prompt, then feed the gold answer one token at a time through the
+  KV cache (each decode step goes through the compiled sites). Per answer token: log p and
+  whether it is the argmax. ``exact`` = every answer token is the argmax, which is exactly
+  "greedy decoding reproduces the answer"; ``logprob`` = sum of log p (teacher forced).
+* density: mean over sites of ``planner.inspect(m).sites[i].density`` right after each prefill
+  (a site left dense counts as 1.0).
+
+Every policy sees the same prompts and windows (seeded per length, task, cell and trial).
+"""
+from __future__ import annotations
+
+import gc
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+import planner
+from planner.quality import cpu_attend
+from planner.quality.policies import DEFAULT_POLICIES, PolicySpec, causal_density, describe
+from planner.quality.tasks import PASSKEY_DEPTHS, TASKS, cells, make_sample, sample_seed
+from planner.quality.text import Codec, Haystack
+
+
+class _Body(torch.nn.Module):
+    """The LM without its head: ``(input_ids [1, N], cache) -> (hidden [1, N, d], cache)``."""
+
+    def __init__(self, lm: torch.nn.Module):
+        super().__init__()
+        prefix = getattr(lm, "base_model_prefix", "model") or "model"
+        self.prefix = prefix
+        self.add_module(prefix, getattr(lm, prefix))
+
+    def forward(self, input_ids, past_key_values=None):
+        out = getattr(self, self.prefix)(input_ids=input_ids, past_key_values=past_key_values,
+                                         use_cache=True)
+        return out.last_hidden_state, out.past_key_values
+
+
+class Runner:
+    """A causal LM compiled with one policy (or per-layer map)."""
+
+    def __init__(self, lm: torch.nn.Module, policy: Any, *, logits_chunk: int = 1024):
+        self.lm = lm
+        self.model = planner.compile(_Body(lm), policy=policy)
+        self.head = lm.get_output_embeddings()
+        self.cap = getattr(lm.config, "final_logit_softcapping", None)
+        self.logits_chunk = logits_chunk
+        self.last_density: Optional[dict] = None
+
+    def _logits(self, h: torch.Tensor) -> torch.Tensor:
+        z = self.head(h).float()
+        return torch.tanh(z / self.cap) * self.cap if self.cap else z
+
+    def _prefill(self, ids: Sequence[int]):
+        x = torch.tensor([list(ids)], dtype=torch.long)                 # [1, N]
+        h, cache = self.model(x)
+        self.last_density = density_of(self.model)
+        return h, cache
+
+    @torch.no_grad()
+    def nll(self, ids: Sequence[int]) -> tuple:
+        """(sum of -log p(t_i | t_<i) for i = 1..N-1, number of predicted tokens)."""
+        h, _ = self._prefill(ids)
+        tgt = torch.tensor(list(ids[1:]), dtype=torch.long)
+        total = 0.0
+        for s in range(0, len(ids) - 1, self.logits_chunk):
+            e = min(s + self.logits_chunk, len(ids) - 1)
+            z = self._logits(h[0, s:e])                                  # [chunk, V]
+            total += float(F.cross_entropy(z, tgt[s:e], reduction="sum").double())
+        return total, len(ids) - 1
+
+    @torch.no_grad()
+    def answer(self, ids: Sequence[int], answer_ids: Sequence[int]) -> tuple:
+        """Teacher-forced (log p per answer token, argmax hit per answer token)."""
+        h, cache = self._prefill(ids)
+        lps, hits = [], []
+        z = self._logits(h[0, -1:])[0]
+        for j, tok in enumerate(answer_ids):
+            lp = torch.log_softmax(z, dim=-1)
+            lps.append(float(lp[tok]))
+            hits.append(bool(int(z.argmax()) == int(tok)))
+            if j + 1 < len(answer_ids):
+                h, cache = self.model(torch.tensor([[int(tok)]]), past_key_values=cache)
+                z = self._logits(h[0, -1:])[0]
+        return lps, hits
+
+
+def density_of(m) -> dict:
+    """Mean / min / max site density of the last call (sites left dense count as 1.0)."""
+    rep = planner.inspect(m)
+    d = [s.density if s.density is not None else 1.0 for s in rep.sites]
+    if not d:
+        return {"mean": None, "min": None, "max": None, "sites": 0, "dense_sites": 0}
+    return {"mean": sum(d) / len(d), "min": min(d), "max": max(d), "sites": len(d),
+            "dense_sites": sum(s.status != "rewritten" for s in rep.sites),
+            "kernel": rep.sites[0].kernel}
+
+
+def _per_length(value, length: int, default: int) -> int:
+    if isinstance(value, dict):
+        return int(value.get(length, value.get(str(length), default)))
+    return default if value is None else int(value)
+
+
+@dataclass
+class EvalConfig:
+    """What a quality run measures. ``trials`` / ``ppl_windows``: an int or ``{length: int}``."""
+
+    lengths: tuple = (2048, 8192)
+    policies: tuple = DEFAULT_POLICIES
+    tasks: tuple = TASKS
+    depths: tuple = PASSKEY_DEPTHS
+    trials: Any = 4
+    ppl_windows: Any = 1
+    seed: int = 0
+    answer_room: int = 16          # prompts end this many positions before the model's limit
+    fast_attend: bool = True       # serve sparse.attend on CPU with planner.quality.cpu_attend
+    check_attend: int = 0          # >0: compare fast vs reference attend at this many tokens
+
+    def prompt_tokens(self, length: int, max_positions: Optional[int]) -> int:
+        if max_positions:
+            return min(length, int(max_positions) - self.answer_room)
+        return length
+
+
+def _ppl_windows(ppl_ids: Sequence[int], n_tokens: int, count: int, seed: int) -> list:
+    """``count`` disjoint windows of ``n_tokens`` at seeded offsets in the perplexity text."""
+    if len(ppl_ids) < n_tokens:
+        raise ValueError(f"perplexity text has {len(ppl_ids)} tokens, a window needs {n_tokens}")
+    n_slots = len(ppl_ids) // n_tokens
+    import random
+    rng = random.Random(sample_seed("ppl", n_tokens, seed))
+    slots = sorted(rng.sample(range(n_slots), min(count, n_slots)))
+    return [list(ppl_ids[s * n_tokens:(s + 1) * n_tokens]) for s in slots]
+
+
+def build_samples(cfg: EvalConfig, codec: Codec, hay: Haystack, n_tokens: int,
+                  trials: int) -> list:
+    """[(Cell, trial index, Sample)] for one length, identical for every policy."""
+    out = []
+    for cell in cells(cfg.tasks, cfg.depths):
+        for t in range(trials):
+            seed = sample_seed(cfg.seed, n_tokens, cell.name, t)
+            out.append((cell, t, make_sample(cell.task, codec, hay, n_tokens, seed=seed,
+                                             depth=cell.depth)))
+    return out
+
+
+def evaluate(lm: torch.nn.Module, codec: Codec, hay: Haystack, ppl_ids: Sequence[int],
+             cfg: EvalConfig, *, out_path: Optional[str] = None, meta: Optional[dict] = None,
+             log: Callable[[str], None] = print, resume: bool = False) -> dict:
+    """Run every policy of ``cfg`` at every length; returns (and writes to ``out_path`` after
+    each policy) ``{"meta", "rows", "trials", "checks"}``."""
+    lm.eval()
+    max_pos = getattr(lm.config, "max_position_embeddings", None)
+    specs = [PolicySpec.parse(p) for p in cfg.policies]
+    labels = [s.label for s in specs]
+    if len(set(labels)) != len(labels):
+        raise ValueError(f"policy labels must be distinct, got {labels}; name them label=...")
+    result = {"meta": dict(meta or {}), "rows": [], "trials": [], "checks": []}
+    result["meta"].update({"config": _jsonable(asdict(cfg)), "torch": torch.__version__,
+                           "threads": torch.get_num_threads()})
+    done = set()
+    if resume and out_path and os.path.exists(out_path):
+        with open(out_path) as f:
+            old = json.load(f)
+        if old.get("meta", {}).get("config") == result["meta"]["config"]:
+            result["rows"], result["trials"] = old["rows"], old["trials"]
+            result["checks"] = old.get("checks", [])
+            done = {(r["policy"], r["length"]) for r in result["rows"]}
+            log(f"resuming: {len(done)} (policy, length) rows already in {out_path}")
+        else:
+            log(f"not resuming: {out_path} was written with another configuration")
+    t_start = time.perf_counter()
+    if cfg.check_attend and cfg.fast_attend and not result["checks"]:
+        result["checks"] = check_attend(lm, codec, hay, specs, cfg.check_attend, cfg.seed, log)
+        _write(result, out_path)
+    for length in cfg.lengths:
+        n_tok = cfg.prompt_tokens(length, max_pos)
+        trials = _per_length(cfg.trials, length, 4)
+        samples = build_samples(cfg, codec, hay, n_tok, trials)
+        windows = _ppl_windows(ppl_ids, n_tok, _per_length(cfg.ppl_windows, length, 1), cfg.seed)
+        log(f"== length {length}: {n_tok} tokens per prompt, {len(windows)} perplexity "
+            f"window(s), {len(samples)} retrieval prompts ({trials} per cell)")
+        for spec in specs:
+            if (spec.label, length) in done:
+                continue
+            row, trial_rows = _run_policy(lm, spec, length, n_tok, windows, samples, cfg, log)
+            result["rows"].append(row)
+            result["trials"] += trial_rows
+            _fill_deltas(result["rows"])
+            result["meta"]["wall_s"] = round(time.perf_counter() - t_start, 1)
+            _write(result, out_path)
+            gc.collect()
+    _fill_deltas(result["rows"])
+    result["meta"]["wall_s"] = round(time.perf_counter() - t_start, 1)
+    _write(result, out_path)
+    return result
+
+
+def _run_policy(lm, spec: PolicySpec, length: int, n_tok: int, windows: list, samples: list,
+                cfg: EvalConfig, log) -> tuple:
+    resolved = spec.resolve(n_tok)
+    t0 = time.perf_counter()
+    runner = Runner(lm, resolved)
+    dens: list = []
+    fwd_times: list = []
+    nll, count = 0.0, 0
+    with cpu_attend.enabled(cfg.fast_attend):
+        for w in windows:
+            ts = time.perf_counter()
+            a, b = runner.nll(w)
+            fwd_times.append(time.perf_counter() - ts)
+            nll, count = nll + a, count + b
+            dens.append(runner.last_density)
+        trial_rows = []
+        for cell, t, s in samples:
+            ts = time.perf_counter()
+            lps, hits = runner.answer(s.ids, s.answer_ids)
+            fwd_times.append(time.perf_counter() - ts)
+            dens.append(runner.last_density)
+            trial_rows.append({
+                "policy": spec.label, "length": length, "tokens": n_tok, "task": cell.task,
+                "cell": cell.name, "trial": t, "depth": s.depth,
+                "needle_pos": round(s.needle_pos, 4), "answer": s.answer,
+                "exact": all(hits), "tokens_correct": sum(hits), "answer_tokens": len(hits),
+                "logprob": sum(lps), "density": runner.last_density["mean"]})
+    means = [d["mean"] for d in dens if d and d["mean"] is not None]
+    row = {
+        "policy": spec.label, "family": spec.family(), "length": length, "tokens": n_tok,
+        "params": describe(resolved),
+        "density_expected": _expected(resolved, n_tok),
+        "density": sum(means) / len(means) if means else None,
+        "density_min": min((d["min"] for d in dens if d and d["min"] is not None), default=None),
+        "density_max": max((d["max"] for d in dens if d and d["max"] is not None), default=None),
+        "sites": dens[0]["sites"] if dens else None,
+        "dense_sites": dens[0]["dense_sites"] if dens else None,
+        "kernel": dens[0].get("kernel") if dens else None,
+        "ppl_windows": len(windows), "ppl_tokens": count,
+        "nll_per_token": nll / count if count else None,
+        "ppl": math.exp(nll / count) if count else None,
+        "forward_s_median": sorted(fwd_times)[len(fwd_times) // 2] if fwd_times else None,
+        "wall_s": round(time.perf_counter() - t0, 1),
+    }
+    row["tasks"] = summarize_trials(trial_rows)
+    acc = [r["exact"] for r in trial_rows]
+    row["retrieval_acc"] = sum(acc) / len(acc) if acc else None
+    row["retrieval_n"] = len(acc)
+    fmt = lambda x, f: "-" if x is None else format(x, f)             # noqa: E731
+    log(f"   {spec.label:<24} {row['params']:<60} density {fmt(row['density'], '.3f')} "
+        f"ppl {fmt(row['ppl'], '.3f')} retrieval {fmt(row['retrieval_acc'], '.2f')} "
+        f"(n={len(acc)}) {row['wall_s']:.0f}s")
+    del runner
+    torch._dynamo.reset()
+    return row, trial_rows
+
+
+def _expected(resolved, n_tok: int) -> Optional[float]:
+    if isinstance(resolved, dict):
+        return None
+    return causal_density(resolved, n_tok)
+
+
+def summarize_trials(trial_rows: list) -> dict:
+    """{cell name: {acc, n, logprob}} plus {task: ...} over its cells."""
+    out: dict = {}
+    for key in ("cell", "task"):
+        groups: dict = {}
+        for r in trial_rows:
+            groups.setdefault(r[key], []).append(r)
+        for name, rs in groups.items():
+            if key == "cell" and name == rs[0]["task"]:
+                continue                                    # single-cell task: same as task
+            out[name] = {"acc": sum(r["exact"] for r in rs) / len(rs), "n": len(rs),
+                         "logprob": sum(r["logprob"] for r in rs) / len(rs)}
+    return out
+
+
+def _fill_deltas(rows: list) -> None:
+    for r in rows:
+        base = next((d for d in rows if d["length"] == r["length"] and d["family"] == "dense"),
+                    None)
+        if base and base.get("ppl") and r.get("ppl"):
+            r["ppl_delta"] = r["ppl"] - base["ppl"]
+            r["ppl_delta_pct"] = 100.0 * (r["ppl"] / base["ppl"] - 1.0)
+        else:
+            r["ppl_delta"] = r["ppl_delta_pct"] = None
+
+
+def check_attend(lm, codec: Codec, hay: Haystack, specs: list, n_tokens: int, seed: int,
+                 log) -> list:
+    """Fast CPU attend vs the runtime's reference on one prompt of ``n_tokens`` per policy:
+    max |logit difference| at the last position and the two measured densities."""
+    s = make_sample("passkey", codec, hay, n_tokens, seed=sample_seed(seed, "check"), depth=0.5)
+    out = []
+    for spec in specs:
+        resolved = spec.resolve(n_tokens)
+        runner = Runner(lm, resolved)
+        with torch.no_grad():
+            h_ref, _ = runner._prefill(s.ids)
+            d_ref = runner.last_density["mean"]
+            with cpu_attend.enabled():
+                h_fast, _ = runner._prefill(s.ids)
+            d_fast = runner.last_density["mean"]
+            err = float((runner._logits(h_ref[0]) - runner._logits(h_fast[0])).abs().max())
+        out.append({"policy": spec.label, "tokens": n_tokens, "params": describe(resolved),
+                    "max_abs_logit_diff": err, "density_reference": d_ref,
+                    "density_fast": d_fast})
+        log(f"   check {spec.label:<24} max |logit diff| {err:.2e}  density ref {d_ref:.4f} "
+            f"fast {d_fast:.4f}")
+        del runner
+        torch._dynamo.reset()
+    return out
+
+
+def _jsonable(x):
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    return x
+
+
+def _write(result: dict, path: Optional[str]) -> None:
+    if not path:
+        return
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(result, f, indent=1)
+    os.replace(tmp, path)

