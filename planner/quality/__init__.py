@@ -19,5 +19,7 @@ CPU ``sparse.attend`` for these runs), ``toy`` (tiny random model for tests), ``
     >>> PolicySpec.parse("block_topk@0.1").resolve(8192)
     BlockTopK(block=64, topk=5, sink_blocks=1, local_blocks=1)
 """
-from planner.quality.policies import DEFAULT_POLICIES, PolicySpec, causal_density  # noqa: F401
-from planner.quality.tasks import TASKS, make_sample  # noqa: F401
+from planner.quality.policies import DEFAULT_POLICIES, PolicySpec, causal_density
+from planner.quality.tasks import TASKS, make_sample
+
+__all__ = ["DEFAULT_POLICIES", "PolicySpec", "TASKS", "causal_density", "make_sample"]

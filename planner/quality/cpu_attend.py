@@ -2,7 +2,8 @@
 
 The runtime's reference (``codegen.attention.reference``) scores every pair and masks the
 dropped ones: correct, and on CPU as slow as dense fp32 attention written in eager PyTorch
-(SmolLM2-135M at 8192 tokens: about 10 minutes a forward on 2 cores). Quality runs need many
+(SmolLM2-135M: about 45 s a 2048-token forward on 2 cores, so about 10 minutes at 8192, as
+the work grows with N^2). Quality runs need many
 forwards, so this module registers an ``attend`` provider (``runtime.dispatch.register_attend``)
 that
 
@@ -34,7 +35,7 @@ import torch.nn.functional as F
 
 NAME = "quality_cpu_gather"
 MASKED_BELOW = -1e30           # same threshold as codegen.attention.reference
-#: elements of one chunk's score tensor [B, H, G, nb, block, C*block] (fp32: 4 bytes each)
+#: elements of one chunk's score tensor [B, H, nb, G, block, C*block] (fp32: 4 bytes each)
 CHUNK_ELEMENTS = 48 * 2 ** 20
 #: calls served / declined while enabled (for tests and logs)
 COUNTS = {"served": 0, "declined": 0}
@@ -83,13 +84,15 @@ def _offset(causal: Optional[str], n_q: int, n_kv: int) -> int:
     return 0 if causal == "upper_left" else n_kv - n_q
 
 
-def _mods_ok(spec, mod_tensors, hq: int) -> bool:
+def _mods_ok(spec, mod_tensors, b: int, hq: int) -> bool:
+    """Only additive / boolean masks broadcastable from [1|B, 1|Hq, 1|Nq, Nkv]."""
     if len(spec.mods) != len(mod_tensors):
         return False
     for mod, t in zip(spec.mods, mod_tensors):
         if mod[0] not in ("add", "keep") or t.dim() > 4:
             return False
-        if t.dim() == 4 and t.shape[1] not in (1, hq):
+        t = _as4d(t)
+        if t.shape[0] not in (1, b) or t.shape[1] not in (1, hq):
             return False
     return True
 
@@ -139,7 +142,7 @@ def provider(q, k, v, mod_tensors, counts, indices, spec):
         return None
     res = None
     if (q.device.type == "cpu" and spec.causal in (None, "upper_left", "lower_right")
-            and _mods_ok(spec, mod_tensors, q.shape[1]) and q.shape[1] % k.shape[1] == 0):
+            and _mods_ok(spec, mod_tensors, q.shape[0], q.shape[1]) and q.shape[1] % k.shape[1] == 0):
         try:
             if spec.policy.name == "dense":
                 res = _dense(q, k, v, mod_tensors, spec)

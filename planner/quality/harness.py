@@ -117,7 +117,7 @@ def _per_length(value, length: int, default: int) -> int:
     return default if value is None else int(value)
 
 
-@dataclass
+@dataclass(frozen=True)
 class EvalConfig:
     """What a quality run measures. ``trials`` / ``ppl_windows``: an int or ``{length: int}``."""
 
@@ -136,6 +136,11 @@ class EvalConfig:
         if max_positions:
             return min(length, int(max_positions) - self.answer_room)
         return length
+
+
+#: settings that define what a (policy, length) row contains: a run may resume (and add rows to)
+#: a JSON written with the same values; lengths and policies may differ
+_ROW_DEFINING = ("tasks", "depths", "trials", "ppl_windows", "seed", "answer_room", "fast_attend")
 
 
 def _ppl_windows(ppl_ids: Sequence[int], n_tokens: int, count: int, seed: int) -> list:
@@ -175,21 +180,33 @@ def evaluate(lm: torch.nn.Module, codec: Codec, hay: Haystack, ppl_ids: Sequence
     result = {"meta": dict(meta or {}), "rows": [], "trials": [], "checks": []}
     result["meta"].update({"config": _jsonable(asdict(cfg)), "torch": torch.__version__,
                            "threads": torch.get_num_threads()})
-    done = set()
+    done, wall_before = set(), 0.0
     if resume and out_path and os.path.exists(out_path):
         with open(out_path) as f:
             old = json.load(f)
-        if old.get("meta", {}).get("config") == result["meta"]["config"]:
+        oc, nc = old.get("meta", {}).get("config", {}), result["meta"]["config"]
+        if all(oc.get(k) == nc.get(k) for k in _ROW_DEFINING):
             result["rows"], result["trials"] = old["rows"], old["trials"]
             result["checks"] = old.get("checks", [])
+            for r in result["rows"]:
+                r.setdefault("series", r["family"])
+            for k in ("lengths", "policies"):             # rows of both runs are kept
+                nc[k] = list(dict.fromkeys(list(oc.get(k, [])) + list(nc[k])))
+            prev = old["meta"].get("commands") or [old["meta"].get("command")]
+            result["meta"]["commands"] = [c for c in prev if c] + [result["meta"].get("command")]
+            wall_before = float(old["meta"].get("wall_s", 0.0))
             done = {(r["policy"], r["length"]) for r in result["rows"]}
             log(f"resuming: {len(done)} (policy, length) rows already in {out_path}")
         else:
-            log(f"not resuming: {out_path} was written with another configuration")
+            diff = [k for k in _ROW_DEFINING if oc.get(k) != nc.get(k)]
+            log(f"not resuming: {out_path} differs in {diff}; starting afresh")
     t_start = time.perf_counter()
-    if cfg.check_attend and cfg.fast_attend and not result["checks"]:
-        result["checks"] = check_attend(lm, codec, hay, specs, cfg.check_attend, cfg.seed, log)
-        _write(result, out_path)
+    if cfg.check_attend and cfg.fast_attend:
+        checked = {c["policy"] for c in result["checks"]}
+        todo = [s for s in specs if s.label not in checked]
+        if todo:
+            result["checks"] += check_attend(lm, codec, hay, todo, cfg.check_attend, cfg.seed, log)
+            _write(result, out_path)
     for length in cfg.lengths:
         n_tok = cfg.prompt_tokens(length, max_pos)
         trials = _per_length(cfg.trials, length, 4)
@@ -204,11 +221,11 @@ def evaluate(lm: torch.nn.Module, codec: Codec, hay: Haystack, ppl_ids: Sequence
             result["rows"].append(row)
             result["trials"] += trial_rows
             _fill_deltas(result["rows"])
-            result["meta"]["wall_s"] = round(time.perf_counter() - t_start, 1)
+            result["meta"]["wall_s"] = round(wall_before + time.perf_counter() - t_start, 1)
             _write(result, out_path)
             gc.collect()
     _fill_deltas(result["rows"])
-    result["meta"]["wall_s"] = round(time.perf_counter() - t_start, 1)
+    result["meta"]["wall_s"] = round(wall_before + time.perf_counter() - t_start, 1)
     _write(result, out_path)
     return result
 
@@ -242,7 +259,8 @@ def _run_policy(lm, spec: PolicySpec, length: int, n_tok: int, windows: list, sa
                 "logprob": sum(lps), "density": runner.last_density["mean"]})
     means = [d["mean"] for d in dens if d and d["mean"] is not None]
     row = {
-        "policy": spec.label, "family": spec.family(), "length": length, "tokens": n_tok,
+        "policy": spec.label, "family": spec.family(), "series": spec.series(),
+        "length": length, "tokens": n_tok,
         "params": describe(resolved),
         "density_expected": _expected(resolved, n_tok),
         "density": sum(means) / len(means) if means else None,

@@ -222,8 +222,17 @@ class PolicySpec:
         return MATCHERS[self.name](n_tokens, self.density, dict(self.params))
 
     def family(self) -> str:
-        """Policy name for grouping in plots (``map`` for per-layer maps)."""
+        """Policy name (``map`` for per-layer maps)."""
         return self.name or "map"
+
+    def series(self) -> str:
+        """Rows drawn as one line in plots: the name plus the parameters held fixed while the
+        density is solved (``block_topk:block=16``); per-layer maps: their label."""
+        if self.layers:
+            return self.label
+        if self.density is not None and self.params:
+            return self.name + ":" + ",".join(f"{k}={v}" for k, v in self.params)
+        return self.name
 
 
 def describe(resolved) -> str:

@@ -63,7 +63,7 @@ def check_table(result: dict, fmt: str = "github") -> str:
         return ""
     rows = [[c["policy"], c["tokens"], c["params"], f"{c['max_abs_logit_diff']:.2e}",
              f"{c['density_reference']:.4f}", f"{c['density_fast']:.4f}"] for c in result["checks"]]
-    return tabulate(rows, headers=["policy", "tokens", "params", "max |Δ logit|",
+    return tabulate(rows, headers=["policy", "tokens", "params", "max abs Δ logit",
                                    "density (reference)", "density (fast CPU attend)"],
                     tablefmt=fmt, disable_numparse=True)
 
@@ -81,8 +81,11 @@ def markdown(result: dict, *, title: str = "Quality: dense vs sparse policies") 
              ("seed", cfg.get("seed")), ("attend on CPU", m.get("attend")),
              ("torch", m.get("torch")), ("transformers", m.get("transformers")),
              ("threads", m.get("threads")), ("planner commit", m.get("commit")),
-             ("wall time", f"{m.get('wall_s', 0) / 60:.1f} min"), ("command", f"`{m.get('command')}`")]
+             ("wall time", f"{m.get('wall_s', 0) / 60:.1f} min")]
     lines += [f"- **{k}**: {v}" for k, v in facts if v not in (None, "")]
+    cmds = m.get("commands") or [m.get("command")]
+    lines += [f"- **command{'s (run in this order, the later resuming)' if len(cmds) > 1 else ''}"
+              f"**: " + "; ".join(f"`{c}`" for c in cmds if c)]
     lines += ["", "## Results", "", main_table(result), "",
               "Density: mean over the model's attention sites of the fraction of attended pairs "
               "the policy kept, as measured by `planner.inspect` after each prefill (averaged over "
@@ -122,15 +125,20 @@ def plot(result: dict, path: str, log=print) -> Optional[str]:
         return None
     rows = [r for r in result["rows"] if r.get("density") is not None]
     lengths = sorted({r["length"] for r in rows})
-    fams = sorted({r["family"] for r in rows if r["family"] != "dense"})
-    colors = {f: c for f, c in zip(fams, ["tab:blue", "tab:red", "tab:green", "tab:purple",
-                                          "tab:orange", "tab:brown", "tab:pink", "tab:olive"])}
+    series = lambda r: r.get("series", r["family"])                      # noqa: E731
+    fams = sorted({series(r) for r in rows if r["family"] != "dense"})
+    fixed = {"block_topk": "tab:blue", "sink_window": "tab:red"}
+    spare = iter(["tab:green", "tab:purple", "tab:orange", "tab:brown", "tab:pink", "tab:olive",
+                  "tab:cyan", "tab:gray"] * 4)
+    colors = {f: fixed.get(f) or next(spare) for f in fams}
     markers = {n: m for n, m in zip(lengths, ["o", "s", "^", "D", "v"])}
     lp = {}
     for t in result["trials"]:
         lp.setdefault((t["policy"], t["length"]), []).append(t["logprob"])
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.8))
-    panels = [("retrieval accuracy (all tasks)", lambda r: r.get("retrieval_acc")),
+    fig, axes = plt.subplots(2, 2, figsize=(13, 9))
+    axes = axes.ravel()
+    panels = [("passkey accuracy (all depths)", lambda r: r["tasks"].get("passkey", {}).get("acc")),
+              ("retrieval accuracy (all tasks)", lambda r: r.get("retrieval_acc")),
               ("mean answer log p", lambda r: (sum(lp[(r["policy"], r["length"])]) /
                                                len(lp[(r["policy"], r["length"])]))
                if lp.get((r["policy"], r["length"])) else None),
@@ -140,8 +148,8 @@ def plot(result: dict, path: str, log=print) -> Optional[str]:
             dense = next((r for r in rows if r["length"] == n and r["family"] == "dense"), None)
             for fam in fams:
                 pts = sorted((r["density"], get(r)) for r in rows
-                             if r["length"] == n and r["family"] == fam and get(r) is not None)
-                if dense is not None and get(dense) is not None:
+                             if r["length"] == n and series(r) == fam and get(r) is not None)
+                if pts and dense is not None and get(dense) is not None:
                     pts.append((dense["density"], get(dense)))
                 if pts:
                     ax.plot(*zip(*pts), marker=markers[n], color=colors[fam], alpha=0.85,
@@ -153,10 +161,11 @@ def plot(result: dict, path: str, log=print) -> Optional[str]:
         ax.set_xlabel("measured density (fraction of causal pairs kept)")
         ax.set_ylabel(ylabel)
         ax.grid(True, alpha=0.3)
-    axes[0].set_ylim(-0.05, 1.05)
+    for ax in axes[:2]:
+        ax.set_ylim(-0.05, 1.05)
     axes[0].legend(fontsize=8)
     m = result["meta"]
-    fig.suptitle(f"{m.get('model', 'model')}: quality vs density "
+    fig.suptitle(f"{str(m.get('model', 'model')).split(' (')[0]}: quality vs density "
                  f"(seed {m.get('config', {}).get('seed')}, trials/cell "
                  f"{m.get('config', {}).get('trials')})", fontsize=10)
     fig.tight_layout()
