@@ -133,7 +133,9 @@ def run_eval(args) -> int:
     lm, codec, hay, ppl_ids, model_desc, text_desc = _load(args, log)
     if args.estimate:
         return _estimate(lm, codec, hay, cfg, log)
+    import triton
     meta = {"model": model_desc, "text": text_desc, "transformers": transformers.__version__,
+            "triton": triton.__version__,
             "command": "python -m planner " + " ".join(shlex.quote(a) for a in sys.argv[1:])
             if sys.argv and sys.argv[0].endswith("__main__.py") else " ".join(sys.argv),
             "commit": _commit(),

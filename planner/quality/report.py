@@ -79,7 +79,8 @@ def markdown(result: dict, *, title: str = "Quality: dense vs sparse policies") 
              ("passkey depths", ", ".join(f"{d:.0%}" for d in cfg.get("depths", []))),
              ("trials per cell", cfg.get("trials")), ("perplexity windows", cfg.get("ppl_windows")),
              ("seed", cfg.get("seed")), ("attend on CPU", m.get("attend")),
-             ("torch", m.get("torch")), ("transformers", m.get("transformers")),
+             ("machine", m.get("cpu")), ("torch", m.get("torch")),
+             ("triton", m.get("triton")), ("transformers", m.get("transformers")),
              ("threads", m.get("threads")), ("planner commit", m.get("commit")),
              ("wall time", f"{m.get('wall_s', 0) / 60:.1f} min")]
     lines += [f"- **{k}**: {v}" for k, v in facts if v not in (None, "")]
