@@ -54,13 +54,9 @@ def dense_at_measured_density(spec, q: torch.Tensor, k: torch.Tensor, counts: to
     prof = cm.profile_for(q.device)
     if not prof.sparse_kernels:
         return False, None
+    from codegen.select.reference import structural_blocks
     n_q, n_kv = q.shape[2], k.shape[2]
-    nqb, nkb = counts.shape[-1], -(-n_kv // block)
-    if spec.causal is not None:
-        last = torch.clamp((torch.arange(nqb) + 1) * block, max=n_q) - 1 + (n_kv - n_q)
-        visible = float(torch.clamp(last // block + 1, max=nkb).sum())
-    else:
-        visible = float(nqb * nkb)
+    visible = float(structural_blocks(n_q, n_kv, spec.causal, block).sum())
     rho = float(counts.sum()) / (visible * counts.shape[0] * counts.shape[1])
     shape = dict(B=q.shape[0], Hq=q.shape[1], Hkv=k.shape[1], Nq=n_q, Nkv=n_kv, D=q.shape[3])
     dense = cm.estimate("dense_sdpa", prof, rho=1.0, **shape)

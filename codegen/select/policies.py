@@ -10,41 +10,19 @@ so the group shares its selection.
 """
 from __future__ import annotations
 
-import math
 from typing import Optional, Sequence
 
 import torch
 
 from codegen.attention.reference import MASKED_BELOW, apply_modifiers, positions_offset
-from codegen.select.reference import _forced_blocks, _pool, blocks_from_mask
-
-
-def _cdiv(a: int, b: int) -> int:
-    return (a + b - 1) // b
+from codegen.select.reference import (_cdiv, _forced_blocks, block_bounds, blocks_from_mask,
+                                      last_key_blocks, structural_blocks)
 
 
 def _group_mean(x: torch.Tensor, hkv: int) -> torch.Tensor:
     """[B, Hq, ...] -> [B, Hkv, ...] (mean over the query heads of each group)."""
     B, Hq = x.shape[:2]
     return x.reshape(B, hkv, Hq // hkv, *x.shape[2:]).mean(dim=2)
-
-
-def block_bounds(n_q: int, n_kv: int, causal, block: int, device=None):
-    """(first_pos [NQB], last_pos [NQB]) of each query block, key block starts [NKB]."""
-    nqb = _cdiv(n_q, block)
-    off = positions_offset(causal, n_q, n_kv)
-    first = torch.arange(nqb, device=device) * block + off
-    last = torch.clamp((torch.arange(nqb, device=device) + 1) * block, max=n_q) - 1 + off
-    return first, last
-
-
-def structural_blocks(n_q: int, n_kv: int, causal, block: int, device=None) -> torch.Tensor:
-    """bool [NQB, NKB]: blocks with a pair the causal rule allows (all blocks if not causal)."""
-    nqb, nkb = _cdiv(n_q, block), _cdiv(n_kv, block)
-    if causal is None:
-        return torch.ones(nqb, nkb, dtype=torch.bool, device=device)
-    _, last = block_bounds(n_q, n_kv, causal, block, device)
-    return (torch.arange(nkb, device=device) * block)[None, :] <= last[:, None]
 
 
 # --------------------------------------------------------------------------- last-query attention
@@ -247,8 +225,8 @@ def bigbird_blocks(B: int, H: int, n_q: int, n_kv: int, causal, block: int, *, w
     (head, query block) drawn with priorities ``torch.rand(H, NQB, NKB)`` from a CPU generator
     seeded with ``seed`` (the top priorities among the allowed, not yet chosen blocks)."""
     nqb, nkb = _cdiv(n_q, block), _cdiv(n_kv, block)
-    first, last = block_bounds(n_q, n_kv, causal, block, device)
-    diag = torch.clamp(last // block, 0, nkb - 1)
+    first, _ = block_bounds(n_q, n_kv, causal, block, device)
+    diag = last_key_blocks(n_q, n_kv, causal, block, device)
     w = _cdiv(window, block)
     g = _cdiv(global_tokens, block)
     j = torch.arange(nkb, device=device)

@@ -40,6 +40,30 @@ def _block_any(x: torch.Tensor, block: int, dim: int) -> torch.Tensor:
     return x.reshape(shape).any(dim=dim + 1)
 
 
+def block_bounds(n_q: int, n_kv: int, causal, block: int, device=None):
+    """(first_pos [NQB], last_pos [NQB]): positions of each query block's first and last row."""
+    nqb = _cdiv(n_q, block)
+    off = positions_offset(causal, n_q, n_kv)
+    first = torch.arange(nqb, device=device) * block + off
+    last = torch.clamp((torch.arange(nqb, device=device) + 1) * block, max=n_q) - 1 + off
+    return first, last
+
+
+def structural_blocks(n_q: int, n_kv: int, causal, block: int, device=None) -> torch.Tensor:
+    """bool [NQB, NKB]: blocks with a pair the causal rule allows (all blocks if not causal)."""
+    nqb, nkb = _cdiv(n_q, block), _cdiv(n_kv, block)
+    if causal is None:
+        return torch.ones(nqb, nkb, dtype=torch.bool, device=device)
+    _, last = block_bounds(n_q, n_kv, causal, block, device)
+    return (torch.arange(nkb, device=device) * block)[None, :] <= last[:, None]
+
+
+def last_key_blocks(n_q: int, n_kv: int, causal, block: int, device=None) -> torch.Tensor:
+    """[NQB]: the key block holding each query block's last position (clamped to the keys)."""
+    _, last = block_bounds(n_q, n_kv, causal, block, device)
+    return torch.clamp(last // block, 0, _cdiv(n_kv, block) - 1)
+
+
 def allowed_blocks(q_shape, k_shape, mods: Sequence[tuple], mod_tensors: Sequence[torch.Tensor],
                    causal: Optional[str], block: int, device=None) -> torch.Tensor:
     """bool [B, Hkv, NQB, NKB]: blocks holding at least one pair the model attends to."""
@@ -47,15 +71,10 @@ def allowed_blocks(q_shape, k_shape, mods: Sequence[tuple], mod_tensors: Sequenc
     Hkv, Nkv = k_shape[1], k_shape[2]
     if device is None:
         device = mod_tensors[0].device if mod_tensors else "cpu"
-    nqb, nkb = _cdiv(Nq, block), _cdiv(Nkv, block)
     if not mods:
         # no mask tensors: only the causal rule, decided per block without an N x N map
-        ok = torch.ones(nqb, nkb, dtype=torch.bool, device=device)
-        if causal is not None:
-            off = positions_offset(causal, Nq, Nkv)
-            last = torch.clamp((torch.arange(nqb, device=device) + 1) * block, max=Nq) - 1 + off
-            ok = (torch.arange(nkb, device=device) * block)[None, :] <= last[:, None]
-        return ok.expand(B, Hkv, nqb, nkb)
+        ok = structural_blocks(Nq, Nkv, causal, block, device)
+        return ok.expand(B, Hkv, *ok.shape)
     zero = torch.zeros(1, 1, Nq, Nkv, device=device)
     s = apply_modifiers(zero, mods, mod_tensors, slice(0, Nq))
     if causal is not None:
@@ -119,9 +138,7 @@ def _forced_blocks(nqb: int, nkb: int, n_q: int, n_kv: int, causal, block: int,
     block's last position."""
     forced = torch.zeros(nqb, nkb, dtype=torch.bool, device=device)
     forced[:, :min(sink_blocks, nkb)] = True
-    off = positions_offset(causal, n_q, n_kv)
-    last_row = torch.clamp((torch.arange(nqb, device=device) + 1) * block, max=n_q) - 1
-    last_blk = torch.clamp((last_row + off) // block, 0, nkb - 1)
+    last_blk = last_key_blocks(n_q, n_kv, causal, block, device)
     j = torch.arange(nkb, device=device)
     forced |= (j[None, :] <= last_blk[:, None]) & (j[None, :] > last_blk[:, None] - local_blocks)
     return forced
@@ -174,9 +191,7 @@ def select_topk_blocks(scores: torch.Tensor, n_q: int, n_kv: int, causal, block:
         vals, idx = rank.topk(k, dim=-1, sorted=False)          # ids are sorted below
         parts.append(torch.where(vals > float("-inf"), idx.to(torch.int32), big))
     # forced ids: sink blocks, then local blocks that are not sink blocks
-    off = positions_offset(causal, n_q, n_kv)
-    last_row = torch.clamp((torch.arange(nqb, device=dev) + 1) * block, max=n_q) - 1
-    last_blk = torch.clamp((last_row + off) // block, 0, nkb - 1)                  # [NQB]
+    last_blk = last_key_blocks(n_q, n_kv, causal, block, dev)                      # [NQB]
     f_ids = []
     if sink_blocks:
         f_ids.append(torch.arange(min(sink_blocks, nkb), device=dev).expand(nqb, -1))
@@ -201,9 +216,7 @@ def window_blocks(B: int, H: int, n_q: int, n_kv: int, causal, block: int, *, si
                   window: int, device=None):
     """Key blocks that hold any (query, key) pair with ``key < sink`` or ``|pos_q - key| < window``."""
     nqb, nkb = _cdiv(n_q, block), _cdiv(n_kv, block)
-    off = positions_offset(causal, n_q, n_kv)
-    first = torch.arange(nqb, device=device) * block + off                 # first query position
-    last = torch.clamp((torch.arange(nqb, device=device) + 1) * block, max=n_q) - 1 + off
+    first, last = block_bounds(n_q, n_kv, causal, block, device)
     k_lo = torch.arange(nkb, device=device) * block
     k_hi = torch.clamp(k_lo + block, max=n_kv) - 1
     sel = (k_lo[None, :] < sink).expand(nqb, nkb).clone()
