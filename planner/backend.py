@@ -15,7 +15,6 @@ import threading
 import warnings
 from typing import Optional
 
-import torch
 import torch.fx as fx
 
 from passes import PassContext, run_pipeline

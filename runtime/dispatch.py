@@ -30,10 +30,6 @@ def register_attend(name: str, provider: Provider) -> None:
     _ATTEND_PROVIDERS = [(n, p) for n, p in _ATTEND_PROVIDERS if n != name] + [(name, provider)]
 
 
-def _fmt_shapes(q, k, v) -> str:
-    return f"q{list(q.shape)} k{list(k.shape)} v{list(v.shape)} {str(q.dtype).replace('torch.', '')}"
-
-
 def score(q, k, mod_tensors, spec: SiteSpec) -> torch.Tensor:
     est = estimators.get(spec.policy.name)
     if est.score_shape is not None and plan.choose(spec, q, k) == "dense":
@@ -96,7 +92,7 @@ def attend(q, k, v, mod_tensors, counts, indices, spec: SiteSpec) -> torch.Tenso
             out, dens = res
             if dens is None and spec.policy.name == "dense":
                 dens = ([1.0] * q.shape[1], [1.0] * q.shape[1])
-            stats.record(spec.stats_key, shapes=_fmt_shapes(q, k, v), kernel=name + tag,
+            stats.record(spec.stats_key, q=q, k=k, v=v, kernel=name + tag,
                          allowed=dens[0] if dens else None, kept=dens[1] if dens else None)
             return out
     pol = spec.policy
@@ -112,6 +108,6 @@ def attend(q, k, v, mod_tensors, counts, indices, spec: SiteSpec) -> torch.Tenso
     st = {} if _want_density() else None
     out, _ = attention_reference(q, k, v, scale=spec.scale, mods=spec.mods,
                                  mod_tensors=mod_tensors, causal=spec.causal, keep=keep, stats=st)
-    stats.record(spec.stats_key, shapes=_fmt_shapes(q, k, v), kernel="reference" + tag,
+    stats.record(spec.stats_key, q=q, k=k, v=v, kernel="reference" + tag,
                  allowed=st.get("allowed") if st else None, kept=st.get("kept") if st else None)
     return out

@@ -2,28 +2,37 @@
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
 
 @dataclass
 class SiteStats:
     calls: int = 0
-    shapes: Optional[str] = None
+    tensors: Optional[tuple] = None            # (q, k, v) shapes and dtype of the last call
     density: Optional[float] = None            # kept / attended-by-the-model pairs, last call
     density_per_head: Optional[list] = None    # same per query head
     kernel: Optional[str] = None               # which implementation ran last
+
+    @property
+    def shapes(self) -> Optional[str]:
+        """Readable form of ``tensors``, built only when a report asks for it."""
+        if self.tensors is None:
+            return None
+        q, k, v, dtype = self.tensors
+        return f"q{list(q)} k{list(k)} v{list(v)} {str(dtype).replace('torch.', '')}"
 
 
 _STATS: dict[str, SiteStats] = {}
 _LOCK = threading.Lock()
 
 
-def record(site: str, *, shapes: str, kernel: str, allowed=None, kept=None) -> None:
+def record(site: str, *, q, k, v, kernel: str, allowed=None, kept=None) -> None:
+    """Count a call of ``site`` (cheap: shapes are kept as tuples, formatted on demand)."""
     with _LOCK:
         st = _STATS.setdefault(site, SiteStats())
         st.calls += 1
-        st.shapes = shapes
+        st.tensors = (q.shape, k.shape, v.shape, q.dtype)
         st.kernel = kernel
         if allowed is None or kept is None:
             st.density = st.density_per_head = None      # not measured by this kernel
