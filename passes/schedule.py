@@ -13,6 +13,7 @@ import torch
 import torch.fx as fx
 
 from passes.graph import val
+from runtime.providers import sdpa_args
 from runtime.spec import lookup, register
 
 
@@ -27,27 +28,6 @@ def _hint(x) -> int:
             hint = fn(x)
         return int(hint)
     return int(x)
-
-
-def _dense_sdpa_args(spec, n_q: int, n_kv: int):
-    """(attn_mask transform, is_causal) to run a site as exact SDPA, or None if SDPA cannot
-    express its modifiers and causal rule."""
-    mods = spec.mods
-    if len(mods) > 1 or (mods and mods[0][0] not in ("add", "keep", "fill")):
-        return None
-    if mods and mods[0][0] == "fill" and mods[0][1] != float("-inf"):
-        return None
-    if spec.causal is None:
-        is_causal = False
-    elif spec.causal == "upper_left" or n_q == n_kv:
-        is_causal = True
-    elif n_q == 1:
-        is_causal = False                 # a single query at the last position sees every key
-    else:
-        return None
-    if is_causal and mods:
-        return None                       # SDPA takes a mask or is_causal, not both
-    return (mods[0][0] if mods else None), is_causal
 
 
 def _emit_dense(gm: fx.GraphModule, attend: fx.Node, spec, how) -> fx.Node:
@@ -109,7 +89,7 @@ def plan_schedule(gm: fx.GraphModule, ctx) -> fx.GraphModule:
         if ctx.cost_model == "auto" and prof.sparse_kernels and static and (
                 pol.name == "dense" or t_dense <= t_sparse):
             # static shape, dense is cheaper: emit exact SDPA, no sparse ops at run time
-            how = _dense_sdpa_args(spec, nq, nkv)
+            how = sdpa_args(spec, nq, nkv)
             if how is not None:
                 _emit_dense(gm, n, spec, how)
                 rec.schedule = f"dense SDPA (static N={nkv}, planned)"

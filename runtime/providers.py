@@ -37,24 +37,38 @@ def _causal_flag(spec: SiteSpec, n_q: int, n_kv: int) -> Optional[bool]:
     return None
 
 
+def sdpa_args(spec: SiteSpec, n_q: int, n_kv: int):
+    """How to run a site as one exact ``F.scaled_dot_product_attention`` call:
+    ``(mask_kind, is_causal)`` with mask_kind None / "add" / "keep" / "fill" (masked_fill with
+    -inf: SDPA's mask is the negation), or None when SDPA cannot express the site's modifiers
+    and causal rule. Used at run time here and at compile time by ``plan_schedule``."""
+    mods = spec.mods
+    if len(mods) > 1 or (mods and mods[0][0] not in ("add", "keep", "fill")):
+        return None
+    if mods and mods[0][0] == "fill" and mods[0][1] != float("-inf"):
+        return None
+    if spec.causal is None:
+        is_causal = False
+    elif spec.causal == "upper_left" or n_q == n_kv:
+        is_causal = True
+    elif n_q == 1:
+        is_causal = False                 # a single query at the last position sees every key
+    else:
+        return None
+    if is_causal and mods:
+        return None                       # SDPA takes a mask or is_causal, not both
+    return (mods[0][0] if mods else None), is_causal
+
+
 def sdpa_dense(q, k, v, mods, counts, indices, spec: SiteSpec):
     if spec.policy.name != "dense" or q.device.type != "cuda" or _kernels_mode() == "reference":
         return None
-    mask = None
-    if spec.mods:
-        if len(spec.mods) != 1 or spec.mods[0][0] != "add":
-            return None
-        mask = mods[0]
-    n_q, n_kv = q.shape[2], k.shape[2]
-    is_causal = spec.causal is not None
-    if is_causal and mask is not None:
+    how = sdpa_args(spec, q.shape[2], k.shape[2])
+    if how is None:
         return None
-    if is_causal and spec.causal == "lower_right" and n_q != n_kv:
-        if n_q != 1:
-            return None
-        is_causal = False               # one query at the last position sees every key
-    g = spec.gqa_group
-    kw = {"enable_gqa": True} if g > 1 else {}
+    kind, is_causal = how
+    mask = None if kind is None else (torch.logical_not(mods[0]) if kind == "fill" else mods[0])
+    kw = {"enable_gqa": True} if spec.gqa_group > 1 else {}
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
                                          scale=spec.scale, **kw)
     return out, None
