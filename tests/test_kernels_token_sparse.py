@@ -16,6 +16,7 @@ from codegen.emit import Schedule  # noqa: E402
 from codegen.token_sparse import token_sparse_attention_ref  # noqa: E402
 from runtime import triton_kernels as tk  # noqa: E402
 from runtime.cache import KERNELS  # noqa: E402
+from kernel_checks import compare_with_reference, poisoned_outputs, rel_err  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
@@ -29,10 +30,6 @@ gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA dev
 def poison_workspace(monkeypatch):
     """Split-K partial results start as NaN: a partial no program wrote reaches the output."""
     monkeypatch.setattr(tk, "POISON_WORKSPACE", True)
-
-
-def rel_err(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
 
 
 def random_indices(gen, B, hs, Nq, K, Nkv, *, p_pad=0.2, p_empty_row=0.1):
@@ -61,20 +58,11 @@ def make_inputs(seed, B, Hq, Hkv, lists, Nq, Nkv, K, D, Dv, dtype, **kw):
 
 
 def run_checked(q, k, v, idx, schedule=None):
-    B, Hq, Nq, _ = q.shape
-    out = torch.full((B, Hq, Nq, v.shape[-1]), float("nan"), device=q.device, dtype=q.dtype)
-    lse = torch.full((B, Hq, Nq), float("nan"), device=q.device)
+    out, lse = poisoned_outputs(q, v)
     scale = q.shape[-1] ** -0.5
     tk.token_sparse_attention(q, k, v, idx, scale=scale, schedule=schedule, out=out, lse=lse)
     ref, ref_lse = token_sparse_attention_ref(q, k, v, idx, scale=scale)
-    assert not out.isnan().any(), "kernel left output elements unwritten (NaN poison)"
-    assert not lse.isnan().any(), "kernel left lse elements unwritten (NaN poison)"
-    empty = torch.isinf(ref_lse)
-    assert torch.equal(torch.isinf(lse), empty), "rows without a valid index differ"
-    assert (out[empty] == 0).all(), "rows without a valid index must be 0"
-    fin = ~empty
-    lse_err = (lse[fin] - ref_lse[fin]).abs().max().item() if fin.any() else 0.0
-    return rel_err(out, ref), lse_err
+    return compare_with_reference(out, lse, ref, ref_lse, "valid index")
 
 
 #                B, Hq, Hkv, lists, Nq, Nkv, K, D, Dv
