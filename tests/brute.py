@@ -180,6 +180,18 @@ def threshold_keep(q, k, *, block, gamma, min_budget, max_budget, sink_blocks, l
     return _expand_blocks(sel, B, Hq, Hkv, Nq, Nkv, block)
 
 
+def _line_masses(p, Nq, Nkv, off):
+    """Column masses and diagonal-offset masses of the last rows' probabilities p [G, L, Nkv]."""
+    L = p.shape[1]
+    vert = [float(p[:, :, j].sum()) for j in range(Nkv)]
+    slash = [0.0] * Nkv
+    for r in range(L):
+        pos = Nq - L + r + off
+        for j in range(min(pos + 1, Nkv)):
+            slash[pos - j] += float(p[:, r, j].sum())
+    return vert, slash
+
+
 def vertical_slash_keep(q, k, *, last_q, n_vertical, n_slash, block, sink_tokens, local_tokens,
                         scale, causal):
     B, Hq, Nq, D = q.shape
@@ -187,17 +199,11 @@ def vertical_slash_keep(q, k, *, last_q, n_vertical, n_slash, block, sink_tokens
     G = Hq // Hkv
     off, nqb, nkb, first, last = _blocks_geometry(Nq, Nkv, block, causal)
     probs = _last_rows_probs(q, k, scale, causal, last_q)
-    L = probs.shape[2]
     sel = {}
     for b in range(B):
         for hk in range(Hkv):
             p = probs[b, hk * G:(hk + 1) * G]                               # [G, L, Nkv]
-            vert = [float(p[:, :, j].sum()) for j in range(Nkv)]
-            slash = [0.0] * Nkv
-            for r in range(L):
-                pos = Nq - L + r + off
-                for j in range(min(pos + 1, Nkv)):
-                    slash[pos - j] += float(p[:, r, j].sum())
+            vert, slash = _line_masses(p, Nq, Nkv, off)
 
             def choose(score, n, n_forced):
                 forced = set(range(min(n_forced, Nkv)))
@@ -289,12 +295,7 @@ def auto_keep(q, k, *, target_density, block, tau, sink_blocks, local_blocks, sc
     for b in range(B):
         for hk in range(Hkv):
             p = probs[b, hk * G:(hk + 1) * G]
-            vert = [float(p[:, :, j].sum()) for j in range(Nkv)]
-            slash = [0.0] * Nkv
-            for r in range(L):
-                pos = Nq - L + r + off
-                for j in range(min(pos + 1, Nkv)):
-                    slash[pos - j] += float(p[:, r, j].sum())
+            vert, slash = _line_masses(p, Nq, Nkv, off)
             oks = [[_struct(qb, kb, block, last, causal) for kb in range(nkb)] for qb in range(nqb)]
             # criterion on the last query block
             ok = oks[-1]
