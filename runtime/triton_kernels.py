@@ -1,8 +1,9 @@
 """Entry points of the Triton sparse-attention kernels: validate, pick a schedule, fetch the
 compiled kernel from ``runtime.cache.KERNELS``, launch.
 
-Both functions return ``(out [B, Hq, Nq, Dv] in q.dtype, lse [B, Hq, Nq] fp32, natural log)``;
-rows that keep no key give out = 0, lse = -inf. On CPU they run under Triton's interpreter
+The forward functions return ``(out [B, Hq, Nq, Dv] in q.dtype, lse [B, Hq, Nq] fp32, natural
+log)``; rows that keep no key give out = 0, lse = -inf. ``token_sparse_attention_bwd`` returns
+``(dq, dk, dv)`` of the gather attention (autograd wrapper: ``runtime.token_sparse_autograd``). On CPU they run under Triton's interpreter
 (``TRITON_INTERPRET=1`` set before the first kernel is loaded); see ``available``.
 
 Example (on a CUDA device)::
@@ -26,6 +27,7 @@ from typing import Optional
 import torch
 
 from codegen.emit import BlockSparseSpec, Schedule, TokenSparseSpec, emit, load, next_pow2
+from codegen.token_sparse.backward import PRE_ROWS as BWD_PRE_ROWS, emit_backward
 from runtime.cache import KERNELS, seq_bucket, stable_hash
 
 LOG2E = 1.4426950408889634
@@ -100,13 +102,16 @@ def _check_index(fn: str, name: str, t, shape: tuple, device):
         raise ValueError(f"{fn}: {name} is on {t.device}, q is on {device}")
 
 
-def _heads_of_lists(fn: str, name: str, hs: int, Hq: int, Hkv: int) -> bool:
-    """True when the lists are per KV head (shared by a GQA group), False when per query head."""
-    if hs == Hkv:
+def _heads_of_lists(fn: str, name: str, hs: int, Hq: int, Hkv: int,
+                    shared_ok: bool = False) -> bool:
+    """True when the lists are per KV head (shared by a GQA group) or, with ``shared_ok``, one
+    list shared by every head (``hs == 1``); False when per query head."""
+    if hs == Hkv or (shared_ok and hs == 1):
         return True
     if hs == Hq:
         return False
-    raise ValueError(f"{fn}: {name}.shape[1] must be Hkv={Hkv} (per group) or Hq={Hq} "
+    one = "1 (shared by every head), " if shared_ok else ""
+    raise ValueError(f"{fn}: {name}.shape[1] must be {one}Hkv={Hkv} (per group) or Hq={Hq} "
                      f"(per head), got {hs}")
 
 
@@ -376,33 +381,42 @@ def block_sparse_attention(q, k, v, kv_num_blocks, kv_indices, *, block: int, sc
     return out, lse
 
 
-def _plan_token_sparse(q, k, v, indices, schedule) -> LaunchPlan:
-    fn = "token_sparse_attention"
+def _plan_token_sparse(q, k, v, indices, schedule, backward: bool = False) -> LaunchPlan:
+    """Plan of the gather forward (or, with ``backward``, of its backward kernel).
+
+    Lists shared by every head (``Hs == 1``) are read as per-group lists with head stride 0:
+    GQA groups stay packed and the index tensor is never expanded in memory."""
+    fn = "token_sparse_attention_bwd" if backward else "token_sparse_attention"
     _check_qkv(fn, q, k, v)
     B, Hq, Nq, D = q.shape
     Hkv, Nkv, Dv = k.shape[1], k.shape[2], v.shape[3]
     _check_index(fn, "indices", indices, (B, None, Nq, None), q.device)
     hs, n_idx = indices.shape[1], indices.shape[3]
-    per_group = _heads_of_lists(fn, "indices", hs, Hq, Hkv)
+    per_group = _heads_of_lists(fn, "indices", hs, Hq, Hkv, shared_ok=True)
     G = Hq // Hkv
     strided = [_unit_last(t) for t in (q, k, v)]
+    idx = _unit_last(indices)
     spec = TokenSparseSpec(head_dim=D, v_head_dim=Dv, gqa_group=G, pack_gqa=per_group and G > 1,
                            lists_per_group=per_group or G == 1, dtype=_FLOAT_DTYPES[q.dtype],
                            stride_align=_stride_align(q.dtype, *strided))
     heads = Hkv if spec.pack_gqa else Hq
     if schedule is None:
-        schedule = default_token_sparse_schedule(spec, q.device, B * heads * Nq, n_idx)
+        default = default_token_sparse_bwd_schedule if backward else default_token_sparse_schedule
+        schedule = default(spec, q.device, B * heads * Nq, n_idx)
     chunk = schedule.split if 0 < schedule.split < n_idx else max(n_idx, 1)
     n_split = max(1, -(-n_idx // chunk))
     a = spec.stride_align
     strides = tuple(st // a for t in strided for st in t.stride()[:3])
-    key = ("token_sparse", _device_key(q.device), (str(q.dtype), str(indices.dtype)),
-           D, G, _spec_hash(spec), schedule, (seq_bucket(Nkv), seq_bucket(n_idx)))
+    idx_strides = (idx.stride(0), idx.stride(1) if hs > 1 else 0, idx.stride(2))
+    sizes = (Nq, Nkv, Hkv if per_group else Hq, Hq) + (
+        (Hkv, n_idx, chunk) if backward else (n_idx, chunk, n_split))
+    key = ("token_sparse_bwd" if backward else "token_sparse", _device_key(q.device),
+           (str(q.dtype), str(indices.dtype)), D, G, _spec_hash(spec), schedule,
+           (seq_bucket(Nkv), seq_bucket(n_idx)))
     return LaunchPlan(key=key, spec=spec, schedule=schedule, grid=(Nq, B * heads, n_split),
-                      args=strides + (Nq, Nkv, hs, Hq, n_idx, chunk, n_split),
+                      args=strides + idx_strides + sizes,
                       out_shape=(B, Hq, Nq, Dv), lse_shape=(B, Hq, Nq), n_split=n_split,
-                      contiguous=tuple(t.stride(-1) != 1 for t in (q, k, v)) + (
-                          not indices.is_contiguous(),))
+                      contiguous=tuple(t.stride(-1) != 1 for t in (q, k, v, indices)))
 
 
 def token_sparse_attention(q, k, v, indices, *, scale: float, schedule: Optional[Schedule] = None,
@@ -410,8 +424,10 @@ def token_sparse_attention(q, k, v, indices, *, scale: float, schedule: Optional
     """Each query row attends to its own list of key positions (gather attention).
 
     Shapes: q ``[B, Hq, Nq, D]``, k ``[B, Hkv, Nkv, D]``, v ``[B, Hkv, Nkv, Dv]``, ``indices``
-    int32 ``[B, Hs, Nq, K]`` with ``Hs`` in ``{Hkv, Hq}``; negative entries are padding and
-    entries ``>= Nkv`` are ignored; entries must be distinct. No causal mask is implied. With
+    int32 ``[B, Hs, Nq, K]`` with ``Hs`` in ``{1, Hkv, Hq}`` (1: one list per query row for
+    every head, DeepSeek Sparse Attention style; GQA groups are still served by one program);
+    any strides with a unit last one. Negative entries are padding and entries ``>= Nkv`` are
+    ignored; entries must be distinct. No causal mask is implied. With
     few rows (decode) the list is split across programs and merged by a combine kernel.
     ``out`` / ``lse``: optional contiguous tensors to write the results into.
     Returns ``(out [B, Hq, Nq, Dv], lse [B, Hq, Nq] fp32)``.
@@ -441,6 +457,91 @@ def token_sparse_attention(q, k, v, indices, *, scale: float, schedule: Optional
     if plan.n_split > 1:
         mod.token_sparse_combine[(B * Hq * Nq,)](po, pl, out, lse, plan.n_split, num_warps=4)
     return out, lse
+
+
+def default_token_sparse_bwd_schedule(spec: TokenSparseSpec, device, rows: int,
+                                      n_idx: int) -> Schedule:
+    """Default for the gather backward; ``rows`` = programs before splitting (B * heads * Nq).
+
+    Each step holds a K and a V tile and their fp32 gradient tiles; small programs measured
+    fastest (H200 sweep of 16/32 keys x 2/4/8 warps x 2/3 stages, D = 128 and 256, GQA groups
+    1 to 64, 2k-entry lists): 2 warps, 32 keys per step when packed at D <= 128 else 16, 3
+    stages; 4 warps once a packed group fills 64 rows. The list is split (dQ then adds up
+    atomically in fp32) only when the rows alone cannot fill the device."""
+    if device.type != "cuda":
+        return Schedule(block_m=16, block_n=32, num_warps=4, num_stages=1,
+                        split=_split_for(rows, n_idx, 32, 2, minimum=32))
+    packed_rows = next_pow2(spec.gqa_group) if spec.pack_gqa else 1
+    block_n = 32 if spec.pack_gqa and max(spec.head_dim, spec.v_head_dim) <= 128 else 16
+    return Schedule(block_m=16, block_n=block_n, num_warps=4 if packed_rows >= 64 else 2,
+                    num_stages=3, split=_split_for(rows, n_idx, block_n, _sm_count(device),
+                                                   minimum=4 * block_n))
+
+
+def _check_saved(fn: str, out, lse, dout, shape_out: tuple, dtype, device):
+    """The forward's ``out`` and ``lse`` and the incoming ``dout`` for the backward."""
+    for name, t, want, dt in (("out", out, shape_out, dtype), ("dout", dout, shape_out, dtype),
+                              ("lse", lse, shape_out[:3], torch.float32)):
+        if (not isinstance(t, torch.Tensor) or tuple(t.shape) != want or t.dtype != dt
+                or t.device != device):
+            got = (f"{t.dtype} {list(t.shape)} on {t.device}" if isinstance(t, torch.Tensor)
+                   else type(t).__name__)
+            raise ValueError(f"{fn}: {name} must be a {dt} tensor {list(want)} on {device}, "
+                             f"got {got}")
+
+
+def token_sparse_attention_bwd(q, k, v, indices, out, lse, dout, *, scale: float,
+                               schedule: Optional[Schedule] = None):
+    """Backward of ``token_sparse_attention``: ``(dq, dk, dv)`` shaped and typed like q, k, v.
+
+    Arguments as in the forward, plus its ``out [B, Hq, Nq, Dv]`` and ``lse [B, Hq, Nq]`` fp32
+    and the gradient ``dout [B, Hq, Nq, Dv]`` (q's dtype). A pre-pass computes
+    ``delta = rowsum(dout * out)``; then one program per query row (and GQA group when the
+    lists are shared by it or by every head, as in the forward) re-gathers the listed K/V rows,
+    recomputes P from ``lse``, writes dQ and adds its dK/dV rows with atomics into fp32
+    buffers, which are cast to k/v's dtype at the end.
+
+    Example (on a CUDA device)::
+
+        >>> out, lse = token_sparse_attention(q, k, v, idx, scale=0.125)
+        >>> dq, dk, dv = token_sparse_attention_bwd(q, k, v, idx, out, lse, torch.ones_like(out),
+        ...                                         scale=0.125)
+    """
+    fn = "token_sparse_attention_bwd"
+    _check_scale(fn, scale)
+    tensors = (q, k, v, indices)
+    if not all(isinstance(t, torch.Tensor) for t in tensors):
+        _check_qkv(fn, q, k, v)
+        _check_index(fn, "indices", indices, (None, None, None, None), q.device)
+    sig = _signature(fn, tensors, (schedule,))
+    plan = _cached_plan(sig, lambda: _plan_token_sparse(q, k, v, indices, schedule, backward=True))
+    _check_saved(fn, out, lse, dout, plan.out_shape, q.dtype, q.device)
+    B, Hq, Nq, Dv = plan.out_shape
+    Hkv, Nkv, D = k.shape[1], k.shape[2], q.shape[3]
+    dk = torch.zeros((B, Hkv, Nkv, D), device=q.device, dtype=torch.float32)   # [B, Hkv, Nkv, D]
+    dv = torch.zeros((B, Hkv, Nkv, Dv), device=q.device, dtype=torch.float32)  # [B, Hkv, Nkv, Dv]
+    rows = B * Hq * Nq
+    if plan.schedule.split:
+        dq = torch.zeros((B, Hq, Nq, D), device=q.device, dtype=torch.float32)
+    elif POISON_WORKSPACE:
+        dq = torch.full((B, Hq, Nq, D), float("nan"), device=q.device, dtype=q.dtype)
+    else:
+        dq = torch.empty((B, Hq, Nq, D), device=q.device, dtype=q.dtype)     # [B, Hq, Nq, D]
+    if rows == 0:
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+    mod = _bwd_module(plan)
+    q, k, v, idx = _contiguous_as_planned(plan, tensors)
+    out, dout, lse = out.contiguous(), dout.contiguous(), lse.contiguous()
+    delta = _workspace((B, Hq, Nq), q.device)                                  # [B, Hq, Nq]
+    mod.token_sparse_bwd_pre[(-(-rows // BWD_PRE_ROWS),)](out, dout, delta, rows, num_warps=4)
+    mod.token_sparse_bwd[plan.grid](
+        q, k, v, idx, dout, lse, delta, dq, dk, dv, *plan.args, float(scale) * LOG2E,
+        float(scale), num_warps=plan.schedule.num_warps, num_stages=plan.schedule.num_stages)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+def _bwd_module(plan: LaunchPlan):
+    return KERNELS.get(plan.key, lambda: load(emit_backward(plan.spec, plan.schedule)))
 
 
 # ----------------------------------------------------------------------------- block_topk

@@ -52,7 +52,7 @@ def make_inputs(seed, B, Hq, Hkv, lists, Nq, Nkv, K, D, Dv, dtype, **kw):
     q = torch.randn(B, Hq, Nq, D, generator=gen).to(DEVICE, dtype)      # [B, Hq, Nq, D]
     k = torch.randn(B, Hkv, Nkv, D, generator=gen).to(DEVICE, dtype)    # [B, Hkv, Nkv, D]
     v = torch.randn(B, Hkv, Nkv, Dv, generator=gen).to(DEVICE, dtype)   # [B, Hkv, Nkv, Dv]
-    hs = Hkv if lists == "group" else Hq
+    hs = {"shared": 1, "group": Hkv, "head": Hq}[lists]
     idx = random_indices(gen, B, hs, Nq, K, Nkv, **kw).to(DEVICE)       # [B, Hs, Nq, K]
     return q, k, v, idx
 
@@ -75,6 +75,10 @@ SHAPES = [
     pytest.param(2, 8, 2, "group", 1, 700, 650, 60, 60, id="decode-B2-H8-KV2-K650-D60-group"),
     pytest.param(2, 4, 1, "group", 1, 300, 200, 64, 64, id="decode-B2-H4-KV1-K200-mqa"),
     pytest.param(2, 6, 2, "head", 1, 400, 250, 64, 64, id="decode-B2-H6-KV2-K250-head"),
+    pytest.param(2, 8, 2, "shared", 19, 90, 33, 60, 60, id="prefill-B2-H8-KV2-N19-K33-D60-shared"),
+    pytest.param(1, 4, 4, "shared", 13, 70, 24, 64, 48, id="prefill-B1-H4-KV4-N13-K24-Dv48-shared"),
+    pytest.param(2, 6, 2, "shared", 1, 500, 300, 64, 64, id="decode-B2-H6-KV2-K300-shared"),
+    pytest.param(2, 8, 1, "shared", 1, 300, 200, 64, 64, id="decode-B2-H8-KV1-K200-shared-mqa"),
 ]
 
 
@@ -123,6 +127,23 @@ def test_out_of_range_indices_are_ignored():
     assert rel_err(out_bad, out_clean) < 1e-6 and rel_err(out_bad, out) > 1e-3
 
 
+@pytest.mark.parametrize("Hq, Hkv", [(8, 2), (4, 4)], ids=["gqa4", "mha"])
+def test_shared_lists_are_packed_views_not_copies(Hq, Hkv):
+    """Hs = 1 runs the per-group programs (GQA packed) over a head stride of 0, and equals the
+    same lists expanded per group or per head (a stride-0 view is read as is)."""
+    seed = int(torch.randint(0, 2**31 - 1, ()).item())
+    q, k, v, idx = make_inputs(seed, 2, Hq, Hkv, "shared", 11, 60, 20, 32, 32, torch.float32)
+    plan = tk._plan_token_sparse(q, k, v, idx, None)
+    assert plan.spec.pack_gqa == (Hq > Hkv) and plan.grid[1] == 2 * (Hkv if Hq > Hkv else Hq)
+    assert not any(plan.contiguous)
+    out, lse = tk.token_sparse_attention(q, k, v, idx, scale=0.2)
+    for hs in (Hkv, Hq):
+        view = idx.expand(-1, hs, -1, -1)                           # [B, hs, Nq, K], stride 0
+        o2, l2 = tk.token_sparse_attention(q, k, v, view, scale=0.2)
+        assert tk._plan_token_sparse(q, k, v, view, None).contiguous == (False,) * 4
+        assert rel_err(o2, out) < 1e-6 and torch.equal(torch.isinf(l2), torch.isinf(lse))
+
+
 def brute_force(q, k, v, idx, *, scale):
     """float64 dense softmax over a keep mask set entry by entry from the index lists."""
     B, Hq, Nq, _ = q.shape
@@ -130,7 +151,7 @@ def brute_force(q, k, v, idx, *, scale):
     keep = torch.zeros(B, Hq, Nq, Nkv, dtype=torch.bool)
     for b in range(B):
         for h in range(Hq):
-            row = h // (Hq // Hkv) if idx.shape[1] == Hkv else h
+            row = {1: 0, Hkv: h // (Hq // Hkv)}.get(idx.shape[1], h)
             for i in range(Nq):
                 for j in idx[b, row, i].tolist():
                     if j >= 0:
@@ -144,12 +165,12 @@ def brute_force(q, k, v, idx, *, scale):
     return p @ vv, lse
 
 
-@pytest.mark.parametrize("lists", ["group", "head"])
+@pytest.mark.parametrize("lists", ["shared", "group", "head"])
 def test_reference_matches_brute_force(lists):
     gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, ()).item()))
     B, Hq, Hkv, Nq, Nkv, K = 2, 4, 2, 9, 40, 12
     q, k, v = (torch.randn(B, h, n, 8, generator=gen) for h, n in ((Hq, Nq), (Hkv, Nkv), (Hkv, Nkv)))
-    idx = random_indices(gen, B, Hkv if lists == "group" else Hq, Nq, K, Nkv)
+    idx = random_indices(gen, B, {"shared": 1, "group": Hkv, "head": Hq}[lists], Nq, K, Nkv)
     out, lse = token_sparse_attention_ref(q, k, v, idx, scale=0.3)
     bo, bl = brute_force(q, k, v, idx, scale=0.3)
     assert rel_err(out, bo) < 1e-6
@@ -173,7 +194,7 @@ def test_new_length_in_bucket_compiles_nothing(Nq):
 @pytest.mark.parametrize("change, match", [
     pytest.param(dict(indices=lambda a: a["indices"].long()), "indices must be an int32", id="idx-int64"),
     pytest.param(dict(indices=lambda a: a["indices"][:, :, :2]), r"indices must have shape \[2, \*, 3, \*\]", id="idx-rows"),
-    pytest.param(dict(indices=lambda a: a["indices"].repeat(1, 3, 1, 1)), "Hkv=2 .* or Hq=4", id="idx-6-heads"),
+    pytest.param(dict(indices=lambda a: a["indices"].repeat(1, 3, 1, 1)), "1 .*, Hkv=2 .* or Hq=4", id="idx-6-heads"),
     pytest.param(dict(v=lambda a: a["v"].half()), "share a dtype", id="v-fp16"),
     pytest.param(dict(k=lambda a: a["k"][..., :32]), r"k must be \[B, Hkv, Nkv, 64\]", id="k-D32"),
     pytest.param(dict(scale=lambda a: float("nan")), "scale must be", id="scale-nan"),

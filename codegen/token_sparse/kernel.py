@@ -1,10 +1,12 @@
 """Triton source of token-sparse (gather) attention, rendered per spec and schedule.
 
 Program ``(i, bh, s)`` serves query row ``i`` of one head, or of the ``G`` query heads of a KV
-group when the index lists are shared per group (GQA packing: gathered K/V rows are loaded once
-for the group and multiplied on tensor cores with the group's rows padded to 16). It walks
-entries ``[s * chunk, (s + 1) * chunk)`` of the row's index list with an online softmax. With
-one split the result is final; otherwise (decode: few rows, long lists) each split writes a
+group when the index lists are shared per group or by every head (GQA packing: gathered K/V
+rows are loaded once for the group and multiplied on tensor cores with the group's rows padded
+to 16). The index tensor is read through runtime strides, so lists shared by every head
+(``Hs == 1``) are a head stride of 0, never copies. It walks entries
+``[s * chunk, (s + 1) * chunk)`` of the row's index list with an online softmax. With one
+split the result is final; otherwise (decode: few rows, long lists) each split writes a
 normalized partial output and its lse, and ``token_sparse_combine`` merges them.
 Rendered through ``codegen.emit.emit``; the reference is ``reference.py`` beside this file.
 """
@@ -26,12 +28,14 @@ def render(spec: TokenSparseSpec, sch: Schedule) -> str:
     common = dict(BD=bd, BDV=bdv, DV=spec.v_head_dim, BLOCK_N=block_n, ALIGN=a, DT=dt)
     signature = '''
     @triton.jit(do_not_specialize=["sqb", "sqh", "sqn", "skb", "skh", "skn", "svb", "svh", "svn",
-                                   "Nq", "Nkv", "Hs", "Hq", "n_idx", "chunk", "n_split"])
+                                   "sib", "sih", "sin", "Nq", "Nkv", "Hs", "Hq", "n_idx", "chunk",
+                                   "n_split"])
     def token_sparse_fwd(Q, K, V, IDX, O, LSE, sqb, sqh, sqn, skb, skh, skn, svb, svh, svn,
-                         Nq, Nkv, Hs, Hq, n_idx, chunk, n_split, qk_scale):
+                         sib, sih, sin, Nq, Nkv, Hs, Hq, n_idx, chunk, n_split, qk_scale):
         # Q [B, Hq, Nq, D], K [B, Hkv, Nkv, D], V [B, Hkv, Nkv, Dv] (strides / $ALIGN given),
-        # IDX [B, Hs, Nq, n_idx] int32 (negative = padding); program (i, bh, s) reads entries
-        # [s * chunk, (s + 1) * chunk) and writes O [B, Hq, Nq, n_split, Dv] and
+        # IDX [B, Hs, Nq, n_idx] int32 read with strides (sib, sih, sin, 1), negative = padding
+        # (lists shared by every head come as Hs = Hkv or Hq with sih = 0); program (i, bh, s)
+        # reads entries [s * chunk, (s + 1) * chunk) and writes O [B, Hq, Nq, n_split, Dv] and
         # LSE [B, Hq, Nq, n_split] (contiguous; n_split == 1 is the final output).
         qi = tl.program_id(0)
         pid_h = tl.program_id(1)
@@ -110,7 +114,7 @@ def render(spec: TokenSparseSpec, sch: Schedule) -> str:
     $LOAD_Q
         k_base = K + b64 * (skb * $ALIGN) + kvh.to(tl.int64) * (skh * $ALIGN)
         v_base = V + b64 * (svb * $ALIGN) + kvh.to(tl.int64) * (svh * $ALIGN)
-        idx_ptr = IDX + ((b64 * Hs + hs) * Nq + qi) * n_idx
+        idx_ptr = IDX + b64 * sib + hs.to(tl.int64) * sih + qi.to(tl.int64) * sin
         start = pid_s * chunk
         end = tl.minimum(start + chunk, n_idx)
         for j in range(start, end, $BLOCK_N):
