@@ -1,0 +1,71 @@
+"""The DeepSeek-Sparse-Attention "lightning indexer" in plain PyTorch (fp32): the reference for
+the fused Triton score + top-k kernels in ``kernel.py``.
+
+Index score of query ``t`` and key ``s`` (batch ``b``), over ``H_I`` indexer heads and one
+shared indexer key per token::
+
+    I[b, t, s] = sum_j w[b, t, j] * relu(q_idx[b, t, j, :] . k_idx[b, s, :])
+
+Shapes: ``q_idx [B, Nq, H_I, d_I]``, ``w [B, Nq, H_I]``, ``k_idx [B, Nkv, d_I]``. With
+``causal=True`` key ``s`` is visible to query ``t`` iff ``s <= t + (Nkv - Nq)`` (bottom-right
+aligned: a single decode query sees every key). Each query keeps the ``topk`` visible keys with
+the highest score; equal scores go to the larger (more recent) key index.
+
+Example::
+
+    >>> q = torch.randn(1, 5, 2, 16); w = torch.rand(1, 5, 2); k = torch.randn(1, 5, 16)
+    >>> indexer_topk_ref(q, w, k, 3, causal=True)[0, :2].tolist()      # rows 0, 1 see 1, 2 keys
+    [[0, -1, -1], [0, 1, -1]]
+"""
+from __future__ import annotations
+
+import torch
+
+
+def visible_counts(n_q: int, n_kv: int, causal: bool, device=None) -> torch.Tensor:
+    """int64 ``[Nq]``: how many keys each query row may select from."""
+    t = torch.arange(n_q, device=device)
+    if not causal:
+        return torch.full_like(t, n_kv)
+    return (t + (n_kv - n_q) + 1).clamp(0, n_kv)
+
+
+def indexer_scores_ref(q_idx, w, k_idx, *, causal: bool) -> torch.Tensor:
+    """fp32 ``[B, Nq, Nkv]`` index scores, ``-inf`` where the causal rule hides the key."""
+    B, Nq, H, _ = q_idx.shape
+    Nkv = k_idx.shape[1]
+    kf = k_idx.float()                                                      # [B, Nkv, d_I]
+    wf = w.float()                                                          # [B, Nq, H_I]
+    scores = torch.zeros(B, Nq, Nkv, device=q_idx.device, dtype=torch.float32)
+    for j in range(H):                                                      # [B, Nq, Nkv] per head
+        dots = torch.matmul(q_idx[:, :, j].float(), kf.transpose(1, 2))
+        scores += wf[:, :, j, None] * torch.relu(dots)
+    if causal:
+        hidden = (torch.arange(Nkv, device=q_idx.device)[None, :]
+                  >= visible_counts(Nq, Nkv, True, q_idx.device)[:, None])  # [Nq, Nkv]
+        scores = scores.masked_fill(hidden, float("-inf"))
+    return scores
+
+
+def topk_of_scores(scores: torch.Tensor, topk: int, visible: torch.Tensor) -> torch.Tensor:
+    """int32 ``[B, Nq, topk]``: per row the ``min(topk, visible)`` best keys of ``scores
+    [B, Nq, Nkv]`` (ties to the larger index), sorted ascending, then -1."""
+    B, Nq, Nkv = scores.shape
+    # a stable descending sort of the reversed key axis puts, among equal scores, the larger
+    # original index first
+    order = torch.sort(scores.flip(-1), dim=-1, descending=True, stable=True).indices
+    kept = (Nkv - 1 - order)[..., :topk]                                    # [B, Nq, <=topk]
+    rank = torch.arange(kept.shape[-1], device=scores.device)
+    kept = torch.where(rank < visible[None, :, None], kept, Nkv)            # drop hidden keys
+    kept = torch.sort(kept, dim=-1).values
+    out = torch.full((B, Nq, topk), -1, dtype=torch.int32, device=scores.device)
+    out[..., :kept.shape[-1]] = torch.where(kept < Nkv, kept, -1).to(torch.int32)
+    return out
+
+
+def indexer_topk_ref(q_idx, w, k_idx, topk: int, *, causal: bool) -> torch.Tensor:
+    """int32 ``[B, Nq, topk]``: each query's ``topk`` best visible keys by index score (ties to
+    the more recent key), ascending, padded with -1 when fewer than ``topk`` are visible."""
+    scores = indexer_scores_ref(q_idx, w, k_idx, causal=causal)
+    visible = visible_counts(q_idx.shape[1], k_idx.shape[1], causal, q_idx.device)
+    return topk_of_scores(scores, topk, visible)
