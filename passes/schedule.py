@@ -87,7 +87,8 @@ def plan_schedule(gm: fx.GraphModule, ctx) -> fx.GraphModule:
             rec.schedule = (f"{chosen} at N={nkv}" if ctx.cost_model == "auto"
                             else "policy (cost model off)")
         if ctx.cost_model == "auto" and prof.sparse_kernels and static and (
-                pol.name == "dense" or t_dense <= t_sparse):
+                pol.name == "dense" or t_dense <= t_sparse) and pol.attend_kind != "token":
+            # (token policies keep their ops: their indexer is trained through them)
             # static shape, dense is cheaper: emit exact SDPA, no sparse ops at run time
             how = sdpa_args(spec, nq, nkv)
             if how is not None:

@@ -26,6 +26,8 @@ def compile(model: Any, policy: PolicyLike = None, *, dynamic: bool | None = Non
     follows the policy. Returns an object with the same call signature and outputs;
     for an ``nn.Module`` it is a shallow copy sharing the parameters, whose ``forward`` is
     compiled (so ``generate()`` and other methods that call ``self(...)`` go through it).
+    With a ``dsa`` policy the copy also holds the sites' indexers as ``sparse_indexers``
+    (created at each site's first call; see ``runtime.dsa``).
 
     >>> import torch, planner
     >>> from planner.models import TinyGPT
@@ -45,6 +47,8 @@ def compile(model: Any, policy: PolicyLike = None, *, dynamic: bool | None = Non
         fwd = _wrap(compiled, model.forward, be)
         object.__setattr__(new, "forward", fwd)
         object.__setattr__(new, _ATTR, be)
+        if be.indexers is not None:        # trainable indexers: parameters of the compiled model
+            new._modules["sparse_indexers"] = be.indexers
         return new
     if callable(model):
         compiled = torch.compile(model, backend=be, dynamic=dynamic)

@@ -41,6 +41,11 @@ class Backend:
         self.unmatched: dict = {}          # (site, node) -> UnmatchedSoftmax
         self.matched_patterns: set = set()
         self._lock = threading.Lock()
+        self.indexers = None               # IndexerBank of the trainable (dsa) sites
+        if any(pol.name == "dsa" for _, pol in self.policies.rules):
+            from runtime.dsa import IndexerBank, register_bank
+            self.indexers = IndexerBank()
+            register_bank(self.owner, self.indexers)
 
     def __call__(self, gm: fx.GraphModule, example_inputs):
         with self._lock:

@@ -245,6 +245,9 @@ def expected_density(policy, n_q: int, n_kv: int) -> float:
         k = math.ceil((policy.n_vertical + 2 * policy.n_slash) / b) + 2
     elif name == "threshold":
         return min(1.0, 0.3 + 2 / avg_visible)       # adaptive: planning guess only
+    elif name == "dsa":
+        visible = max(1.0, (n_kv + 1) / 2 if n_q > 1 else n_kv)
+        return min(1.0, policy.topk / visible)
     else:
         return 1.0
     return min(1.0, k / avg_visible)

@@ -241,6 +241,36 @@ class Auto(Policy):
         _check_int(self.name, "local_blocks", self.local_blocks, 0)
 
 
+@dataclass(frozen=True)
+class DSA(Policy):
+    """DeepSeek Sparse Attention (DeepSeek-V3.2-Exp report), natively trainable: a lightning
+    indexer scores I[t, s] = sum_j w[t, j] * ReLU(q_I[t, j] . k_I[s]) with ``index_heads``
+    heads of ``index_dim`` dims and one shared indexer key per token; each query attends to
+    its ``topk`` best keys (causal; a query with at most ``topk`` visible keys attends to all
+    of them; ties go to the more recent key). The indexer is a small module per site whose
+    parameters live in the compiled model (``state_dict`` key prefix ``sparse_indexers.``); it
+    reads the site's own q and k through learned projections (``runtime.dsa``), so no second
+    KV cache is needed when decoding. ``rope``: leading indexer dims given a rotary position
+    embedding of their own (0 = none; the site's q and k usually carry RoPE already).
+    Train it with ``planner.train``: a dense warm-up (KL to the main attention), then sparse."""
+
+    topk: int = 2048
+    index_heads: int = 4
+    index_dim: int = 64
+    rope: int = 0
+    name = "dsa"
+    attend_kind = "token"
+
+    def validate(self) -> None:
+        _check_int(self.name, "topk", self.topk, 1)
+        _check_int(self.name, "index_heads", self.index_heads, 1)
+        _check_int(self.name, "index_dim", self.index_dim, 1)
+        _check_int(self.name, "rope", self.rope, 0)
+        if self.rope > self.index_dim or self.rope % 2:
+            raise ValueError(f"policy {self.name!r}: parameter 'rope' must be an even number "
+                             f"<= index_dim ({self.index_dim}), got {self.rope}")
+
+
 #: presets looked up by name; each maps to the class built with its defaults
 PRESETS: dict[str, type] = {
     "dense": Dense,
@@ -252,6 +282,7 @@ PRESETS: dict[str, type] = {
     "longformer": Longformer,
     "bigbird": BigBird,
     "auto": Auto,
+    "dsa": DSA,
 }
 
 DEFAULT_POLICY = "block_topk"

@@ -43,7 +43,7 @@ def select(scores, q, k, spec: SiteSpec):
     est = estimators.get(spec.policy.name)
     if est.select is None:
         return q.new_empty(0, dtype=torch.int32), q.new_empty(0, dtype=torch.int32)
-    if plan.choose(spec, q, k) == "dense":
+    if spec.policy.attend_kind != "token" and plan.choose(spec, q, k) == "dense":
         return _all_blocks(q, k, spec)
     counts, indices = est.select(scores, q, k, spec)
     return counts.to(torch.int32), indices.to(torch.int32)
@@ -72,20 +72,42 @@ def _want_density() -> bool:
     return os.environ.get("SPARSE_PLANNER_DENSITY", "1") != "0"
 
 
-def attend(q, k, v, mod_tensors, counts, indices, spec: SiteSpec) -> torch.Tensor:
+def _resolve(q, k, counts, indices, spec: SiteSpec):
+    """The spec, lists and report tag a call actually runs with: the dense variant where the
+    cost model (or the dsa warm-up) says so."""
+    from runtime import dsa
     tag = ""
+    e = q.new_empty(0, dtype=torch.int32)
+    if spec.policy.attend_kind == "token" and dsa.dense_mode():
+        return _dense_variant(spec), e, e, " (dsa warm-up: dense)"
     if spec.policy.name != "dense" and plan.choose(spec, q, k) == "dense":
         # the cost model chose dense at this shape: exact attention, reported as such
-        spec = _dense_variant(spec)
-        counts = indices = q.new_empty(0, dtype=torch.int32)
-        tag = " (cost model: dense)"
-    else:
-        go_dense, rho = plan.dense_at_measured_density(spec, q, k, counts,
-                                                       estimators.block_of(spec))
-        if go_dense:
-            spec = _dense_variant(spec)
-            counts = indices = q.new_empty(0, dtype=torch.int32)
-            tag = f" (cost model: dense at measured density {rho:.2f})"
+        return _dense_variant(spec), e, e, " (cost model: dense)"
+    go_dense, rho = plan.dense_at_measured_density(spec, q, k, counts, estimators.block_of(spec))
+    if go_dense:
+        tag = f" (cost model: dense at measured density {rho:.2f})"
+        return _dense_variant(spec), e, e, tag
+    return spec, counts, indices, tag
+
+
+def _keep_of(spec: SiteSpec, counts, indices, n_q: int, n_kv: int, device):
+    """The reference's keep-set for a policy's lists (None: every allowed pair)."""
+    pol = spec.policy
+    if pol.attend_kind == "token" and indices.numel():
+        from runtime.dsa import keep_from_indices
+        return keep_from_indices(indices, n_kv)
+    if pol.attend_kind != "block" or not counts.numel():
+        return None
+    blk_keep = block_keep_fn(counts, indices, estimators.block_of(spec), n_kv)
+    tok = estimators.get(pol.name).token_keep
+    if tok is None:
+        return blk_keep
+    tok_keep = tok(spec, n_q, n_kv, device)
+    return lambda r0, r1: blk_keep(r0, r1) & tok_keep(r0, r1)  # noqa: E731
+
+
+def attend(q, k, v, mod_tensors, counts, indices, spec: SiteSpec) -> torch.Tensor:
+    spec, counts, indices, tag = _resolve(q, k, counts, indices, spec)
     for name, provider in _ATTEND_PROVIDERS:
         res = provider(q, k, v, mod_tensors, counts, indices, spec)
         if res is not None:
@@ -95,19 +117,36 @@ def attend(q, k, v, mod_tensors, counts, indices, spec: SiteSpec) -> torch.Tenso
             stats.record(spec.stats_key, q=q, k=k, v=v, kernel=name + tag,
                          allowed=dens[0] if dens else None, kept=dens[1] if dens else None)
             return out
-    pol = spec.policy
-    Nq, Nkv = q.shape[2], k.shape[2]
-    keep = None
-    if pol.attend_kind == "block" and counts.numel():
-        blk_keep = block_keep_fn(counts, indices, estimators.block_of(spec), Nkv)
-        keep = blk_keep
-        tok = estimators.get(pol.name).token_keep
-        if tok is not None:
-            tok_keep = tok(spec, Nq, Nkv, q.device)
-            keep = lambda r0, r1: blk_keep(r0, r1) & tok_keep(r0, r1)  # noqa: E731
+    keep = _keep_of(spec, counts, indices, q.shape[2], k.shape[2], q.device)
     st = {} if _want_density() else None
     out, _ = attention_reference(q, k, v, scale=spec.scale, mods=spec.mods,
                                  mod_tensors=mod_tensors, causal=spec.causal, keep=keep, stats=st)
     stats.record(spec.stats_key, q=q, k=k, v=v, kernel="reference" + tag,
                  allowed=st.get("allowed") if st else None, kept=st.get("kept") if st else None)
+    return out
+
+
+def attend_differentiable(q, k, v, mod_tensors, counts, indices, spec: SiteSpec) -> torch.Tensor:
+    """What ``attend`` computes, as differentiable torch code (the backward of ``sparse.attend``
+    runs it under autograd): SDPA for dense sites SDPA can express, the token-sparse kernels
+    with their backward for token lists, else the fp32 reference."""
+    spec, counts, indices, _ = _resolve(q, k, counts, indices, spec)
+    pol = spec.policy
+    if pol.name == "dense" and q.device.type == "cuda":
+        from runtime.providers import sdpa_args
+        how = sdpa_args(spec, q.shape[2], k.shape[2])
+        if how is not None:
+            import torch.nn.functional as F
+            kind, is_causal = how
+            mask = None if kind is None else (torch.logical_not(mod_tensors[0]) if kind == "fill"
+                                              else mod_tensors[0])
+            kw = {"enable_gqa": True} if spec.gqa_group > 1 else {}
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
+                                                  scale=spec.scale, **kw)
+    if pol.attend_kind == "token" and indices.numel() and not spec.mods:
+        from runtime.token_sparse_autograd import token_sparse_attention_fn
+        return token_sparse_attention_fn(q, k, v, indices, scale=spec.scale)
+    keep = _keep_of(spec, counts, indices, q.shape[2], k.shape[2], q.device)
+    out, _ = attention_reference(q, k, v, scale=spec.scale, mods=spec.mods,
+                                 mod_tensors=mod_tensors, causal=spec.causal, keep=keep)
     return out

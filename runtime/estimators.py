@@ -205,7 +205,13 @@ ESTIMATORS: dict[str, Estimator] = {
     "longformer": Estimator(select=_static(_lf_select), token_keep=_lf_keep),
     "bigbird": Estimator(select=_static(_bb_select)),
     "auto": Estimator(_auto_score, _grid_shape, _auto_select),
+    "dsa": Estimator(select=lambda sc, q, k, spec: _dsa().select(sc, q, k, spec)),
 }
+
+
+def _dsa():
+    from runtime import dsa
+    return dsa
 
 
 def get(name: str) -> Estimator:

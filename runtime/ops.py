@@ -57,6 +57,8 @@ def _(scores, q, k, key):
         return (q.new_empty(q.shape[0], k.shape[1], nqb, dtype=torch.int32),
                 q.new_empty(q.shape[0], k.shape[1], nqb, nkb, dtype=torch.int32))
     e = q.new_empty(0, dtype=torch.int32)
+    if spec.policy.attend_kind == "token":          # one list per query row, shared by all heads
+        return e, q.new_empty(q.shape[0], 1, q.shape[2], spec.policy.topk, dtype=torch.int32)
     return e, e.clone()
 
 
@@ -69,3 +71,31 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mods: List[torch.T
 @attend.register_fake
 def _(q, k, v, mods, counts, indices, key):
     return q.new_empty(q.shape[0], q.shape[1], q.shape[2], v.shape[-1])
+
+
+def _attend_setup(ctx, inputs, output):
+    q, k, v, mods, counts, indices, key = inputs
+    ctx.save_for_backward(q, k, v, counts, indices, *mods)
+    ctx.key = key
+    ctx.n_mods = len(mods)
+
+
+def _attend_backward(ctx, grad):
+    """Gradients of ``attend`` w.r.t. q, k, v: the same computation re-run differentiably
+    (``dispatch.attend_differentiable``: SDPA, the token-sparse backward kernels or the fp32
+    reference), one extra forward per backward. Lists and masks get no gradient."""
+    q, k, v, counts, indices, *mods = ctx.saved_tensors
+    need = ctx.needs_input_grad[:3]
+    no_mods = [None] * ctx.n_mods
+    if not any(need):
+        return None, None, None, no_mods, None, None, None
+    with torch.enable_grad():
+        leaves = [t.detach().requires_grad_(n) for t, n in zip((q, k, v), need)]
+        out = dispatch.attend_differentiable(*leaves, mods, counts, indices, lookup(ctx.key))
+        wanted = [t for t, n in zip(leaves, need) if n]
+        got = iter(torch.autograd.grad(out, wanted, grad.to(out.dtype)))
+    grads = [next(got) if n else None for n in need]
+    return (*grads, no_mods, None, None, None)
+
+
+attend.register_autograd(_attend_backward, setup_context=_attend_setup)

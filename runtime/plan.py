@@ -19,6 +19,10 @@ def _choose(key: str, n_q: int, n_kv: int, device: str, policy, shapes: tuple) -
     prof = cm.profile_for(device)
     if policy.name == "dense" or not prof.sparse_kernels:
         return ("policy", None, None)
+    if policy.attend_kind == "token":
+        # a token list covering every visible key is dense attention, exactly; longer
+        # contexts follow the policy (its selection is learned, not a cost trade-off)
+        return ("dense" if n_kv <= policy.topk else "policy", None, None)
     b, hq, hkv, d = shapes
     rho = cm.expected_density(policy, n_q, n_kv)
     block = int(getattr(policy, "block", 64))

@@ -143,6 +143,33 @@ def triton_block_sparse(q, k, v, mods, counts, indices, spec: SiteSpec):
     return out, (allowed.repeat_interleave(g), kept.repeat_interleave(g))
 
 
+def triton_token_sparse(q, k, v, mods, counts, indices, spec: SiteSpec):
+    """Token lists (``dsa``): the gather kernel; the lists already respect causality."""
+    mode = _kernels_mode()
+    if mode == "reference" or spec.policy.attend_kind != "token" or not indices.numel():
+        return None
+    if spec.mods or (q.device.type == "cpu" and mode != "triton"):
+        return None
+    from runtime import triton_kernels as tk
+    if not tk.available(q.device) or q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return None
+    out, _ = tk.token_sparse_attention(q, k, v, indices, scale=spec.scale)
+    if os.environ.get("SPARSE_PLANNER_DENSITY", "1") == "0":
+        return out, None
+    n_q, n_kv = q.shape[2], k.shape[2]
+    if spec.causal is None:
+        visible = float(n_q * n_kv)
+    else:
+        off = n_kv - n_q if spec.causal == "lower_right" else 0
+        pos = torch.arange(n_q, dtype=torch.float64) + off + 1
+        visible = float(pos.clamp(0, n_kv).sum())
+    kept = (indices >= 0).sum(dim=(0, 2, 3)).to(torch.float64)          # per list head
+    kept = kept.repeat_interleave(q.shape[1] // indices.shape[1])
+    allowed = torch.full_like(kept, visible * q.shape[0])
+    return out, (allowed, kept)
+
+
 def register_all() -> None:
     dispatch.register_attend("sdpa_dense", sdpa_dense)
     dispatch.register_attend("triton_block_sparse", triton_block_sparse)
+    dispatch.register_attend("triton_token_sparse", triton_token_sparse)

@@ -86,8 +86,9 @@ def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, sc
     Nkv = k.shape[2]
     if Hq % k.shape[1] != 0:
         raise ValueError(f"query heads {Hq} are not a multiple of key heads {k.shape[1]}")
-    kf = _expand_heads(k, Hq).to(torch.float32)
-    vf = _expand_heads(v, Hq).to(torch.float32)
+    cdt = torch.float64 if q.dtype == torch.float64 else torch.float32   # fp64 for gradchecks
+    kf = _expand_heads(k, Hq).to(cdt)
+    vf = _expand_heads(v, Hq).to(cdt)
     out = torch.empty(B, Hq, Nq, v.shape[-1], dtype=q.dtype, device=q.device)
     lse = torch.empty(B, Hq, Nq, dtype=torch.float32, device=q.device)
     off = positions_offset(causal, Nq, Nkv)
@@ -96,8 +97,8 @@ def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, sc
     kept_n = torch.zeros(Hq, dtype=torch.float64, device=q.device)
     for r0 in range(0, Nq, chunk):
         r1 = min(r0 + chunk, Nq)
-        s = torch.matmul(q[:, :, r0:r1].to(torch.float32), kf.transpose(-1, -2)) * scale
-        s = apply_modifiers(s, mods, mod_tensors, slice(r0, r1))
+        s = torch.matmul(q[:, :, r0:r1].to(cdt), kf.transpose(-1, -2)) * scale
+        s = apply_modifiers(s, mods, mod_tensors, slice(r0, r1)).to(cdt)
         if causal is not None:
             q_pos = torch.arange(r0, r1, device=q.device) + off
             s = s.masked_fill(kv_pos[None, :] > q_pos[:, None], float("-inf"))

@@ -1,0 +1,272 @@
+"""DeepSeek Sparse Attention at run time: the per-site lightning indexer, where its parameters
+live, the ``dsa`` selection, and the recorder the training losses read.
+
+Indexer (DeepSeek-V3.2-Exp report, eq. 1): ``I[t, s] = sum_j w[t, j] * ReLU(q_I[t, j] . k_I[s])``.
+The report computes ``q_I`` and ``w`` from the query token's hidden state and ``k_I`` from the
+key token's. A rewritten site only sees its own q, k, v (the hidden state of an attention call is
+often not reachable in the captured graph, e.g. behind a fused QKV projection), so here the
+indexer reads the site's q and k through learned projections::
+
+    q_I = q_flat @ W_q   [B, Nq, H_I, d_I]      q_flat = q as [B, Nq, Hq * D]
+    w   = q_flat @ W_w + b_w   [B, Nq, H_I]      (fp32)
+    k_I = k_flat @ W_k   [B, Nkv, d_I]           k_flat = k as [B, Nkv, Hkv * D]
+
+Cost: ``Nq * Hq * D * H_I * (d_I + 1) + Nkv * Hkv * D * d_I`` multiply-adds per call, small
+next to attention. During decoding ``k_I`` is recomputed from the cached keys on every step
+(``Nkv * Hkv * D * d_I`` per step and layer) instead of being kept in a second cache: more
+arithmetic, no extra memory and nothing to keep in sync with the model's own cache. Because q
+and k already carry the model's rotary embedding, the indexer sees positions; ``rope`` adds one
+of its own on the leading indexer dims.
+
+Initialisation: ``k_I`` is a random Johnson-Lindenstrauss projection of the keys and every
+``q_I`` head the matching projection of the scaled queries averaged over all heads (plus small noise so
+heads can diverge), so an untrained indexer already ranks keys roughly by the head-averaged
+attention logit; ``w`` starts at ``1 / H_I``.
+
+Parameters live in an ``IndexerBank`` (one ``LightningIndexer`` per site) that
+``planner.compile`` registers on the compiled model as ``sparse_indexers``: they appear in
+``parameters()`` and ``state_dict()``. An indexer is created at the first call of its site
+(shapes are known then); ``load_state_dict`` creates the ones it finds in the dict.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import threading
+import weakref
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+_INFO = ("hq", "hkv", "head_dim", "index_heads", "index_dim", "rope")
+
+
+def _rotate(x: torch.Tensor, pos: torch.Tensor, dims: int) -> torch.Tensor:
+    """Rotary embedding (base 10000) on the first ``dims`` features of ``x [..., N, d]``;
+    ``pos`` [N] absolute positions."""
+    half = dims // 2
+    inv = 1.0 / (10000.0 ** (torch.arange(half, device=x.device, dtype=torch.float32) / half))
+    ang = pos.to(torch.float32)[:, None] * inv[None, :]                 # [N, half]
+    cos, sin = ang.cos(), ang.sin()
+    r = x[..., :dims].float()
+    a, b = r[..., :half], r[..., half:]
+    rot = torch.cat([a * cos - b * sin, a * sin + b * cos], dim=-1).to(x.dtype)
+    return torch.cat([rot, x[..., dims:]], dim=-1)
+
+
+class LightningIndexer(nn.Module):
+    """One site's indexer: ``forward(q, k, causal_offset)`` -> ``(q_I [B, Nq, H_I, d_I],
+    w [B, Nq, H_I] fp32, k_I [B, Nkv, d_I])`` in q's dtype (``w`` fp32)."""
+
+    def __init__(self, hq: int, hkv: int, head_dim: int, index_heads: int, index_dim: int,
+                 rope: int = 0, scale: float = 1.0, device=None):
+        super().__init__()
+        if hq % hkv:
+            raise ValueError(f"query heads {hq} are not a multiple of key heads {hkv}")
+        self.hq, self.hkv, self.head_dim = hq, hkv, head_dim
+        self.index_heads, self.index_dim, self.rope = index_heads, index_dim, rope
+        f32 = dict(device=device, dtype=torch.float32)
+        self.wq = nn.Parameter(torch.empty(index_heads * index_dim, hq * head_dim, **f32))
+        self.wk = nn.Parameter(torch.empty(index_dim, hkv * head_dim, **f32))
+        self.ww = nn.Parameter(torch.empty(index_heads, hq * head_dim, **f32))
+        self.bw = nn.Parameter(torch.empty(index_heads, **f32))
+        self.register_buffer("shape_info", torch.tensor(
+            [hq, hkv, head_dim, index_heads, index_dim, rope], dtype=torch.int64, device=device))
+        self.reset_parameters(scale)
+
+    @torch.no_grad()
+    def reset_parameters(self, scale: float = 1.0) -> None:
+        hi, di, d, g = self.index_heads, self.index_dim, self.head_dim, self.hq // self.hkv
+        dev = self.wq.device
+        # k_I = sum_c R_c^T k_c; q_I,j = sum_h R_{c(h)}^T q_h * scale / Hq (+ noise per head)
+        r = torch.randn(self.hkv, di, d, device=dev) / math.sqrt(di)      # R_c^T  [dI, D]
+        self.wk.copy_(r.permute(1, 0, 2).reshape(di, self.hkv * d))
+        # q_I . k_I ~ sum_c sum_{h in c} scale * q_h . k_c / Hq: the head-averaged logit
+        base = torch.cat([r[h // g] for h in range(self.hq)], dim=1) * (scale / self.hq)
+        noise = torch.randn(hi, di, self.hq * d, device=dev) * (base.std() * 0.1)
+        self.wq.copy_((base[None] + noise).reshape(hi * di, self.hq * d))
+        self.ww.zero_()
+        self.bw.fill_(1.0 / hi)
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, offset: int = 0):
+        B, Hq, Nq, D = q.shape
+        Hkv, Nkv = k.shape[1], k.shape[2]
+        if (Hq, Hkv, D) != (self.hq, self.hkv, self.head_dim):
+            raise ValueError(f"indexer built for q heads {self.hq}, k heads {self.hkv}, head dim "
+                             f"{self.head_dim}; called with {Hq}, {Hkv}, {D}")
+        dt = q.dtype
+        qf = q.transpose(1, 2).reshape(B, Nq, Hq * D)
+        kf = k.transpose(1, 2).reshape(B, Nkv, Hkv * D)
+        q_i = F.linear(qf, self.wq.to(dt)).view(B, Nq, self.index_heads, self.index_dim)
+        k_i = F.linear(kf, self.wk.to(dt))
+        w = F.linear(qf.float(), self.ww, self.bw)
+        if self.rope:
+            qpos = torch.arange(Nq, device=q.device) + offset
+            kpos = torch.arange(Nkv, device=q.device)
+            q_i = _rotate(q_i.transpose(1, 2), qpos, self.rope).transpose(1, 2)
+            k_i = _rotate(k_i, kpos, self.rope)
+        return q_i, w, k_i
+
+    def scores(self, q: torch.Tensor, k: torch.Tensor, offset: int = 0) -> torch.Tensor:
+        """Differentiable fp32 index scores ``[B, Nq, Nkv]`` (no mask applied)."""
+        q_i, w, k_i = self(q, k, offset)
+        dots = torch.einsum("bthd,bsd->bths", q_i.float(), k_i.float())
+        return torch.einsum("bth,bths->bts", w, torch.relu(dots))
+
+
+def _module_key(site: str) -> str:
+    return site.replace(".", "__")
+
+
+class IndexerBank(nn.Module):
+    """The indexers of one compiled model, keyed by site (``.`` in site names becomes ``__``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.sites = nn.ModuleDict()
+
+    def get(self, site: str) -> Optional[LightningIndexer]:
+        key = _module_key(site)
+        return self.sites[key] if key in self.sites else None
+
+    def ensure(self, site: str, q: torch.Tensor, k: torch.Tensor, policy, scale: float):
+        key = _module_key(site)
+        if key not in self.sites:
+            with torch.no_grad():
+                self.sites[key] = LightningIndexer(
+                    q.shape[1], k.shape[1], q.shape[3], policy.index_heads, policy.index_dim,
+                    policy.rope, scale, device=q.device)
+        return self.sites[key]
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        pre = prefix + "sites."
+        for name, t in state_dict.items():
+            if name.startswith(pre) and name.endswith(".shape_info"):
+                key = name[len(pre):-len(".shape_info")]
+                if key not in self.sites:
+                    info = dict(zip(_INFO, (int(x) for x in t.tolist())))
+                    self.sites[key] = LightningIndexer(**info, device=t.device)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+_BANKS: "weakref.WeakValueDictionary[str, IndexerBank]" = weakref.WeakValueDictionary()
+_STRONG: dict = {}
+
+
+def register_bank(owner: str, bank: IndexerBank) -> None:
+    _BANKS[owner] = bank
+    _STRONG[owner] = bank          # a backend keeps its bank alive even without a model
+
+
+def bank_for(owner: str) -> IndexerBank:
+    bank = _BANKS.get(owner)
+    if bank is None:
+        bank = IndexerBank()
+        register_bank(owner, bank)
+    return bank
+
+
+# ----------------------------------------------------------------------------- recording
+@dataclass
+class SiteRecord:
+    """What one call of a dsa site saw: the site's q and k (detached), the selected token
+    lists (sparse mode; None in dense mode), the causal offset and the indexer."""
+    site: str
+    q: torch.Tensor
+    k: torch.Tensor
+    indices: Optional[torch.Tensor]
+    offset: int
+    scale: float
+    gqa_group: int
+    indexer: LightningIndexer
+    causal: bool = True
+    topk: int = 0
+
+
+@dataclass
+class _Recorder:
+    mode: str                      # "dense": attend densely (warm-up); "sparse": top-k on
+    records: list = field(default_factory=list)
+
+
+_LOCAL = threading.local()
+
+
+def active_recorder() -> Optional[_Recorder]:
+    return getattr(_LOCAL, "recorder", None)
+
+
+@contextlib.contextmanager
+def recording(mode: str):
+    """Within the block, every dsa site records a ``SiteRecord``; ``mode="dense"`` makes the
+    sites attend densely (the indexer warm-up stage), ``"sparse"`` keeps the top-k."""
+    if mode not in ("dense", "sparse"):
+        raise ValueError(f"recording mode must be 'dense' or 'sparse', got {mode!r}")
+    prev = active_recorder()
+    _LOCAL.recorder = rec = _Recorder(mode)
+    try:
+        yield rec
+    finally:
+        _LOCAL.recorder = prev
+
+
+def dense_mode() -> bool:
+    rec = active_recorder()
+    return rec is not None and rec.mode == "dense"
+
+
+# ----------------------------------------------------------------------------- selection
+def offset_of(spec, n_q: int, n_kv: int) -> int:
+    return 0 if spec.causal == "upper_left" else n_kv - n_q
+
+
+def select(scores, q: torch.Tensor, k: torch.Tensor, spec):
+    """``(counts, indices)`` for ``sparse.select``: counts empty, indices int32
+    ``[B, 1, Nq, topk]`` (one list per query shared by every head; -1 = padding)."""
+    pol = spec.policy
+    B, _, n_q, _ = q.shape
+    n_kv = k.shape[2]
+    off = offset_of(spec, n_q, n_kv)
+    indexer = bank_for(spec.owner).ensure(spec.site, q, k, pol, spec.scale)
+    rec = active_recorder()
+    empty = q.new_empty(0, dtype=torch.int32)
+    if rec is not None and rec.mode == "dense":
+        rec.records.append(SiteRecord(spec.site, q.detach(), k.detach(), None, off, spec.scale,
+                                      spec.gqa_group, indexer, spec.causal is not None, pol.topk))
+        return empty, torch.full((B, 1, n_q, pol.topk), -1, dtype=torch.int32, device=q.device)
+    with torch.no_grad():
+        q_i, w, k_i = indexer(q.detach(), k.detach(), off)
+        idx = topk_indices(q_i, w, k_i, pol.topk, causal=spec.causal is not None, offset=off)
+    idx = idx.unsqueeze(1)                                          # [B, 1, Nq, topk]
+    if rec is not None:
+        rec.records.append(SiteRecord(spec.site, q.detach(), k.detach(), idx, off, spec.scale,
+                                      spec.gqa_group, indexer, spec.causal is not None, pol.topk))
+    return empty, idx
+
+
+def topk_indices(q_i, w, k_i, topk: int, *, causal: bool, offset: int) -> torch.Tensor:
+    """int32 ``[B, Nq, topk]``: each query's best ``topk`` visible keys by index score (the
+    fused Triton scorer + selection where it runs, else the PyTorch reference)."""
+    n_q, n_kv = q_i.shape[1], k_i.shape[1]
+    if causal and offset != n_kv - n_q:
+        raise ValueError(f"dsa selection supports bottom-right causal alignment only "
+                         f"(offset {offset}, Nq {n_q}, Nkv {n_kv})")
+    from runtime import indexer_kernels
+    if q_i.dtype == torch.float64:              # (gradient checks) rank in fp32, like the kernel
+        q_i, k_i = q_i.float(), k_i.float()
+    return indexer_kernels.indexer_topk(q_i, w, k_i, topk, causal=causal)
+
+
+def keep_from_indices(indices: torch.Tensor, n_kv: int):
+    """``keep(r0, r1)`` for ``attention_reference``: bool ``[B, Hs, r1 - r0, Nkv]`` marking each
+    row's listed keys (``indices [B, Hs, Nq, K]``, -1 = padding)."""
+    def keep(r0: int, r1: int) -> torch.Tensor:
+        idx = indices[:, :, r0:r1].long()
+        valid = idx >= 0
+        m = torch.zeros(*idx.shape[:3], n_kv + 1, dtype=torch.bool, device=idx.device)
+        m.scatter_(-1, torch.where(valid, idx, n_kv), True)
+        return m[..., :n_kv]
+    return keep

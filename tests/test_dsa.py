@@ -1,0 +1,256 @@
+"""DeepSeek Sparse Attention (policy ``dsa``): indexers registered in the compiled model,
+selection and attention against loop-based definitions, gradients, the training losses,
+state_dict round trips and decoding."""
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import planner
+from planner import train
+from planner.models import TinyGPT
+from runtime import dsa
+
+from conftest import max_err, tiny_llama
+
+
+class Attn(nn.Module):
+    """One causal attention call on given q, k, v (GQA by repeating keys)."""
+
+    def __init__(self, group: int = 1):
+        super().__init__()
+        self.group = group
+
+    def forward(self, q, k, v):
+        if self.group > 1:
+            k = k.repeat_interleave(self.group, dim=1)
+            v = v.repeat_interleave(self.group, dim=1)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+
+def brute_dsa(q, k, v, indexer, topk, group):
+    """Loop definition: index scores, each query's top-k visible keys (ties to the more recent
+    key), softmax attention over exactly those keys."""
+    B, Hq, N, D = q.shape
+    with torch.no_grad():
+        I = indexer.scores(q, k, 0)                                    # [B, N, N]
+    out = torch.zeros_like(q, dtype=torch.float64)
+    chosen = []
+    for b in range(B):
+        rows = []
+        for t in range(N):
+            cand = sorted(range(t + 1), key=lambda s: (float(I[b, t, s]), s), reverse=True)[:topk]
+            rows.append(sorted(cand))
+            for h in range(Hq):
+                kk = k[b, h // group, cand].double()
+                vv = v[b, h // group, cand].double()
+                p = torch.softmax(kk @ q[b, h, t].double() / math.sqrt(D), 0)
+                out[b, h, t] = p @ vv
+        chosen.append(rows)
+    return out, chosen
+
+
+def qkv(B=2, Hq=4, Hkv=2, N=37, D=16, dtype=torch.float32):
+    return (torch.randn(B, Hq, N, D, dtype=dtype), torch.randn(B, Hkv, N, D, dtype=dtype),
+            torch.randn(B, Hkv, N, D, dtype=dtype))
+
+
+def test_policy_parameters_and_errors():
+    p = planner.policy("dsa")
+    assert (p.topk, p.index_heads, p.index_dim, p.rope, p.attend_kind) == (2048, 4, 64, 0, "token")
+    with pytest.raises(ValueError, match="rope"):
+        planner.policy("dsa", index_dim=16, rope=3)
+    with pytest.raises(ValueError, match="topk"):
+        planner.policy("dsa", topk=0)
+    with pytest.raises(TypeError, match="index_heads"):
+        planner.policy("dsa", heads=2)
+
+
+@pytest.mark.parametrize("group", [1, 2])
+def test_selection_and_attention_match_loop_definition(group):
+    q, k, v = qkv(Hq=4, Hkv=4 // group)
+    pol = planner.policy("dsa", topk=5, index_heads=2, index_dim=8)
+    cm = planner.compile(Attn(group), policy=pol)
+    out = cm(q, k, v)
+    bank = cm.sparse_indexers
+    assert len(bank.sites) == 1
+    indexer = next(iter(bank.sites.values()))
+    ref, _ = brute_dsa(q, k, v, indexer, 5, group)
+    assert max_err(out.double(), ref) < 1e-5
+    rep = planner.inspect(cm)
+    site = rep.sites[0]
+    assert site.status == "rewritten" and site.policy.startswith("dsa(")
+    assert site.density < 0.5                    # 5 of up to 37 keys per query
+
+
+def test_ties_go_to_recent_keys():
+    """With w = 0 every index score is 0: each query keeps its most recent keys (a window)."""
+    q, k, v = qkv(B=1, Hq=2, Hkv=2, N=20)
+    cm = planner.compile(Attn(), policy=planner.policy("dsa", topk=4, index_heads=1, index_dim=8))
+    cm(q, k, v)
+    ix = next(iter(cm.sparse_indexers.sites.values()))
+    with torch.no_grad():
+        ix.bw.zero_()
+    with dsa.recording("sparse") as rec:
+        cm(q, k, v)
+    idx = rec.records[0].indices[0, 0]                                  # [N, topk]
+    for t in range(20):
+        got = sorted(x for x in idx[t].tolist() if x >= 0)
+        assert got == list(range(max(0, t - 3), t + 1))
+
+
+def test_full_budget_equals_dense_and_parameters_are_registered():
+    torch.manual_seed(0)
+    m = TinyGPT().eval()
+    x = torch.randint(0, 256, (2, 40))
+    cm = planner.compile(m, policy=planner.policy("dsa", topk=64, index_heads=2, index_dim=16))
+    assert max_err(cm(x), m(x)) < 1e-5
+    n_model = len(list(m.parameters()))
+    names = [n for n, _ in cm.named_parameters()]
+    assert len(names) == n_model + 4 * len(cm.sparse_indexers.sites)
+    assert all(n.startswith("sparse_indexers.sites.") for n in names[n_model:])
+    assert not any("sparse_indexers" in n for n, _ in m.named_parameters())
+
+
+def test_state_dict_round_trip():
+    m = TinyGPT().eval()
+    x = torch.randint(0, 256, (1, 50))
+    pol = planner.policy("dsa", topk=8, index_heads=2, index_dim=16, rope=4)
+    a = planner.compile(m, policy=pol)
+    a(x)
+    with torch.no_grad():
+        for p in a.sparse_indexers.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    sd = a.state_dict()
+    b = planner.compile(m, policy=pol)                # no indexers yet: load creates them
+    b.load_state_dict(sd, strict=True)
+    assert torch.equal(a(x), b(x))
+    assert set(b.state_dict()) == set(sd)
+
+
+def test_gradients_through_sparse_attention_match_reference():
+    q, k, v = (t.double().requires_grad_() for t in qkv(B=1, Hq=2, Hkv=2, N=23, D=8))
+    cm = planner.compile(Attn(), policy=planner.policy("dsa", topk=6, index_heads=2, index_dim=8))
+    out = cm(q, k, v)
+    with dsa.recording("sparse") as rec:
+        cm(q, k, v)
+    idx = rec.records[0].indices                                        # [1, 1, N, topk]
+    keep = dsa.keep_from_indices(idx, 23)(0, 23)                        # [1, 1, N, N]
+    s = (q @ k.transpose(-1, -2)) / math.sqrt(8)
+    ref = torch.softmax(s.masked_fill(~keep, float("-inf")), -1) @ v
+    g = torch.randn_like(out)
+    got = torch.autograd.grad(out, (q, k, v), g)
+    want = torch.autograd.grad(ref, (q, k, v), g)
+    for a, b in zip(got, want):
+        assert max_err(a, b) < 1e-9
+
+
+def test_gradcheck_sparse_attend_token_lists():
+    """``sparse.attend`` over fixed token lists (GQA, shared lists, padding, an empty row)."""
+    import runtime.ops  # noqa: F401
+    from runtime.spec import SiteSpec, register
+    q, k, v = (t.double().requires_grad_() for t in qkv(B=1, Hq=2, Hkv=1, N=9, D=4))
+    key = register(SiteSpec(site="gradcheck", owner="t", policy=planner.policy("dsa", topk=3),
+                            scale=0.5, causal="lower_right", gqa_group=2))
+    idx = torch.tensor([[[[0, -1, -1], [1, 0, -1]] + [[t, t - 1, 0] for t in range(2, 8)]
+                         + [[-1, -1, -1]]]],
+                       dtype=torch.int32)                              # [1, 1, 9, 3]
+    e = torch.empty(0, dtype=torch.int32)
+    fn = lambda a, b, c: torch.ops.sparse.attend(a, b, c, [], e, idx, key)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (q, k, v), eps=1e-6, atol=1e-7)
+
+
+def test_warmup_loss_trains_only_the_indexers():
+    torch.manual_seed(1)
+    m = TinyGPT().eval()
+    x = torch.randint(0, 256, (1, 64))
+    cm = planner.compile(m, policy=planner.policy("dsa", topk=8, index_heads=2, index_dim=16))
+    with pytest.raises(RuntimeError, match="first call"):
+        train.indexer_parameters(cm)
+    cm(x)
+    params = train.indexer_parameters(cm)
+    opt = torch.optim.Adam(params, lr=1e-2)
+    losses = []
+    for _ in range(12):
+        loss = train.indexer_distillation_loss(cm, x)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.7 * losses[0]
+    assert all(p.grad is None for p in m.parameters())
+    assert all(p.grad is not None for p in params)
+
+
+def test_warmup_kl_is_the_definition():
+    """KL(p || softmax I) with p the head-averaged attention, against a direct computation."""
+    q, k, v = qkv(B=1, Hq=4, Hkv=2, N=12, D=8)
+    cm = planner.compile(Attn(group=2), policy=planner.policy("dsa", topk=4, index_heads=2,
+                                                                 index_dim=8))
+    cm(q, k, v)
+    loss = train.indexer_distillation_loss(cm, q, k, v)
+    ix = next(iter(cm.sparse_indexers.sites.values()))
+    kr = k.repeat_interleave(2, 1)
+    mask = torch.ones(12, 12, dtype=torch.bool).triu(1)
+    p = torch.softmax((q @ kr.transpose(-1, -2) / math.sqrt(8)).masked_fill(mask, -math.inf),
+                      -1).mean(1)[0]
+    logq = torch.log_softmax(ix.scores(q, k, 0)[0].masked_fill(mask, -math.inf), -1)
+    kl = torch.where(p > 0, p * (p.log() - logq), 0.0).sum(-1).mean()
+    assert abs(loss.item() - kl.item()) < 1e-5
+
+
+def test_sparse_stage_trains_model_and_indexers():
+    torch.manual_seed(2)
+    m = TinyGPT().eval()
+    x = torch.randint(0, 256, (1, 48))
+    cm = planner.compile(m, policy=planner.policy("dsa", topk=8, index_heads=2, index_dim=16))
+    cm(x)
+    res = train.sparse_stage(cm, x, loss_fn=lambda logits: F.cross_entropy(
+        logits[0, :-1].float(), x[0, 1:]))
+    assert abs(res.total.item() - (res.lm + res.kl).item()) < 1e-6
+    res.total.backward()
+    assert all(p.grad is not None for p in m.parameters() if p.requires_grad)
+    assert all(p.grad is not None for p in train.indexer_parameters(cm))
+    # the LM loss alone does not reach the indexers (they read detached q / k)
+    for p in list(m.parameters()) + train.indexer_parameters(cm):
+        p.grad = None
+    train.sparse_stage(cm, x, loss_fn=lambda logits: logits.float().pow(2).mean(),
+                       kl_weight=0.0).total.backward()
+    assert all(p.grad is None or not p.grad.any() for p in train.indexer_parameters(cm))
+    assert any(p.grad is not None and p.grad.any() for p in m.parameters())
+
+
+def test_evaluate_reports_recall_and_kl():
+    m = TinyGPT().eval()
+    x = torch.randint(0, 256, (1, 40))
+    cm = planner.compile(m, policy=planner.policy("dsa", topk=40, index_heads=2, index_dim=16))
+    res = train.evaluate_indexers(cm, x)
+    assert res["sites"] == 4 and abs(res["recall"] - 1.0) < 1e-5 and res["kl"] >= 0
+
+
+def test_decode_runs_through_token_lists():
+    lm = tiny_llama("sdpa")
+    ids = torch.randint(0, 128, (1, 30))
+    ref = lm.generate(ids, max_new_tokens=6, do_sample=False)
+    full = planner.compile(lm, policy=planner.policy("dsa", topk=64, index_heads=2, index_dim=8))
+    assert torch.equal(full.generate(ids, max_new_tokens=6, do_sample=False), ref)
+    cm = planner.compile(lm, policy=planner.policy("dsa", topk=8, index_heads=2, index_dim=8))
+    with dsa.recording("sparse") as rec:
+        out = cm.generate(ids, max_new_tokens=6, do_sample=False)
+    assert out.shape == (1, 36)
+    decode = [r for r in rec.records if r.q.shape[2] == 1]
+    assert len(decode) == 5 * 2                     # 5 decode steps x 2 layers
+    for r in decode:
+        assert r.indices.shape[-1] == 8 and int((r.indices >= 0).sum()) == 8
+    assert planner.inspect(cm).sites[0].calls >= 6
+
+
+def test_errors_name_the_problem():
+    m = TinyGPT().eval()
+    with pytest.raises(TypeError, match="no DSA indexers"):
+        train.indexer_parameters(planner.compile(m, policy="dense"))
+    ix = dsa.LightningIndexer(4, 2, 8, 2, 8)
+    with pytest.raises(ValueError, match="built for q heads 4"):
+        ix(torch.randn(1, 2, 5, 8), torch.randn(1, 2, 5, 8))
