@@ -200,6 +200,31 @@ def run_decode(args, gen, B=8, N=131072):
             ms=bench_ms(lambda: F.scaled_dot_product_attention(q, ke, ve)))
 
 
+def run_attend_sweep(N, gen):
+    """Gather-attention schedules at one MQA shape (how the default was checked)."""
+    from codegen.emit import Schedule
+    H, D = 16, 128
+    q = torch.randn(1, H, N, D, device=DEV, dtype=DT, generator=gen)
+    k = torch.randn(1, 1, N, D, device=DEV, dtype=DT, generator=gen)
+    v = torch.randn(1, 1, N, D, device=DEV, dtype=DT, generator=gen)
+    # random rows per query (timing only: repeats allowed, causality not needed)
+    idx = torch.randint(0, N, (1, 1, N, 2048), device=DEV, generator=gen, dtype=torch.int32)
+    for bn in (16, 32, 64):
+        for warps in (2, 4, 8):
+            for stages in (2, 3, 4):
+                sch = Schedule(block_m=16, block_n=bn, num_warps=warps, num_stages=stages)
+                try:
+                    ms = bench_ms(lambda: tk.token_sparse_attention(q, k, v, idx, scale=D ** -0.5,
+                                                                    schedule=sch))
+                    rec(case="sweep", impl="sparse_attend", N=N, block_n=bn, warps=warps,
+                        stages=stages, ms=ms)
+                except Exception as e:
+                    rec(case="sweep", impl="sparse_attend", N=N, block_n=bn, warps=warps,
+                        stages=stages, error=f"{type(e).__name__}: {e}"[:200])
+    rec(case="sweep", impl="sparse_attend_default", N=N,
+        ms=bench_ms(lambda: tk.token_sparse_attention(q, k, v, idx, scale=D ** -0.5)))
+
+
 def markdown(meta) -> str:
     def get(case, impl, **kw):
         for r in ROWS:
@@ -222,6 +247,8 @@ def markdown(meta) -> str:
             kw = dict(N=n, layout=lay)
             d, s = get("fwd", "dense_sdpa", **kw), get("fwd", "dsa_fwd", **kw)
             sb, db = get("bwd", "sparse_bwd", **kw), get("bwd", "dense_bwd", **kw)
+            if s is None and d is None:
+                continue
             lines.append(
                 f"| {n} | {lay} | {f(get('fwd', 'indexer_proj', **kw))} | "
                 f"{f(get('fwd', 'indexer_topk', **kw))} | {f(get('fwd', 'sparse_attend', **kw))} | "
@@ -243,6 +270,15 @@ def markdown(meta) -> str:
         f"{r['impl']} N={r['N']}" + (f" rel_err {r['rel_err']:.2e}" if "rel_err" in r else "")
         + (f" rows differing {r['rows_differing']}" if "rows_differing" in r else "")
         for r in checks)]
+    sw = sorted((r for r in ROWS if r.get("case") == "sweep" and "ms" in r
+                 and r["impl"] == "sparse_attend"), key=lambda r: r["ms"])
+    if sw:
+        dflt = [r for r in ROWS if r.get("impl") == "sparse_attend_default"]
+        lines += ["", f"Gather-attention schedules at N={sw[0]['N']} (MQA, random rows per query), "
+                      "fastest first: "
+                      + ", ".join(f"n{r['block_n']}/w{r['warps']}/s{r['stages']} {r['ms']:.2f}"
+                                  for r in sw[:6])
+                      + (f"; default {dflt[0]['ms']:.2f} ms" if dflt else "") + "."]
     errs = [r for r in ROWS if "error" in r]
     if errs:
         lines += ["", "Errors: " + "; ".join(f"{r['impl']} N={r.get('N')}: {r['error']}"
@@ -261,6 +297,8 @@ def main():
     ap.add_argument("--layouts", default="mqa,mha")
     ap.add_argument("--no-backward", action="store_true")
     ap.add_argument("--no-decode", action="store_true")
+    ap.add_argument("--sweep-attend", type=int, default=0,
+                    help="also time gather-attention schedules at this N (MQA, one shared list)")
     ap.add_argument("--name", default=None, help="file stem (default dsa_<card>)")
     ap.add_argument("--smoke", action="store_true",
                     help="tiny sizes on the CPU through Triton's interpreter (checks this script)")
@@ -302,6 +340,12 @@ def main():
         except Exception as e:
             traceback.print_exc()
             rec(case="decode", impl="dsa_step", error=f"{type(e).__name__}: {e}"[:300])
+    if args.sweep_attend:
+        try:
+            run_attend_sweep(args.sweep_attend, gen)
+        except Exception as e:
+            traceback.print_exc()
+            rec(case="sweep", impl="sparse_attend", error=f"{type(e).__name__}: {e}"[:300])
     meta["topk_check_ok"] = ok
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, f"{args.name}.json"), "w") as fh:

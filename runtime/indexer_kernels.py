@@ -184,12 +184,45 @@ def indexer_topk(q_idx, w, k_idx, topk: int, *, causal: bool,
     if not uses_kernels(q_idx):
         ref = indexer_topk_ref(q_idx, w, k_idx, topk, causal=bool(causal))
         return ref if out is None else out.copy_(ref)
+    if q_idx.shape[1] <= FEW_ROWS and q_idx.device.type == "cuda":
+        res = topk_few_rows(q_idx, w, k_idx, topk, causal=bool(causal))
+        return res if out is None else out.copy_(res)
     if topk > MAX_TOPK:
         raise ValueError(f"{fn}: the Triton path supports topk <= {MAX_TOPK}, got {topk} "
                          "(SPARSE_PLANNER_KERNELS=reference runs the PyTorch reference)")
     if schedule is None:
         schedule = default_schedule(q_idx.shape[2], q_idx.shape[3], q_idx.device)
     return _IndexerRun(q_idx, w, k_idx, topk, bool(causal), schedule).run(out)
+
+
+#: up to this many query rows (decode, short speculative chunks) the score rows are
+#: materialised (``B * Nq * Nkv`` fp32, a vector per query) and ranked by ``torch.topk``
+FEW_ROWS = 16
+
+
+def topk_few_rows(q_idx, w, k_idx, topk: int, *, causal: bool) -> torch.Tensor:
+    """The selection for few query rows: cuBLAS scores, then one ``torch.topk`` over int64
+    keys (order-preserving score image << 32 | key index), so equal scores go to the newer
+    key exactly as in the reference; hidden keys can never be chosen. Rows unordered."""
+    B, n_q, n_h, _ = q_idx.shape
+    n_kv = k_idx.shape[1]
+    dots = torch.matmul(q_idx.reshape(B, n_q * n_h, -1), k_idx.transpose(1, 2))
+    scores = (w.float().reshape(B, n_q * n_h, 1) * torch.relu(dots.float())
+              ).view(B, n_q, n_h, n_kv).sum(2)                               # [B, Nq, Nkv]
+    idx = torch.arange(n_kv, device=q_idx.device)
+    keys = (_score_key(scores + 0.0) << 32) | idx
+    visible = visible_counts(n_q, n_kv, causal, q_idx.device)                 # [Nq]
+    hidden = idx[None, :] >= visible[:, None]
+    lowest = torch.iinfo(torch.int64).min
+    keys = keys.masked_fill(hidden, lowest)
+    kk = min(topk, n_kv)
+    top = torch.topk(keys, kk, dim=-1, sorted=False).values                  # [B, Nq, kk]
+    chosen = torch.where(top == lowest, -1, top & 0xFFFFFFFF).to(torch.int32)
+    if kk == topk:
+        return chosen
+    out = torch.full((B, n_q, topk), -1, dtype=torch.int32, device=q_idx.device)
+    out[..., :kk] = chosen
+    return out
 
 
 def _module(spec: IndexerSpec, device):

@@ -214,11 +214,16 @@ def default_token_sparse_schedule(spec: TokenSparseSpec, device, rows: int, n_id
     if device.type != "cuda":
         return Schedule(block_m=16, block_n=32, num_warps=4, num_stages=1,
                         split=_split_for(rows, n_idx, 32, 2, minimum=32))
+    stages = 3
     if max(spec.head_dim, spec.v_head_dim) <= 128:
         block_n, warps = 64, 2
+        if spec.pack_gqa and rows >= 4 * _sm_count(device):
+            # GQA-packed prefill (e.g. DSA over MQA): H100 sweep at N=65536, 16 heads x 128,
+            # top-2048 (benchmarks/results/dsa_h100.md): 64/4 warps/2 stages 10.3 ms vs 11.2
+            warps, stages = 4, 2
     else:
         block_n, warps = 32, 4
-    return Schedule(block_m=16, block_n=block_n, num_warps=warps, num_stages=3,
+    return Schedule(block_m=16, block_n=block_n, num_warps=warps, num_stages=stages,
                     split=_split_for(rows, n_idx, block_n, _sm_count(device), minimum=2 * block_n))
 
 
