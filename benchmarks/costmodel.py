@@ -129,7 +129,10 @@ def write_reports(out, tag, card, meta, fit, summary, rows, e2e):
              f"{fit['n_sm']} SMs. Fitted on the D=128 points (D=64 is out of sample): "
              + "; ".join(f"{c}: eff {r['eff']:.2f}, bw eff {r['bw_eff']:.2f}, fixed {r['overhead_us']:.1f} us"
                          + (f", per program {r['program_us']:.2f} us" if r['program_us'] else "")
+                         + (f", host issue floor {r['floor_us']:.1f} us" if r.get('floor_us') else "")
                          for c, r in k.items()) + ".", "",
+             *([f"Re-fitted offline from these measurements: `{meta['refit']}`.", ""]
+               if meta.get("refit") else []),
              f"**Chosen candidate within 10% of the fastest measured: "
              f"{summary['chosen_within_10pct']:.0%} of {summary['points']} points "
              f"({summary['chosen_within_10pct_out_of_sample']:.0%} of the D=64 points).** "

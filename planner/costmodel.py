@@ -36,12 +36,14 @@ N = sp.Symbol("N", positive=True)
 class KernelRates:
     """How one candidate kernel uses a device: the fraction of the matrix rate (``eff``) and of
     the bandwidth (``bw_eff``) it reaches, a fixed cost per call and a cost per program
-    (query-block prologue/epilogue), the latter spread over the multiprocessors."""
+    (query-block prologue/epilogue), the latter spread over the multiprocessors, and a floor:
+    the host-side time to plan and issue one call, which bounds short calls from below."""
 
     eff: float
     bw_eff: float
     overhead_us: float
     program_us: float = 0.0
+    floor_us: float = 0.0      # host issue time of one eager call: no call is faster
 
 
 @dataclass(frozen=True)
@@ -118,8 +120,9 @@ def time_expr(candidate: str, profile: HardwareProfile, causal: bool = True):
         fl, by, _ = flops_bytes("dense_sdpa", causal)     # the reference computes every pair
     compute = fl / (profile.peak_tflops * 1e12 * r.eff)
     memory = by / (profile.bandwidth_gbs * 1e9 * r.bw_eff)
-    return (sp.Max(compute, memory) + r.overhead_us * 1e-6
-            + programs * r.program_us * 1e-6 / profile.n_sm)
+    device = (sp.Max(compute, memory) + r.overhead_us * 1e-6
+              + programs * r.program_us * 1e-6 / profile.n_sm)
+    return sp.Max(device, r.floor_us * 1e-6) if r.floor_us else device
 
 
 @functools.lru_cache(maxsize=None)
@@ -188,7 +191,8 @@ def fit_rates(candidate: str, points: list, peak_tflops: float, bandwidth_gbs: f
     """Least relative error fit of one candidate's rates to measured points.
 
     ``points``: dicts with B, Hq, Hkv, Nq, Nkv, D, rho, block, ms. Grid search over the two
-    efficiencies and the per-program cost; the fixed cost is the median residual."""
+    efficiencies and the per-program cost; the fixed cost is the median residual; last, the
+    host issue floor that lowers the error most (0 when none does)."""
     import statistics
     feats = []
     for p in points:
@@ -208,6 +212,15 @@ def fit_rates(candidate: str, points: list, peak_tflops: float, bandwidth_gbs: f
                 err = sum(abs(b + over - t) / t for b, (_, _, _, t) in zip(base, feats))
                 if best is None or err < best[0]:
                     best = (err, KernelRates(e, be, over * 1e6, pu))
+    # then the host issue floor: the largest that does not raise the error
+    rates = best[1]
+    base = [max(c / rates.eff, m / rates.bw_eff) + g * rates.program_us * 1e-6
+            + rates.overhead_us * 1e-6 for c, m, g, _ in feats]
+    for fl_us in [x * 2.5 for x in range(1, 41)]:
+        err = sum(abs(max(b, fl_us * 1e-6) - t) / t for b, (_, _, _, t) in zip(base, feats))
+        if err < best[0] - 1e-12:
+            best = (err, KernelRates(rates.eff, rates.bw_eff, rates.overhead_us,
+                                     rates.program_us, fl_us))
     return best[1]
 
 

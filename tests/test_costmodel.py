@@ -125,3 +125,21 @@ def test_adaptive_policy_falls_back_to_dense_at_high_measured_density(monkeypatc
     off = SiteSpec(site="t", owner="test", policy=planner.policy("threshold", block=64),
                    scale=0.1, causal="lower_right")                       # cost model off
     assert plan.dense_at_measured_density(off, q, k, full, b) == (False, None)
+
+
+def test_fit_finds_the_host_issue_floor():
+    """Short calls cannot run faster than the host issues them: the fit recovers a floor from
+    synthetic times that follow max(device time, 40 us), and estimates respect it."""
+    prof = cm.load_profile("h100")
+    true = cm.KernelRates(0.5, 0.9, 10.0, 0.0, 40.0)
+    fake = cm.HardwareProfile("t", prof.peak_tflops, prof.bandwidth_gbs, prof.n_sm,
+                              (("block_sparse", true),))
+    pts = []
+    for n in (512, 1024, 4096, 16384, 65536):
+        for rho in (0.03, 0.12, 0.5):
+            shape = dict(B=1, Hq=16, Hkv=16, Nq=n, Nkv=n, D=128, rho=rho, block=128)
+            pts.append(dict(shape, ms=cm.estimate("block_sparse", fake, **shape) * 1e3))
+    got = cm.fit_rates("block_sparse", pts, prof.peak_tflops, prof.bandwidth_gbs, prof.n_sm)
+    assert 35.0 <= got.floor_us <= 45.0
+    tiny = dict(B=1, Hq=1, Hkv=1, Nq=16, Nkv=16, D=64, rho=1.0, block=128)
+    assert cm.estimate("block_sparse", fake, **tiny) >= 40e-6
