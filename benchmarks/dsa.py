@@ -124,7 +124,8 @@ def run_prefill(N, layout, args, gen):
     with torch.no_grad():
         for name, fn in (("indexer_proj", proj), ("indexer_topk", select),
                          ("sparse_attend", attend), ("dsa_fwd", full)):
-            rec(case="fwd", impl=name, **base, ms=bench_ms(fn))
+            runs = sorted(bench_ms(fn) for _ in range(3))   # three medians: run-to-run spread
+            rec(case="fwd", impl=name, **base, ms=runs[1], ms_runs=runs)
     if layout == "mha":
         rec(case="fwd", impl="dense_sdpa", **base,
             ms=bench_ms(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True)))
@@ -237,7 +238,8 @@ def markdown(meta) -> str:
     lines = [f"# DSA on {meta['device']}", "",
              f"torch {meta['torch']}, triton {meta['triton']}; bf16, B=1, H=16, D=128, causal, "
              f"top-k {meta['topk']}, indexer {meta['index_heads']} heads x {meta['index_dim']} "
-             f"dims. Times: `triton.testing.do_bench` medians (ms).", "",
+             f"dims. Times: `triton.testing.do_bench` medians (ms); forward parts: the middle of three "
+             f"such medians (all three in the JSON, `ms_runs`).", "",
              f"Command: `{meta['command']}`", "",
              "| N | KV | proj | top-k (fused) | sparse attend | **DSA fwd** | dense SDPA | "
              "dense / DSA | sparse bwd | dense bwd | dense bwd / sparse bwd |",
@@ -254,6 +256,11 @@ def markdown(meta) -> str:
                 f"{f(get('fwd', 'indexer_topk', **kw))} | {f(get('fwd', 'sparse_attend', **kw))} | "
                 f"**{f(s)}** | {f(d)} | {'–' if not (d and s) else f'{d / s:.2f}x'} | {f(sb)} | "
                 f"{f(db)} | {'–' if not (sb and db) else f'{db / sb:.2f}x'} |")
+    spread = [r for r in ROWS if r.get("impl") == "dsa_fwd" and r.get("ms_runs")]
+    if spread:
+        lines += ["", "DSA fwd, the three medians per case: " + "; ".join(
+            f"N={r['N']} {r['layout']}: " + " / ".join(f"{x:.2f}" for x in r["ms_runs"])
+            for r in spread) + " ms."]
     nv = [r for r in ROWS if r.get("impl") == "naive_indexer"]
     if nv:
         r = nv[0]
