@@ -552,6 +552,11 @@ def _bwd_module(plan: LaunchPlan):
 # ----------------------------------------------------------------------------- block_topk
 
 BLOCK_TOPK_MAX_NKB = 16384     # key blocks one selection program keeps in registers
+try:                           # partial bitonic sort (newer Triton releases)
+    import triton.language as _tl
+    _HAS_TL_TOPK = hasattr(_tl, "topk")
+except ImportError:            # pragma: no cover - triton is a dependency
+    _HAS_TL_TOPK = False
 
 
 def _block_topk_module(device):
@@ -560,23 +565,27 @@ def _block_topk_module(device):
     return KERNELS.get(("block_topk", _device_key(device)), lambda: load(render()))
 
 
-def pool_blocks(x: torch.Tensor, block: int) -> torch.Tensor:
+def pool_blocks(x: torch.Tensor, block: int, *, rows: Optional[int] = None,
+                num_warps: int = 2) -> torch.Tensor:
     """Mean of each block of ``block`` rows of ``x [B, H, N, D]`` (the last block may be
-    short): fp32 ``[B, H, ceil(N / block), D]``."""
+    short): fp32 ``[B, H, ceil(N / block), D]``. ``rows``: rows loaded per step (a power of
+    two; default by D), ``num_warps``: launch knob (both for schedule sweeps)."""
     B, H, N, D = x.shape
     nb = -(-N // block)
     out = torch.empty((B, H, nb, D), device=x.device, dtype=torch.float32)
     if out.numel() == 0:
         return out
-    rows = min(next_pow2(block), 64 if D <= 64 else 32)
+    if rows is None:       # H100 sweep (benchmarks/results/block_topk_h100.md): 32 rows, 2 warps
+        rows = min(next_pow2(block), 64 if D <= 64 else 32)
     d_p = next_pow2(max(D, 16))
     _block_topk_module(x.device).pool_rows[(nb, B * H)](
-        x, out, *x.stride(), H, N, nb, block, D, ROWS=rows, D_P=d_p, num_warps=4)
+        x, out, *x.stride(), H, N, nb, block, D, ROWS=rows, D_P=d_p, num_warps=num_warps)
     return out
 
 
 def block_topk_select(dots: torch.Tensor, n_q: int, n_kv: int, causal: Optional[str], block: int,
-                      *, scale: float, topk: int, sink_blocks: int, local_blocks: int):
+                      *, scale: float, topk: int, sink_blocks: int, local_blocks: int,
+                      num_warps: Optional[int] = None, sorted_select: Optional[bool] = None):
     """``select_topk_blocks`` on the logits ``scale * dots`` (``dots`` fp32 ``[B, H, NQB, NKB]``
     unscaled pooled dot products), with the causal rule (``"lower_right"`` / ``"upper_left"`` /
     None) applied by position inside the kernel. Returns ``(counts int32 [B, H, NQB], indices
@@ -591,9 +600,13 @@ def block_topk_select(dots: torch.Tensor, n_q: int, n_kv: int, causal: Optional[
     dots = dots.contiguous()
     off = 0 if causal == "upper_left" else n_kv - n_q
     nkb_p = next_pow2(max(nkb, 16))
-    warps = 4 if nkb_p <= 1024 else (8 if nkb_p <= 4096 else 16)
+    if sorted_select is None:  # one partial sort beats topk rounds of max (H100, 1024 blocks:
+        sorted_select = _HAS_TL_TOPK and nkb_p <= 1024    # 0.28 vs 0.66 ms; wider: unmeasured)
+    warps = num_warps or ((1 if sorted_select else 4) if nkb_p <= 1024
+                          else (8 if nkb_p <= 4096 else 16))
     _block_topk_module(dots.device).block_topk_select[(nqb, B * H)](
         dots, counts, idx, nqb, nkb, n_q, off, block, float(scale), min(topk, nkb), sink_blocks,
         local_blocks, width, CAUSAL=causal is not None, NKB_P=nkb_p,
-        W_P=next_pow2(max(width, 16)), num_warps=warps)
+        W_P=next_pow2(max(width, 16)), SORTED=bool(sorted_select and _HAS_TL_TOPK),
+        K_P=min(nkb_p, next_pow2(max(min(topk, nkb), 1))), num_warps=warps)
     return counts, idx

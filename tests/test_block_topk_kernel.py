@@ -87,3 +87,17 @@ def test_compiled_block_topk_matches_reference(monkeypatch):
     assert site.kernel == "triton_block_sparse"
     assert ((out - ref).norm() / ref.norm()).item() < 1e-5
     assert site.density == pytest.approx(planner.inspect(f_ref).sites[0].density)
+
+
+@pytest.mark.skipif(not tk._HAS_TL_TOPK, reason="this Triton has no tl.topk")
+@pytest.mark.parametrize("nqb,nkb,topk,causal", [(5, 37, 5, "lower_right"), (8, 64, 32, "lower_right"),
+                                                 (3, 100, 7, None), (4, 20, 30, "upper_left"),
+                                                 (6, 50, 0, "lower_right")])
+def test_sorted_selection_equals_rounds(nqb, nkb, topk, causal):
+    """The one-sort threshold path and the rounds-of-max path pick the same blocks, ties too."""
+    d = torch.randn(2, 3, nqb, nkb)
+    d[0, 0, :, :10] = 1.0                                   # ties: the lower block id wins
+    kw = dict(scale=0.3, topk=topk, sink_blocks=1, local_blocks=1)
+    a = tk.block_topk_select(d, nqb * 16, nkb * 16, causal, 16, sorted_select=False, **kw)
+    b = tk.block_topk_select(d, nqb * 16, nkb * 16, causal, 16, sorted_select=True, **kw)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))

@@ -9,7 +9,8 @@ Two kernels, loaded through ``codegen.emit.load`` and launched from ``runtime.tr
   unscaled pooled dot products, applies ``scale`` and the causal rule, marks the forced sink
   and local blocks, adds the ``topk`` best other allowed blocks (rounds of one packed max:
   value bits in the high word, reversed block id in the low word, so ties go to the lower
-  id), and writes the selected ids ascending (a running count gives each its slot) followed
+  id; or, with ``SORTED``, one partial sort ``tl.topk`` of the packed keys giving the
+  threshold), and writes the selected ids ascending (a running count gives each its slot) followed
   by -1 up to ``W``, and their count.
 
 Semantics are those of ``codegen.select.reference.select_topk_blocks`` applied to
@@ -53,7 +54,8 @@ def pool_rows(x_ptr, out_ptr, sxb, sxh, sxn, sxd, H, N, NB, block, D,
 @triton.jit
 def block_topk_select(s_ptr, counts_ptr, idx_ptr, NQB, NKB, Nq, off, block, scale,
                       rounds, sink_blocks, local_blocks, W,
-                      CAUSAL: tl.constexpr, NKB_P: tl.constexpr, W_P: tl.constexpr):
+                      CAUSAL: tl.constexpr, NKB_P: tl.constexpr, W_P: tl.constexpr,
+                      SORTED: tl.constexpr, K_P: tl.constexpr):
     pid_q = tl.program_id(0)
     pid_bh = tl.program_id(1)
     row = pid_bh.to(tl.int64) * NQB + pid_q
@@ -73,12 +75,21 @@ def block_topk_select(s_ptr, counts_ptr, idx_ptr, NQB, NKB, Nq, off, block, scal
     packed = (key << 32) | (NKB_P - 1 - j).to(tl.int64)
     floor = tl.full([NKB_P], -2139095041, tl.int64) << 32       # the image of -inf, id bits 0
     eligible = allowed & (forced == 0)
-    for _ in range(rounds):
-        m = tl.max(tl.where(eligible, packed, floor), axis=0)
-        pick = (NKB_P - 1) - (m & (NKB_P - 1)).to(tl.int32)
-        hit = (j == pick) & ((m >> 32) > -2139095041)
-        sel = sel | hit
-        eligible = eligible & (hit == 0)
+    if SORTED:
+        # one partial bitonic sort: the rounds-th largest eligible key is the threshold
+        # (keys are distinct, so exactly `rounds` keys reach it when enough are eligible)
+        top = tl.topk(tl.where(eligible, packed, floor), K_P)
+        r = tl.arange(0, K_P)
+        thr = tl.max(tl.where(r == rounds - 1, top, tl.full([K_P], -2139095041, tl.int64) << 32),
+                     axis=0)
+        sel = sel | (eligible & (packed >= thr) & (rounds > 0))
+    else:
+        for _ in range(rounds):
+            m = tl.max(tl.where(eligible, packed, floor), axis=0)
+            pick = (NKB_P - 1) - (m & (NKB_P - 1)).to(tl.int32)
+            hit = (j == pick) & ((m >> 32) > -2139095041)
+            sel = sel | hit
+            eligible = eligible & (hit == 0)
     sel_i = sel.to(tl.int32)
     count = tl.sum(sel_i, axis=0)
     slot = tl.cumsum(sel_i, axis=0) - 1
