@@ -36,6 +36,7 @@ def demo(args) -> int:
             "dense": "dense",
             "block_topk": planner.policy("block_topk", block=64, topk=args.topk),
             "sink_window": planner.policy("sink_window", sink=64, window=256),
+            "dsa (untrained)": planner.policy("dsa", topk=256, index_heads=4, index_dim=32),
         }
         rows = []
         first = None
