@@ -85,14 +85,15 @@ def test_policy_map_and_errors():
 
 
 @pytest.mark.parametrize("n", [512, 2048, 8176])
-@pytest.mark.parametrize("name", ["sink_window", "block_topk"])
+@pytest.mark.parametrize("name", ["sink_window", "block_topk", "dsa"])
 @pytest.mark.parametrize("target", [0.25, 0.1])
 def test_matched_density_is_close_to_target(name, target, n):
     pol = PolicySpec.parse(f"{name}@{target}").resolve(n)
     assert causal_density(pol, n) == pytest.approx(target, rel=0.2)
 
 
-@pytest.mark.parametrize("spec", ["sink_window@0.25", "block_topk@0.25", "block_topk@0.1"])
+@pytest.mark.parametrize("spec", ["sink_window@0.25", "block_topk@0.25", "block_topk@0.1",
+                                  "dsa@0.25:index_heads=2,index_dim=16"])
 def test_analytic_density_equals_measured(spec):
     """The closed-form count the solver uses is what planner.inspect measures."""
     lm, _ = tiny_llama_lm(layers=1)
@@ -208,3 +209,29 @@ def test_cli_parses_eval_arguments():
     with pytest.raises(SystemExit) as e:
         main(["eval", "--help"])
     assert e.value.code == 0
+
+
+def test_fast_cpu_attend_serves_token_lists():
+    """dsa's token lists through the fast CPU attend: same logits and density as the reference."""
+    from conftest import tiny_llama
+    m = tiny_llama("sdpa", layers=2)
+    x = torch.randint(0, 128, (2, 120))
+    cm = planner.compile(m, policy=planner.policy("dsa", topk=24, index_heads=2, index_dim=8))
+    with torch.no_grad():
+        ref = cm(x).logits
+        d_ref = [s.density for s in planner.inspect(cm).sites]
+        served = cpu_attend.COUNTS["served"]
+        with cpu_attend.enabled():
+            got = cm(x).logits
+        d_got = [s.density for s in planner.inspect(cm).sites]
+    assert cpu_attend.COUNTS["served"] == served + 2
+    assert (got - ref).abs().max().item() <= 1e-5
+    assert d_got == pytest.approx(d_ref, abs=1e-12)
+
+
+def test_quest_matcher_budget():
+    pol = PolicySpec.parse("quest@0.25").resolve(2048)
+    assert pol.name == "quest" and pol.page == 16 and pol.budget % 16 == 0
+    from planner.quality.policies import block_topk_pairs
+    kept = block_topk_pairs(2048, 16, pol.budget // 16, 0, 1) / (2048 * 2049 / 2)
+    assert kept == pytest.approx(0.25, rel=0.05)

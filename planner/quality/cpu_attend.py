@@ -148,6 +148,9 @@ def provider(q, k, v, mod_tensors, counts, indices, spec):
                 res = _dense(q, k, v, mod_tensors, spec)
             elif getattr(spec.policy, "attend_kind", "") == "block" and counts.numel():
                 res = _block_gather(q, k, v, mod_tensors, counts, indices, spec)
+            elif (getattr(spec.policy, "attend_kind", "") == "token" and indices.numel()
+                  and not spec.mods):
+                res = _token_lists(q, k, v, indices, spec)
         except (KeyError, ImportError):
             res = None
     COUNTS["served" if res is not None else "declined"] += 1
@@ -184,6 +187,26 @@ def _dense(q, k, v, mod_tensors, spec):
         out = out.masked_fill(dead, 0.0)
     allowed = _allowed_per_head(spec, mod_tensors, B, Hq, n_q, n_kv)
     return out.to(q.dtype), (allowed, allowed.clone())
+
+
+def _token_lists(q, k, v, indices, spec):
+    """Token lists (dsa): SDPA under the lists' keep mask (the lists already respect the
+    causal rule). kept = listed pairs, allowed = causally visible pairs, per query head."""
+    from runtime.dsa import keep_from_indices
+    B, Hq, n_q, _ = q.shape
+    n_kv = k.shape[2]
+    keep = keep_from_indices(indices, n_kv)(0, n_q)                     # [B, Hs, Nq, Nkv]
+    mask = torch.zeros(keep.shape, dtype=torch.float32).masked_fill(~keep, float("-inf"))
+    kw = {"enable_gqa": True} if Hq != k.shape[1] else {}
+    if keep.shape[1] not in (1, Hq):
+        mask = mask.repeat_interleave(Hq // keep.shape[1], dim=1)
+    out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask,
+                                         scale=spec.scale, **kw)
+    out = out.masked_fill(~keep.any(-1, keepdim=True), 0.0)
+    kept = keep.sum(dim=(0, 2, 3)).to(torch.float64)
+    kept = kept.repeat_interleave(Hq // keep.shape[1]) if keep.shape[1] != Hq else kept
+    allowed = _allowed_per_head(spec, [], B, Hq, n_q, n_kv)
+    return out.to(q.dtype), (allowed, kept)
 
 
 def _tile(t: torch.Tensor, B: int, H: int, nb: int, block: int,

@@ -61,6 +61,12 @@ def block_topk_pairs(n: int, block: int, topk: int, sink_blocks: int, local_bloc
     return total
 
 
+def dsa_pairs(n: int, topk: int) -> int:
+    """Causal pairs kept when query ``i`` keeps ``min(i + 1, topk)`` keys."""
+    k = min(topk, n)
+    return k * (k + 1) // 2 + (n - k) * k
+
+
 def causal_density(pol: Policy, n: int) -> Optional[float]:
     """Kept / attended pairs of ``pol`` on a causal prompt of ``n`` tokens, where known in closed
     form (None otherwise)."""
@@ -71,6 +77,8 @@ def causal_density(pol: Policy, n: int) -> Optional[float]:
     if pol.name == "block_topk":
         return block_topk_pairs(n, pol.block, pol.topk, pol.sink_blocks,
                                 pol.local_blocks) / _causal_pairs(n)
+    if pol.name == "dsa":
+        return dsa_pairs(n, pol.topk) / _causal_pairs(n)
     return None
 
 
@@ -121,11 +129,33 @@ def _match_auto(n: int, density: float, fixed: dict) -> Policy:
     return planner.policy("auto", **{"target_density": density, **fixed})
 
 
+def _match_dsa(n: int, density: float, fixed: dict) -> Policy:
+    if "topk" in fixed:
+        return planner.policy("dsa", **fixed)
+    t = _solve_int(lambda t: dsa_pairs(n, t) / _causal_pairs(n), density, 1, n)
+    return planner.policy("dsa", **{**fixed, "topk": t})
+
+
+def _match_quest(n: int, density: float, fixed: dict) -> Policy:
+    """Quest keeps ``ceil(budget / page)`` pages (+ sink and own pages) per block of ``page``
+    queries in prefill: the pair count of block_topk with block = page."""
+    kw = {"page": 16, "sink_pages": 0, "local_pages": 1}
+    kw.update(fixed)
+    if "budget" in fixed:
+        return planner.policy("quest", **kw)
+    pg = kw["page"]
+    t = _solve_int(lambda t: block_topk_pairs(n, pg, t, kw["sink_pages"], kw["local_pages"])
+                   / _causal_pairs(n), density, 1, -(-n // pg))
+    return planner.policy("quest", **{**kw, "budget": t * pg})
+
+
 #: name -> solver(n_tokens, density, fixed_params) -> Policy; extend for new policies
 MATCHERS: dict[str, Callable[[int, float, dict], Policy]] = {
     "sink_window": _match_sink_window,
     "block_topk": _match_block_topk,
     "auto": _match_auto,
+    "dsa": _match_dsa,
+    "quest": _match_quest,
 }
 
 
