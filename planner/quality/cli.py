@@ -141,7 +141,8 @@ def run_eval(args) -> int:
             "commit": _commit(),
             "attend": ("fp32 reference (runtime)" if args.reference_attend else
                        "planner.quality.cpu_attend (SDPA for dense, gathered kept blocks for "
-                       "block policies; same outputs and densities as the reference)"),
+                       "block policies, SDPA under the lists' mask for token lists; same outputs "
+                       "and densities as the reference)"),
             "cpu": _cpu(), "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
             "notes": list(args.note)}
     result = harness.evaluate(lm, codec, hay, ppl_ids, cfg, out_path=base + ".json", meta=meta,
