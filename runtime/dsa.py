@@ -152,13 +152,12 @@ class IndexerBank(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
+#: owner -> bank, weakly: the Backend (and the compiled model) hold their bank
 _BANKS: "weakref.WeakValueDictionary[str, IndexerBank]" = weakref.WeakValueDictionary()
-_STRONG: dict = {}
 
 
 def register_bank(owner: str, bank: IndexerBank) -> None:
     _BANKS[owner] = bank
-    _STRONG[owner] = bank          # a backend keeps its bank alive even without a model
 
 
 def bank_for(owner: str) -> IndexerBank:
