@@ -62,6 +62,9 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
     ap.add_argument("--out", default="benchmarks/results/quality/dsa_warmup_smollm2",
                     help="writes OUT.json and OUT.md")
+    ap.add_argument("--save", default=None, metavar="PATH",
+                    help="also save the trained indexers (torch.save of {'policy', 'sites'}); "
+                         "`python -m planner eval --indexers PATH` evaluates them")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -117,6 +120,10 @@ def main(argv=None) -> int:
         same = torch.equal(cm(input_ids=held[0]).logits, cm2(input_ids=held[0]).logits)
     print(f"state_dict round trip: {len(sd)} tensors, unexpected {len(missing.unexpected_keys)}, "
           f"identical logits {same}")
+    if args.save:
+        os.makedirs(os.path.dirname(os.path.abspath(args.save)), exist_ok=True)
+        torch.save({"policy": pol.short(), "sites": train.indexers(cm).export()}, args.save)
+        print(f"saved the indexers to {args.save}")
 
     result = {
         "model": args.model, "model_description": desc, "text": corpus.description,

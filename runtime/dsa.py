@@ -127,6 +127,8 @@ class IndexerBank(nn.Module):
     def __init__(self):
         super().__init__()
         self.sites = nn.ModuleDict()
+        self._names: dict = {}             # module key -> site name
+        self._preloaded: dict = {}         # site name -> indexer state_dict (see preload)
 
     def get(self, site: str) -> Optional[LightningIndexer]:
         key = _module_key(site)
@@ -135,11 +137,39 @@ class IndexerBank(nn.Module):
     def ensure(self, site: str, q: torch.Tensor, k: torch.Tensor, policy, scale: float):
         key = _module_key(site)
         if key not in self.sites:
+            want = (q.shape[1], k.shape[1], q.shape[3], policy.index_heads, policy.index_dim,
+                    policy.rope)
             with torch.no_grad():
-                self.sites[key] = LightningIndexer(
-                    q.shape[1], k.shape[1], q.shape[3], policy.index_heads, policy.index_dim,
-                    policy.rope, scale, device=q.device)
+                ix = LightningIndexer(*want, scale, device=q.device)
+                state = self._preload_for(site)
+                if state is not None:
+                    got = tuple(int(x) for x in state["shape_info"].tolist())
+                    if got != want:
+                        raise ValueError(
+                            f"preloaded indexer for site {site!r} has (q heads, k heads, head "
+                            f"dim, index heads, index dim, rope) = {got}; the site and policy "
+                            f"need {want}")
+                    ix.load_state_dict(state)
+                self.sites[key] = ix
+            self._names[key] = site
         return self.sites[key]
+
+    def export(self) -> dict:
+        """``{site name: indexer state_dict}`` (CPU tensors), for ``preload`` elsewhere."""
+        return {self._names.get(k, k): {n: t.detach().cpu() for n, t in m.state_dict().items()}
+                for k, m in self.sites.items()}
+
+    def preload(self, states: dict) -> None:
+        """Indexer weights to use when a site is first seen, keyed by site name; a saved name
+        matches a site whose name equals it or ends with ``"." + name`` (the same model
+        wrapped in another module)."""
+        self._preloaded.update(states)
+
+    def _preload_for(self, site: str):
+        for name, state in self._preloaded.items():
+            if site == name or site.endswith("." + name) or name.endswith("." + site):
+                return state
+        return None
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         pre = prefix + "sites."

@@ -254,3 +254,34 @@ def test_errors_name_the_problem():
     ix = dsa.LightningIndexer(4, 2, 8, 2, 8)
     with pytest.raises(ValueError, match="built for q heads 4"):
         ix(torch.randn(1, 2, 5, 8), torch.randn(1, 2, 5, 8))
+
+
+def test_export_and_preload_into_a_wrapped_model():
+    """Indexers exported from one compiled model load into another whose site names carry a
+    prefix (the same model inside a wrapper); mismatched dimensions are refused."""
+    m = TinyGPT().eval()
+    x = torch.randint(0, 256, (1, 40))
+    pol = planner.policy("dsa", topk=8, index_heads=2, index_dim=16)
+    a = planner.compile(m, policy=pol)
+    a(x)
+    with torch.no_grad():
+        for p in a.sparse_indexers.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    states = a.sparse_indexers.export()
+
+    class Wrap(nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, ids):
+            return self.inner(ids)
+
+    b = planner.compile(Wrap(m), policy=pol)
+    b.sparse_indexers.preload(states)
+    assert torch.equal(a(x), b(x))
+    c = planner.compile(Wrap(m), policy=planner.policy("dsa", topk=8, index_heads=4,
+                                                         index_dim=16))
+    c.sparse_indexers.preload(states)
+    with pytest.raises(ValueError, match="preloaded indexer"):
+        c(x)

@@ -53,6 +53,9 @@ def add_parsers(sub) -> None:
     e.add_argument("--check-attend", type=int, default=0, metavar="TOKENS",
                    help="first compare the fast CPU attend with the reference at TOKENS tokens")
     e.add_argument("--resume", action="store_true", help="skip rows already in the JSON")
+    e.add_argument("--indexers", default=None, metavar="PATH",
+                   help="trained DSA indexers for dsa policies (examples/train_dsa_indexer.py "
+                        "--save); without it dsa rows use untrained indexers")
     e.add_argument("--estimate", action="store_true",
                    help="time one prefill per length and policy, print the projected run time")
     e.add_argument("--install", action="store_true", help="fetch missing assets first")
@@ -127,7 +130,8 @@ def run_eval(args) -> int:
         tasks=tuple(t.strip() for t in args.tasks.split(",") if t.strip()),
         depths=tuple(float(d) for d in args.depths.split(",")),
         trials=_ints_per_length(args.trials), ppl_windows=_ints_per_length(args.ppl_windows),
-        seed=args.seed, fast_attend=not args.reference_attend, check_attend=args.check_attend)
+        seed=args.seed, fast_attend=not args.reference_attend, check_attend=args.check_attend,
+        indexers=args.indexers)
     for p in cfg.policies:                                  # fail on a bad spec before loading
         harness.PolicySpec.parse(p)
     lm, codec, hay, ppl_ids, model_desc, text_desc = _load(args, log)

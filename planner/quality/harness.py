@@ -54,9 +54,13 @@ class _Body(torch.nn.Module):
 class Runner:
     """A causal LM compiled with one policy (or per-layer map)."""
 
-    def __init__(self, lm: torch.nn.Module, policy: Any, *, logits_chunk: int = 1024):
+    def __init__(self, lm: torch.nn.Module, policy: Any, *, logits_chunk: int = 1024,
+                 indexers: Optional[str] = None):
         self.lm = lm
         self.model = planner.compile(_Body(lm), policy=policy)
+        bank = getattr(self.model, "sparse_indexers", None)
+        if indexers and bank is not None:          # trained DSA indexers (a saved export)
+            bank.preload(torch.load(indexers, map_location="cpu")["sites"])
         self.head = lm.get_output_embeddings()
         self.cap = getattr(lm.config, "final_logit_softcapping", None)
         self.logits_chunk = logits_chunk
@@ -131,6 +135,7 @@ class EvalConfig:
     answer_room: int = 16          # prompts end this many positions before the model's limit
     fast_attend: bool = True       # serve sparse.attend on CPU with planner.quality.cpu_attend
     check_attend: int = 0          # >0: compare fast vs reference attend at this many tokens
+    indexers: Optional[str] = None  # DSA indexer weights (examples/train_dsa_indexer.py --save)
 
     def prompt_tokens(self, length: int, max_positions: Optional[int]) -> int:
         if max_positions:
@@ -205,7 +210,8 @@ def evaluate(lm: torch.nn.Module, codec: Codec, hay: Haystack, ppl_ids: Sequence
         checked = {c["policy"] for c in result["checks"]}
         todo = [s for s in specs if s.label not in checked]
         if todo:
-            result["checks"] += check_attend(lm, codec, hay, todo, cfg.check_attend, cfg.seed, log)
+            result["checks"] += check_attend(lm, codec, hay, todo, cfg.check_attend, cfg.seed, log,
+                                            indexers=cfg.indexers)
             _write(result, out_path)
     for length in cfg.lengths:
         n_tok = cfg.prompt_tokens(length, max_pos)
@@ -234,7 +240,7 @@ def _run_policy(lm, spec: PolicySpec, length: int, n_tok: int, windows: list, sa
                 cfg: EvalConfig, log) -> tuple:
     resolved = spec.resolve(n_tok)
     t0 = time.perf_counter()
-    runner = Runner(lm, resolved)
+    runner = Runner(lm, resolved, indexers=cfg.indexers)
     dens: list = []
     fwd_times: list = []
     nll, count = 0.0, 0
@@ -321,14 +327,14 @@ def _fill_deltas(rows: list) -> None:
 
 
 def check_attend(lm, codec: Codec, hay: Haystack, specs: list, n_tokens: int, seed: int,
-                 log) -> list:
+                 log, indexers: Optional[str] = None) -> list:
     """Fast CPU attend vs the runtime's reference on one prompt of ``n_tokens`` per policy:
     max |logit difference| at the last position and the two measured densities."""
     s = make_sample("passkey", codec, hay, n_tokens, seed=sample_seed(seed, "check"), depth=0.5)
     out = []
     for spec in specs:
         resolved = spec.resolve(n_tokens)
-        runner = Runner(lm, resolved)
+        runner = Runner(lm, resolved, indexers=indexers)
         with torch.no_grad():
             h_ref, _ = runner._prefill(s.ids)
             d_ref = runner.last_density["mean"]
