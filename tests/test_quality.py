@@ -85,7 +85,7 @@ def test_policy_map_and_errors():
 
 
 @pytest.mark.parametrize("n", [512, 2048, 8176])
-@pytest.mark.parametrize("name", ["sink_window", "block_topk", "dsa"])
+@pytest.mark.parametrize("name", ["sink_window", "block_topk", "dsa", "longformer"])
 @pytest.mark.parametrize("target", [0.25, 0.1])
 def test_matched_density_is_close_to_target(name, target, n):
     pol = PolicySpec.parse(f"{name}@{target}").resolve(n)
@@ -93,7 +93,7 @@ def test_matched_density_is_close_to_target(name, target, n):
 
 
 @pytest.mark.parametrize("spec", ["sink_window@0.25", "block_topk@0.25", "block_topk@0.1",
-                                  "dsa@0.25:index_heads=2,index_dim=16"])
+                                  "dsa@0.25:index_heads=2,index_dim=16", "longformer@0.25"])
 def test_analytic_density_equals_measured(spec):
     """The closed-form count the solver uses is what planner.inspect measures."""
     lm, _ = tiny_llama_lm(layers=1)

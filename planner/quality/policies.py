@@ -79,6 +79,8 @@ def causal_density(pol: Policy, n: int) -> Optional[float]:
                                 pol.local_blocks) / _causal_pairs(n)
     if pol.name == "dsa":
         return dsa_pairs(n, pol.topk) / _causal_pairs(n)
+    if pol.name == "longformer":        # causal: global keys act as sinks, global queries see all
+        return sink_window_pairs(n, pol.global_tokens, pol.window) / _causal_pairs(n)
     return None
 
 
@@ -136,6 +138,14 @@ def _match_dsa(n: int, density: float, fixed: dict) -> Policy:
     return planner.policy("dsa", **{**fixed, "topk": t})
 
 
+def _match_longformer(n: int, density: float, fixed: dict) -> Policy:
+    g = int(fixed.get("global_tokens", 16))
+    if "window" in fixed:
+        return planner.policy("longformer", **fixed)
+    w = _solve_int(lambda w: sink_window_pairs(n, g, w) / _causal_pairs(n), density, 1, n)
+    return planner.policy("longformer", **{**fixed, "global_tokens": g, "window": w})
+
+
 def _match_quest(n: int, density: float, fixed: dict) -> Policy:
     """Quest keeps ``ceil(budget / page)`` pages (+ sink and own pages) per block of ``page``
     queries in prefill: the pair count of block_topk with block = page."""
@@ -156,6 +166,7 @@ MATCHERS: dict[str, Callable[[int, float, dict], Policy]] = {
     "auto": _match_auto,
     "dsa": _match_dsa,
     "quest": _match_quest,
+    "longformer": _match_longformer,
 }
 
 
