@@ -55,28 +55,29 @@ def _visible(off: int, r0: int, r1: int, n_kv: int, device, causal: bool = True)
     return torch.arange(n_kv, device=device)[None, :] <= rows
 
 
-def _row_losses(rec: dsa.SiteRecord, indices: Optional[torch.Tensor], chunk: int):
-    """Per-row (KL, recall) of one site call: KL(p || softmax(I)) over the visible keys (or
-    over the selected ones when ``indices`` is given), and the dense attention mass inside
-    ``indices`` (None without indices). Both [B, Nq]; KL differentiable w.r.t. the indexer."""
+def _row_losses(rec: dsa.SiteRecord, indices: Optional[torch.Tensor], chunk: int,
+                restrict: bool):
+    """Per-row (KL, recall) of one site call: KL(p || softmax(I)) over the visible keys (over
+    the listed ones when ``restrict``), and the dense attention mass inside ``indices`` (None
+    without indices). Both [B, Nq]; KL differentiable w.r.t. the indexer."""
     q, k = rec.q, rec.k
     B, Hq, n_q, _ = q.shape
     n_kv = k.shape[2]
     kf = k.float().repeat_interleave(Hq // k.shape[1], dim=1)
+    listed = dsa.keep_from_indices(indices, n_kv) if indices is not None else None
     kls, recalls = [], []
     for r0 in range(0, n_q, chunk):
         r1 = min(r0 + chunk, n_q)
-        vis = _visible(rec.offset, r0, r1, n_kv, q.device, rec.causal)                      # [R, Nkv]
+        vis = _visible(rec.offset, r0, r1, n_kv, q.device, rec.causal)            # [R, Nkv]
         s = torch.matmul(q[:, :, r0:r1].float(), kf.transpose(-1, -2)) * rec.scale
         p = torch.softmax(s.masked_fill(~vis, float("-inf")), dim=-1).mean(dim=1)  # [B, R, Nkv]
         keep = vis.expand(B, -1, -1)
-        if indices is not None:
-            sel = dsa.keep_from_indices(indices, n_kv)(r0, r1)[:, 0]              # [B, R, Nkv]
+        if listed is not None:
+            sel = listed(r0, r1)[:, 0]                                          # [B, R, Nkv]
             recalls.append((p * sel).sum(-1))
-            keep = keep & sel
-        q_i, w, k_i = rec.indexer(q[:, :, r0:r1], k, rec.offset + r0)
-        i_s = torch.einsum("bth,bths->bts", w,
-                           torch.relu(torch.einsum("bthd,bsd->bths", q_i.float(), k_i.float())))
+            if restrict:
+                keep = keep & sel
+        i_s = rec.indexer.scores(q[:, :, r0:r1], k, rec.offset + r0)           # [B, R, Nkv]
         log_q = torch.log_softmax(i_s.masked_fill(~keep, float("-inf")), dim=-1)
         p_r = torch.where(keep, p, 0.0)
         p_r = p_r / p_r.sum(-1, keepdim=True).clamp_min(1e-30)
@@ -91,7 +92,7 @@ def _kl(records, restricted: bool, chunk: int) -> torch.Tensor:
                            "a dsa policy, and does the input reach its attention?")
     total = []
     for rec in records:
-        kl, _ = _row_losses(rec, rec.indices if restricted else None, chunk)
+        kl, _ = _row_losses(rec, rec.indices if restricted else None, chunk, restricted)
         total.append(kl.mean())
     return torch.stack(total).mean()
 
@@ -147,11 +148,9 @@ def evaluate_indexers(model: nn.Module, *args: Any, chunk: int = 256, **kwargs: 
     for r in rec.records:
         q_i, w, k_i = r.indexer(r.q, r.k, r.offset)
         idx = dsa.topk_indices(q_i, w, k_i, r.topk, causal=r.causal, offset=r.offset)
-        kl, recall = _row_losses(r, idx.unsqueeze(1), chunk)
-        kl_full, _ = _row_losses(r, None, chunk)
-        kls.append(kl_full.mean())
+        kl, recall = _row_losses(r, idx.unsqueeze(1), chunk, restrict=False)
+        kls.append(kl.mean())
         recalls.append(recall.mean())
-        del kl
     return {"kl": float(torch.stack(kls).mean()), "recall": float(torch.stack(recalls).mean()),
             "sites": len(rec.records)}
 

@@ -41,6 +41,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from codegen.attention.reference import positions_offset
+
 _INFO = ("hq", "hkv", "head_dim", "index_heads", "index_dim", "rope")
 
 
@@ -209,7 +211,6 @@ class SiteRecord:
     indices: Optional[torch.Tensor]
     offset: int
     scale: float
-    gqa_group: int
     indexer: LightningIndexer
     causal: bool = True
     topk: int = 0
@@ -248,32 +249,26 @@ def dense_mode() -> bool:
 
 
 # ----------------------------------------------------------------------------- selection
-def offset_of(spec, n_q: int, n_kv: int) -> int:
-    return 0 if spec.causal == "upper_left" else n_kv - n_q
-
-
 def select(scores, q: torch.Tensor, k: torch.Tensor, spec):
     """``(counts, indices)`` for ``sparse.select``: counts empty, indices int32
     ``[B, 1, Nq, topk]`` (one list per query shared by every head; -1 = padding)."""
     pol = spec.policy
     B, _, n_q, _ = q.shape
-    n_kv = k.shape[2]
-    off = offset_of(spec, n_q, n_kv)
+    off = positions_offset(spec.causal, n_q, k.shape[2])
     indexer = bank_for(spec.owner).ensure(spec.site, q, k, pol, spec.scale)
     rec = active_recorder()
-    empty = q.new_empty(0, dtype=torch.int32)
-    if rec is not None and rec.mode == "dense":
-        rec.records.append(SiteRecord(spec.site, q.detach(), k.detach(), None, off, spec.scale,
-                                      spec.gqa_group, indexer, spec.causal is not None, pol.topk))
-        return empty, torch.full((B, 1, n_q, pol.topk), -1, dtype=torch.int32, device=q.device)
-    with torch.no_grad():
-        q_i, w, k_i = indexer(q.detach(), k.detach(), off)
-        idx = topk_indices(q_i, w, k_i, pol.topk, causal=spec.causal is not None, offset=off)
-    idx = idx.unsqueeze(1)                                          # [B, 1, Nq, topk]
+    if rec is not None and rec.mode == "dense":       # warm-up: attend densely, lists unused
+        idx = torch.full((B, 1, n_q, pol.topk), -1, dtype=torch.int32, device=q.device)
+    else:
+        with torch.no_grad():
+            q_i, w, k_i = indexer(q.detach(), k.detach(), off)
+            idx = topk_indices(q_i, w, k_i, pol.topk, causal=spec.causal is not None,
+                               offset=off).unsqueeze(1)                    # [B, 1, Nq, topk]
     if rec is not None:
-        rec.records.append(SiteRecord(spec.site, q.detach(), k.detach(), idx, off, spec.scale,
-                                      spec.gqa_group, indexer, spec.causal is not None, pol.topk))
-    return empty, idx
+        rec.records.append(SiteRecord(spec.site, q.detach(), k.detach(),
+                                      None if rec.mode == "dense" else idx, off, spec.scale,
+                                      indexer, spec.causal is not None, pol.topk))
+    return q.new_empty(0, dtype=torch.int32), idx
 
 
 def topk_indices(q_i, w, k_i, topk: int, *, causal: bool, offset: int) -> torch.Tensor:

@@ -15,6 +15,7 @@ from typing import Callable, Optional
 import torch
 
 from codegen.select import policies as P
+from runtime import dsa
 from codegen.select.reference import (allowed_blocks, pooled_block_logits, pooled_block_scores,
                                       select_topk_blocks, topk_width, window_blocks,
                                       window_keep_fn)
@@ -205,13 +206,8 @@ ESTIMATORS: dict[str, Estimator] = {
     "longformer": Estimator(select=_static(_lf_select), token_keep=_lf_keep),
     "bigbird": Estimator(select=_static(_bb_select)),
     "auto": Estimator(_auto_score, _grid_shape, _auto_select),
-    "dsa": Estimator(select=lambda sc, q, k, spec: _dsa().select(sc, q, k, spec)),
+    "dsa": Estimator(select=dsa.select),
 }
-
-
-def _dsa():
-    from runtime import dsa
-    return dsa
 
 
 def get(name: str) -> Estimator:

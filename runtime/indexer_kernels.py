@@ -40,7 +40,7 @@ from typing import Optional
 import torch
 
 from codegen.indexer.kernel import IndexerSpec
-from codegen.indexer.reference import indexer_topk_ref, visible_counts
+from codegen.indexer.reference import indexer_scores_ref, indexer_topk_ref, visible_counts
 from runtime.cache import KERNELS
 from runtime.triton_kernels import _device_key, _sm_count
 
@@ -201,14 +201,12 @@ FEW_ROWS = 16
 
 
 def topk_few_rows(q_idx, w, k_idx, topk: int, *, causal: bool) -> torch.Tensor:
-    """The selection for few query rows: cuBLAS scores, then one ``torch.topk`` over int64
-    keys (order-preserving score image << 32 | key index), so equal scores go to the newer
-    key exactly as in the reference; hidden keys can never be chosen. Rows unordered."""
-    B, n_q, n_h, _ = q_idx.shape
-    n_kv = k_idx.shape[1]
-    dots = torch.matmul(q_idx.reshape(B, n_q * n_h, -1), k_idx.transpose(1, 2))
-    scores = (w.float().reshape(B, n_q * n_h, 1) * torch.relu(dots.float())
-              ).view(B, n_q, n_h, n_kv).sum(2)                               # [B, Nq, Nkv]
+    """The selection for few query rows: the reference's fp32 score rows, then one
+    ``torch.topk`` over int64 keys (order-preserving score image << 32 | key index), so equal
+    scores go to the newer key exactly as in the reference; hidden keys can never be chosen.
+    Rows unordered."""
+    n_q, n_kv = q_idx.shape[1], k_idx.shape[1]
+    scores = indexer_scores_ref(q_idx, w, k_idx, causal=causal)              # [B, Nq, Nkv] fp32
     idx = torch.arange(n_kv, device=q_idx.device)
     keys = (_score_key(scores + 0.0) << 32) | idx
     visible = visible_counts(n_q, n_kv, causal, q_idx.device)                 # [Nq]
@@ -220,7 +218,7 @@ def topk_few_rows(q_idx, w, k_idx, topk: int, *, causal: bool) -> torch.Tensor:
     chosen = torch.where(top == lowest, -1, top & 0xFFFFFFFF).to(torch.int32)
     if kk == topk:
         return chosen
-    out = torch.full((B, n_q, topk), -1, dtype=torch.int32, device=q_idx.device)
+    out = torch.full((scores.shape[0], n_q, topk), -1, dtype=torch.int32, device=q_idx.device)
     out[..., :kk] = chosen
     return out
 
