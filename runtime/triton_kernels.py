@@ -424,6 +424,18 @@ def _plan_token_sparse(q, k, v, indices, schedule, backward: bool = False) -> La
                       contiguous=tuple(t.stride(-1) != 1 for t in (q, k, v, indices)))
 
 
+def _token_sparse_plan(fn: str, tensors: tuple, scale, schedule, *, backward: bool) -> LaunchPlan:
+    """Checks shared by the gather forward and backward, then their (cached) launch plan."""
+    q, k, v, indices = tensors
+    _check_scale(fn, scale)
+    if not all(isinstance(t, torch.Tensor) for t in tensors):
+        _check_qkv(fn, q, k, v)
+        _check_index(fn, "indices", indices, (None, None, None, None), q.device)
+    sig = _signature(fn, tensors, (schedule,))
+    return _cached_plan(sig, lambda: _plan_token_sparse(q, k, v, indices, schedule,
+                                                        backward=backward))
+
+
 def token_sparse_attention(q, k, v, indices, *, scale: float, schedule: Optional[Schedule] = None,
                            out=None, lse=None):
     """Each query row attends to its own list of key positions (gather attention).
@@ -438,13 +450,8 @@ def token_sparse_attention(q, k, v, indices, *, scale: float, schedule: Optional
     Returns ``(out [B, Hq, Nq, Dv], lse [B, Hq, Nq] fp32)``.
     """
     fn = "token_sparse_attention"
-    _check_scale(fn, scale)
     tensors = (q, k, v, indices)
-    if not all(isinstance(t, torch.Tensor) for t in tensors):
-        _check_qkv(fn, q, k, v)
-        _check_index(fn, "indices", indices, (None, None, None, None), q.device)
-    sig = _signature(fn, tensors, (schedule,))
-    plan = _cached_plan(sig, lambda: _plan_token_sparse(q, k, v, indices, schedule))
+    plan = _token_sparse_plan(fn, tensors, scale, schedule, backward=False)
     mod = _module(plan)
     out, lse = _outputs(fn, out, lse, plan.out_shape, plan.lse_shape, q.dtype, q.device)
     if out.numel() == 0:
@@ -513,13 +520,8 @@ def token_sparse_attention_bwd(q, k, v, indices, out, lse, dout, *, scale: float
         ...                                         scale=0.125)
     """
     fn = "token_sparse_attention_bwd"
-    _check_scale(fn, scale)
     tensors = (q, k, v, indices)
-    if not all(isinstance(t, torch.Tensor) for t in tensors):
-        _check_qkv(fn, q, k, v)
-        _check_index(fn, "indices", indices, (None, None, None, None), q.device)
-    sig = _signature(fn, tensors, (schedule,))
-    plan = _cached_plan(sig, lambda: _plan_token_sparse(q, k, v, indices, schedule, backward=True))
+    plan = _token_sparse_plan(fn, tensors, scale, schedule, backward=True)
     _check_saved(fn, out, lse, dout, plan.out_shape, q.dtype, q.device)
     B, Hq, Nq, Dv = plan.out_shape
     Hkv, Nkv, D = k.shape[1], k.shape[2], q.shape[3]
@@ -552,11 +554,13 @@ def _bwd_module(plan: LaunchPlan):
 # ----------------------------------------------------------------------------- block_topk
 
 BLOCK_TOPK_MAX_NKB = 16384     # key blocks one selection program keeps in registers
-try:                           # partial bitonic sort (newer Triton releases)
-    import triton.language as _tl
-    _HAS_TL_TOPK = hasattr(_tl, "topk")
-except ImportError:            # pragma: no cover - triton is a dependency
-    _HAS_TL_TOPK = False
+
+
+@functools.lru_cache(maxsize=None)
+def has_tl_topk() -> bool:
+    """Whether this Triton has ``tl.topk`` (a partial bitonic sort; Triton 3.6 has it)."""
+    import triton.language as tl
+    return hasattr(tl, "topk")
 
 
 def _block_topk_module(device):
@@ -601,12 +605,12 @@ def block_topk_select(dots: torch.Tensor, n_q: int, n_kv: int, causal: Optional[
     off = 0 if causal == "upper_left" else n_kv - n_q
     nkb_p = next_pow2(max(nkb, 16))
     if sorted_select is None:  # one partial sort beats topk rounds of max (H100, 1024 blocks:
-        sorted_select = _HAS_TL_TOPK and nkb_p <= 1024    # 0.28 vs 0.66 ms; wider: unmeasured)
+        sorted_select = has_tl_topk() and nkb_p <= 1024    # 0.28 vs 0.66 ms; wider: unmeasured)
     warps = num_warps or ((1 if sorted_select else 4) if nkb_p <= 1024
                           else (8 if nkb_p <= 4096 else 16))
     _block_topk_module(dots.device).block_topk_select[(nqb, B * H)](
         dots, counts, idx, nqb, nkb, n_q, off, block, float(scale), min(topk, nkb), sink_blocks,
         local_blocks, width, CAUSAL=causal is not None, NKB_P=nkb_p,
-        W_P=next_pow2(max(width, 16)), SORTED=bool(sorted_select and _HAS_TL_TOPK),
+        W_P=next_pow2(max(width, 16)), SORTED=bool(sorted_select and has_tl_topk()),
         K_P=min(nkb_p, next_pow2(max(min(topk, nkb), 1))), num_warps=warps)
     return counts, idx

@@ -89,7 +89,7 @@ def test_compiled_block_topk_matches_reference(monkeypatch):
     assert site.density == pytest.approx(planner.inspect(f_ref).sites[0].density)
 
 
-@pytest.mark.skipif(not tk._HAS_TL_TOPK, reason="this Triton has no tl.topk")
+@pytest.mark.skipif(not tk.has_tl_topk(), reason="this Triton has no tl.topk")
 @pytest.mark.parametrize("nqb,nkb,topk,causal", [(5, 37, 5, "lower_right"), (8, 64, 32, "lower_right"),
                                                  (3, 100, 7, None), (4, 20, 30, "upper_left"),
                                                  (6, 50, 0, "lower_right")])
