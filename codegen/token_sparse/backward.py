@@ -16,8 +16,11 @@ Padding (negative or ``>= Nkv``) and rows with lse = -inf add nothing. The refer
 """
 from __future__ import annotations
 
+import textwrap
+
 from codegen.emit import (_HEADER, DTYPES, Schedule, TokenSparseSpec, dot_code, head_mapping_code,
                           indent_code, next_pow2, render_template)
+from codegen.token_sparse.kernel import mask_terms, render_walk
 
 PRE_ROWS = 32           # query rows per program of the delta pre-pass
 
@@ -30,15 +33,10 @@ def emit_backward(spec: TokenSparseSpec, sch: Schedule) -> str:
 def render(spec: TokenSparseSpec, sch: Schedule) -> str:
     """Source of ``token_sparse_bwd_pre`` and ``token_sparse_bwd`` for ``spec`` and ``sch``."""
     gp = next_pow2(spec.gqa_group) if spec.pack_gqa else 1
-    bd, bdv = next_pow2(max(spec.head_dim, 16)), next_pow2(max(spec.v_head_dim, 16))
     dt = DTYPES[spec.dtype]
-    d_mask = " & (offs_d < %d)" % spec.head_dim if bd != spec.head_dim else ""
-    dv_mask = " & (offs_dv < %d)" % spec.v_head_dim if bdv != spec.v_head_dim else ""
-    d_mask2 = d_mask.replace("offs_d <", "offs_d[None, :] <")
-    dv_mask2 = dv_mask.replace("offs_dv <", "offs_dv[None, :] <")
-    common = dict(BD=bd, BDV=bdv, D=spec.head_dim, DV=spec.v_head_dim,
-                  BLOCK_N=max(sch.block_n, 16), ALIGN=spec.stride_align, DT=dt, PRE_ROWS=PRE_ROWS,
-                  D_MASK=d_mask, DV_MASK=dv_mask, D_MASK2=d_mask2, DV_MASK2=dv_mask2)
+    common = dict(mask_terms(spec), D=spec.head_dim, DV=spec.v_head_dim,
+                  BLOCK_N=max(sch.block_n, 16), ALIGN=spec.stride_align, DT=dt,
+                  PRE_ROWS=PRE_ROWS)
     pre = '''
     @triton.jit(do_not_specialize=["R"])
     def token_sparse_bwd_pre(O, DO, DELTA, R):
@@ -123,37 +121,19 @@ def render(spec: TokenSparseSpec, sch: Schedule) -> str:
         store = "tl.atomic_add(%s, dq * sm_scale, mask=%s, sem=\"relaxed\")" % (dq_ptr, dq_mask)
     else:
         store = "tl.store(%s, (dq * sm_scale).to(DQ.dtype.element_ty), mask=%s)" % (dq_ptr, dq_mask)
-    loop = '''
-        b64 = b.to(tl.int64)
-        offs_d = tl.arange(0, $BD)
-        offs_dv = tl.arange(0, $BDV)
-        offs_n = tl.arange(0, $BLOCK_N)
-    $LOAD_ROWS
-        k_base = K + b64 * (skb * $ALIGN) + kvh.to(tl.int64) * (skh * $ALIGN)
-        v_base = V + b64 * (svb * $ALIGN) + kvh.to(tl.int64) * (svh * $ALIGN)
-        dk_base = DK + (b64 * Hkv + kvh) * Nkv * $D
-        dv_base = DV + (b64 * Hkv + kvh) * Nkv * $DV
-        idx_ptr = IDX + b64 * sib + hs.to(tl.int64) * sih + qi.to(tl.int64) * sin
-        start = pid_s * chunk
-        end = tl.minimum(start + chunk, n_idx)
-        for j in range(start, end, $BLOCK_N):
-            offs = j + offs_n
-            ids = tl.load(idx_ptr + offs, mask=offs < end, other=-1)
-            ok = (ids >= 0) & (ids < Nkv)
-            ids64 = ids.to(tl.int64)
-            k_rows = ids64 * (skn * $ALIGN)
-            v_rows = ids64 * (svn * $ALIGN)
-            k = tl.load(k_base + k_rows[:, None] + offs_d[None, :], mask=ok[:, None]$D_MASK2, other=0.0)
-    $STEP
-            tl.atomic_add(dv_base + ids64[:, None] * $DV + offs_dv[None, :], dv_part,
-                          mask=ok[:, None]$DV_MASK2, sem="relaxed")
-            tl.atomic_add(dk_base + ids64[:, None] * $D + offs_d[None, :], dk_part * sm_scale,
-                          mask=ok[:, None]$D_MASK2, sem="relaxed")
-        $STORE
+    scatter = '''
+    tl.atomic_add(dv_base + ids64[:, None] * $DV + offs_dv[None, :], dv_part,
+                  mask=ok[:, None]$DV_MASK2, sem="relaxed")
+    tl.atomic_add(dk_base + ids64[:, None] * $D + offs_d[None, :], dk_part * sm_scale,
+                  mask=ok[:, None]$D_MASK2, sem="relaxed")
+    '''
+    bases = '''
+    dk_base = DK + (b64 * Hkv + kvh) * Nkv * $D
+    dv_base = DV + (b64 * Hkv + kvh) * Nkv * $DV
     '''
     src = render_template(pre, **common) + render_template(signature, **common)
     src += indent_code(head_mapping_code(spec, rows), 4)
-    src += render_template(loop, LOAD_ROWS=indent_code(render_template(load_rows, **common), 4).rstrip("\n"),
-                           STEP=indent_code(render_template(step, **common), 8).rstrip("\n"),
-                           STORE=render_template(store, **common), **common)
+    src += render_walk(common, load_rows,
+                       textwrap.dedent(step).strip("\n") + "\n" + textwrap.dedent(scatter),
+                       store, bases)
     return src

@@ -16,16 +16,63 @@ from codegen.emit import (DTYPES, Schedule, TokenSparseSpec, dot_code, head_mapp
                           indent_code, next_pow2, render_template)
 
 
+def mask_terms(spec: TokenSparseSpec) -> dict:
+    """Head dims padded to powers of two and the mask terms that hide the padding, as template
+    values: ``$D_MASK`` / ``$DV_MASK`` on ``offs_d`` / ``offs_dv`` and ``$D_MASK2`` /
+    ``$DV_MASK2`` on their ``[None, :]`` broadcasts (empty where nothing is padded)."""
+    bd, bdv = next_pow2(max(spec.head_dim, 16)), next_pow2(max(spec.v_head_dim, 16))
+    d_mask = " & (offs_d < %d)" % spec.head_dim if bd != spec.head_dim else ""
+    dv_mask = " & (offs_dv < %d)" % spec.v_head_dim if bdv != spec.v_head_dim else ""
+    return dict(BD=bd, BDV=bdv, D_MASK=d_mask, DV_MASK=dv_mask,
+                D_MASK2=d_mask.replace("offs_d <", "offs_d[None, :] <"),
+                DV_MASK2=dv_mask.replace("offs_dv <", "offs_dv[None, :] <"))
+
+
+#: The walk over one chunk of a row's list, shared by the forward and the backward: offsets,
+#: K/V bases, the list entries of each step and the gathered K tile. ``$ROWS`` loads the
+#: program's query rows (indented 4), ``$BASES`` adds pointers (indented 4, may be empty),
+#: ``$STEP`` consumes the tile (indented 8), ``$STORE`` writes the results (indented 4).
+GATHER_WALK = '''
+    b64 = b.to(tl.int64)
+    offs_d = tl.arange(0, $BD)
+    offs_dv = tl.arange(0, $BDV)
+    offs_n = tl.arange(0, $BLOCK_N)
+$ROWS
+    k_base = K + b64 * (skb * $ALIGN) + kvh.to(tl.int64) * (skh * $ALIGN)
+    v_base = V + b64 * (svb * $ALIGN) + kvh.to(tl.int64) * (svh * $ALIGN)
+$BASES
+    idx_ptr = IDX + b64 * sib + hs.to(tl.int64) * sih + qi.to(tl.int64) * sin
+    start = pid_s * chunk
+    end = tl.minimum(start + chunk, n_idx)
+    for j in range(start, end, $BLOCK_N):
+        offs = j + offs_n
+        ids = tl.load(idx_ptr + offs, mask=offs < end, other=-1)
+        ok = (ids >= 0) & (ids < Nkv)
+        ids64 = ids.to(tl.int64)
+        k_rows = ids64 * (skn * $ALIGN)
+        v_rows = ids64 * (svn * $ALIGN)
+        k = tl.load(k_base + k_rows[:, None] + offs_d[None, :], mask=ok[:, None]$D_MASK2, other=0.0)
+$STEP
+$STORE
+'''
+
+
+def render_walk(common: dict, rows: str, step: str, store: str, bases: str = "") -> str:
+    """``GATHER_WALK`` with the kernel's pieces (each a template over ``common``)."""
+    def piece(template: str, indent: int) -> str:
+        if not template.strip():
+            return ""
+        return indent_code(render_template(template, **common), indent).rstrip("\n")
+    return render_template(GATHER_WALK, ROWS=piece(rows, 4), BASES=piece(bases, 4),
+                           STEP=piece(step, 8), STORE=piece(store, 4), **common)
+
+
 def render(spec: TokenSparseSpec, sch: Schedule) -> str:
     """Source of ``token_sparse_fwd`` and ``token_sparse_combine`` for ``spec`` and ``sch``."""
     gp = next_pow2(spec.gqa_group) if spec.pack_gqa else 1
-    bd, bdv = next_pow2(max(spec.head_dim, 16)), next_pow2(max(spec.v_head_dim, 16))
-    block_n = max(sch.block_n, 16)
     dt = DTYPES[spec.dtype]
-    a = spec.stride_align
-    d_mask = " & (offs_d < %d)" % spec.head_dim if bd != spec.head_dim else ""
-    dv_mask = " & (offs_dv < %d)" % spec.v_head_dim if bdv != spec.v_head_dim else ""
-    common = dict(BD=bd, BDV=bdv, DV=spec.v_head_dim, BLOCK_N=block_n, ALIGN=a, DT=dt)
+    common = dict(mask_terms(spec), DV=spec.v_head_dim, BLOCK_N=max(sch.block_n, 16),
+                  ALIGN=spec.stride_align, DT=dt)
     signature = '''
     @triton.jit(do_not_specialize=["sqb", "sqh", "sqn", "skb", "skh", "skn", "svb", "svh", "svn",
                                    "sib", "sih", "sin", "Nq", "Nkv", "Hs", "Hq", "n_idx", "chunk",
@@ -106,36 +153,9 @@ def render(spec: TokenSparseSpec, sch: Schedule) -> str:
         '''
         common["DOT_QK"] = dot_code(spec, "q", "tl.trans(k)")
         common["DOT_PV"] = dot_code(spec, f"p.to({dt})", "v")
-    loop = '''
-        b64 = b.to(tl.int64)
-        offs_d = tl.arange(0, $BD)
-        offs_dv = tl.arange(0, $BDV)
-        offs_n = tl.arange(0, $BLOCK_N)
-    $LOAD_Q
-        k_base = K + b64 * (skb * $ALIGN) + kvh.to(tl.int64) * (skh * $ALIGN)
-        v_base = V + b64 * (svb * $ALIGN) + kvh.to(tl.int64) * (svh * $ALIGN)
-        idx_ptr = IDX + b64 * sib + hs.to(tl.int64) * sih + qi.to(tl.int64) * sin
-        start = pid_s * chunk
-        end = tl.minimum(start + chunk, n_idx)
-        for j in range(start, end, $BLOCK_N):
-            offs = j + offs_n
-            ids = tl.load(idx_ptr + offs, mask=offs < end, other=-1)
-            ok = (ids >= 0) & (ids < Nkv)
-            k_rows = ids.to(tl.int64) * (skn * $ALIGN)
-            v_rows = ids.to(tl.int64) * (svn * $ALIGN)
-            k = tl.load(k_base + k_rows[:, None] + offs_d[None, :], mask=ok[:, None]$D_MASK2, other=0.0)
-    $STEP
-    $STORE
-    '''
-    d_mask2 = d_mask.replace("offs_d <", "offs_d[None, :] <")
-    dv_mask2 = dv_mask.replace("offs_dv <", "offs_dv[None, :] <")
     src = render_template(signature, **common)
     src += indent_code(head_mapping_code(spec, rows), 4)
-    src += render_template(loop, LOAD_Q=indent_code(render_template(load_q, D_MASK=d_mask, D_MASK2=d_mask2, **common), 4)
-                   .rstrip("\n"),
-                   STEP=indent_code(render_template(step, DV_MASK2=dv_mask2, **common), 8).rstrip("\n"),
-                   STORE=indent_code(render_template(store, DV_MASK=dv_mask, DV_MASK2=dv_mask2, **common), 4)
-                   .rstrip("\n"), D_MASK2=d_mask2, **common)
+    src += render_walk(common, load_q, step, store)
     src += render_template('''
 
     @triton.jit(do_not_specialize=["n_split"])
@@ -164,5 +184,5 @@ def render(spec: TokenSparseSpec, sch: Schedule) -> str:
         d_safe = tl.where(ok, den, 1.0)
         tl.store(O + row * $DV + offs_dv, (acc / d_safe).to(O.dtype.element_ty), mask=(offs_dv < $BDV)$DV_MASK)
         tl.store(LSE + row, tl.where(ok, m_use + tl.log(d_safe), float("-inf")))
-    ''', DV_MASK=dv_mask, DV_MASK2=dv_mask2, **common)
+    ''', **common)
     return src
