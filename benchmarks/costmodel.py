@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks import common  # noqa: E402
 os.environ.setdefault("SPARSE_PLANNER_DENSITY", "0")
 
 from codegen.select.reference import blocks_from_mask  # noqa: E402
@@ -40,12 +42,7 @@ SMOKE = False
 
 
 def bench_ms(fn) -> float:
-    if SMOKE:                      # CPU dry run of the script's logic (no meaningful times)
-        t0 = time.perf_counter()
-        fn()
-        return (time.perf_counter() - t0) * 1e3
-    import triton.testing
-    return float(triton.testing.do_bench(fn, warmup=20, rep=80, return_mode="median"))
+    return common.bench_ms(fn, warmup=20, rep=80, dry_run=SMOKE)
 
 
 def causal_block_mask(n: int, density: float, heads: int, dev) -> torch.Tensor:

@@ -26,13 +26,14 @@ import json
 import os
 import platform
 import sys
-import time
 import traceback
 
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks import common  # noqa: E402
 
 from codegen.token_sparse import token_sparse_attention_ref  # noqa: E402
 from runtime import indexer_kernels, triton_kernels as tk  # noqa: E402
@@ -49,16 +50,7 @@ def rec(**row):
 
 
 def bench_ms(fn) -> float:
-    if DEV == "cpu":
-        t0 = time.perf_counter()
-        fn()
-        return (time.perf_counter() - t0) * 1e3
-    from triton.testing import do_bench
-    return do_bench(fn, warmup=10, rep=100, return_mode="median")
-
-
-def rel_err(a, b) -> float:
-    return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
+    return common.bench_ms(fn, warmup=10, rep=100, dry_run=DEV == "cpu")
 
 
 def check_topk(args, gen):
@@ -119,7 +111,7 @@ def run_prefill(N, layout, args, gen):
     tk.token_sparse_attention(q, k, v, idx, scale=scale, out=out, lse=lse)
     rows = torch.linspace(0, N - 1, 48 if DEV == "cuda" else 8, device=DEV).long()
     ref, _ = token_sparse_attention_ref(q[:, :, rows], k, v, idx[:, :, rows], scale=scale)
-    err = rel_err(out[:, :, rows], ref)
+    err = common.rel_err(out[:, :, rows], ref)
     rec(case="check", impl="sparse_attend", **base, rel_err=err, nan=bool(out.isnan().any()))
     with torch.no_grad():
         for name, fn in (("indexer_proj", proj), ("indexer_topk", select),

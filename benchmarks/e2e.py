@@ -18,13 +18,14 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks import common  # noqa: E402
+
 import planner  # noqa: E402
 from planner.models import GPTConfig, TinyGPT  # noqa: E402
 
 
 def bench_ms(fn) -> float:
-    import triton.testing
-    return float(triton.testing.do_bench(fn, warmup=5, rep=40, return_mode="median"))
+    return common.bench_ms(fn, warmup=5, rep=40)
 
 
 def main() -> int:

@@ -28,6 +28,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks import common  # noqa: E402
+
 from codegen.block_sparse import block_sparse_attention_ref, to_flex_block_mask  # noqa: E402
 from codegen.emit import BlockSparseSpec, MaskMode, Schedule  # noqa: E402
 from codegen.token_sparse import token_sparse_attention_ref  # noqa: E402
@@ -45,12 +47,7 @@ def rec(**row):
 
 
 def bench_ms(fn) -> float:
-    if DEV == "cpu":                        # --smoke: interpreter, the time means nothing
-        t0 = time.perf_counter()
-        fn()
-        return (time.perf_counter() - t0) * 1e3
-    from triton.testing import do_bench
-    return do_bench(fn, warmup=25, rep=200, return_mode="median")
+    return common.bench_ms(fn, warmup=25, rep=200, dry_run=DEV == "cpu")
 
 
 def graph_ms(fn) -> float:
@@ -59,10 +56,6 @@ def graph_ms(fn) -> float:
         return bench_ms(fn)
     from triton.testing import do_bench_cudagraph
     return do_bench_cudagraph(fn, rep=100, return_mode="median")
-
-
-def rel_err(a, b) -> float:
-    return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
 
 
 # ----------------------------------------------------------------------------- masks
@@ -108,7 +101,7 @@ def check_prefill(name, fn_out, q, k, v, num, idx, tol=1e-2):
             q[:, heads, lo:hi], k[:, heads, :kv_hi], v[:, heads, :kv_hi],
             num[:, heads, qb0:qb1].contiguous(), idx[:, heads, qb0:qb1].contiguous(),
             block=BLOCK, scale=q.shape[-1] ** -0.5, causal=True)
-        errs.append(rel_err(fn_out[:, heads, lo:hi], ref))
+        errs.append(common.rel_err(fn_out[:, heads, lo:hi], ref))
     err = max(errs)
     if not err <= tol:
         raise RuntimeError(f"{name}: relative error {err:.3e} > {tol} (nb={nb})")
@@ -218,7 +211,7 @@ def run_gqa_packing(gen, n=16384):
         out, _ = fn()
         ref, _ = block_sparse_attention_ref(q[:, :4, -512:], k[:, :1], v[:, :1], num[:, :1, -4:],
                                             idx[:, :1, -4:], block=BLOCK, scale=D ** -0.5, causal=True)
-        e = rel_err(out[:, :4, -512:], ref)
+        e = common.rel_err(out[:, :4, -512:], ref)
         if not e <= 1e-2:
             raise RuntimeError(f"{impl}: relative error {e:.3e}")
         ms = bench_ms(fn)
@@ -260,7 +253,7 @@ def run_decode(Ns, args, copy_gbps):
         def check(name, o):
             if o.isnan().any():
                 raise RuntimeError(f"{name}: output holds NaN (unwritten elements?)")
-            e = rel_err(o[sub], ref)
+            e = common.rel_err(o[sub], ref)
             if not e <= 1e-2:
                 raise RuntimeError(f"{name}: relative error {e:.3e}")
             return e

@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks import common  # noqa: E402
 os.environ.setdefault("SPARSE_PLANNER_DENSITY", "0")      # no host sync inside timed calls
 
 import planner  # noqa: E402
@@ -35,8 +37,7 @@ DYNAMIC = {"block_topk", "threshold", "vertical_slash", "auto", "quest"}
 
 
 def bench_ms(fn) -> float:
-    import triton.testing
-    return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
+    return common.bench_ms(fn, warmup=25, rep=100)
 
 
 def check_rows(q, k, v, out, counts, idx, spec, rows: int = 256) -> float:

@@ -1,0 +1,20 @@
+"""Timing and error helpers shared by the benchmark scripts."""
+from __future__ import annotations
+
+import time
+
+
+def bench_ms(fn, *, warmup: int, rep: int, dry_run: bool = False) -> float:
+    """Median milliseconds of ``fn`` (``triton.testing.do_bench``: ``warmup`` and ``rep`` in ms).
+    ``dry_run`` (CPU smoke runs of a script): one timed call, the number means nothing."""
+    if dry_run:
+        t0 = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t0) * 1e3
+    from triton.testing import do_bench
+    return float(do_bench(fn, warmup=warmup, rep=rep, return_mode="median"))
+
+
+def rel_err(a, b) -> float:
+    """||a - b|| / ||b|| in fp32."""
+    return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
