@@ -68,7 +68,9 @@ def main():
     lines = [f"# block_topk estimator / selection knobs on {card}", "",
              f"torch {torch.__version__}, triton {triton.__version__}; B=1, H=16, D=128, bf16, "
              "block 64, topk 32, causal. `do_bench` medians (ms); `same`: output identical to "
-             "the default launch.", "", "| kernel | N | rows | warps | ms | same |",
+             "the default launch.", "",
+             "Command: `PYTHONPATH=. python benchmarks/block_topk_probe.py "
+             + " ".join(sys.argv[1:]) + "`", "", "| kernel | N | rows | warps | ms | same |",
              "|---|---|---|---|---|---|"]
     lines += [f"| {r['kernel']} | {r['N']} | {r.get('rows', '')} | {r.get('warps', '')} | "
               f"{r['ms']:.4f} | {r['same']} |" for r in rows_out]
@@ -78,7 +80,8 @@ def main():
         f.write("\n".join(lines) + "\n")
     with open(os.path.join(args.out, f"block_topk_{tag}.json"), "w") as f:
         json.dump(dict(card=card, torch=torch.__version__, triton=triton.__version__,
-                       rows=rows_out), f, indent=1)
+                       command="PYTHONPATH=. python benchmarks/block_topk_probe.py "
+                       + " ".join(sys.argv[1:]), rows=rows_out), f, indent=1)
     print("\n".join(lines))
 
 

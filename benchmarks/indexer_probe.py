@@ -196,7 +196,7 @@ def main() -> int:
     card = torch.cuda.get_device_name() if DEV == "cuda" else "CPU interpreter"
     big, mid, dec = (4096, 2048, 131072) if not SMOKE else (96, 64, 700)
     meta = dict(card=card, torch=torch.__version__, triton=triton.__version__,
-                date=time.strftime("%Y-%m-%d"), command="PYTHONPATH=. python benchmarks/indexer_probe.py",
+                date=time.strftime("%Y-%m-%d"), command="PYTHONPATH=. python benchmarks/indexer_probe.py " + " ".join(sys.argv[1:]),
                 config=f"B=1, H_I={H_I}, d_I={D_I}, topk={TOPK}, causal, {str(BF16)[6:]}")
     print(meta, flush=True)
     checks, timings = [], []

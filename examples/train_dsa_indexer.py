@@ -133,7 +133,7 @@ def main(argv=None) -> int:
         "indexer_params": sum(p.numel() for p in params), "sites": len(train.indexers(cm).sites),
         "before": {**before, "ppl_dsa": ppl_untrained}, "after": {**after, "ppl_dsa": ppl_trained},
         "ppl_dense": ppl_dense, "train_seconds": train_s, "loss_curve": curve,
-        "round_trip_identical": same, "torch": torch.__version__,
+        "round_trip_identical": same, "torch": torch.__version__, "triton": _triton_version(),
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
         "command": "python examples/train_dsa_indexer.py " + " ".join(argv or sys.argv[1:]),
     }
@@ -146,6 +146,14 @@ def main(argv=None) -> int:
     return 0
 
 
+def _triton_version() -> str:
+    try:
+        import triton
+        return triton.__version__
+    except ImportError:
+        return "not installed"
+
+
 def report(r: dict) -> str:
     b, a = r["before"], r["after"]
     return f"""# DSA indexer warm-up: {r['model']}
@@ -154,7 +162,8 @@ def report(r: dict) -> str:
 Indexers: {r['sites']} sites x ({r['index_heads']} heads x {r['index_dim']} dims),
 {r['indexer_params']} parameters in all; model frozen, attention dense during training.
 Training: {r['steps']} steps of one {r['seq']}-token window, AdamW lr {r['lr']} (cosine),
-{r['train_seconds']:.0f} s on {r['machine']}, torch {r['torch']}.
+{r['train_seconds']:.0f} s on {r['machine']}, torch {r['torch']}, triton {r['triton']}
+(the CPU runs the PyTorch references; no Triton kernel is used).
 Held-out evaluation: {r['eval_windows']} windows of {r['seq']} tokens from the held-out novel.
 
 | | KL(p ‖ softmax I) | top-{r['topk']} recall of dense attention mass | perplexity, dsa top-{r['topk']} |
