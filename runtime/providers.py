@@ -156,13 +156,8 @@ def triton_token_sparse(q, k, v, mods, counts, indices, spec: SiteSpec):
     out, _ = tk.token_sparse_attention(q, k, v, indices, scale=spec.scale)
     if os.environ.get("SPARSE_PLANNER_DENSITY", "1") == "0":
         return out, None
-    n_q, n_kv = q.shape[2], k.shape[2]
-    if spec.causal is None:
-        visible = float(n_q * n_kv)
-    else:
-        off = n_kv - n_q if spec.causal == "lower_right" else 0
-        pos = torch.arange(n_q, dtype=torch.float64) + off + 1
-        visible = float(pos.clamp(0, n_kv).sum())
+    from codegen.attention.reference import visible_keys
+    visible = float(visible_keys(spec.causal, q.shape[2], k.shape[2]).sum())
     kept = (indices >= 0).sum(dim=(0, 2, 3)).to(torch.float64)          # per list head
     kept = kept.repeat_interleave(q.shape[1] // indices.shape[1])
     allowed = torch.full_like(kept, visible * q.shape[0])

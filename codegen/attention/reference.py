@@ -35,6 +35,14 @@ def positions_offset(causal: Optional[str], n_q: int, n_kv: int) -> int:
     return 0 if causal == "upper_left" else n_kv - n_q
 
 
+def visible_keys(causal: Optional[str], n_q: int, n_kv: int, device=None) -> torch.Tensor:
+    """int64 ``[Nq]``: how many keys each query row may attend to under the causal rule."""
+    if causal is None:
+        return torch.full((n_q,), n_kv, dtype=torch.int64, device=device)
+    rows = torch.arange(n_q, device=device) + positions_offset(causal, n_q, n_kv) + 1
+    return rows.clamp(0, n_kv)
+
+
 def apply_modifiers(s: torch.Tensor, mods: Sequence[tuple], tensors: Sequence[torch.Tensor],
                     rows: slice) -> torch.Tensor:
     """Apply score modifiers to fp32 scores ``s`` [B, H, rows, Nkv] (query rows ``rows``)."""

@@ -21,13 +21,12 @@ from __future__ import annotations
 
 import torch
 
+from codegen.attention.reference import visible_keys
+
 
 def visible_counts(n_q: int, n_kv: int, causal: bool, device=None) -> torch.Tensor:
     """int64 ``[Nq]``: how many keys each query row may select from."""
-    t = torch.arange(n_q, device=device)
-    if not causal:
-        return torch.full_like(t, n_kv)
-    return (t + (n_kv - n_q) + 1).clamp(0, n_kv)
+    return visible_keys("lower_right" if causal else None, n_q, n_kv, device)
 
 
 def indexer_scores_ref(q_idx, w, k_idx, *, causal: bool) -> torch.Tensor:

@@ -33,6 +33,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from codegen.attention.reference import visible_keys
+
 NAME = "quality_cpu_gather"
 MASKED_BELOW = -1e30           # same threshold as codegen.attention.reference
 #: elements of one chunk's score tensor [B, H, nb, G, block, C*block] (fp32: 4 bytes each)
@@ -122,11 +124,9 @@ def _pair_ok(spec, mod_tensors, n_q: int, n_kv: int, r0: int, r1: int) -> torch.
 
 def _allowed_per_head(spec, mod_tensors, B: int, Hq: int, n_q: int, n_kv: int) -> torch.Tensor:
     """fp64 [Hq]: pairs each query head attends to (summed over the batch)."""
-    if not spec.mods and spec.causal is None:
-        return torch.full((Hq,), float(B * n_q * n_kv), dtype=torch.float64)
     if not spec.mods:
-        rows = torch.arange(n_q, dtype=torch.float64) + _offset(spec.causal, n_q, n_kv) + 1
-        return torch.full((Hq,), float(rows.clamp(0, n_kv).sum()) * B, dtype=torch.float64)
+        visible = float(visible_keys(spec.causal, n_q, n_kv).sum())
+        return torch.full((Hq,), visible * B, dtype=torch.float64)
     total = torch.zeros(Hq, dtype=torch.float64)
     step = max(1, (1 << 24) // max(n_kv, 1))
     for r0 in range(0, n_q, step):
