@@ -66,6 +66,25 @@ def window_density(n_q: int, n_kv: int, sink: int, window: int) -> float:
     return float(kept.sum() / (p + 1).sum())
 
 
+def same_as_reference(name, q, k, spec, counts, idx) -> float:
+    """Fraction of (head, query block) lists identical to the PyTorch estimator's and
+    selection's (SPARSE_PLANNER_KERNELS=reference) on the same input."""
+    est = estimators.get(name)
+    old = os.environ.get("SPARSE_PLANNER_KERNELS")
+    os.environ["SPARSE_PLANNER_KERNELS"] = "reference"
+    try:
+        c_ref, i_ref = est.select(est.score(q, k, [], spec), q, k, spec)
+    finally:
+        if old is None:
+            del os.environ["SPARSE_PLANNER_KERNELS"]
+        else:
+            os.environ["SPARSE_PLANNER_KERNELS"] = old
+    if i_ref.shape != idx.shape:
+        return 0.0
+    rows = (idx == i_ref).all(-1) & (counts == c_ref)
+    return float(rows.float().mean())
+
+
 def run_case(name, q, k, v, causal, rows_check=256):
     pol = planner.policy(name)
     spec = SiteSpec(site=f"bench.{name}", owner="bench", policy=pol, scale=q.shape[-1] ** -0.5,
@@ -85,10 +104,11 @@ def run_case(name, q, k, v, causal, rows_check=256):
     else:
         kept, allowed = _pairs_kept(counts, idx, estimators.block_of(spec), n_q, n_kv, True)
         density = float(kept.sum() / allowed.sum())
+    same = same_as_reference(name, q, k, spec, counts, idx) if name in DYNAMIC else None
     t_score = bench_ms(lambda: ops.score(q, k, [], key)) if estimators.get(name).score else 0.0
     t_sel = bench_ms(lambda: ops.select(sc, q, k, key))
     t_att = bench_ms(lambda: ops.attend(q, k, v, [], counts, idx, key))
-    return dict(policy=name, params=pol.short(), density=density, rel_err=err,
+    return dict(policy=name, params=pol.short(), density=density, rel_err=err, same_lists=same,
                 estimator_ms=t_score, selection_ms=t_sel, attend_ms=t_att,
                 total_ms=t_score + t_sel + t_att)
 
@@ -142,21 +162,24 @@ def main() -> int:
     lines = [f"# Policy costs on {card}", "",
              f"torch {meta['torch']}, triton {meta['triton']}, {meta['date']}, bf16, B=1, H=16, "
              f"D=128, causal. Command: `{meta['command']}`.", "",
+             "`same lists`: fraction of (head, query block) lists identical to those of the "
+             "PyTorch estimator and selection on the same input.", "",
              "| case | N | policy | density | est. ms | select ms | attend ms | total ms | "
-             "(est+sel)/total | vs dense SDPA | rel err |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "(est+sel)/total | vs dense SDPA | rel err | same lists |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if r.get("policy") == "dense SDPA":
-            lines.append(f"| {r['case']} | {r['N']} | dense SDPA | 1 | | | | {r['total_ms']:.3f} | | 1.00x | |")
+            lines.append(f"| {r['case']} | {r['N']} | dense SDPA | 1 | | | | {r['total_ms']:.3f} | | 1.00x | | |")
             continue
         if "error" in r:
-            lines.append(f"| {r['case']} | {r['N']} | {r['policy']} | | | | | | | | {r['error']} |")
+            lines.append(f"| {r['case']} | {r['N']} | {r['policy']} | | | | | | | | {r['error']} | |")
             continue
         share = (r["estimator_ms"] + r["selection_ms"]) / r["total_ms"]
         lines.append(f"| {r['case']} | {r['N']} | {r['policy']} | {r['density']:.3f} | "
                      f"{r['estimator_ms']:.3f} | {r['selection_ms']:.3f} | {r['attend_ms']:.3f} | "
                      f"{r['total_ms']:.3f} | {share:.1%} | {r['dense_ms'] / r['total_ms']:.2f}x | "
-                     f"{r['rel_err']:.1e} |")
+                     f"{r['rel_err']:.1e} | "
+                     f"{'' if r.get('same_lists') is None else format(r['same_lists'], '.4f')} |")
     with open(os.path.join(args.out, f"policies_{tag}.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))

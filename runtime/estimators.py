@@ -7,6 +7,7 @@ is defined per token (sink_window, longformer).
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 from dataclasses import dataclass
@@ -16,7 +17,8 @@ import torch
 
 from codegen.select import policies as P
 from runtime import dsa
-from codegen.select.reference import (allowed_blocks, pooled_block_logits, pooled_block_scores,
+from codegen.select.reference import (allowed_blocks, block_bounds, pooled_block_logits,
+                                      pooled_block_scores,
                                       select_topk_blocks, topk_width, window_blocks,
                                       window_keep_fn)
 
@@ -51,11 +53,14 @@ def _grid_shape(q, k, spec):
 # ---------------------------------------------------------------- block_topk
 # With one head per group and no mask tensors, on CUDA (or the CPU under Triton's interpreter
 # with SPARSE_PLANNER_KERNELS=triton), score returns the unscaled pooled dot products
-# (Triton pooling + one matmul) and select runs one Triton program per query block that applies
+# (Triton pooling + a tensor-core product at about fp32 accuracy) and select runs one Triton program per query block that applies
 # the scale and the causal rule and picks the blocks: the same lists as the PyTorch path.
-def _bt_kernels(q, k, spec) -> bool:
+def _kernels_ok(q, k, spec, *, one_head: bool) -> bool:
+    """Whether the Triton estimators may run for this call: no mask tensors, a CUDA device (or
+    the CPU under Triton's interpreter with SPARSE_PLANNER_KERNELS=triton), float inputs of one
+    dtype, and (``one_head``) one query head per KV head."""
     mode = os.environ.get("SPARSE_PLANNER_KERNELS", "auto")
-    if mode == "reference" or spec.mods or q.shape[1] != k.shape[1] or q.dim() != 4:
+    if mode == "reference" or spec.mods or q.dim() != 4 or (one_head and q.shape[1] != k.shape[1]):
         return False
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32) or k.dtype != q.dtype:
         return False
@@ -65,15 +70,41 @@ def _bt_kernels(q, k, spec) -> bool:
     elif q.device.type != "cuda":
         return False
     from runtime import triton_kernels as tk
-    return (tk.available(q.device) and q.shape[-1] <= tk.MAX_HEAD_DIM
-            and _cdiv(k.shape[2], spec.policy.block) <= tk.BLOCK_TOPK_MAX_NKB)
+    return tk.available(q.device) and q.shape[-1] <= tk.MAX_HEAD_DIM
+
+
+def _bt_kernels(q, k, spec) -> bool:
+    from runtime import triton_kernels as tk
+    return (_kernels_ok(q, k, spec, one_head=True)
+            and _cdiv(k.shape[2], block_of(spec)) <= tk.BLOCK_TOPK_MAX_NKB)
+
+
+def _lines_kernels(q, k, spec, last_q: int) -> bool:
+    """The line statistics of the last ``last_q`` rows in Triton (``last_rows_lines``)."""
+    if spec.causal not in ("lower_right", "upper_left") or not _kernels_ok(q, k, spec,
+                                                                          one_head=False):
+        return False
+    from codegen.attention.reference import positions_offset
+    from runtime import triton_kernels as tk
+    n_q, n_kv = q.shape[2], k.shape[2]
+    rows = min(last_q, n_q)
+    return rows <= tk.LINES_MAX_ROWS and n_q - rows + positions_offset(spec.causal, n_q, n_kv) >= 0
+
+
+def _lines(q, k, spec, last_q: int) -> torch.Tensor:
+    """vslash_estimate's [B, Hkv, 2, Nkv] statistics, in Triton where it can run."""
+    if _lines_kernels(q, k, spec, last_q):
+        from runtime import triton_kernels as tk
+        return tk.last_rows_lines(q, k, scale=spec.scale, causal=spec.causal, last_q=last_q)
+    return None
 
 
 def _bt_score(q, k, mods, spec):
     if _bt_kernels(q, k, spec):
         from runtime import triton_kernels as tk
         b = spec.policy.block
-        return torch.matmul(tk.pool_blocks(q, b), tk.pool_blocks(k, b).transpose(-1, -2))
+        return tk.pooled_dots(tk.pool_blocks(q, b), tk.pool_blocks(k, b), n_q=q.shape[2],
+                              n_kv=k.shape[2], causal=spec.causal, block=b)
     allowed = _allowed(q, k, mods, spec)
     if q.shape[1] == k.shape[1]:          # one head per group: the softmax cannot change ranks
         return pooled_block_logits(q, k, spec.scale, spec.policy.block, allowed)
@@ -93,8 +124,11 @@ def _bt_select(sc, q, k, spec):
 
 # ---------------------------------------------------------------- threshold
 def _th_score(q, k, mods, spec):
-    return P.threshold_estimate(q, k, spec.scale, spec.mods, mods, spec.causal, spec.policy.block,
-                                _allowed(q, k, mods, spec))
+    b = spec.policy.block
+    lines = _lines(q, k, spec, b)
+    col = None if lines is None else lines[:, :, 0] / (q.shape[1] // k.shape[1] * min(b, q.shape[2]))
+    return P.threshold_estimate(q, k, spec.scale, spec.mods, mods, spec.causal, b,
+                                _allowed(q, k, mods, spec), col=col)
 
 
 def _th_select(sc, q, k, spec):
@@ -106,6 +140,9 @@ def _th_select(sc, q, k, spec):
 
 # ---------------------------------------------------------------- vertical_slash
 def _vs_score(q, k, mods, spec):
+    lines = _lines(q, k, spec, spec.policy.last_q)
+    if lines is not None:
+        return lines
     return P.vslash_estimate(q, k, spec.scale, spec.mods, mods, spec.causal, spec.policy.last_q)
 
 
@@ -117,15 +154,36 @@ def _vs_select(sc, q, k, spec):
 
 
 # ---------------------------------------------------------------- quest
+# Without mask tensors on the device: page min/max and the bounds in Triton (two tensor-core
+# products per tile of pages, the max over each query block's rows and the group's heads in
+# registers), the selection by the block_topk selection program.
+def _q_kernels(q, k, spec) -> bool:
+    from runtime import triton_kernels as tk
+    page = spec.policy.page
+    return (_kernels_ok(q, k, spec, one_head=False) and page <= tk.QUEST_MAX_PAGE
+            and not page & (page - 1) and _cdiv(k.shape[2], page) <= tk.BLOCK_TOPK_MAX_NKB)
+
+
 def _q_score(q, k, mods, spec):
+    if _q_kernels(q, k, spec):
+        from runtime import triton_kernels as tk
+        return tk.quest_page_bounds(q, k, page=spec.policy.page, causal=spec.causal)
     return P.quest_estimate(q, k, spec.policy.page, _allowed(q, k, mods, spec))
 
 
 def _q_select(sc, q, k, spec):
     p = spec.policy
-    return select_topk_blocks(sc, q.shape[2], k.shape[2], spec.causal, p.page,
-                              topk=math.ceil(p.budget / p.page), sink_blocks=p.sink_pages,
-                              local_blocks=p.local_pages)
+    topk = math.ceil(p.budget / p.page)
+    # one partial sort per query block up to 1024 pages (H100: 0.53 ms vs 1.9 ms for torch at
+    # 16384 tokens, page 16); wider rows sort slower than torch's topk (13 vs 8.3 ms at 65536:
+    # benchmarks/results/estimators_h100.md)
+    if _q_kernels(q, k, spec) and _cdiv(k.shape[2], p.page) <= 1024:
+        from runtime import triton_kernels as tk
+        return tk.block_topk_select(sc, q.shape[2], k.shape[2], spec.causal, p.page, scale=1.0,
+                                    topk=topk, sink_blocks=p.sink_pages,
+                                    local_blocks=p.local_pages)
+    return select_topk_blocks(sc, q.shape[2], k.shape[2], spec.causal, p.page, topk=topk,
+                              sink_blocks=p.sink_pages, local_blocks=p.local_pages)
 
 
 # ---------------------------------------------------------------- static
@@ -160,15 +218,53 @@ def _bb_select(sc, q, k, spec):
 
 
 # ---------------------------------------------------------------- auto
+# With one head per group, no mask tensors and a causal rule, on the device: pooled dot
+# products (as block_topk), the line statistics in Triton, the per-head criterion
+# on the last query block in PyTorch ([B, H, NKB]), the block scores in one Triton pass, and a
+# selection program per query block with its own budget. Same rankings as the PyTorch path.
+def _auto_kernels(q, k, spec) -> bool:
+    return (_bt_kernels(q, k, spec) and spec.causal is not None
+            and _lines_kernels(q, k, spec, spec.policy.block))
+
+
 def _auto_score(q, k, mods, spec):
     p = spec.policy
+    if _auto_kernels(q, k, spec):
+        from runtime import triton_kernels as tk
+        b = p.block
+        dots = tk.pooled_dots(tk.pool_blocks(q, b), tk.pool_blocks(k, b), n_q=q.shape[2],
+                              n_kv=k.shape[2], causal=spec.causal, block=b)
+        lines = tk.last_rows_lines(q, k, scale=spec.scale, causal=spec.causal, last_q=b)
+        aware = tk.auto_criterion(dots, lines, n_q=q.shape[2], causal=spec.causal, block=b,
+                                  scale=spec.scale, tau=p.tau)
+        return tk.line_block_scores(dots, lines, aware, n_q=q.shape[2], causal=spec.causal,
+                                    block=b, scale=spec.scale)
     scores, _ = P.auto_estimate(q, k, spec.scale, spec.mods, mods, spec.causal, p.block,
                                 _allowed(q, k, mods, spec), p.tau)
     return scores
 
 
+@functools.lru_cache(maxsize=64)
+def _budgets(n_q: int, n_kv: int, causal, block: int, density: float, device):
+    """Per query block ``ceil(density * allowed blocks)`` (select_budget_fraction's rule) on
+    ``device``, and its maximum; cached per shape (no host work or copy per call)."""
+    nkb = _cdiv(n_kv, block)
+    _, last = block_bounds(n_q, n_kv, causal, block)
+    n_allowed = torch.clamp(last // block + 1, 0, nkb).to(torch.float64)
+    budget = torch.ceil(density * n_allowed).to(torch.int32)
+    return budget.to(device), max(int(budget.max()), 1)
+
+
 def _auto_select(sc, q, k, spec):
     p = spec.policy
+    if _auto_kernels(q, k, spec):
+        from runtime import triton_kernels as tk
+        n_q, n_kv, b = q.shape[2], k.shape[2], p.block
+        budget, budget_max = _budgets(n_q, n_kv, spec.causal, b, p.target_density, sc.device)
+        return tk.block_topk_select(sc, n_q, n_kv, spec.causal, b, scale=1.0,
+                                    topk=_cdiv(n_kv, b), sink_blocks=p.sink_blocks,
+                                    local_blocks=p.local_blocks, budget=budget,
+                                    budget_max=budget_max)
     return P.select_budget_fraction(sc, q.shape[2], k.shape[2], spec.causal, p.block,
                                     density=p.target_density, sink_blocks=p.sink_blocks,
                                     local_blocks=p.local_blocks)

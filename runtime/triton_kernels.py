@@ -570,32 +570,73 @@ def _block_topk_module(device):
 
 
 def pool_blocks(x: torch.Tensor, block: int, *, rows: Optional[int] = None,
-                num_warps: int = 2) -> torch.Tensor:
+                num_warps: int = 2, blocks_per_program: int = 1) -> torch.Tensor:
     """Mean of each block of ``block`` rows of ``x [B, H, N, D]`` (the last block may be
     short): fp32 ``[B, H, ceil(N / block), D]``. ``rows``: rows loaded per step (a power of
-    two; default by D), ``num_warps``: launch knob (both for schedule sweeps)."""
+    two; default by D), ``num_warps``, ``blocks_per_program``: launch knobs (for sweeps)."""
     B, H, N, D = x.shape
     nb = -(-N // block)
     out = torch.empty((B, H, nb, D), device=x.device, dtype=torch.float32)
     if out.numel() == 0:
         return out
-    if rows is None:       # H100 sweep (benchmarks/results/block_topk_h100.md): 32 rows, 2 warps
+    if rows is None:       # H100 sweep (benchmarks/results/estimators_h100.md): 32 rows, 2 warps
         rows = min(next_pow2(block), 64 if D <= 64 else 32)
     d_p = next_pow2(max(D, 16))
-    _block_topk_module(x.device).pool_rows[(nb, B * H)](
-        x, out, *x.stride(), H, N, nb, block, D, ROWS=rows, D_P=d_p, num_warps=num_warps)
+    bpp = max(1, int(blocks_per_program))
+    _block_topk_module(x.device).pool_rows[(-(-nb // bpp), B * H)](
+        x, out, *x.stride(), H, N, nb, block, D, ROWS=rows, D_P=d_p, BPP=bpp,
+        num_warps=num_warps)
+    return out
+
+
+def pooled_dots(pq: torch.Tensor, pk: torch.Tensor, *, n_q: int, n_kv: int,
+                causal: Optional[str], block: int, precision: Optional[str] = None) -> torch.Tensor:
+    """``pq @ pk^T`` per head for pooled fp32 ``pq [B, H, NQB, D]`` and ``pk [B, H, NKB, D]``
+    (``pool_blocks`` outputs): fp32 ``[B, H, NQB, NKB]``. With a causal rule (``block``-row
+    blocks of ``n_q`` queries and ``n_kv`` keys), tiles holding no allowed pair are -inf.
+    ``precision``: ``tl.dot``'s input precision (default ``"tf32x3"``: three TF32 products,
+    about fp32 accuracy; ``"ieee"``: fp32 FMA)."""
+    from codegen.attention.reference import positions_offset
+    B, H, nqb, D = pq.shape
+    nkb = pk.shape[2]
+    if (pk.shape[:2] != (B, H) or pk.shape[3] != D or pq.dtype != torch.float32
+            or pk.dtype != torch.float32):
+        raise ValueError(f"pooled_dots: pooled q {tuple(pq.shape)} {pq.dtype} and k "
+                         f"{tuple(pk.shape)} {pk.dtype} must be fp32 with matching B, H, D")
+    out = torch.empty((B, H, nqb, nkb), device=pq.device, dtype=torch.float32)
+    if out.numel() == 0:
+        return out
+    off = 0 if causal is None else positions_offset(causal, n_q, n_kv)
+    bm = bn = 64 if D <= 128 else 32
+    _block_topk_module(pq.device).pooled_dots[(-(-nqb // bm), -(-nkb // bn), B * H)](
+        pq.contiguous(), pk.contiguous(), out, nqb, nkb, n_q, off, block, D, BM=bm, BN=bn,
+        D_P=next_pow2(max(D, 16)), CAUSAL=causal is not None, PREC=precision or "tf32x3",
+        num_warps=4)
     return out
 
 
 def block_topk_select(dots: torch.Tensor, n_q: int, n_kv: int, causal: Optional[str], block: int,
                       *, scale: float, topk: int, sink_blocks: int, local_blocks: int,
-                      num_warps: Optional[int] = None, sorted_select: Optional[bool] = None):
+                      num_warps: Optional[int] = None, sorted_select: Optional[bool] = None,
+                      budget: Optional[torch.Tensor] = None, budget_max: int = 0,
+                      rows_per_program: int = 1, sort32: bool = True):
     """``select_topk_blocks`` on the logits ``scale * dots`` (``dots`` fp32 ``[B, H, NQB, NKB]``
     unscaled pooled dot products), with the causal rule (``"lower_right"`` / ``"upper_left"`` /
     None) applied by position inside the kernel. Returns ``(counts int32 [B, H, NQB], indices
-    int32 [B, H, NQB, W])``, W = ``topk_width(NKB, topk, sink_blocks, local_blocks)``."""
+    int32 [B, H, NQB, W])``, W = ``topk_width(NKB, topk, sink_blocks, local_blocks)``.
+
+    ``budget`` (int32 ``[NQB]``): instead of ``topk``, query block ``i`` keeps ``budget[i]``
+    blocks in all, its forced blocks included (``select_budget_fraction``), and ``budget_max``
+    >= ``max(budget)`` sizes the partial sort; ``topk`` then only sets the lists' width."""
     from codegen.select.reference import topk_width
     B, H, nqb, nkb = dots.shape
+    if budget is not None:
+        if budget.shape != (nqb,) or budget.dtype != torch.int32 or budget.device != dots.device:
+            raise ValueError(f"block_topk_select: budget must be int32 [{nqb}] on {dots.device}, "
+                             f"got {budget.dtype} {tuple(budget.shape)} on {budget.device}")
+        if budget_max < 1:
+            raise ValueError(f"block_topk_select: budget_max must be >= 1 (the largest budget), "
+                             f"got {budget_max}")
     width = topk_width(nkb, topk, sink_blocks, local_blocks)
     counts = torch.empty((B, H, nqb), device=dots.device, dtype=torch.int32)
     idx = torch.empty((B, H, nqb, width), device=dots.device, dtype=torch.int32)
@@ -608,9 +649,157 @@ def block_topk_select(dots: torch.Tensor, n_q: int, n_kv: int, causal: Optional[
         sorted_select = has_tl_topk() and nkb_p <= 1024    # 0.28 vs 0.66 ms; wider: unmeasured)
     warps = num_warps or ((1 if sorted_select else 4) if nkb_p <= 1024
                           else (8 if nkb_p <= 4096 else 16))
-    _block_topk_module(dots.device).block_topk_select[(nqb, B * H)](
-        dots, counts, idx, nqb, nkb, n_q, off, block, float(scale), min(topk, nkb), sink_blocks,
-        local_blocks, width, CAUSAL=causal is not None, NKB_P=nkb_p,
-        W_P=next_pow2(max(width, 16)), SORTED=bool(sorted_select and has_tl_topk()),
-        K_P=min(nkb_p, next_pow2(max(min(topk, nkb), 1))), num_warps=warps)
+    rpp = max(1, int(rows_per_program))
+    _block_topk_module(dots.device).block_topk_select[(-(-nqb // rpp), B * H)](
+        dots, counts, idx, counts if budget is None else budget, nqb, nkb, n_q, off, block,
+        float(scale), min(topk, nkb), sink_blocks, local_blocks, width,
+        CAUSAL=causal is not None, NKB_P=nkb_p, W_P=next_pow2(max(width, 16)),
+        SORTED=bool(sorted_select and has_tl_topk()),
+        K_P=min(nkb_p, max(16, next_pow2(min(topk if budget is None else budget_max, nkb)))),
+        BUDGET=budget is not None, RPP=rpp, SORT32=bool(sort32), num_warps=warps)
     return counts, idx
+
+
+LINES_MAX_ROWS = 128      # last rows one line-statistics program holds (a [rows, 2 * rows] tile)
+
+
+def _lines_module(device):
+    from codegen.emit import load
+    from codegen.select.lines_kernel import render
+    return KERNELS.get(("lines", _device_key(device)), lambda: load(render()))
+
+
+def last_rows_lines(q: torch.Tensor, k: torch.Tensor, *, scale: float, causal: str,
+                    last_q: int, tiles_per_program: int = 8) -> torch.Tensor:
+    """MInference's line statistics without the ``[L, Nkv]`` probabilities: the softmax
+    attention of the last ``min(last_q, Nq)`` query rows summed per key (vertical) and per
+    diagonal offset ``pos - key`` (slash), summed over the heads of each GQA group: fp32
+    ``[B, Hkv, 2, Nkv]``, as ``codegen.select.policies.vslash_estimate`` without modifiers.
+    ``causal``: ``"lower_right"`` or ``"upper_left"``."""
+    from codegen.attention.reference import positions_offset
+    if causal not in ("lower_right", "upper_left"):
+        raise ValueError(f"last_rows_lines: causal must be 'lower_right' or 'upper_left', "
+                         f"got {causal!r}")
+    B, Hq, Nq, D = q.shape
+    Hkv, Nkv = k.shape[1], k.shape[2]
+    if k.shape[0] != B or Hq % Hkv or k.shape[3] != D or k.dtype != q.dtype:
+        raise ValueError(f"last_rows_lines: q {tuple(q.shape)} {q.dtype} and k "
+                         f"{tuple(k.shape)} {k.dtype} do not match")
+    L = min(int(last_q), Nq)
+    r0 = Nq - L
+    p0 = r0 + positions_offset(causal, Nq, Nkv)
+    if L < 1 or L > LINES_MAX_ROWS or p0 < 0 or D > MAX_HEAD_DIM:
+        raise ValueError(f"last_rows_lines: needs 1 <= rows <= {LINES_MAX_ROWS}, a first row "
+                         f"at position >= 0 and D <= {MAX_HEAD_DIM}; got rows {L}, first "
+                         f"position {p0}, D {D}")
+    l_p = max(16, next_pow2(L))
+    T = -(-(p0 + 1) // l_p) + 1
+    dev = q.device
+    pm = _workspace((B * Hq, T, l_p), dev)
+    pl = _workspace((B * Hq, T, l_p), dev)
+    out = torch.zeros((B, Hq, 2, Nkv), device=dev, dtype=torch.float32)
+    mod = _lines_module(dev)
+    args = (*q.stride(), *k.stride(), Hq, Hq // Hkv, Nkv, r0, L, p0, T, float(scale))
+    tpp = max(1, int(tiles_per_program))
+    meta = dict(D=D, D_P=next_pow2(max(D, 16)), L_P=l_p, IEEE=q.dtype == torch.float32, TPP=tpp,
+                num_warps=4 if l_p <= 64 else 8)
+    grid = (-(-T // tpp), B * Hq)
+    mod.last_rows_lines[grid](q, k, pm, pl, pm, out, *args, PHASE=0, **meta)
+    lse = torch.logsumexp(pm + pl.log(), dim=1)           # -inf for rows with no key
+    mod.last_rows_lines[grid](q, k, pm, pl, lse, out, *args, PHASE=1, **meta)
+    return out if Hq == Hkv else out.reshape(B, Hkv, Hq // Hkv, 2, Nkv).sum(2)
+
+
+def line_block_scores(dots: torch.Tensor, lines: torch.Tensor, aware: torch.Tensor, *,
+                      n_q: int, causal: str, block: int, scale: float,
+                      rows_per_program: int = 1) -> torch.Tensor:
+    """The ``auto`` policy's block scores (causal, one head per group): ``scale * dots`` for the
+    query-aware heads (``aware`` bool ``[B, H]``), else the line mass of ``lines``
+    (``[B, H, 2, Nkv]``, from ``last_rows_lines``) through each key block; fp32
+    ``[B, H, NQB, NKB]``, -inf where the causal rule allows no pair."""
+    from codegen.attention.reference import positions_offset
+    B, H, nqb, nkb = dots.shape
+    n_kv = lines.shape[-1]
+    if lines.shape != (B, H, 2, n_kv) or aware.shape != (B, H):
+        raise ValueError(f"line_block_scores: dots {tuple(dots.shape)}, lines "
+                         f"{tuple(lines.shape)} and aware {tuple(aware.shape)} do not match")
+    pre = torch.nn.functional.pad(lines.cumsum(-1), (1, 0))   # prefix sums [B, H, 2, Nkv + 1]
+    out = torch.empty((B, H, nqb, nkb), device=dots.device, dtype=torch.float32)
+    if out.numel() == 0:
+        return out
+    nkb_p = next_pow2(max(nkb, 16))
+    rpp = max(1, int(rows_per_program))
+    _lines_module(dots.device).line_block_scores[(-(-nqb // rpp), B * H)](
+        dots.contiguous(), pre, aware.to(torch.int32).contiguous(), out, nqb, nkb, n_q, n_kv,
+        positions_offset(causal, n_q, n_kv), block, float(scale), NKB_P=nkb_p, RPP=rpp,
+        num_warps=1 if nkb_p <= 1024 else 4)
+    return out
+
+
+QUEST_MAX_PAGE = 64       # pages (powers of two) whose query blocks one bounds program packs
+
+
+def _quest_module(device):
+    from codegen.emit import load
+    from codegen.select.quest_kernel import render
+    return KERNELS.get(("quest", _device_key(device)), lambda: load(render()))
+
+
+def quest_page_bounds(q: torch.Tensor, k: torch.Tensor, *, page: int, causal: Optional[str],
+                      pages_per_tile: int = 64, num_warps: int = 4) -> torch.Tensor:
+    """Quest's page bounds without a ``[Nq, NP]`` intermediate: per query block of ``page``
+    rows and page of ``page`` keys, the largest over the block's rows and the group's heads of
+    ``sum_d max(q_d max_d, q_d min_d)``; fp32 ``[B, Hkv, NQB, NP]``, -inf where the causal rule
+    (``"lower_right"`` / ``"upper_left"`` / None) allows no pair. ``page``: a power of two up
+    to ``QUEST_MAX_PAGE``. Same values as ``codegen.select.policies.quest_estimate``."""
+    from codegen.attention.reference import positions_offset
+    B, Hq, Nq, D = q.shape
+    Hkv, Nkv = k.shape[1], k.shape[2]
+    if k.shape[0] != B or Hq % Hkv or k.shape[3] != D or k.dtype != q.dtype:
+        raise ValueError(f"quest_page_bounds: q {tuple(q.shape)} {q.dtype} and k "
+                         f"{tuple(k.shape)} {k.dtype} do not match")
+    if page < 1 or page > QUEST_MAX_PAGE or page & (page - 1) or D > MAX_HEAD_DIM:
+        raise ValueError(f"quest_page_bounds: page must be a power of two <= {QUEST_MAX_PAGE} "
+                         f"and D <= {MAX_HEAD_DIM}; got page {page}, D {D}")
+    n_p, nqb = -(-Nkv // page), -(-Nq // page)
+    d_p = next_pow2(max(D, 16))
+    dev = q.device
+    out = _workspace((B, Hkv, nqb, n_p), dev)
+    if out.numel() == 0:
+        return out
+    mx = torch.empty((B * Hkv, n_p, d_p), device=dev, dtype=k.dtype)
+    mn = torch.empty_like(mx)
+    mod = _quest_module(dev)
+    mod.page_minmax[(n_p, B * Hkv)](k, mx, mn, *k.stride(), Hkv, Nkv, n_p, page, D,
+                                    ROWS=min(next_pow2(page), 32), D_P=d_p, num_warps=2)
+    qb = max(1, 64 // page)
+    off = 0 if causal is None else positions_offset(causal, Nq, Nkv)
+    mod.quest_bounds[(-(-nqb // qb), B * Hkv)](
+        q, mx, mn, out, *q.stride(), Hkv, Hq // Hkv, Nq, nqb, n_p, off, D=D, D_P=d_p, PAGE=page,
+        QB=qb, BP=pages_per_tile, CAUSAL=causal is not None, IEEE=q.dtype == torch.float32,
+        num_warps=num_warps)
+    return out
+
+
+def auto_criterion(dots: torch.Tensor, lines: torch.Tensor, *, n_q: int, causal: str,
+                   block: int, scale: float, tau: float) -> torch.Tensor:
+    """``auto``'s per-head choice (one head per group, causal) in one launch: bool ``[B, H]``,
+    True where the Jensen-Shannon divergence between the softmax of the last query block's
+    pooled logits ``scale * dots[..., -1, :]`` and its true attention mass per key block (from
+    the vertical statistics of ``lines``, mean over the last ``min(block, n_q)`` rows) is at
+    most ``tau``: ``codegen.select.policies.auto_criterion``."""
+    from codegen.select.reference import block_bounds
+    B, H, nqb, nkb = dots.shape
+    n_kv = lines.shape[-1]
+    if lines.shape != (B, H, 2, n_kv):
+        raise ValueError(f"auto_criterion: dots {tuple(dots.shape)} and lines "
+                         f"{tuple(lines.shape)} do not match")
+    aware = torch.empty((B, H), device=dots.device, dtype=torch.int32)
+    if aware.numel() == 0 or nqb == 0:
+        return aware.bool()
+    last_pos = int(block_bounds(n_q, n_kv, causal, block)[1][-1])
+    _lines_module(dots.device).auto_criterion[(B * H,)](
+        dots.contiguous(), lines.contiguous(), aware, nqb, nkb, n_kv, block, last_pos,
+        float(scale), float(min(block, n_q)), float(tau), NKB_P=next_pow2(max(nkb, 16)),
+        num_warps=4)
+    return aware.bool()

@@ -44,6 +44,7 @@ def test_selection_matches_reference(nq, nkv, block, causal):
 def test_pooling_matches_reference(n, block):
     x = torch.randn(2, 3, n, 40, device=DEV).transpose(1, 2).contiguous().transpose(1, 2)
     torch.testing.assert_close(tk.pool_blocks(x, block), _pool(x, block), rtol=1e-6, atol=1e-6)
+    assert torch.equal(tk.pool_blocks(x, block, blocks_per_program=3), tk.pool_blocks(x, block))
 
 
 @pytest.mark.parametrize("causal", ["lower_right", None])
@@ -95,9 +96,35 @@ def test_compiled_block_topk_matches_reference(monkeypatch):
                                                  (6, 50, 0, "lower_right")])
 def test_sorted_selection_equals_rounds(nqb, nkb, topk, causal):
     """The one-sort threshold path and the rounds-of-max path pick the same blocks, ties too."""
-    d = torch.randn(2, 3, nqb, nkb)
+    d = torch.randn(2, 3, nqb, nkb, device=DEV)
     d[0, 0, :, :10] = 1.0                                   # ties: the lower block id wins
     kw = dict(scale=0.3, topk=topk, sink_blocks=1, local_blocks=1)
     a = tk.block_topk_select(d, nqb * 16, nkb * 16, causal, 16, sorted_select=False, **kw)
-    b = tk.block_topk_select(d, nqb * 16, nkb * 16, causal, 16, sorted_select=True, **kw)
+    b = tk.block_topk_select(d, nqb * 16, nkb * 16, causal, 16, sorted_select=True,
+                             sort32=False, **kw)        # int64 keys: value and block id
     assert all(torch.equal(x, y) for x, y in zip(a, b))
+    c = tk.block_topk_select(d, nqb * 16, nkb * 16, causal, 16, sorted_select=True,
+                             rows_per_program=3, **kw)
+    assert all(torch.equal(x, y) for x, y in zip(a, c))
+    e = tk.block_topk_select(d, nqb * 16, nkb * 16, causal, 16, sorted_select=True, sort32=True,
+                             **kw)                       # fp32 sort, ties by a running count
+    assert all(torch.equal(x, y) for x, y in zip(a, e))
+
+
+@pytest.mark.parametrize("causal", ["lower_right", "upper_left", None])
+@pytest.mark.parametrize("nq,nkv,block", [(1000, 1000, 8), (300, 1100, 8), (70, 70, 16)])
+def test_pooled_dots_match_matmul(nq, nkv, block, causal):
+    """The tensor-core pooled product equals the fp32 matmul wherever a pair is allowed, and is
+    -inf over whole tiles the causal rule rules out."""
+    pq = tk.pool_blocks(torch.randn(1, 2, nq, 40, device=DEV), block)
+    pk = tk.pool_blocks(torch.randn(1, 2, nkv, 40, device=DEV), block)
+    got = tk.pooled_dots(pq, pk, n_q=nq, n_kv=nkv, causal=causal, block=block)
+    want = torch.matmul(pq, pk.transpose(-1, -2))
+    ok = allowed_blocks((1, 2, nq, 40), (1, 2, nkv, 40), (), (), causal, block, device=DEV)
+    torch.testing.assert_close(got[ok], want[ok], rtol=1e-5, atol=1e-5)
+    assert not got.isnan().any()
+    assert ((got == float("-inf")) <= ~ok).all()                # -inf only where not allowed
+    if causal is not None and nq == nkv and nq // block > 64:
+        assert (got == float("-inf")).any()                     # whole tiles skipped
+    with pytest.raises(ValueError, match="fp32"):
+        tk.pooled_dots(pq.half(), pk, n_q=nq, n_kv=nkv, causal=causal, block=block)

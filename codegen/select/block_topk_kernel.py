@@ -4,14 +4,19 @@ Two kernels, loaded through ``codegen.emit.load`` and launched from ``runtime.tr
 
 * ``pool_rows`` — mean of each block of ``block`` rows (the last block may be short):
   ``x [B, H, N, D]`` (any float dtype, any strides) -> fp32 ``[B, H, NB, D]``, one program
-  per (block, batch x head). Feeds the pooled-q x pooled-k product (a matmul outside).
-* ``block_topk_select`` — one program per (query block, batch x head): reads the row of
+  per (``BPP`` consecutive blocks, batch x head). Feeds the pooled-q x pooled-k product (a matmul outside).
+* ``pooled_dots`` — pooled q x pooled k per head (fp32, 3-pass TF32 on tensor cores: about
+  fp32 accuracy), one program per (64 x 64 tile, batch x head); with a causal rule, tiles with
+  no allowed pair are written as -inf without being computed.
+* ``block_topk_select`` — one program per (``RPP`` query blocks, batch x head): reads the row of
   unscaled pooled dot products, applies ``scale`` and the causal rule, marks the forced sink
   and local blocks, adds the ``topk`` best other allowed blocks (rounds of one packed max:
   value bits in the high word, reversed block id in the low word, so ties go to the lower
   id; or, with ``SORTED``, one partial sort ``tl.topk`` of the packed keys giving the
-  threshold), and writes the selected ids ascending (a running count gives each its slot) followed
-  by -1 up to ``W``, and their count.
+  threshold; with ``SORT32`` too, of the fp32 values, ties at the threshold resolved by a
+  running count in block order), and writes the selected ids ascending (a running count gives each its slot) followed
+  by -1 up to ``W``, and their count. With ``BUDGET``, the number of blocks to add is per
+  query block: ``budget[i]`` minus its forced blocks (``select_budget_fraction``'s rule).
 
 Semantics are those of ``codegen.select.reference.select_topk_blocks`` applied to
 ``pooled_block_logits``: block ``j`` is allowed for query block ``i`` iff its logit is not
@@ -29,78 +34,122 @@ import triton.language as tl
 
 @triton.jit
 def pool_rows(x_ptr, out_ptr, sxb, sxh, sxn, sxd, H, N, NB, block, D,
-              ROWS: tl.constexpr, D_P: tl.constexpr):
+              ROWS: tl.constexpr, D_P: tl.constexpr, BPP: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // H
     h = pid_bh % H
-    r0 = pid_n * block
-    r1 = tl.minimum(r0 + block, N)
     offs_d = tl.arange(0, D_P)
     offs_r = tl.arange(0, ROWS)
     base = x_ptr + b.to(tl.int64) * sxb + h.to(tl.int64) * sxh
-    acc = tl.zeros([D_P], dtype=tl.float32)
-    for r in range(r0, r1, ROWS):
-        rows = r + offs_r
-        ptrs = base + rows.to(tl.int64)[:, None] * sxn + offs_d[None, :] * sxd
-        ok = (rows[:, None] < r1) & (offs_d[None, :] < D)
-        x = tl.load(ptrs, mask=ok, other=0.0).to(tl.float32)
-        acc += tl.sum(x, axis=0)
-    acc = acc / (r1 - r0).to(tl.float32)
-    out = out_ptr + (pid_bh.to(tl.int64) * NB + pid_n) * D
-    tl.store(out + offs_d, acc, mask=offs_d < D)
+    for blk in range(pid_n * BPP, tl.minimum(pid_n * BPP + BPP, NB)):
+        r0 = blk * block
+        r1 = tl.minimum(r0 + block, N)
+        # element-wise accumulation, one cross-row reduction at the end
+        acc2 = tl.zeros([ROWS, D_P], dtype=tl.float32)
+        for r in range(r0, r1, ROWS):
+            rows = r + offs_r
+            ptrs = base + rows.to(tl.int64)[:, None] * sxn + offs_d[None, :] * sxd
+            ok = (rows[:, None] < r1) & (offs_d[None, :] < D)
+            acc2 += tl.load(ptrs, mask=ok, other=0.0).to(tl.float32)
+        acc = tl.sum(acc2, axis=0) / (r1 - r0).to(tl.float32)
+        out = out_ptr + (pid_bh.to(tl.int64) * NB + blk) * D
+        tl.store(out + offs_d, acc, mask=offs_d < D)
 
 
 @triton.jit
-def block_topk_select(s_ptr, counts_ptr, idx_ptr, NQB, NKB, Nq, off, block, scale,
+def pooled_dots(a_ptr, b_ptr, out_ptr, NQB, NKB, Nq, off, block, D,
+                BM: tl.constexpr, BN: tl.constexpr, D_P: tl.constexpr, CAUSAL: tl.constexpr,
+                PREC: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    bh = tl.program_id(2)
+    qb = pid_m * BM + tl.arange(0, BM)
+    kb = pid_n * BN + tl.arange(0, BN)
+    d = tl.arange(0, D_P)
+    dst = out_ptr + (bh.to(tl.int64) * NQB + qb)[:, None] * NKB + kb[None, :]
+    in_tile = (qb[:, None] < NQB) & (kb[None, :] < NKB)
+    last_pos = tl.minimum((pid_m * BM + BM) * block, Nq) - 1 + off    # the tile's last row
+    if not CAUSAL:
+        last_pos = NKB * block
+    if pid_n * BN * block > last_pos:
+        # no pair of the tile is allowed: the selection never reads these values
+        tl.store(dst, tl.full([BM, BN], float("-inf"), tl.float32), mask=in_tile)
+    else:
+        a = tl.load(a_ptr + (bh.to(tl.int64) * NQB + qb)[:, None] * D + d[None, :],
+                    mask=(qb[:, None] < NQB) & (d[None, :] < D), other=0.0)
+        b = tl.load(b_ptr + (bh.to(tl.int64) * NKB + kb)[:, None] * D + d[None, :],
+                    mask=(kb[:, None] < NKB) & (d[None, :] < D), other=0.0)
+        tl.store(dst, tl.dot(a, tl.trans(b), input_precision=PREC), mask=in_tile)
+
+
+@triton.jit
+def block_topk_select(s_ptr, counts_ptr, idx_ptr, budget_ptr, NQB, NKB, Nq, off, block, scale,
                       rounds, sink_blocks, local_blocks, W,
                       CAUSAL: tl.constexpr, NKB_P: tl.constexpr, W_P: tl.constexpr,
-                      SORTED: tl.constexpr, K_P: tl.constexpr):
-    pid_q = tl.program_id(0)
+                      SORTED: tl.constexpr, K_P: tl.constexpr, BUDGET: tl.constexpr,
+                      RPP: tl.constexpr, SORT32: tl.constexpr):
+    pid_r = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    row = pid_bh.to(tl.int64) * NQB + pid_q
-    j = tl.arange(0, NKB_P)
-    in_row = j < NKB
-    s = tl.load(s_ptr + row * NKB + j, mask=in_row, other=float("-inf")) * scale
-    allowed = in_row & (s > float("-inf"))
-    last_pos = tl.minimum((pid_q + 1) * block, Nq) - 1 + off
-    if CAUSAL:
-        allowed = allowed & (j * block <= last_pos)
-    last_blk = tl.minimum(tl.maximum(last_pos // block, 0), NKB - 1)
-    forced = (j < sink_blocks) | ((j <= last_blk) & (j > last_blk - local_blocks))
-    sel = forced & allowed
-    # order-preserving integer image of the fp32 value, packed above the reversed block id
-    bits = s.to(tl.int32, bitcast=True)
-    key = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF).to(tl.int64)
-    packed = (key << 32) | (NKB_P - 1 - j).to(tl.int64)
-    floor = tl.full([NKB_P], -2139095041, tl.int64) << 32       # the image of -inf, id bits 0
-    eligible = allowed & (forced == 0)
-    if SORTED:
-        # one partial bitonic sort: the rounds-th largest eligible key is the threshold
-        # (keys are distinct, so exactly `rounds` keys reach it when enough are eligible)
-        top = tl.topk(tl.where(eligible, packed, floor), K_P)
-        r = tl.arange(0, K_P)
-        thr = tl.max(tl.where(r == rounds - 1, top, tl.full([K_P], -2139095041, tl.int64) << 32),
-                     axis=0)
-        sel = sel | (eligible & (packed >= thr) & (rounds > 0))
-    else:
-        for _ in range(rounds):
-            m = tl.max(tl.where(eligible, packed, floor), axis=0)
-            pick = (NKB_P - 1) - (m & (NKB_P - 1)).to(tl.int32)
-            hit = (j == pick) & ((m >> 32) > -2139095041)
-            sel = sel | hit
-            eligible = eligible & (hit == 0)
-    sel_i = sel.to(tl.int32)
-    count = tl.sum(sel_i, axis=0)
-    slot = tl.cumsum(sel_i, axis=0) - 1
-    out = idx_ptr + row * W
-    tl.store(out + slot, j, mask=sel_i != 0)
-    w = tl.arange(0, W_P)
-    tl.store(out + w, tl.full([W_P], -1, tl.int32), mask=(w >= count) & (w < W))
-    tl.store(counts_ptr + row, count)
+    for pid_q in range(pid_r * RPP, tl.minimum(pid_r * RPP + RPP, NQB)):
+        row = pid_bh.to(tl.int64) * NQB + pid_q
+        j = tl.arange(0, NKB_P)
+        in_row = j < NKB
+        s = tl.load(s_ptr + row * NKB + j, mask=in_row, other=float("-inf")) * scale
+        allowed = in_row & (s > float("-inf"))
+        last_pos = tl.minimum((pid_q + 1) * block, Nq) - 1 + off
+        if CAUSAL:
+            allowed = allowed & (j * block <= last_pos)
+        last_blk = tl.minimum(tl.maximum(last_pos // block, 0), NKB - 1)
+        forced = (j < sink_blocks) | ((j <= last_blk) & (j > last_blk - local_blocks))
+        sel = forced & allowed
+        # order-preserving integer image of the fp32 value, packed above the reversed block id
+        bits = s.to(tl.int32, bitcast=True)
+        key = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF).to(tl.int64)
+        packed = (key << 32) | (NKB_P - 1 - j).to(tl.int64)
+        floor = tl.full([NKB_P], -2139095041, tl.int64) << 32       # the image of -inf, id bits 0
+        eligible = allowed & (forced == 0)
+        if BUDGET:      # per query block: keep `budget` blocks in all, the forced ones included
+            n_forced = tl.sum(sel.to(tl.int32), axis=0)
+            rounds = tl.maximum(tl.load(budget_ptr + pid_q) - n_forced, 0)
+        if SORTED and SORT32:
+            # one partial sort of the fp32 values gives the rounds-th largest value; values
+            # above it are kept, values equal to it by ascending block id until rounds are kept
+            vals = tl.where(eligible, s, float("-inf"))
+            top = tl.topk(vals, K_P)
+            r = tl.arange(0, K_P)
+            thr = tl.max(tl.where(r == rounds - 1, top, float("-inf")), axis=0)
+            gt = eligible & (vals > thr)
+            eq = eligible & (vals == thr)
+            need = rounds - tl.sum(gt.to(tl.int32), axis=0)
+            eq_rank = tl.cumsum(eq.to(tl.int32), axis=0)
+            sel = sel | ((gt | (eq & (eq_rank <= need))) & (rounds > 0))
+        elif SORTED:
+            # one partial bitonic sort: the rounds-th largest eligible key is the threshold
+            # (keys are distinct, so exactly `rounds` keys reach it when enough are eligible)
+            top = tl.topk(tl.where(eligible, packed, floor), K_P)
+            r = tl.arange(0, K_P)
+            thr = tl.max(tl.where(r == rounds - 1, top, tl.full([K_P], -2139095041, tl.int64) << 32),
+                         axis=0)
+            sel = sel | (eligible & (packed >= thr) & (rounds > 0))
+        else:
+            for _ in range(rounds):
+                m = tl.max(tl.where(eligible, packed, floor), axis=0)
+                pick = (NKB_P - 1) - (m & (NKB_P - 1)).to(tl.int32)
+                hit = (j == pick) & ((m >> 32) > -2139095041)
+                sel = sel | hit
+                eligible = eligible & (hit == 0)
+        sel_i = sel.to(tl.int32)
+        count = tl.sum(sel_i, axis=0)
+        slot = tl.cumsum(sel_i, axis=0) - 1
+        out = idx_ptr + row * W
+        tl.store(out + slot, j, mask=sel_i != 0)
+        w = tl.arange(0, W_P)
+        tl.store(out + w, tl.full([W_P], -1, tl.int32), mask=(w >= count) & (w < W))
+        tl.store(counts_ptr + row, count)
 '''
 
 
 def render() -> str:
-    """Source of the ``pool_rows`` and ``block_topk_select`` kernels (sizes are constexprs)."""
+    """Source of the ``pool_rows``, ``pooled_dots`` and ``block_topk_select`` kernels."""
     return render_template(_SOURCE)

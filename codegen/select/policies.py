@@ -50,17 +50,20 @@ def last_rows_attention(q, k, scale: float, mods: Sequence[tuple], mod_tensors, 
 # --------------------------------------------------------------------------- threshold
 
 def threshold_estimate(q, k, scale, mods, mod_tensors, causal, block: int,
-                       allowed: torch.Tensor) -> torch.Tensor:
+                       allowed: torch.Tensor, col: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Estimated attention mass per key block for each query block: the mean of
     (a) the pooled-q x pooled-k block softmax (as block_topk) and
     (b) the last query block's true attention mass per key block, renormalised over the blocks
         query block i may see.
-    fp32 [B, Hkv, NQB, NKB], -inf where not allowed; each row sums to 1 over allowed blocks."""
+    fp32 [B, Hkv, NQB, NKB], -inf where not allowed; each row sums to 1 over allowed blocks.
+    ``col`` [B, Hkv, Nkv]: (b)'s mean attention per key over the last block's rows and the
+    group's heads, when computed elsewhere (the Triton line statistics)."""
     from codegen.select.reference import pooled_block_scores
     B, Hkv, nqb, nkb = allowed.shape
     p_pool = pooled_block_scores(q, k, scale, block, allowed).clamp_min(0.0)    # -inf -> 0
-    probs, _ = last_rows_attention(q, k, scale, mods, mod_tensors, causal, block)
-    col = _group_mean(probs.mean(dim=2), Hkv)                                  # [B, Hkv, Nkv]
+    if col is None:
+        probs, _ = last_rows_attention(q, k, scale, mods, mod_tensors, causal, block)
+        col = _group_mean(probs.mean(dim=2), Hkv)                              # [B, Hkv, Nkv]
     pad = nkb * block - col.shape[-1]
     col = torch.nn.functional.pad(col, (0, pad)).reshape(B, Hkv, nkb, block).sum(-1)
     last = col[:, :, None, :].expand(B, Hkv, nqb, nkb) * allowed
@@ -315,28 +318,45 @@ def vslash_block_scores(est: torch.Tensor, n_q: int, n_kv: int, causal, block: i
     return score.masked_fill(~allowed, float("-inf"))
 
 
+def auto_criterion(est_last: torch.Tensor, lines: torch.Tensor, allowed_last: torch.Tensor,
+                   n_q: int, block: int, tau: float, group: int) -> torch.Tensor:
+    """``auto``'s per-group choice: bool [B, Hkv], True where the Jensen-Shannon divergence
+    between ``est_last`` (the pooled estimate's distribution over the key blocks for the last
+    query block, [B, Hkv, NKB]) and that block's true attention mass per key block (from the
+    vertical statistics of ``lines`` [B, Hkv, 2, Nkv], ``group`` query heads per KV head) is at
+    most ``tau``."""
+    B, Hkv, nkb = est_last.shape
+    n_kv = lines.shape[-1]
+    col = lines[:, :, 0] / group / min(block, n_q)                               # mean per query row
+    pad = nkb * block - n_kv
+    true_last = torch.nn.functional.pad(col, (0, pad)).reshape(B, Hkv, nkb, block).sum(-1)
+    true_last = true_last * allowed_last
+    true_last = true_last / true_last.sum(-1, keepdim=True).clamp_min(1e-30)
+    return _js(est_last.clamp_min(0.0), true_last) <= tau
+
+
 def auto_estimate(q, k, scale, mods, mod_tensors, causal, block: int, allowed: torch.Tensor,
                   tau: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Per GQA group, pick the estimator its last query block vouches for (FlexPrefill-style).
 
-    Criterion: the Jensen-Shannon divergence between (a) the pooled-q x pooled-k block
-    distribution of the last query block and (b) that block's true attention mass per key
-    block. JS <= ``tau``: the pooled estimate is trusted (query-aware, block_topk scores);
-    otherwise the head follows vertical/slash lines (MInference scores). Returns
-    (scores [B, Hkv, NQB, NKB] with -inf where not allowed, query_aware bool [B, Hkv])."""
-    from codegen.select.reference import pooled_block_scores
+    Criterion (``auto_criterion``): the Jensen-Shannon divergence between (a) the pooled-q x
+    pooled-k block distribution of the last query block and (b) that block's true attention
+    mass per key block. JS <= ``tau``: the pooled estimate is trusted (query-aware, block_topk
+    scores: the pooled logits when a group has one head, which rank like the probabilities);
+    otherwise the head follows vertical/slash lines (MInference scores). Returns (scores [B,
+    Hkv, NQB, NKB] with -inf where not allowed, query_aware bool [B, Hkv])."""
+    from codegen.select.reference import pooled_block_logits, pooled_block_scores
     B, Hkv, nqb, nkb = allowed.shape
     n_q, n_kv = q.shape[2], k.shape[2]
-    pool = pooled_block_scores(q, k, scale, block, allowed)
+    if q.shape[1] == Hkv:
+        pool = pooled_block_logits(q, k, scale, block, allowed)
+        est_last = torch.softmax(pool[:, :, -1], dim=-1).nan_to_num(0.0)
+    else:
+        pool = pooled_block_scores(q, k, scale, block, allowed)
+        est_last = pool[:, :, -1]
     vs = vslash_estimate(q, k, scale, mods, mod_tensors, causal, block)          # [B, Hkv, 2, Nkv]
-    G = q.shape[1] // Hkv
-    col = vs[:, :, 0] / G / min(block, n_q)                                      # mean per query row
-    pad = nkb * block - n_kv
-    true_last = torch.nn.functional.pad(col, (0, pad)).reshape(B, Hkv, nkb, block).sum(-1)
-    true_last = true_last * allowed[:, :, -1]
-    true_last = true_last / true_last.sum(-1, keepdim=True).clamp_min(1e-30)
-    est_last = pool[:, :, -1].clamp_min(0.0)
-    query_aware = _js(est_last, true_last) <= tau                                # [B, Hkv]
+    query_aware = auto_criterion(est_last, vs, allowed[:, :, -1], n_q, block, tau,
+                                 q.shape[1] // Hkv)
     lines = vslash_block_scores(vs, n_q, n_kv, causal, block, allowed)
     scores = torch.where(query_aware[:, :, None, None], pool, lines)
     return scores, query_aware

@@ -1,0 +1,242 @@
+"""The Triton estimators of the adaptive policies (CPU: Triton interpreter) against the PyTorch
+definitions in codegen.select.policies and loop-based brute force: the line statistics
+(vertical / slash of the last query rows), the ``auto`` block scores, the per-query-block
+budget selection, Quest's page bounds; and the estimator entries that use them."""
+import pytest
+import torch
+
+import planner
+from codegen.select.policies import (auto_criterion, quest_estimate, select_budget_fraction,
+                                     vslash_block_scores, vslash_estimate)
+from codegen.select.reference import _pool, allowed_blocks
+from runtime import estimators, triton_kernels as tk
+from runtime.spec import SiteSpec
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+pytestmark = pytest.mark.skipif(not tk.available(DEV), reason="needs CUDA or TRITON_INTERPRET=1")
+
+
+def _brute_lines(q, k, scale, causal, last_q):
+    """Loop definition: softmax of each of the last rows, added to its column and its offset."""
+    B, Hq, Nq, D = q.shape
+    Hkv, Nkv = k.shape[1], k.shape[2]
+    G = Hq // Hkv
+    L = min(last_q, Nq)
+    base = 0 if causal == "upper_left" else Nkv - Nq
+    out = torch.zeros(B, Hkv, 2, Nkv, dtype=torch.float64)
+    for b in range(B):
+        for h in range(Hq):
+            for r in range(Nq - L, Nq):
+                pos = base + r
+                s = (k[b, h // G].double() @ q[b, h, r].double()) * scale
+                s[pos + 1:] = float("-inf")
+                p = torch.softmax(s, 0)
+                for j in range(min(pos + 1, Nkv)):
+                    out[b, h // G, 0, j] += p[j]
+                    out[b, h // G, 1, pos - j] += p[j]
+    return out.float()
+
+
+@pytest.mark.parametrize("shape", [(1, 2, 1, 70, 70, 32, 16, "lower_right"),
+                                   (2, 4, 2, 37, 90, 24, 16, "lower_right"),
+                                   (1, 1, 1, 150, 150, 16, 100, "upper_left"),
+                                   (1, 2, 2, 40, 95, 16, 5, "upper_left"),
+                                   (1, 3, 3, 33, 33, 8, 64, "lower_right")])
+def test_last_rows_lines_matches_definitions(shape, monkeypatch):
+    B, Hq, Hkv, Nq, Nkv, D, L, causal = shape
+    monkeypatch.setattr(tk, "POISON_WORKSPACE", True)      # partial statistics start as NaN
+    g = torch.Generator().manual_seed(hash(shape) % 10_000)
+    q = torch.randn(B, Hq, Nq, D, generator=g).to(DEV) * 2
+    k = torch.randn(B, Hkv, Nkv, D, generator=g).to(DEV)
+    sc = D ** -0.5
+    got = tk.last_rows_lines(q, k, scale=sc, causal=causal, last_q=L)
+    want = vslash_estimate(q, k, sc, (), [], causal, L)
+    assert not got.isnan().any()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    several = tk.last_rows_lines(q, k, scale=sc, causal=causal, last_q=L, tiles_per_program=3)
+    assert torch.equal(several, got)                         # tiles per program: a launch knob
+    if Nq * Hq <= 150:
+        torch.testing.assert_close(got.cpu(), _brute_lines(q.cpu(), k.cpu(), sc, causal, L),
+                                   rtol=1e-4, atol=1e-5)
+
+
+def test_last_rows_lines_rejects_what_it_cannot_do():
+    q = torch.randn(1, 2, 40, 16, device=DEV)
+    with pytest.raises(ValueError, match="causal"):
+        tk.last_rows_lines(q, q, scale=0.25, causal=None, last_q=16)
+    with pytest.raises(ValueError, match="rows"):
+        tk.last_rows_lines(q, q, scale=0.25, causal="lower_right", last_q=0)
+    with pytest.raises(ValueError, match="do not match"):
+        tk.last_rows_lines(q, q[..., :8], scale=0.25, causal="lower_right", last_q=16)
+
+
+@pytest.mark.parametrize("nq,nkv,block", [(100, 100, 16), (60, 130, 16), (200, 200, 32)])
+def test_line_block_scores_rank_like_reference(nq, nkv, block):
+    """Line heads: the unnormalised line mass, -inf outside the causal rule, is the reference's
+    normalised score times a positive per-row constant; aware heads: the scaled dots."""
+    causal = "lower_right"
+    q = torch.randn(1, 3, nq, 16, device=DEV)
+    k = torch.randn(1, 3, nkv, 16, device=DEV)
+    lines = tk.last_rows_lines(q, k, scale=0.25, causal=causal, last_q=block)
+    dots = torch.matmul(_pool(q, block), _pool(k, block).transpose(-1, -2))
+    aware = torch.tensor([[True, False, False]], device=DEV)
+    got = tk.line_block_scores(dots, lines, aware, n_q=nq, causal=causal, block=block, scale=0.25)
+    assert torch.equal(got, tk.line_block_scores(dots, lines, aware, n_q=nq, causal=causal,
+                                                 block=block, scale=0.25, rows_per_program=3))
+    ok = allowed_blocks(q.shape, k.shape, (), (), causal, block, device=q.device)
+    ref = vslash_block_scores(lines, nq, nkv, causal, block, ok)
+    assert torch.equal(got > float("-inf"), ok)
+    torch.testing.assert_close(got[:, 0], (dots[:, 0] * 0.25).masked_fill(~ok[:, 0], float("-inf")))
+    tot = got[:, 1:].clamp_min(0).sum(-1, keepdim=True)          # -inf -> 0
+    torch.testing.assert_close((got[:, 1:] / tot).masked_fill(~ok[:, 1:], float("-inf")),
+                               ref[:, 1:], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("nq,nkv,block", [(100, 100, 16), (60, 130, 16), (200, 200, 32),
+                                          (40, 40, 64)])
+def test_auto_criterion_kernel_matches_reference(nq, nkv, block):
+    causal = "lower_right"
+    g = torch.Generator().manual_seed(nq * 7 + block)
+    q = torch.randn(1, 6, nq, 16, generator=g).to(DEV)
+    k = torch.randn(1, 6, nkv, 16, generator=g).to(DEV)
+    q[:, :3] *= torch.tensor([0.3, 3.0, 6.0], device=DEV)[:, None, None]   # flat to peaked heads
+    lines = tk.last_rows_lines(q, k, scale=0.25, causal=causal, last_q=block)
+    dots = torch.matmul(_pool(q, block), _pool(k, block).transpose(-1, -2))
+    ok = allowed_blocks(q.shape, k.shape, (), (), causal, block, device=q.device)[:, :, -1]
+    est = torch.softmax((dots[:, :, -1] * 0.25).masked_fill(~ok, float("-inf")), -1)
+    from codegen.select.policies import _js
+    true = (torch.nn.functional.pad(lines[:, :, 0] / min(block, nq),
+                                    (0, ok.shape[-1] * block - nkv))
+            .reshape(1, 6, -1, block).sum(-1) * ok)
+    js = _js(est, true / true.sum(-1, keepdim=True))
+    for tau in (0.0, float(js.median()), 0.69):
+        want = auto_criterion(est, lines, ok, nq, block, tau, group=1)
+        got = tk.auto_criterion(dots, lines, n_q=nq, causal=causal, block=block, scale=0.25,
+                                tau=tau)
+        near = (js - tau).abs() < 1e-6                       # a divergence at tau: either way
+        assert torch.equal(got | near, want | near), (tau, js)
+
+
+@pytest.mark.skipif(not tk.has_tl_topk(), reason="this Triton has no tl.topk")
+@pytest.mark.parametrize("sorted_select", [True, False])
+@pytest.mark.parametrize("density,sink,local", [(0.1, 1, 1), (0.3, 0, 2), (0.02, 2, 0), (1.0, 1, 1)])
+def test_budget_selection_matches_select_budget_fraction(density, sink, local, sorted_select):
+    nq = nkv = 300
+    block = 16
+    nqb = nkb = -(-nq // block)
+    causal = "lower_right"
+    ok = allowed_blocks((2, 3, nq, 8), (2, 3, nkv, 8), (), (), causal, block, device=DEV)
+    sc = torch.randn(2, 3, nqb, nkb, device=DEV).masked_fill(~ok, float("-inf"))
+    sc[0, 0, :, :6] = torch.where(ok[0, 0, :, :6], 0.5, float("-inf"))    # ties: lower id wins
+    want = select_budget_fraction(sc, nq, nkv, causal, block, density=density,
+                                  sink_blocks=sink, local_blocks=local)
+    n_allowed = ok[0, 0].sum(-1).to(torch.float64)
+    budget = torch.ceil(density * n_allowed).to(torch.int32)
+    for rpp, s32 in ((1, False), (4, False), (1, True)):
+        got = tk.block_topk_select(sc, nq, nkv, causal, block, scale=1.0, topk=nkb,
+                                   sink_blocks=sink, local_blocks=local, budget=budget,
+                                   budget_max=int(budget.max()), sorted_select=sorted_select,
+                                   rows_per_program=rpp, sort32=s32)
+        assert torch.equal(got[0], want[0])
+        assert torch.equal(got[1], want[1])
+
+
+def _spec(name, causal="lower_right", **kw):
+    return SiteSpec(site="t.x", owner="t", policy=planner.policy(name, **kw), scale=0.25,
+                    causal=causal)
+
+
+@pytest.mark.parametrize("name,kw", [("auto", dict(block=16, target_density=0.2, tau=0.1)),
+                                     ("auto", dict(block=16, target_density=0.3, tau=0.6)),
+                                     ("auto", dict(block=32, target_density=0.5, tau=0.0)),
+                                     ("vertical_slash", dict(block=16, last_q=32, n_vertical=20,
+                                                             n_slash=10)),
+                                     ("threshold", dict(block=16, gamma=0.8)),
+                                     ("quest", dict(page=16, budget=48, local_pages=1)),
+                                     ("quest", dict(page=8, budget=40, sink_pages=1))])
+@pytest.mark.parametrize("nq,nkv", [(150, 150), (90, 170)])
+def test_estimator_entries_use_kernels_and_match(name, kw, nq, nkv, monkeypatch):
+    spec = _spec(name, **kw)
+    g = torch.Generator().manual_seed(nq + len(name))
+    q = torch.randn(1, 4, nq, 16, generator=g).to(DEV)
+    k = torch.randn(1, 4, nkv, 16, generator=g).to(DEV)
+    q[:, 1:3] *= 4                                              # peaked heads next to flat ones
+    est = estimators.get(name)
+    monkeypatch.setenv("SPARSE_PLANNER_KERNELS", "triton")
+    calls = []
+    kernel = "quest_page_bounds" if name == "quest" else "last_rows_lines"
+    real = getattr(tk, kernel)
+    monkeypatch.setattr(tk, kernel, lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    got = est.select(est.score(q, k, [], spec), q, k, spec)
+    assert calls, f"{kernel} did not run"
+    monkeypatch.setenv("SPARSE_PLANNER_KERNELS", "reference")
+    want = est.select(est.score(q, k, [], spec), q, k, spec)
+    assert torch.equal(got[0], want[0])
+    assert torch.equal(got[1], want[1])
+
+
+def test_auto_kernel_conditions(monkeypatch):
+    q = torch.randn(1, 4, 64, 16, device=DEV)
+    spec = _spec("auto", block=16)
+    monkeypatch.setenv("SPARSE_PLANNER_KERNELS", "triton")
+    assert estimators._auto_kernels(q, q, spec)
+    assert not estimators._auto_kernels(q, q[:, :2], spec)              # grouped heads
+    assert not estimators._auto_kernels(q, q, _spec("auto", causal=None, block=16))
+    assert estimators._lines_kernels(q, q[:, :2], spec, 16)             # lines handle groups
+    monkeypatch.setenv("SPARSE_PLANNER_KERNELS", "reference")
+    assert not estimators._lines_kernels(q, q, spec, 16)
+
+
+def _brute_quest(q, k, page, causal):
+    B, Hq, Nq, D = q.shape
+    Hkv, Nkv = k.shape[1], k.shape[2]
+    G = Hq // Hkv
+    nqb, n_p = -(-Nq // page), -(-Nkv // page)
+    base = 0 if causal in (None, "upper_left") else Nkv - Nq
+    out = torch.full((B, Hkv, nqb, n_p), float("-inf"), dtype=torch.float64)
+    for b in range(B):
+        for hk in range(Hkv):
+            for p in range(n_p):
+                kp = k[b, hk, p * page:(p + 1) * page].double()
+                hi, lo = kp.amax(0), kp.amin(0)
+                for i in range(nqb):
+                    last = min((i + 1) * page, Nq) - 1 + base
+                    if causal is not None and p * page > last:
+                        continue
+                    for g in range(G):
+                        qi = q[b, hk * G + g, i * page:(i + 1) * page].double()
+                        bound = torch.maximum(qi * hi, qi * lo).sum(-1).max()
+                        out[b, hk, i, p] = max(out[b, hk, i, p], bound)
+    return out.float()
+
+
+@pytest.mark.parametrize("shape", [(1, 2, 1, 100, 100, 32, 16, "lower_right"),
+                                   (2, 4, 2, 37, 90, 24, 16, "lower_right"),
+                                   (1, 1, 1, 130, 130, 64, 32, "upper_left"),
+                                   (1, 2, 2, 70, 150, 16, 8, None),
+                                   (2, 2, 1, 1, 300, 16, 16, "lower_right"),
+                                   (1, 1, 1, 90, 90, 16, 64, "lower_right"),
+                                   (1, 1, 1, 50, 50, 16, 1, "lower_right")])
+def test_quest_bounds_match_definitions(shape, monkeypatch):
+    B, Hq, Hkv, Nq, Nkv, D, page, causal = shape
+    g = torch.Generator().manual_seed(hash(shape) % 10_000)
+    q = torch.randn(B, Hq, Nq, D, generator=g).to(DEV)
+    k = torch.randn(B, Hkv, Nkv, D, generator=g).to(DEV)
+    monkeypatch.setattr(tk, "POISON_WORKSPACE", True)      # the output starts as NaN
+    got = tk.quest_page_bounds(q, k, page=page, causal=causal, pages_per_tile=16)
+    assert not got.isnan().any()                           # every entry written
+    ok = allowed_blocks(q.shape, k.shape, (), (), causal, page, device=q.device)
+    want = quest_estimate(q, k, page, ok)
+    assert torch.equal(got > float("-inf"), want > float("-inf"))
+    fin = want > float("-inf")
+    torch.testing.assert_close(got[fin], want[fin], rtol=1e-5, atol=1e-4)
+    if Nq * Nkv * Hq <= 40_000:
+        brute = _brute_quest(q.cpu(), k.cpu(), page, causal)
+        torch.testing.assert_close(got.cpu()[fin.cpu()], brute[fin.cpu()], rtol=1e-5, atol=1e-4)
+
+
+def test_quest_bounds_reject_bad_pages():
+    q = torch.randn(1, 2, 40, 16, device=DEV)
+    for page in (0, 12, 128):
+        with pytest.raises(ValueError, match="page"):
+            tk.quest_page_bounds(q, q, page=page, causal="lower_right")
