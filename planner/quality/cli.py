@@ -53,6 +53,11 @@ def add_parsers(sub) -> None:
     e.add_argument("--check-attend", type=int, default=0, metavar="TOKENS",
                    help="first compare the fast CPU attend with the reference at TOKENS tokens")
     e.add_argument("--resume", action="store_true", help="skip rows already in the JSON")
+    e.add_argument("--sliding-layers", default="dense", choices=["dense", "policy"],
+                   help="models with sliding-window layers (Gemma 3): 'dense' (default) keeps "
+                        "those layers' own window and applies each policy to the full-attention "
+                        "layers only (density is reported over those); 'policy' applies it to "
+                        "every layer, on top of the window")
     e.add_argument("--indexers", default=None, metavar="PATH",
                    help="trained DSA indexers for dsa policies (examples/train_dsa_indexer.py "
                         "--save); without it dsa rows use untrained indexers")
@@ -66,12 +71,15 @@ def add_parsers(sub) -> None:
 
     a = sub.add_parser("assets", help="install and prepare the offline eval assets (idempotent)")
     a.add_argument("--no-install", action="store_true", help="only check, install nothing")
+    a.add_argument("--model", action="append", dest="models", metavar="NAME",
+                   help="repeatable: a model of planner.quality.assets.MODELS (default: all)")
     a.set_defaults(func=run_assets)
 
 
 def run_assets(args) -> int:
-    from planner.quality.assets import prepare_all
-    for k, v in prepare_all(install=not args.no_install).items():
+    from planner.quality.assets import MODELS, prepare_all
+    models = tuple(args.models or MODELS)
+    for k, v in prepare_all(models, install=not args.no_install).items():
         print(f"{k}: {v}")
     return 0
 
@@ -100,7 +108,7 @@ def _load(args, log):
     else:
         lm, tok, desc = assets.load_model(args.model, install=args.install, log=log)
     corpus = assets.load_corpus(args.text, install=args.install, log=log)
-    codec = HFCodec(tok)
+    codec = HFCodec(tok, lead=assets.leading_tokens(args.model, tok))
     t0 = time.perf_counter()
     hay = Haystack.from_text(codec, corpus.haystack, corpus.name)
     ppl_ids = codec.encode(corpus.heldout)
@@ -131,7 +139,7 @@ def run_eval(args) -> int:
         depths=tuple(float(d) for d in args.depths.split(",")),
         trials=_ints_per_length(args.trials), ppl_windows=_ints_per_length(args.ppl_windows),
         seed=args.seed, fast_attend=not args.reference_attend, check_attend=args.check_attend,
-        indexers=args.indexers)
+        indexers=args.indexers, sliding=args.sliding_layers)
     for p in cfg.policies:                                  # fail on a bad spec before loading
         harness.PolicySpec.parse(p)
     lm, codec, hay, ppl_ids, model_desc, text_desc = _load(args, log)
@@ -148,6 +156,9 @@ def run_eval(args) -> int:
                        "block policies, SDPA under the lists' mask for token lists; same outputs "
                        "and densities as the reference)"),
             "cpu": _cpu(), "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
+            "sequence_start": (" ".join(f"{codec.decode([t])} (id {t})" for t in codec.lead)
+                               + " before every prompt and perplexity window (not scored)"
+                               if codec.lead else "no special token"),
             "notes": list(args.note)}
     result = harness.evaluate(lm, codec, hay, ppl_ids, cfg, out_path=base + ".json", meta=meta,
                               log=log, resume=args.resume)
@@ -192,7 +203,7 @@ def _estimate(lm, codec, hay, cfg, log) -> int:
                  + _per_length(cfg.ppl_windows, length, 1))
         for p in cfg.policies:
             spec = PolicySpec.parse(p)
-            runner = Runner(lm, spec.resolve(n_tok))
+            runner = Runner(lm, spec.resolve(n_tok), sliding=cfg.sliding)
             with cpu_attend.enabled(cfg.fast_attend), torch.no_grad():
                 runner.answer(s.ids, s.answer_ids)                   # compiles
                 t0 = time.perf_counter()

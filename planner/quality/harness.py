@@ -11,20 +11,29 @@ logits.
   KV cache (each decode step goes through the compiled sites). Per answer token: log p and
   whether it is the argmax. ``exact`` = every answer token is the argmax, which is exactly
   "greedy decoding reproduces the answer"; ``logprob`` = sum of log p (teacher forced).
-* density: mean over sites of ``planner.inspect(m).sites[i].density`` right after each prefill
-  (a site left dense counts as 1.0).
+* density: mean over the sites the policy covers of ``planner.inspect(m).sites[i].density``
+  right after each prefill (a site left dense counts as 1.0).
+* sliding-window layers (``config.layer_types`` with ``sliding_attention``, e.g. Gemma 3: 15
+  of 18 layers): by default (``sliding="dense"``) a policy covers only the full-attention
+  layers and the sliding layers keep the model's own window (compiled with ``dense``, which
+  attends to exactly the pairs the model's mask allows); the row's density is over the covered
+  sites, ``density_all_sites`` over every site. ``sliding="policy"`` applies the policy to
+  every layer, on top of the window.
+* sequences start with the codec's ``lead`` ids (``<bos>`` for Gemma): perplexity windows are
+  ``lead`` + text and keep their length; the lead token itself is never scored.
 
 Every policy sees the same prompts and windows (seeded per length, task, cell and trial).
 """
 from __future__ import annotations
 
+import fnmatch
 import gc
 import json
 import math
 import os
 import time
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -33,7 +42,9 @@ import planner
 from planner.quality import cpu_attend
 from planner.quality.policies import DEFAULT_POLICIES, PolicySpec, causal_density, describe
 from planner.quality.tasks import PASSKEY_DEPTHS, TASKS, cells, make_sample, sample_seed
-from planner.quality.text import Codec, Haystack
+from planner.quality.text import Codec, Haystack, lead_of
+
+SLIDING_MODES = ("dense", "policy")
 
 
 class _Body(torch.nn.Module):
@@ -51,13 +62,55 @@ class _Body(torch.nn.Module):
         return out.last_hidden_state, out.past_key_values
 
 
+def sliding_layers(lm: torch.nn.Module) -> tuple:
+    """(indices of the sliding-window layers, indices of the full-attention layers) from
+    ``config.layer_types``; ((), all layers) for a model without sliding-window layers."""
+    cfg = getattr(lm, "config", None)
+    types = list(getattr(cfg, "layer_types", None) or [])
+    if not any("sliding" in str(t) for t in types):
+        n = int(getattr(cfg, "num_hidden_layers", 0) or 0)
+        return (), tuple(range(n))
+    return (tuple(i for i, t in enumerate(types) if "sliding" in str(t)),
+            tuple(i for i, t in enumerate(types) if t == "full_attention"))
+
+
+def scope_policy(lm: torch.nn.Module, policy: Any, sliding: str = "dense") -> tuple:
+    """(what to compile, globs of the sites the policy covers or None for all, a description).
+
+    With ``sliding="dense"`` and a model with sliding-window layers, a single policy becomes
+    ``{"*.layers.<i>.*": policy for each full-attention layer i, "*": "dense"}``. Per-layer
+    maps are compiled as given."""
+    if sliding not in SLIDING_MODES:
+        raise ValueError(f"sliding must be one of {SLIDING_MODES}, got {sliding!r}")
+    slide, full = sliding_layers(lm)
+    n = len(slide) + len(full) if slide else len(full)
+    if isinstance(policy, Mapping):
+        return policy, None, "per-layer map as given"
+    if not slide:
+        return policy, None, f"all {n} layers" if n else "all layers"
+    if sliding == "policy":
+        return policy, None, (f"all {n} layers (on top of the window in the {len(slide)} "
+                              f"sliding-window layers)")
+    if not full:
+        raise ValueError("every layer of this model uses a sliding window: no full-attention "
+                         "layer for the policy to cover (use sliding='policy')")
+    globs = [f"*.layers.{i}.*" for i in full]
+    mapped = {g: policy for g in globs}
+    mapped["*"] = "dense"
+    return mapped, globs, (f"full-attention layers {', '.join(map(str, full))} ({len(full)} of "
+                           f"{n}); the {len(slide)} sliding-window layers dense within their "
+                           f"window")
+
+
 class Runner:
-    """A causal LM compiled with one policy (or per-layer map)."""
+    """A causal LM compiled with one policy (or per-layer map); ``sliding``: see
+    ``scope_policy``."""
 
     def __init__(self, lm: torch.nn.Module, policy: Any, *, logits_chunk: int = 1024,
-                 indexers: Optional[str] = None):
+                 indexers: Optional[str] = None, sliding: str = "dense"):
         self.lm = lm
-        self.model = planner.compile(_Body(lm), policy=policy)
+        compiled, self.covered, self.scope = scope_policy(lm, policy, sliding)
+        self.model = planner.compile(_Body(lm), policy=compiled)
         bank = getattr(self.model, "sparse_indexers", None)
         if indexers and bank is not None:          # trained DSA indexers (a saved export)
             bank.preload(torch.load(indexers, map_location="cpu")["sites"])
@@ -73,7 +126,7 @@ class Runner:
     def _prefill(self, ids: Sequence[int]):
         x = torch.tensor([list(ids)], dtype=torch.long)                 # [1, N]
         h, cache = self.model(x)
-        self.last_density = density_of(self.model)
+        self.last_density = density_of(self.model, self.covered)
         return h, cache
 
     @torch.no_grad()
@@ -104,15 +157,24 @@ class Runner:
         return lps, hits
 
 
-def density_of(m) -> dict:
-    """Mean / min / max site density of the last call (sites left dense count as 1.0)."""
+def density_of(m, covered: Optional[Sequence[str]] = None) -> dict:
+    """Mean / min / max density of the last call over the sites matching a glob of ``covered``
+    (None: every site; sites left dense count as 1.0). ``sites``: all sites, ``policy_sites``:
+    the covered ones, ``dense_sites``: sites the planner left dense (not rewritten),
+    ``mean_all_sites``: the mean over every site."""
     rep = planner.inspect(m)
-    d = [s.density if s.density is not None else 1.0 for s in rep.sites]
-    if not d:
-        return {"mean": None, "min": None, "max": None, "sites": 0, "dense_sites": 0}
-    return {"mean": sum(d) / len(d), "min": min(d), "max": max(d), "sites": len(d),
+    dens = lambda s: s.density if s.density is not None else 1.0          # noqa: E731
+    mine = [s for s in rep.sites
+            if covered is None or any(fnmatch.fnmatchcase(s.name, g) for g in covered)]
+    if not mine:
+        return {"mean": None, "min": None, "max": None, "sites": len(rep.sites),
+                "policy_sites": 0, "dense_sites": 0, "mean_all_sites": None}
+    d = [dens(s) for s in mine]
+    return {"mean": sum(d) / len(d), "min": min(d), "max": max(d), "sites": len(rep.sites),
+            "policy_sites": len(mine),
             "dense_sites": sum(s.status != "rewritten" for s in rep.sites),
-            "kernel": rep.sites[0].kernel}
+            "mean_all_sites": sum(map(dens, rep.sites)) / len(rep.sites),
+            "kernel": mine[0].kernel}
 
 
 def _per_length(value, length: int, default: int) -> int:
@@ -136,6 +198,7 @@ class EvalConfig:
     fast_attend: bool = True       # serve sparse.attend on CPU with planner.quality.cpu_attend
     check_attend: int = 0          # >0: compare fast vs reference attend at this many tokens
     indexers: Optional[str] = None  # DSA indexer weights (examples/train_dsa_indexer.py --save)
+    sliding: str = "dense"         # sliding-window layers: "dense" (own window) or "policy"
 
     def prompt_tokens(self, length: int, max_positions: Optional[int]) -> int:
         if max_positions:
@@ -145,18 +208,25 @@ class EvalConfig:
 
 #: settings that define what a (policy, length) row contains: a run may resume (and add rows to)
 #: a JSON written with the same values; lengths and policies may differ
-_ROW_DEFINING = ("tasks", "depths", "trials", "ppl_windows", "seed", "answer_room", "fast_attend")
+_ROW_DEFINING = ("tasks", "depths", "trials", "ppl_windows", "seed", "answer_room", "fast_attend",
+                 "sliding")
+#: values of settings added later, for JSON files written before them
+_ROW_DEFAULTS = {"sliding": "dense"}
 
 
-def _ppl_windows(ppl_ids: Sequence[int], n_tokens: int, count: int, seed: int) -> list:
-    """``count`` disjoint windows of ``n_tokens`` at seeded offsets in the perplexity text."""
-    if len(ppl_ids) < n_tokens:
-        raise ValueError(f"perplexity text has {len(ppl_ids)} tokens, a window needs {n_tokens}")
-    n_slots = len(ppl_ids) // n_tokens
+def _ppl_windows(ppl_ids: Sequence[int], n_tokens: int, count: int, seed: int,
+                 lead: Sequence[int] = ()) -> list:
+    """``count`` disjoint windows of ``n_tokens`` at seeded offsets in the perplexity text, each
+    ``lead`` + ``n_tokens - len(lead)`` text tokens."""
+    lead = list(lead)
+    n_text = n_tokens - len(lead)
+    if n_text < 2 or len(ppl_ids) < n_text:
+        raise ValueError(f"perplexity text has {len(ppl_ids)} tokens, a window needs {n_text}")
+    n_slots = len(ppl_ids) // n_text
     import random
     rng = random.Random(sample_seed("ppl", n_tokens, seed))
     slots = sorted(rng.sample(range(n_slots), min(count, n_slots)))
-    return [list(ppl_ids[s * n_tokens:(s + 1) * n_tokens]) for s in slots]
+    return [lead + list(ppl_ids[s * n_text:(s + 1) * n_text]) for s in slots]
 
 
 def build_samples(cfg: EvalConfig, codec: Codec, hay: Haystack, n_tokens: int,
@@ -190,6 +260,7 @@ def evaluate(lm: torch.nn.Module, codec: Codec, hay: Haystack, ppl_ids: Sequence
         with open(out_path) as f:
             old = json.load(f)
         oc, nc = old.get("meta", {}).get("config", {}), result["meta"]["config"]
+        oc = {**_ROW_DEFAULTS, **oc}
         if all(oc.get(k) == nc.get(k) for k in _ROW_DEFINING):
             result["rows"], result["trials"] = old["rows"], old["trials"]
             result["checks"] = old.get("checks", [])
@@ -211,13 +282,14 @@ def evaluate(lm: torch.nn.Module, codec: Codec, hay: Haystack, ppl_ids: Sequence
         todo = [s for s in specs if s.label not in checked]
         if todo:
             result["checks"] += check_attend(lm, codec, hay, todo, cfg.check_attend, cfg.seed, log,
-                                            indexers=cfg.indexers)
+                                            indexers=cfg.indexers, sliding=cfg.sliding)
             _write(result, out_path)
     for length in cfg.lengths:
         n_tok = cfg.prompt_tokens(length, max_pos)
         trials = _per_length(cfg.trials, length, 4)
         samples = build_samples(cfg, codec, hay, n_tok, trials)
-        windows = _ppl_windows(ppl_ids, n_tok, _per_length(cfg.ppl_windows, length, 1), cfg.seed)
+        windows = _ppl_windows(ppl_ids, n_tok, _per_length(cfg.ppl_windows, length, 1), cfg.seed,
+                               lead_of(codec))
         log(f"== length {length}: {n_tok} tokens per prompt, {len(windows)} perplexity "
             f"window(s), {len(samples)} retrieval prompts ({trials} per cell)")
         for spec in specs:
@@ -240,7 +312,7 @@ def _run_policy(lm, spec: PolicySpec, length: int, n_tok: int, windows: list, sa
                 cfg: EvalConfig, log) -> tuple:
     resolved = spec.resolve(n_tok)
     t0 = time.perf_counter()
-    runner = Runner(lm, resolved, indexers=cfg.indexers)
+    runner = Runner(lm, resolved, indexers=cfg.indexers, sliding=cfg.sliding)
     dens: list = []
     fwd_times: list = []
     nll, count = 0.0, 0
@@ -264,15 +336,19 @@ def _run_policy(lm, spec: PolicySpec, length: int, n_tok: int, windows: list, sa
                 "exact": all(hits), "tokens_correct": sum(hits), "answer_tokens": len(hits),
                 "logprob": sum(lps), "density": runner.last_density["mean"]})
     means = [d["mean"] for d in dens if d and d["mean"] is not None]
+    alls = [d["mean_all_sites"] for d in dens if d and d.get("mean_all_sites") is not None]
     row = {
         "policy": spec.label, "family": spec.family(), "series": spec.series(),
         "length": length, "tokens": n_tok,
         "params": describe(resolved),
+        "scope": runner.scope,
         "density_expected": _expected(resolved, n_tok),
         "density": sum(means) / len(means) if means else None,
         "density_min": min((d["min"] for d in dens if d and d["min"] is not None), default=None),
         "density_max": max((d["max"] for d in dens if d and d["max"] is not None), default=None),
+        "density_all_sites": sum(alls) / len(alls) if alls else None,
         "sites": dens[0]["sites"] if dens else None,
+        "policy_sites": dens[0].get("policy_sites") if dens else None,
         "dense_sites": dens[0]["dense_sites"] if dens else None,
         "kernel": dens[0].get("kernel") if dens else None,
         "ppl_windows": len(windows), "ppl_tokens": count,
@@ -288,7 +364,8 @@ def _run_policy(lm, spec: PolicySpec, length: int, n_tok: int, windows: list, sa
     fmt = lambda x, f: "-" if x is None else format(x, f)             # noqa: E731
     log(f"   {spec.label:<24} {row['params']:<60} density {fmt(row['density'], '.3f')} "
         f"ppl {fmt(row['ppl'], '.3f')} retrieval {fmt(row['retrieval_acc'], '.2f')} "
-        f"(n={len(acc)}) {row['wall_s']:.0f}s")
+        f"(n={len(acc)}) {row['wall_s']:.0f}s"
+        + (f" [policy on {runner.scope}]" if runner.covered is not None else ""))
     del runner
     torch._dynamo.reset()
     return row, trial_rows
@@ -327,14 +404,14 @@ def _fill_deltas(rows: list) -> None:
 
 
 def check_attend(lm, codec: Codec, hay: Haystack, specs: list, n_tokens: int, seed: int,
-                 log, indexers: Optional[str] = None) -> list:
+                 log, indexers: Optional[str] = None, sliding: str = "dense") -> list:
     """Fast CPU attend vs the runtime's reference on one prompt of ``n_tokens`` per policy:
     max |logit difference| at the last position and the two measured densities."""
     s = make_sample("passkey", codec, hay, n_tokens, seed=sample_seed(seed, "check"), depth=0.5)
     out = []
     for spec in specs:
         resolved = spec.resolve(n_tokens)
-        runner = Runner(lm, resolved, indexers=indexers)
+        runner = Runner(lm, resolved, indexers=indexers, sliding=sliding)
         with torch.no_grad():
             h_ref, _ = runner._prefill(s.ids)
             d_ref = runner.last_density["mean"]

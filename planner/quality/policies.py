@@ -61,6 +61,28 @@ def block_topk_pairs(n: int, block: int, topk: int, sink_blocks: int, local_bloc
     return total
 
 
+def bigbird_pairs(n: int, block: int, window: int, global_tokens: int, random_blocks: int) -> int:
+    """Causal pairs kept by ``bigbird`` (``codegen.select.policies.bigbird_blocks``): query
+    block i keeps key blocks i - ceil(window / block) .. i, the first ceil(global_tokens /
+    block) blocks, every visible block when it is itself a global block, and then
+    ``random_blocks`` more of the visible blocks not yet kept (as many as there are). All kept
+    blocks but the diagonal one are full, so which random blocks are drawn does not change the
+    count."""
+    nb = -(-n // block)
+    w, g = -(-window // block), -(-global_tokens // block)
+    total = 0
+    for i in range(nb):
+        rows = min(block, n - i * block)
+        visible = i + 1
+        if i < g:
+            kept = visible
+        else:
+            kept = min(w, i) + 1 + max(0, min(g, i - w))           # window blocks + global keys
+            kept = min(visible, kept + random_blocks)
+        total += (kept - 1) * block * rows + rows * (rows + 1) // 2
+    return total
+
+
 def dsa_pairs(n: int, topk: int) -> int:
     """Causal pairs kept when query ``i`` keeps ``min(i + 1, topk)`` keys."""
     k = min(topk, n)
@@ -81,6 +103,9 @@ def causal_density(pol: Policy, n: int) -> Optional[float]:
         return dsa_pairs(n, pol.topk) / _causal_pairs(n)
     if pol.name == "longformer":        # causal: global keys act as sinks, global queries see all
         return sink_window_pairs(n, pol.global_tokens, pol.window) / _causal_pairs(n)
+    if pol.name == "bigbird":
+        return bigbird_pairs(n, pol.block, pol.window, pol.global_tokens,
+                             pol.random_blocks) / _causal_pairs(n)
     return None
 
 
@@ -146,6 +171,29 @@ def _match_longformer(n: int, density: float, fixed: dict) -> Policy:
     return planner.policy("longformer", **{**fixed, "global_tokens": g, "window": w})
 
 
+def _match_bigbird(n: int, density: float, fixed: dict) -> Policy:
+    """Block = ``default_block(n)``, ``global_tokens`` and ``random_blocks`` at the policy's
+    defaults (64 tokens, 3 blocks); the window (a whole number of blocks) is solved, or, when
+    ``window`` is given, ``random_blocks``."""
+    kw = {"block": default_block(n), "global_tokens": 64, "random_blocks": 3, "seed": 0}
+    kw.update(fixed)
+    b = kw["block"]
+    nb = -(-n // b)
+    f = lambda **v: bigbird_pairs(n, b, *(v.get(k, kw.get(k)) for k in            # noqa: E731
+                                          ("window", "global_tokens", "random_blocks"))) \
+        / _causal_pairs(n)
+    if "window" not in fixed:
+        w = _solve_int(lambda w: f(window=w * b), density, 0, nb)
+        kw["window"] = w * b
+        if w == 0 and "random_blocks" not in fixed and f(window=0) > density:
+            # short prompts: the global and random blocks alone exceed the target
+            kw["random_blocks"] = _solve_int(lambda r: f(window=0, random_blocks=r), density,
+                                             0, kw["random_blocks"])
+    elif "random_blocks" not in fixed:
+        kw["random_blocks"] = _solve_int(lambda r: f(random_blocks=r), density, 0, nb)
+    return planner.policy("bigbird", **kw)
+
+
 def _match_quest(n: int, density: float, fixed: dict) -> Policy:
     """Quest keeps ``ceil(budget / page)`` pages (+ sink and own pages) per block of ``page``
     queries in prefill: the pair count of block_topk with block = page."""
@@ -167,6 +215,7 @@ MATCHERS: dict[str, Callable[[int, float, dict], Policy]] = {
     "dsa": _match_dsa,
     "quest": _match_quest,
     "longformer": _match_longformer,
+    "bigbird": _match_bigbird,
 }
 
 

@@ -25,10 +25,25 @@ def _tasks_in(result: dict) -> list:
     return [t for t in TASKS if t in seen] + sorted(seen - set(TASKS))
 
 
+def _scoped(result: dict) -> bool:
+    """Whether some row's policy covers only part of the sites (sliding-window models)."""
+    return any(r.get("policy_sites") is not None and r.get("sites") is not None
+               and r["policy_sites"] < r["sites"] for r in result["rows"])
+
+
+def scopes(result: dict) -> list:
+    """The distinct 'which layers the policy covers' texts of the rows."""
+    return list(dict.fromkeys(r["scope"] for r in result["rows"] if r.get("scope")))
+
+
 def main_table(result: dict, fmt: str = "github") -> str:
-    """One row per (length, policy): density, perplexity, retrieval accuracy per task."""
+    """One row per (length, policy): density, perplexity, retrieval accuracy per task. When
+    policies cover only some sites, ``density`` is over those and ``density (all sites)``
+    counts the others as 1."""
     tasks = _tasks_in(result)
-    head = ["length", "policy", "params", "density", "ppl", "Δppl %", *tasks, "all tasks",
+    scoped = _scoped(result)
+    head = ["length", "policy", "params", "density",
+            *(["density (all sites)"] if scoped else []), "ppl", "Δppl %", *tasks, "all tasks",
             "answer log p"]
     rows = []
     for r in sorted(result["rows"], key=lambda r: (r["length"], -(r["density"] or 0))):
@@ -36,7 +51,9 @@ def main_table(result: dict, fmt: str = "github") -> str:
               if t["policy"] == r["policy"] and t["length"] == r["length"]]
         rows.append([
             f"{r['length']} ({r['tokens']})", r["policy"], r["params"],
-            _f(r["density"], ".3f"), _f(r["ppl"], ".3f"), _f(r.get("ppl_delta_pct"), "+.2f"),
+            _f(r["density"], ".3f"),
+            *([_f(r.get("density_all_sites"), ".3f")] if scoped else []),
+            _f(r["ppl"], ".3f"), _f(r.get("ppl_delta_pct"), "+.2f"),
             *[_acc(r["tasks"].get(t)) for t in tasks],
             _acc({"acc": r["retrieval_acc"], "n": r["retrieval_n"]}) if r["retrieval_n"] else "-",
             _f(sum(lp) / len(lp) if lp else None, ".2f")])
@@ -78,7 +95,9 @@ def markdown(result: dict, *, title: str = "Quality: dense vs sparse policies") 
              ("tasks", ", ".join(cfg.get("tasks", []))),
              ("passkey depths", ", ".join(f"{d:.0%}" for d in cfg.get("depths", []))),
              ("trials per cell", cfg.get("trials")), ("perplexity windows", cfg.get("ppl_windows")),
-             ("seed", cfg.get("seed")), ("attend on CPU", m.get("attend")),
+             ("seed", cfg.get("seed")), ("sequence start", m.get("sequence_start")),
+             ("policies cover", "; ".join(scopes(result))),
+             ("attend on CPU", m.get("attend")),
              ("machine", m.get("cpu")), ("torch", m.get("torch")),
              ("triton", m.get("triton")), ("transformers", m.get("transformers")),
              ("threads", m.get("threads")), ("planner commit", m.get("commit")),
@@ -87,8 +106,11 @@ def markdown(result: dict, *, title: str = "Quality: dense vs sparse policies") 
     cmds = m.get("commands") or [m.get("command")]
     lines += [f"- **command{'s (run in this order, the later resuming)' if len(cmds) > 1 else ''}"
               f"**: " + "; ".join(f"`{c}`" for c in cmds if c)]
+    scope = ("the attention sites the policy covers (see *policies cover*; the column "
+             "*density (all sites)* averages over every site, counting the others as 1)"
+             if _scoped(result) else "the model's attention sites")
     lines += ["", "## Results", "", main_table(result), "",
-              "Density: mean over the model's attention sites of the fraction of attended pairs "
+              f"Density: mean over {scope} of the fraction of attended pairs "
               "the policy kept, as measured by `planner.inspect` after each prefill (averaged over "
               "all prefills of the row). Accuracy: exact match of the greedy continuation "
               "(every answer token is the argmax, teacher forced through the KV cache), with "
@@ -159,7 +181,8 @@ def plot(result: dict, path: str, log=print) -> Optional[str]:
                 ax.plot([dense["density"]], [get(dense)], marker=markers[n], color="black",
                         linestyle="", label=f"dense, {n} tokens")
         ax.set_xscale("log")
-        ax.set_xlabel("measured density (fraction of causal pairs kept)")
+        ax.set_xlabel("measured density (fraction of causal pairs kept"
+                      + (", layers the policy covers)" if _scoped(result) else ")"))
         ax.set_ylabel(ylabel)
         ax.grid(True, alpha=0.3)
     for ax in axes[:2]:

@@ -1,7 +1,7 @@
 """RULER-style synthetic retrieval prompts built offline from real text, exact to the token.
 
-Every prompt is ``prefix + haystack (with needles inserted) + question``: exactly the requested
-number of tokens, with each needle at a sentence boundary near its requested depth, and an
+Every prompt is ``lead + prefix + haystack (with needles inserted) + question`` (``lead``: the
+codec's leading ids, ``<bos>`` for Gemma, none for SmolLM2): exactly the requested number of tokens, with each needle at a sentence boundary near its requested depth, and an
 answer (``Sample.answer_ids``) the model must continue with. Tasks:
 
 * ``passkey``        one needle "The pass key is 71432. Remember it. 71432 is the pass key.",
@@ -31,7 +31,7 @@ import zlib
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
-from planner.quality.text import Codec, Haystack
+from planner.quality.text import Codec, Haystack, lead_of
 
 TASKS = ("passkey", "niah_single", "niah_multikey", "vt")
 PASSKEY_DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
@@ -134,7 +134,7 @@ def make_sample(task: str, codec: Codec, hay: Haystack, n_tokens: int, *, seed: 
     assignment); None draws it at random. ``seed`` fixes everything drawn."""
     rng = random.Random(seed)
     prefix, needles, which, question, answer = _spec(task, rng, depth, hops, n_keys)
-    pre = list(codec.encode(prefix))
+    pre = lead_of(codec) + list(codec.encode(prefix))
     suf = list(codec.encode(question))
     ans = list(codec.encode(answer))
     while len(ans) > 1 and not codec.decode(ans[:1]).strip():

@@ -1,8 +1,11 @@
 """Text for quality runs: token codecs and tokenised corpora (haystacks, perplexity windows).
 
 ``Codec`` is what the harness needs of a tokenizer: ``encode(str) -> list[int]`` without
-special tokens, ``decode(list[int]) -> str``. ``HFCodec`` wraps a transformers tokenizer,
-``ByteCodec`` is the UTF-8 byte tokenizer the tests use (vocabulary 256, no downloads).
+special tokens, ``decode(list[int]) -> str``, and ``lead``: the token ids every sequence the
+model sees starts with (``(bos,)`` for models trained with one, such as Gemma; empty for
+SmolLM2). Prompts and perplexity windows begin with ``lead`` and keep their requested length.
+``HFCodec`` wraps a transformers tokenizer, ``ByteCodec`` is the UTF-8 byte tokenizer the tests
+use (vocabulary 256, no downloads).
 
     >>> codec = ByteCodec()
     >>> codec.encode("Hi.")
@@ -23,14 +26,25 @@ _SENTENCE_END = (".", "!", "?", "\n", '."', '!"', '?"', ".'", "!'", "?'")
 
 
 class Codec(Protocol):
+    lead: tuple
+
     def encode(self, text: str) -> list: ...
     def decode(self, ids: Sequence[int]) -> str: ...
 
 
+def lead_of(codec) -> list:
+    """The ids every sequence starts with (``codec.lead``; none when it has no such attribute)."""
+    return [int(t) for t in getattr(codec, "lead", ())]
+
+
 class ByteCodec:
-    """UTF-8 bytes as tokens 0..255 (tests and tiny models)."""
+    """UTF-8 bytes as tokens 0..255 (tests and tiny models); ``lead``: ids put before every
+    sequence (e.g. a bos id >= 256 of a model with a larger vocabulary)."""
 
     vocab_size = 256
+
+    def __init__(self, lead: Sequence[int] = ()):
+        self.lead = tuple(int(t) for t in lead)
 
     def encode(self, text: str) -> list:
         return list(text.encode("utf-8"))
@@ -40,10 +54,12 @@ class ByteCodec:
 
 
 class HFCodec:
-    """A transformers tokenizer, without special tokens."""
+    """A transformers tokenizer, without special tokens; ``lead`` (e.g. ``[bos]``) is put
+    before each sequence by the harness (``planner.quality.assets.leading_tokens``)."""
 
-    def __init__(self, tokenizer):
+    def __init__(self, tokenizer, lead: Sequence[int] = ()):
         self.tok = tokenizer
+        self.lead = tuple(int(t) for t in lead)
 
     def encode(self, text: str) -> list:
         return list(self.tok.encode(text, add_special_tokens=False))
