@@ -4,7 +4,7 @@ Times (``do_bench`` medians) at B=1, H=16, D=128, bf16, causal: ``pool_blocks`` 
 (block 64) with rows-per-step x warps; ``block_topk_select`` (block 64, topk 32) with each warp
 count, one partial sort vs rounds of max; the same selection at Quest's width (page 16, top 128
 pages); ``quest_page_bounds`` with pages per tile x warps; ``last_rows_lines`` (64 rows) and
-``line_block_scores``; the pooled product by torch (fp32) and by ``pooled_dots``. Every
+``auto_block_scores`` and ``auto_criterion``; the pooled product by torch (fp32) and by ``pooled_dots``. Every
 variant's output is compared with the default's (``same``).
 
     PYTHONPATH=. python benchmarks/estimator_probe.py --out DIR     # DIR/estimators_<card>.md
@@ -117,12 +117,12 @@ def main():
                 tiles_per_program=tpp), lines_, close, rows=64, per_program=tpp)
         aware = torch.zeros(1, 16, dtype=torch.bool, device="cuda")
         aware[:, ::2] = True
-        ref_l = tk.line_block_scores(dots, lines_, aware, n_q=n, causal="lower_right", block=64,
-                                     scale=128 ** -0.5)
-        for rpp in (1, 4, 16):
-            variant("line_block_scores", n, lambda: tk.line_block_scores(
-                dots, lines_, aware, n_q=n, causal="lower_right", block=64, scale=128 ** -0.5,
-                rows_per_program=rpp), ref_l, equal, per_program=rpp)
+        variant("auto_block_scores", n, lambda: tk.auto_block_scores(
+            ref_q, pk_, lines_, aware, n_q=n, causal="lower_right", block=64, scale=128 ** -0.5),
+            None, lambda a, b: True)
+        variant("auto_criterion", n, lambda: tk.auto_criterion(
+            dots[:, :, -1:], lines_, n_q=n, causal="lower_right", block=64, scale=128 ** -0.5,
+            tau=0.1), None, lambda a, b: True)
     for r in rows_out:
         print(json.dumps(r), flush=True)
     lines = [f"# Estimator / selection kernel knobs on {card}", "",

@@ -218,9 +218,10 @@ def _bb_select(sc, q, k, spec):
 
 
 # ---------------------------------------------------------------- auto
-# With one head per group, no mask tensors and a causal rule, on the device: pooled dot
-# products (as block_topk), the line statistics in Triton, the per-head criterion
-# on the last query block in PyTorch ([B, H, NKB]), the block scores in one Triton pass, and a
+# With one head per group, no mask tensors and a causal rule, on the device: Triton pooling,
+# the line statistics and the per-head criterion (on the last query block's pooled logits) in
+# Triton, then one pass that writes each head's block scores (pooled logits for query-aware
+# heads, line mass for the others; empty causal tiles skipped), and a
 # selection program per query block with its own budget. Same rankings as the PyTorch path.
 def _auto_kernels(q, k, spec) -> bool:
     return (_bt_kernels(q, k, spec) and spec.causal is not None
@@ -232,12 +233,12 @@ def _auto_score(q, k, mods, spec):
     if _auto_kernels(q, k, spec):
         from runtime import triton_kernels as tk
         b = p.block
-        dots = tk.pooled_dots(tk.pool_blocks(q, b), tk.pool_blocks(k, b), n_q=q.shape[2],
-                              n_kv=k.shape[2], causal=spec.causal, block=b)
+        pq, pk = tk.pool_blocks(q, b), tk.pool_blocks(k, b)
         lines = tk.last_rows_lines(q, k, scale=spec.scale, causal=spec.causal, last_q=b)
-        aware = tk.auto_criterion(dots, lines, n_q=q.shape[2], causal=spec.causal, block=b,
+        last = torch.matmul(pq[:, :, -1:], pk.transpose(-1, -2))      # the last query block
+        aware = tk.auto_criterion(last, lines, n_q=q.shape[2], causal=spec.causal, block=b,
                                   scale=spec.scale, tau=p.tau)
-        return tk.line_block_scores(dots, lines, aware, n_q=q.shape[2], causal=spec.causal,
+        return tk.auto_block_scores(pq, pk, lines, aware, n_q=q.shape[2], causal=spec.causal,
                                     block=b, scale=spec.scale)
     scores, _ = P.auto_estimate(q, k, spec.scale, spec.mods, mods, spec.causal, p.block,
                                 _allowed(q, k, mods, spec), p.tau)

@@ -200,13 +200,40 @@ def indexer_topk(q_idx, w, k_idx, topk: int, *, causal: bool,
 FEW_ROWS = 16
 
 
+def few_row_scores(q_idx, w, k_idx, *, causal: bool) -> torch.Tensor:
+    """``indexer_scores_ref``'s fp32 rows. For 16-bit inputs on CUDA, one batched product over
+    all indexer heads with fp32 output (``torch.bmm(..., out_dtype=float32)``: exact products,
+    fp32 accumulation; no fp32 copy of the keys, which the reference makes, and one read of
+    them instead of one per head), then the reference's weighted ReLU sum in its head order."""
+    if (q_idx.device.type == "cuda" and q_idx.dtype in (torch.float16, torch.bfloat16)
+            and k_idx.dtype == q_idx.dtype):
+        B, n_q, n_h, d = q_idx.shape
+        n_kv = k_idx.shape[1]
+        try:
+            dots = torch.bmm(q_idx.reshape(B, n_q * n_h, d), k_idx.transpose(1, 2),
+                             out_dtype=torch.float32).view(B, n_q, n_h, n_kv)
+        except (TypeError, RuntimeError, NotImplementedError):     # torch without out_dtype
+            dots = None
+        if dots is not None:
+            wf = w.float()
+            scores = wf[:, :, 0, None] * torch.relu(dots[:, :, 0])
+            for j in range(1, n_h):
+                scores += wf[:, :, j, None] * torch.relu(dots[:, :, j])
+            if causal:
+                hidden = (torch.arange(n_kv, device=q_idx.device)[None, :]
+                          >= visible_counts(n_q, n_kv, True, q_idx.device)[:, None])
+                scores = scores.masked_fill(hidden, float("-inf"))
+            return scores
+    return indexer_scores_ref(q_idx, w, k_idx, causal=causal)
+
+
 def topk_few_rows(q_idx, w, k_idx, topk: int, *, causal: bool) -> torch.Tensor:
-    """The selection for few query rows: the reference's fp32 score rows, then one
-    ``torch.topk`` over int64 keys (order-preserving score image << 32 | key index), so equal
-    scores go to the newer key exactly as in the reference; hidden keys can never be chosen.
-    Rows unordered."""
+    """The selection for few query rows: the reference's fp32 score rows (``few_row_scores``),
+    then one ``torch.topk`` over int64 keys (order-preserving score image << 32 | key index),
+    so equal scores go to the newer key exactly as in the reference; hidden keys can never be
+    chosen. Rows unordered."""
     n_q, n_kv = q_idx.shape[1], k_idx.shape[1]
-    scores = indexer_scores_ref(q_idx, w, k_idx, causal=causal)              # [B, Nq, Nkv] fp32
+    scores = few_row_scores(q_idx, w, k_idx, causal=causal)                   # [B, Nq, Nkv] fp32
     idx = torch.arange(n_kv, device=q_idx.device)
     keys = (_score_key(scores + 0.0) << 32) | idx
     visible = visible_counts(n_q, n_kv, causal, q_idx.device)                 # [Nq]

@@ -710,29 +710,32 @@ def last_rows_lines(q: torch.Tensor, k: torch.Tensor, *, scale: float, causal: s
     return out if Hq == Hkv else out.reshape(B, Hkv, Hq // Hkv, 2, Nkv).sum(2)
 
 
-def line_block_scores(dots: torch.Tensor, lines: torch.Tensor, aware: torch.Tensor, *,
-                      n_q: int, causal: str, block: int, scale: float,
-                      rows_per_program: int = 1) -> torch.Tensor:
-    """The ``auto`` policy's block scores (causal, one head per group): ``scale * dots`` for the
-    query-aware heads (``aware`` bool ``[B, H]``), else the line mass of ``lines``
+def auto_block_scores(pq: torch.Tensor, pk: torch.Tensor, lines: torch.Tensor,
+                      aware: torch.Tensor, *, n_q: int, causal: str, block: int,
+                      scale: float) -> torch.Tensor:
+    """The ``auto`` policy's block scores (causal, one head per group) in one pass: for the
+    query-aware heads (``aware`` bool ``[B, H]``) the pooled logits ``scale * pq . pk`` (pooled
+    fp32 ``[B, H, NQB, D]`` / ``[B, H, NKB, D]``), for the others the line mass of ``lines``
     (``[B, H, 2, Nkv]``, from ``last_rows_lines``) through each key block; fp32
     ``[B, H, NQB, NKB]``, -inf where the causal rule allows no pair."""
     from codegen.attention.reference import positions_offset
-    B, H, nqb, nkb = dots.shape
+    B, H, nqb, D = pq.shape
+    nkb = pk.shape[2]
     n_kv = lines.shape[-1]
-    if lines.shape != (B, H, 2, n_kv) or aware.shape != (B, H):
-        raise ValueError(f"line_block_scores: dots {tuple(dots.shape)}, lines "
-                         f"{tuple(lines.shape)} and aware {tuple(aware.shape)} do not match")
+    if (lines.shape != (B, H, 2, n_kv) or aware.shape != (B, H) or pk.shape[:2] != (B, H)
+            or pk.shape[3] != D):
+        raise ValueError(f"auto_block_scores: pooled q {tuple(pq.shape)}, pooled k "
+                         f"{tuple(pk.shape)}, lines {tuple(lines.shape)} and aware "
+                         f"{tuple(aware.shape)} do not match")
     pre = torch.nn.functional.pad(lines.cumsum(-1), (1, 0))   # prefix sums [B, H, 2, Nkv + 1]
-    out = torch.empty((B, H, nqb, nkb), device=dots.device, dtype=torch.float32)
+    out = torch.empty((B, H, nqb, nkb), device=pq.device, dtype=torch.float32)
     if out.numel() == 0:
         return out
-    nkb_p = next_pow2(max(nkb, 16))
-    rpp = max(1, int(rows_per_program))
-    _lines_module(dots.device).line_block_scores[(-(-nqb // rpp), B * H)](
-        dots.contiguous(), pre, aware.to(torch.int32).contiguous(), out, nqb, nkb, n_q, n_kv,
-        positions_offset(causal, n_q, n_kv), block, float(scale), NKB_P=nkb_p, RPP=rpp,
-        num_warps=1 if nkb_p <= 1024 else 4)
+    bm = bn = 64 if D <= 128 else 32
+    _lines_module(pq.device).auto_block_scores[(-(-nqb // bm), -(-nkb // bn), B * H)](
+        pq.contiguous(), pk.contiguous(), pre, aware.to(torch.int32).contiguous(), out, nqb,
+        nkb, n_q, n_kv, positions_offset(causal, n_q, n_kv), block, D, float(scale), BM=bm,
+        BN=bn, D_P=next_pow2(max(D, 16)), PREC="tf32x3", num_warps=4)
     return out
 
 

@@ -70,23 +70,27 @@ def test_last_rows_lines_rejects_what_it_cannot_do():
         tk.last_rows_lines(q, q[..., :8], scale=0.25, causal="lower_right", last_q=16)
 
 
-@pytest.mark.parametrize("nq,nkv,block", [(100, 100, 16), (60, 130, 16), (200, 200, 32)])
-def test_line_block_scores_rank_like_reference(nq, nkv, block):
+@pytest.mark.parametrize("nq,nkv,block", [(100, 100, 16), (60, 130, 16), (200, 200, 32),
+                                          (1500, 1500, 16)])
+def test_auto_block_scores_rank_like_reference(nq, nkv, block, monkeypatch):
     """Line heads: the unnormalised line mass, -inf outside the causal rule, is the reference's
-    normalised score times a positive per-row constant; aware heads: the scaled dots."""
+    normalised score times a positive per-row constant; aware heads: the scaled pooled
+    logits."""
     causal = "lower_right"
     q = torch.randn(1, 3, nq, 16, device=DEV)
     k = torch.randn(1, 3, nkv, 16, device=DEV)
     lines = tk.last_rows_lines(q, k, scale=0.25, causal=causal, last_q=block)
-    dots = torch.matmul(_pool(q, block), _pool(k, block).transpose(-1, -2))
+    pq, pk = _pool(q, block), _pool(k, block)
+    dots = torch.matmul(pq, pk.transpose(-1, -2))
     aware = torch.tensor([[True, False, False]], device=DEV)
-    got = tk.line_block_scores(dots, lines, aware, n_q=nq, causal=causal, block=block, scale=0.25)
-    assert torch.equal(got, tk.line_block_scores(dots, lines, aware, n_q=nq, causal=causal,
-                                                 block=block, scale=0.25, rows_per_program=3))
+    got = tk.auto_block_scores(pq, pk, lines, aware, n_q=nq, causal=causal, block=block,
+                               scale=0.25)
     ok = allowed_blocks(q.shape, k.shape, (), (), causal, block, device=q.device)
     ref = vslash_block_scores(lines, nq, nkv, causal, block, ok)
+    assert not got.isnan().any()
     assert torch.equal(got > float("-inf"), ok)
-    torch.testing.assert_close(got[:, 0], (dots[:, 0] * 0.25).masked_fill(~ok[:, 0], float("-inf")))
+    torch.testing.assert_close(got[:, 0], (dots[:, 0] * 0.25).masked_fill(~ok[:, 0], float("-inf")),
+                               rtol=1e-5, atol=1e-5)
     tot = got[:, 1:].clamp_min(0).sum(-1, keepdim=True)          # -inf -> 0
     torch.testing.assert_close((got[:, 1:] / tot).masked_fill(~ok[:, 1:], float("-inf")),
                                ref[:, 1:], rtol=1e-5, atol=1e-6)

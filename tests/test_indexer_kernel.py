@@ -334,3 +334,23 @@ def test_few_rows_path_matches_reference(B, n_q, n_kv, topk, causal, tied):
     ref = indexer_topk_ref(q, w, k, topk, causal=causal)
     assert got.dtype == torch.int32 and got.shape == ref.shape
     assert torch.equal(got.sort(-1).values, ref.sort(-1).values)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the fp32-output product is CUDA-only")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_few_row_scores_on_cuda_match_reference(dtype):
+    """bf16/fp16 score rows from one fp32-output product equal the reference's fp32 rows up to
+    summation order, and the selection equals the reference's."""
+    from runtime.indexer_kernels import few_row_scores, topk_few_rows
+    g = torch.Generator(device="cuda").manual_seed(3)
+    q = torch.randn(4, 2, 4, 64, device="cuda", generator=g).to(dtype)
+    w = torch.randn(4, 2, 4, device="cuda", generator=g).to(dtype)
+    k = torch.randn(4, 5000, 64, device="cuda", generator=g).to(dtype)
+    got = few_row_scores(q, w, k, causal=True)
+    ref = indexer_scores_ref(q, w, k, causal=True)
+    fin = ref > float("-inf")
+    assert torch.equal(got > float("-inf"), fin)
+    torch.testing.assert_close(got[fin], ref[fin], rtol=1e-5, atol=1e-5)
+    sel = topk_few_rows(q, w, k, 256, causal=True)
+    want = indexer_topk_ref(q, w, k, 256, causal=True)
+    assert torch.equal(sel.sort(-1).values, want.sort(-1).values)

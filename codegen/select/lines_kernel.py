@@ -23,11 +23,12 @@ causal rule applied), before the sum over the heads of a GQA group.
 Jensen-Shannon divergence between the last query block's pooled estimate and its true mass per
 key block is at most ``tau`` (``codegen.select.policies.auto_criterion``), in one program.
 
-``line_block_scores`` (the ``auto`` policy, causal, one head per group): per query block and
-head, either the pooled logits ``scale * dots`` (a query-aware head) or the line mass through
-each key block from the prefix sums of the vertical and slash statistics
-(``vslash_block_scores`` before its per-row normalisation, which does not change the ranking);
--inf where the causal rule allows no pair.
+``auto_block_scores`` (the ``auto`` policy, causal, one head per group): per 64 x 64 tile of
+(query block, key block) and head, either the pooled logits ``scale * pq . pk`` (a query-aware
+head; 3-pass TF32 tensor-core product) or the line mass through each key block from the prefix
+sums of the vertical and slash statistics (``vslash_block_scores`` before its per-row
+normalisation, which does not change the ranking); -inf where the causal rule allows no pair,
+tiles wholly after the diagonal written without being computed.
 """
 from __future__ import annotations
 
@@ -141,38 +142,50 @@ def auto_criterion(dots_ptr, lines_ptr, aware_ptr, NQB, NKB, Nkv, block, last_po
 
 
 @triton.jit
-def line_block_scores(dots_ptr, pre_ptr, aware_ptr, out_ptr, NQB, NKB, Nq, Nkv, off,
-                      block, scale, NKB_P: tl.constexpr, RPP: tl.constexpr):
-    pid_r = tl.program_id(0)
-    bh = tl.program_id(1)
-    for pid_q in range(pid_r * RPP, tl.minimum(pid_r * RPP + RPP, NQB)):
-        row = bh.to(tl.int64) * NQB + pid_q
-        j = tl.arange(0, NKB_P)
-        first = pid_q * block + off
-        last = tl.minimum((pid_q + 1) * block, Nq) - 1 + off
-        allowed = (j < NKB) & (j * block <= last)
+def auto_block_scores(a_ptr, b_ptr, pre_ptr, aware_ptr, out_ptr, NQB, NKB, Nq, Nkv, off, block,
+                      D, scale, BM: tl.constexpr, BN: tl.constexpr, D_P: tl.constexpr,
+                      PREC: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    bh = tl.program_id(2)
+    qb = pid_m * BM + tl.arange(0, BM)
+    kb = pid_n * BN + tl.arange(0, BN)
+    first = qb * block + off
+    last = tl.minimum((qb + 1) * block, Nq) - 1 + off                  # [BM]
+    in_tile = (qb[:, None] < NQB) & (kb[None, :] < NKB)
+    allowed = in_tile & (kb[None, :] * block <= last[:, None])
+    dst = out_ptr + (bh.to(tl.int64) * NQB + qb)[:, None] * NKB + kb[None, :]
+    tile_last = tl.minimum((pid_m * BM + BM) * block, Nq) - 1 + off
+    if pid_n * BN * block > tile_last:
+        tl.store(dst, tl.full([BM, BN], float("-inf"), tl.float32), mask=in_tile)
+    else:
         if tl.load(aware_ptr + bh) != 0:
-            s = tl.load(dots_ptr + row * NKB + j, mask=j < NKB, other=0.0) * scale
+            d = tl.arange(0, D_P)
+            a = tl.load(a_ptr + (bh.to(tl.int64) * NQB + qb)[:, None] * D + d[None, :],
+                        mask=(qb[:, None] < NQB) & (d[None, :] < D), other=0.0)
+            b = tl.load(b_ptr + (bh.to(tl.int64) * NKB + kb)[:, None] * D + d[None, :],
+                        mask=(kb[:, None] < NKB) & (d[None, :] < D), other=0.0)
+            s = tl.dot(a, tl.trans(b), input_precision=PREC) * scale
         else:
             cv = pre_ptr + bh.to(tl.int64) * 2 * (Nkv + 1)
             cs = cv + Nkv + 1
-            k_lo = j * block
+            k_lo = kb * block
             k_hi = tl.minimum(k_lo + block, Nkv) - 1
-            c_hi = tl.minimum(k_hi, last)
-            c_ok = allowed & (c_hi >= k_lo)
+            c_hi = tl.minimum(k_hi[None, :], last[:, None])
+            c_ok = allowed & (c_hi >= k_lo[None, :])
             v = (tl.load(cv + c_hi + 1, mask=c_ok, other=0.0)
-                 - tl.load(cv + k_lo, mask=c_ok, other=0.0))
-            o_lo = tl.minimum(tl.maximum(first - k_hi, 0), Nkv)
-            o_hi = tl.minimum(tl.maximum(last - k_lo, -1), Nkv - 1)
+                 - tl.load(cv + k_lo[None, :] + 0 * c_hi, mask=c_ok, other=0.0))
+            o_lo = tl.minimum(tl.maximum(first[:, None] - k_hi[None, :], 0), Nkv)
+            o_hi = tl.minimum(tl.maximum(last[:, None] - k_lo[None, :], -1), Nkv - 1)
             s_ok = allowed & (o_hi >= o_lo)
-            d = (tl.load(cs + o_hi + 1, mask=s_ok, other=0.0)
-                 - tl.load(cs + o_lo, mask=s_ok, other=0.0))
-            s = tl.maximum(v + d, 0.0)
-        tl.store(out_ptr + row * NKB + j, tl.where(allowed, s, float("-inf")), mask=j < NKB)
+            dd = (tl.load(cs + o_hi + 1, mask=s_ok, other=0.0)
+                  - tl.load(cs + o_lo, mask=s_ok, other=0.0))
+            s = tl.maximum(v + dd, 0.0)
+        tl.store(dst, tl.where(allowed, s, float("-inf")), mask=in_tile)
 '''
 
 
 def render() -> str:
-    """Source of the ``last_rows_lines``, ``auto_criterion`` and ``line_block_scores``
+    """Source of the ``last_rows_lines``, ``auto_criterion`` and ``auto_block_scores``
     kernels."""
     return render_template(_SOURCE)
