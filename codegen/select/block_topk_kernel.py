@@ -57,6 +57,8 @@ def pool_rows(x_ptr, out_ptr, sxb, sxh, sxn, sxd, H, N, NB, block, D,
         tl.store(out + offs_d, acc, mask=offs_d < D)
 
 
+$POOLED_TILE
+
 @triton.jit
 def pooled_dots(a_ptr, b_ptr, out_ptr, NQB, NKB, Nq, off, block, D,
                 BM: tl.constexpr, BN: tl.constexpr, D_P: tl.constexpr, CAUSAL: tl.constexpr,
@@ -66,7 +68,6 @@ def pooled_dots(a_ptr, b_ptr, out_ptr, NQB, NKB, Nq, off, block, D,
     bh = tl.program_id(2)
     qb = pid_m * BM + tl.arange(0, BM)
     kb = pid_n * BN + tl.arange(0, BN)
-    d = tl.arange(0, D_P)
     dst = out_ptr + (bh.to(tl.int64) * NQB + qb)[:, None] * NKB + kb[None, :]
     in_tile = (qb[:, None] < NQB) & (kb[None, :] < NKB)
     last_pos = tl.minimum((pid_m * BM + BM) * block, Nq) - 1 + off    # the tile's last row
@@ -76,11 +77,8 @@ def pooled_dots(a_ptr, b_ptr, out_ptr, NQB, NKB, Nq, off, block, D,
         # no pair of the tile is allowed: the selection never reads these values
         tl.store(dst, tl.full([BM, BN], float("-inf"), tl.float32), mask=in_tile)
     else:
-        a = tl.load(a_ptr + (bh.to(tl.int64) * NQB + qb)[:, None] * D + d[None, :],
-                    mask=(qb[:, None] < NQB) & (d[None, :] < D), other=0.0)
-        b = tl.load(b_ptr + (bh.to(tl.int64) * NKB + kb)[:, None] * D + d[None, :],
-                    mask=(kb[:, None] < NKB) & (d[None, :] < D), other=0.0)
-        tl.store(dst, tl.dot(a, tl.trans(b), input_precision=PREC), mask=in_tile)
+        tl.store(dst, pooled_tile(a_ptr, b_ptr, bh, qb, kb, NQB, NKB, D, D_P, PREC),
+                 mask=in_tile)
 
 
 @triton.jit
@@ -150,6 +148,20 @@ def block_topk_select(s_ptr, counts_ptr, idx_ptr, budget_ptr, NQB, NKB, Nq, off,
 '''
 
 
+#: a tile of pooled logits (pooled q rows ``qb`` x pooled k rows ``kb`` of head ``bh``), shared
+#: by ``pooled_dots`` and the ``auto`` block scores (codegen.select.lines_kernel)
+POOLED_TILE = """
+@triton.jit
+def pooled_tile(a_ptr, b_ptr, bh, qb, kb, NQB, NKB, D, D_P: tl.constexpr, PREC: tl.constexpr):
+    d = tl.arange(0, D_P)
+    a = tl.load(a_ptr + (bh.to(tl.int64) * NQB + qb)[:, None] * D + d[None, :],
+                mask=(qb[:, None] < NQB) & (d[None, :] < D), other=0.0)
+    b = tl.load(b_ptr + (bh.to(tl.int64) * NKB + kb)[:, None] * D + d[None, :],
+                mask=(kb[:, None] < NKB) & (d[None, :] < D), other=0.0)
+    return tl.dot(a, tl.trans(b), input_precision=PREC)
+"""
+
+
 def render() -> str:
     """Source of the ``pool_rows``, ``pooled_dots`` and ``block_topk_select`` kernels."""
-    return render_template(_SOURCE)
+    return render_template(_SOURCE, POOLED_TILE=POOLED_TILE.strip("\n"))
