@@ -172,13 +172,12 @@ def _q_score(q, k, mods, spec):
 
 
 def _q_select(sc, q, k, spec):
+    from runtime import triton_kernels as tk
     p = spec.policy
     topk = math.ceil(p.budget / p.page)
-    # one partial sort per query block up to 1024 pages (H100: 0.53 ms vs 1.9 ms for torch at
-    # 16384 tokens, page 16); wider rows sort slower than torch's topk (13 vs 8.3 ms at 65536:
-    # benchmarks/results/estimators_h100.md)
-    if _q_kernels(q, k, spec) and _cdiv(k.shape[2], p.page) <= 1024:
-        from runtime import triton_kernels as tk
+    # wider rows than the selection program sorts well go to torch.topk
+    # (benchmarks/results/estimators_h100.md)
+    if _q_kernels(q, k, spec) and _cdiv(k.shape[2], p.page) <= tk.SORTED_SELECT_MAX_NKB:
         return tk.block_topk_select(sc, q.shape[2], k.shape[2], spec.causal, p.page, scale=1.0,
                                     topk=topk, sink_blocks=p.sink_pages,
                                     local_blocks=p.local_pages)

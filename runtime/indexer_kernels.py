@@ -40,7 +40,8 @@ from typing import Optional
 import torch
 
 from codegen.indexer.kernel import IndexerSpec
-from codegen.indexer.reference import indexer_scores_ref, indexer_topk_ref, visible_counts
+from codegen.indexer.reference import (indexer_scores_ref, indexer_topk_ref, visible_counts,
+                                       weighted_relu_scores)
 from runtime.cache import KERNELS
 from runtime.triton_kernels import _device_key, _sm_count
 
@@ -215,15 +216,7 @@ def few_row_scores(q_idx, w, k_idx, *, causal: bool) -> torch.Tensor:
         except (TypeError, RuntimeError, NotImplementedError):     # torch without out_dtype
             dots = None
         if dots is not None:
-            wf = w.float()
-            scores = wf[:, :, 0, None] * torch.relu(dots[:, :, 0])
-            for j in range(1, n_h):
-                scores += wf[:, :, j, None] * torch.relu(dots[:, :, j])
-            if causal:
-                hidden = (torch.arange(n_kv, device=q_idx.device)[None, :]
-                          >= visible_counts(n_q, n_kv, True, q_idx.device)[:, None])
-                scores = scores.masked_fill(hidden, float("-inf"))
-            return scores
+            return weighted_relu_scores(lambda j: dots[:, :, j], w, n_kv, causal=causal)
     return indexer_scores_ref(q_idx, w, k_idx, causal=causal)
 
 

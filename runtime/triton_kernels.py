@@ -554,6 +554,10 @@ def _bwd_module(plan: LaunchPlan):
 # ----------------------------------------------------------------------------- block_topk
 
 BLOCK_TOPK_MAX_NKB = 16384     # key blocks one selection program keeps in registers
+# Widest rows the selection program is the fastest way to select from (H100,
+# benchmarks/results/estimators_h100.md): one partial sort 0.25 ms vs 0.64 ms for rounds of max
+# at 1024 blocks; at 4096 (Quest's pages at 65536 tokens) it takes 11.4 ms and torch.topk 8.2.
+SORTED_SELECT_MAX_NKB = 1024
 
 
 @functools.lru_cache(maxsize=None)
@@ -645,8 +649,8 @@ def block_topk_select(dots: torch.Tensor, n_q: int, n_kv: int, causal: Optional[
     dots = dots.contiguous()
     off = 0 if causal == "upper_left" else n_kv - n_q
     nkb_p = next_pow2(max(nkb, 16))
-    if sorted_select is None:  # one partial sort beats topk rounds of max (H100, 1024 blocks:
-        sorted_select = has_tl_topk() and nkb_p <= 1024    # 0.28 vs 0.66 ms; wider: unmeasured)
+    if sorted_select is None:  # one partial sort beats topk rounds of max up to this width
+        sorted_select = has_tl_topk() and nkb_p <= SORTED_SELECT_MAX_NKB
     warps = num_warps or ((1 if sorted_select else 4) if nkb_p <= 1024
                           else (8 if nkb_p <= 4096 else 16))
     rpp = max(1, int(rows_per_program))
@@ -791,7 +795,7 @@ def auto_criterion(dots: torch.Tensor, lines: torch.Tensor, *, n_q: int, causal:
     pooled logits ``scale * dots[..., -1, :]`` and its true attention mass per key block (from
     the vertical statistics of ``lines``, mean over the last ``min(block, n_q)`` rows) is at
     most ``tau``: ``codegen.select.policies.auto_criterion``."""
-    from codegen.select.reference import block_bounds
+    from codegen.attention.reference import positions_offset
     B, H, nqb, nkb = dots.shape
     n_kv = lines.shape[-1]
     if lines.shape != (B, H, 2, n_kv):
@@ -800,7 +804,7 @@ def auto_criterion(dots: torch.Tensor, lines: torch.Tensor, *, n_q: int, causal:
     aware = torch.empty((B, H), device=dots.device, dtype=torch.int32)
     if aware.numel() == 0 or nqb == 0:
         return aware.bool()
-    last_pos = int(block_bounds(n_q, n_kv, causal, block)[1][-1])
+    last_pos = n_q - 1 + positions_offset(causal, n_q, n_kv)      # the last query block's end
     _lines_module(dots.device).auto_criterion[(B * H,)](
         dots.contiguous(), lines.contiguous(), aware, nqb, nkb, n_kv, block, last_pos,
         float(scale), float(min(block, n_q)), float(tau), NKB_P=next_pow2(max(nkb, 16)),

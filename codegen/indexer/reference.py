@@ -29,21 +29,27 @@ def visible_counts(n_q: int, n_kv: int, causal: bool, device=None) -> torch.Tens
     return visible_keys("lower_right" if causal else None, n_q, n_kv, device)
 
 
-def indexer_scores_ref(q_idx, w, k_idx, *, causal: bool) -> torch.Tensor:
-    """fp32 ``[B, Nq, Nkv]`` index scores, ``-inf`` where the causal rule hides the key."""
-    B, Nq, H, _ = q_idx.shape
-    Nkv = k_idx.shape[1]
-    kf = k_idx.float()                                                      # [B, Nkv, d_I]
-    wf = w.float()                                                          # [B, Nq, H_I]
-    scores = torch.zeros(B, Nq, Nkv, device=q_idx.device, dtype=torch.float32)
-    for j in range(H):                                                      # [B, Nq, Nkv] per head
-        dots = torch.matmul(q_idx[:, :, j].float(), kf.transpose(1, 2))
-        scores += wf[:, :, j, None] * torch.relu(dots)
+def weighted_relu_scores(head_dots, w, n_kv: int, *, causal: bool) -> torch.Tensor:
+    """``sum_j w[..., j] * ReLU(head_dots(j))`` in head order, fp32 ``[B, Nq, Nkv]``, ``-inf``
+    where the causal rule hides the key. ``head_dots(j)``: fp32 ``[B, Nq, Nkv]`` dot products
+    of indexer head ``j`` (computed by the caller, one head at a time or all at once)."""
+    B, Nq, H = w.shape
+    wf = w.float()
+    scores = torch.zeros(B, Nq, n_kv, device=w.device, dtype=torch.float32)
+    for j in range(H):
+        scores += wf[:, :, j, None] * torch.relu(head_dots(j))
     if causal:
-        hidden = (torch.arange(Nkv, device=q_idx.device)[None, :]
-                  >= visible_counts(Nq, Nkv, True, q_idx.device)[:, None])  # [Nq, Nkv]
+        hidden = (torch.arange(n_kv, device=w.device)[None, :]
+                  >= visible_counts(Nq, n_kv, True, w.device)[:, None])    # [Nq, Nkv]
         scores = scores.masked_fill(hidden, float("-inf"))
     return scores
+
+
+def indexer_scores_ref(q_idx, w, k_idx, *, causal: bool) -> torch.Tensor:
+    """fp32 ``[B, Nq, Nkv]`` index scores, ``-inf`` where the causal rule hides the key."""
+    kf_t = k_idx.float().transpose(1, 2)                                    # [B, d_I, Nkv]
+    return weighted_relu_scores(lambda j: torch.matmul(q_idx[:, :, j].float(), kf_t), w,
+                                k_idx.shape[1], causal=causal)
 
 
 def topk_of_scores(scores: torch.Tensor, topk: int, visible: torch.Tensor) -> torch.Tensor:

@@ -63,11 +63,7 @@ $POOLED_TILE
 def pooled_dots(a_ptr, b_ptr, out_ptr, NQB, NKB, Nq, off, block, D,
                 BM: tl.constexpr, BN: tl.constexpr, D_P: tl.constexpr, CAUSAL: tl.constexpr,
                 PREC: tl.constexpr):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    bh = tl.program_id(2)
-    qb = pid_m * BM + tl.arange(0, BM)
-    kb = pid_n * BN + tl.arange(0, BN)
+    pid_m, pid_n, bh, qb, kb = tile_ids(BM, BN)
     dst = out_ptr + (bh.to(tl.int64) * NQB + qb)[:, None] * NKB + kb[None, :]
     in_tile = (qb[:, None] < NQB) & (kb[None, :] < NKB)
     last_pos = tl.minimum((pid_m * BM + BM) * block, Nq) - 1 + off    # the tile's last row
@@ -148,9 +144,18 @@ def block_topk_select(s_ptr, counts_ptr, idx_ptr, budget_ptr, NQB, NKB, Nq, off,
 '''
 
 
-#: a tile of pooled logits (pooled q rows ``qb`` x pooled k rows ``kb`` of head ``bh``), shared
-#: by ``pooled_dots`` and the ``auto`` block scores (codegen.select.lines_kernel)
+#: a (query block x key block) tile's ids and its pooled logits (pooled q rows ``qb`` x pooled
+#: k rows ``kb`` of head ``bh``), shared by ``pooled_dots`` and the ``auto`` block scores
+#: (codegen.select.lines_kernel)
 POOLED_TILE = """
+@triton.jit
+def tile_ids(BM: tl.constexpr, BN: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    return (pid_m, pid_n, tl.program_id(2), pid_m * BM + tl.arange(0, BM),
+            pid_n * BN + tl.arange(0, BN))
+
+
 @triton.jit
 def pooled_tile(a_ptr, b_ptr, bh, qb, kb, NQB, NKB, D, D_P: tl.constexpr, PREC: tl.constexpr):
     d = tl.arange(0, D_P)

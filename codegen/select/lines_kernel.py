@@ -148,11 +148,7 @@ $POOLED_TILE
 def auto_block_scores(a_ptr, b_ptr, pre_ptr, aware_ptr, out_ptr, NQB, NKB, Nq, Nkv, off, block,
                       D, scale, BM: tl.constexpr, BN: tl.constexpr, D_P: tl.constexpr,
                       PREC: tl.constexpr):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    bh = tl.program_id(2)
-    qb = pid_m * BM + tl.arange(0, BM)
-    kb = pid_n * BN + tl.arange(0, BN)
+    pid_m, pid_n, bh, qb, kb = tile_ids(BM, BN)
     first = qb * block + off
     last = tl.minimum((qb + 1) * block, Nq) - 1 + off                  # [BM]
     in_tile = (qb[:, None] < NQB) & (kb[None, :] < NKB)
