@@ -1,7 +1,9 @@
 """plan_schedule: annotate each rewritten site with the cost model's view of it.
 
-For the captured shape it records the estimated dense and sparse times, the chosen schedule and
-the crossover length (solved on the sympy cost expressions). With ``cost_model="auto"`` the
+For the captured shape it records the estimated dense and sparse times, the chosen schedule (dense,
+or the policy with the sparse kernel's cheapest schedule variant, e.g.
+``policy (block_sparse@m128n64w8s3) at N=65536``) and the crossover length (solved on the sympy
+cost expressions). With ``cost_model="auto"`` the
 site's spec is re-registered with ``schedule="auto"``, so that the runtime re-decides per call
 shape (``runtime.plan``): dense below the crossover, the policy above.
 """
@@ -72,8 +74,10 @@ def plan_schedule(gm: fx.GraphModule, ctx) -> fx.GraphModule:
         rho = cm.expected_density(pol, nq, nkv)
         block = int(getattr(pol, "block", 64))
         t_dense = cm.estimate("dense_sdpa", prof, B=b, Hq=hq, Hkv=hkv, Nq=nq, Nkv=nkv, D=d, rho=1.0)
-        t_sparse = cm.estimate("block_sparse", prof, B=b, Hq=hq, Hkv=hkv, Nq=nq, Nkv=nkv, D=d,
-                               rho=rho, block=block)
+        dtype = str(vq.dtype).replace("torch.", "")
+        fam = "token_sparse_decode" if pol.attend_kind == "token" and nq <= 16 else "block_sparse"
+        cand, t_sparse = cm.best(prof, fam, dtype=dtype, B=b, Hq=hq, Hkv=hkv, Nq=nq, Nkv=nkv,
+                                 D=d, rho=rho, block=block)
         rec.est_dense_ms, rec.est_sparse_ms = t_dense * 1e3, t_sparse * 1e3
         if pol.name == "dense":
             rec.schedule = "dense"
@@ -82,8 +86,8 @@ def plan_schedule(gm: fx.GraphModule, ctx) -> fx.GraphModule:
         else:
             rho_n = cm.sp.Min(1, cm.sp.Float(rho) * nkv / cm.N) if nq > 1 else rho
             rec.crossover = cm.crossover(prof, B=b, Hq=hq, Hkv=hkv, D=d, rho_of_n=rho_n,
-                                         block=block, decode=nq == 1)
-            chosen = "dense" if t_dense <= t_sparse else "policy"
+                                         block=block, decode=nq == 1, dtype=dtype)
+            chosen = "dense" if t_dense <= t_sparse else f"policy ({cand})"
             rec.schedule = (f"{chosen} at N={nkv}" if ctx.cost_model == "auto"
                             else "policy (cost model off)")
         if ctx.cost_model == "auto" and prof.sparse_kernels and static and (

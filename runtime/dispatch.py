@@ -114,7 +114,9 @@ def attend(q, k, v, mod_tensors, counts, indices, spec: SiteSpec) -> torch.Tenso
             out, dens = res
             if dens is None and spec.policy.name == "dense":
                 dens = ([1.0] * q.shape[1], [1.0] * q.shape[1])
-            stats.record(spec.stats_key, q=q, k=k, v=v, kernel=name + tag,
+            var = plan.variant(spec, q, k) if name.startswith("triton_") else None
+            sched = f"[{var.tag}]" if var is not None else ""     # the cost model's schedule
+            stats.record(spec.stats_key, q=q, k=k, v=v, kernel=name + sched + tag,
                          allowed=dens[0] if dens else None, kept=dens[1] if dens else None)
             return out
     keep = _keep_of(spec, counts, indices, q.shape[2], k.shape[2], q.device)

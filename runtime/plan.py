@@ -1,7 +1,8 @@
 """Run-time schedule choice: dense or the policy's sparse path, per call shape.
 
 A site compiled with ``cost_model="auto"`` asks ``choose`` on every call; the answer is memoised
-per (site, Nq, Nkv, device). The expected density comes from the policy's budget at this shape
+per (site, Nq, Nkv, device). ``variant`` gives the kernel schedule the cost model picked for the
+sparse path (tiles, warps, stages; the split of decode lists), which the providers launch. The expected density comes from the policy's budget at this shape
 (``planner.costmodel.expected_density``); where the device has no sparse kernels (the CPU runs
 the fp32 reference, which computes every score), the policy is always followed: the reference
 *is* the policy's definition.
@@ -14,31 +15,56 @@ import torch
 
 
 @functools.lru_cache(maxsize=4096)
-def _choose(key: str, n_q: int, n_kv: int, device: str, policy, shapes: tuple) -> tuple:
+def _choose(key: str, n_q: int, n_kv: int, device: str, policy, shapes: tuple,
+            dtype: str = "bfloat16") -> tuple:
+    """(choice, dense seconds, sparse seconds, sparse candidate) for one call shape; the
+    candidate is the cost model's cheapest schedule variant of the policy's kernel family."""
     from planner import costmodel as cm
     prof = cm.profile_for(device)
     if policy.name == "dense" or not prof.sparse_kernels:
-        return ("policy", None, None)
+        return ("policy", None, None, None)
+    b, hq, hkv, d = shapes
     if policy.attend_kind == "token":
         # a token list covering every visible key is dense attention, exactly; longer
-        # contexts follow the policy (its selection is learned, not a cost trade-off)
-        return ("dense" if n_kv <= policy.topk else "policy", None, None)
-    b, hq, hkv, d = shapes
+        # contexts follow the policy (its selection is learned, not a cost trade-off). Few
+        # query rows (decode): the cheapest split of the gather kernel's lists.
+        if n_kv <= policy.topk:
+            return ("dense", None, None, None)
+        cand = sparse = None
+        if n_q <= 16:
+            cand, sparse = cm.best(prof, "token_sparse_decode", dtype=dtype, B=b, Hq=hq,
+                                   Hkv=hkv, Nq=n_q, Nkv=n_kv, D=d, rho=policy.topk / n_kv)
+        return ("policy", None, sparse, cand)
     rho = cm.expected_density(policy, n_q, n_kv)
     block = int(getattr(policy, "block", 64))
     dense = cm.estimate("dense_sdpa", prof, B=b, Hq=hq, Hkv=hkv, Nq=n_q, Nkv=n_kv, D=d, rho=1.0)
-    sparse = cm.estimate("block_sparse", prof, B=b, Hq=hq, Hkv=hkv, Nq=n_q, Nkv=n_kv, D=d,
-                         rho=rho, block=block)
-    return ("dense" if dense <= sparse else "policy", dense, sparse)
+    cand, sparse = cm.best(prof, "block_sparse", dtype=dtype, B=b, Hq=hq, Hkv=hkv, Nq=n_q,
+                           Nkv=n_kv, D=d, rho=rho, block=block)
+    return ("dense" if dense <= sparse else "policy", dense, sparse, cand)
+
+
+def _decide(spec, q: torch.Tensor, k: torch.Tensor) -> tuple:
+    dev = str(q.device) if q.device.type != "cuda" else f"cuda:{q.device.index or 0}"
+    return _choose(spec.key, q.shape[2], k.shape[2], dev, spec.policy,
+                   (q.shape[0], q.shape[1], k.shape[1], q.shape[3]),
+                   str(q.dtype).replace("torch.", ""))
 
 
 def choose(spec, q: torch.Tensor, k: torch.Tensor) -> str:
     """"dense" when the cost model says dense is cheaper at this shape, else "policy"."""
     if spec.schedule != "auto":
         return "policy"
-    dev = str(q.device) if q.device.type != "cuda" else f"cuda:{q.device.index or 0}"
-    return _choose(spec.key, q.shape[2], k.shape[2], dev, spec.policy,
-                   (q.shape[0], q.shape[1], k.shape[1], q.shape[3]))[0]
+    return _decide(spec, q, k)[0]
+
+
+def variant(spec, q: torch.Tensor, k: torch.Tensor):
+    """The kernel schedule variant (``planner.costmodel.Variant``) the cost model picked for
+    this call shape, or None (cost model off, no fitted variants: the kernel's default)."""
+    if spec.schedule != "auto":
+        return None
+    from planner import costmodel as cm
+    cand = _decide(spec, q, k)[3]
+    return cm.variant(cand) if cand else None
 
 
 #: policies whose density is only known after selection (adaptive budgets)
@@ -64,5 +90,6 @@ def dense_at_measured_density(spec, q: torch.Tensor, k: torch.Tensor, counts: to
     rho = float(counts.sum()) / (visible * counts.shape[0] * counts.shape[1])
     shape = dict(B=q.shape[0], Hq=q.shape[1], Hkv=k.shape[1], Nq=n_q, Nkv=n_kv, D=q.shape[3])
     dense = cm.estimate("dense_sdpa", prof, rho=1.0, **shape)
-    sparse = cm.estimate("block_sparse", prof, rho=rho, block=block, **shape)
+    _, sparse = cm.best(prof, "block_sparse", rho=rho, block=block,
+                        dtype=str(q.dtype).replace("torch.", ""), **shape)
     return dense <= sparse, rho

@@ -134,8 +134,11 @@ def triton_block_sparse(q, k, v, mods, counts, indices, spec: SiteSpec):
         sink, window = pol.global_tokens, pol.window
     elif estimators.get(pol.name).token_keep is not None:
         return None
+    from runtime import plan
+    var = plan.variant(spec, q, k)            # the cost model's schedule (None: the default)
+    sch = var.schedule() if var is not None and var.family == "block_sparse" else None
     out, _ = tk.block_sparse_attention(q, k, v, counts, indices, block=block, scale=spec.scale,
-                                       causal=causal, sink=sink, window=window)
+                                       causal=causal, sink=sink, window=window, schedule=sch)
     if os.environ.get("SPARSE_PLANNER_DENSITY", "1") == "0" or window:
         return out, None                 # token-level windows: block counts would overstate
     kept, allowed = _pairs_kept(counts, indices, block, n_q, n_kv, causal)
@@ -153,7 +156,10 @@ def triton_token_sparse(q, k, v, mods, counts, indices, spec: SiteSpec):
     from runtime import triton_kernels as tk
     if not tk.available(q.device) or q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         return None
-    out, _ = tk.token_sparse_attention(q, k, v, indices, scale=spec.scale)
+    from runtime import plan
+    var = plan.variant(spec, q, k)            # decode: the cost model's split of the lists
+    per_sm = var.per_sm if var is not None and var.family == "token_sparse_decode" else None
+    out, _ = tk.token_sparse_attention(q, k, v, indices, scale=spec.scale, split_per_sm=per_sm)
     if os.environ.get("SPARSE_PLANNER_DENSITY", "1") == "0":
         return out, None
     from codegen.attention.reference import visible_keys

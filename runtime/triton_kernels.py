@@ -206,14 +206,16 @@ def default_block_sparse_schedule(spec: BlockSparseSpec, device, max_blocks: int
     return sch
 
 
-def default_token_sparse_schedule(spec: TokenSparseSpec, device, rows: int, n_idx: int) -> Schedule:
+def default_token_sparse_schedule(spec: TokenSparseSpec, device, rows: int, n_idx: int,
+                                  per_sm: int = 16) -> Schedule:
     """Default for the gather kernel; ``rows`` = programs before splitting (B * heads * Nq).
 
-    Splits the index list when the rows alone cannot fill the device (decode), aiming at ~16
-    small programs per SM (H100 decode sweep: benchmarks/NOTES_kernels.md)."""
+    Splits the index list when the rows alone cannot fill the device (decode), aiming at
+    ``per_sm`` small programs per SM (default 16, from the H100 decode sweep:
+    benchmarks/NOTES_kernels.md; 0 = never split)."""
     if device.type != "cuda":
         return Schedule(block_m=16, block_n=32, num_warps=4, num_stages=1,
-                        split=_split_for(rows, n_idx, 32, 2, minimum=32))
+                        split=_split_for(rows, n_idx, 32, 2, minimum=32, per_sm=per_sm))
     stages = 3
     if max(spec.head_dim, spec.v_head_dim) <= 128:
         block_n, warps = 64, 2
@@ -224,14 +226,17 @@ def default_token_sparse_schedule(spec: TokenSparseSpec, device, rows: int, n_id
     else:
         block_n, warps = 32, 4
     return Schedule(block_m=16, block_n=block_n, num_warps=warps, num_stages=stages,
-                    split=_split_for(rows, n_idx, block_n, _sm_count(device), minimum=2 * block_n))
+                    split=_split_for(rows, n_idx, block_n, _sm_count(device), minimum=2 * block_n,
+                                     per_sm=per_sm))
 
 
-def _split_for(rows: int, n_idx: int, block_n: int, sms: int, minimum: int) -> int:
-    """Index entries per program (0 = no split) so that rows x splits ~ 16 programs per SM."""
-    if rows >= 4 * sms or n_idx <= minimum:
+def _split_for(rows: int, n_idx: int, block_n: int, sms: int, minimum: int,
+               per_sm: int = 16) -> int:
+    """Index entries per program (0 = no split) so that rows x splits ~ ``per_sm`` programs
+    per SM (``per_sm`` 0: no split)."""
+    if per_sm <= 0 or rows >= 4 * sms or n_idx <= minimum:
         return 0
-    want = max(1, (16 * sms) // max(rows, 1))
+    want = max(1, (per_sm * sms) // max(rows, 1))
     split = -(-max(-(-n_idx // want), minimum) // block_n) * block_n
     split = min(split, 4096)
     return 0 if split >= n_idx else split
@@ -386,7 +391,8 @@ def block_sparse_attention(q, k, v, kv_num_blocks, kv_indices, *, block: int, sc
     return out, lse
 
 
-def _plan_token_sparse(q, k, v, indices, schedule, backward: bool = False) -> LaunchPlan:
+def _plan_token_sparse(q, k, v, indices, schedule, backward: bool = False,
+                       split_per_sm: Optional[int] = None) -> LaunchPlan:
     """Plan of the gather forward (or, with ``backward``, of its backward kernel).
 
     Lists shared by every head (``Hs == 1``) are read as per-group lists with head stride 0:
@@ -407,7 +413,8 @@ def _plan_token_sparse(q, k, v, indices, schedule, backward: bool = False) -> La
     heads = Hkv if spec.pack_gqa else Hq
     if schedule is None:
         default = default_token_sparse_bwd_schedule if backward else default_token_sparse_schedule
-        schedule = default(spec, q.device, B * heads * Nq, n_idx)
+        extra = {} if split_per_sm is None else {"per_sm": int(split_per_sm)}
+        schedule = default(spec, q.device, B * heads * Nq, n_idx, **extra)
     chunk = schedule.split if 0 < schedule.split < n_idx else max(n_idx, 1)
     n_split = max(1, -(-n_idx // chunk))
     a = spec.stride_align
@@ -424,20 +431,25 @@ def _plan_token_sparse(q, k, v, indices, schedule, backward: bool = False) -> La
                       contiguous=tuple(t.stride(-1) != 1 for t in (q, k, v, indices)))
 
 
-def _token_sparse_plan(fn: str, tensors: tuple, scale, schedule, *, backward: bool) -> LaunchPlan:
+def _token_sparse_plan(fn: str, tensors: tuple, scale, schedule, *, backward: bool,
+                       split_per_sm: Optional[int] = None) -> LaunchPlan:
     """Checks shared by the gather forward and backward, then their (cached) launch plan."""
     q, k, v, indices = tensors
     _check_scale(fn, scale)
     if not all(isinstance(t, torch.Tensor) for t in tensors):
         _check_qkv(fn, q, k, v)
         _check_index(fn, "indices", indices, (None, None, None, None), q.device)
-    sig = _signature(fn, tensors, (schedule,))
+    if split_per_sm is not None and (isinstance(split_per_sm, bool) or
+                                     not isinstance(split_per_sm, int) or split_per_sm < 0):
+        raise ValueError(f"{fn}: split_per_sm must be None or an int >= 0, got {split_per_sm!r}")
+    sig = _signature(fn, tensors, (schedule, split_per_sm))
     return _cached_plan(sig, lambda: _plan_token_sparse(q, k, v, indices, schedule,
-                                                        backward=backward))
+                                                        backward=backward,
+                                                        split_per_sm=split_per_sm))
 
 
 def token_sparse_attention(q, k, v, indices, *, scale: float, schedule: Optional[Schedule] = None,
-                           out=None, lse=None):
+                           split_per_sm: Optional[int] = None, out=None, lse=None):
     """Each query row attends to its own list of key positions (gather attention).
 
     Shapes: q ``[B, Hq, Nq, D]``, k ``[B, Hkv, Nkv, D]``, v ``[B, Hkv, Nkv, Dv]``, ``indices``
@@ -445,13 +457,16 @@ def token_sparse_attention(q, k, v, indices, *, scale: float, schedule: Optional
     every head, DeepSeek Sparse Attention style; GQA groups are still served by one program);
     any strides with a unit last one. Negative entries are padding and entries ``>= Nkv`` are
     ignored; entries must be distinct. No causal mask is implied. With
-    few rows (decode) the list is split across programs and merged by a combine kernel.
-    ``out`` / ``lse``: optional contiguous tensors to write the results into.
+    few rows (decode) the list is split across programs and merged by a combine kernel;
+    ``split_per_sm`` sets how many programs per SM that split aims at (0: no split; None: the
+    default, 16; ignored when ``schedule`` is given). ``out`` / ``lse``: optional contiguous
+    tensors to write the results into.
     Returns ``(out [B, Hq, Nq, Dv], lse [B, Hq, Nq] fp32)``.
     """
     fn = "token_sparse_attention"
     tensors = (q, k, v, indices)
-    plan = _token_sparse_plan(fn, tensors, scale, schedule, backward=False)
+    plan = _token_sparse_plan(fn, tensors, scale, schedule, backward=False,
+                              split_per_sm=split_per_sm)
     mod = _module(plan)
     out, lse = _outputs(fn, out, lse, plan.out_shape, plan.lse_shape, q.dtype, q.device)
     if out.numel() == 0:

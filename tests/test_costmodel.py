@@ -143,3 +143,135 @@ def test_fit_finds_the_host_issue_floor():
     assert 35.0 <= got.floor_us <= 45.0
     tiny = dict(B=1, Hq=1, Hkv=1, Nq=16, Nkv=16, D=64, rho=1.0, block=128)
     assert cm.estimate("block_sparse", fake, **tiny) >= 40e-6
+
+
+def _profile(*entries, dense=cm.KernelRates(0.76, 1.0, 13.5)):
+    """An H100-sized profile with dense SDPA and the given (candidate, KernelRates)."""
+    return cm.HardwareProfile("t", 788.0, 2966.0, 132, (("dense_sdpa", dense),) + entries)
+
+
+def test_schedule_variants_are_candidates_where_the_site_fits_them():
+    r = cm.KernelRates(0.5, 1.0, 15.0)
+    prof = _profile(("block_sparse", r), *((v.name, r) for v in cm.VARIANTS))
+    at128 = cm.candidates(prof, "block_sparse", block=128, head_dim=128, dtype="bfloat16")
+    assert set(at128) == {v.name for v in cm.VARIANTS if v.family == "block_sparse"}
+    at64 = cm.candidates(prof, "block_sparse", block=64, head_dim=64, dtype=torch.float16)
+    assert at64 and all(cm.variant(c).block_m <= 64 and cm.variant(c).block_n <= 64
+                        for c in at64)
+    # no measured variant for fp32 or D > 128: the family's default schedule
+    assert cm.candidates(prof, "block_sparse", block=128, head_dim=256) == ["block_sparse"]
+    assert cm.candidates(prof, "block_sparse", block=128, dtype="float32") == ["block_sparse"]
+    assert cm.candidates(H100, "block_sparse") == ["block_sparse"]        # nothing fitted
+    with pytest.raises(ValueError, match="unknown candidate 'block_sparse@m7'"):
+        cm.flops_bytes("block_sparse@m7")
+    var = cm.variant("block_sparse@m128n64w8s3")
+    sch = var.schedule()
+    assert (sch.block_m, sch.block_n, sch.num_warps, sch.num_stages) == (128, 64, 8, 3)
+
+
+def test_tiles_trade_parallelism_against_efficiency():
+    """128-row tiles run their MMAs more efficiently, but at a short causal length they leave
+    SMs idle (half the programs, the last one twice the mean), so 64-row tiles win there; at a
+    long length every tile shape fills the device and the efficient one wins."""
+    big, small = "block_sparse@m128n64w8s3", "block_sparse@m64n64w4s3"
+    prof = _profile((big, cm.KernelRates(0.9, 0.9, 10.0)), (small, cm.KernelRates(0.7, 0.9, 10.0)))
+    kw = dict(B=1, Hq=16, Hkv=16, D=128, block=128)
+    name, t = cm.best(prof, "block_sparse", Nq=1024, Nkv=1024, rho=0.5, **kw)
+    assert name == small and t == cm.estimate(small, prof, Nq=1024, Nkv=1024, rho=0.5, **kw)
+    assert cm.best(prof, "block_sparse", Nq=65536, Nkv=65536, rho=0.5, **kw)[0] == big
+    sub = {cm.B: 1, cm.Hq: 16, cm.Hkv: 16, cm.Nq: 65536, cm.Nkv: 65536, cm.D: 128, cm.rho: 0.1}
+    w_big, w_small = cm.work(big), cm.work(small)
+    assert float(w_small["programs"].subs(sub)) == 2 * float(w_big["programs"].subs(sub))
+    # 32-key steps: twice the loop steps of the longest program; same FLOPs and exponentials
+    w32 = cm.work("block_sparse@m128n32w8s4")
+    assert float(w32["steps"].subs(sub)) == 2 * float(w_big["steps"].subs(sub))
+    assert w32["flops"] == w_big["flops"] and w32["scores"] == w_big["scores"]
+
+
+def test_softmax_cost_makes_small_heads_dearer_per_flop():
+    """Each score costs ``exp_ratio`` matrix FLOPs: halving D does not halve the time."""
+    kw = dict(B=1, Hq=16, Hkv=16, Nq=65536, Nkv=65536, rho=1.0)
+    t128 = cm.estimate("dense_sdpa", H100, D=128, **kw)
+    t64 = cm.estimate("dense_sdpa", H100, D=64, **kw)
+    assert t64 / t128 == pytest.approx((256 + 256) / (512 + 256), rel=0.01)
+
+
+def test_fit_recovers_the_saturating_programs_of_a_decode_split():
+    """Synthetic decode times with 4 programs per SM needed for full rates: the fit finds it."""
+    true = cm.KernelRates(0.3, 0.8, 12.0, 0.0, 0.0, 4.0)
+    cand = "token_sparse_decode@split0"
+    fake = _profile((cand, true))
+    pts = []
+    for n in (1024, 4096, 16384, 65536):
+        for rho_ in (0.03, 0.12, 0.5, 1.0):
+            for b in (1, 8, 64):
+                shape = dict(B=b, Hq=16, Hkv=16, Nq=1, Nkv=n, D=128, rho=rho_, block=128)
+                pts.append(dict(shape, ms=cm.estimate(cand, fake, **shape) * 1e3))
+    got = cm.fit_rates(cand, pts, fake.peak_tflops, fake.bandwidth_gbs, fake.n_sm)
+    assert got.sat == 4.0 and got.bw_eff == pytest.approx(0.8, abs=0.03)
+    # splitting the lists wins where rows alone cannot fill the device
+    split = "token_sparse_decode@split16"
+    prof = _profile((cand, true), (split, true))
+    kw = dict(B=8, Hq=16, Hkv=16, Nq=1, Nkv=65536, D=128, rho=0.03)
+    assert cm.best(prof, "token_sparse_decode", **kw)[0] == split
+    assert cm.crossover(prof, B=8, Hq=16, Hkv=16, D=128, rho_of_n=0.03, decode=True) is not None
+
+
+def test_runtime_launches_the_schedule_the_cost_model_picked(monkeypatch):
+    """A site above its crossover runs the block-sparse kernel with the variant the profile
+    makes cheapest; the report names it; the output equals the reference's."""
+    from runtime import triton_kernels as tk
+    if not tk.available("cpu"):
+        pytest.skip("needs TRITON_INTERPRET=1")
+    cheap, dear = cm.KernelRates(0.9, 1.0, 1.0), cm.KernelRates(0.2, 0.2, 50.0)
+    prof = _profile(("block_sparse", dear), ("block_sparse@m64n32w4s3", cheap),
+                    ("block_sparse@m64n64w4s3", dear), dense=cm.KernelRates(0.01, 0.01, 500.0))
+    monkeypatch.setattr(cm, "profile_for", lambda device: prof)
+    monkeypatch.setenv("SPARSE_PLANNER_KERNELS", "triton")
+    plan._choose.cache_clear()
+    calls = []
+    real = tk.block_sparse_attention
+
+    def spy(*a, **kw):
+        calls.append(kw.get("schedule"))
+        return real(*a, **kw)
+    monkeypatch.setattr(tk, "block_sparse_attention", spy)
+    pol = planner.policy("block_topk", block=64, topk=1)
+    f = planner.compile(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True),
+                        policy=pol, dynamic=True)
+    torch.manual_seed(1)
+    q, k, v = (torch.randn(1, 2, 200, 16, dtype=torch.float16) for _ in range(3))
+    out = f(q, k, v)
+    site = planner.inspect(f).sites[0]
+    assert site.kernel == "triton_block_sparse[m64n32w4s3]", site.kernel
+    assert calls and calls[-1] == cm.variant("block_sparse@m64n32w4s3").schedule()
+    monkeypatch.setenv("SPARSE_PLANNER_KERNELS", "reference")
+    ref = planner.compile(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True),
+                          policy=pol, cost_model="off")(q.float(), k.float(), v.float())
+    rel = ((out.float() - ref).norm() / ref.norm()).item()
+    assert rel < 3e-3, rel
+    plan._choose.cache_clear()
+
+
+def test_decode_split_variants_agree_and_split_differently():
+    from runtime import triton_kernels as tk
+    if not tk.available("cpu"):
+        pytest.skip("needs TRITON_INTERPRET=1")
+    from codegen.token_sparse import token_sparse_attention_ref
+    torch.manual_seed(2)
+    q = torch.randn(2, 2, 1, 16)
+    k, v = torch.randn(2, 2, 300, 16), torch.randn(2, 2, 300, 16)
+    idx = torch.rand(2, 2, 1, 300).topk(200, dim=-1).indices.to(torch.int32)
+    ref, _ = token_sparse_attention_ref(q, k, v, idx, scale=0.25)
+    splits = set()
+    for per_sm in (0, 4, 16):
+        out, _ = tk.token_sparse_attention(q, k, v, idx, scale=0.25, split_per_sm=per_sm)
+        assert ((out - ref).norm() / ref.norm()).item() < 1e-5
+        p = tk._token_sparse_plan("token_sparse_attention", (q, k, v, idx), 0.25, None,
+                                  backward=False, split_per_sm=per_sm)
+        splits.add(p.n_split)
+        if per_sm == 0:
+            assert p.n_split == 1
+    assert len(splits) >= 2
+    with pytest.raises(ValueError, match="split_per_sm must be None or an int >= 0, got -1"):
+        tk.token_sparse_attention(q, k, v, idx, scale=0.25, split_per_sm=-1)
