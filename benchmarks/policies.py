@@ -28,6 +28,7 @@ import planner  # noqa: E402
 import runtime.ops  # noqa: E402,F401
 from codegen.select.reference import block_keep_fn  # noqa: E402
 from runtime import estimators  # noqa: E402
+from runtime import triton_kernels as tk  # noqa: E402
 from runtime.providers import _pairs_kept  # noqa: E402
 from runtime.spec import SiteSpec, register  # noqa: E402
 
@@ -85,6 +86,18 @@ def same_as_reference(name, q, k, spec, counts, idx) -> float:
     return float(rows.float().mean())
 
 
+def torch_selection_ms(q, k) -> float:
+    """quest's selection by the PyTorch path (select_topk_blocks) on the same bounds, for the
+    side-by-side with the selection program."""
+    from codegen.select.reference import select_topk_blocks
+    pol = planner.policy("quest")
+    sc = tk.quest_page_bounds(q, k, page=pol.page, causal="lower_right")
+    topk = -(-pol.budget // pol.page)
+    return bench_ms(lambda: select_topk_blocks(sc, q.shape[2], k.shape[2], "lower_right",
+                                               pol.page, topk=topk, sink_blocks=pol.sink_pages,
+                                               local_blocks=pol.local_pages))
+
+
 def run_case(name, q, k, v, causal, rows_check=256):
     pol = planner.policy(name)
     spec = SiteSpec(site=f"bench.{name}", owner="bench", policy=pol, scale=q.shape[-1] ** -0.5,
@@ -117,6 +130,8 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--decode-only", action="store_true",
+                    help="only the quest decode rows, written to policies_decode_<card>.*")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     dev = torch.device("cuda")
@@ -126,7 +141,7 @@ def main() -> int:
                 command="PYTHONPATH=. python benchmarks/policies.py" + (" --quick" if args.quick else ""),
                 date=time.strftime("%Y-%m-%d"), dtype="bfloat16", B=1, H=16, D=128)
     rows = []
-    lengths = [16384] if args.quick else [16384, 65536]
+    lengths = [] if args.decode_only else [16384] if args.quick else [16384, 65536]
     torch.manual_seed(0)
     for N in lengths:
         q, k, v = (torch.randn(1, 16, N, 128, device=dev, dtype=torch.bfloat16) for _ in range(3))
@@ -151,12 +166,16 @@ def main() -> int:
         t_dense = bench_ms(lambda: F.scaled_dot_product_attention(q, k, v))
         try:
             r = run_case("quest", q, k, v, "lower_right", rows_check=1)
+            r["selection_torch_ms"] = torch_selection_ms(q, k)
         except Exception as e:
             r = dict(policy="quest", error=f"{type(e).__name__}: {e}"[:300])
         r.update(case="decode B=8", N=N, dense_ms=t_dense)
         rows.append(r)
         print(json.dumps(r), flush=True)
     tag = "h100" if "H100" in card else ("h200" if "H200" in card else "gpu")
+    if args.decode_only:
+        tag = "decode_" + tag
+        meta["command"] += " --decode-only"
     with open(os.path.join(args.out, f"policies_{tag}.json"), "w") as f:
         json.dump(dict(meta=meta, rows=rows), f, indent=1)
     lines = [f"# Policy costs on {card}", "",
@@ -180,6 +199,12 @@ def main() -> int:
                      f"{r['total_ms']:.3f} | {share:.1%} | {r['dense_ms'] / r['total_ms']:.2f}x | "
                      f"{r['rel_err']:.1e} | "
                      f"{'' if r.get('same_lists') is None else format(r['same_lists'], '.4f')} |")
+    torch_sel = [r for r in rows if "selection_torch_ms" in r]
+    if torch_sel:
+        lines += ["", "Quest decode selection, same bounds, same run: "
+                  + "; ".join(f"N={r['N']}: selection program {r['selection_ms']:.3f} ms vs the "
+                              f"PyTorch path (select_topk_blocks) {r['selection_torch_ms']:.3f} ms"
+                              for r in torch_sel) + "."]
     with open(os.path.join(args.out, f"policies_{tag}.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -176,8 +176,11 @@ def _q_select(sc, q, k, spec):
     p = spec.policy
     topk = math.ceil(p.budget / p.page)
     # wider rows than the selection program sorts well go to torch.topk
-    # (benchmarks/results/estimators_h100.md)
-    if _q_kernels(q, k, spec) and _cdiv(k.shape[2], p.page) <= tk.SORTED_SELECT_MAX_NKB:
+    # (benchmarks/results/estimators_h100.md), unless there are few of them (decode: one
+    # query block per head), where the program's rounds of max beat torch's many small ops
+    rows = sc.shape[0] * sc.shape[1] * sc.shape[2]
+    if _q_kernels(q, k, spec) and (_cdiv(k.shape[2], p.page) <= tk.SORTED_SELECT_MAX_NKB
+                                   or rows <= tk.WIDE_SELECT_MAX_ROWS):
         return tk.block_topk_select(sc, q.shape[2], k.shape[2], spec.causal, p.page, scale=1.0,
                                     topk=topk, sink_blocks=p.sink_pages,
                                     local_blocks=p.local_pages)

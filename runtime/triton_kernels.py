@@ -573,6 +573,9 @@ BLOCK_TOPK_MAX_NKB = 16384     # key blocks one selection program keeps in regis
 # benchmarks/results/estimators_h100.md): one partial sort 0.25 ms vs 0.64 ms for rounds of max
 # at 1024 blocks; at 4096 (Quest's pages at 65536 tokens) it takes 11.4 ms and torch.topk 8.2.
 SORTED_SELECT_MAX_NKB = 1024
+# Wider rows still go to the selection program when there are at most this many (decode: one
+# query block per head; torch's selection is ~100 small launches there, 1-1.6 ms on H100).
+WIDE_SELECT_MAX_ROWS = 512
 
 
 @functools.lru_cache(maxsize=None)
@@ -792,14 +795,23 @@ def quest_page_bounds(q: torch.Tensor, k: torch.Tensor, *, page: int, causal: Op
     mx = torch.empty((B * Hkv, n_p, d_p), device=dev, dtype=k.dtype)
     mn = torch.empty_like(mx)
     mod = _quest_module(dev)
-    mod.page_minmax[(n_p, B * Hkv)](k, mx, mn, *k.stride(), Hkv, Nkv, n_p, page, D,
-                                    ROWS=min(next_pow2(page), 32), D_P=d_p, num_warps=2)
+    sms = _sm_count(dev)
+    # summaries: single-warp programs of at least 8 pages, ~32 per SM
+    chunks = max(1, -(-32 * sms // (B * Hkv)))
+    ch = max(8, -(-n_p // chunks))
+    mod.page_minmax[(-(-n_p // ch), B * Hkv)](k, mx, mn, *k.stride(), Hkv, Nkv, n_p, ch, D,
+                                               PAGE=page, ROWS=min(page, 16), D_P=d_p,
+                                               num_warps=1)
     qb = max(1, 64 // page)
     off = 0 if causal is None else positions_offset(causal, Nq, Nkv)
-    mod.quest_bounds[(-(-nqb // qb), B * Hkv)](
-        q, mx, mn, out, *q.stride(), Hkv, Hq // Hkv, Nq, nqb, n_p, off, D=D, D_P=d_p, PAGE=page,
-        QB=qb, BP=pages_per_tile, CAUSAL=causal is not None, IEEE=q.dtype == torch.float32,
-        num_warps=num_warps)
+    tiles = -(-nqb // qb) * B * Hkv
+    # few query tiles (decode): split the pages so that ~4 programs per SM run
+    split = max(1, min(-(-n_p // pages_per_tile), (4 * sms) // max(tiles, 1)))
+    pch = -(-(-(-n_p // split)) // pages_per_tile) * pages_per_tile
+    mod.quest_bounds[(-(-nqb // qb), B * Hkv, -(-n_p // pch))](
+        q, mx, mn, out, *q.stride(), Hkv, Hq // Hkv, Nq, nqb, n_p, off, pch, D=D, D_P=d_p,
+        PAGE=page, QB=qb, BP=pages_per_tile, CAUSAL=causal is not None,
+        IEEE=q.dtype == torch.float32, num_warps=num_warps)
     return out
 
 

@@ -179,6 +179,30 @@ def test_estimator_entries_use_kernels_and_match(name, kw, nq, nkv, monkeypatch)
     assert torch.equal(got[1], want[1])
 
 
+def test_quest_decode_selects_wide_rows_with_the_program(monkeypatch):
+    """Few rows wider than the sorted selection handles (decode): the selection program picks
+    the same pages as the PyTorch selection on the same bounds."""
+    spec = _spec("quest", page=4, budget=24, sink_pages=1, local_pages=1)
+    g = torch.Generator().manual_seed(7)
+    q = torch.randn(2, 4, 1, 16, generator=g).to(DEV)
+    k = torch.randn(2, 2, 203, 16, generator=g).to(DEV)
+    monkeypatch.setenv("SPARSE_PLANNER_KERNELS", "triton")
+    monkeypatch.setattr(tk, "SORTED_SELECT_MAX_NKB", 16)        # 51 pages count as wide
+    calls = []
+    real = tk.block_topk_select
+    monkeypatch.setattr(tk, "block_topk_select", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    est = estimators.get("quest")
+    sc = est.score(q, k, [], spec)
+    got = est.select(sc, q, k, spec)
+    assert calls, "the selection program did not run"
+    monkeypatch.setattr(tk, "WIDE_SELECT_MAX_ROWS", 0)          # now the PyTorch selection
+    calls.clear()
+    want = est.select(sc, q, k, spec)
+    assert not calls
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert int(got[0].min()) == 8               # 24 / 4 pages by bound, plus a sink and a local page
+
+
 def test_auto_kernel_conditions(monkeypatch):
     q = torch.randn(1, 4, 64, 16, device=DEV)
     spec = _spec("auto", block=16)
@@ -219,6 +243,8 @@ def _brute_quest(q, k, page, causal):
                                    (1, 1, 1, 130, 130, 64, 32, "upper_left"),
                                    (1, 2, 2, 70, 150, 16, 8, None),
                                    (2, 2, 1, 1, 300, 16, 16, "lower_right"),
+                                   (1, 4, 2, 1, 1000, 32, 8, "lower_right"),   # decode split
+                                   (1, 2, 2, 3, 777, 16, 4, "lower_right"),
                                    (1, 1, 1, 90, 90, 16, 64, "lower_right"),
                                    (1, 1, 1, 50, 50, 16, 1, "lower_right")])
 def test_quest_bounds_match_definitions(shape, monkeypatch):

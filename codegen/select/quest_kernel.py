@@ -3,8 +3,11 @@
 Two kernels, loaded through ``codegen.emit.load`` and launched from ``runtime.triton_kernels``:
 
 * ``page_minmax`` — per page of ``page`` keys the channel-wise max and min, in the keys' own
-  dtype (exact: min/max only pick values): ``[B * Hkv, NP, D]`` each.
-* ``quest_bounds`` — one program per (tile of ``ROWS`` query rows, batch x KV head): for each
+  dtype (exact: min/max only pick values): ``[B * Hkv, NP, D]`` each; one single-warp program per
+  chunk of ``CH`` pages (H100, 131072 keys x 8 x 16 heads: 1.6 ms with one warp, the read of K
+  takes 1.4; 3.0 with two warps and 10 with four, whose cross-warp reductions dominate).
+* ``quest_bounds`` — one program per (tile of ``ROWS`` query rows, batch x KV head, chunk of
+  ``CH`` pages; decode has one query tile, so its pages are split over programs): for each
   tile of ``BP`` pages, the bound of every query row on its largest logit in each page,
   ``relu(q) . max + min(q, 0) . min`` (= sum_d max(q_d max_d, q_d min_d)), as two tensor-core
   products; the max over the rows of each query block (``PAGE`` rows) and over the query heads
@@ -25,39 +28,41 @@ import triton.language as tl
 
 
 @triton.jit
-def page_minmax(k_ptr, mx_ptr, mn_ptr, skb, skh, skn, skd, Hkv, Nkv, NP, page, D,
-                ROWS: tl.constexpr, D_P: tl.constexpr):
-    p = tl.program_id(0)
+def page_minmax(k_ptr, mx_ptr, mn_ptr, skb, skh, skn, skd, Hkv, Nkv, NP, CH, D,
+                PAGE: tl.constexpr, ROWS: tl.constexpr, D_P: tl.constexpr):
+    """Pages ``[c * CH, (c + 1) * CH)`` of one (batch, KV head), one after the other, ``ROWS``
+    key rows per load (launched with one warp: the reduction over rows stays in registers)."""
+    c = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // Hkv
     h = bh % Hkv
-    r0 = p * page
-    r1 = tl.minimum(r0 + page, Nkv)
     d = tl.arange(0, D_P)
     rr = tl.arange(0, ROWS)
     base = k_ptr + b.to(tl.int64) * skb + h.to(tl.int64) * skh
-    hi = tl.full([ROWS, D_P], float("-inf"), tl.float32)
-    lo = tl.full([ROWS, D_P], float("inf"), tl.float32)
-    for r in range(r0, r1, ROWS):
-        rows = r + rr
-        ok = (rows[:, None] < r1) & (d[None, :] < D)
-        x = tl.load(base + rows.to(tl.int64)[:, None] * skn + d[None, :] * skd, mask=ok,
-                    other=0.0).to(tl.float32)
-        hi = tl.maximum(hi, tl.where(ok, x, float("-inf")))
-        lo = tl.minimum(lo, tl.where(ok, x, float("inf")))
-    out = (bh.to(tl.int64) * NP + p) * D_P + d
     d_ok = d < D                                   # padding channels stay 0 (no 0 * inf)
-    tl.store(mx_ptr + out, tl.where(d_ok, tl.max(hi, axis=0), 0.0).to(mx_ptr.dtype.element_ty))
-    tl.store(mn_ptr + out, tl.where(d_ok, tl.min(lo, axis=0), 0.0).to(mn_ptr.dtype.element_ty))
+    for p in range(c * CH, tl.minimum((c + 1) * CH, NP)):
+        hi = tl.full([ROWS, D_P], float("-inf"), tl.float32)
+        lo = tl.full([ROWS, D_P], float("inf"), tl.float32)
+        for r in range(0, PAGE, ROWS):
+            rows = p * PAGE + r + rr
+            ok = (rows[:, None] < Nkv) & d_ok[None, :]
+            x = tl.load(base + rows.to(tl.int64)[:, None] * skn + d[None, :] * skd, mask=ok,
+                        other=0.0).to(tl.float32)
+            hi = tl.maximum(hi, tl.where(ok, x, float("-inf")))
+            lo = tl.minimum(lo, tl.where(ok, x, float("inf")))
+        out = (bh.to(tl.int64) * NP + p) * D_P + d
+        tl.store(mx_ptr + out, tl.where(d_ok, tl.max(hi, axis=0), 0.0).to(mx_ptr.dtype.element_ty))
+        tl.store(mn_ptr + out, tl.where(d_ok, tl.min(lo, axis=0), 0.0).to(mn_ptr.dtype.element_ty))
 
 
 @triton.jit
 def quest_bounds(q_ptr, mx_ptr, mn_ptr, out_ptr, sqb, sqh, sqn, sqd, Hkv, G, Nq, NQB, NP, off,
-                 D: tl.constexpr, D_P: tl.constexpr, PAGE: tl.constexpr, QB: tl.constexpr,
+                 CH, D: tl.constexpr, D_P: tl.constexpr, PAGE: tl.constexpr, QB: tl.constexpr,
                  BP: tl.constexpr, CAUSAL: tl.constexpr, IEEE: tl.constexpr):
     ROWS: tl.constexpr = QB * PAGE
     t = tl.program_id(0)
     bk = tl.program_id(1)
+    c = tl.program_id(2)                            # pages [c * CH, (c + 1) * CH)
     b = bk // Hkv
     hk = bk % Hkv
     rr = tl.arange(0, ROWS)
@@ -69,7 +74,8 @@ def quest_bounds(q_ptr, mx_ptr, mn_ptr, out_ptr, sqb, sqh, sqn, sqd, Hkv, G, Nq,
     if not CAUSAL:
         last_tile = NP * PAGE
     row_ok = rows < Nq
-    for p0 in range(0, NP, BP):
+    p_end = tl.minimum((c + 1) * CH, NP)
+    for p0 in range(c * CH, p_end, BP):
         pg = p0 + tl.arange(0, BP)
         acc = tl.full([QB, BP], float("-inf"), tl.float32)
         if p0 * PAGE <= last_tile:
@@ -91,12 +97,12 @@ def quest_bounds(q_ptr, mx_ptr, mn_ptr, out_ptr, sqb, sqh, sqn, sqd, Hkv, G, Nq,
                     s = tl.dot(qp, tl.trans(mx)) + tl.dot(qn, tl.trans(mn))
                 s = tl.where(row_ok[:, None], s, float("-inf"))
                 acc = tl.maximum(acc, tl.max(tl.reshape(s, [QB, PAGE, BP]), axis=1))
-            ok = pg[None, :] < NP
+            ok = pg[None, :] < p_end
             if CAUSAL:
                 ok = ok & (pg[None, :] * PAGE <= last_qb[:, None])
             acc = tl.where(ok, acc, float("-inf"))
         dst = out_ptr + (bk.to(tl.int64) * NQB + qb)[:, None] * NP + pg[None, :]
-        tl.store(dst, acc, mask=(qb[:, None] < NQB) & (pg[None, :] < NP))
+        tl.store(dst, acc, mask=(qb[:, None] < NQB) & (pg[None, :] < p_end))
 '''
 
 
