@@ -75,20 +75,32 @@ def _(q, k, v, mods, counts, indices, key):
 
 def _attend_setup(ctx, inputs, output):
     q, k, v, mods, counts, indices, key = inputs
-    ctx.save_for_backward(q, k, v, counts, indices, *mods)
+    # the gather kernel's lse for this output: the backward kernel starts from it
+    ctx.lse = providers.take_lse(output)
+    ctx.save_for_backward(q, k, v, counts, indices, *mods,
+                          *((output,) if ctx.lse is not None else ()))
     ctx.key = key
     ctx.n_mods = len(mods)
 
 
 def _attend_backward(ctx, grad):
-    """Gradients of ``attend`` w.r.t. q, k, v: the same computation re-run differentiably
-    (``dispatch.attend_differentiable``: SDPA, the token-sparse backward kernels or the fp32
-    reference), one extra forward per backward. Lists and masks get no gradient."""
-    q, k, v, counts, indices, *mods = ctx.saved_tensors
+    """Gradients of ``attend`` w.r.t. q, k, v. Token lists whose forward ran the gather kernel:
+    its backward kernel, from the saved output and log-sum-exp. Otherwise the same computation
+    re-run differentiably (``dispatch.attend_differentiable``: SDPA, the token-sparse kernels
+    or the fp32 reference), one extra forward per backward. Lists and masks get no gradient."""
+    saved = ctx.saved_tensors
+    q, k, v, counts, indices = saved[:5]
+    mods = list(saved[5:5 + ctx.n_mods])
     need = ctx.needs_input_grad[:3]
     no_mods = [None] * ctx.n_mods
     if not any(need):
         return None, None, None, no_mods, None, None, None
+    if ctx.lse is not None:
+        from runtime.triton_kernels import token_sparse_attention_bwd
+        out = saved[5 + ctx.n_mods]
+        grads = token_sparse_attention_bwd(q, k, v, indices, out, ctx.lse, grad.to(out.dtype),
+                                           scale=lookup(ctx.key).scale)
+        return (*(g if n else None for g, n in zip(grads, need)), no_mods, None, None, None)
     with torch.enable_grad():
         leaves = [t.detach().requires_grad_(n) for t, n in zip((q, k, v), need)]
         out = dispatch.attend_differentiable(*leaves, mods, counts, indices, lookup(ctx.key))

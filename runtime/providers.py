@@ -14,6 +14,7 @@ runs, so a case is never approximated silently.
 from __future__ import annotations
 
 import os
+import weakref
 from typing import Optional
 
 import torch
@@ -159,7 +160,9 @@ def triton_token_sparse(q, k, v, mods, counts, indices, spec: SiteSpec):
     from runtime import plan
     var = plan.variant(spec, q, k)            # decode: the cost model's split of the lists
     per_sm = var.per_sm if var is not None and var.family == "token_sparse_decode" else None
-    out, _ = tk.token_sparse_attention(q, k, v, indices, scale=spec.scale, split_per_sm=per_sm)
+    out, lse = tk.token_sparse_attention(q, k, v, indices, scale=spec.scale, split_per_sm=per_sm)
+    if q.requires_grad or k.requires_grad or v.requires_grad:
+        remember_lse(out, lse)                    # the backward starts from it (no re-run)
     if os.environ.get("SPARSE_PLANNER_DENSITY", "1") == "0":
         return out, None
     from codegen.attention.reference import visible_keys
@@ -168,6 +171,23 @@ def triton_token_sparse(q, k, v, mods, counts, indices, spec: SiteSpec):
     kept = kept.repeat_interleave(q.shape[1] // indices.shape[1])
     allowed = torch.full_like(kept, visible * q.shape[0])
     return out, (allowed, kept)
+
+
+# The gather kernel's log-sum-exp per output it produced, for the backward of sparse.attend:
+# with it the backward kernel runs directly instead of re-running the forward. Entries go
+# when the output is freed or taken.
+_LSE: dict = {}
+
+
+def remember_lse(out: torch.Tensor, lse: torch.Tensor) -> None:
+    key = id(out)
+    _LSE[key] = (weakref.ref(out, lambda _, key=key: _LSE.pop(key, None)), lse)
+
+
+def take_lse(out: torch.Tensor) -> Optional[torch.Tensor]:
+    """The lse ``triton_token_sparse`` computed with ``out`` (None if it did not)."""
+    ent = _LSE.pop(id(out), None)
+    return ent[1] if ent is not None and ent[0]() is out else None
 
 
 def register_all() -> None:

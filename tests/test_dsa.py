@@ -285,3 +285,44 @@ def test_export_and_preload_into_a_wrapped_model():
     c.sparse_indexers.preload(states)
     with pytest.raises(ValueError, match="preloaded indexer"):
         c(x)
+
+
+def test_sparse_attend_backward_reuses_the_forward_lse(monkeypatch):
+    """Token lists through the gather kernel: the backward kernel starts from the forward's
+    output and log-sum-exp (no second forward), with the reference's gradients; without
+    gradients nothing is kept."""
+    import runtime.ops  # noqa: F401
+    from runtime import dispatch, providers, triton_kernels as tk
+    from runtime.spec import SiteSpec, register
+    if not tk.available("cpu") and not torch.cuda.is_available():
+        pytest.skip("needs CUDA or TRITON_INTERPRET=1")
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(3)
+    n = 37
+    q = torch.randn(1, 4, n, 16, device=dev, requires_grad=True)
+    k = torch.randn(1, 2, n, 16, device=dev, requires_grad=True)
+    v = torch.randn(1, 2, n, 16, device=dev, requires_grad=True)
+    rows = [torch.randperm(t + 1)[:6].tolist() for t in range(n)]
+    idx = torch.tensor([r + [-1] * (6 - len(r)) for r in rows], dtype=torch.int32,
+                       device=dev)[None, None]                          # [1, 1, N, 6]
+    key = register(SiteSpec(site="lse", owner="t", policy=planner.policy("dsa", topk=6),
+                            scale=0.25, causal="lower_right", gqa_group=2))
+    e = torch.empty(0, dtype=torch.int32, device=dev)
+    reruns = []
+    real = dispatch.attend_differentiable
+    monkeypatch.setattr(dispatch, "attend_differentiable",
+                        lambda *a, **kw: reruns.append(1) or real(*a, **kw))
+    monkeypatch.setenv("SPARSE_PLANNER_KERNELS", "triton")
+    out = torch.ops.sparse.attend(q, k, v, [], e, idx, key)
+    g = torch.randn_like(out)
+    got = torch.autograd.grad(out, (q, k, v), g)
+    assert not reruns and not providers._LSE
+    with torch.no_grad():
+        torch.ops.sparse.attend(q, k, v, [], e, idx, key)
+    assert not providers._LSE
+    monkeypatch.setenv("SPARSE_PLANNER_KERNELS", "reference")
+    ref = torch.ops.sparse.attend(q, k, v, [], e, idx, key)
+    want = torch.autograd.grad(ref, (q, k, v), g)
+    assert reruns                                      # the reference path re-runs
+    for a, b in zip(got, want):
+        assert max_err(a, b) < 1e-5
