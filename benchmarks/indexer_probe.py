@@ -164,6 +164,10 @@ def phases_ms(q, w, k, topk, causal, sch=None) -> dict:
             run.write(torch.where(fail, lo_p, top), buf, c, out, sure,
                       hi=torch.where(fail, hi_p, top), blocks=run._blocks(fail))
         res["refine_ms"] = time_ms(resolve)
+        rows = fail.nonzero()[:, 0]
+        res["direct_ms"] = time_ms(lambda: run.direct(rows))
+        res["direct_used"] = bool(res["missed_rows"] * run.spec.heads * run.Nkv
+                                  <= ik.DIRECT_ELEMS)
     # floor of any sweep: scores of every visible key, reduced to a row max / min
     theta = torch.zeros((run.R, run.sch.thresholds), device=DEV)
     res["score_sweep_ms"] = time_ms(lambda: run.count(theta, 1, counts=False, stats=True))
@@ -293,8 +297,11 @@ def main() -> int:
             lines.append(f"| {t['case']} | error: {t['error']} | | | | |")
             continue
         ph = (f"{t['estimate_ms']:.2f} / {t['write_ms']:.2f} / {t['finish_ms']:.2f} "
-              f"(score sweep {t['score_sweep_ms']:.2f}; exact resolution of missed rows "
-              f"{t.get('refine_ms', 0):.2f})" if "write_ms" in t else "")
+              f"(score sweep {t['score_sweep_ms']:.2f}; exact resolution of missed rows: "
+              f"refinement {t.get('refine_ms', 0):.2f}"
+              + (f", direct scoring {t['direct_ms']:.2f}"
+                 + (" (used)" if t.get("direct_used") else "") if "direct_ms" in t else "")
+              + ")" if "write_ms" in t else "")
         tf = f"{t['score_tflops']:.0f}" if "score_tflops" in t else ""
         ok = "" if t.get("ok", True) else " (WRONG RESULT)"
         lines.append(f"| {t['case']}{ok} | {t['ms']:.2f} | {tf} | {ph} | {t.get('missed_rows', '')} | "

@@ -13,15 +13,17 @@ candidate slots:
    falls inside the exact zeros of the ReLU, the floor splits the zeros by key index;
 2. one sweep over all keys writes the candidates above the floor into the row's slots and
    counts them (every visible key where ``visible <= C``);
-3. a row whose count is not in ``[want, C]`` (the estimate missed) is resolved exactly: count
-   sweeps over its query block narrow a candidate bracket ``(lo, hi]`` (first with the sampled
-   thresholds, then evenly spaced scores, score images and indices) until at most ``C``
-   candidates lie inside, then a two-sided sweep writes the candidates above ``hi`` straight
-   to the output and buffers the bracket;
+3. a row whose count is not in ``[want, C]`` (the estimate missed) is resolved exactly: when
+   few rows missed (``DIRECT_ELEMS``), from their full score rows (``few_row_scores``, one
+   ``torch.topk``); otherwise count sweeps over its query block narrow a candidate bracket
+   ``(lo, hi]`` (first with the sampled thresholds, then evenly spaced scores, score images
+   and indices) until at most ``C`` candidates lie inside, then a two-sided sweep writes the
+   candidates above ``hi`` straight to the output and buffers the bracket;
 4. one program per row selects the exact best ``want - certain`` buffered candidates.
 
-Extra memory: ``B * Nq * C`` int64 candidates plus O(B * Nq * T) counts. Host syncs: one per
-call, plus two per refinement round when a row missed.
+Extra memory: ``B * Nq * C`` int64 candidates plus O(B * Nq * T) counts (and at most
+``DIRECT_ELEMS`` fp32 scores for missed rows). Host syncs: one per call, plus two per
+refinement round when many rows missed.
 
 Example (on a CUDA device)::
 
@@ -48,9 +50,15 @@ from runtime.triton_kernels import _device_key, _sm_count
 _FLOAT_DTYPES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32"}
 MAX_TOPK = 8192             # the selection program keeps 2 * topk candidates in registers
 MAX_ROUNDS = 48             # exact refinement sweeps per call (a bracket shrinks >= 4x a round)
+# Rows whose estimate missed are scored directly (their full score rows, ``few_row_scores``,
+# and one torch.topk) when rows x indexer heads x keys stays under this many fp32 elements;
+# more missed rows go through the threshold refinement. H100, 65536 tokens: the refinement of
+# 6 missed rows took 2.45 ms of a 16 ms call (benchmarks/results/indexer_h100.md).
+DIRECT_ELEMS = 2 ** 26
 
 # What the kernel path did: calls, calls that sampled a threshold estimate, rows whose estimate
-# missed and were resolved exactly, count sweeps that took, two-sided write sweeps.
+# missed and were resolved exactly (of those, rows scored directly), count sweeps that took,
+# two-sided write sweeps.
 COUNTERS: collections.Counter = collections.Counter()
 
 # Tests set this to fill the candidate buffer with the best possible candidate (score +inf, key
@@ -227,18 +235,24 @@ def topk_few_rows(q_idx, w, k_idx, topk: int, *, causal: bool) -> torch.Tensor:
     chosen. Rows unordered."""
     n_q, n_kv = q_idx.shape[1], k_idx.shape[1]
     scores = few_row_scores(q_idx, w, k_idx, causal=causal)                   # [B, Nq, Nkv] fp32
-    idx = torch.arange(n_kv, device=q_idx.device)
+    return _top_of_rows(scores, visible_counts(n_q, n_kv, causal, q_idx.device), topk)
+
+
+def _top_of_rows(scores: torch.Tensor, visible: torch.Tensor, topk: int) -> torch.Tensor:
+    """int32 ``[..., topk]``: per row of ``scores [..., Nkv]`` fp32 the ``topk`` best of its
+    first ``visible [rows]`` keys (score, then the newer key), -1 after them; unordered."""
+    n_kv = scores.shape[-1]
+    idx = torch.arange(n_kv, device=scores.device)
     keys = (_score_key(scores + 0.0) << 32) | idx
-    visible = visible_counts(n_q, n_kv, causal, q_idx.device)                 # [Nq]
     hidden = idx[None, :] >= visible[:, None]
     lowest = torch.iinfo(torch.int64).min
     keys = keys.masked_fill(hidden, lowest)
     kk = min(topk, n_kv)
-    top = torch.topk(keys, kk, dim=-1, sorted=False).values                  # [B, Nq, kk]
+    top = torch.topk(keys, kk, dim=-1, sorted=False).values                  # [..., kk]
     chosen = torch.where(top == lowest, -1, top & 0xFFFFFFFF).to(torch.int32)
     if kk == topk:
         return chosen
-    out = torch.full((scores.shape[0], n_q, topk), -1, dtype=torch.int32, device=q_idx.device)
+    out = torch.full((*scores.shape[:-1], topk), -1, dtype=torch.int32, device=scores.device)
     out[..., :kk] = chosen
     return out
 
@@ -500,6 +514,21 @@ class _IndexerRun:
         ties = torch.where(hi_open, lo_p, (hi_p >> 32) << 32)[:, None] | idx
         return torch.cat([_pack(values, IDX_ABOVE), ties], 1)                      # [R, T]
 
+    def direct(self, rows: torch.Tensor) -> torch.Tensor:
+        """int32 [len(rows), topk]: the exact selection of the rows ``rows`` (flat ``b * Nq +
+        t``) from their full score rows, as ``topk_few_rows`` does for decode."""
+        b, t = rows // self.Nq, rows % self.Nq
+        res = torch.empty((rows.numel(), self.topk), device=self.dev, dtype=torch.int32)
+        for bi in b.unique().tolist():
+            at = (b == bi).nonzero()[:, 0]
+            tt = t[at]
+            sc = few_row_scores(self.q[bi:bi + 1, tt], self.w[bi:bi + 1, tt],
+                                self.k[bi:bi + 1], causal=False)[0]       # [m, Nkv] fp32
+            vis = ((tt + self.off + 1).clamp(0, self.Nkv) if self.causal
+                   else torch.full_like(tt, self.Nkv))
+            res[at] = _top_of_rows(sc, vis, self.topk)
+        return res
+
     def _blocks(self, rows: torch.Tensor) -> torch.Tensor:
         """int32 work items (b * NMB + query block) holding a row of ``rows`` [R] bool."""
         r = rows.nonzero()[:, 0]
@@ -528,8 +557,18 @@ class _IndexerRun:
         self.write(lo, buf, cnt, out, sure)
         if self.v_max > self.C:
             fail = (cnt < self.want) | (cnt > self.C)
-            if bool(fail.any()):
-                COUNTERS["refined_rows"] += int(fail.sum())
+            n_fail = int(fail.sum())                                    # the call's host sync
+            if n_fail:
+                COUNTERS["refined_rows"] += n_fail
+            if n_fail and n_fail * self.spec.heads * self.Nkv <= DIRECT_ELEMS:
+                COUNTERS["direct_rows"] += n_fail
+                rows = fail.nonzero()[:, 0]
+                cnt.masked_fill_(fail, 0)                 # finish pads them; replaced below
+                sure.masked_fill_(fail, 0)
+                self.finish(buf, cnt, out, sure)
+                out.view(self.R, self.topk)[rows] = self.direct(rows)
+                return out
+            if n_fail:
                 lo_p, hi_p = self.refine(lo, cnt, fail)
                 COUNTERS["two_sided_sweeps"] += 1
                 off = torch.iinfo(torch.int64).max                      # inactive rows

@@ -206,9 +206,11 @@ def test_kernel_exact_with_tied_scores(B, nq, nkv, H, D, topk, causal, kernels):
 
 @needs_kernels
 @pytest.mark.parametrize("zero", ["w", "k"])
-def test_kernel_all_scores_tied_keeps_newest(zero, kernels):
+@pytest.mark.parametrize("how", ["refine", "direct"])
+def test_kernel_all_scores_tied_keeps_newest(zero, how, kernels, monkeypatch):
     """Every score 0 (w = 0 or k_idx = 0): exactly the newest visible keys, through the
-    single-score bracket of the exact refinement."""
+    single-score bracket of the exact refinement, or the full score rows of missed rows."""
+    monkeypatch.setattr(ik, "DIRECT_ELEMS", 0 if how == "refine" else 2 ** 26)
     q, w, k = make_inputs(1, 70, 90, 2, 16)
     if zero == "w":
         w = torch.zeros_like(w)
@@ -218,22 +220,30 @@ def test_kernel_all_scores_tied_keeps_newest(zero, kernels):
     vis = visible_counts(70, 90, True)
     want = torch.stack([torch.arange(int(v) - 9, int(v)) for v in vis]).int()
     assert torch.equal(got[0].sort(-1).values.cpu(), want)
-    assert ik.COUNTERS["two_sided_sweeps"] >= 1
+    assert ik.COUNTERS["two_sided_sweeps" if how == "refine" else "direct_rows"] >= 1
 
 
 @needs_kernels
 @pytest.mark.parametrize("miss", ["too_low", "too_high"])
-def test_missed_estimate_is_resolved_exactly(miss, kernels, monkeypatch):
-    """A threshold estimate that leaves too many (or too few) candidates is corrected by the
-    exact refinement: the result does not depend on the estimate."""
-    q, w, k = make_inputs(1, 80, 80, 2, 16)
+@pytest.mark.parametrize("how", ["refine", "direct"])
+def test_missed_estimate_is_resolved_exactly(miss, how, kernels, monkeypatch):
+    """A threshold estimate that leaves too many (or too few) candidates is corrected exactly,
+    by the threshold refinement or (few missed rows) from the rows' full scores: the result
+    does not depend on the estimate."""
+    q, w, k = make_inputs(2, 80, 80, 2, 16)
     fill = float("-inf") if miss == "too_low" else 1e30           # every key / none admitted
     monkeypatch.setattr(ik._IndexerRun, "estimate", lambda self: torch.where(
         self.vis > self.C, ik._pack(torch.full_like(self.vis, fill, dtype=torch.float32),
                                     ik.IDX_ABOVE), self.lo_all))
+    monkeypatch.setattr(ik, "DIRECT_ELEMS", 0 if how == "refine" else 2 ** 26)
     got = run_kernel(q, w, k, 6, True)
     check_rows(got, q, w, k, 6, True)
-    assert ik.COUNTERS["refined_rows"] > 0 and ik.COUNTERS["refine_sweeps"] >= 1
+    assert ik.COUNTERS["refined_rows"] > 0
+    if how == "refine":
+        assert ik.COUNTERS["refine_sweeps"] >= 1 and not ik.COUNTERS["direct_rows"]
+    else:
+        assert ik.COUNTERS["direct_rows"] == ik.COUNTERS["refined_rows"]
+        assert not ik.COUNTERS["refine_sweeps"]
 
 
 @needs_kernels
