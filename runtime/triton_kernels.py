@@ -180,9 +180,11 @@ def default_block_sparse_schedule(spec: BlockSparseSpec, device, max_blocks: int
     """Default tiling for the block-sparse forward (H100 measurements: benchmarks/NOTES_kernels.md).
 
     ``max_blocks``: width of the block lists; very short lists (<= 4 blocks) run best with
-    narrow key tiles whose small footprint lets two programs share an SM. Otherwise 128x128
-    tiles with K/V through tensor descriptors (the copy engine) where strides allow. Tiles
-    never exceed the mask block."""
+    narrow key tiles whose small footprint lets two programs share an SM; at D <= 64, 128x64
+    tiles; otherwise 128x128 tiles with K/V through tensor descriptors (the copy engine) where
+    strides allow. Tiles
+    never exceed the mask block. The cost model (``planner.costmodel.VARIANTS``) picks among
+    measured alternatives per call shape when a site runs with ``cost_model="auto"``."""
     d = max(spec.head_dim, spec.v_head_dim)
     if device.type != "cuda":
         sch = Schedule(block_m=64, block_n=64, num_warps=4, num_stages=1)
@@ -191,6 +193,10 @@ def default_block_sparse_schedule(spec: BlockSparseSpec, device, max_blocks: int
     elif spec.block >= 128 and d <= 128:
         if 0 < max_blocks <= 4:
             sch = Schedule(block_m=128, block_n=32, num_warps=8, num_stages=4)
+        elif d <= 64:
+            # D = 64: 64-key steps as fast or faster everywhere on the cost-model grid (H100,
+            # benchmarks/results/costmodel_h100.md: 65536 at 3% 0.75 vs 1.01 ms for 128x128)
+            sch = Schedule(block_m=128, block_n=64, num_warps=8, num_stages=3)
         elif _tma_ok(spec, device):
             sch = Schedule(block_m=128, block_n=128, num_warps=8, num_stages=3, tma=True)
         else:
