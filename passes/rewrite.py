@@ -65,6 +65,27 @@ def _shapes(m) -> str:
     return " ".join(str(p) for p in parts)
 
 
+def _keep_page_summaries(g: fx.Graph, k: fx.Node, page: int) -> fx.Node:
+    """Keys made by appending the step's keys to a cache (``cat([past, new], dim=-2)``) are
+    made by ``sparse.append`` instead, which keeps quest's page summaries up to date
+    (``runtime.page_summaries``); the same tensor either way."""
+    if not (isinstance(k, fx.Node) and k.op == "call_function"
+            and k.target in (torch.cat, torch.ops.aten.cat.default)):
+        return k
+    parts = k.args[0] if k.args else k.kwargs.get("tensors")
+    dim = k.args[1] if len(k.args) > 1 else k.kwargs.get("dim", 0)
+    vk = val(k)
+    if (not isinstance(parts, (list, tuple)) or len(parts) != 2 or vk is None or vk.dim() != 4
+            or dim not in (-2, 2) or not all(isinstance(p, fx.Node) for p in parts)):
+        return k
+    with g.inserting_before(k):
+        new = g.call_function(torch.ops.sparse.append.default, (parts[0], parts[1], int(page)))
+    new.meta.update(k.meta)
+    k.replace_all_uses_with(new)
+    g.erase_node(k)
+    return new
+
+
 def rewrite_to_sparse(gm: fx.GraphModule, ctx) -> fx.GraphModule:
     g = gm.graph
     for m in ctx.matches:
@@ -89,6 +110,8 @@ def rewrite_to_sparse(gm: fx.GraphModule, ctx) -> fx.GraphModule:
                                                          (m.v, m.v_fix)))
         mods = [_apply_fix(em, t, fix) for t, fix in zip(m.mod_nodes, m.mod_fix or
                                                          [()] * len(m.mod_nodes))]
+        if pol.name == "quest":
+            k = _keep_page_summaries(g, k, pol.page)
         sc = em.call(torch.ops.sparse.score.default, q, k, mods, key)
         sel = em.call(torch.ops.sparse.select.default, sc, q, k, key)
         counts = em.call(operator.getitem, sel, 0)

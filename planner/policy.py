@@ -156,7 +156,10 @@ class Quest(Policy):
     """Quest (Tang et al., 2024), query-aware page selection: per ``page`` of keys the channel-wise
     min/max; a query's page score is the upper bound sum_d max(q_d max_d, q_d min_d); each query
     (block of ``page`` queries in prefill) attends to its top ``ceil(budget / page)`` pages plus
-    ``sink_pages`` first and ``local_pages`` own pages. Nothing is evicted."""
+    ``sink_pages`` first and ``local_pages`` own pages. Nothing is evicted. Where the captured
+    graph appends the step's keys to a cache (``cat([past, new], dim=-2)``, e.g. Hugging Face
+    ``DynamicCache``), the page min/max are kept with the cache and extended by the new tokens
+    only (``runtime.page_summaries``) instead of re-read from all of K every decode step."""
 
     page: int = 16
     budget: int = 2048

@@ -166,8 +166,10 @@ def _q_kernels(q, k, spec) -> bool:
 
 def _q_score(q, k, mods, spec):
     if _q_kernels(q, k, spec):
-        from runtime import triton_kernels as tk
-        return tk.quest_page_bounds(q, k, page=spec.policy.page, causal=spec.causal)
+        from runtime import page_summaries, triton_kernels as tk
+        page = spec.policy.page
+        return tk.quest_page_bounds(q, k, page=page, causal=spec.causal,
+                                    summaries=page_summaries.lookup(k, page))
     return P.quest_estimate(q, k, spec.policy.page, _allowed(q, k, mods, spec))
 
 

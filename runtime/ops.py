@@ -3,6 +3,7 @@
     scores = torch.ops.sparse.score(q, k, mods, key)                # importance estimate
     counts, indices = torch.ops.sparse.select(scores, q, k, key)    # index set (block lists)
     out = torch.ops.sparse.attend(q, k, v, mods, counts, indices, key)
+    keys = torch.ops.sparse.append(past, new, page)     # cat along the sequence, for quest
 
 ``key`` names a registered ``SiteSpec`` (runtime.spec). Shapes: q [B, Hq, Nq, D],
 k [B, Hkv, Nkv, D], v [B, Hkv, Nkv, Dv], out [B, Hq, Nq, Dv].
@@ -111,3 +112,30 @@ def _attend_backward(ctx, grad):
 
 
 attend.register_autograd(_attend_backward, setup_context=_attend_setup)
+
+
+@torch.library.custom_op("sparse::append", mutates_args=())
+def append(past: torch.Tensor, new: torch.Tensor, page: int) -> torch.Tensor:
+    """``torch.cat([past, new], dim=-2)`` (a KV cache growing by the step's keys), which also
+    extends quest's page summaries of ``past`` to the result (``runtime.page_summaries``)."""
+    out = torch.cat([past, new], dim=-2)
+    if out.dim() == 4:
+        from runtime import page_summaries
+        page_summaries.extend(past, out, page)
+    return out
+
+
+@append.register_fake
+def _(past, new, page):
+    return torch.cat([past, new], dim=-2)
+
+
+def _append_setup(ctx, inputs, output):
+    ctx.n_past = inputs[0].shape[-2]
+
+
+def _append_backward(ctx, grad):
+    return grad[..., :ctx.n_past, :], grad[..., ctx.n_past:, :], None
+
+
+append.register_autograd(_append_backward, setup_context=_append_setup)

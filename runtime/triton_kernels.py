@@ -777,48 +777,81 @@ def _quest_module(device):
 
 
 def quest_page_bounds(q: torch.Tensor, k: torch.Tensor, *, page: int, causal: Optional[str],
-                      pages_per_tile: int = 64, num_warps: int = 4) -> torch.Tensor:
+                      pages_per_tile: int = 64, num_warps: int = 4,
+                      summaries: Optional[tuple] = None) -> torch.Tensor:
     """Quest's page bounds without a ``[Nq, NP]`` intermediate: per query block of ``page``
     rows and page of ``page`` keys, the largest over the block's rows and the group's heads of
     ``sum_d max(q_d max_d, q_d min_d)``; fp32 ``[B, Hkv, NQB, NP]``, -inf where the causal rule
     (``"lower_right"`` / ``"upper_left"`` / None) allows no pair. ``page``: a power of two up
-    to ``QUEST_MAX_PAGE``. Same values as ``codegen.select.policies.quest_estimate``."""
+    to ``QUEST_MAX_PAGE``. Same values as ``codegen.select.policies.quest_estimate``.
+    ``summaries``: ``(max, min)`` of k's pages kept from earlier calls (``quest_page_summaries``
+    layout, at least NP pages), instead of reading all of k again."""
     from codegen.attention.reference import positions_offset
     B, Hq, Nq, D = q.shape
     Hkv, Nkv = k.shape[1], k.shape[2]
     if k.shape[0] != B or Hq % Hkv or k.shape[3] != D or k.dtype != q.dtype:
         raise ValueError(f"quest_page_bounds: q {tuple(q.shape)} {q.dtype} and k "
                          f"{tuple(k.shape)} {k.dtype} do not match")
-    if page < 1 or page > QUEST_MAX_PAGE or page & (page - 1) or D > MAX_HEAD_DIM:
-        raise ValueError(f"quest_page_bounds: page must be a power of two <= {QUEST_MAX_PAGE} "
-                         f"and D <= {MAX_HEAD_DIM}; got page {page}, D {D}")
+    _check_page("quest_page_bounds", page, D)
     n_p, nqb = -(-Nkv // page), -(-Nq // page)
     d_p = next_pow2(max(D, 16))
     dev = q.device
     out = _workspace((B, Hkv, nqb, n_p), dev)
     if out.numel() == 0:
         return out
-    mx = torch.empty((B * Hkv, n_p, d_p), device=dev, dtype=k.dtype)
-    mn = torch.empty_like(mx)
-    mod = _quest_module(dev)
+    if summaries is None:
+        mx = torch.empty((B * Hkv, n_p, d_p), device=dev, dtype=k.dtype)
+        mn = torch.empty_like(mx)
+        quest_page_summaries(k, page, mx, mn, first_page=0)
+    else:
+        mx, mn = summaries
+        if (mx.shape[0] != B * Hkv or mx.shape[1] < n_p or mx.shape[2] != d_p
+                or mn.shape != mx.shape or mx.dtype != k.dtype or not mx.is_contiguous()
+                or not mn.is_contiguous()):
+            raise ValueError(f"quest_page_bounds: summaries must be contiguous {k.dtype} "
+                             f"[{B * Hkv}, >= {n_p}, {d_p}] pairs, got {tuple(mx.shape)} "
+                             f"{mx.dtype} / {tuple(mn.shape)}")
     sms = _sm_count(dev)
-    # summaries: single-warp programs of at least 8 pages, ~32 per SM
-    chunks = max(1, -(-32 * sms // (B * Hkv)))
-    ch = max(8, -(-n_p // chunks))
-    mod.page_minmax[(-(-n_p // ch), B * Hkv)](k, mx, mn, *k.stride(), Hkv, Nkv, n_p, ch, D,
-                                               PAGE=page, ROWS=min(page, 16), D_P=d_p,
-                                               num_warps=1)
     qb = max(1, 64 // page)
     off = 0 if causal is None else positions_offset(causal, Nq, Nkv)
     tiles = -(-nqb // qb) * B * Hkv
     # few query tiles (decode): split the pages so that ~4 programs per SM run
     split = max(1, min(-(-n_p // pages_per_tile), (4 * sms) // max(tiles, 1)))
     pch = -(-(-(-n_p // split)) // pages_per_tile) * pages_per_tile
-    mod.quest_bounds[(-(-nqb // qb), B * Hkv, -(-n_p // pch))](
-        q, mx, mn, out, *q.stride(), Hkv, Hq // Hkv, Nq, nqb, n_p, off, pch, D=D, D_P=d_p,
-        PAGE=page, QB=qb, BP=pages_per_tile, CAUSAL=causal is not None,
+    _quest_module(dev).quest_bounds[(-(-nqb // qb), B * Hkv, -(-n_p // pch))](
+        q, mx, mn, out, *q.stride(), Hkv, Hq // Hkv, Nq, nqb, n_p, mx.shape[1], off, pch, D=D,
+        D_P=d_p, PAGE=page, QB=qb, BP=pages_per_tile, CAUSAL=causal is not None,
         IEEE=q.dtype == torch.float32, num_warps=num_warps)
     return out
+
+
+def _check_page(fn: str, page: int, D: int) -> None:
+    if page < 1 or page > QUEST_MAX_PAGE or page & (page - 1) or D > MAX_HEAD_DIM:
+        raise ValueError(f"{fn}: page must be a power of two <= {QUEST_MAX_PAGE} "
+                         f"and D <= {MAX_HEAD_DIM}; got page {page}, D {D}")
+
+
+def quest_page_summaries(k: torch.Tensor, page: int, mx: torch.Tensor, mn: torch.Tensor, *,
+                         first_page: int = 0) -> None:
+    """Write the channel-wise max and min of k's pages ``first_page ..`` into ``mx`` / ``mn``
+    (contiguous, k's dtype, ``[B * Hkv, capacity >= pages, D padded to a power of two]``,
+    padding channels 0); the pages before ``first_page`` are left as they are."""
+    B, Hkv, Nkv, D = k.shape
+    _check_page("quest_page_summaries", page, D)
+    n_p = -(-Nkv // page)
+    d_p = next_pow2(max(D, 16))
+    if mx.shape[0] != B * Hkv or mx.shape[1] < n_p or mx.shape[2] != d_p or mn.shape != mx.shape:
+        raise ValueError(f"quest_page_summaries: mx / mn must be [{B * Hkv}, >= {n_p}, {d_p}], "
+                         f"got {tuple(mx.shape)} / {tuple(mn.shape)}")
+    todo = n_p - first_page
+    if todo <= 0 or B * Hkv == 0:
+        return
+    # single-warp programs of at least 8 pages, ~32 per SM
+    chunks = max(1, -(-32 * _sm_count(k.device) // (B * Hkv)))
+    ch = max(8, -(-todo // chunks))
+    _quest_module(k.device).page_minmax[(-(-todo // ch), B * Hkv)](
+        k, mx, mn, *k.stride(), Hkv, Nkv, n_p, first_page, mx.shape[1], ch, D, PAGE=page,
+        ROWS=min(page, 16), D_P=d_p, num_warps=1)
 
 
 def auto_criterion(dots: torch.Tensor, lines: torch.Tensor, *, n_q: int, causal: str,

@@ -28,10 +28,11 @@ import triton.language as tl
 
 
 @triton.jit
-def page_minmax(k_ptr, mx_ptr, mn_ptr, skb, skh, skn, skd, Hkv, Nkv, NP, CH, D,
+def page_minmax(k_ptr, mx_ptr, mn_ptr, skb, skh, skn, skd, Hkv, Nkv, NP, P0, NPS, CH, D,
                 PAGE: tl.constexpr, ROWS: tl.constexpr, D_P: tl.constexpr):
-    """Pages ``[c * CH, (c + 1) * CH)`` of one (batch, KV head), one after the other, ``ROWS``
-    key rows per load (launched with one warp: the reduction over rows stays in registers)."""
+    """Pages ``P0 + [c * CH, (c + 1) * CH)`` (below ``NP``) of one (batch, KV head), one after
+    the other, ``ROWS`` key rows per load (launched with one warp: the reduction over rows
+    stays in registers); page ``p`` of row ``bh`` is written at ``(bh * NPS + p) * D_P``."""
     c = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // Hkv
@@ -40,7 +41,7 @@ def page_minmax(k_ptr, mx_ptr, mn_ptr, skb, skh, skn, skd, Hkv, Nkv, NP, CH, D,
     rr = tl.arange(0, ROWS)
     base = k_ptr + b.to(tl.int64) * skb + h.to(tl.int64) * skh
     d_ok = d < D                                   # padding channels stay 0 (no 0 * inf)
-    for p in range(c * CH, tl.minimum((c + 1) * CH, NP)):
+    for p in range(P0 + c * CH, tl.minimum(P0 + (c + 1) * CH, NP)):
         hi = tl.full([ROWS, D_P], float("-inf"), tl.float32)
         lo = tl.full([ROWS, D_P], float("inf"), tl.float32)
         for r in range(0, PAGE, ROWS):
@@ -50,14 +51,14 @@ def page_minmax(k_ptr, mx_ptr, mn_ptr, skb, skh, skn, skd, Hkv, Nkv, NP, CH, D,
                         other=0.0).to(tl.float32)
             hi = tl.maximum(hi, tl.where(ok, x, float("-inf")))
             lo = tl.minimum(lo, tl.where(ok, x, float("inf")))
-        out = (bh.to(tl.int64) * NP + p) * D_P + d
+        out = (bh.to(tl.int64) * NPS + p) * D_P + d
         tl.store(mx_ptr + out, tl.where(d_ok, tl.max(hi, axis=0), 0.0).to(mx_ptr.dtype.element_ty))
         tl.store(mn_ptr + out, tl.where(d_ok, tl.min(lo, axis=0), 0.0).to(mn_ptr.dtype.element_ty))
 
 
 @triton.jit
-def quest_bounds(q_ptr, mx_ptr, mn_ptr, out_ptr, sqb, sqh, sqn, sqd, Hkv, G, Nq, NQB, NP, off,
-                 CH, D: tl.constexpr, D_P: tl.constexpr, PAGE: tl.constexpr, QB: tl.constexpr,
+def quest_bounds(q_ptr, mx_ptr, mn_ptr, out_ptr, sqb, sqh, sqn, sqd, Hkv, G, Nq, NQB, NP, NPS,
+                 off, CH, D: tl.constexpr, D_P: tl.constexpr, PAGE: tl.constexpr, QB: tl.constexpr,
                  BP: tl.constexpr, CAUSAL: tl.constexpr, IEEE: tl.constexpr):
     ROWS: tl.constexpr = QB * PAGE
     t = tl.program_id(0)
@@ -79,7 +80,7 @@ def quest_bounds(q_ptr, mx_ptr, mn_ptr, out_ptr, sqb, sqh, sqn, sqd, Hkv, G, Nq,
         pg = p0 + tl.arange(0, BP)
         acc = tl.full([QB, BP], float("-inf"), tl.float32)
         if p0 * PAGE <= last_tile:
-            sp = (bk.to(tl.int64) * NP + pg)[:, None] * D_P + d[None, :]
+            sp = (bk.to(tl.int64) * NPS + pg)[:, None] * D_P + d[None, :]
             p_ok = pg[:, None] < NP
             mx = tl.load(mx_ptr + sp, mask=p_ok, other=0.0)
             mn = tl.load(mn_ptr + sp, mask=p_ok, other=0.0)
