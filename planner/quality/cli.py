@@ -61,6 +61,9 @@ def add_parsers(sub) -> None:
     e.add_argument("--indexers", default=None, metavar="PATH",
                    help="trained DSA indexers for dsa policies (examples/train_dsa_indexer.py "
                         "--save); without it dsa rows use untrained indexers")
+    e.add_argument("--calibration-windows", type=int, default=2, metavar="N",
+                   help="held-out prefills per measurement when calibrating threshold@D or "
+                        "vertical_slash@D (their density depends on the input)")
     e.add_argument("--estimate", action="store_true",
                    help="time one prefill per length and policy, print the projected run time")
     e.add_argument("--install", action="store_true", help="fetch missing assets first")
@@ -139,12 +142,13 @@ def run_eval(args) -> int:
         depths=tuple(float(d) for d in args.depths.split(",")),
         trials=_ints_per_length(args.trials), ppl_windows=_ints_per_length(args.ppl_windows),
         seed=args.seed, fast_attend=not args.reference_attend, check_attend=args.check_attend,
-        indexers=args.indexers, sliding=args.sliding_layers)
+        indexers=args.indexers, sliding=args.sliding_layers,
+        calibration_windows=args.calibration_windows)
     for p in cfg.policies:                                  # fail on a bad spec before loading
         harness.PolicySpec.parse(p)
     lm, codec, hay, ppl_ids, model_desc, text_desc = _load(args, log)
     if args.estimate:
-        return _estimate(lm, codec, hay, cfg, log)
+        return _estimate(lm, codec, hay, cfg, log, ppl_ids)
     import triton
     meta = {"model": model_desc, "text": text_desc, "transformers": transformers.__version__,
             "triton": triton.__version__,
@@ -187,13 +191,16 @@ def _write_reports(result: dict, base: str, log) -> int:
     return 0
 
 
-def _estimate(lm, codec, hay, cfg, log) -> int:
-    """Time one prefill per (length, policy) and project the run (compile time excluded)."""
+def _estimate(lm, codec, hay, cfg, log, ppl_ids=()) -> int:
+    """Time one prefill per (length, policy) and project the run (compile time excluded;
+    calibrated policies are calibrated here, and that time is counted)."""
     import torch
     from planner.quality import cpu_attend
-    from planner.quality.harness import Runner, build_samples, _per_length
+    from planner.quality.harness import Calibrator, Runner, build_samples, _per_length
     from planner.quality.policies import PolicySpec, describe
     from planner.quality.tasks import cells
+    from planner.quality.text import lead_of
+    calibrate = Calibrator(lm, ppl_ids, cfg, lead=lead_of(codec), log=log)
     total = 0.0
     max_pos = getattr(lm.config, "max_position_embeddings", None)
     for length in cfg.lengths:
@@ -203,14 +210,18 @@ def _estimate(lm, codec, hay, cfg, log) -> int:
                  + _per_length(cfg.ppl_windows, length, 1))
         for p in cfg.policies:
             spec = PolicySpec.parse(p)
-            runner = Runner(lm, spec.resolve(n_tok), sliding=cfg.sliding)
+            tc = time.perf_counter()
+            resolved = spec.resolve(n_tok, calibrate)
+            if spec.needs_calibration:
+                total += time.perf_counter() - tc
+            runner = Runner(lm, resolved, sliding=cfg.sliding)
             with cpu_attend.enabled(cfg.fast_attend), torch.no_grad():
                 runner.answer(s.ids, s.answer_ids)                   # compiles
                 t0 = time.perf_counter()
                 runner.answer(s.ids, s.answer_ids)
                 dt = time.perf_counter() - t0
             total += dt * n_fwd
-            log(f"{length:>6} {spec.label:<24} {describe(spec.resolve(n_tok)):<60} "
+            log(f"{length:>6} {spec.label:<24} {describe(resolved):<60} "
                 f"{dt:6.1f}s/prompt x {n_fwd} = {dt * n_fwd / 60:5.1f} min "
                 f"(density {runner.last_density['mean']:.3f})")
             del runner

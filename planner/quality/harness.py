@@ -21,11 +21,19 @@ logits.
   every layer, on top of the window.
 * sequences start with the codec's ``lead`` ids (``<bos>`` for Gemma): perplexity windows are
   ``lead`` + text and keep their length; the lead token itself is never scored.
+* calibrated policies (``threshold@D``, ``vertical_slash@D``: the kept pairs depend on the
+  input): ``Calibrator`` bisects the free parameter, measuring each candidate on
+  ``calibration_windows`` prefills of held-out text at the row's length. The windows come from
+  the perplexity text, from the slots of its window grid that the perplexity windows of that
+  length do not use (retrieval prompts are built from the other texts), so no evaluated token is
+  calibrated on. The solved parameter is cached in the JSON (``calibration``), so ``--resume``
+  and check/estimate runs reuse it, and the row's ``params`` says what was calibrated.
 
 Every policy sees the same prompts and windows (seeded per length, task, cell and trial).
 """
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import gc
 import json
@@ -40,7 +48,8 @@ import torch.nn.functional as F
 
 import planner
 from planner.quality import cpu_attend
-from planner.quality.policies import DEFAULT_POLICIES, PolicySpec, causal_density, describe
+from planner.quality.policies import (CALIBRATED, DEFAULT_POLICIES, PolicySpec, causal_density,
+                                      describe)
 from planner.quality.tasks import PASSKEY_DEPTHS, TASKS, cells, make_sample, sample_seed
 from planner.quality.text import Codec, Haystack, lead_of
 
@@ -199,6 +208,7 @@ class EvalConfig:
     check_attend: int = 0          # >0: compare fast vs reference attend at this many tokens
     indexers: Optional[str] = None  # DSA indexer weights (examples/train_dsa_indexer.py --save)
     sliding: str = "dense"         # sliding-window layers: "dense" (own window) or "policy"
+    calibration_windows: int = 2   # held-out prefills per step of a calibrated solver
 
     def prompt_tokens(self, length: int, max_positions: Optional[int]) -> int:
         if max_positions:
@@ -214,19 +224,145 @@ _ROW_DEFINING = ("tasks", "depths", "trials", "ppl_windows", "seed", "answer_roo
 _ROW_DEFAULTS = {"sliding": "dense"}
 
 
+def _ppl_slots(ppl_ids: Sequence[int], n_text: int, n_tokens: int, count: int,
+               seed: int) -> list:
+    """Indices of the ``n_text``-token slots of the perplexity text that the perplexity windows
+    of ``n_tokens`` use."""
+    if n_text < 2 or len(ppl_ids) < n_text:
+        raise ValueError(f"perplexity text has {len(ppl_ids)} tokens, a window needs {n_text}")
+    n_slots = len(ppl_ids) // n_text
+    import random
+    rng = random.Random(sample_seed("ppl", n_tokens, seed))
+    return sorted(rng.sample(range(n_slots), min(count, n_slots)))
+
+
 def _ppl_windows(ppl_ids: Sequence[int], n_tokens: int, count: int, seed: int,
                  lead: Sequence[int] = ()) -> list:
     """``count`` disjoint windows of ``n_tokens`` at seeded offsets in the perplexity text, each
     ``lead`` + ``n_tokens - len(lead)`` text tokens."""
     lead = list(lead)
     n_text = n_tokens - len(lead)
-    if n_text < 2 or len(ppl_ids) < n_text:
-        raise ValueError(f"perplexity text has {len(ppl_ids)} tokens, a window needs {n_text}")
-    n_slots = len(ppl_ids) // n_text
-    import random
-    rng = random.Random(sample_seed("ppl", n_tokens, seed))
-    slots = sorted(rng.sample(range(n_slots), min(count, n_slots)))
+    slots = _ppl_slots(ppl_ids, n_text, n_tokens, count, seed)
     return [lead + list(ppl_ids[s * n_text:(s + 1) * n_text]) for s in slots]
+
+
+def calibration_windows(ppl_ids: Sequence[int], n_tokens: int, count: int, seed: int,
+                        ppl_count: int, lead: Sequence[int] = ()) -> list:
+    """``count`` windows of ``n_tokens`` (``lead`` + text) for calibrating policies: slots of
+    the perplexity text's window grid at this length that its ``ppl_count`` perplexity windows
+    do not use, drawn with their own seed. Disjoint from every evaluated window of this length."""
+    lead = list(lead)
+    n_text = n_tokens - len(lead)
+    used = set(_ppl_slots(ppl_ids, n_text, n_tokens, ppl_count, seed))
+    free = [s for s in range(len(ppl_ids) // n_text) if s not in used]
+    if len(free) < count:
+        raise ValueError(f"calibration needs {count} windows of {n_text} text tokens beside the "
+                         f"{len(used)} perplexity window(s); the perplexity text "
+                         f"({len(ppl_ids)} tokens) has {len(free)} more")
+    import random
+    rng = random.Random(sample_seed("calibration", n_tokens, seed))
+    slots = sorted(rng.sample(free, count))
+    return [lead + list(ppl_ids[s * n_text:(s + 1) * n_text]) for s in slots]
+
+
+class Calibrator:
+    """Solves calibrated specs (``policies.CALIBRATED``: threshold, vertical_slash) for a target
+    density on held-out text: ``calibrator(spec, n_tokens) -> Policy`` (pass it to
+    ``PolicySpec.resolve``). Each measurement compiles the model with the candidate (scoped as
+    its rows are, ``sliding``) and prefills ``cfg.calibration_windows`` windows of
+    ``calibration_windows``; the density is the row's: the mean over the covered sites of
+    ``planner.inspect``'s density, averaged over the windows. ``records`` (the JSON's
+    ``calibration`` list) caches the solved policies: a spec already solved for the same fixed
+    parameters, target, prompt tokens and number of windows on the same model is not measured
+    again."""
+
+    def __init__(self, lm: torch.nn.Module, ppl_ids: Sequence[int], cfg: "EvalConfig", *,
+                 lead: Sequence[int] = (), records: Optional[list] = None,
+                 log: Callable[[str], None] = print):
+        self.lm, self.ppl_ids, self.cfg, self.lead = lm, ppl_ids, cfg, list(lead)
+        self.records = records if records is not None else []
+        self.log = log
+        self._windows: dict = {}
+
+    def windows(self, n_tokens: int) -> list:
+        if n_tokens not in self._windows:
+            length = next((L for L in self.cfg.lengths
+                           if self.cfg.prompt_tokens(L, getattr(self.lm.config,
+                                                                "max_position_embeddings", None))
+                           == n_tokens), n_tokens)
+            self._windows[n_tokens] = calibration_windows(
+                self.ppl_ids, n_tokens, self.cfg.calibration_windows, self.cfg.seed,
+                _per_length(self.cfg.ppl_windows, length, 1), self.lead)
+        return self._windows[n_tokens]
+
+    def model_id(self) -> str:
+        """The model's name (its folder's name, else its type and size) for the cache key."""
+        c = self.lm.config
+        path = str(getattr(c, "_name_or_path", "") or "").rstrip("/")
+        return os.path.basename(path) or (f"{getattr(c, 'model_type', '?')}-"
+                                          f"{getattr(c, 'num_hidden_layers', '?')}x"
+                                          f"{getattr(c, 'hidden_size', '?')}")
+
+    def _key(self, spec: PolicySpec, n_tokens: int) -> dict:
+        return {"model": self.model_id(), "name": spec.name,
+                "fixed": {k: v for k, v in spec.params},
+                "target": spec.density, "tokens": n_tokens,
+                "windows": self.cfg.calibration_windows}
+
+    def record(self, spec: PolicySpec, n_tokens: int) -> Optional[dict]:
+        """The cached calibration of ``spec`` at ``n_tokens`` (None if not solved yet)."""
+        key = self._key(spec, n_tokens)
+        return next((r for r in self.records if all(r.get(k) == v for k, v in key.items())),
+                    None)
+
+    def measure(self, policy, n_tokens: int) -> float:
+        runner = Runner(self.lm, policy, indexers=self.cfg.indexers, sliding=self.cfg.sliding)
+        dens = []
+        with cpu_attend.enabled(self.cfg.fast_attend), torch.no_grad():
+            for w in self.windows(n_tokens):
+                runner._prefill(w)
+                dens.append(runner.last_density["mean"])
+        del runner
+        torch._dynamo.reset()
+        return sum(dens) / len(dens)
+
+    def __call__(self, spec: PolicySpec, n_tokens: int):
+        rec = self.record(spec, n_tokens)
+        if rec is None:
+            t0 = time.perf_counter()
+            n_meas = [0]
+
+            def measure(pol):
+                n_meas[0] += 1
+                return self.measure(pol, n_tokens)
+
+            self.log(f"   calibrating {spec.label} at {n_tokens} tokens on "
+                     f"{self.cfg.calibration_windows} held-out window(s)")
+            pol, info = CALIBRATED[spec.name](n_tokens, spec.density, dict(spec.params), measure,
+                                              self.log)
+            rec = {**self._key(spec, n_tokens), "label": spec.label,
+                   "policy": {f.name: getattr(pol, f.name) for f in dataclasses.fields(pol)},
+                   "params": describe(pol), "solved": info and info["param"],
+                   "value": info and info["value"], "density": info and info["density"],
+                   "steps": [list(t) for t in info["steps"]] if info else [],
+                   "prefills": n_meas[0] * self.cfg.calibration_windows,
+                   "wall_s": round(time.perf_counter() - t0, 1)}
+            self.records.append(rec)
+            if info:
+                self.log(f"   calibrated {spec.label}: {info['param']}={info['value']} -> "
+                         f"density {info['density']:.4f} on held-out text ({n_meas[0]} "
+                         f"measurements, {rec['wall_s']:.0f}s)")
+        return planner.policy(rec["name"], **rec["policy"])
+
+    def note(self, spec: PolicySpec, n_tokens: int) -> str:
+        """What was calibrated for ``spec`` (its leaves) at ``n_tokens``, for the params column."""
+        out = []
+        for leaf in spec.leaves():
+            rec = self.record(leaf, n_tokens) if leaf.needs_calibration else None
+            if rec and rec.get("solved"):
+                out.append(f"{rec['solved']} calibrated: density {rec['density']:.3f} on "
+                           f"{rec['windows']} held-out window(s)")
+        return "; ".join(out)
 
 
 def build_samples(cfg: EvalConfig, codec: Codec, hay: Haystack, n_tokens: int,
@@ -252,7 +388,8 @@ def evaluate(lm: torch.nn.Module, codec: Codec, hay: Haystack, ppl_ids: Sequence
     labels = [s.label for s in specs]
     if len(set(labels)) != len(labels):
         raise ValueError(f"policy labels must be distinct, got {labels}; name them label=...")
-    result = {"meta": dict(meta or {}), "rows": [], "trials": [], "checks": []}
+    result = {"meta": dict(meta or {}), "rows": [], "trials": [], "checks": [],
+              "calibration": []}
     result["meta"].update({"config": _jsonable(asdict(cfg)), "torch": torch.__version__,
                            "threads": torch.get_num_threads()})
     done, wall_before = set(), 0.0
@@ -264,6 +401,7 @@ def evaluate(lm: torch.nn.Module, codec: Codec, hay: Haystack, ppl_ids: Sequence
         if all(oc.get(k) == nc.get(k) for k in _ROW_DEFINING):
             result["rows"], result["trials"] = old["rows"], old["trials"]
             result["checks"] = old.get("checks", [])
+            result["calibration"] = old.get("calibration", [])
             for r in result["rows"]:
                 r.setdefault("series", r["family"])
             for k in ("lengths", "policies"):             # rows of both runs are kept
@@ -271,18 +409,24 @@ def evaluate(lm: torch.nn.Module, codec: Codec, hay: Haystack, ppl_ids: Sequence
             prev = old["meta"].get("commands") or [old["meta"].get("command")]
             result["meta"]["commands"] = [c for c in prev if c] + [result["meta"].get("command")]
             wall_before = float(old["meta"].get("wall_s", 0.0))
+            prev_notes = list(old["meta"].get("notes", []))       # notes of earlier runs stay
+            result["meta"]["notes"] = prev_notes + [n for n in result["meta"].get("notes", [])
+                                                    if n not in prev_notes]
             done = {(r["policy"], r["length"]) for r in result["rows"]}
             log(f"resuming: {len(done)} (policy, length) rows already in {out_path}")
         else:
             diff = [k for k in _ROW_DEFINING if oc.get(k) != nc.get(k)]
             log(f"not resuming: {out_path} differs in {diff}; starting afresh")
     t_start = time.perf_counter()
+    calibrate = Calibrator(lm, ppl_ids, cfg, lead=lead_of(codec), records=result["calibration"],
+                           log=log)
     if cfg.check_attend and cfg.fast_attend:
         checked = {c["policy"] for c in result["checks"]}
         todo = [s for s in specs if s.label not in checked]
         if todo:
             result["checks"] += check_attend(lm, codec, hay, todo, cfg.check_attend, cfg.seed, log,
-                                            indexers=cfg.indexers, sliding=cfg.sliding)
+                                            indexers=cfg.indexers, sliding=cfg.sliding,
+                                            calibrate=calibrate)
             _write(result, out_path)
     for length in cfg.lengths:
         n_tok = cfg.prompt_tokens(length, max_pos)
@@ -295,7 +439,8 @@ def evaluate(lm: torch.nn.Module, codec: Codec, hay: Haystack, ppl_ids: Sequence
         for spec in specs:
             if (spec.label, length) in done:
                 continue
-            row, trial_rows = _run_policy(lm, spec, length, n_tok, windows, samples, cfg, log)
+            row, trial_rows = _run_policy(lm, spec, length, n_tok, windows, samples, cfg, log,
+                                          calibrate)
             result["rows"].append(row)
             result["trials"] += trial_rows
             _fill_deltas(result["rows"])
@@ -309,8 +454,9 @@ def evaluate(lm: torch.nn.Module, codec: Codec, hay: Haystack, ppl_ids: Sequence
 
 
 def _run_policy(lm, spec: PolicySpec, length: int, n_tok: int, windows: list, samples: list,
-                cfg: EvalConfig, log) -> tuple:
-    resolved = spec.resolve(n_tok)
+                cfg: EvalConfig, log, calibrate: Optional[Calibrator] = None) -> tuple:
+    resolved = spec.resolve(n_tok, calibrate)
+    note = calibrate.note(spec, n_tok) if calibrate is not None else ""
     t0 = time.perf_counter()
     runner = Runner(lm, resolved, indexers=cfg.indexers, sliding=cfg.sliding)
     dens: list = []
@@ -340,7 +486,7 @@ def _run_policy(lm, spec: PolicySpec, length: int, n_tok: int, windows: list, sa
     row = {
         "policy": spec.label, "family": spec.family(), "series": spec.series(),
         "length": length, "tokens": n_tok,
-        "params": describe(resolved),
+        "params": describe(resolved) + (f" [{note}]" if note else ""),
         "scope": runner.scope,
         "density_expected": _expected(resolved, n_tok),
         "density": sum(means) / len(means) if means else None,
@@ -357,6 +503,11 @@ def _run_policy(lm, spec: PolicySpec, length: int, n_tok: int, windows: list, sa
         "forward_s_median": sorted(fwd_times)[len(fwd_times) // 2] if fwd_times else None,
         "wall_s": round(time.perf_counter() - t0, 1),
     }
+    if note:
+        row["calibration"] = [calibrate.record(x, n_tok) for x in spec.leaves()
+                              if x.needs_calibration]
+        row["calibration"] = [{k: r[k] for k in ("solved", "value", "density", "windows",
+                                                 "prefills", "wall_s")} for r in row["calibration"]]
     row["tasks"] = summarize_trials(trial_rows)
     acc = [r["exact"] for r in trial_rows]
     row["retrieval_acc"] = sum(acc) / len(acc) if acc else None
@@ -404,13 +555,14 @@ def _fill_deltas(rows: list) -> None:
 
 
 def check_attend(lm, codec: Codec, hay: Haystack, specs: list, n_tokens: int, seed: int,
-                 log, indexers: Optional[str] = None, sliding: str = "dense") -> list:
+                 log, indexers: Optional[str] = None, sliding: str = "dense",
+                 calibrate: Optional[Calibrator] = None) -> list:
     """Fast CPU attend vs the runtime's reference on one prompt of ``n_tokens`` per policy:
     max |logit difference| at the last position and the two measured densities."""
     s = make_sample("passkey", codec, hay, n_tokens, seed=sample_seed(seed, "check"), depth=0.5)
     out = []
     for spec in specs:
-        resolved = spec.resolve(n_tokens)
+        resolved = spec.resolve(n_tokens, calibrate)
         runner = Runner(lm, resolved, indexers=indexers, sliding=sliding)
         with torch.no_grad():
             h_ref, _ = runner._prefill(s.ids)

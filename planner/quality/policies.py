@@ -6,12 +6,19 @@ Grammar of one policy string (``PolicySpec.parse``)::
     block_topk:block=64,topk=8            # any preset name with explicit parameters
     sink_window@0.1                       # parameters solved per length for 10% of causal pairs
     block_topk@0.25:block=32              # solve the free parameter(s), keep block=32
+    threshold@0.1:block=16                # adaptive: calibrated on held-out text (see below)
     label=block_topk@0.1                  # a row label of your own
     {"model.layers.0.*": "dense", "*": "block_topk@0.1"}      # per-layer map (JSON)
 
 Density is the fraction of the pairs a causal model attends to that the policy keeps. The
 solvers below count kept pairs exactly for a causal prompt of ``n`` tokens; the harness then
 reports the density that ``planner.inspect`` measured, which is what counts.
+
+The adaptive policies ``threshold`` and ``vertical_slash`` keep a number of pairs that depends
+on the input, so no pair count solves them. Their solvers (``CALIBRATED``) bisect one parameter
+against a ``measure(policy) -> density`` callback: the harness (``harness.Calibrator``) compiles
+the model with each candidate, prefills a few windows of held-out text at the evaluation length
+and reads the density ``planner.inspect`` reports, exactly as for a row.
 
     >>> spec = PolicySpec.parse("sink_window@0.1")
     >>> spec.resolve(2048)
@@ -21,8 +28,10 @@ reports the density that ``planner.inspect`` measured, which is what counts.
 """
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import json
+import math
 import typing
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Optional, Union
@@ -219,6 +228,195 @@ MATCHERS: dict[str, Callable[[int, float, dict], Policy]] = {
 }
 
 
+# ------------------------------------------------------------------ calibrated solvers
+def _check_target(name: str, density: float) -> None:
+    if not isinstance(density, (int, float)) or not 0.0 < density <= 1.0:
+        raise ValueError(f"{name}: target density {density!r} is outside (0, 1]; give the "
+                         f"fraction of causal pairs to keep, e.g. {name}@0.25")
+
+
+def _unreachable(name: str, n: int, density: float, lo: float, hi: float, why: str):
+    return ValueError(f"{name}@{density:g}: target density {density:g} is not reachable at {n} "
+                      f"tokens with these parameters; reachable range [{lo:.4f}, {hi:.4f}] "
+                      f"({why})")
+
+
+def vertical_slash_pairs(n: int, block: int, cols, offsets) -> int:
+    """Causal pairs of a causal ``n``-token prompt kept by ``vertical_slash`` when the chosen
+    columns are ``cols`` and the chosen diagonal offsets (query - key) are ``offsets``: the block
+    cover of ``codegen.select.policies.select_vslash``. Key block j is kept for query block i
+    (j <= i) when it holds a chosen column at or before the block's last query, or when a chosen
+    offset o lies in [first_i - hi_j, last_i - lo_j]. Kept blocks below the diagonal count every
+    pair, the diagonal block its causal triangle."""
+    nb = -(-n // block)
+    col_blocks = sorted({c // block for c in cols if 0 <= c < n})
+    first_col = {}
+    for c in sorted(c for c in cols if 0 <= c < n):
+        first_col.setdefault(c // block, c)
+    offs = sorted({o for o in offsets if 0 <= o < n})
+    total = 0
+    for i in range(nb):
+        first, last = i * block, min((i + 1) * block, n) - 1
+        rows = last - first + 1
+        kept = {j for j in col_blocks if j <= i and first_col[j] <= last}
+        for j in range(i + 1):
+            if j in kept:
+                continue
+            lo, hi = max(0, first - min((j + 1) * block, n) + 1), last - j * block
+            k = bisect.bisect_left(offs, lo)
+            if k < len(offs) and offs[k] <= hi:
+                kept.add(j)
+        for j in kept:
+            total += rows * (rows + 1) // 2 if j == i else block * rows
+    return total
+
+
+def vertical_slash_floor(n: int, block: int, sink_tokens: int, local_tokens: int) -> float:
+    """Density of ``vertical_slash`` with no chosen lines (n_vertical = n_slash = 0): the forced
+    first ``sink_tokens`` columns and ``local_tokens`` nearest diagonals, whatever the input."""
+    return vertical_slash_pairs(n, block, range(sink_tokens), range(local_tokens)) \
+        / _causal_pairs(n)
+
+
+def _bisect_measured(measure: Callable[[Any], float], target: float, lo, hi, *, integer: bool,
+                     steps: int, tol: float, log: Callable[[str], None], what: str) -> tuple:
+    """Bisection of a parameter x in (lo, hi) whose measured density is non-decreasing in x:
+    (best x, its density, [(x, density), ...]). Integers are split at the geometric mean (the
+    densities grow about linearly in the line / block counts, so this reaches a given relative
+    precision in fewer steps); stops after ``steps`` measurements or within ``tol``."""
+    trace: list = []
+    a, b = lo, hi
+    for _ in range(steps):
+        if integer:
+            mid = int(round(math.sqrt(max(a, 1) * b)))
+            mid = min(max(mid, a + 1), b - 1)
+            if mid <= a or mid >= b:
+                break
+        else:
+            mid = round((a + b) / 2, 4)
+            if not a < mid < b:
+                break
+        d = measure(mid)
+        trace.append((mid, d))
+        log(f"   calibrate {what}={mid}: density {d:.4f} (target {target:g})")
+        if abs(d - target) <= tol:
+            break
+        if d < target:
+            a = mid
+        else:
+            b = mid
+    if not trace:
+        raise ValueError(f"calibration of {what}: empty range ({lo}, {hi}) or steps={steps}")
+    x, d = min(trace, key=lambda t: (abs(t[1] - target), t[0]))
+    if abs(d - target) > tol:
+        log(f"   calibrate {what}: no value measured within {tol:.4f} of the target; the "
+            f"closest, {what}={x}, keeps {d:.4f}")
+    return x, d, trace
+
+
+#: early stop of a calibration: measured density within this fraction of the target
+CALIBRATION_RTOL = 0.02
+#: most calibration measurements per solved parameter (each: one compile + the windows' prefills)
+CALIBRATION_STEPS = 10
+
+
+def _calibrate_threshold(n: int, density: float, fixed: dict, measure, log) -> tuple:
+    """Block = ``default_block(n)``, min_budget / sink / local blocks at the policy's defaults.
+    Solves ``gamma`` (the attention-mass target) by bisection on (0, 1], or, when ``gamma`` is
+    given, ``max_budget`` (blocks beyond the forced ones) by bisection on [min_budget, blocks].
+    Bounds known without a prefill: gamma -> 0 keeps the forced blocks plus ``min_budget``
+    (block_topk's count with topk = min_budget), ``max_budget`` caps it from above like
+    block_topk's topk; gamma = 1 keeps every block the cap allows."""
+    _check_target("threshold", density)
+    kw = {"block": default_block(n), **fixed}
+    base = planner.policy("threshold", **kw)
+    b, nb = base.block, -(-n // base.block)
+    cnt = lambda t: block_topk_pairs(n, b, t, base.sink_blocks, base.local_blocks) \
+        / _causal_pairs(n)                                                         # noqa: E731
+    floor = cnt(base.min_budget)
+    ceil = cnt(base.max_budget) if base.max_budget else 1.0
+    tol = CALIBRATION_RTOL * density
+    if "gamma" not in fixed:
+        if not floor - tol <= density <= ceil + tol:
+            raise _unreachable("threshold", n, density, floor, ceil,
+                               f"gamma -> 0 keeps the {base.sink_blocks} sink + "
+                               f"{base.local_blocks} local blocks + min_budget={base.min_budget} "
+                               f"blocks of {b} per query block"
+                               + (f"; max_budget={base.max_budget} caps it" if base.max_budget
+                                  else ""))
+        g, d, trace = _bisect_measured(
+            lambda g: measure(dataclasses.replace(base, gamma=g)), density, 0.0, 1.0,
+            integer=False, steps=CALIBRATION_STEPS, tol=tol, log=log, what="gamma")
+        return dataclasses.replace(base, gamma=g), {"param": "gamma", "value": g, "density": d,
+                                                    "steps": trace}
+    if "max_budget" in fixed:
+        return base, None
+    lo = max(base.min_budget, 1)
+    uncapped = dataclasses.replace(base, max_budget=0)
+    top = measure(uncapped)
+    log(f"   calibrate max_budget=0 (no cap, gamma={base.gamma}): density {top:.4f}")
+    if not cnt(lo) - tol <= density <= top + tol:
+        raise _unreachable("threshold", n, density, cnt(lo), top,
+                           f"gamma={base.gamma} fixed: max_budget=min_budget keeps block_topk's "
+                           f"count, no cap keeps what gamma asks for on the calibration text; "
+                           f"raise gamma or leave it free")
+    t, d, trace = _bisect_measured(
+        lambda t: measure(dataclasses.replace(base, max_budget=t)), density, lo - 1, nb + 1,
+        integer=True, steps=CALIBRATION_STEPS, tol=tol, log=log, what="max_budget")
+    trace = [(0, top)] + trace
+    if abs(top - density) < abs(d - density):
+        t, d = 0, top
+    return dataclasses.replace(base, max_budget=t), {"param": "max_budget", "value": t,
+                                                     "density": d, "steps": trace}
+
+
+def _calibrate_vertical_slash(n: int, density: float, fixed: dict, measure, log) -> tuple:
+    """Block = ``default_block(n)``, ``local_tokens`` = block (the policy's defaults have both at
+    64: the nearest diagonals cover the diagonal block), ``last_q`` and ``sink_tokens`` at the
+    policy's defaults. Solves one count k with ``n_vertical = n_slash = k`` (the defaults' 1:1
+    ratio) by bisection on [0, n]; with one of the two given, k is the other. The lines chosen
+    depend on the input (columns and diagonals that fall in the same block share it), so each
+    step is measured; k = 0 keeps only the forced lines, counted exactly
+    (``vertical_slash_floor``), and k = n every line with attention mass (about dense)."""
+    _check_target("vertical_slash", density)
+    kw = {"block": default_block(n), **fixed}
+    kw.setdefault("local_tokens", kw["block"])
+    base = planner.policy("vertical_slash", **kw)
+    free = [p for p in ("n_vertical", "n_slash") if p not in fixed]
+    if not free:
+        return base, None
+    floor = vertical_slash_floor(n, base.block, base.sink_tokens, base.local_tokens)
+    fixed_lines = {p: getattr(base, p) for p in ("n_vertical", "n_slash") if p in fixed}
+    if fixed_lines:
+        floor_pol = dataclasses.replace(base, **{p: 0 for p in free})
+        floor = measure(floor_pol) if any(fixed_lines.values()) else floor
+    tol = CALIBRATION_RTOL * density
+    if density < floor - tol:
+        raise _unreachable("vertical_slash", n, density, floor, 1.0,
+                           f"the forced sink_tokens={base.sink_tokens} columns and "
+                           f"local_tokens={base.local_tokens} diagonals at block {base.block}"
+                           + (f" with {fixed_lines}" if fixed_lines else "")
+                           + " keep the lower end; lower local_tokens or the block")
+    at = lambda k: dataclasses.replace(base, **{p: k for p in free})                # noqa: E731
+    k, d, trace = _bisect_measured(lambda k: measure(at(k)), density, -1, n + 1, integer=True,
+                                   steps=CALIBRATION_STEPS, tol=tol, log=log,
+                                   what="=".join(free))
+    if abs(d - density) > tol and k >= n:
+        raise _unreachable("vertical_slash", n, density, floor, d,
+                           "every line with attention mass is already kept")
+    return at(k), {"param": "=".join(free), "value": k, "density": d, "steps": trace}
+
+
+#: name -> solver(n_tokens, density, fixed_params, measure, log) -> (Policy, info or None), where
+#: ``measure(policy)`` is the density planner.inspect reports for it on calibration prompts and
+#: ``info`` = {"param", "value", "density", "steps": [(value, density), ...]} (None: nothing
+#: was solved because every free parameter was given)
+CALIBRATED: dict[str, Callable[..., tuple]] = {
+    "threshold": _calibrate_threshold,
+    "vertical_slash": _calibrate_vertical_slash,
+}
+
+
 # ------------------------------------------------------------------ parsing
 def _convert(cls: type, key: str, raw: str) -> Any:
     fields = {f.name: f for f in dataclasses.fields(cls)}
@@ -291,9 +489,10 @@ class PolicySpec:
             density = float(dens.rstrip("%")) / (100.0 if dens.endswith("%") else 1.0)
             if not 0.0 < density <= 1.0:
                 raise ValueError(f"target density in {text!r} must be in (0, 1], got {density}")
-            if name not in MATCHERS:
+            if name not in MATCHERS and name not in CALIBRATED:
                 raise ValueError(f"no density solver for policy {name!r} (solvers: "
-                                 f"{sorted(MATCHERS)}); give its parameters explicitly")
+                                 f"{sorted(set(MATCHERS) | set(CALIBRATED))}); give its "
+                                 f"parameters explicitly")
         if label is None:
             label = name if density is None else f"{name}@{density:.0%}"
             if params:
@@ -303,13 +502,35 @@ class PolicySpec:
             planner.policy(name, **dict(params))           # validate now, not mid-run
         return spec
 
-    def resolve(self, n_tokens: int):
-        """The policy (or ``{glob: Policy}`` map) to compile for prompts of ``n_tokens``."""
+    def resolve(self, n_tokens: int,
+                calibrate: Optional[Callable[["PolicySpec", int], Policy]] = None):
+        """The policy (or ``{glob: Policy}`` map) to compile for prompts of ``n_tokens``.
+        ``calibrate(spec, n_tokens) -> Policy`` solves the specs that need prefills on the model
+        (``needs_calibration``; the harness passes its ``Calibrator``). In a per-layer map, a
+        calibrated entry is calibrated as if it covered every layer."""
         if self.layers:
-            return {glob: sub.resolve(n_tokens) for glob, sub in self.layers}
+            return {glob: sub.resolve(n_tokens, calibrate) for glob, sub in self.layers}
         if self.density is None:
             return planner.policy(self.name, **dict(self.params))
+        if self.name in CALIBRATED:
+            if calibrate is None:
+                raise ValueError(f"{self.label}: {self.name} keeps an input-dependent number of "
+                                 f"pairs, so solving it for density {self.density:g} needs "
+                                 f"calibration prefills on the model; resolve it with "
+                                 f"calibrate=planner.quality.harness.Calibrator(...)")
+            return calibrate(self, n_tokens)
         return MATCHERS[self.name](n_tokens, self.density, dict(self.params))
+
+    def leaves(self) -> tuple:
+        """The single-policy specs of this spec (itself, or the entries of a per-layer map)."""
+        if self.layers:
+            return tuple(x for _, sub in self.layers for x in sub.leaves())
+        return (self,)
+
+    @property
+    def needs_calibration(self) -> bool:
+        """Whether resolving needs prefills on the model (a calibrated solver)."""
+        return any(x.density is not None and x.name in CALIBRATED for x in self.leaves())
 
     def family(self) -> str:
         """Policy name (``map`` for per-layer maps)."""

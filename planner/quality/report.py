@@ -6,6 +6,7 @@ from typing import Optional
 
 from tabulate import tabulate
 
+from planner.quality.policies import CALIBRATION_RTOL, CALIBRATION_STEPS
 from planner.quality.tasks import TASKS
 
 
@@ -85,6 +86,22 @@ def check_table(result: dict, fmt: str = "github") -> str:
                     tablefmt=fmt, disable_numparse=True)
 
 
+def calibration_table(result: dict, fmt: str = "github") -> str:
+    """The calibrated solvers' results: target, solved parameter, its density on the held-out
+    calibration windows, and the (value, density) steps of the bisection."""
+    recs = [r for r in result.get("calibration", []) if r.get("solved")]
+    if not recs:
+        return ""
+    rows = [[r.get("label", r["name"]), r["tokens"], f"{r['target']:g}", r["params"],
+             f"{r['solved']}={r['value']}", f"{r['density']:.4f}",
+             f"{len(r['steps'])} x {r['windows']}", f"{r['wall_s']:.0f}",
+             ", ".join(f"{v}: {d:.3f}" for v, d in r["steps"])] for r in recs]
+    return tabulate(rows, headers=["policy", "tokens", "target", "solved policy", "calibrated",
+                                   "density (held-out)", "measurements x windows", "s",
+                                   "steps (value: density)"],
+                    tablefmt=fmt, disable_numparse=True)
+
+
 def markdown(result: dict, *, title: str = "Quality: dense vs sparse policies") -> str:
     m = result["meta"]
     cfg = m.get("config", {})
@@ -122,6 +139,16 @@ def markdown(result: dict, *, title: str = "Quality: dense vs sparse policies") 
     ct = check_table(result)
     if ct:
         lines += ["## Fast CPU attend vs the runtime reference", "", ct, ""]
+    cal = calibration_table(result)
+    if cal:
+        lines += ["## Calibrated densities", "",
+                  "`threshold` and `vertical_slash` keep an input-dependent number of pairs: "
+                  "their free parameter was bisected until the density `planner.inspect` "
+                  "measured on held-out windows of the perplexity text (slots its perplexity "
+                  f"windows do not use) was within {CALIBRATION_RTOL:.0%} of the target, or "
+                  f"for at most {CALIBRATION_STEPS} measurements; the closest was kept. The "
+                  "rows' density is then measured on the evaluation prompts as for every row.",
+                  "", cal, ""]
     if m.get("notes"):
         lines += ["## Notes", ""] + [f"- {n}" for n in m["notes"]] + [""]
     return "\n".join(lines)
@@ -151,9 +178,11 @@ def plot(result: dict, path: str, log=print) -> Optional[str]:
     series = lambda r: r.get("series", r["family"])                      # noqa: E731
     fams = sorted({series(r) for r in rows if r["family"] != "dense"})
     fixed = {"block_topk": "tab:blue", "sink_window": "tab:red"}
-    spare = iter(["tab:green", "tab:purple", "tab:orange", "tab:brown", "tab:pink", "tab:olive",
-                  "tab:cyan", "tab:gray"] * 4)
-    colors = {f: fixed.get(f) or next(spare) for f in fams}
+    palette = ["tab:green", "tab:purple", "tab:orange", "tab:brown", "tab:pink", "tab:olive",
+               "tab:cyan", "tab:gray"]
+    spare = iter([(c, ls) for ls in ("-", "--", ":", "-.") for c in palette] * 4)
+    styles = {f: (fixed[f], "-") if f in fixed else next(spare) for f in fams}
+    colors = {f: c for f, (c, _) in styles.items()}
     markers = {n: m for n, m in zip(lengths, ["o", "s", "^", "D", "v"])}
     lp = {}
     for t in result["trials"]:
@@ -176,7 +205,7 @@ def plot(result: dict, path: str, log=print) -> Optional[str]:
                     pts.append((dense["density"], get(dense)))
                 if pts:
                     ax.plot(*zip(*pts), marker=markers[n], color=colors[fam], alpha=0.85,
-                            label=f"{fam}, {n} tokens")
+                            linestyle=styles[fam][1], label=f"{fam}, {n} tokens")
             if dense is not None and get(dense) is not None:
                 ax.plot([dense["density"]], [get(dense)], marker=markers[n], color="black",
                         linestyle="", label=f"dense, {n} tokens")
@@ -187,7 +216,7 @@ def plot(result: dict, path: str, log=print) -> Optional[str]:
         ax.grid(True, alpha=0.3)
     for ax in axes[:2]:
         ax.set_ylim(-0.05, 1.05)
-    axes[0].legend(fontsize=8)
+    axes[0].legend(fontsize=8, handlelength=3.5)
     m = result["meta"]
     fig.suptitle(f"{str(m.get('model', 'model')).split(' (')[0]}: quality vs density "
                  f"(seed {m.get('config', {}).get('seed')}, trials/cell "
