@@ -112,7 +112,7 @@ def quest_decode_kept(q, k, v) -> dict:
     assert ps.lookup(keys, page) is not None
 
     def extend():
-        ps._remember(past, kept)
+        ps._STATE.put(past, kept)
         ps.extend(past, keys, page)
     r = run_case("quest", q, keys, v, "lower_right", rows_check=1)
     r["extend_ms"] = bench_ms(extend)

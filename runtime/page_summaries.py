@@ -17,11 +17,12 @@ doubled as the cache grows (``runtime.triton_kernels.quest_page_summaries``).
 from __future__ import annotations
 
 import collections
-import weakref
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
+
+from runtime.tensor_notes import TensorNotes
 
 #: pages computed and extensions that found the past's summaries (for tests and reports)
 COUNTERS: collections.Counter = collections.Counter()
@@ -35,23 +36,16 @@ class Summary:
     mn: torch.Tensor
 
 
-_STATE: dict = {}
-
-
-def _remember(k: torch.Tensor, s: Summary) -> None:
-    key = id(k)
-    _STATE[key] = (weakref.ref(k, lambda _, key=key: _STATE.pop(key, None)), s)
+_STATE = TensorNotes()
 
 
 def _find(k: torch.Tensor, page: int, take: bool = False) -> Optional[Summary]:
-    ent = _STATE.get(id(k))
-    if ent is None or ent[0]() is not k:
-        return None
-    s = ent[1]
-    if s.page != page or s.tokens != k.shape[2] or s.mx.shape[0] != k.shape[0] * k.shape[1]:
+    s = _STATE.get(k)
+    if s is None or s.page != page or s.tokens != k.shape[2] \
+            or s.mx.shape[0] != k.shape[0] * k.shape[1]:
         return None
     if take:
-        _STATE.pop(id(k), None)
+        _STATE.pop(k)
     return s
 
 
@@ -100,4 +94,4 @@ def extend(past: torch.Tensor, out: torch.Tensor, page: int) -> None:
         mn = out.new_zeros((B * H, n_p, d_p))
     tk.quest_page_summaries(out, page, mx, mn, first_page=first)
     COUNTERS["pages"] += (n_p - first) * B * H
-    _remember(out, Summary(page, n, mx, mn))
+    _STATE.put(out, Summary(page, n, mx, mn))

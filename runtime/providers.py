@@ -14,7 +14,6 @@ runs, so a case is never approximated silently.
 from __future__ import annotations
 
 import os
-import weakref
 from typing import Optional
 
 import torch
@@ -22,6 +21,7 @@ import torch.nn.functional as F
 
 from runtime import dispatch, estimators
 from runtime.spec import SiteSpec
+from runtime.tensor_notes import TensorNotes
 
 
 def _kernels_mode() -> str:
@@ -176,18 +176,16 @@ def triton_token_sparse(q, k, v, mods, counts, indices, spec: SiteSpec):
 # The gather kernel's log-sum-exp per output it produced, for the backward of sparse.attend:
 # with it the backward kernel runs directly instead of re-running the forward. Entries go
 # when the output is freed or taken.
-_LSE: dict = {}
+_LSE = TensorNotes()
 
 
 def remember_lse(out: torch.Tensor, lse: torch.Tensor) -> None:
-    key = id(out)
-    _LSE[key] = (weakref.ref(out, lambda _, key=key: _LSE.pop(key, None)), lse)
+    _LSE.put(out, lse)
 
 
 def take_lse(out: torch.Tensor) -> Optional[torch.Tensor]:
     """The lse ``triton_token_sparse`` computed with ``out`` (None if it did not)."""
-    ent = _LSE.pop(id(out), None)
-    return ent[1] if ent is not None and ent[0]() is out else None
+    return _LSE.pop(out)
 
 
 def register_all() -> None:
