@@ -97,18 +97,6 @@ def _points(rows, cand, D=None):
     return pts
 
 
-def _choosable(cands):
-    """What the runtime chooses among: dense and the fitted variants (a bare family only where
-    it has none, as ``planner.costmodel.candidates`` does)."""
-    out = []
-    for c in cands:
-        fam = cm.family(c)
-        if "@" in c or fam == "dense_sdpa" or not any(cm.family(o) == fam and "@" in o
-                                                      for o in cands):
-            out.append(c)
-    return out
-
-
 def _fit(rows, gemm_tflops, bw, n_sm, D=None) -> dict:
     kernels = {}
     names = sorted({c for r in rows for c in r["measured"]})
@@ -133,14 +121,16 @@ def _score(rows, prof, annotate: bool) -> tuple:
             est[cand] = cm.estimate(cand, prof, B=p["B"], Hq=p["Hq"], Hkv=p["Hkv"], Nq=p["Nq"],
                                     Nkv=p["Nkv"], D=p["D"], rho=p["rho"], block=BLOCK) * 1e3
             errs.append(abs(est[cand] - r["measured"][cand]) / r["measured"][cand])
-        chosen = min(_choosable(list(r["measured"])), key=est.get)
+        fam = "block_sparse" if r["case"] == "prefill" else "token_sparse_decode"
+        # what the runtime chooses among: dense and the fitted variants (planner.costmodel)
+        choosable = ["dense_sdpa"] + cm.candidates(prof, fam, block=BLOCK, head_dim=r["D"])
+        chosen = min((c for c in choosable if c in est), key=est.get)
         best = min(r["measured"].values())
         ok = bool(r["measured"][chosen] <= 1.10 * best)
         hits += ok
         if annotate:
             r.update(estimated=est, chosen=chosen, chosen_within_10pct=ok,
                      fastest=min(r["measured"], key=r["measured"].get))
-            fam = "block_sparse" if r["case"] == "prefill" else "token_sparse_decode"
             if fam in est:      # the previous rule: dense or the kernel's default schedule
                 old = min(("dense_sdpa", fam), key=est.get)
                 r["default_rule_within_10pct"] = bool(r["measured"][old] <= 1.10 * best)

@@ -74,8 +74,9 @@ def plan_schedule(gm: fx.GraphModule, ctx) -> fx.GraphModule:
         rho = cm.expected_density(pol, nq, nkv)
         block = int(getattr(pol, "block", 64))
         t_dense = cm.estimate("dense_sdpa", prof, B=b, Hq=hq, Hkv=hkv, Nq=nq, Nkv=nkv, D=d, rho=1.0)
-        dtype = str(vq.dtype).replace("torch.", "")
-        fam = "token_sparse_decode" if pol.attend_kind == "token" and nq <= 16 else "block_sparse"
+        dtype = vq.dtype
+        fam = ("token_sparse_decode" if pol.attend_kind == "token" and nq <= cm.DECODE_MAX_ROWS
+               else "block_sparse")
         cand, t_sparse = cm.best(prof, fam, dtype=dtype, B=b, Hq=hq, Hkv=hkv, Nq=nq, Nkv=nkv,
                                  D=d, rho=rho, block=block)
         rec.est_dense_ms, rec.est_sparse_ms = t_dense * 1e3, t_sparse * 1e3

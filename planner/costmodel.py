@@ -186,6 +186,7 @@ def causal_frac(n_q, n_kv, causal: bool = True):
 
 
 DECODE_SPLIT_MIN = 128      # fewest index entries per program when a decode list is split
+DECODE_MAX_ROWS = 16        # calls with at most this many query rows are costed as decode
 
 
 def work(candidate: str, causal: bool = True, elem: int = 2, n_sm: int = 132) -> dict:

@@ -2,9 +2,10 @@
 for the device and the spec, else the PyTorch reference (always correct, any device).
 
 Kernel providers register with ``register_attend(name, provider)``; a provider is a callable
-``provider(q, k, v, mod_tensors, counts, indices, spec) -> (out, density) | None`` that returns
-None when it does not handle the case (so the next provider, finally the reference, takes it);
-``density`` is None or per-query-head ``(allowed, kept)`` pair counts.
+``provider(q, k, v, mod_tensors, counts, indices, spec) -> (out, density[, schedule]) | None``
+that returns None when it does not handle the case (so the next provider, finally the
+reference, takes it); ``density`` is None or per-query-head ``(allowed, kept)`` pair counts;
+``schedule``, optional, names the kernel schedule it launched (shown with the kernel's name).
 """
 from __future__ import annotations
 
@@ -111,11 +112,10 @@ def attend(q, k, v, mod_tensors, counts, indices, spec: SiteSpec) -> torch.Tenso
     for name, provider in _ATTEND_PROVIDERS:
         res = provider(q, k, v, mod_tensors, counts, indices, spec)
         if res is not None:
-            out, dens = res
+            out, dens, *sched = res
             if dens is None and spec.policy.name == "dense":
                 dens = ([1.0] * q.shape[1], [1.0] * q.shape[1])
-            var = plan.variant(spec, q, k) if name.startswith("triton_") else None
-            sched = f"[{var.tag}]" if var is not None else ""     # the cost model's schedule
+            sched = f"[{sched[0]}]" if sched and sched[0] else ""
             stats.record(spec.stats_key, q=q, k=k, v=v, kernel=name + sched + tag,
                          allowed=dens[0] if dens else None, kept=dens[1] if dens else None)
             return out

@@ -16,7 +16,7 @@ import torch
 
 @functools.lru_cache(maxsize=4096)
 def _choose(key: str, n_q: int, n_kv: int, device: str, policy, shapes: tuple,
-            dtype: str = "bfloat16") -> tuple:
+            dtype=torch.bfloat16) -> tuple:
     """(choice, dense seconds, sparse seconds, sparse candidate) for one call shape; the
     candidate is the cost model's cheapest schedule variant of the policy's kernel family."""
     from planner import costmodel as cm
@@ -31,7 +31,7 @@ def _choose(key: str, n_q: int, n_kv: int, device: str, policy, shapes: tuple,
         if n_kv <= policy.topk:
             return ("dense", None, None, None)
         cand = sparse = None
-        if n_q <= 16:
+        if n_q <= cm.DECODE_MAX_ROWS:
             cand, sparse = cm.best(prof, "token_sparse_decode", dtype=dtype, B=b, Hq=hq,
                                    Hkv=hkv, Nq=n_q, Nkv=n_kv, D=d, rho=policy.topk / n_kv)
         return ("policy", None, sparse, cand)
@@ -46,8 +46,7 @@ def _choose(key: str, n_q: int, n_kv: int, device: str, policy, shapes: tuple,
 def _decide(spec, q: torch.Tensor, k: torch.Tensor) -> tuple:
     dev = str(q.device) if q.device.type != "cuda" else f"cuda:{q.device.index or 0}"
     return _choose(spec.key, q.shape[2], k.shape[2], dev, spec.policy,
-                   (q.shape[0], q.shape[1], k.shape[1], q.shape[3]),
-                   str(q.dtype).replace("torch.", ""))
+                   (q.shape[0], q.shape[1], k.shape[1], q.shape[3]), q.dtype)
 
 
 def choose(spec, q: torch.Tensor, k: torch.Tensor) -> str:
@@ -90,6 +89,5 @@ def dense_at_measured_density(spec, q: torch.Tensor, k: torch.Tensor, counts: to
     rho = float(counts.sum()) / (visible * counts.shape[0] * counts.shape[1])
     shape = dict(B=q.shape[0], Hq=q.shape[1], Hkv=k.shape[1], Nq=n_q, Nkv=n_kv, D=q.shape[3])
     dense = cm.estimate("dense_sdpa", prof, rho=1.0, **shape)
-    _, sparse = cm.best(prof, "block_sparse", rho=rho, block=block,
-                        dtype=str(q.dtype).replace("torch.", ""), **shape)
+    _, sparse = cm.best(prof, "block_sparse", rho=rho, block=block, dtype=q.dtype, **shape)
     return dense <= sparse, rho

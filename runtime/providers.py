@@ -6,10 +6,11 @@
   when ``SPARSE_PLANNER_KERNELS=triton``): the block-sparse flash-attention kernel over the
   selected block lists, with the token-level sink/window masks where the policy has them.
 
-A provider returns ``(out, density)`` — ``density`` None or ``(allowed, kept)`` per-query-head
-pair counts — or None for what it cannot compute exactly (arbitrary mask tensors, top-left
-causal alignment with Nq != Nkv, blocks that are not powers of two >= 16); the reference then
-runs, so a case is never approximated silently.
+A provider returns ``(out, density[, schedule])`` — ``density`` None or ``(allowed, kept)``
+per-query-head pair counts, ``schedule`` the cost model's variant it launched — or None for
+what it cannot compute exactly (arbitrary mask tensors, top-left causal alignment with
+Nq != Nkv, blocks that are not powers of two >= 16); the reference then runs, so a case is
+never approximated silently.
 """
 from __future__ import annotations
 
@@ -138,13 +139,14 @@ def triton_block_sparse(q, k, v, mods, counts, indices, spec: SiteSpec):
     from runtime import plan
     var = plan.variant(spec, q, k)            # the cost model's schedule (None: the default)
     sch = var.schedule() if var is not None and var.family == "block_sparse" else None
+    tag = var.tag if sch is not None else ""
     out, _ = tk.block_sparse_attention(q, k, v, counts, indices, block=block, scale=spec.scale,
                                        causal=causal, sink=sink, window=window, schedule=sch)
     if os.environ.get("SPARSE_PLANNER_DENSITY", "1") == "0" or window:
-        return out, None                 # token-level windows: block counts would overstate
+        return out, None, tag            # token-level windows: block counts would overstate
     kept, allowed = _pairs_kept(counts, indices, block, n_q, n_kv, causal)
     g = q.shape[1] // counts.shape[1]
-    return out, (allowed.repeat_interleave(g), kept.repeat_interleave(g))
+    return out, (allowed.repeat_interleave(g), kept.repeat_interleave(g)), tag
 
 
 def triton_token_sparse(q, k, v, mods, counts, indices, spec: SiteSpec):
@@ -160,17 +162,18 @@ def triton_token_sparse(q, k, v, mods, counts, indices, spec: SiteSpec):
     from runtime import plan
     var = plan.variant(spec, q, k)            # decode: the cost model's split of the lists
     per_sm = var.per_sm if var is not None and var.family == "token_sparse_decode" else None
+    tag = var.tag if per_sm is not None else ""
     out, lse = tk.token_sparse_attention(q, k, v, indices, scale=spec.scale, split_per_sm=per_sm)
     if q.requires_grad or k.requires_grad or v.requires_grad:
         remember_lse(out, lse)                    # the backward starts from it (no re-run)
     if os.environ.get("SPARSE_PLANNER_DENSITY", "1") == "0":
-        return out, None
+        return out, None, tag
     from codegen.attention.reference import visible_keys
     visible = float(visible_keys(spec.causal, q.shape[2], k.shape[2]).sum())
     kept = (indices >= 0).sum(dim=(0, 2, 3)).to(torch.float64)          # per list head
     kept = kept.repeat_interleave(q.shape[1] // indices.shape[1])
     allowed = torch.full_like(kept, visible * q.shape[0])
-    return out, (allowed, kept)
+    return out, (allowed, kept), tag
 
 
 # The gather kernel's log-sum-exp per output it produced, for the backward of sparse.attend:
