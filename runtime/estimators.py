@@ -55,22 +55,30 @@ def _grid_shape(q, k, spec):
 # with SPARSE_PLANNER_KERNELS=triton), score returns the unscaled pooled dot products
 # (Triton pooling + a tensor-core product at about fp32 accuracy) and select runs one Triton program per query block that applies
 # the scale and the causal rule and picks the blocks: the same lists as the PyTorch path.
-def _kernels_ok(q, k, spec, *, one_head: bool) -> bool:
-    """Whether the Triton estimators may run for this call: no mask tensors, a CUDA device (or
-    the CPU under Triton's interpreter with SPARSE_PLANNER_KERNELS=triton), float inputs of one
-    dtype, and (``one_head``) one query head per KV head."""
+def kernels_take(t: torch.Tensor) -> bool:
+    """Whether the Triton estimator kernels may read this 4-d tensor: a CUDA device (or the CPU
+    under Triton's interpreter with SPARSE_PLANNER_KERNELS=triton, which has no bfloat16), a
+    float dtype, a head dim up to ``MAX_HEAD_DIM``."""
     mode = os.environ.get("SPARSE_PLANNER_KERNELS", "auto")
-    if mode == "reference" or spec.mods or q.dim() != 4 or (one_head and q.shape[1] != k.shape[1]):
+    if mode == "reference" or t.dim() != 4:
         return False
-    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32) or k.dtype != q.dtype:
+    if t.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         return False
-    if q.device.type == "cpu":
-        if mode != "triton" or q.dtype == torch.bfloat16:
+    if t.device.type == "cpu":
+        if mode != "triton" or t.dtype == torch.bfloat16:
             return False
-    elif q.device.type != "cuda":
+    elif t.device.type != "cuda":
         return False
     from runtime import triton_kernels as tk
-    return tk.available(q.device) and q.shape[-1] <= tk.MAX_HEAD_DIM
+    return tk.available(t.device) and t.shape[-1] <= tk.MAX_HEAD_DIM
+
+
+def _kernels_ok(q, k, spec, *, one_head: bool) -> bool:
+    """Whether the Triton estimators may run for this call: no mask tensors, q on the kernels
+    (``kernels_take``), k of q's dtype, and (``one_head``) one query head per KV head."""
+    if spec.mods or (one_head and q.dim() == 4 and q.shape[1] != k.shape[1]):
+        return False
+    return k.dtype == q.dtype and kernels_take(q)
 
 
 def _bt_kernels(q, k, spec) -> bool:
@@ -160,8 +168,8 @@ def _vs_select(sc, q, k, spec):
 def _q_kernels(q, k, spec) -> bool:
     from runtime import triton_kernels as tk
     page = spec.policy.page
-    return (_kernels_ok(q, k, spec, one_head=False) and page <= tk.QUEST_MAX_PAGE
-            and not page & (page - 1) and _cdiv(k.shape[2], page) <= tk.BLOCK_TOPK_MAX_NKB)
+    return (_kernels_ok(q, k, spec, one_head=False) and tk.quest_page_ok(page)
+            and _cdiv(k.shape[2], page) <= tk.BLOCK_TOPK_MAX_NKB)
 
 
 def _q_score(q, k, mods, spec):

@@ -57,13 +57,8 @@ def lookup(k: torch.Tensor, page: int) -> Optional[tuple]:
 
 def usable(k: torch.Tensor, page: int) -> bool:
     from runtime import triton_kernels as tk
-    from runtime.providers import _kernels_mode
-    mode = _kernels_mode()
-    return (mode != "reference" and (k.device.type == "cuda" or mode == "triton")
-            and tk.available(k.device) and k.dim() == 4
-            and k.dtype in (torch.float16, torch.bfloat16, torch.float32)
-            and 1 <= page <= tk.QUEST_MAX_PAGE and not page & (page - 1)
-            and k.shape[3] <= tk.MAX_HEAD_DIM)
+    from runtime.estimators import kernels_take
+    return kernels_take(k) and tk.quest_page_ok(page)
 
 
 def extend(past: torch.Tensor, out: torch.Tensor, page: int) -> None:

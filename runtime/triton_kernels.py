@@ -825,8 +825,13 @@ def quest_page_bounds(q: torch.Tensor, k: torch.Tensor, *, page: int, causal: Op
     return out
 
 
+def quest_page_ok(page: int) -> bool:
+    """Pages the quest kernels take: powers of two up to ``QUEST_MAX_PAGE``."""
+    return 1 <= page <= QUEST_MAX_PAGE and not page & (page - 1)
+
+
 def _check_page(fn: str, page: int, D: int) -> None:
-    if page < 1 or page > QUEST_MAX_PAGE or page & (page - 1) or D > MAX_HEAD_DIM:
+    if not quest_page_ok(page) or D > MAX_HEAD_DIM:
         raise ValueError(f"{fn}: page must be a power of two <= {QUEST_MAX_PAGE} "
                          f"and D <= {MAX_HEAD_DIM}; got page {page}, D {D}")
 
