@@ -197,6 +197,32 @@ def test_harness_end_to_end(corpus, tmp_path):
     assert again["rows"] == res["rows"]
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_harness_on_the_gpu_agrees_with_the_cpu(corpus):
+    """The same run on the GPU (bf16, the runtime's Triton kernels) and on the CPU (fp32, the
+    fast CPU attend): same prompts, the same densities for the fixed-budget policies and close
+    ones for the adaptive ones, perplexities within bf16 rounding."""
+    codec, hay, heldout = corpus
+    policies = ("dense", "block_topk@0.25:block=16", "quest@0.25", "auto@0.25",
+                "threshold@0.25:block=16", "vertical_slash@0.25:block=16", "dsa@0.25",
+                "sink_window@0.1")
+    rows = {}
+    for dev, dt in (("cpu", "float32"), ("cuda", "bfloat16")):
+        lm, _ = tiny_llama_lm(layers=2, heads=4, kv_heads=2, head_dim=64)
+        cfg = harness.EvalConfig(lengths=(1100,), policies=policies, tasks=("passkey",),
+                                 depths=(0.5,), trials=2, ppl_windows=1, device=dev, dtype=dt)
+        res = harness.evaluate(lm, codec, hay, heldout, cfg, log=lambda s: None)
+        assert next(lm.parameters()).device.type == dev
+        rows[dev] = {r["policy"]: r for r in res["rows"]}
+    assert set(rows["cpu"]) == set(rows["cuda"])
+    for name, c in rows["cpu"].items():
+        g = rows["cuda"][name]
+        tol = 0.03 if name.split("@")[0] in ("threshold", "vertical_slash", "auto") else 1e-6
+        assert g["density"] == pytest.approx(c["density"], abs=tol), name
+        assert g["ppl"] == pytest.approx(c["ppl"], rel=0.03), name
+    assert "triton" in str(rows["cuda"]["block_topk@25%:block=16"]["kernel"])
+
+
 def test_check_attend_compares_fast_and_reference(corpus):
     codec, hay, _ = corpus
     lm, _ = tiny_llama_lm(layers=1)

@@ -46,6 +46,11 @@ def add_parsers(sub) -> None:
     e.add_argument("--ppl-windows", default="1", help="perplexity windows: N or LEN=N,LEN=N")
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
+    e.add_argument("--device", default="cpu",
+                   help="where the model runs: cpu (fast CPU attend) or cuda (the runtime's "
+                        "kernels)")
+    e.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="the model's dtype on that device")
     e.add_argument("--out", default="benchmarks/results/quality", help="output folder")
     e.add_argument("--name", default=None, help="file stem (default: the model name)")
     e.add_argument("--reference-attend", action="store_true",
@@ -143,11 +148,12 @@ def run_eval(args) -> int:
         trials=_ints_per_length(args.trials), ppl_windows=_ints_per_length(args.ppl_windows),
         seed=args.seed, fast_attend=not args.reference_attend, check_attend=args.check_attend,
         indexers=args.indexers, sliding=args.sliding_layers,
-        calibration_windows=args.calibration_windows)
+        calibration_windows=args.calibration_windows, device=args.device, dtype=args.dtype)
     for p in cfg.policies:                                  # fail on a bad spec before loading
         harness.PolicySpec.parse(p)
     lm, codec, hay, ppl_ids, model_desc, text_desc = _load(args, log)
     if args.estimate:
+        harness.place(lm, cfg.device, cfg.dtype)
         return _estimate(lm, codec, hay, cfg, log, ppl_ids)
     import triton
     meta = {"model": model_desc, "text": text_desc, "transformers": transformers.__version__,
@@ -155,11 +161,9 @@ def run_eval(args) -> int:
             "command": "python -m planner " + " ".join(shlex.quote(a) for a in sys.argv[1:])
             if sys.argv and sys.argv[0].endswith("__main__.py") else " ".join(sys.argv),
             "commit": _commit(),
-            "attend": ("fp32 reference (runtime)" if args.reference_attend else
-                       "planner.quality.cpu_attend (SDPA for dense, gathered kept blocks for "
-                       "block policies, SDPA under the lists' mask for token lists; same outputs "
-                       "and densities as the reference)"),
-            "cpu": _cpu(), "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
+            "attend": _attend(args),
+            "cpu": _cpu(), "device": _device(args.device), "dtype": args.dtype,
+            "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
             "sequence_start": (" ".join(f"{codec.decode([t])} (id {t})" for t in codec.lead)
                                + " before every prompt and perplexity window (not scored)"
                                if codec.lead else "no special token"),
@@ -167,6 +171,26 @@ def run_eval(args) -> int:
     result = harness.evaluate(lm, codec, hay, ppl_ids, cfg, out_path=base + ".json", meta=meta,
                               log=log, resume=args.resume)
     return _write_reports(result, base, log)
+
+
+def _attend(args) -> str:
+    import torch
+    if torch.device(args.device).type != "cpu":
+        return (f"the runtime's kernels on {args.device} (Triton block-sparse / token-sparse "
+                f"attention and estimators where a kernel takes the call, else the PyTorch "
+                f"reference; dense sites: SDPA), model in {args.dtype}")
+    if args.reference_attend:
+        return "fp32 reference (runtime)"
+    return ("planner.quality.cpu_attend (SDPA for dense, gathered kept blocks for block "
+            "policies, SDPA under the lists' mask for token lists; same outputs and densities as "
+            "the reference)")
+
+
+def _device(device: str) -> str:
+    import torch
+    if torch.device(device).type == "cuda" and torch.cuda.is_available():
+        return torch.cuda.get_device_name(torch.device(device))
+    return "CPU"
 
 
 def _cpu() -> str:

@@ -54,6 +54,19 @@ from planner.quality.tasks import PASSKEY_DEPTHS, TASKS, cells, make_sample, sam
 from planner.quality.text import Codec, Haystack, lead_of
 
 SLIDING_MODES = ("dense", "policy")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def place(lm: torch.nn.Module, device: str = "cpu", dtype: str = "float32") -> torch.nn.Module:
+    """Move ``lm`` (in place) to ``device`` and ``dtype`` (a name of ``DTYPES``): on a GPU the
+    compiled sites run the runtime's kernels (Triton where a kernel takes the call), on the CPU
+    the fast CPU attend or the reference."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} asked for, but torch sees no CUDA device")
+    return lm.to(device=dev, dtype=DTYPES[dtype])
 
 
 class _Body(torch.nn.Module):
@@ -119,11 +132,14 @@ class Runner:
                  indexers: Optional[str] = None, sliding: str = "dense"):
         self.lm = lm
         compiled, self.covered, self.scope = scope_policy(lm, policy, sliding)
-        self.model = planner.compile(_Body(lm), policy=compiled)
+        # cost_model="off": every covered site follows the policy (on a GPU the cost model
+        # would otherwise run short or dense-ish sites densely, and the row would measure dense)
+        self.model = planner.compile(_Body(lm), policy=compiled, cost_model="off")
         bank = getattr(self.model, "sparse_indexers", None)
         if indexers and bank is not None:          # trained DSA indexers (a saved export)
             bank.preload(torch.load(indexers, map_location="cpu")["sites"])
         self.head = lm.get_output_embeddings()
+        self.device = self.head.weight.device
         self.cap = getattr(lm.config, "final_logit_softcapping", None)
         self.logits_chunk = logits_chunk
         self.last_density: Optional[dict] = None
@@ -133,7 +149,7 @@ class Runner:
         return torch.tanh(z / self.cap) * self.cap if self.cap else z
 
     def _prefill(self, ids: Sequence[int]):
-        x = torch.tensor([list(ids)], dtype=torch.long)                 # [1, N]
+        x = torch.tensor([list(ids)], dtype=torch.long, device=self.device)   # [1, N]
         h, cache = self.model(x)
         self.last_density = density_of(self.model, self.covered)
         return h, cache
@@ -142,7 +158,7 @@ class Runner:
     def nll(self, ids: Sequence[int]) -> tuple:
         """(sum of -log p(t_i | t_<i) for i = 1..N-1, number of predicted tokens)."""
         h, _ = self._prefill(ids)
-        tgt = torch.tensor(list(ids[1:]), dtype=torch.long)
+        tgt = torch.tensor(list(ids[1:]), dtype=torch.long, device=self.device)
         total = 0.0
         for s in range(0, len(ids) - 1, self.logits_chunk):
             e = min(s + self.logits_chunk, len(ids) - 1)
@@ -161,7 +177,8 @@ class Runner:
             lps.append(float(lp[tok]))
             hits.append(bool(int(z.argmax()) == int(tok)))
             if j + 1 < len(answer_ids):
-                h, cache = self.model(torch.tensor([[int(tok)]]), past_key_values=cache)
+                h, cache = self.model(torch.tensor([[int(tok)]], device=self.device),
+                                      past_key_values=cache)
                 z = self._logits(h[0, -1:])[0]
         return lps, hits
 
@@ -209,6 +226,8 @@ class EvalConfig:
     indexers: Optional[str] = None  # DSA indexer weights (examples/train_dsa_indexer.py --save)
     sliding: str = "dense"         # sliding-window layers: "dense" (own window) or "policy"
     calibration_windows: int = 2   # held-out prefills per step of a calibrated solver
+    device: str = "cpu"            # where the model runs (evaluate moves it there): cpu, cuda
+    dtype: str = "float32"         # the model's dtype there (a name of DTYPES)
 
     def prompt_tokens(self, length: int, max_positions: Optional[int]) -> int:
         if max_positions:
@@ -219,9 +238,9 @@ class EvalConfig:
 #: settings that define what a (policy, length) row contains: a run may resume (and add rows to)
 #: a JSON written with the same values; lengths and policies may differ
 _ROW_DEFINING = ("tasks", "depths", "trials", "ppl_windows", "seed", "answer_room", "fast_attend",
-                 "sliding")
+                 "sliding", "device", "dtype")
 #: values of settings added later, for JSON files written before them
-_ROW_DEFAULTS = {"sliding": "dense"}
+_ROW_DEFAULTS = {"sliding": "dense", "device": "cpu", "dtype": "float32"}
 
 
 def _ppl_slots(ppl_ids: Sequence[int], n_text: int, n_tokens: int, count: int,
@@ -323,7 +342,7 @@ class Calibrator:
                 runner._prefill(w)
                 dens.append(runner.last_density["mean"])
         del runner
-        torch._dynamo.reset()
+        _release()
         return sum(dens) / len(dens)
 
     def __call__(self, spec: PolicySpec, n_tokens: int):
@@ -381,8 +400,9 @@ def evaluate(lm: torch.nn.Module, codec: Codec, hay: Haystack, ppl_ids: Sequence
              cfg: EvalConfig, *, out_path: Optional[str] = None, meta: Optional[dict] = None,
              log: Callable[[str], None] = print, resume: bool = False) -> dict:
     """Run every policy of ``cfg`` at every length; returns (and writes to ``out_path`` after
-    each policy) ``{"meta", "rows", "trials", "checks"}``."""
-    lm.eval()
+    each policy) ``{"meta", "rows", "trials", "checks"}``. The model is moved to ``cfg.device``
+    and ``cfg.dtype`` first (``place``)."""
+    place(lm, cfg.device, cfg.dtype).eval()
     max_pos = getattr(lm.config, "max_position_embeddings", None)
     specs = [PolicySpec.parse(p) for p in cfg.policies]
     labels = [s.label for s in specs]
@@ -420,7 +440,9 @@ def evaluate(lm: torch.nn.Module, codec: Codec, hay: Haystack, ppl_ids: Sequence
     t_start = time.perf_counter()
     calibrate = Calibrator(lm, ppl_ids, cfg, lead=lead_of(codec), records=result["calibration"],
                            log=log)
-    if cfg.check_attend and cfg.fast_attend:
+    if cfg.check_attend and cfg.fast_attend and torch.device(cfg.device).type != "cpu":
+        log(f"   no attend check on {cfg.device}: the fast CPU attend serves CPU tensors only")
+    elif cfg.check_attend and cfg.fast_attend:
         checked = {c["policy"] for c in result["checks"]}
         todo = [s for s in specs if s.label not in checked]
         if todo:
@@ -518,8 +540,16 @@ def _run_policy(lm, spec: PolicySpec, length: int, n_tok: int, windows: list, sa
         f"(n={len(acc)}) {row['wall_s']:.0f}s"
         + (f" [policy on {runner.scope}]" if runner.covered is not None else ""))
     del runner
-    torch._dynamo.reset()
+    _release()
     return row, trial_rows
+
+
+def _release() -> None:
+    """Drop a finished runner's compiled graphs (and, on a GPU, its cached blocks)."""
+    torch._dynamo.reset()
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def _expected(resolved, n_tok: int) -> Optional[float]:
