@@ -188,6 +188,25 @@ def run_decode(args, gen, B=8, N=131072):
 
     with torch.no_grad():
         rec(case="decode", impl="dsa_step", **base, ms=bench_ms(step))
+        a, b, c = ix(q, k, N - 1)
+        ii = indexer_kernels.indexer_topk(a, b, c, args.topk, causal=True)[:, None]
+        # the step's parts: the indexer's projections, its selection, the gather attention;
+        # the selection also through the previous path (materialised fp32 score rows)
+        rec(case="decode", impl="step_indexer_proj", **base, ms=bench_ms(lambda: ix(q, k, N - 1)))
+        rec(case="decode", impl="step_topk", **base,
+            ms=bench_ms(lambda: indexer_kernels.indexer_topk(a, b, c, args.topk, causal=True)))
+        want = indexer_kernels._top_of_rows(
+            indexer_kernels.few_row_scores(a, b, c, causal=True),
+            indexer_kernels.visible_counts(1, N, True, a.device), args.topk)
+        got = indexer_kernels.indexer_topk(a, b, c, args.topk, causal=True)
+        rec(case="check", impl="decode_topk", N=N,
+            rows_differing=int((got.sort(-1).values != want.sort(-1).values).any(-1).sum()))
+        rec(case="decode", impl="step_topk_score_rows", **base,
+            ms=bench_ms(lambda: indexer_kernels._top_of_rows(
+                indexer_kernels.few_row_scores(a, b, c, causal=True),
+                indexer_kernels.visible_counts(1, N, True, a.device), args.topk)))
+        rec(case="decode", impl="step_attend", **base,
+            ms=bench_ms(lambda: tk.token_sparse_attention(q, k, v, ii, scale=D ** -0.5)))
         ke, ve = k.expand(B, H, N, D), v.expand(B, H, N, D)
         rec(case="decode", impl="dense_sdpa", **base,
             ms=bench_ms(lambda: F.scaled_dot_product_attention(q, ke, ve)))
@@ -264,6 +283,12 @@ def markdown(meta) -> str:
         lines += ["", f"Decode (B=8, one query, cache 131072, MQA): DSA step (indexer + top-k + "
                       f"gather attention) {f(dec.get('dsa_step'))} ms, dense SDPA "
                       f"{f(dec.get('dense_sdpa'))} ms."]
+        if dec.get("step_topk") is not None:
+            lines += [f"Its parts, timed alone: indexer projections "
+                      f"{f(dec.get('step_indexer_proj'))} ms, top-k "
+                      f"{f(dec.get('step_topk'))} ms (through materialised fp32 score rows: "
+                      f"{f(dec.get('step_topk_score_rows'))} ms), gather attention "
+                      f"{f(dec.get('step_attend'))} ms."]
     checks = [r for r in ROWS if r.get("case") == "check"]
     lines += ["", "Checks before timing: " + "; ".join(
         f"{r['impl']} N={r['N']}" + (f" rel_err {r['rel_err']:.2e}" if "rel_err" in r else "")
@@ -296,6 +321,7 @@ def main():
     ap.add_argument("--layouts", default="mqa,mha")
     ap.add_argument("--no-backward", action="store_true")
     ap.add_argument("--no-decode", action="store_true")
+    ap.add_argument("--decode-only", action="store_true", help="only the decode step")
     ap.add_argument("--sweep-attend", type=int, default=0,
                     help="also time gather-attention schedules at this N (MQA, one shared list)")
     ap.add_argument("--name", default=None, help="file stem (default dsa_<card>)")
@@ -322,6 +348,8 @@ def main():
                 command="PYTHONPATH=. python benchmarks/dsa.py " + " ".join(sys.argv[1:]))
     print(json.dumps(meta), flush=True)
     ok = check_topk(args, gen)
+    if args.decode_only:
+        Ns = []
     for n in Ns:
         for lay in args.layouts.split(","):
             try:
@@ -331,7 +359,8 @@ def main():
                 rec(case="fwd", impl="dsa_fwd", N=n, layout=lay, error=f"{type(e).__name__}: {e}"[:300])
             torch.cuda.empty_cache()
     try:
-        run_naive(min(Ns), args, gen)
+        if Ns:
+            run_naive(min(Ns), args, gen)
     except Exception as e:
         rec(case="fwd", impl="naive_indexer", N=min(Ns), error=f"{type(e).__name__}: {e}"[:300])
     if not args.no_decode:

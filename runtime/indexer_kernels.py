@@ -229,32 +229,73 @@ def few_row_scores(q_idx, w, k_idx, *, causal: bool) -> torch.Tensor:
 
 
 def topk_few_rows(q_idx, w, k_idx, topk: int, *, causal: bool) -> torch.Tensor:
-    """The selection for few query rows: the reference's fp32 score rows (``few_row_scores``),
-    then one ``torch.topk`` over int64 keys (order-preserving score image << 32 | key index),
-    so equal scores go to the newer key exactly as in the reference; hidden keys can never be
-    chosen. Rows unordered."""
+    """The selection for few query rows: one int64 selection key per (row, key), order-preserving
+    score image << 32 | key index, so equal scores go to the newer key exactly as in the
+    reference and hidden keys can never be chosen; then one ``torch.topk`` per row. Where the
+    kernels run, one Triton launch builds the keys (``few_row_keys``); elsewhere they come from
+    the reference's fp32 score rows (``few_row_scores``). Rows unordered."""
+    if uses_kernels(q_idx) and q_idx.shape[-1] <= FEW_ROWS_MAX_DIM:
+        return _top_of_keys(few_row_keys(q_idx, w, k_idx, causal=causal), topk)
     n_q, n_kv = q_idx.shape[1], k_idx.shape[1]
     scores = few_row_scores(q_idx, w, k_idx, causal=causal)                   # [B, Nq, Nkv] fp32
     return _top_of_rows(scores, visible_counts(n_q, n_kv, causal, q_idx.device), topk)
 
 
-def _top_of_rows(scores: torch.Tensor, visible: torch.Tensor, topk: int) -> torch.Tensor:
-    """int32 ``[..., topk]``: per row of ``scores [..., Nkv]`` fp32 the ``topk`` best of its
-    first ``visible [rows]`` keys (score, then the newer key), -1 after them; unordered."""
+#: index head dims the few-row key kernel takes (a [BN, d_I] key tile in registers)
+FEW_ROWS_MAX_DIM = 256
+#: keys per program of the few-row key kernel
+FEW_ROWS_BLOCK_N = 128
+
+
+def few_row_keys(q_idx, w, k_idx, *, causal: bool) -> torch.Tensor:
+    """int64 ``[B, Nq, Nkv]`` selection keys of every (query row, key) in one launch (see
+    ``codegen.indexer.few_rows_kernel``): what ``_keys_of_scores`` makes of the reference's
+    score rows, up to the summation order of the dot products."""
+    from codegen.emit import load, next_pow2
+    from codegen.indexer.few_rows_kernel import render
+    B, n_q, n_h, d = q_idx.shape
+    n_kv = k_idx.shape[1]
+    out = torch.empty((B, n_q, n_kv), device=q_idx.device, dtype=torch.int64)
+    if out.numel() == 0:
+        return out
+    mod = KERNELS.get(("indexer_few_rows", _device_key(q_idx.device)), lambda: load(render()))
+    bn = FEW_ROWS_BLOCK_N if n_kv >= FEW_ROWS_BLOCK_N else max(16, next_pow2(n_kv))
+    mod.few_row_keys[(-(-n_kv // bn), B * n_q)](
+        q_idx, w, k_idx, out, *q_idx.stride(), *w.stride(), *k_idx.stride(), n_q, n_kv,
+        n_kv - n_q, H=n_h, D=d, D_P=next_pow2(max(d, 16)), BN=bn, CAUSAL=bool(causal),
+        num_warps=4)
+    return out
+
+
+def _keys_of_scores(scores: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+    """int64 selection keys of fp32 score rows ``[..., Nkv]``: score image << 32 | key index,
+    INT64_MIN after each row's first ``visible [rows]`` keys."""
     n_kv = scores.shape[-1]
     idx = torch.arange(n_kv, device=scores.device)
     keys = (_score_key(scores + 0.0) << 32) | idx
     hidden = idx[None, :] >= visible[:, None]
+    return keys.masked_fill(hidden, torch.iinfo(torch.int64).min)
+
+
+def _top_of_keys(keys: torch.Tensor, topk: int) -> torch.Tensor:
+    """int32 ``[..., topk]``: the keys (low words) of the ``topk`` largest selection keys per
+    row, -1 for hidden ones and after the row's end; unordered."""
+    n_kv = keys.shape[-1]
     lowest = torch.iinfo(torch.int64).min
-    keys = keys.masked_fill(hidden, lowest)
     kk = min(topk, n_kv)
     top = torch.topk(keys, kk, dim=-1, sorted=False).values                  # [..., kk]
     chosen = torch.where(top == lowest, -1, top & 0xFFFFFFFF).to(torch.int32)
     if kk == topk:
         return chosen
-    out = torch.full((*scores.shape[:-1], topk), -1, dtype=torch.int32, device=scores.device)
+    out = torch.full((*keys.shape[:-1], topk), -1, dtype=torch.int32, device=keys.device)
     out[..., :kk] = chosen
     return out
+
+
+def _top_of_rows(scores: torch.Tensor, visible: torch.Tensor, topk: int) -> torch.Tensor:
+    """int32 ``[..., topk]``: per row of ``scores [..., Nkv]`` fp32 the ``topk`` best of its
+    first ``visible [rows]`` keys (score, then the newer key), -1 after them; unordered."""
+    return _top_of_keys(_keys_of_scores(scores, visible), topk)
 
 
 def _module(spec: IndexerSpec, device):

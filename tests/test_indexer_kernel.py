@@ -334,12 +334,31 @@ def test_bad_out_and_schedule_raise():
 @pytest.mark.parametrize("B,n_q,n_kv,topk,causal,tied", [
     (2, 1, 300, 32, True, False), (3, 4, 97, 200, True, False), (1, 16, 500, 7, False, False),
     (2, 3, 50, 20, True, True)])
-def test_few_rows_path_matches_reference(B, n_q, n_kv, topk, causal, tied):
-    """Decode-sized calls (materialised score rows + one int64 topk) equal the reference."""
+@pytest.mark.parametrize("path", ["scores", "kernel"])
+def test_few_rows_path_matches_reference(B, n_q, n_kv, topk, causal, tied, path, monkeypatch):
+    """Decode-sized calls (int64 selection keys from the score rows, or from the few-row key
+    kernel, then one topk) equal the reference."""
     from runtime.indexer_kernels import topk_few_rows
+    if path == "kernel":
+        if not (DEV == "cuda" or ik._interpreting()):
+            pytest.skip("needs CUDA or TRITON_INTERPRET=1")
+        monkeypatch.setenv("SPARSE_PLANNER_KERNELS", "triton")
+    else:
+        monkeypatch.setenv("SPARSE_PLANNER_KERNELS", "reference")
     q = torch.randn(B, n_q, 4, 16)
     w = torch.zeros(B, n_q, 4) if tied else torch.randn(B, n_q, 4)
     k = torch.randn(B, n_kv, 16)
+    if path == "kernel":                       # strided inputs, poisoned keys
+        q = torch.randn(B, n_q, 4, 32)[..., ::2]
+        k = torch.randn(B, n_kv, 24)[..., 4:20]
+        keys = ik.few_row_keys(q, w, k, causal=causal)
+        vis = visible_counts(n_q, n_kv, causal, q.device)
+        want = ik._keys_of_scores(indexer_scores_ref(q, w, k, causal=causal), vis)
+        hidden = want == torch.iinfo(torch.int64).min
+        assert torch.equal(keys == torch.iinfo(torch.int64).min, hidden)
+        assert torch.equal(keys[~hidden] & 0xFFFFFFFF, want[~hidden] & 0xFFFFFFFF)
+        torch.testing.assert_close(ik._from_key(keys[~hidden] >> 32),
+                                   ik._from_key(want[~hidden] >> 32), rtol=1e-5, atol=1e-5)
     got = topk_few_rows(q, w, k, topk, causal=causal)
     ref = indexer_topk_ref(q, w, k, topk, causal=causal)
     assert got.dtype == torch.int32 and got.shape == ref.shape
