@@ -14,6 +14,7 @@ never approximated silently.
 """
 from __future__ import annotations
 
+import functools
 import os
 from typing import Optional
 
@@ -106,6 +107,18 @@ def _pairs_kept(counts, indices, block: int, n_q: int, n_kv: int, causal: bool):
     return kept, allowed
 
 
+@functools.lru_cache(maxsize=256)
+def _window_pairs(n_q: int, n_kv: int, off: int, sink: int, window: int) -> tuple:
+    """(kept, visible) pairs of one (batch, head) under a causal sink + window rule: query at
+    position ``p = row + off`` keeps keys ``j <= p`` with ``j < sink`` or ``p - j < window``
+    (``codegen.select.reference.window_keep_fn``), i.e. ``min(window, p + 1)`` window keys plus
+    ``min(sink, p - window + 1)`` sink keys left of the window."""
+    p = torch.arange(n_q, dtype=torch.int64) + off
+    vis = (p + 1).clamp(0, n_kv)
+    kept = torch.minimum(vis, torch.tensor(window)) + (p - window + 1).clamp(0, sink)
+    return float(torch.minimum(kept, vis).sum()), float(vis.sum())
+
+
 def triton_block_sparse(q, k, v, mods, counts, indices, spec: SiteSpec):
     mode = _kernels_mode()
     if mode == "reference":
@@ -142,8 +155,14 @@ def triton_block_sparse(q, k, v, mods, counts, indices, spec: SiteSpec):
     tag = var.tag if sch is not None else ""
     out, _ = tk.block_sparse_attention(q, k, v, counts, indices, block=block, scale=spec.scale,
                                        causal=causal, sink=sink, window=window, schedule=sch)
-    if os.environ.get("SPARSE_PLANNER_DENSITY", "1") == "0" or window:
-        return out, None, tag            # token-level windows: block counts would overstate
+    if os.environ.get("SPARSE_PLANNER_DENSITY", "1") == "0":
+        return out, None, tag
+    if window:                           # token-level windows: counted by the rule, not blocks
+        from codegen.attention.reference import positions_offset
+        kept1, vis1 = _window_pairs(n_q, n_kv, positions_offset(spec.causal, n_q, n_kv), sink,
+                                    window)
+        n = q.shape[0]
+        return out, ([vis1 * n] * q.shape[1], [kept1 * n] * q.shape[1]), tag
     kept, allowed = _pairs_kept(counts, indices, block, n_q, n_kv, causal)
     g = q.shape[1] // counts.shape[1]
     return out, (allowed.repeat_interleave(g), kept.repeat_interleave(g)), tag
