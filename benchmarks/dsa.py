@@ -251,10 +251,11 @@ def markdown(meta) -> str:
              f"top-k {meta['topk']}, indexer {meta['index_heads']} heads x {meta['index_dim']} "
              f"dims. Times: `triton.testing.do_bench` medians (ms); forward parts: the middle of three "
              f"such medians (all three in the JSON, `ms_runs`).", "",
-             f"Command: `{meta['command']}`", "",
-             "| N | KV | proj | top-k (fused) | sparse attend | **DSA fwd** | dense SDPA | "
-             "dense / DSA | sparse bwd | dense bwd | dense bwd / sparse bwd |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             f"Command: `{meta['command']}`", ""]
+    if any(r.get("case") == "fwd" for r in ROWS):
+        lines += ["| N | KV | proj | top-k (fused) | sparse attend | **DSA fwd** | dense SDPA | "
+                  "dense / DSA | sparse bwd | dense bwd | dense bwd / sparse bwd |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
     for n in meta["Ns"]:
         for lay in ("mqa", "mha"):
             kw = dict(N=n, layout=lay)
