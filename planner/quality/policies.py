@@ -182,8 +182,10 @@ def _match_longformer(n: int, density: float, fixed: dict) -> Policy:
 
 def _match_bigbird(n: int, density: float, fixed: dict) -> Policy:
     """Block = ``default_block(n)``, ``global_tokens`` and ``random_blocks`` at the policy's
-    defaults (64 tokens, 3 blocks); the window (a whole number of blocks) is solved, or, when
-    ``window`` is given, ``random_blocks``."""
+    defaults (64 tokens, 3 blocks); the window (a whole number of blocks, at least one) is
+    solved, or, when ``window`` is given, ``random_blocks``. Where the global and random blocks
+    beside a one-block window already exceed the target (short prompts, low densities), the
+    random blocks and then the global tokens shrink, so the pattern keeps its sliding window."""
     kw = {"block": default_block(n), "global_tokens": 64, "random_blocks": 3, "seed": 0}
     kw.update(fixed)
     b = kw["block"]
@@ -191,15 +193,22 @@ def _match_bigbird(n: int, density: float, fixed: dict) -> Policy:
     f = lambda **v: bigbird_pairs(n, b, *(v.get(k, kw.get(k)) for k in            # noqa: E731
                                           ("window", "global_tokens", "random_blocks"))) \
         / _causal_pairs(n)
+    def shrink() -> None:              # the window is as small as it may be: shrink the rest
+        if "random_blocks" not in fixed and f() > density:
+            kw["random_blocks"] = _solve_int(lambda r: f(random_blocks=r), density, 0,
+                                             kw["random_blocks"])
+        if "global_tokens" not in fixed and f() > 1.05 * density:
+            kw["global_tokens"] = _solve_int(lambda g: f(global_tokens=g), density, 0,
+                                             kw["global_tokens"])
+
     if "window" not in fixed:
-        w = _solve_int(lambda w: f(window=w * b), density, 0, nb)
+        w = _solve_int(lambda w: f(window=w * b), density, 1, max(nb, 1))
         kw["window"] = w * b
-        if w == 0 and "random_blocks" not in fixed and f(window=0) > density:
-            # short prompts: the global and random blocks alone exceed the target
-            kw["random_blocks"] = _solve_int(lambda r: f(window=0, random_blocks=r), density,
-                                             0, kw["random_blocks"])
+        if w == 1:
+            shrink()
     elif "random_blocks" not in fixed:
         kw["random_blocks"] = _solve_int(lambda r: f(random_blocks=r), density, 0, nb)
+        shrink()
     return planner.policy("bigbird", **kw)
 
 
