@@ -14,7 +14,6 @@ never approximated silently.
 """
 from __future__ import annotations
 
-import functools
 import os
 from typing import Optional
 
@@ -107,18 +106,6 @@ def _pairs_kept(counts, indices, block: int, n_q: int, n_kv: int, causal: bool):
     return kept, allowed
 
 
-@functools.lru_cache(maxsize=256)
-def _window_pairs(n_q: int, n_kv: int, off: int, sink: int, window: int) -> tuple:
-    """(kept, visible) pairs of one (batch, head) under a causal sink + window rule: query at
-    position ``p = row + off`` keeps keys ``j <= p`` with ``j < sink`` or ``p - j < window``
-    (``codegen.select.reference.window_keep_fn``), i.e. ``min(window, p + 1)`` window keys plus
-    ``min(sink, p - window + 1)`` sink keys left of the window."""
-    p = torch.arange(n_q, dtype=torch.int64) + off
-    vis = (p + 1).clamp(0, n_kv)
-    kept = torch.minimum(vis, torch.tensor(window)) + (p - window + 1).clamp(0, sink)
-    return float(torch.minimum(kept, vis).sum()), float(vis.sum())
-
-
 def triton_block_sparse(q, k, v, mods, counts, indices, spec: SiteSpec):
     mode = _kernels_mode()
     if mode == "reference":
@@ -158,9 +145,8 @@ def triton_block_sparse(q, k, v, mods, counts, indices, spec: SiteSpec):
     if os.environ.get("SPARSE_PLANNER_DENSITY", "1") == "0":
         return out, None, tag
     if window:                           # token-level windows: counted by the rule, not blocks
-        from codegen.attention.reference import positions_offset
-        kept1, vis1 = _window_pairs(n_q, n_kv, positions_offset(spec.causal, n_q, n_kv), sink,
-                                    window)
+        from codegen.select.reference import window_pairs
+        kept1, vis1 = window_pairs(n_q, n_kv, spec.causal, sink=sink, window=window)
         n = q.shape[0]
         return out, ([vis1 * n] * q.shape[1], [kept1 * n] * q.shape[1]), tag
     kept, allowed = _pairs_kept(counts, indices, block, n_q, n_kv, causal)

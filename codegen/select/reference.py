@@ -16,6 +16,7 @@ Example::
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional, Sequence
 
 import torch
@@ -245,3 +246,14 @@ def window_keep_fn(n_q: int, n_kv: int, causal, *, sink: int, window: int, devic
         pos = torch.arange(r0, r1, device=device)[:, None] + off
         return ((j[None, :] < sink) | ((pos - j[None, :]).abs() < window))[None, None]
     return keep
+
+
+@functools.lru_cache(maxsize=256)
+def window_pairs(n_q: int, n_kv: int, causal, *, sink: int, window: int) -> tuple:
+    """(kept, visible) causal pairs of one (batch, head) under ``window_keep_fn``'s rule, in
+    closed form: the query at position ``p`` keeps ``min(window, p + 1)`` window keys plus
+    ``min(sink, p - window + 1)`` sink keys left of the window (ints; cached per shape)."""
+    p = torch.arange(n_q, dtype=torch.int64) + positions_offset(causal, n_q, n_kv)
+    vis = (p + 1).clamp(0, n_kv)
+    kept = torch.minimum(vis, torch.tensor(window)) + (p - window + 1).clamp(0, sink)
+    return int(torch.minimum(kept, vis).sum()), int(vis.sum())

@@ -46,9 +46,10 @@ def _causal_pairs(n: int) -> int:
 
 
 def sink_window_pairs(n: int, sink: int, window: int) -> int:
-    """Pairs (p, j), j <= p < n, with p - j < window or j < sink."""
-    p = range(n)
-    return sum(min(i + 1, window) + max(0, min(sink, i + 1 - window)) for i in p)
+    """Pairs (p, j), j <= p < n, with p - j < window or j < sink (the runtime's count,
+    ``codegen.select.reference.window_pairs``)."""
+    from codegen.select.reference import window_pairs
+    return window_pairs(n, n, "lower_right", sink=sink, window=window)[0]
 
 
 def block_topk_pairs(n: int, block: int, topk: int, sink_blocks: int, local_blocks: int) -> int:
