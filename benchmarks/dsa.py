@@ -195,16 +195,16 @@ def run_decode(args, gen, B=8, N=131072):
         rec(case="decode", impl="step_indexer_proj", **base, ms=bench_ms(lambda: ix(q, k, N - 1)))
         rec(case="decode", impl="step_topk", **base,
             ms=bench_ms(lambda: indexer_kernels.indexer_topk(a, b, c, args.topk, causal=True)))
-        want = indexer_kernels._top_of_rows(
-            indexer_kernels.few_row_scores(a, b, c, causal=True),
-            indexer_kernels.visible_counts(1, N, True, a.device), args.topk)
+        def topk_score_rows():
+            return indexer_kernels._top_of_rows(
+                indexer_kernels.few_row_scores(a, b, c, causal=True),
+                indexer_kernels.visible_counts(1, N, True, a.device), args.topk)
+
+        want = topk_score_rows()
         got = indexer_kernels.indexer_topk(a, b, c, args.topk, causal=True)
         rec(case="check", impl="decode_topk", N=N,
             rows_differing=int((got.sort(-1).values != want.sort(-1).values).any(-1).sum()))
-        rec(case="decode", impl="step_topk_score_rows", **base,
-            ms=bench_ms(lambda: indexer_kernels._top_of_rows(
-                indexer_kernels.few_row_scores(a, b, c, causal=True),
-                indexer_kernels.visible_counts(1, N, True, a.device), args.topk)))
+        rec(case="decode", impl="step_topk_score_rows", **base, ms=bench_ms(topk_score_rows))
         rec(case="decode", impl="step_attend", **base,
             ms=bench_ms(lambda: tk.token_sparse_attention(q, k, v, ii, scale=D ** -0.5)))
         ke, ve = k.expand(B, H, N, D), v.expand(B, H, N, D)
@@ -338,7 +338,7 @@ def main():
         raise SystemExit("benchmarks/dsa.py needs a CUDA device (or --smoke)")
     import triton
     gen = torch.Generator(device=DEV).manual_seed(0)
-    Ns = [int(x) for x in args.Ns.split(",")]
+    Ns = [] if args.decode_only else [int(x) for x in args.Ns.split(",")]
     card = torch.cuda.get_device_name() if DEV == "cuda" else "cpu-interpreter"
     if args.name is None:
         args.name = "dsa_" + ("h200" if "H200" in card else "h100" if "H100" in card else
@@ -349,8 +349,6 @@ def main():
                 command="PYTHONPATH=. python benchmarks/dsa.py " + " ".join(sys.argv[1:]))
     print(json.dumps(meta), flush=True)
     ok = check_topk(args, gen)
-    if args.decode_only:
-        Ns = []
     for n in Ns:
         for lay in args.layouts.split(","):
             try:

@@ -41,6 +41,8 @@ from typing import Optional
 
 import torch
 
+from codegen.emit import load, next_pow2
+from codegen.indexer import few_rows_kernel
 from codegen.indexer.kernel import IndexerSpec
 from codegen.indexer.reference import (indexer_scores_ref, indexer_topk_ref, visible_counts,
                                        weighted_relu_scores)
@@ -251,14 +253,13 @@ def few_row_keys(q_idx, w, k_idx, *, causal: bool) -> torch.Tensor:
     """int64 ``[B, Nq, Nkv]`` selection keys of every (query row, key) in one launch (see
     ``codegen.indexer.few_rows_kernel``): what ``_keys_of_scores`` makes of the reference's
     score rows, up to the summation order of the dot products."""
-    from codegen.emit import load, next_pow2
-    from codegen.indexer.few_rows_kernel import render
     B, n_q, n_h, d = q_idx.shape
     n_kv = k_idx.shape[1]
     out = torch.empty((B, n_q, n_kv), device=q_idx.device, dtype=torch.int64)
     if out.numel() == 0:
         return out
-    mod = KERNELS.get(("indexer_few_rows", _device_key(q_idx.device)), lambda: load(render()))
+    mod = KERNELS.get(("indexer_few_rows", _device_key(q_idx.device)),
+                      lambda: load(few_rows_kernel.render()))
     bn = FEW_ROWS_BLOCK_N if n_kv >= FEW_ROWS_BLOCK_N else max(16, next_pow2(n_kv))
     mod.few_row_keys[(-(-n_kv // bn), B * n_q)](
         q_idx, w, k_idx, out, *q_idx.stride(), *w.stride(), *k_idx.stride(), n_q, n_kv,
@@ -299,7 +300,6 @@ def _top_of_rows(scores: torch.Tensor, visible: torch.Tensor, topk: int) -> torc
 
 
 def _module(spec: IndexerSpec, device):
-    from codegen.emit import load
     from codegen.indexer.kernel import render
     return KERNELS.get(("indexer", _device_key(device), spec), lambda: load(render(spec)))
 
@@ -426,7 +426,6 @@ class _IndexerRun:
             SPLIT=split > 1, num_warps=self.sch.num_warps, num_stages=self.sch.num_stages)
 
     def finish(self, buf, cnt, out, sure):
-        from codegen.emit import next_pow2
         cp = next_pow2(max(self.C, 16))
         warps = self.sch.finish_warps or (4 if cp <= 4096 else (8 if cp <= 8192 else 16))
         self.mod.indexer_finish[(self.R,)](

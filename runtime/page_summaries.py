@@ -22,6 +22,9 @@ from typing import Optional
 
 import torch
 
+from codegen.emit import next_pow2
+from runtime import triton_kernels as tk
+from runtime.estimators import kernels_take
 from runtime.tensor_notes import TensorNotes
 
 #: pages computed and extensions that found the past's summaries (for tests and reports)
@@ -56,8 +59,6 @@ def lookup(k: torch.Tensor, page: int) -> Optional[tuple]:
 
 
 def usable(k: torch.Tensor, page: int) -> bool:
-    from runtime import triton_kernels as tk
-    from runtime.estimators import kernels_take
     return kernels_take(k) and tk.quest_page_ok(page)
 
 
@@ -66,8 +67,6 @@ def extend(past: torch.Tensor, out: torch.Tensor, page: int) -> None:
     the new keys touch when ``past`` has its own."""
     if not usable(out, page) or out.shape[2] == 0:
         return
-    from codegen.emit import next_pow2
-    from runtime import triton_kernels as tk
     B, H, n, D = out.shape
     n_p = -(-n // page)
     prev = _find(past, page, take=True) if past.shape[:2] == out.shape[:2] else None

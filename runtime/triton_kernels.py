@@ -182,8 +182,7 @@ def default_block_sparse_schedule(spec: BlockSparseSpec, device, max_blocks: int
     ``max_blocks``: width of the block lists; very short lists (<= 4 blocks) run best with
     narrow key tiles whose small footprint lets two programs share an SM; at D <= 64, 128x64
     tiles; otherwise 128x128 tiles with K/V through tensor descriptors (the copy engine) where
-    strides allow. Tiles
-    never exceed the mask block. The cost model (``planner.costmodel.VARIANTS``) picks among
+    strides allow. Tiles never exceed the mask block. The cost model (``planner.costmodel.VARIANTS``) picks among
     measured alternatives per call shape when a site runs with ``cost_model="auto"``."""
     d = max(spec.head_dim, spec.v_head_dim)
     if device.type != "cuda":
