@@ -65,10 +65,11 @@ def _shapes(m) -> str:
     return " ".join(str(p) for p in parts)
 
 
-def _keep_page_summaries(g: fx.Graph, k: fx.Node, page: int) -> fx.Node:
+def _keep_with_cache(g: fx.Graph, k: fx.Node, page: int) -> fx.Node:
     """Keys made by appending the step's keys to a cache (``cat([past, new], dim=-2)``) are
-    made by ``sparse.append`` instead, which keeps quest's page summaries up to date
-    (``runtime.page_summaries``); the same tensor either way."""
+    made by ``sparse.append`` instead, which keeps quest's page summaries (``page`` > 0;
+    ``runtime.page_summaries``) and the dsa indexer's keys (``runtime.dsa``) up to date; the
+    same tensor either way."""
     if not (isinstance(k, fx.Node) and k.op == "call_function"
             and k.target in (torch.cat, torch.ops.aten.cat.default)):
         return k
@@ -110,8 +111,8 @@ def rewrite_to_sparse(gm: fx.GraphModule, ctx) -> fx.GraphModule:
                                                          (m.v, m.v_fix)))
         mods = [_apply_fix(em, t, fix) for t, fix in zip(m.mod_nodes, m.mod_fix or
                                                          [()] * len(m.mod_nodes))]
-        if pol.name == "quest":
-            k = _keep_page_summaries(g, k, pol.page)
+        if pol.name in ("quest", "dsa"):
+            k = _keep_with_cache(g, k, pol.page if pol.name == "quest" else 0)
         sc = em.call(torch.ops.sparse.score.default, q, k, mods, key)
         sel = em.call(torch.ops.sparse.select.default, sc, q, k, key)
         counts = em.call(operator.getitem, sel, 0)

@@ -12,11 +12,17 @@ indexer reads the site's q and k through learned projections::
     k_I = k_flat @ W_k   [B, Nkv, d_I]           k_flat = k as [B, Nkv, Hkv * D]
 
 Cost: ``Nq * Hq * D * H_I * (d_I + 1) + Nkv * Hkv * D * d_I`` multiply-adds per call, small
-next to attention. During decoding ``k_I`` is recomputed from the cached keys on every step
-(``Nkv * Hkv * D * d_I`` per step and layer) instead of being kept in a second cache: more
-arithmetic, no extra memory and nothing to keep in sync with the model's own cache. Because q
-and k already carry the model's rotary embedding, the indexer sees positions; ``rope`` adds one
-of its own on the leading indexer dims.
+next to attention. Because q and k already carry the model's rotary embedding, the indexer sees
+positions; ``rope`` adds one of its own on the leading indexer dims.
+
+Decoding: ``k_I`` of the cached keys is kept with the cache (``index_keys``), like quest's page
+summaries. The rewrite turns a dsa site's key append ``cat([past, new], dim=-2)`` into
+``sparse.append``, which extends the kept ``k_I`` of ``past`` by the new tokens' projections
+(``extend_keys``; ``B * n_new * Hkv * D * d_I`` multiply-adds instead of ``Nkv`` rows per step
+and layer), at ``B * Nkv * d_I`` elements of memory. Kept keys are found by the identity of the
+keys tensor, its length, the indexer and the version of its key weights, so a keys tensor
+without them, or an indexer changed by a training step, gets them recomputed in full: the
+answer never depends on whether they were kept.
 
 Initialisation: ``k_I`` is a random Johnson-Lindenstrauss projection of the keys and every
 ``q_I`` head the matching projection of the scaled queries averaged over all heads (plus small noise so
@@ -30,6 +36,7 @@ Parameters live in an ``IndexerBank`` (one ``LightningIndexer`` per site) that
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import math
 import threading
@@ -42,6 +49,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from codegen.attention.reference import positions_offset
+from runtime.tensor_notes import TensorNotes
 
 _INFO = ("hq", "hkv", "head_dim", "index_heads", "index_dim", "rope")
 
@@ -93,24 +101,38 @@ class LightningIndexer(nn.Module):
         self.ww.zero_()
         self.bw.fill_(1.0 / hi)
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, offset: int = 0):
-        B, Hq, Nq, D = q.shape
-        Hkv, Nkv = k.shape[1], k.shape[2]
-        if (Hq, Hkv, D) != (self.hq, self.hkv, self.head_dim):
+    def check(self, q: torch.Tensor, k: torch.Tensor) -> None:
+        """A clear error when ``q`` / ``k`` do not have the heads and head dim it was built for."""
+        got = (q.shape[1], k.shape[1], q.shape[3])
+        if got != (self.hq, self.hkv, self.head_dim) or k.shape[3] != self.head_dim:
             raise ValueError(f"indexer built for q heads {self.hq}, k heads {self.hkv}, head dim "
-                             f"{self.head_dim}; called with {Hq}, {Hkv}, {D}")
-        dt = q.dtype
+                             f"{self.head_dim}; called with {got[0]}, {got[1]}, {got[2]}")
+
+    def queries(self, q: torch.Tensor, offset: int = 0):
+        """``(q_I [B, Nq, H_I, d_I], w [B, Nq, H_I] fp32)``; query ``t`` sits at position
+        ``t + offset`` (for ``rope``)."""
+        B, Hq, Nq, D = q.shape
         qf = q.transpose(1, 2).reshape(B, Nq, Hq * D)
-        kf = k.transpose(1, 2).reshape(B, Nkv, Hkv * D)
-        q_i = F.linear(qf, self.wq.to(dt)).view(B, Nq, self.index_heads, self.index_dim)
-        k_i = F.linear(kf, self.wk.to(dt))
+        q_i = F.linear(qf, self.wq.to(q.dtype)).view(B, Nq, self.index_heads, self.index_dim)
         w = F.linear(qf.float(), self.ww, self.bw)
         if self.rope:
             qpos = torch.arange(Nq, device=q.device) + offset
-            kpos = torch.arange(Nkv, device=q.device)
             q_i = _rotate(q_i.transpose(1, 2), qpos, self.rope).transpose(1, 2)
-            k_i = _rotate(k_i, kpos, self.rope)
-        return q_i, w, k_i
+        return q_i, w
+
+    def keys(self, k: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """``k_I [B, Nkv, d_I]`` in k's dtype; key ``s`` sits at position ``s + start``."""
+        B, Hkv, Nkv, D = k.shape
+        kf = k.transpose(1, 2).reshape(B, Nkv, Hkv * D)
+        k_i = F.linear(kf, self.wk.to(k.dtype))
+        if self.rope:
+            k_i = _rotate(k_i, torch.arange(Nkv, device=k.device) + start, self.rope)
+        return k_i
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, offset: int = 0):
+        self.check(q, k)
+        q_i, w = self.queries(q, offset)
+        return q_i, w, self.keys(k.to(q.dtype))
 
     def scores(self, q: torch.Tensor, k: torch.Tensor, offset: int = 0) -> torch.Tensor:
         """Differentiable fp32 index scores ``[B, Nq, Nkv]`` (no mask applied)."""
@@ -248,6 +270,66 @@ def dense_mode() -> bool:
     return rec is not None and rec.mode == "dense"
 
 
+# ----------------------------------------------------------------------------- kept keys
+@dataclass
+class _KeptKeys:
+    indexer: "weakref.ref[LightningIndexer]"
+    version: int                   # of the indexer's key weights when these were computed
+    tokens: int
+    buf: torch.Tensor              # [B, capacity, d_I]; rows [:tokens] are valid
+
+
+_KEPT = TensorNotes()
+#: rows projected in full / by extension, extensions that found the past's keys (tests, reports)
+KEY_COUNTERS: collections.Counter = collections.Counter()
+
+
+def _kept_for(k: torch.Tensor, indexer: LightningIndexer, take: bool = False):
+    note = _KEPT.get(k)
+    if (note is None or note.indexer() is not indexer or note.version != indexer.wk._version
+            or note.tokens != k.shape[2] or note.buf.shape[0] != k.shape[0]
+            or note.buf.dtype != k.dtype):
+        return None
+    if take:
+        _KEPT.pop(k)
+    return note
+
+
+def index_keys(indexer: LightningIndexer, k: torch.Tensor) -> torch.Tensor:
+    """``indexer.keys(k)`` (no gradient), kept with ``k`` for later calls and for
+    ``extend_keys``: a keys tensor seen before (or made by ``sparse.append`` from one) is not
+    projected again."""
+    note = _kept_for(k, indexer)
+    if note is None:
+        with torch.no_grad():
+            k_i = indexer.keys(k)
+        KEY_COUNTERS["rows"] += k.shape[0] * k.shape[2]
+        note = _KeptKeys(weakref.ref(indexer), indexer.wk._version, k.shape[2], k_i)
+        _KEPT.put(k, note)
+    return note.buf[:, :note.tokens]
+
+
+def extend_keys(past: torch.Tensor, out: torch.Tensor) -> None:
+    """``out`` is ``past`` followed by new keys: when ``past`` has kept index keys, give
+    ``out`` them extended by the new keys' projections (moved, not copied: the buffer grows by
+    doubling)."""
+    note = _KEPT.get(past)
+    ix = None if note is None else note.indexer()
+    if ix is None or past.shape[:2] != out.shape[:2] or _kept_for(past, ix, take=True) is None:
+        return
+    n_past, n = past.shape[2], out.shape[2]
+    buf = note.buf
+    if buf.shape[1] < n:
+        grown = buf.new_empty((buf.shape[0], max(n, 2 * buf.shape[1]), buf.shape[2]))
+        grown[:, :n_past] = buf[:, :n_past]
+        buf = grown
+    with torch.no_grad():
+        buf[:, n_past:n] = ix.keys(out[:, :, n_past:], start=n_past)
+    KEY_COUNTERS["rows"] += out.shape[0] * (n - n_past)
+    KEY_COUNTERS["extensions"] += 1
+    _KEPT.put(out, _KeptKeys(note.indexer, note.version, n, buf))
+
+
 # ----------------------------------------------------------------------------- selection
 def select(scores, q: torch.Tensor, k: torch.Tensor, spec):
     """``(counts, indices)`` for ``sparse.select``: counts empty, indices int32
@@ -261,7 +343,9 @@ def select(scores, q: torch.Tensor, k: torch.Tensor, spec):
         idx = torch.full((B, 1, n_q, pol.topk), -1, dtype=torch.int32, device=q.device)
     else:
         with torch.no_grad():
-            q_i, w, k_i = indexer(q.detach(), k.detach(), off)
+            indexer.check(q, k)
+            q_i, w = indexer.queries(q.detach(), off)
+            k_i = index_keys(indexer, k if k.dtype == q.dtype else k.to(q.dtype))
             idx = topk_indices(q_i, w, k_i, pol.topk, causal=spec.causal is not None,
                                offset=off).unsqueeze(1)                    # [B, 1, Nq, topk]
     if rec is not None:

@@ -117,11 +117,14 @@ attend.register_autograd(_attend_backward, setup_context=_attend_setup)
 @torch.library.custom_op("sparse::append", mutates_args=())
 def append(past: torch.Tensor, new: torch.Tensor, page: int) -> torch.Tensor:
     """``torch.cat([past, new], dim=-2)`` (a KV cache growing by the step's keys), which also
-    extends quest's page summaries of ``past`` to the result (``runtime.page_summaries``)."""
+    extends what is kept with ``past`` to the result: quest's page summaries (of ``page``-token
+    pages; ``runtime.page_summaries``) and the dsa indexer's keys (``runtime.dsa.extend_keys``)."""
     out = torch.cat([past, new], dim=-2)
     if out.dim() == 4:
-        from runtime import page_summaries
-        page_summaries.extend(past, out, page)
+        from runtime import dsa, page_summaries
+        if page > 0:
+            page_summaries.extend(past, out, page)
+        dsa.extend_keys(past, out)
     return out
 
 

@@ -326,3 +326,55 @@ def test_sparse_attend_backward_reuses_the_forward_lse(monkeypatch):
     assert reruns                                      # the reference path re-runs
     for a, b in zip(got, want):
         assert max_err(a, b) < 1e-5
+
+
+def test_kept_index_keys_extend_by_the_new_tokens_only():
+    """sparse.append extends the indexer keys kept with a cache by the new tokens' projections
+    (positions included: rope on), equal to projecting the whole cache; a changed indexer or
+    another keys tensor gets them recomputed."""
+    import runtime.ops  # noqa: F401
+    torch.manual_seed(0)
+    ix = dsa.LightningIndexer(4, 2, 8, 2, 8, rope=4)
+    k = torch.randn(2, 2, 5, 8)
+    dsa.KEY_COUNTERS.clear()
+    kept = dsa.index_keys(ix, k)
+    assert dsa.KEY_COUNTERS["rows"] == 2 * 5
+    assert torch.allclose(kept, ix.keys(k), atol=1e-6, rtol=0)
+    for step, n_new in enumerate((1, 3, 1, 17, 2)):
+        before = dsa.KEY_COUNTERS["rows"]
+        k = torch.ops.sparse.append(k, torch.randn(2, 2, n_new, 8), 0)
+        assert dsa.KEY_COUNTERS["extensions"] == step + 1
+        assert dsa.KEY_COUNTERS["rows"] - before == 2 * n_new        # the new tokens only
+        got = dsa.index_keys(ix, k)
+        assert dsa.KEY_COUNTERS["rows"] - before == 2 * n_new        # found, not recomputed
+        assert got.shape == (2, k.shape[2], 8)
+        assert torch.allclose(got, ix.keys(k), atol=1e-5, rtol=0), f"step {step}"
+    with torch.no_grad():
+        ix.wk.add_(0.5)                                              # e.g. a training step
+    before = dsa.KEY_COUNTERS["rows"]
+    assert torch.allclose(dsa.index_keys(ix, k), ix.keys(k), atol=1e-6, rtol=0)
+    assert dsa.KEY_COUNTERS["rows"] - before == 2 * k.shape[2]        # recomputed in full
+    other = dsa.LightningIndexer(4, 2, 8, 2, 8)
+    assert torch.allclose(dsa.index_keys(other, k), other.keys(k), atol=1e-6, rtol=0)
+    assert torch.allclose(dsa.index_keys(ix, k.clone()), ix.keys(k), atol=1e-6, rtol=0)
+
+
+def test_decoding_keeps_index_keys_with_the_cache(monkeypatch):
+    """Greedy decoding of a tiny Llama with dsa: the cache's key append becomes sparse.append,
+    each decode step extends the kept indexer keys instead of projecting the whole cache, and
+    the tokens equal those of the same model projecting every step."""
+    lm = tiny_llama("sdpa", layers=2)
+    ids = torch.randint(0, 128, (1, 30))
+    pol = planner.policy("dsa", topk=8, index_heads=2, index_dim=8)
+    gen = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False)
+    cm = planner.compile(lm, policy=pol)
+    dsa.KEY_COUNTERS.clear()
+    out = cm.generate(ids, **gen)
+    assert "torch.ops.sparse.append.default" in planner.inspect(cm).graph_code()
+    assert dsa.KEY_COUNTERS["extensions"] == 5 * 2                  # 5 decode steps x 2 layers
+    assert dsa.KEY_COUNTERS["rows"] == 2 * (30 + 5)                 # each key projected once
+    monkeypatch.setattr(dsa, "_kept_for", lambda *a, **kw: None)    # project the cache every step
+    dsa.KEY_COUNTERS.clear()
+    ref = cm.generate(ids, **gen)
+    assert dsa.KEY_COUNTERS["extensions"] == 0
+    assert torch.equal(out, ref)
