@@ -36,7 +36,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks import common  # noqa: E402
 
 from codegen.token_sparse import token_sparse_attention_ref  # noqa: E402
-from runtime import indexer_kernels, triton_kernels as tk  # noqa: E402
+from runtime import dsa as dsa_rt, indexer_kernels, triton_kernels as tk  # noqa: E402
 from runtime.dsa import LightningIndexer  # noqa: E402
 
 DEV = "cuda"
@@ -75,6 +75,59 @@ def check_topk(args, gen):
                 bad += 1
     rec(case="check", impl="indexer_topk", N=n, topk=k, rows_differing=bad)
     return bad == 0
+
+
+_FLOOR = {}
+
+
+def gather_floor_kernel():
+    """A kernel with the gather attention's memory traffic and none of its math: program ``t``
+    loads the K and V rows of query ``t``'s index list, tile by tile, and adds them up. Its time
+    is what reading the selected rows costs (from L2 when K/V fit there, as one MQA head of
+    65536 x 128 bf16 K and V does: 32 MB)."""
+    if "k" not in _FLOOR:
+        import triton
+        import triton.language as tl
+
+        @triton.jit
+        def gather_sum(K, V, IDX, OUT, n_idx, D: tl.constexpr, BN: tl.constexpr):
+            t = tl.program_id(0).to(tl.int64)
+            offs_n = tl.arange(0, BN)
+            offs_d = tl.arange(0, D)
+            acc = tl.zeros([BN, D], tl.float32)
+            for j in range(0, n_idx, BN):
+                ids = tl.load(IDX + t * n_idx + j + offs_n, mask=j + offs_n < n_idx, other=-1)
+                ok = ids >= 0
+                rows = ids.to(tl.int64)[:, None] * D + offs_d[None, :]
+                acc += tl.load(K + rows, mask=ok[:, None], other=0.0).to(tl.float32)
+                acc += tl.load(V + rows, mask=ok[:, None], other=0.0).to(tl.float32)
+            tl.store(OUT + t * D + offs_d, tl.sum(acc, 0))
+        _FLOOR["k"] = gather_sum
+    return _FLOOR["k"]
+
+
+def gather_floor(k, v, idx):
+    """Time (ms) of the best of a few schedules of ``gather_floor_kernel`` over MQA ``k``,
+    ``v`` [1, 1, N, D] and ``idx`` [1, 1, N, n_idx], after checking its sums on a few rows."""
+    N, D = k.shape[-2:]
+    n_idx = idx.shape[-1]
+    kern = gather_floor_kernel()
+    k2, v2, ix = k[0, 0].contiguous(), v[0, 0].contiguous(), idx[0, 0].contiguous()
+    out = torch.full((N, D), float("nan"), device=k.device)
+    best = None
+    for bn, warps, stages in ((64, 4, 2), (64, 8, 3), (128, 8, 2), (32, 4, 3)):
+        def go():
+            kern[(N,)](k2, v2, ix, out, n_idx, D=D, BN=bn, num_warps=warps, num_stages=stages)
+        go()
+        rows = torch.linspace(0, N - 1, 8, device=k.device).long()
+        sel = ix[rows].long()
+        ref = torch.stack([(k2[r[r >= 0]].float() + v2[r[r >= 0]].float()).sum(0) for r in sel])
+        if common.rel_err(out[rows], ref) > 1e-3:
+            raise RuntimeError(f"gather floor kernel sums differ at bn={bn}")
+        ms = bench_ms(go)
+        if best is None or ms < best[0]:
+            best = (ms, f"{bn}/{warps}w/{stages}s")
+    return best
 
 
 def run_prefill(N, layout, args, gen):
@@ -118,6 +171,10 @@ def run_prefill(N, layout, args, gen):
                          ("sparse_attend", attend), ("dsa_fwd", full)):
             runs = sorted(bench_ms(fn) for _ in range(3))   # three medians: run-to-run spread
             rec(case="fwd", impl=name, **base, ms=runs[1], ms_runs=runs)
+    if layout == "mqa":
+        ms, sch = gather_floor(k, v, idx)
+        rec(case="fwd", impl="gather_floor", **base, ms=ms, schedule=sch,
+            gathered_gb=round(2 * N * args.topk * D * k.element_size() / 1e9, 2))
     if layout == "mha":
         rec(case="fwd", impl="dense_sdpa", **base,
             ms=bench_ms(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True)))
@@ -205,6 +262,22 @@ def run_decode(args, gen, B=8, N=131072):
         rec(case="check", impl="decode_topk", N=N,
             rows_differing=int((got.sort(-1).values != want.sort(-1).values).any(-1).sum()))
         rec(case="decode", impl="step_topk_score_rows", **base, ms=bench_ms(topk_score_rows))
+        # the step as a compiled site runs it: k_I of the cache kept with it (dsa.index_keys),
+        # extended by the step's token instead of re-projecting all N rows
+        dsa_rt.index_keys(ix, k)
+
+        def step_kept():
+            qi, wi = ix.queries(q, N - 1)
+            ix.keys(k[:, :, -1:], N - 1)           # what extending the kept keys by one costs
+            ii = indexer_kernels.indexer_topk(qi, wi, dsa_rt.index_keys(ix, k), args.topk,
+                                              causal=True)[:, None]
+            return tk.token_sparse_attention(q, k, v, ii, scale=D ** -0.5)
+
+        qi, wi = ix.queries(q, N - 1)
+        kept = indexer_kernels.indexer_topk(qi, wi, dsa_rt.index_keys(ix, k), args.topk, causal=True)
+        rec(case="check", impl="decode_kept_keys", N=N,
+            rows_differing=int((kept.sort(-1).values != got.sort(-1).values).any(-1).sum()))
+        rec(case="decode", impl="dsa_step_kept_keys", **base, ms=bench_ms(step_kept))
         rec(case="decode", impl="step_attend", **base,
             ms=bench_ms(lambda: tk.token_sparse_attention(q, k, v, ii, scale=D ** -0.5)))
         ke, ve = k.expand(B, H, N, D), v.expand(B, H, N, D)
@@ -273,6 +346,16 @@ def markdown(meta) -> str:
         lines += ["", "DSA fwd, the three medians per case: " + "; ".join(
             f"N={r['N']} {r['layout']}: " + " / ".join(f"{x:.2f}" for x in r["ms_runs"])
             for r in spread) + " ms."]
+    fl = [r for r in ROWS if r.get("impl") == "gather_floor" and r.get("ms")]
+    if fl:
+        lines += ["", "Gather floor (the attention's K/V row reads alone, no math; MQA, best of "
+                      "4 schedules): " + "; ".join(
+                          f"N={r['N']}: {r['ms']:.3f} ms for {r['gathered_gb']} GB "
+                          f"({r['gathered_gb'] / r['ms']:.1f} TB/s, {r['schedule']}), sparse "
+                          f"attend / floor {f(get('fwd', 'sparse_attend', N=r['N'], layout='mqa'))}"
+                          f" / {r['ms']:.3f} = "
+                          f"{get('fwd', 'sparse_attend', N=r['N'], layout='mqa') / r['ms']:.2f}x"
+                          for r in fl) + "."]
     nv = [r for r in ROWS if r.get("impl") == "naive_indexer"]
     if nv:
         r = nv[0]
@@ -284,6 +367,11 @@ def markdown(meta) -> str:
         lines += ["", f"Decode (B=8, one query, cache 131072, MQA): DSA step (indexer + top-k + "
                       f"gather attention) {f(dec.get('dsa_step'))} ms, dense SDPA "
                       f"{f(dec.get('dense_sdpa'))} ms."]
+        if dec.get("dsa_step_kept_keys") is not None:
+            lines += [f"With the indexer keys kept with the cache (as a compiled site decodes: "
+                      f"the step projects its own token only): "
+                      f"{f(dec.get('dsa_step_kept_keys'))} ms, "
+                      f"{dec['dense_sdpa'] / dec['dsa_step_kept_keys']:.2f}x faster than dense."]
         if dec.get("step_topk") is not None:
             lines += [f"Its parts, timed alone: indexer projections "
                       f"{f(dec.get('step_indexer_proj'))} ms, top-k "
