@@ -15,6 +15,15 @@ def bench_ms(fn, *, warmup: int, rep: int, dry_run: bool = False) -> float:
     return float(do_bench(fn, warmup=warmup, rep=rep, return_mode="median"))
 
 
+def graph_ms(fn, *, dry_run: bool = False) -> float:
+    """Median milliseconds of CUDA-graph replays of ``fn`` (the GPU work without the host's
+    launches; ``triton.testing.do_bench_cudagraph``). ``dry_run``: as in ``bench_ms``."""
+    if dry_run:
+        return bench_ms(fn, warmup=0, rep=0, dry_run=True)
+    from triton.testing import do_bench_cudagraph
+    return float(do_bench_cudagraph(fn, rep=100, return_mode="median"))
+
+
 def rel_err(a, b) -> float:
     """||a - b|| / ||b|| in fp32."""
     return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()

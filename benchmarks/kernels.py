@@ -52,10 +52,7 @@ def bench_ms(fn) -> float:
 
 def graph_ms(fn) -> float:
     """Median time of CUDA-graph replays of ``fn`` (no host launch overhead)."""
-    if DEV == "cpu":
-        return bench_ms(fn)
-    from triton.testing import do_bench_cudagraph
-    return do_bench_cudagraph(fn, rep=100, return_mode="median")
+    return common.graph_ms(fn, dry_run=DEV == "cpu")
 
 
 # ----------------------------------------------------------------------------- masks
