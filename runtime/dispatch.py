@@ -123,6 +123,9 @@ def attend(q, k, v, mod_tensors, counts, indices, spec: SiteSpec) -> torch.Tenso
     st = {} if _want_density() else None
     out, _ = attention_reference(q, k, v, scale=spec.scale, mods=spec.mods,
                                  mod_tensors=mod_tensors, causal=spec.causal, keep=keep, stats=st)
+    if spec.mods and spec.policy.name != "dense" and estimators.kernels_take(q):
+        # kernels were there but apply rule masks only (causal, window): say why they did not run
+        tag += f" (the site's {'mask tensors' if mod_tensors else 'score modifiers'} need the reference)"
     stats.record(spec.stats_key, q=q, k=k, v=v, kernel="reference" + tag,
                  allowed=st.get("allowed") if st else None, kept=st.get("kept") if st else None)
     return out
