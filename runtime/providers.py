@@ -14,6 +14,7 @@ never approximated silently.
 """
 from __future__ import annotations
 
+import functools
 import os
 from typing import Optional
 
@@ -76,8 +77,11 @@ def sdpa_dense(q, k, v, mods, counts, indices, spec: SiteSpec):
     return out, None
 
 
+@functools.lru_cache(maxsize=64)
 def _visible_per_block(block: int, n_q: int, n_kv: int, causal: bool, device) -> torch.Tensor:
-    """fp64 [NQB, NKB]: pairs the causal rule allows in each block (closed form, no N x N map)."""
+    """fp64 [NQB, NKB]: pairs the causal rule allows in each block (closed form, no N x N map);
+    built once per shape (about 40 small launches), shared by every later call: not to be
+    written to."""
     nqb, nkb = -(-n_q // block), -(-n_kv // block)
     r_lo = torch.arange(nqb, device=device, dtype=torch.float64) * block
     n_rows = torch.clamp(r_lo + block, max=n_q) - r_lo                      # [NQB]
