@@ -18,8 +18,8 @@ import torch
 from codegen.select import policies as P
 from runtime import dsa
 from codegen.select.reference import (allowed_blocks, block_bounds, pooled_block_logits,
-                                      pooled_block_scores,
-                                      select_topk_blocks, topk_width, window_blocks,
+                                      pooled_block_scores, select_topk_blocks,
+                                      structural_blocks, topk_width, window_blocks,
                                       window_keep_fn)
 
 
@@ -55,6 +55,9 @@ def _grid_shape(q, k, spec):
 # with SPARSE_PLANNER_KERNELS=triton), score returns the unscaled pooled dot products
 # (Triton pooling + a tensor-core product at about fp32 accuracy) and select runs one Triton program per query block that applies
 # the scale and the causal rule and picks the blocks: the same lists as the PyTorch path.
+# With GQA groups of several heads, score is the group's mean block probabilities from the same
+# pooling and products (each head's softmax over its allowed blocks, a few tensor operations),
+# and select ranks them with the same program.
 def kernels_take(t: torch.Tensor) -> bool:
     """Whether the Triton estimator kernels may read this 4-d tensor: a CUDA device (or the CPU
     under Triton's interpreter with SPARSE_PLANNER_KERNELS=triton, which has no bfloat16), a
@@ -81,10 +84,35 @@ def _kernels_ok(q, k, spec, *, one_head: bool) -> bool:
     return k.dtype == q.dtype and kernels_take(q)
 
 
-def _bt_kernels(q, k, spec) -> bool:
+def _bt_kernels(q, k, spec, *, grouped: bool = False) -> bool:
+    """The pooled estimator and the selection program in Triton; ``grouped``: also for GQA
+    groups of several query heads (block_topk's group path), else one head per group."""
     from runtime import triton_kernels as tk
-    return (_kernels_ok(q, k, spec, one_head=True)
+    return (_kernels_ok(q, k, spec, one_head=not grouped)
             and _cdiv(k.shape[2], block_of(spec)) <= tk.BLOCK_TOPK_MAX_NKB)
+
+
+def _group_block_scores(q, k, spec, block: int) -> torch.Tensor:
+    """``pooled_block_scores`` from the Triton pooling and pooled products: each query head's
+    softmax over the key blocks its query block may see, averaged over the heads of a group;
+    fp32 [B, Hkv, NQB, NKB], -inf where no pair is allowed."""
+    from runtime import triton_kernels as tk
+    B, Hq = q.shape[:2]
+    Hkv, G = k.shape[1], q.shape[1] // k.shape[1]
+    dots = tk.pooled_dots(tk.pool_blocks(q, block),
+                          tk.pool_blocks(k, block).repeat_interleave(G, dim=1), n_q=q.shape[2],
+                          n_kv=k.shape[2], causal=spec.causal, block=block)
+    hidden = _hidden_blocks(q.shape[2], k.shape[2], spec.causal, block, q.device)
+    p = torch.softmax(dots.masked_fill_(hidden, float("-inf")).mul_(spec.scale), dim=-1)
+    p = p.nan_to_num_(0.0).view(B, Hkv, G, *p.shape[2:]).mean(dim=2)   # rows with no block: 0
+    return p.masked_fill_(hidden, float("-inf"))
+
+
+@functools.lru_cache(maxsize=64)
+def _hidden_blocks(n_q: int, n_kv: int, causal, block: int, device) -> torch.Tensor:
+    """bool [NQB, NKB]: key blocks no query of a query block may see (built once per shape;
+    not to be written to)."""
+    return ~structural_blocks(n_q, n_kv, causal, block, device=device)
 
 
 def _lines_kernels(q, k, spec, last_q: int) -> bool:
@@ -113,6 +141,8 @@ def _bt_score(q, k, mods, spec):
         b = spec.policy.block
         return tk.pooled_dots(tk.pool_blocks(q, b), tk.pool_blocks(k, b), n_q=q.shape[2],
                               n_kv=k.shape[2], causal=spec.causal, block=b)
+    if _bt_kernels(q, k, spec, grouped=True):     # GQA: the group's mean block probabilities
+        return _group_block_scores(q, k, spec, spec.policy.block)
     allowed = _allowed(q, k, mods, spec)
     if q.shape[1] == k.shape[1]:          # one head per group: the softmax cannot change ranks
         return pooled_block_logits(q, k, spec.scale, spec.policy.block, allowed)
@@ -121,11 +151,12 @@ def _bt_score(q, k, mods, spec):
 
 def _bt_select(sc, q, k, spec):
     p = spec.policy
-    if _bt_kernels(q, k, spec):
+    if _bt_kernels(q, k, spec, grouped=True):
         from runtime import triton_kernels as tk
+        one_head = q.shape[1] == k.shape[1]       # one head: unscaled logits; groups: scores
         return tk.block_topk_select(sc, q.shape[2], k.shape[2], spec.causal, p.block,
-                                    scale=spec.scale, topk=p.topk, sink_blocks=p.sink_blocks,
-                                    local_blocks=p.local_blocks)
+                                    scale=spec.scale if one_head else 1.0, topk=p.topk,
+                                    sink_blocks=p.sink_blocks, local_blocks=p.local_blocks)
     return select_topk_blocks(sc, q.shape[2], k.shape[2], spec.causal, p.block, topk=p.topk,
                               sink_blocks=p.sink_blocks, local_blocks=p.local_blocks)
 

@@ -63,8 +63,32 @@ def test_estimator_entry_uses_kernel_and_matches(nq, nkv, block, topk, causal, m
     assert not estimators._bt_kernels(q, k, spec)
     want = est.select(est.score(q, k, [], spec), q, k, spec)
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
-    # grouped heads keep the PyTorch path
+    # grouped heads: the group path (not the one-head path auto's kernels need)
+    monkeypatch.setenv("SPARSE_PLANNER_KERNELS", "triton")
     assert not estimators._bt_kernels(q, k[:, :1], spec)
+    assert estimators._bt_kernels(q, k[:, :1], spec, grouped=True)
+
+
+@pytest.mark.parametrize("causal", ["lower_right", "upper_left", None])
+@pytest.mark.parametrize("hq,hkv", [(6, 2), (4, 1), (9, 3)])
+@pytest.mark.parametrize("nq,nkv,block,topk", [(100, 100, 16, 3), (63, 200, 32, 1),
+                                                (200, 200, 16, 0), (1, 100, 16, 2)])
+def test_grouped_heads_match_the_reference(nq, nkv, block, topk, hq, hkv, causal, monkeypatch):
+    """GQA: the Triton pooling, pooled products and selection give the lists of the PyTorch
+    definition (each head's block softmax averaged over its group: pooled_block_scores)."""
+    pol = planner.policy("block_topk", block=block, topk=topk, sink_blocks=1, local_blocks=1)
+    spec = SiteSpec(site="t.bt", owner="t", policy=pol, scale=0.25, causal=causal)
+    q = torch.randn(2, hq, nq, 32, device=DEV)
+    k = torch.randn(2, hkv, nkv, 32, device=DEV)
+    est = estimators.get("block_topk")
+    monkeypatch.setenv("SPARSE_PLANNER_KERNELS", "triton")
+    sc = est.score(q, k, [], spec)
+    got = est.select(sc, q, k, spec)
+    monkeypatch.setenv("SPARSE_PLANNER_KERNELS", "reference")
+    ref_sc = est.score(q, k, [], spec)
+    want = est.select(ref_sc, q, k, spec)
+    torch.testing.assert_close(sc, ref_sc, rtol=1e-5, atol=1e-6)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
 
 def _attn(q, k, v):
