@@ -17,10 +17,10 @@ import torch
 
 from codegen.select import policies as P
 from runtime import dsa
-from codegen.select.reference import (allowed_blocks, block_bounds, pooled_block_logits,
-                                      pooled_block_scores, select_topk_blocks,
-                                      structural_blocks, topk_width, window_blocks,
-                                      window_keep_fn)
+from codegen.select.reference import (allowed_blocks, block_bounds, group_block_probs,
+                                      pooled_block_logits, pooled_block_scores,
+                                      select_topk_blocks, structural_blocks, topk_width,
+                                      window_blocks, window_keep_fn)
 
 
 def _cdiv(a, b):
@@ -97,15 +97,12 @@ def _group_block_scores(q, k, spec, block: int) -> torch.Tensor:
     softmax over the key blocks its query block may see, averaged over the heads of a group;
     fp32 [B, Hkv, NQB, NKB], -inf where no pair is allowed."""
     from runtime import triton_kernels as tk
-    B, Hq = q.shape[:2]
-    Hkv, G = k.shape[1], q.shape[1] // k.shape[1]
+    B, Hkv, G = q.shape[0], k.shape[1], q.shape[1] // k.shape[1]
     dots = tk.pooled_dots(tk.pool_blocks(q, block),
                           tk.pool_blocks(k, block).repeat_interleave(G, dim=1), n_q=q.shape[2],
                           n_kv=k.shape[2], causal=spec.causal, block=block)
-    hidden = _hidden_blocks(q.shape[2], k.shape[2], spec.causal, block, q.device)
-    p = torch.softmax(dots.masked_fill_(hidden, float("-inf")).mul_(spec.scale), dim=-1)
-    p = p.nan_to_num_(0.0).view(B, Hkv, G, *p.shape[2:]).mean(dim=2)   # rows with no block: 0
-    return p.masked_fill_(hidden, float("-inf"))
+    return group_block_probs(dots.mul_(spec.scale).view(B, Hkv, G, *dots.shape[2:]),
+                             _hidden_blocks(q.shape[2], k.shape[2], spec.causal, block, q.device))
 
 
 @functools.lru_cache(maxsize=64)

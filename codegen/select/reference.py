@@ -127,10 +127,16 @@ def pooled_block_scores(q: torch.Tensor, k: torch.Tensor, scale: float, block: i
     Hkv = k.shape[1]
     pq = _pool(q, block).reshape(B, Hkv, Hq // Hkv, -1, q.shape[-1])  # [B, Hkv, G, NQB, D]
     pk = _pool(k, block)                                               # [B, Hkv, NKB, D]
-    s = torch.einsum("bhgqd,bhkd->bhgqk", pq, pk) * scale
-    s = s.masked_fill(~allowed[:, :, None], float("-inf"))
-    p = torch.softmax(s, dim=-1).nan_to_num(0.0).mean(dim=2)
-    return p.masked_fill(~allowed, float("-inf"))
+    return group_block_probs(torch.einsum("bhgqd,bhkd->bhgqk", pq, pk).mul_(scale), ~allowed)
+
+
+def group_block_probs(logits: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+    """Each head's softmax of its block ``logits`` [B, Hkv, G, NQB, NKB] over the blocks not
+    ``hidden`` (bool, broadcastable to [B, Hkv, NQB, NKB]), averaged over the G heads of each
+    group: fp32 [B, Hkv, NQB, NKB], -inf where hidden, 0 on rows with no block. ``logits`` is
+    overwritten."""
+    p = torch.softmax(logits.masked_fill_(hidden.unsqueeze(-3), float("-inf")), dim=-1)
+    return p.nan_to_num_(0.0).mean(dim=2).masked_fill_(hidden, float("-inf"))
 
 
 def _forced_blocks(nqb: int, nkb: int, n_q: int, n_kv: int, causal, block: int,
