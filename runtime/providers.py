@@ -21,6 +21,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from codegen.attention.reference import visible_keys
+from codegen.select.reference import mask_from_blocks, window_pairs
 from runtime import dispatch, estimators
 from runtime.spec import SiteSpec
 from runtime.tensor_notes import TensorNotes
@@ -101,7 +103,6 @@ def _visible_per_block(block: int, n_q: int, n_kv: int, causal: bool, device) ->
 
 def _pairs_kept(counts, indices, block: int, n_q: int, n_kv: int, causal: bool):
     """Per selection head, (kept, allowed) pair counts of a block selection, causal-aware."""
-    from codegen.select.reference import mask_from_blocks
     nkb = -(-n_kv // block)
     sel = mask_from_blocks(counts, indices, nkb)                           # [B, Hs, NQB, NKB]
     per_block = _visible_per_block(block, n_q, n_kv, causal, counts.device)
@@ -149,7 +150,6 @@ def triton_block_sparse(q, k, v, mods, counts, indices, spec: SiteSpec):
     if os.environ.get("SPARSE_PLANNER_DENSITY", "1") == "0":
         return out, None, tag
     if window:                           # token-level windows: counted by the rule, not blocks
-        from codegen.select.reference import window_pairs
         kept1, vis1 = window_pairs(n_q, n_kv, spec.causal, sink=sink, window=window)
         n = q.shape[0]
         return out, ([vis1 * n] * q.shape[1], [kept1 * n] * q.shape[1]), tag
@@ -177,7 +177,6 @@ def triton_token_sparse(q, k, v, mods, counts, indices, spec: SiteSpec):
         remember_lse(out, lse)                    # the backward starts from it (no re-run)
     if os.environ.get("SPARSE_PLANNER_DENSITY", "1") == "0":
         return out, None, tag
-    from codegen.attention.reference import visible_keys
     visible = float(visible_keys(spec.causal, q.shape[2], k.shape[2]).sum())
     kept = (indices >= 0).sum(dim=(0, 2, 3)).to(torch.float64)          # per list head
     kept = kept.repeat_interleave(q.shape[1] // indices.shape[1])
