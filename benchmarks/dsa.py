@@ -278,22 +278,24 @@ def run_decode(args, gen, B=8, N=131072):
         rec(case="check", impl="decode_kept_keys", N=N,
             rows_differing=int((kept.sort(-1).values != got.sort(-1).values).any(-1).sum()))
         rec(case="decode", impl="dsa_step_kept_keys", **base, ms=bench_ms(step_kept))
+        rec(case="decode", impl="step_attend", **base,
+            ms=bench_ms(lambda: tk.token_sparse_attention(q, k, v, ii, scale=D ** -0.5)))
+        ke, ve = k.expand(B, H, N, D), v.expand(B, H, N, D)
+
+        def dense():
+            return F.scaled_dot_product_attention(q, ke, ve)
+
+        rec(case="decode", impl="dense_sdpa", **base, ms=bench_ms(dense))
         # the GPU work alone (CUDA-graph replays): the eager steps above include the host's
         # launches, which at this size can hide what a step saves on the device
         if DEV == "cuda":
             for name, fn in (("dsa_step", step), ("dsa_step_kept_keys", step_kept),
-                             ("dense_sdpa", lambda: F.scaled_dot_product_attention(
-                                 q, k.expand(B, H, N, D), v.expand(B, H, N, D)))):
+                             ("dense_sdpa", dense)):
                 try:
                     rec(case="decode_graph", impl=name, **base, ms=common.graph_ms(fn))
                 except Exception as e:                    # report, keep the campaign going
                     rec(case="decode_graph", impl=name, **base,
                         error=f"{type(e).__name__}: {e}"[:300])
-        rec(case="decode", impl="step_attend", **base,
-            ms=bench_ms(lambda: tk.token_sparse_attention(q, k, v, ii, scale=D ** -0.5)))
-        ke, ve = k.expand(B, H, N, D), v.expand(B, H, N, D)
-        rec(case="decode", impl="dense_sdpa", **base,
-            ms=bench_ms(lambda: F.scaled_dot_product_attention(q, ke, ve)))
 
 
 def run_attend_sweep(N, gen):
@@ -359,14 +361,14 @@ def markdown(meta) -> str:
             for r in spread) + " ms."]
     fl = [r for r in ROWS if r.get("impl") == "gather_floor" and r.get("ms")]
     if fl:
+        def floor_text(r):
+            att = get("fwd", "sparse_attend", N=r["N"], layout="mqa")
+            return (f"N={r['N']}: {r['ms']:.3f} ms for {r['gathered_gb']} GB "
+                    f"({r['gathered_gb'] / r['ms']:.1f} TB/s, {r['schedule']}), sparse attend / "
+                    f"floor {f(att)} / {r['ms']:.3f} = "
+                    + ("–" if att is None else f"{att / r['ms']:.2f}x"))
         lines += ["", "Gather floor (the attention's K/V row reads alone, no math; MQA, best of "
-                      "4 schedules): " + "; ".join(
-                          f"N={r['N']}: {r['ms']:.3f} ms for {r['gathered_gb']} GB "
-                          f"({r['gathered_gb'] / r['ms']:.1f} TB/s, {r['schedule']}), sparse "
-                          f"attend / floor {f(get('fwd', 'sparse_attend', N=r['N'], layout='mqa'))}"
-                          f" / {r['ms']:.3f} = "
-                          f"{get('fwd', 'sparse_attend', N=r['N'], layout='mqa') / r['ms']:.2f}x"
-                          for r in fl) + "."]
+                      "4 schedules): " + "; ".join(floor_text(r) for r in fl) + "."]
     nv = [r for r in ROWS if r.get("impl") == "naive_indexer"]
     if nv:
         r = nv[0]
