@@ -163,8 +163,10 @@ def _th_score(q, k, mods, spec):
     b = spec.policy.block
     lines = _lines(q, k, spec, b)
     col = None if lines is None else lines[:, :, 0] / (q.shape[1] // k.shape[1] * min(b, q.shape[2]))
+    # the pooled part (a) by block_topk's kernels, for one head or a group per KV head
+    pooled = _group_block_scores(q, k, spec, b) if _bt_kernels(q, k, spec, grouped=True) else None
     return P.threshold_estimate(q, k, spec.scale, spec.mods, mods, spec.causal, b,
-                                _allowed(q, k, mods, spec), col=col)
+                                _allowed(q, k, mods, spec), col=col, p_pool=pooled)
 
 
 def _th_select(sc, q, k, spec):
@@ -213,11 +215,13 @@ def _q_select(sc, q, k, spec):
     from runtime import triton_kernels as tk
     p = spec.policy
     topk = math.ceil(p.budget / p.page)
-    # wider rows than the selection program sorts well go to torch.topk
+    # with a sort, wider rows than the selection program sorts well go to torch.topk
     # (benchmarks/results/estimators_h100.md), unless there are few of them (decode: one
-    # query block per head), where the program's rounds of max beat torch's many small ops
+    # query block per head), where the program's rounds of max beat torch's many small ops;
+    # the counting-pass threshold (tk.SELECT_BISECT) beats torch.topk at every width measured
     rows = sc.shape[0] * sc.shape[1] * sc.shape[2]
-    if _q_kernels(q, k, spec) and (_cdiv(k.shape[2], p.page) <= tk.SORTED_SELECT_MAX_NKB
+    if _q_kernels(q, k, spec) and (tk.SELECT_BISECT
+                                   or _cdiv(k.shape[2], p.page) <= tk.SORTED_SELECT_MAX_NKB
                                    or rows <= tk.WIDE_SELECT_MAX_ROWS):
         return tk.block_topk_select(sc, q.shape[2], k.shape[2], spec.causal, p.page, scale=1.0,
                                     topk=topk, sink_blocks=p.sink_pages,
@@ -258,7 +262,8 @@ def _bb_select(sc, q, k, spec):
 
 
 # ---------------------------------------------------------------- auto
-# With one head per group, no mask tensors and a causal rule, on the device: Triton pooling,
+# With one head per group, no mask tensors and a causal rule, on the device: Triton pooling
+# (k's blocks pooled by the line statistics' first pass over k where it can),
 # the line statistics and the per-head criterion (on the last query block's pooled logits) in
 # Triton, then one pass that writes each head's block scores (pooled logits for query-aware
 # heads, line mass for the others; empty causal tiles skipped), and a
@@ -273,11 +278,12 @@ def _auto_score(q, k, mods, spec):
     if _auto_kernels(q, k, spec):
         from runtime import triton_kernels as tk
         b = p.block
-        pq, pk = tk.pool_blocks(q, b), tk.pool_blocks(k, b)
-        lines = tk.last_rows_lines(q, k, scale=spec.scale, causal=spec.causal, last_q=b)
+        pq = tk.pool_blocks(q, b)
+        lines, pk = tk.last_rows_lines(q, k, scale=spec.scale, causal=spec.causal, last_q=b,
+                                       pool_block=b)
         last = torch.matmul(pq[:, :, -1:], pk.transpose(-1, -2))      # the last query block
         aware = tk.auto_criterion(last, lines, n_q=q.shape[2], causal=spec.causal, block=b,
-                                  scale=spec.scale, tau=p.tau)
+                                  scale=spec.scale, tau=p.tau, as_int32=True)
         return tk.auto_block_scores(pq, pk, lines, aware, n_q=q.shape[2], causal=spec.causal,
                                     block=b, scale=spec.scale)
     scores, _ = P.auto_estimate(q, k, spec.scale, spec.mods, mods, spec.causal, p.block,
@@ -296,19 +302,37 @@ def _budgets(n_q: int, n_kv: int, causal, block: int, density: float, device):
     return budget.to(device), max(int(budget.max()), 1)
 
 
+def _auto_width(q, k, spec) -> int:
+    """``auto``'s list width: the largest budget plus the forced blocks (no row keeps more).
+    Shapes only (it also sizes the select op's fake outputs): the last query block allows the
+    most blocks, ``ceil(density * allowed)`` of them, as ``select_budget_fraction`` counts."""
+    from codegen.attention.reference import positions_offset
+    p = spec.policy
+    n_q, n_kv = q.shape[2], k.shape[2]
+    nkb = _cdiv(n_kv, p.block)
+    allowed = nkb
+    if spec.causal is not None:
+        allowed = min(nkb, max((n_q - 1 + positions_offset(spec.causal, n_q, n_kv)) // p.block
+                               + 1, 0))
+    budget_max = max(math.ceil(p.target_density * allowed), 1)
+    return topk_width(nkb, budget_max, p.sink_blocks, p.local_blocks)
+
+
 def _auto_select(sc, q, k, spec):
     p = spec.policy
+    width = _auto_width(q, k, spec)
     if _auto_kernels(q, k, spec):
         from runtime import triton_kernels as tk
         n_q, n_kv, b = q.shape[2], k.shape[2], p.block
         budget, budget_max = _budgets(n_q, n_kv, spec.causal, b, p.target_density, sc.device)
         return tk.block_topk_select(sc, n_q, n_kv, spec.causal, b, scale=1.0,
-                                    topk=_cdiv(n_kv, b), sink_blocks=p.sink_blocks,
-                                    local_blocks=p.local_blocks, budget=budget,
-                                    budget_max=budget_max)
-    return P.select_budget_fraction(sc, q.shape[2], k.shape[2], spec.causal, p.block,
-                                    density=p.target_density, sink_blocks=p.sink_blocks,
-                                    local_blocks=p.local_blocks)
+                                    topk=width - p.sink_blocks - p.local_blocks,
+                                    sink_blocks=p.sink_blocks, local_blocks=p.local_blocks,
+                                    budget=budget, budget_max=budget_max)
+    counts, idx = P.select_budget_fraction(sc, q.shape[2], k.shape[2], spec.causal, p.block,
+                                           density=p.target_density,
+                                           sink_blocks=p.sink_blocks, local_blocks=p.local_blocks)
+    return counts, idx[..., :width].contiguous()
 
 
 def _static(select_fn):
@@ -342,7 +366,7 @@ ESTIMATORS: dict[str, Estimator] = {
     "sink_window": Estimator(select=_static(_sw_select), token_keep=_sw_keep),
     "longformer": Estimator(select=_static(_lf_select), token_keep=_lf_keep),
     "bigbird": Estimator(select=_static(_bb_select)),
-    "auto": Estimator(_auto_score, _grid_shape, _auto_select),
+    "auto": Estimator(_auto_score, _grid_shape, _auto_select, select_width=_auto_width),
     "dsa": Estimator(select=dsa.select),
 }
 

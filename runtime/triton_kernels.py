@@ -574,10 +574,14 @@ def _bwd_module(plan: LaunchPlan):
 # ----------------------------------------------------------------------------- block_topk
 
 BLOCK_TOPK_MAX_NKB = 16384     # key blocks one selection program keeps in registers
-# Widest rows the selection program is the fastest way to select from (H100,
-# benchmarks/results/estimators_h100.md): one partial sort 0.25 ms vs 0.64 ms for rounds of max
-# at 1024 blocks; at 4096 (Quest's pages at 65536 tokens) it takes 11.4 ms and torch.topk 8.2.
+# Widest rows a partial sort in the selection program is the fastest way to select from (H100,
+# benchmarks/results/estimators_h100.md): 0.26 ms vs 0.64 ms for rounds of max at 1024 blocks;
+# at 4096 (Quest's pages at 65536 tokens) it takes 11.5 ms and torch.topk 8.3.
 SORTED_SELECT_MAX_NKB = 1024
+# Rows' thresholds by counting passes (block_topk_select's ``bisect``) instead of a partial sort:
+# H100, 65536 tokens (estimators_h100.md): 1024-wide rows 0.21 ms for top-32 (sort: 0.26) and
+# 0.23 with auto's budgets (0.29); Quest's 4096-wide rows 4.1 ms (sort: 11.5, torch.topk: 8.3)
+SELECT_BISECT = True
 # Wider rows still go to the selection program when there are at most this many (decode: one
 # query block per head; torch's selection is ~100 small launches there, 1-1.6 ms on H100).
 WIDE_SELECT_MAX_ROWS = 512
@@ -646,7 +650,8 @@ def block_topk_select(dots: torch.Tensor, n_q: int, n_kv: int, causal: Optional[
                       *, scale: float, topk: int, sink_blocks: int, local_blocks: int,
                       num_warps: Optional[int] = None, sorted_select: Optional[bool] = None,
                       budget: Optional[torch.Tensor] = None, budget_max: int = 0,
-                      rows_per_program: int = 1, sort32: bool = True):
+                      rows_per_program: int = 1, sort32: bool = True,
+                      bisect: Optional[bool] = None):
     """``select_topk_blocks`` on the logits ``scale * dots`` (``dots`` fp32 ``[B, H, NQB, NKB]``
     unscaled pooled dot products), with the causal rule (``"lower_right"`` / ``"upper_left"`` /
     None) applied by position inside the kernel. Returns ``(counts int32 [B, H, NQB], indices
@@ -654,7 +659,11 @@ def block_topk_select(dots: torch.Tensor, n_q: int, n_kv: int, causal: Optional[
 
     ``budget`` (int32 ``[NQB]``): instead of ``topk``, query block ``i`` keeps ``budget[i]``
     blocks in all, its forced blocks included (``select_budget_fraction``), and ``budget_max``
-    >= ``max(budget)`` sizes the partial sort; ``topk`` then only sets the lists' width."""
+    >= ``max(budget)`` sizes the partial sort; ``topk`` then only sets the lists' width.
+
+    ``bisect``: find each row's threshold by 32 counting passes instead of a partial sort (same
+    selection, ties included); default ``SELECT_BISECT``. ``sorted_select`` / ``sort32`` /
+    ``num_warps`` / ``rows_per_program``: the other variants and launch knobs (for sweeps)."""
     from codegen.select.reference import topk_width
     B, H, nqb, nkb = dots.shape
     if budget is not None:
@@ -672,10 +681,15 @@ def block_topk_select(dots: torch.Tensor, n_q: int, n_kv: int, causal: Optional[
     dots = dots.contiguous()
     off = 0 if causal == "upper_left" else n_kv - n_q
     nkb_p = next_pow2(max(nkb, 16))
+    if bisect is None:
+        bisect = SELECT_BISECT and sorted_select is None
     if sorted_select is None:  # one partial sort beats topk rounds of max up to this width
         sorted_select = has_tl_topk() and nkb_p <= SORTED_SELECT_MAX_NKB
-    warps = num_warps or ((1 if sorted_select else 4) if nkb_p <= 1024
-                          else (8 if nkb_p <= 4096 else 16))
+    if bisect:      # H100 sweep (benchmarks/results/estimators_h100.md): 1 warp, 4 from 2048
+        warps = num_warps or (1 if nkb_p <= 1024 else 4)
+    else:
+        warps = num_warps or ((1 if sorted_select else 4) if nkb_p <= 1024
+                              else (8 if nkb_p <= 4096 else 16))
     rpp = max(1, int(rows_per_program))
     _block_topk_module(dots.device).block_topk_select[(-(-nqb // rpp), B * H)](
         dots, counts, idx, counts if budget is None else budget, nqb, nkb, n_q, off, block,
@@ -683,7 +697,8 @@ def block_topk_select(dots: torch.Tensor, n_q: int, n_kv: int, causal: Optional[
         CAUSAL=causal is not None, NKB_P=nkb_p, W_P=next_pow2(max(width, 16)),
         SORTED=bool(sorted_select and has_tl_topk()),
         K_P=min(nkb_p, max(16, next_pow2(min(topk if budget is None else budget_max, nkb)))),
-        BUDGET=budget is not None, RPP=rpp, SORT32=bool(sort32), num_warps=warps)
+        BUDGET=budget is not None, RPP=rpp, SORT32=bool(sort32), BISECT=bool(bisect),
+        num_warps=warps)
     return counts, idx
 
 
@@ -697,12 +712,17 @@ def _lines_module(device):
 
 
 def last_rows_lines(q: torch.Tensor, k: torch.Tensor, *, scale: float, causal: str,
-                    last_q: int, tiles_per_program: int = 8) -> torch.Tensor:
+                    last_q: int, tiles_per_program: Optional[int] = None,
+                    pool_block: Optional[int] = None):
     """MInference's line statistics without the ``[L, Nkv]`` probabilities: the softmax
     attention of the last ``min(last_q, Nq)`` query rows summed per key (vertical) and per
     diagonal offset ``pos - key`` (slash), summed over the heads of each GQA group: fp32
     ``[B, Hkv, 2, Nkv]``, as ``codegen.select.policies.vslash_estimate`` without modifiers.
-    ``causal``: ``"lower_right"`` or ``"upper_left"``."""
+    ``causal``: ``"lower_right"`` or ``"upper_left"``.
+
+    ``pool_block``: also return ``pool_blocks(k, pool_block)`` (``(lines, pooled_k)``), made
+    by the first pass over the keys when it can (one query head per KV head, the rows' tile is
+    one block), else by ``pool_blocks``."""
     from codegen.attention.reference import positions_offset
     if causal not in ("lower_right", "upper_left"):
         raise ValueError(f"last_rows_lines: causal must be 'lower_right' or 'upper_left', "
@@ -722,19 +742,46 @@ def last_rows_lines(q: torch.Tensor, k: torch.Tensor, *, scale: float, causal: s
     l_p = max(16, next_pow2(L))
     T = -(-(p0 + 1) // l_p) + 1
     dev = q.device
-    pm = _workspace((B * Hq, T, l_p), dev)
-    pl = _workspace((B * Hq, T, l_p), dev)
+    lse = torch.empty((B * Hq, l_p), device=dev, dtype=torch.float32)
     out = torch.zeros((B, Hq, 2, Nkv), device=dev, dtype=torch.float32)
+    fuse = pool_block is not None and pool_block == l_p and Hq == Hkv
+    nkb = -(-Nkv // l_p)
+    t0 = nkb if fuse else -(-min(Nkv, p0 + L) // l_p)    # first pass: blocks of l_p keys
+    pm = _workspace((B * Hq, t0, l_p), dev)
+    pl = _workspace((B * Hq, t0, l_p), dev)
+    pk = torch.empty((B, Hkv, nkb, D), device=dev, dtype=torch.float32) if fuse else out
     mod = _lines_module(dev)
-    args = (*q.stride(), *k.stride(), Hq, Hq // Hkv, Nkv, r0, L, p0, T, float(scale))
+    args = (*q.stride(), *k.stride(), Hq, Hq // Hkv, Nkv, r0, L, p0)
+    if tiles_per_program is None:   # H100 sweep at 65536 keys (estimators_h100.md): 16 tiles
+        tiles_per_program = 16 if T >= 512 else 8
     tpp = max(1, int(tiles_per_program))
     meta = dict(D=D, D_P=next_pow2(max(D, 16)), L_P=l_p, IEEE=q.dtype == torch.float32, TPP=tpp,
                 num_warps=4 if l_p <= 64 else 8)
-    grid = (-(-T // tpp), B * Hq)
-    mod.last_rows_lines[grid](q, k, pm, pl, pm, out, *args, PHASE=0, **meta)
-    lse = torch.logsumexp(pm + pl.log(), dim=1)           # -inf for rows with no key
-    mod.last_rows_lines[grid](q, k, pm, pl, lse, out, *args, PHASE=1, **meta)
-    return out if Hq == Hkv else out.reshape(B, Hkv, Hq // Hkv, 2, Nkv).sum(2)
+    mod.last_rows_lines[(-(-t0 // tpp), B * Hq)](q, k, pm, pl, out, pk, *args, t0, nkb,
+                                                 float(scale), PHASE=0, POOL=fuse, **meta)
+    mod.lines_lse[(B * Hq, l_p // 16)](pm, pl, lse, t0, L_P=l_p, RB=16, TCH=128, num_warps=4)
+    mod.last_rows_lines[(-(-T // tpp), B * Hq)](q, k, lse, pl, out, pk, *args, T, nkb,
+                                                float(scale), PHASE=1, POOL=False, **meta)
+    lines = out if Hq == Hkv else out.reshape(B, Hkv, Hq // Hkv, 2, Nkv).sum(2)
+    if pool_block is None:
+        return lines
+    return lines, (pk if fuse else pool_blocks(k, pool_block))
+
+
+def line_prefix_sums(lines: torch.Tensor) -> torch.Tensor:
+    """``pad(lines.cumsum(-1), (1, 0))`` in one launch: fp32 ``lines [..., N]`` ->
+    ``[..., N + 1]``, a leading 0 then the running sums."""
+    if lines.dtype != torch.float32:
+        raise ValueError(f"line_prefix_sums: lines must be fp32, got {lines.dtype}")
+    n = lines.shape[-1]
+    rows = math.prod(lines.shape[:-1])
+    x = lines.contiguous().reshape(rows, n)
+    out = torch.empty((rows, n + 1), device=lines.device, dtype=torch.float32)
+    if rows:
+        ch = min(4096, max(16, next_pow2(n)))
+        _lines_module(lines.device).prefix_rows[(-(-n // ch) if n else 1, x.shape[0])](
+            x, out, n, CH=ch, num_warps=4)
+    return out.reshape(*lines.shape[:-1], n + 1)
 
 
 def auto_block_scores(pq: torch.Tensor, pk: torch.Tensor, lines: torch.Tensor,
@@ -754,13 +801,15 @@ def auto_block_scores(pq: torch.Tensor, pk: torch.Tensor, lines: torch.Tensor,
         raise ValueError(f"auto_block_scores: pooled q {tuple(pq.shape)}, pooled k "
                          f"{tuple(pk.shape)}, lines {tuple(lines.shape)} and aware "
                          f"{tuple(aware.shape)} do not match")
-    pre = torch.nn.functional.pad(lines.cumsum(-1), (1, 0))   # prefix sums [B, H, 2, Nkv + 1]
     out = torch.empty((B, H, nqb, nkb), device=pq.device, dtype=torch.float32)
     if out.numel() == 0:
         return out
+    pre = line_prefix_sums(lines)                            # [B, H, 2, Nkv + 1]
+    if aware.dtype != torch.int32:
+        aware = aware.to(torch.int32)
     bm = bn = 64 if D <= 128 else 32
     _lines_module(pq.device).auto_block_scores[(-(-nqb // bm), -(-nkb // bn), B * H)](
-        pq.contiguous(), pk.contiguous(), pre, aware.to(torch.int32).contiguous(), out, nqb,
+        pq.contiguous(), pk.contiguous(), pre, aware.contiguous(), out, nqb,
         nkb, n_q, n_kv, positions_offset(causal, n_q, n_kv), block, D, float(scale), BM=bm,
         BN=bn, D_P=next_pow2(max(D, 16)), PREC="tf32x3", num_warps=4)
     return out
@@ -859,12 +908,13 @@ def quest_page_summaries(k: torch.Tensor, page: int, mx: torch.Tensor, mn: torch
 
 
 def auto_criterion(dots: torch.Tensor, lines: torch.Tensor, *, n_q: int, causal: str,
-                   block: int, scale: float, tau: float) -> torch.Tensor:
+                   block: int, scale: float, tau: float, as_int32: bool = False) -> torch.Tensor:
     """``auto``'s per-head choice (one head per group, causal) in one launch: bool ``[B, H]``,
     True where the Jensen-Shannon divergence between the softmax of the last query block's
     pooled logits ``scale * dots[..., -1, :]`` and its true attention mass per key block (from
     the vertical statistics of ``lines``, mean over the last ``min(block, n_q)`` rows) is at
-    most ``tau``: ``codegen.select.policies.auto_criterion``."""
+    most ``tau``: ``codegen.select.policies.auto_criterion``. ``as_int32``: 0 / 1 int32
+    instead (what ``auto_block_scores`` reads, no conversion launch)."""
     from codegen.attention.reference import positions_offset
     B, H, nqb, nkb = dots.shape
     n_kv = lines.shape[-1]
@@ -873,10 +923,11 @@ def auto_criterion(dots: torch.Tensor, lines: torch.Tensor, *, n_q: int, causal:
                          f"{tuple(lines.shape)} do not match")
     aware = torch.empty((B, H), device=dots.device, dtype=torch.int32)
     if aware.numel() == 0 or nqb == 0:
-        return aware.bool()
+        return aware.zero_() if as_int32 else aware.bool()
     last_pos = n_q - 1 + positions_offset(causal, n_q, n_kv)      # the last query block's end
+    nkb_p = next_pow2(max(nkb, 16))
     _lines_module(dots.device).auto_criterion[(B * H,)](
         dots.contiguous(), lines.contiguous(), aware, nqb, nkb, n_kv, block, last_pos,
-        float(scale), float(min(block, n_q)), float(tau), NKB_P=next_pow2(max(nkb, 16)),
-        num_warps=4)
-    return aware.bool()
+        float(scale), float(min(block, n_q)), float(tau), NKB_P=nkb_p,
+        TB=max(1, min(next_pow2(block), 8192 // nkb_p)), num_warps=8)
+    return aware if as_int32 else aware.bool()

@@ -133,6 +133,36 @@ def test_sorted_selection_equals_rounds(nqb, nkb, topk, causal):
     e = tk.block_topk_select(d, nqb * 16, nkb * 16, causal, 16, sorted_select=True, sort32=True,
                              **kw)                       # fp32 sort, ties by a running count
     assert all(torch.equal(x, y) for x, y in zip(a, e))
+    f = tk.block_topk_select(d, nqb * 16, nkb * 16, causal, 16, bisect=True, **kw)
+    assert all(torch.equal(x, y) for x, y in zip(a, f))     # counting passes, no sort
+
+
+@pytest.mark.parametrize("nkb,topk", [(300, 40), (1500, 128), (2100, 7), (64, 64)])
+def test_bisect_selection_equals_torch_topk(nkb, topk):
+    """The counting-pass threshold against torch.topk on rows of distinct values of both signs
+    and magnitudes (the threshold's sign bit, exponent and mantissa are all decided), wide rows,
+    rows with fewer allowed blocks than topk (-inf), and ties at the threshold."""
+    g = torch.Generator().manual_seed(nkb + topk)
+    d = (torch.randn(2, 2, 3, nkb, generator=g) * torch.logspace(-3, 3, nkb)[torch.randperm(nkb, generator=g)])
+    d[0, 1, 0, topk // 2:] = float("-inf")                   # fewer allowed than topk
+    d[1, 0, 1, :] = -2.5                                     # all tied
+    d[1, 1, 2, ::3] = d[1, 1, 2].sort(descending=True).values[topk - 1]     # ties at the threshold
+    d = d.to(DEV)
+    kw = dict(scale=1.0, topk=topk, sink_blocks=0, local_blocks=0)
+    c, i = tk.block_topk_select(d, 3 * 16, nkb * 16, None, 16, bisect=True, **kw)
+    r, ri = tk.block_topk_select(d, 3 * 16, nkb * 16, None, 16, bisect=False,
+                                 sorted_select=False, **kw)  # rounds of max: ties to lower ids
+    assert torch.equal(c, r) and torch.equal(i, ri)
+    for b in range(2):
+        for h in range(2):
+            for qb in range(3):
+                row = d[b, h, qb].cpu()
+                fin = row > float("-inf")
+                n = min(topk, int(fin.sum()))
+                assert int(c[b, h, qb]) == n
+                got = i[b, h, qb, :n].cpu()
+                assert (got[1:] > got[:-1]).all()                  # ascending block ids
+                assert row[got].min() >= row.topk(n).values.min()    # the n largest values
 
 
 @pytest.mark.parametrize("causal", ["lower_right", "upper_left", None])

@@ -60,6 +60,29 @@ def test_last_rows_lines_matches_definitions(shape, monkeypatch):
                                    rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("shape", [(2, 2, 2, 130, 130, 16, "lower_right", True),
+                                   (1, 3, 3, 64, 200, 32, "lower_right", True),
+                                   (1, 2, 2, 100, 90, 16, "upper_left", True),
+                                   (1, 2, 2, 40, 95, 16, "upper_left", True),     # keys past reach
+                                   (1, 4, 2, 70, 70, 16, "lower_right", False),   # grouped heads
+                                   (1, 2, 2, 10, 70, 32, "lower_right", False)])  # rows < a block
+def test_last_rows_lines_pool_the_keys(shape, monkeypatch):
+    """With ``pool_block``, the keys' block means come with the lines (made by the lines' first
+    pass where it can, else by pool_blocks) and equal pool_blocks'; the lines are unchanged."""
+    B, Hq, Hkv, Nq, Nkv, blk, causal, fused = shape
+    monkeypatch.setattr(tk, "POISON_WORKSPACE", True)
+    g = torch.Generator().manual_seed(Nq * 31 + Nkv)
+    q = torch.randn(B, Hq, Nq, 24, generator=g).to(DEV)
+    k = (torch.randn(B, Hkv, Nkv, 24, generator=g) * 3 + 1).to(DEV)
+    calls = []
+    real = tk.pool_blocks
+    monkeypatch.setattr(tk, "pool_blocks", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    lines, pk = tk.last_rows_lines(q, k, scale=0.2, causal=causal, last_q=blk, pool_block=blk)
+    assert bool(calls) != fused
+    torch.testing.assert_close(pk, real(k, blk), rtol=1e-6, atol=1e-6)
+    assert torch.equal(lines, tk.last_rows_lines(q, k, scale=0.2, causal=causal, last_q=blk))
+
+
 def test_last_rows_lines_rejects_what_it_cannot_do():
     q = torch.randn(1, 2, 40, 16, device=DEV)
     with pytest.raises(ValueError, match="causal"):
@@ -68,6 +91,17 @@ def test_last_rows_lines_rejects_what_it_cannot_do():
         tk.last_rows_lines(q, q, scale=0.25, causal="lower_right", last_q=0)
     with pytest.raises(ValueError, match="do not match"):
         tk.last_rows_lines(q, q[..., :8], scale=0.25, causal="lower_right", last_q=16)
+
+
+@pytest.mark.parametrize("shape", [(1, 2, 2, 70), (3, 1), (2, 4096), (1, 9000), (2, 0)])
+def test_line_prefix_sums_match_cumsum(shape):
+    x = torch.rand(*shape, dtype=torch.float64).float().to(DEV)
+    got = tk.line_prefix_sums(x)
+    want = torch.nn.functional.pad(x.double().cumsum(-1), (1, 0))
+    assert got.shape == want.shape and got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)    # fp32 running sums
+    with pytest.raises(ValueError, match="fp32"):
+        tk.line_prefix_sums(x.double())
 
 
 @pytest.mark.parametrize("nq,nkv,block", [(100, 100, 16), (60, 130, 16), (200, 200, 32),
@@ -119,13 +153,18 @@ def test_auto_criterion_kernel_matches_reference(nq, nkv, block):
                                 tau=tau)
         near = (js - tau).abs() < 1e-6                       # a divergence at tau: either way
         assert torch.equal(got | near, want | near), (tau, js)
+        as_int = tk.auto_criterion(dots, lines, n_q=nq, causal=causal, block=block, scale=0.25,
+                                   tau=tau, as_int32=True)
+        assert as_int.dtype == torch.int32 and torch.equal(as_int.bool(), got)
 
 
 @pytest.mark.skipif(not tk.has_tl_topk(), reason="this Triton has no tl.topk")
 @pytest.mark.parametrize("sorted_select", [True, False])
-@pytest.mark.parametrize("density,sink,local", [(0.1, 1, 1), (0.3, 0, 2), (0.02, 2, 0), (1.0, 1, 1)])
-def test_budget_selection_matches_select_budget_fraction(density, sink, local, sorted_select):
-    nq = nkv = 300
+@pytest.mark.parametrize("density,sink,local,nq", [(0.1, 1, 1, 300), (0.3, 0, 2, 300),
+                                                (0.02, 2, 0, 300), (1.0, 1, 1, 300),
+                                                (0.1, 1, 1, 700)])   # rows of 3 widths
+def test_budget_selection_matches_select_budget_fraction(density, sink, local, nq, sorted_select):
+    nkv = nq
     block = 16
     nqb = nkb = -(-nq // block)
     causal = "lower_right"
@@ -136,11 +175,12 @@ def test_budget_selection_matches_select_budget_fraction(density, sink, local, s
                                   sink_blocks=sink, local_blocks=local)
     n_allowed = ok[0, 0].sum(-1).to(torch.float64)
     budget = torch.ceil(density * n_allowed).to(torch.int32)
-    for rpp, s32 in ((1, False), (4, False), (1, True)):
+    variants = ((1, False, False), (4, False, False), (1, True, False), (1, False, True))
+    for rpp, s32, bis in (variants if nq <= 300 else variants[-1:]):
         got = tk.block_topk_select(sc, nq, nkv, causal, block, scale=1.0, topk=nkb,
                                    sink_blocks=sink, local_blocks=local, budget=budget,
                                    budget_max=int(budget.max()), sorted_select=sorted_select,
-                                   rows_per_program=rpp, sort32=s32)
+                                   rows_per_program=rpp, sort32=s32, bisect=bis)
         assert torch.equal(got[0], want[0])
         assert torch.equal(got[1], want[1])
 
@@ -177,6 +217,35 @@ def test_estimator_entries_use_kernels_and_match(name, kw, nq, nkv, monkeypatch)
     want = est.select(est.score(q, k, [], spec), q, k, spec)
     assert torch.equal(got[0], want[0])
     assert torch.equal(got[1], want[1])
+    if est.select_width is not None:          # lists as wide as the op declares, no wider
+        assert got[1].shape[-1] == est.select_width(q, k, spec) >= int(got[0].max())
+        if name == "auto":
+            assert got[1].shape[-1] < -(-nkv // kw["block"]) or kw["target_density"] >= 0.5
+
+
+@pytest.mark.parametrize("hq,hkv,nq,nkv,causal", [(6, 2, 150, 150, "lower_right"),
+                                                 (9, 3, 90, 170, "lower_right"),
+                                                 (4, 1, 120, 120, "upper_left")])
+def test_threshold_on_groups_pools_with_the_kernels(hq, hkv, nq, nkv, causal, monkeypatch):
+    """GQA: threshold's pooled part comes from the Triton pooled products (with the line
+    statistics in Triton too) and the estimate and lists equal the PyTorch definition's."""
+    spec = _spec("threshold", causal=causal, block=16, gamma=0.8)
+    g = torch.Generator().manual_seed(hq * nq)
+    q = torch.randn(1, hq, nq, 16, generator=g).to(DEV) * 2
+    k = torch.randn(1, hkv, nkv, 16, generator=g).to(DEV)
+    est = estimators.get("threshold")
+    monkeypatch.setenv("SPARSE_PLANNER_KERNELS", "triton")
+    calls = []
+    real = tk.pooled_dots
+    monkeypatch.setattr(tk, "pooled_dots", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    sc = est.score(q, k, [], spec)
+    got = est.select(sc, q, k, spec)
+    assert calls, "the pooled products did not run"
+    monkeypatch.setenv("SPARSE_PLANNER_KERNELS", "reference")
+    ref_sc = est.score(q, k, [], spec)
+    want = est.select(ref_sc, q, k, spec)
+    torch.testing.assert_close(sc, ref_sc, rtol=1e-5, atol=1e-6)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
 
 def test_quest_decode_selects_wide_rows_with_the_program(monkeypatch):
@@ -196,6 +265,7 @@ def test_quest_decode_selects_wide_rows_with_the_program(monkeypatch):
     got = est.select(sc, q, k, spec)
     assert calls, "the selection program did not run"
     monkeypatch.setattr(tk, "WIDE_SELECT_MAX_ROWS", 0)          # now the PyTorch selection
+    monkeypatch.setattr(tk, "SELECT_BISECT", False)
     calls.clear()
     want = est.select(sc, q, k, spec)
     assert not calls

@@ -219,7 +219,8 @@ def test_harness_on_the_gpu_agrees_with_the_cpu(corpus):
         g = rows["cuda"][name]
         # fixed budgets keep the same pairs; calibrated policies are solved on each device
         fam = name.split("@")[0]
-        tol = 0.05 if fam in ("threshold", "vertical_slash") else 0.02 if fam == "auto" else 1e-6
+        # (measured on an H100: threshold 0 apart, vertical_slash 0.0052, auto 0)
+        tol = 0.03 if fam in ("threshold", "vertical_slash") else 0.02 if fam == "auto" else 1e-6
         assert g["density"] == pytest.approx(c["density"], abs=tol), name
         assert g["ppl"] == pytest.approx(c["ppl"], rel=0.03), name
     assert "triton" in str(rows["cuda"]["block_topk@25%:block=16"]["kernel"])

@@ -14,7 +14,9 @@ Two kernels, loaded through ``codegen.emit.load`` and launched from ``runtime.tr
   value bits in the high word, reversed block id in the low word, so ties go to the lower
   id; or, with ``SORTED``, one partial sort ``tl.topk`` of the packed keys giving the
   threshold; with ``SORT32`` too, of the fp32 values, ties at the threshold resolved by a
-  running count in block order), and writes the selected ids ascending (a running count gives each its slot) followed
+  running count in block order; or, with ``BISECT``, no sort: the threshold's order-preserving
+  int32 image built one bit at a time from counts of the keys above it, 32 row reductions,
+  ties as with ``SORT32``), and writes the selected ids ascending (a running count gives each its slot) followed
   by -1 up to ``W``, and their count. With ``BUDGET``, the number of blocks to add is per
   query block: ``budget[i]`` minus its forced blocks (``select_budget_fraction``'s rule).
 
@@ -78,69 +80,113 @@ def pooled_dots(a_ptr, b_ptr, out_ptr, NQB, NKB, Nq, off, block, D,
 
 
 @triton.jit
+def _select_row(s_ptr, counts_ptr, idx_ptr, budget_ptr, row, pid_q, NKB, Nq, off, block, scale,
+                rounds, sink_blocks, local_blocks, W,
+                CAUSAL: tl.constexpr, NKB_P: tl.constexpr, W_P: tl.constexpr,
+                SORTED: tl.constexpr, K_P: tl.constexpr, BUDGET: tl.constexpr,
+                SORT32: tl.constexpr, BISECT: tl.constexpr):
+    j = tl.arange(0, NKB_P)
+    in_row = j < NKB
+    s = tl.load(s_ptr + row * NKB + j, mask=in_row, other=float("-inf")) * scale
+    allowed = in_row & (s > float("-inf"))
+    last_pos = tl.minimum((pid_q + 1) * block, Nq) - 1 + off
+    if CAUSAL:
+        allowed = allowed & (j * block <= last_pos)
+    last_blk = tl.minimum(tl.maximum(last_pos // block, 0), NKB - 1)
+    forced = (j < sink_blocks) | ((j <= last_blk) & (j > last_blk - local_blocks))
+    sel = forced & allowed
+    # order-preserving integer image of the fp32 value, packed above the reversed block id
+    bits = s.to(tl.int32, bitcast=True)
+    key = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF).to(tl.int64)
+    packed = (key << 32) | (NKB_P - 1 - j).to(tl.int64)
+    floor = tl.full([NKB_P], -2139095041, tl.int64) << 32       # the image of -inf, id bits 0
+    eligible = allowed & (forced == 0)
+    if BUDGET:      # per query block: keep `budget` blocks in all, the forced ones included
+        n_forced = tl.sum(sel.to(tl.int32), axis=0)
+        rounds = tl.maximum(tl.load(budget_ptr + pid_q) - n_forced, 0)
+    if BISECT:
+        # the rounds-th largest eligible value without a sort: its order-preserving int32
+        # image, built bit by bit (sign first), is the largest t with count(key >= t) >=
+        # rounds; values above it are kept, values equal to it by ascending block id
+        vals = tl.where(eligible, s, float("-inf"))
+        vb = vals.to(tl.int32, bitcast=True)
+        vkey = tl.where(vb >= 0, vb, vb ^ 0x7FFFFFFF)
+        t = tl.where(tl.sum((vkey >= 0).to(tl.int32), axis=0) >= rounds, 0, -2147483648)
+        for bit in tl.static_range(30, -1, -1):
+            cand = t | (1 << bit)
+            t = tl.where(tl.sum((vkey >= cand).to(tl.int32), axis=0) >= rounds, cand, t)
+        gt = eligible & (vkey > t)
+        eq = eligible & (vkey == t)
+        need = rounds - tl.sum(gt.to(tl.int32), axis=0)
+        eq_rank = tl.cumsum(eq.to(tl.int32), axis=0)
+        sel = sel | ((gt | (eq & (eq_rank <= need))) & (rounds > 0))
+    elif SORTED and SORT32:
+        # one partial sort of the fp32 values gives the rounds-th largest value; values
+        # above it are kept, values equal to it by ascending block id until rounds are kept
+        vals = tl.where(eligible, s, float("-inf"))
+        top = tl.topk(vals, K_P)
+        r = tl.arange(0, K_P)
+        thr = tl.max(tl.where(r == rounds - 1, top, float("-inf")), axis=0)
+        gt = eligible & (vals > thr)
+        eq = eligible & (vals == thr)
+        need = rounds - tl.sum(gt.to(tl.int32), axis=0)
+        eq_rank = tl.cumsum(eq.to(tl.int32), axis=0)
+        sel = sel | ((gt | (eq & (eq_rank <= need))) & (rounds > 0))
+    elif SORTED:
+        # one partial bitonic sort: the rounds-th largest eligible key is the threshold
+        # (keys are distinct, so exactly `rounds` keys reach it when enough are eligible)
+        top = tl.topk(tl.where(eligible, packed, floor), K_P)
+        r = tl.arange(0, K_P)
+        thr = tl.max(tl.where(r == rounds - 1, top, tl.full([K_P], -2139095041, tl.int64) << 32),
+                     axis=0)
+        sel = sel | (eligible & (packed >= thr) & (rounds > 0))
+    else:
+        for _ in range(rounds):
+            m = tl.max(tl.where(eligible, packed, floor), axis=0)
+            pick = (NKB_P - 1) - (m & (NKB_P - 1)).to(tl.int32)
+            hit = (j == pick) & ((m >> 32) > -2139095041)
+            sel = sel | hit
+            eligible = eligible & (hit == 0)
+    sel_i = sel.to(tl.int32)
+    count = tl.sum(sel_i, axis=0)
+    slot = tl.cumsum(sel_i, axis=0) - 1
+    out = idx_ptr + row * W
+    tl.store(out + slot, j, mask=sel_i != 0)
+    w = tl.arange(0, W_P)
+    tl.store(out + w, tl.full([W_P], -1, tl.int32), mask=(w >= count) & (w < W))
+    tl.store(counts_ptr + row, count)
+
+
+@triton.jit
 def block_topk_select(s_ptr, counts_ptr, idx_ptr, budget_ptr, NQB, NKB, Nq, off, block, scale,
                       rounds, sink_blocks, local_blocks, W,
                       CAUSAL: tl.constexpr, NKB_P: tl.constexpr, W_P: tl.constexpr,
                       SORTED: tl.constexpr, K_P: tl.constexpr, BUDGET: tl.constexpr,
-                      RPP: tl.constexpr, SORT32: tl.constexpr):
+                      RPP: tl.constexpr, SORT32: tl.constexpr, BISECT: tl.constexpr):
     pid_r = tl.program_id(0)
     pid_bh = tl.program_id(1)
     for pid_q in range(pid_r * RPP, tl.minimum(pid_r * RPP + RPP, NQB)):
         row = pid_bh.to(tl.int64) * NQB + pid_q
-        j = tl.arange(0, NKB_P)
-        in_row = j < NKB
-        s = tl.load(s_ptr + row * NKB + j, mask=in_row, other=float("-inf")) * scale
-        allowed = in_row & (s > float("-inf"))
-        last_pos = tl.minimum((pid_q + 1) * block, Nq) - 1 + off
-        if CAUSAL:
-            allowed = allowed & (j * block <= last_pos)
-        last_blk = tl.minimum(tl.maximum(last_pos // block, 0), NKB - 1)
-        forced = (j < sink_blocks) | ((j <= last_blk) & (j > last_blk - local_blocks))
-        sel = forced & allowed
-        # order-preserving integer image of the fp32 value, packed above the reversed block id
-        bits = s.to(tl.int32, bitcast=True)
-        key = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF).to(tl.int64)
-        packed = (key << 32) | (NKB_P - 1 - j).to(tl.int64)
-        floor = tl.full([NKB_P], -2139095041, tl.int64) << 32       # the image of -inf, id bits 0
-        eligible = allowed & (forced == 0)
-        if BUDGET:      # per query block: keep `budget` blocks in all, the forced ones included
-            n_forced = tl.sum(sel.to(tl.int32), axis=0)
-            rounds = tl.maximum(tl.load(budget_ptr + pid_q) - n_forced, 0)
-        if SORTED and SORT32:
-            # one partial sort of the fp32 values gives the rounds-th largest value; values
-            # above it are kept, values equal to it by ascending block id until rounds are kept
-            vals = tl.where(eligible, s, float("-inf"))
-            top = tl.topk(vals, K_P)
-            r = tl.arange(0, K_P)
-            thr = tl.max(tl.where(r == rounds - 1, top, float("-inf")), axis=0)
-            gt = eligible & (vals > thr)
-            eq = eligible & (vals == thr)
-            need = rounds - tl.sum(gt.to(tl.int32), axis=0)
-            eq_rank = tl.cumsum(eq.to(tl.int32), axis=0)
-            sel = sel | ((gt | (eq & (eq_rank <= need))) & (rounds > 0))
-        elif SORTED:
-            # one partial bitonic sort: the rounds-th largest eligible key is the threshold
-            # (keys are distinct, so exactly `rounds` keys reach it when enough are eligible)
-            top = tl.topk(tl.where(eligible, packed, floor), K_P)
-            r = tl.arange(0, K_P)
-            thr = tl.max(tl.where(r == rounds - 1, top, tl.full([K_P], -2139095041, tl.int64) << 32),
-                         axis=0)
-            sel = sel | (eligible & (packed >= thr) & (rounds > 0))
+        if BISECT and CAUSAL and NKB_P >= 64:
+            # a causal row allows no block past its diagonal: count over the narrowest
+            # power-of-two prefix (a quarter, a half, all) that holds its allowed blocks
+            last_blk = tl.maximum((tl.minimum((pid_q + 1) * block, Nq) - 1 + off) // block, 0)
+            if last_blk < NKB_P // 4:
+                _select_row(s_ptr, counts_ptr, idx_ptr, budget_ptr, row, pid_q, NKB, Nq, off,
+                            block, scale, rounds, sink_blocks, local_blocks, W, CAUSAL,
+                            NKB_P // 4, W_P, SORTED, K_P, BUDGET, SORT32, BISECT)
+            elif last_blk < NKB_P // 2:
+                _select_row(s_ptr, counts_ptr, idx_ptr, budget_ptr, row, pid_q, NKB, Nq, off,
+                            block, scale, rounds, sink_blocks, local_blocks, W, CAUSAL,
+                            NKB_P // 2, W_P, SORTED, K_P, BUDGET, SORT32, BISECT)
+            else:
+                _select_row(s_ptr, counts_ptr, idx_ptr, budget_ptr, row, pid_q, NKB, Nq, off,
+                            block, scale, rounds, sink_blocks, local_blocks, W, CAUSAL,
+                            NKB_P, W_P, SORTED, K_P, BUDGET, SORT32, BISECT)
         else:
-            for _ in range(rounds):
-                m = tl.max(tl.where(eligible, packed, floor), axis=0)
-                pick = (NKB_P - 1) - (m & (NKB_P - 1)).to(tl.int32)
-                hit = (j == pick) & ((m >> 32) > -2139095041)
-                sel = sel | hit
-                eligible = eligible & (hit == 0)
-        sel_i = sel.to(tl.int32)
-        count = tl.sum(sel_i, axis=0)
-        slot = tl.cumsum(sel_i, axis=0) - 1
-        out = idx_ptr + row * W
-        tl.store(out + slot, j, mask=sel_i != 0)
-        w = tl.arange(0, W_P)
-        tl.store(out + w, tl.full([W_P], -1, tl.int32), mask=(w >= count) & (w < W))
-        tl.store(counts_ptr + row, count)
+            _select_row(s_ptr, counts_ptr, idx_ptr, budget_ptr, row, pid_q, NKB, Nq, off, block,
+                        scale, rounds, sink_blocks, local_blocks, W, CAUSAL, NKB_P, W_P, SORTED,
+                        K_P, BUDGET, SORT32, BISECT)
 '''
 
 

@@ -14,14 +14,19 @@ half. One program runs ``TPP`` consecutive tiles: its query rows are loaded once
 half is the next tile's upper half, so each key's probabilities are computed once per program
 (plus the first tile's upper half).
 
-Two phases over the same grid: ``PHASE 0`` writes each row's partial (max, sum of exp) over its
-upper-half keys (combined outside into the log-sum-exp), ``PHASE 1`` writes the probabilities'
-column and diagonal sums. Semantics: ``codegen.select.policies.vslash_estimate`` (no modifiers,
+Two passes over the keys: ``PHASE 0`` writes each row's partial (max, sum of exp) over each
+block of ``L_P`` keys (``T`` = the blocks in the rows' reach), ``lines_lse`` combines them into
+each row's log-sum-exp, ``PHASE 1`` (over the offset tiles above) writes the probabilities'
+column and diagonal sums. With ``POOL`` (one query head per KV head), ``PHASE 0`` runs over
+all ``NKB`` key blocks and also writes each block's mean key (``pk``, fp32), so one read of
+the keys serves both. Semantics: ``codegen.select.policies.vslash_estimate`` (no modifiers,
 causal rule applied), before the sum over the heads of a GQA group.
 
 ``auto_criterion`` (the ``auto`` policy, one head per group): per head, whether the
 Jensen-Shannon divergence between the last query block's pooled estimate and its true mass per
 key block is at most ``tau`` (``codegen.select.policies.auto_criterion``), in one program.
+
+``prefix_rows``: the prefix sums of each line (a leading 0), for ``auto_block_scores``.
 
 ``auto_block_scores`` (the ``auto`` policy, causal, one head per group): per 64 x 64 tile of
 (query block, key block) and head, either the pooled logits ``scale * pq . pk`` (a query-aware
@@ -42,11 +47,15 @@ import triton.language as tl
 
 
 @triton.jit
-def _scores(q, kbase, j, d, skn, skd, Nkv, D: tl.constexpr, scale, IEEE: tl.constexpr):
-    """scale * q . k_j for the keys ``j`` (zero rows outside the keys)."""
+def _key_tile(kbase, j, d, skn, skd, Nkv, D: tl.constexpr):
+    """The key rows ``j`` (zero rows outside the keys)."""
     j_ok = (j >= 0) & (j < Nkv)
-    kt = tl.load(kbase + j.to(tl.int64)[:, None] * skn + d[None, :] * skd,
-                 mask=j_ok[:, None] & (d[None, :] < D), other=0.0)
+    return tl.load(kbase + j.to(tl.int64)[:, None] * skn + d[None, :] * skd,
+                   mask=j_ok[:, None] & (d[None, :] < D), other=0.0)
+
+
+@triton.jit
+def _dots(q, kt, scale, IEEE: tl.constexpr):
     if IEEE:
         s = tl.dot(q, tl.trans(kt), input_precision="ieee")
     else:
@@ -55,11 +64,18 @@ def _scores(q, kbase, j, d, skn, skd, Nkv, D: tl.constexpr, scale, IEEE: tl.cons
 
 
 @triton.jit
-def last_rows_lines(q_ptr, k_ptr, pm_ptr, pl_ptr, lse_ptr, out_ptr,
+def _scores(q, kbase, j, d, skn, skd, Nkv, D: tl.constexpr, scale, IEEE: tl.constexpr):
+    """scale * q . k_j for the keys ``j`` (zero rows outside the keys)."""
+    return _dots(q, _key_tile(kbase, j, d, skn, skd, Nkv, D), scale, IEEE)
+
+
+@triton.jit
+def last_rows_lines(q_ptr, k_ptr, pm_ptr, pl_ptr, out_ptr, pk_ptr,
                     sqb, sqh, sqn, sqd, skb, skh, skn, skd,
-                    Hq, G, Nkv, r0, L, p0, T, scale,
+                    Hq, G, Nkv, r0, L, p0, T, NKB, scale,
                     D: tl.constexpr, D_P: tl.constexpr, L_P: tl.constexpr,
-                    PHASE: tl.constexpr, IEEE: tl.constexpr, TPP: tl.constexpr):
+                    PHASE: tl.constexpr, IEEE: tl.constexpr, TPP: tl.constexpr,
+                    POOL: tl.constexpr):
     pid_t = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // Hq
@@ -78,17 +94,22 @@ def last_rows_lines(q_ptr, k_ptr, pm_ptr, pl_ptr, lse_ptr, out_ptr,
     t1 = tl.minimum(t0 + TPP, T)
     if PHASE == 0:
         for t in range(t0, t1):
-            j = p0 - t * L_P + 1 + c                       # this tile's upper-half keys
-            ok = row_ok[:, None] & (j[None, :] >= 0) & (j[None, :] < Nkv) & (j[None, :] <= pos[:, None])
-            s = tl.where(ok, _scores(q, kbase, j, d, skn, skd, Nkv, D, scale, IEEE), float("-inf"))
+            j = t * L_P + c                                # keys [t * L_P, (t + 1) * L_P)
+            ok = row_ok[:, None] & (j[None, :] < Nkv) & (j[None, :] <= pos[:, None])
+            kt = _key_tile(kbase, j, d, skn, skd, Nkv, D)
+            s = tl.where(ok, _dots(q, kt, scale, IEEE), float("-inf"))
             m = tl.max(s, axis=1)
             m_safe = tl.where(m > float("-inf"), m, 0.0)
             l = tl.sum(tl.where(ok, tl.exp(s - m_safe[:, None]), 0.0), axis=1)
             stat = (bh.to(tl.int64) * T + t) * L_P + r
             tl.store(pm_ptr + stat, m)
             tl.store(pl_ptr + stat, l)
+            if POOL:                                       # the block's mean key, from the same read
+                n_t = tl.minimum(Nkv - t * L_P, L_P).to(tl.float32)
+                tl.store(pk_ptr + (bh.to(tl.int64) * NKB + t) * D + d,
+                         tl.sum(kt.to(tl.float32), axis=0) / n_t, mask=d < D)
     else:
-        lse = tl.load(lse_ptr + bh.to(tl.int64) * L_P + r)
+        lse = tl.load(pm_ptr + bh.to(tl.int64) * L_P + r)
         out = out_ptr + bh.to(tl.int64) * 2 * Nkv
         u = tl.arange(0, L_P)
         idx = r[:, None] + u[None, :]                      # column of offset u's diagonal
@@ -117,8 +138,33 @@ def last_rows_lines(q_ptr, k_ptr, pm_ptr, pl_ptr, lse_ptr, out_ptr,
 
 
 @triton.jit
+def lines_lse(pm_ptr, pl_ptr, lse_ptr, T, L_P: tl.constexpr, RB: tl.constexpr,
+              TCH: tl.constexpr):
+    """Each row's log-sum-exp from its ``T`` tiles' (max, sum of exp) ``[BH, T, L_P]``; one
+    program per (batch x head, ``RB`` rows), ``TCH`` tiles per step; ``lse`` is ``[BH, L_P]``
+    (-inf for a row with no key)."""
+    bh = tl.program_id(0).to(tl.int64)
+    r = tl.program_id(1) * RB + tl.arange(0, RB)
+    tt = tl.arange(0, TCH)
+    m_all = tl.full([RB], float("-inf"), tl.float32)
+    l_all = tl.zeros([RB], dtype=tl.float32)
+    for t0 in range(0, T, TCH):
+        at = (bh * T + t0 + tt)[:, None] * L_P + r[None, :]
+        ok = (t0 + tt)[:, None] < T
+        pm = tl.load(pm_ptr + at, mask=ok, other=float("-inf"))
+        pl = tl.load(pl_ptr + at, mask=ok, other=0.0)
+        m_new = tl.maximum(m_all, tl.max(pm, axis=0))
+        m_safe = tl.where(m_new > float("-inf"), m_new, 0.0)
+        l_all = l_all * tl.exp(m_all - m_safe) + tl.sum(pl * tl.exp(pm - m_safe[None, :]), axis=0)
+        m_all = m_new
+    lse = tl.where(l_all > 0, tl.where(m_all > float("-inf"), m_all, 0.0)
+                   + tl.log(tl.maximum(l_all, 1.0)), float("-inf"))   # l_all >= 1 if any key
+    tl.store(lse_ptr + bh * L_P + r, lse)
+
+
+@triton.jit
 def auto_criterion(dots_ptr, lines_ptr, aware_ptr, NQB, NKB, Nkv, block, last_pos, scale,
-                   denom, tau, NKB_P: tl.constexpr):
+                   denom, tau, NKB_P: tl.constexpr, TB: tl.constexpr):
     bh = tl.program_id(0)
     j = tl.arange(0, NKB_P)
     allowed = (j < NKB) & (j * block <= last_pos)
@@ -130,9 +176,11 @@ def auto_criterion(dots_ptr, lines_ptr, aware_ptr, NQB, NKB, Nkv, block, last_po
     # (b) the last query block's attention mass per key block (vertical statistics)
     vert = lines_ptr + bh.to(tl.int64) * 2 * Nkv
     acc = tl.zeros([NKB_P], dtype=tl.float32)
-    for t in range(0, block):
-        key = j * block + t
-        acc += tl.load(vert + key, mask=allowed & (key < Nkv), other=0.0)
+    tb = tl.arange(0, TB)
+    for t0 in range(0, block, TB):                  # TB consecutive keys of every block per step
+        key = j[:, None] * block + t0 + tb[None, :]
+        ok = allowed[:, None] & (key < Nkv) & (t0 + tb[None, :] < block)
+        acc += tl.sum(tl.load(vert + key, mask=ok, other=0.0), axis=1)
     true = acc / denom
     true = true / tl.maximum(tl.sum(true, axis=0), 1e-30)
     m = 0.5 * (p + true)
@@ -140,6 +188,26 @@ def auto_criterion(dots_ptr, lines_ptr, aware_ptr, NQB, NKB, Nkv, block, last_po
     kl_p = tl.sum(tl.where(p > 0, p * (tl.log(tl.maximum(p, 1e-30)) - lm), 0.0), axis=0)
     kl_t = tl.sum(tl.where(true > 0, true * (tl.log(tl.maximum(true, 1e-30)) - lm), 0.0), axis=0)
     tl.store(aware_ptr + bh, (0.5 * kl_p + 0.5 * kl_t <= tau).to(tl.int32))
+
+
+
+@triton.jit
+def prefix_rows(x_ptr, out_ptr, N, CH: tl.constexpr):
+    """Row ``row`` of ``x [R, N]`` (fp32, contiguous) -> ``out[row] = [0, x0, x0 + x1, ...]``
+    (``[R, N + 1]``); one program per (chunk of ``CH``, row), which adds the earlier chunks."""
+    c = tl.program_id(0)
+    row = tl.program_id(1).to(tl.int64)
+    i = tl.arange(0, CH)
+    src = x_ptr + row * N
+    carry = tl.zeros([CH], dtype=tl.float32)
+    for c0 in range(0, c * CH, CH):
+        carry += tl.load(src + c0 + i)
+    x = tl.load(src + c * CH + i, mask=c * CH + i < N, other=0.0)
+    dst = out_ptr + row * (N + 1)
+    tl.store(dst + c * CH + i + 1, tl.cumsum(x, axis=0) + tl.sum(carry, axis=0),
+             mask=c * CH + i < N)
+    if c == 0:
+        tl.store(dst + i, tl.zeros([CH], dtype=tl.float32), mask=i < 1)
 
 
 $POOLED_TILE
@@ -180,6 +248,6 @@ def auto_block_scores(a_ptr, b_ptr, pre_ptr, aware_ptr, out_ptr, NQB, NKB, Nq, N
 
 
 def render() -> str:
-    """Source of the ``last_rows_lines``, ``auto_criterion`` and ``auto_block_scores``
-    kernels."""
+    """Source of the ``last_rows_lines``, ``auto_criterion``, ``prefix_rows`` and
+    ``auto_block_scores`` kernels."""
     return render_template(_SOURCE, POOLED_TILE=POOLED_TILE.strip("\n"))

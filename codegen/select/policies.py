@@ -50,17 +50,21 @@ def last_rows_attention(q, k, scale: float, mods: Sequence[tuple], mod_tensors, 
 # --------------------------------------------------------------------------- threshold
 
 def threshold_estimate(q, k, scale, mods, mod_tensors, causal, block: int,
-                       allowed: torch.Tensor, col: Optional[torch.Tensor] = None) -> torch.Tensor:
+                       allowed: torch.Tensor, col: Optional[torch.Tensor] = None,
+                       p_pool: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Estimated attention mass per key block for each query block: the mean of
     (a) the pooled-q x pooled-k block softmax (as block_topk) and
     (b) the last query block's true attention mass per key block, renormalised over the blocks
         query block i may see.
     fp32 [B, Hkv, NQB, NKB], -inf where not allowed; each row sums to 1 over allowed blocks.
     ``col`` [B, Hkv, Nkv]: (b)'s mean attention per key over the last block's rows and the
-    group's heads, when computed elsewhere (the Triton line statistics)."""
+    group's heads, when computed elsewhere (the Triton line statistics); ``p_pool``: (a), when
+    computed elsewhere (the Triton pooled products)."""
     from codegen.select.reference import pooled_block_scores
     B, Hkv, nqb, nkb = allowed.shape
-    p_pool = pooled_block_scores(q, k, scale, block, allowed).clamp_min(0.0)    # -inf -> 0
+    if p_pool is None:
+        p_pool = pooled_block_scores(q, k, scale, block, allowed)
+    p_pool = p_pool.clamp_min(0.0)                                              # -inf -> 0
     if col is None:
         probs, _ = last_rows_attention(q, k, scale, mods, mod_tensors, causal, block)
         col = _group_mean(probs.mean(dim=2), Hkv)                              # [B, Hkv, Nkv]
