@@ -4,7 +4,9 @@ Times (``do_bench`` medians) at B=1, H=16, D=128, bf16, causal: ``pool_blocks`` 
 (block 64) with rows-per-step x warps; ``block_topk_select`` (block 64, topk 32) with each warp
 count, one partial sort vs rounds of max; the same selection at Quest's width (page 16, top 128
 pages); ``quest_page_bounds`` with pages per tile x warps; ``last_rows_lines`` (64 rows) and
-``auto_block_scores`` and ``auto_criterion``; the pooled product by torch (fp32) and by ``pooled_dots``. Every
+``auto_block_scores`` and ``auto_criterion``; the selections by counting passes (``bisect``),
+also with ``auto``'s budgets (10% of each query block's allowed blocks); the lines' prefix
+sums; the pooled product by torch (fp32) and by ``pooled_dots``. Every
 variant's output is compared with the default's (``same``).
 
     PYTHONPATH=. python benchmarks/estimator_probe.py --out DIR     # DIR/estimators_<card>.md
@@ -81,6 +83,23 @@ def main():
                                                          num_warps=warps, sorted_select=srt,
                                                          rows_per_program=rpp, sort32=s32, **kw),
                             ref, equal, warps=warps, per_program=rpp)
+        for warps in (1, 2, 4):
+            for rpp in (1, 4):
+                variant("select (bisect)", n, lambda: tk.block_topk_select(
+                    dots, n, n, "lower_right", 64, num_warps=warps, bisect=True,
+                    rows_per_program=rpp, **kw), ref, equal, warps=warps, per_program=rpp)
+        # auto's selection: a budget of 10% of each query block's allowed blocks
+        from runtime.estimators import _budgets
+        budget, budget_max = _budgets(n, n, "lower_right", 64, 0.1, dots.device)
+        bkw = dict(scale=1.0, topk=n // 64, sink_blocks=1, local_blocks=1, budget=budget,
+                   budget_max=budget_max)
+        ref_a = tk.block_topk_select(dots, n, n, "lower_right", 64, bisect=False, **bkw)
+        for bis in (False, True):
+            for warps in (1, 2, 4):
+                variant("select budget 10% (bisect)" if bis else "select budget 10% (sorted fp32)",
+                        n, lambda: tk.block_topk_select(dots, n, n, "lower_right", 64,
+                                                        num_warps=warps, bisect=bis, **bkw),
+                        ref_a, equal, warps=warps)
         pk_ = tk.pool_blocks(k, 64)
         variant("pooled matmul (torch fp32)", n, lambda: torch.matmul(ref_q, pk_.transpose(-1, -2)),
                 None, lambda a, b: True)
@@ -104,6 +123,10 @@ def main():
                         lambda: tk.block_topk_select(
                             ref_b, n, n, "lower_right", 16, num_warps=warps, sorted_select=True,
                             sort32=s32, **qkw), ref_s, equal, rep=10, warps=warps)
+        for warps in (4, 8, 16):
+            variant("quest select (bisect)", n, lambda: tk.block_topk_select(
+                ref_b, n, n, "lower_right", 16, num_warps=warps, bisect=True, **qkw), ref_s,
+                equal, rep=10, warps=warps)
         from codegen.select.reference import select_topk_blocks
         variant("quest select (torch)", n, lambda: select_topk_blocks(
             ref_b, n, n, "lower_right", 16, topk=128, sink_blocks=0, local_blocks=1),
@@ -111,10 +134,22 @@ def main():
         ref_b = ref_s = None
         # line statistics of the last 64 rows, and the auto block scores
         lines_ = tk.last_rows_lines(q, k, scale=128 ** -0.5, causal="lower_right", last_q=64)
-        for tpp in (1, 4, 16):
+        for tpp in (4, 8, 16, 32):
             variant("last_rows_lines", n, lambda: tk.last_rows_lines(
                 q, k, scale=128 ** -0.5, causal="lower_right", last_q=64,
                 tiles_per_program=tpp), lines_, close, rows=64, per_program=tpp)
+        for tpp in (8, 16):
+            variant("last_rows_lines + pool k (fused)", n, lambda: tk.last_rows_lines(
+                q, k, scale=128 ** -0.5, causal="lower_right", last_q=64, tiles_per_program=tpp,
+                pool_block=64)[1], pk_, close, rows=64, per_program=tpp)
+            variant("last_rows_lines, then pool_blocks(k)", n, lambda: (tk.last_rows_lines(
+                q, k, scale=128 ** -0.5, causal="lower_right", last_q=64, tiles_per_program=tpp),
+                tk.pool_blocks(k, 64))[1], pk_, close, rows=64, per_program=tpp)
+        variant("line prefix sums (torch cumsum + pad)", n, lambda: torch.nn.functional.pad(
+            lines_.cumsum(-1), (1, 0)), None, lambda a, b: True)
+        variant("line prefix sums (line_prefix_sums)", n, lambda: tk.line_prefix_sums(lines_),
+                torch.nn.functional.pad(lines_.cumsum(-1), (1, 0)),
+                lambda a, b: bool(torch.allclose(a, b, rtol=1e-5, atol=1e-4)))
         aware = torch.zeros(1, 16, dtype=torch.bool, device="cuda")
         aware[:, ::2] = True
         variant("auto_block_scores", n, lambda: tk.auto_block_scores(

@@ -144,9 +144,25 @@ def run_case(name, q, k, v, causal, rows_check=256):
     t_score = bench_ms(lambda: ops.score(q, k, [], key)) if estimators.get(name).score else 0.0
     t_sel = bench_ms(lambda: ops.select(sc, q, k, key))
     t_att = bench_ms(lambda: ops.attend(q, k, v, [], counts, idx, key))
-    return dict(policy=name, params=pol.short(), density=density, rel_err=err, same_lists=same,
-                estimator_ms=t_score, selection_ms=t_sel, attend_ms=t_att,
-                total_ms=t_score + t_sel + t_att)
+    row = dict(policy=name, params=pol.short(), density=density, rel_err=err, same_lists=same,
+               estimator_ms=t_score, selection_ms=t_sel, attend_ms=t_att,
+               total_ms=t_score + t_sel + t_att)
+    if name in DYNAMIC:     # the same calls replayed from a CUDA graph: GPU time, no launches
+        try:
+            row.update(estimator_graph_ms=common.graph_ms(lambda: ops.score(q, k, [], key)),
+                       selection_graph_ms=common.graph_ms(lambda: ops.select(sc, q, k, key)),
+                       attend_graph_ms=common.graph_ms(
+                           lambda: ops.attend(q, k, v, [], counts, idx, key)))
+        except Exception as e:                  # a path that cannot be captured is reported
+            row["graph_error"] = f"{type(e).__name__}: {e}"[:200]
+    return row
+
+
+def _graph_cells(r) -> str:
+    if "estimator_graph_ms" not in r:
+        return r.get("graph_error", "") + " | "
+    g = (r["estimator_graph_ms"], r["selection_graph_ms"], r["attend_graph_ms"])
+    return f"{g[0]:.3f} / {g[1]:.3f} / {g[2]:.3f} | {(g[0] + g[1]) / sum(g):.1%}"
 
 
 def main() -> int:
@@ -213,22 +229,27 @@ def main() -> int:
              f"D=128, causal. Command: `{meta['command']}`.", "",
              "`same lists`: fraction of (head, query block) lists identical to those of the "
              "PyTorch estimator and selection on the same input.", "",
+             "`graph`: the estimator, selection and attend calls replayed from CUDA graphs (the "
+             "GPU's time without the host's launches), the share of estimator + selection in "
+             "their sum.", "",
              "| case | N | policy | density | est. ms | select ms | attend ms | total ms | "
-             "(est+sel)/total | vs dense SDPA | rel err | same lists |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "(est+sel)/total | vs dense SDPA | rel err | same lists | graph est / sel / attend "
+             "ms | graph (est+sel)/total |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if r.get("policy") == "dense SDPA":
-            lines.append(f"| {r['case']} | {r['N']} | dense SDPA | 1 | | | | {r['total_ms']:.3f} | | 1.00x | | |")
+            lines.append(f"| {r['case']} | {r['N']} | dense SDPA | 1 | | | | {r['total_ms']:.3f} | | 1.00x | | | | |")
             continue
         if "error" in r:
-            lines.append(f"| {r['case']} | {r['N']} | {r['policy']} | | | | | | | | {r['error']} | |")
+            lines.append(f"| {r['case']} | {r['N']} | {r['policy']} | | | | | | | | {r['error']} | | | |")
             continue
         share = (r["estimator_ms"] + r["selection_ms"]) / r["total_ms"]
         lines.append(f"| {r['case']} | {r['N']} | {r['policy']} | {r['density']:.3f} | "
                      f"{r['estimator_ms']:.3f} | {r['selection_ms']:.3f} | {r['attend_ms']:.3f} | "
                      f"{r['total_ms']:.3f} | {share:.1%} | {r['dense_ms'] / r['total_ms']:.2f}x | "
                      f"{r['rel_err']:.1e} | "
-                     f"{'' if r.get('same_lists') is None else format(r['same_lists'], '.4f')} |")
+                     f"{'' if r.get('same_lists') is None else format(r['same_lists'], '.4f')} | "
+                     + _graph_cells(r) + " |")
     torch_sel = [r for r in rows if "selection_torch_ms" in r]
     if torch_sel:
         lines += ["", "Quest decode selection, same bounds, same run: "
