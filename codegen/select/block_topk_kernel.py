@@ -16,9 +16,11 @@ Two kernels, loaded through ``codegen.emit.load`` and launched from ``runtime.tr
   threshold; with ``SORT32`` too, of the fp32 values, ties at the threshold resolved by a
   running count in block order; or, with ``BISECT``, no sort: the threshold's order-preserving
   int32 image built one bit at a time from counts of the keys above it, 32 row reductions,
-  ties as with ``SORT32``), and writes the selected ids ascending (a running count gives each its slot) followed
-  by -1 up to ``W``, and their count. With ``BUDGET``, the number of blocks to add is per
-  query block: ``budget[i]`` minus its forced blocks (``select_budget_fraction``'s rule).
+  ties as with ``SORT32``; with a causal rule, over the narrowest power-of-two prefix of the
+  row (a quarter, a half or all of ``NKB_P``) holding the blocks the row may see), and writes
+  the selected ids ascending (a running count gives each its slot) followed by -1 up to
+  ``W``, and their count. With ``BUDGET``, the number of blocks to add is per query block:
+  ``budget[i]`` minus its forced blocks (``select_budget_fraction``'s rule).
 
 Semantics are those of ``codegen.select.reference.select_topk_blocks`` applied to
 ``pooled_block_logits``: block ``j`` is allowed for query block ``i`` iff its logit is not
