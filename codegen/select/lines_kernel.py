@@ -109,7 +109,7 @@ def last_rows_lines(q_ptr, k_ptr, pm_ptr, pl_ptr, out_ptr, pk_ptr,
                 tl.store(pk_ptr + (bh.to(tl.int64) * NKB + t) * D + d,
                          tl.sum(kt.to(tl.float32), axis=0) / n_t, mask=d < D)
     else:
-        lse = tl.load(pm_ptr + bh.to(tl.int64) * L_P + r)
+        lse = tl.load(pm_ptr + bh.to(tl.int64) * L_P + r)    # PHASE 1 gets lines_lse's output here
         out = out_ptr + bh.to(tl.int64) * 2 * Nkv
         u = tl.arange(0, L_P)
         idx = r[:, None] + u[None, :]                      # column of offset u's diagonal
