@@ -171,6 +171,12 @@ def _th_score(q, k, mods, spec):
 
 def _th_select(sc, q, k, spec):
     p = spec.policy
+    if _bt_kernels(q, k, spec, grouped=True):
+        from runtime import triton_kernels as tk
+        return tk.threshold_select(sc, q.shape[2], k.shape[2], spec.causal, p.block,
+                                   gamma=p.gamma, min_budget=p.min_budget,
+                                   max_budget=p.max_budget or None, sink_blocks=p.sink_blocks,
+                                   local_blocks=p.local_blocks)
     return P.select_threshold(sc, q.shape[2], k.shape[2], spec.causal, p.block, gamma=p.gamma,
                               min_budget=p.min_budget, max_budget=p.max_budget or None,
                               sink_blocks=p.sink_blocks, local_blocks=p.local_blocks)

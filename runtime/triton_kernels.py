@@ -702,6 +702,29 @@ def block_topk_select(dots: torch.Tensor, n_q: int, n_kv: int, causal: Optional[
     return counts, idx
 
 
+def threshold_select(est: torch.Tensor, n_q: int, n_kv: int, causal: Optional[str], block: int,
+                     *, gamma: float, min_budget: int, max_budget: Optional[int],
+                     sink_blocks: int, local_blocks: int):
+    """``codegen.select.policies.select_threshold`` in one launch: fp32 estimates ``est
+    [B, H, NQB, NKB]`` (>= 0, -inf where not allowed) -> ``(counts int32 [B, H, NQB], indices
+    int32 [B, H, NQB, NKB])``, the causal rule (``"lower_right"`` / ``"upper_left"`` / None)
+    applied by position inside the kernel."""
+    B, H, nqb, nkb = est.shape
+    counts = torch.empty((B, H, nqb), device=est.device, dtype=torch.int32)
+    idx = torch.empty((B, H, nqb, nkb), device=est.device, dtype=torch.int32)
+    if counts.numel() == 0:
+        return counts, idx
+    if est.dtype != torch.float32:
+        raise ValueError(f"threshold_select: estimates must be fp32, got {est.dtype}")
+    nkb_p = next_pow2(max(nkb, 16))
+    _block_topk_module(est.device).threshold_select[(nqb, B * H)](
+        est.contiguous(), counts, idx, nqb, nkb, n_q, 0 if causal == "upper_left" else n_kv - n_q,
+        block, float(gamma), int(min_budget), -1 if max_budget is None else int(max_budget),
+        sink_blocks, local_blocks, nkb, CAUSAL=causal is not None, NKB_P=nkb_p,
+        W_P=nkb_p, num_warps=1 if nkb_p <= 1024 else 4)
+    return counts, idx
+
+
 LINES_MAX_ROWS = 128      # last rows one line-statistics program holds (a [rows, 2 * rows] tile)
 
 

@@ -22,6 +22,12 @@ Two kernels, loaded through ``codegen.emit.load`` and launched from ``runtime.tr
   ``W``, and their count. With ``BUDGET``, the number of blocks to add is per query block:
   ``budget[i]`` minus its forced blocks (``select_budget_fraction``'s rule).
 
+* ``threshold_select`` — the ``threshold`` policy's selection (``select_threshold``): per (query
+  block, batch x head), the forced blocks, then the fewest largest further blocks whose
+  estimates reach ``gamma`` of the row's allowed mass (the smallest kept value found by a
+  bit-by-bit search on sums, ties joining in block order), clamped to ``[min_budget,
+  max_budget]``; the blocks are then picked as ``block_topk_select`` does with that count.
+
 Semantics are those of ``codegen.select.reference.select_topk_blocks`` applied to
 ``pooled_block_logits``: block ``j`` is allowed for query block ``i`` iff its logit is not
 -inf and, with a causal rule, ``j * block <= last position of block i``.
@@ -160,6 +166,54 @@ def _select_row(s_ptr, counts_ptr, idx_ptr, budget_ptr, row, pid_q, NKB, Nq, off
 
 
 @triton.jit
+def threshold_select(s_ptr, counts_ptr, idx_ptr, NQB, NKB, Nq, off, block, gamma, min_budget,
+                     max_budget, sink_blocks, local_blocks, W,
+                     CAUSAL: tl.constexpr, NKB_P: tl.constexpr, W_P: tl.constexpr):
+    pid_q = tl.program_id(0)
+    row = tl.program_id(1).to(tl.int64) * NQB + pid_q
+    j = tl.arange(0, NKB_P)
+    in_row = j < NKB
+    s = tl.load(s_ptr + row * NKB + j, mask=in_row, other=float("-inf"))
+    allowed = in_row & (s > float("-inf"))
+    last_pos = tl.minimum((pid_q + 1) * block, Nq) - 1 + off
+    if CAUSAL:
+        allowed = allowed & (j * block <= last_pos)
+    last_blk = tl.minimum(tl.maximum(last_pos // block, 0), NKB - 1)
+    forced = allowed & ((j < sink_blocks) | ((j <= last_blk) & (j > last_blk - local_blocks)))
+    e = tl.where(allowed, tl.maximum(s, 0.0), 0.0)
+    total = tl.sum(e, axis=0)
+    eps = 1e-7 * total
+    need = gamma * total - tl.sum(tl.where(forced, e, 0.0), axis=0)
+    target = need - eps
+    rest = allowed & (forced == 0)
+    r = tl.where(rest, e, 0.0)
+    n_rest = tl.sum(rest.to(tl.int32), axis=0)
+    # the kept blocks are the fewest largest: the smallest value among them has the largest
+    # order-preserving key t whose values at keys >= t still sum to the target (built bit by bit)
+    rb = r.to(tl.int32, bitcast=True)
+    rkey = tl.where(rb >= 0, rb, rb ^ 0x7FFFFFFF)
+    t = tl.where(tl.sum(tl.where(rkey >= 0, r, 0.0), axis=0) >= target, 0, -2147483648)
+    for bit in tl.static_range(30, -1, -1):
+        cand = t | (1 << bit)
+        t = tl.where(tl.sum(tl.where(rkey >= cand, r, 0.0), axis=0) >= target, cand, t)
+    gt = rest & (rkey > t)
+    eq = rest & (rkey == t)
+    s_gt = tl.sum(tl.where(gt, r, 0.0), axis=0)
+    v_eq = tl.max(tl.where(eq, r, 0.0), axis=0)
+    # values tied at the smallest kept one join in block order until the target is reached
+    k_eq = tl.minimum(tl.maximum(tl.ceil((target - s_gt) / tl.maximum(v_eq, 1e-38)), 1.0),
+                      tl.sum(eq.to(tl.float32), axis=0)).to(tl.int32)
+    n = tl.sum(gt.to(tl.int32), axis=0) + k_eq
+    n = tl.where(tl.sum(r, axis=0) >= target, n, NKB + 1)     # never reached: all of them
+    n = tl.where(need <= eps, 0, n)
+    n = tl.maximum(n, min_budget)
+    n = tl.where(max_budget >= 0, tl.minimum(n, max_budget), n)
+    n = tl.minimum(n, n_rest)
+    _select_row(s_ptr, counts_ptr, idx_ptr, s_ptr, row, pid_q, NKB, Nq, off, block, 1.0, n,
+                sink_blocks, local_blocks, W, CAUSAL, NKB_P, W_P, False, 16, False, False, True)
+
+
+@triton.jit
 def block_topk_select(s_ptr, counts_ptr, idx_ptr, budget_ptr, NQB, NKB, Nq, off, block, scale,
                       rounds, sink_blocks, local_blocks, W,
                       CAUSAL: tl.constexpr, NKB_P: tl.constexpr, W_P: tl.constexpr,
@@ -216,5 +270,6 @@ def pooled_tile(a_ptr, b_ptr, bh, qb, kb, NQB, NKB, D, D_P: tl.constexpr, PREC: 
 
 
 def render() -> str:
-    """Source of the ``pool_rows``, ``pooled_dots`` and ``block_topk_select`` kernels."""
+    """Source of the ``pool_rows``, ``pooled_dots``, ``block_topk_select`` and
+    ``threshold_select`` kernels."""
     return render_template(_SOURCE, POOLED_TILE=POOLED_TILE.strip("\n"))
