@@ -15,6 +15,7 @@ from typing import Callable, Optional
 
 import torch
 
+from codegen.attention.reference import positions_offset
 from codegen.select import policies as P
 from runtime import dsa
 from codegen.select.reference import (allowed_blocks, block_bounds, group_block_probs,
@@ -117,7 +118,6 @@ def _lines_kernels(q, k, spec, last_q: int) -> bool:
     if spec.causal not in ("lower_right", "upper_left") or not _kernels_ok(q, k, spec,
                                                                           one_head=False):
         return False
-    from codegen.attention.reference import positions_offset
     from runtime import triton_kernels as tk
     n_q, n_kv = q.shape[2], k.shape[2]
     rows = min(last_q, n_q)
@@ -297,6 +297,17 @@ def _auto_score(q, k, mods, spec):
     return scores
 
 
+def _budget_max(n_q: int, n_kv: int, causal, block: int, density: float) -> int:
+    """The largest per-query-block budget ``ceil(density * allowed blocks)`` (at least 1), from
+    the shapes alone (it also sizes the select op's fake outputs): the last query block allows
+    the most blocks."""
+    nkb = _cdiv(n_kv, block)
+    allowed = nkb
+    if causal is not None:
+        allowed = min(nkb, max((n_q - 1 + positions_offset(causal, n_q, n_kv)) // block + 1, 0))
+    return max(math.ceil(density * allowed), 1)
+
+
 @functools.lru_cache(maxsize=64)
 def _budgets(n_q: int, n_kv: int, causal, block: int, density: float, device):
     """Per query block ``ceil(density * allowed blocks)`` (select_budget_fraction's rule) on
@@ -305,40 +316,30 @@ def _budgets(n_q: int, n_kv: int, causal, block: int, density: float, device):
     _, last = block_bounds(n_q, n_kv, causal, block)
     n_allowed = torch.clamp(last // block + 1, 0, nkb).to(torch.float64)
     budget = torch.ceil(density * n_allowed).to(torch.int32)
-    return budget.to(device), max(int(budget.max()), 1)
+    return budget.to(device), _budget_max(n_q, n_kv, causal, block, density)
 
 
 def _auto_width(q, k, spec) -> int:
-    """``auto``'s list width: the largest budget plus the forced blocks (no row keeps more).
-    Shapes only (it also sizes the select op's fake outputs): the last query block allows the
-    most blocks, ``ceil(density * allowed)`` of them, as ``select_budget_fraction`` counts."""
-    from codegen.attention.reference import positions_offset
+    """``auto``'s list width: the largest budget plus the forced blocks (no row keeps more)."""
     p = spec.policy
-    n_q, n_kv = q.shape[2], k.shape[2]
-    nkb = _cdiv(n_kv, p.block)
-    allowed = nkb
-    if spec.causal is not None:
-        allowed = min(nkb, max((n_q - 1 + positions_offset(spec.causal, n_q, n_kv)) // p.block
-                               + 1, 0))
-    budget_max = max(math.ceil(p.target_density * allowed), 1)
-    return topk_width(nkb, budget_max, p.sink_blocks, p.local_blocks)
+    return topk_width(_cdiv(k.shape[2], p.block),
+                      _budget_max(q.shape[2], k.shape[2], spec.causal, p.block,
+                                  p.target_density), p.sink_blocks, p.local_blocks)
 
 
 def _auto_select(sc, q, k, spec):
     p = spec.policy
-    width = _auto_width(q, k, spec)
     if _auto_kernels(q, k, spec):
         from runtime import triton_kernels as tk
         n_q, n_kv, b = q.shape[2], k.shape[2], p.block
         budget, budget_max = _budgets(n_q, n_kv, spec.causal, b, p.target_density, sc.device)
-        return tk.block_topk_select(sc, n_q, n_kv, spec.causal, b, scale=1.0,
-                                    topk=width - p.sink_blocks - p.local_blocks,
+        return tk.block_topk_select(sc, n_q, n_kv, spec.causal, b, scale=1.0, topk=budget_max,
                                     sink_blocks=p.sink_blocks, local_blocks=p.local_blocks,
                                     budget=budget, budget_max=budget_max)
     counts, idx = P.select_budget_fraction(sc, q.shape[2], k.shape[2], spec.causal, p.block,
                                            density=p.target_density,
                                            sink_blocks=p.sink_blocks, local_blocks=p.local_blocks)
-    return counts, idx[..., :width].contiguous()
+    return counts, idx[..., :_auto_width(q, k, spec)].contiguous()
 
 
 def _static(select_fn):

@@ -26,6 +26,7 @@ from typing import Optional
 
 import torch
 
+from codegen.attention.reference import positions_offset
 from codegen.emit import BlockSparseSpec, Schedule, TokenSparseSpec, emit, load, next_pow2
 from codegen.token_sparse.backward import PRE_ROWS as BWD_PRE_ROWS, emit_backward
 from runtime.cache import KERNELS, seq_bucket, stable_hash
@@ -627,7 +628,6 @@ def pooled_dots(pq: torch.Tensor, pk: torch.Tensor, *, n_q: int, n_kv: int,
     blocks of ``n_q`` queries and ``n_kv`` keys), tiles holding no allowed pair are -inf.
     ``precision``: ``tl.dot``'s input precision (default ``"tf32x3"``: three TF32 products,
     about fp32 accuracy; ``"ieee"``: fp32 FMA)."""
-    from codegen.attention.reference import positions_offset
     B, H, nqb, D = pq.shape
     nkb = pk.shape[2]
     if (pk.shape[:2] != (B, H) or pk.shape[3] != D or pq.dtype != torch.float32
@@ -679,7 +679,7 @@ def block_topk_select(dots: torch.Tensor, n_q: int, n_kv: int, causal: Optional[
     if counts.numel() == 0:
         return counts, idx
     dots = dots.contiguous()
-    off = 0 if causal == "upper_left" else n_kv - n_q
+    off = positions_offset(causal, n_q, n_kv)
     nkb_p = next_pow2(max(nkb, 16))
     if bisect is None:
         bisect = SELECT_BISECT and sorted_select is None
@@ -718,8 +718,8 @@ def threshold_select(est: torch.Tensor, n_q: int, n_kv: int, causal: Optional[st
         raise ValueError(f"threshold_select: estimates must be fp32, got {est.dtype}")
     nkb_p = next_pow2(max(nkb, 16))
     _block_topk_module(est.device).threshold_select[(nqb, B * H)](
-        est.contiguous(), counts, idx, nqb, nkb, n_q, 0 if causal == "upper_left" else n_kv - n_q,
-        block, float(gamma), int(min_budget), -1 if max_budget is None else int(max_budget),
+        est.contiguous(), counts, idx, nqb, nkb, n_q, positions_offset(causal, n_q, n_kv), block,
+        float(gamma), int(min_budget), -1 if max_budget is None else int(max_budget),
         sink_blocks, local_blocks, nkb, CAUSAL=causal is not None, NKB_P=nkb_p,
         W_P=nkb_p, num_warps=1 if nkb_p <= 1024 else 4)
     return counts, idx
@@ -746,7 +746,6 @@ def last_rows_lines(q: torch.Tensor, k: torch.Tensor, *, scale: float, causal: s
     ``pool_block``: also return ``pool_blocks(k, pool_block)`` (``(lines, pooled_k)``), made
     by the first pass over the keys when it can (one query head per KV head, the rows' tile is
     one block), else by ``pool_blocks``."""
-    from codegen.attention.reference import positions_offset
     if causal not in ("lower_right", "upper_left"):
         raise ValueError(f"last_rows_lines: causal must be 'lower_right' or 'upper_left', "
                          f"got {causal!r}")
@@ -815,7 +814,6 @@ def auto_block_scores(pq: torch.Tensor, pk: torch.Tensor, lines: torch.Tensor,
     fp32 ``[B, H, NQB, D]`` / ``[B, H, NKB, D]``), for the others the line mass of ``lines``
     (``[B, H, 2, Nkv]``, from ``last_rows_lines``) through each key block; fp32
     ``[B, H, NQB, NKB]``, -inf where the causal rule allows no pair."""
-    from codegen.attention.reference import positions_offset
     B, H, nqb, D = pq.shape
     nkb = pk.shape[2]
     n_kv = lines.shape[-1]
@@ -857,7 +855,6 @@ def quest_page_bounds(q: torch.Tensor, k: torch.Tensor, *, page: int, causal: Op
     to ``QUEST_MAX_PAGE``. Same values as ``codegen.select.policies.quest_estimate``.
     ``summaries``: ``(max, min)`` of k's pages kept from earlier calls (``quest_page_summaries``
     layout, at least NP pages), instead of reading all of k again."""
-    from codegen.attention.reference import positions_offset
     B, Hq, Nq, D = q.shape
     Hkv, Nkv = k.shape[1], k.shape[2]
     if k.shape[0] != B or Hq % Hkv or k.shape[3] != D or k.dtype != q.dtype:
@@ -938,15 +935,15 @@ def auto_criterion(dots: torch.Tensor, lines: torch.Tensor, *, n_q: int, causal:
     the vertical statistics of ``lines``, mean over the last ``min(block, n_q)`` rows) is at
     most ``tau``: ``codegen.select.policies.auto_criterion``. ``as_int32``: 0 / 1 int32
     instead (what ``auto_block_scores`` reads, no conversion launch)."""
-    from codegen.attention.reference import positions_offset
     B, H, nqb, nkb = dots.shape
     n_kv = lines.shape[-1]
     if lines.shape != (B, H, 2, n_kv):
         raise ValueError(f"auto_criterion: dots {tuple(dots.shape)} and lines "
                          f"{tuple(lines.shape)} do not match")
     aware = torch.empty((B, H), device=dots.device, dtype=torch.int32)
-    if aware.numel() == 0 or nqb == 0:
-        return aware.zero_() if as_int32 else aware.bool()
+    if aware.numel() == 0 or nqb == 0:         # no query block: no head is query-aware
+        aware.zero_()
+        return aware if as_int32 else aware.bool()
     last_pos = n_q - 1 + positions_offset(causal, n_q, n_kv)      # the last query block's end
     nkb_p = next_pow2(max(nkb, 16))
     _lines_module(dots.device).auto_criterion[(B * H,)](

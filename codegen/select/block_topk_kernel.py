@@ -88,11 +88,11 @@ def pooled_dots(a_ptr, b_ptr, out_ptr, NQB, NKB, Nq, off, block, D,
 
 
 @triton.jit
-def _select_row(s_ptr, counts_ptr, idx_ptr, budget_ptr, row, pid_q, NKB, Nq, off, block, scale,
-                rounds, sink_blocks, local_blocks, W,
-                CAUSAL: tl.constexpr, NKB_P: tl.constexpr, W_P: tl.constexpr,
-                SORTED: tl.constexpr, K_P: tl.constexpr, BUDGET: tl.constexpr,
-                SORT32: tl.constexpr, BISECT: tl.constexpr):
+def _row_masks(s_ptr, row, pid_q, NKB, Nq, off, block, scale, sink_blocks, local_blocks,
+               CAUSAL: tl.constexpr, NKB_P: tl.constexpr):
+    """One row of scores (``scale`` applied) with the blocks it may see (``allowed``: not -inf
+    and, with a causal rule, starting at or before the query block's last position) and the
+    forced ones among them (the sink blocks and the ``local_blocks`` ending at the diagonal)."""
     j = tl.arange(0, NKB_P)
     in_row = j < NKB
     s = tl.load(s_ptr + row * NKB + j, mask=in_row, other=float("-inf")) * scale
@@ -101,60 +101,77 @@ def _select_row(s_ptr, counts_ptr, idx_ptr, budget_ptr, row, pid_q, NKB, Nq, off
     if CAUSAL:
         allowed = allowed & (j * block <= last_pos)
     last_blk = tl.minimum(tl.maximum(last_pos // block, 0), NKB - 1)
-    forced = (j < sink_blocks) | ((j <= last_blk) & (j > last_blk - local_blocks))
-    sel = forced & allowed
-    # order-preserving integer image of the fp32 value, packed above the reversed block id
-    bits = s.to(tl.int32, bitcast=True)
-    key = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF).to(tl.int64)
-    packed = (key << 32) | (NKB_P - 1 - j).to(tl.int64)
-    floor = tl.full([NKB_P], -2139095041, tl.int64) << 32       # the image of -inf, id bits 0
+    forced = allowed & ((j < sink_blocks) | ((j <= last_blk) & (j > last_blk - local_blocks)))
+    return j, s, allowed, forced
+
+
+@triton.jit
+def _order_key(x):
+    """The order-preserving int32 image of fp32 ``x`` (-0.0 taken as +0.0)."""
+    b = (x + 0.0).to(tl.int32, bitcast=True)
+    return tl.where(b >= 0, b, b ^ 0x7FFFFFFF)
+
+
+@triton.jit
+def _key_reaching(key, w, target):
+    """The largest int32 ``t`` with ``sum(w[key >= t]) >= target``, built bit by bit (the sign
+    first, then bits 30..0): 32 row reductions, no sort. ``w`` >= 0 (counts or values)."""
+    t = tl.where(tl.sum(tl.where(key >= 0, w, 0), axis=0) >= target, 0, -2147483648)
+    for bit in tl.static_range(30, -1, -1):
+        cand = t | (1 << bit)
+        t = tl.where(tl.sum(tl.where(key >= cand, w, 0), axis=0) >= target, cand, t)
+    return t
+
+
+@triton.jit
+def _keep_with_ties(gt, eq, rounds):
+    """``rounds`` blocks: all of ``gt``, then those of ``eq`` in ascending block order."""
+    need = rounds - tl.sum(gt.to(tl.int32), axis=0)
+    eq_rank = tl.cumsum(eq.to(tl.int32), axis=0)
+    return (gt | (eq & (eq_rank <= need))) & (rounds > 0)
+
+
+@triton.jit
+def _pick(counts_ptr, idx_ptr, row, j, s, allowed, forced, rounds, W,
+          NKB_P: tl.constexpr, W_P: tl.constexpr, SORTED: tl.constexpr, K_P: tl.constexpr,
+          SORT32: tl.constexpr, BISECT: tl.constexpr):
+    """The forced blocks plus the ``rounds`` largest other allowed ones (ties to the lower id),
+    written ascending, -1 up to ``W``, and their count."""
+    sel = forced
     eligible = allowed & (forced == 0)
-    if BUDGET:      # per query block: keep `budget` blocks in all, the forced ones included
-        n_forced = tl.sum(sel.to(tl.int32), axis=0)
-        rounds = tl.maximum(tl.load(budget_ptr + pid_q) - n_forced, 0)
     if BISECT:
-        # the rounds-th largest eligible value without a sort: its order-preserving int32
-        # image, built bit by bit (sign first), is the largest t with count(key >= t) >=
-        # rounds; values above it are kept, values equal to it by ascending block id
-        vals = tl.where(eligible, s, float("-inf"))
-        vb = vals.to(tl.int32, bitcast=True)
-        vkey = tl.where(vb >= 0, vb, vb ^ 0x7FFFFFFF)
-        t = tl.where(tl.sum((vkey >= 0).to(tl.int32), axis=0) >= rounds, 0, -2147483648)
-        for bit in tl.static_range(30, -1, -1):
-            cand = t | (1 << bit)
-            t = tl.where(tl.sum((vkey >= cand).to(tl.int32), axis=0) >= rounds, cand, t)
-        gt = eligible & (vkey > t)
-        eq = eligible & (vkey == t)
-        need = rounds - tl.sum(gt.to(tl.int32), axis=0)
-        eq_rank = tl.cumsum(eq.to(tl.int32), axis=0)
-        sel = sel | ((gt | (eq & (eq_rank <= need))) & (rounds > 0))
+        # the rounds-th largest eligible value without a sort: the largest key that at least
+        # rounds eligible keys reach
+        vkey = _order_key(tl.where(eligible, s, float("-inf")))
+        t = _key_reaching(vkey, eligible.to(tl.int32), rounds)
+        sel = sel | _keep_with_ties(eligible & (vkey > t), eligible & (vkey == t), rounds)
     elif SORTED and SORT32:
-        # one partial sort of the fp32 values gives the rounds-th largest value; values
-        # above it are kept, values equal to it by ascending block id until rounds are kept
+        # one partial sort of the fp32 values gives the rounds-th largest value
         vals = tl.where(eligible, s, float("-inf"))
         top = tl.topk(vals, K_P)
         r = tl.arange(0, K_P)
         thr = tl.max(tl.where(r == rounds - 1, top, float("-inf")), axis=0)
-        gt = eligible & (vals > thr)
-        eq = eligible & (vals == thr)
-        need = rounds - tl.sum(gt.to(tl.int32), axis=0)
-        eq_rank = tl.cumsum(eq.to(tl.int32), axis=0)
-        sel = sel | ((gt | (eq & (eq_rank <= need))) & (rounds > 0))
-    elif SORTED:
-        # one partial bitonic sort: the rounds-th largest eligible key is the threshold
-        # (keys are distinct, so exactly `rounds` keys reach it when enough are eligible)
-        top = tl.topk(tl.where(eligible, packed, floor), K_P)
-        r = tl.arange(0, K_P)
-        thr = tl.max(tl.where(r == rounds - 1, top, tl.full([K_P], -2139095041, tl.int64) << 32),
-                     axis=0)
-        sel = sel | (eligible & (packed >= thr) & (rounds > 0))
+        sel = sel | _keep_with_ties(eligible & (vals > thr), eligible & (vals == thr), rounds)
     else:
-        for _ in range(rounds):
-            m = tl.max(tl.where(eligible, packed, floor), axis=0)
-            pick = (NKB_P - 1) - (m & (NKB_P - 1)).to(tl.int32)
-            hit = (j == pick) & ((m >> 32) > -2139095041)
-            sel = sel | hit
-            eligible = eligible & (hit == 0)
+        # order-preserving integer image of the value, packed above the reversed block id
+        key = _order_key(s).to(tl.int64)
+        packed = (key << 32) | (NKB_P - 1 - j).to(tl.int64)
+        floor = tl.full([NKB_P], -2139095041, tl.int64) << 32       # the image of -inf, id 0
+        if SORTED:
+            # one partial bitonic sort: the rounds-th largest eligible key is the threshold
+            # (keys are distinct, so exactly `rounds` keys reach it when enough are eligible)
+            top = tl.topk(tl.where(eligible, packed, floor), K_P)
+            r = tl.arange(0, K_P)
+            thr = tl.max(tl.where(r == rounds - 1, top,
+                                  tl.full([K_P], -2139095041, tl.int64) << 32), axis=0)
+            sel = sel | (eligible & (packed >= thr) & (rounds > 0))
+        else:
+            for _ in range(rounds):
+                m = tl.max(tl.where(eligible, packed, floor), axis=0)
+                pick = (NKB_P - 1) - (m & (NKB_P - 1)).to(tl.int32)
+                hit = (j == pick) & ((m >> 32) > -2139095041)
+                sel = sel | hit
+                eligible = eligible & (hit == 0)
     sel_i = sel.to(tl.int32)
     count = tl.sum(sel_i, axis=0)
     slot = tl.cumsum(sel_i, axis=0) - 1
@@ -166,20 +183,27 @@ def _select_row(s_ptr, counts_ptr, idx_ptr, budget_ptr, row, pid_q, NKB, Nq, off
 
 
 @triton.jit
+def _select_row(s_ptr, counts_ptr, idx_ptr, budget_ptr, row, pid_q, NKB, Nq, off, block, scale,
+                rounds, sink_blocks, local_blocks, W,
+                CAUSAL: tl.constexpr, NKB_P: tl.constexpr, W_P: tl.constexpr,
+                SORTED: tl.constexpr, K_P: tl.constexpr, BUDGET: tl.constexpr,
+                SORT32: tl.constexpr, BISECT: tl.constexpr):
+    j, s, allowed, forced = _row_masks(s_ptr, row, pid_q, NKB, Nq, off, block, scale,
+                                       sink_blocks, local_blocks, CAUSAL, NKB_P)
+    if BUDGET:      # per query block: keep `budget` blocks in all, the forced ones included
+        rounds = tl.maximum(tl.load(budget_ptr + pid_q) - tl.sum(forced.to(tl.int32), axis=0), 0)
+    _pick(counts_ptr, idx_ptr, row, j, s, allowed, forced, rounds, W, NKB_P, W_P, SORTED, K_P,
+          SORT32, BISECT)
+
+
+@triton.jit
 def threshold_select(s_ptr, counts_ptr, idx_ptr, NQB, NKB, Nq, off, block, gamma, min_budget,
                      max_budget, sink_blocks, local_blocks, W,
                      CAUSAL: tl.constexpr, NKB_P: tl.constexpr, W_P: tl.constexpr):
     pid_q = tl.program_id(0)
     row = tl.program_id(1).to(tl.int64) * NQB + pid_q
-    j = tl.arange(0, NKB_P)
-    in_row = j < NKB
-    s = tl.load(s_ptr + row * NKB + j, mask=in_row, other=float("-inf"))
-    allowed = in_row & (s > float("-inf"))
-    last_pos = tl.minimum((pid_q + 1) * block, Nq) - 1 + off
-    if CAUSAL:
-        allowed = allowed & (j * block <= last_pos)
-    last_blk = tl.minimum(tl.maximum(last_pos // block, 0), NKB - 1)
-    forced = allowed & ((j < sink_blocks) | ((j <= last_blk) & (j > last_blk - local_blocks)))
+    j, s, allowed, forced = _row_masks(s_ptr, row, pid_q, NKB, Nq, off, block, 1.0,
+                                       sink_blocks, local_blocks, CAUSAL, NKB_P)
     e = tl.where(allowed, tl.maximum(s, 0.0), 0.0)
     total = tl.sum(e, axis=0)
     eps = 1e-7 * total
@@ -187,15 +211,10 @@ def threshold_select(s_ptr, counts_ptr, idx_ptr, NQB, NKB, Nq, off, block, gamma
     target = need - eps
     rest = allowed & (forced == 0)
     r = tl.where(rest, e, 0.0)
-    n_rest = tl.sum(rest.to(tl.int32), axis=0)
     # the kept blocks are the fewest largest: the smallest value among them has the largest
-    # order-preserving key t whose values at keys >= t still sum to the target (built bit by bit)
-    rb = r.to(tl.int32, bitcast=True)
-    rkey = tl.where(rb >= 0, rb, rb ^ 0x7FFFFFFF)
-    t = tl.where(tl.sum(tl.where(rkey >= 0, r, 0.0), axis=0) >= target, 0, -2147483648)
-    for bit in tl.static_range(30, -1, -1):
-        cand = t | (1 << bit)
-        t = tl.where(tl.sum(tl.where(rkey >= cand, r, 0.0), axis=0) >= target, cand, t)
+    # key whose values at keys >= it still sum to the target
+    rkey = _order_key(r)
+    t = _key_reaching(rkey, r, target)
     gt = rest & (rkey > t)
     eq = rest & (rkey == t)
     s_gt = tl.sum(tl.where(gt, r, 0.0), axis=0)
@@ -208,9 +227,9 @@ def threshold_select(s_ptr, counts_ptr, idx_ptr, NQB, NKB, Nq, off, block, gamma
     n = tl.where(need <= eps, 0, n)
     n = tl.maximum(n, min_budget)
     n = tl.where(max_budget >= 0, tl.minimum(n, max_budget), n)
-    n = tl.minimum(n, n_rest)
-    _select_row(s_ptr, counts_ptr, idx_ptr, s_ptr, row, pid_q, NKB, Nq, off, block, 1.0, n,
-                sink_blocks, local_blocks, W, CAUSAL, NKB_P, W_P, False, 16, False, False, True)
+    n = tl.minimum(n, tl.sum(rest.to(tl.int32), axis=0))
+    _pick(counts_ptr, idx_ptr, row, j, s, allowed, forced, n, W, NKB_P, W_P, False, 16, False,
+          True)
 
 
 @triton.jit
