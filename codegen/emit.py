@@ -88,7 +88,9 @@ class Schedule:
     ``persistent``: block-sparse only, 0 = one program per tile, k > 0 = k programs per SM
     looping over tiles (marked for loop flattening; Triton 3.6 does not flatten this
     data-dependent nest, and it measured slower on H100); ``tma``: block-sparse only, load K/V tiles through tensor descriptors (the
-    copy engine) instead of per-thread async copies."""
+    copy engine) instead of per-thread async copies; ``wgmma``: block-sparse only, the Gluon
+    kernel with explicit warpgroup MMAs whose softmax overlaps the previous tile's P·V
+    (Hopper; ``codegen/block_sparse/wgmma_kernel.py``, which lists the cases it covers)."""
     block_m: int = 128
     block_n: int = 64
     num_warps: int = 4
@@ -97,6 +99,7 @@ class Schedule:
     split: int = 0
     persistent: int = 0
     tma: bool = False
+    wgmma: bool = False
 
     def __post_init__(self):
         for name in ("block_m", "block_n"):
@@ -116,7 +119,8 @@ class Schedule:
         """Short printable name, e.g. ``m128-n64-w8-s3-branch``."""
         t = f"m{self.block_m}-n{self.block_n}-w{self.num_warps}-s{self.num_stages}-{self.mask_mode.value}"
         return t + (f"-split{self.split}" if self.split else "") + (
-            f"-persist{self.persistent}" if self.persistent else "") + ("-tma" if self.tma else "")
+            f"-persist{self.persistent}" if self.persistent else "") + ("-tma" if self.tma else "") + (
+            "-wgmma" if self.wgmma else "")
 
 
 Spec = Union[BlockSparseSpec, TokenSparseSpec]
@@ -184,7 +188,9 @@ def head_mapping_code(spec, packed_rows: str) -> str:
 
 def emit(spec: Spec, schedule: Schedule) -> str:
     """Triton module source specialized on ``spec`` and ``schedule`` (see module docstring)."""
-    if isinstance(spec, BlockSparseSpec):
+    if isinstance(spec, BlockSparseSpec) and schedule.wgmma:
+        from codegen.block_sparse.wgmma_kernel import render
+    elif isinstance(spec, BlockSparseSpec):
         from codegen.block_sparse.kernel import render
     elif isinstance(spec, TokenSparseSpec):
         from codegen.token_sparse.kernel import render

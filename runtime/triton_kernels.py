@@ -181,9 +181,10 @@ def default_block_sparse_schedule(spec: BlockSparseSpec, device, max_blocks: int
     """Default tiling for the block-sparse forward (H100 measurements: benchmarks/NOTES_kernels.md).
 
     ``max_blocks``: width of the block lists; very short lists (<= 4 blocks) run best with
-    narrow key tiles whose small footprint lets two programs share an SM; at D <= 64, 128x64
-    tiles; otherwise 128x128 tiles with K/V through tensor descriptors (the copy engine) where
-    strides allow. Tiles never exceed the mask block. The cost model (``planner.costmodel.VARIANTS``) picks among
+    narrow key tiles whose small footprint lets two programs share an SM; on Hopper at D = 128
+    the warp-specialized kernel (``codegen/block_sparse/wgmma_kernel.py``; a persistent grid
+    for lists of <= 16 blocks); at D <= 64, 128x64 tiles; otherwise 128x128 tiles with K/V
+    through tensor descriptors (the copy engine) where strides allow. Tiles never exceed the mask block. The cost model (``planner.costmodel.VARIANTS``) picks among
     measured alternatives per call shape when a site runs with ``cost_model="auto"``."""
     d = max(spec.head_dim, spec.v_head_dim)
     if device.type != "cuda":
@@ -191,8 +192,15 @@ def default_block_sparse_schedule(spec: BlockSparseSpec, device, max_blocks: int
     elif spec.dtype == "float32":
         sch = Schedule(block_m=64, block_n=32, num_warps=4, num_stages=2)
     elif spec.block >= 128 and d <= 128:
+        ws = Schedule(block_m=128, block_n=128, num_warps=8, num_stages=2, tma=True, wgmma=True,
+                      persistent=1 if 0 < max_blocks <= 16 else 0)
         if 0 < max_blocks <= 4:
             sch = Schedule(block_m=128, block_n=32, num_warps=8, num_stages=4)
+        elif d == 128 and spec.block == 128 and _wgmma_ok(spec, ws, device):
+            # Hopper: the warp-specialized Gluon kernel, persistent for short lists (H100,
+            # benchmarks/NOTES_kernels.md: 65536 tokens at 12%: 4.21 ms vs 4.48 for the Triton
+            # kernel; at 3%: 1.25 vs 1.40; full causal 32.0 vs 36.2)
+            sch = ws
         elif d <= 64:
             # D = 64: 64-key steps as fast or faster everywhere on the cost-model grid (H100,
             # benchmarks/results/costmodel_h100.md: 65536 at 3% 0.75 vs 1.01 ms for 128x128)
@@ -322,6 +330,8 @@ def _plan_block_sparse(q, k, v, kv_num_blocks, kv_indices, block, causal, window
         schedule = default_block_sparse_schedule(spec, q.device, maxb)
     if schedule.tma and not _tma_ok(spec, q.device):
         schedule = dataclasses.replace(schedule, tma=False)
+    if schedule.wgmma and not _wgmma_ok(spec, schedule, q.device):
+        schedule = dataclasses.replace(schedule, wgmma=False)
     gp = next_pow2(G) if spec.pack_gqa else 1
     qm = max(schedule.block_m, gp) // gp
     heads = Hkv if spec.pack_gqa else Hq
@@ -329,6 +339,8 @@ def _plan_block_sparse(q, k, v, kv_num_blocks, kv_indices, block, causal, window
     n_tiles = n_mtiles * B * heads
     if schedule.persistent:
         grid = (min(n_tiles, schedule.persistent * _sm_count(q.device)),)
+    elif schedule.wgmma:                    # a 1-D grid: one program per tile
+        grid = (n_tiles,)
     else:
         grid = (n_mtiles, B * heads)
     a = spec.stride_align
@@ -348,6 +360,27 @@ def _tma_ok(spec: BlockSparseSpec, device) -> bool:
     import triton.language as tl
     itemsize = 4 if spec.dtype == "float32" else 2
     return spec.stride_align * itemsize == 16 and hasattr(tl, "make_tensor_descriptor")
+
+
+def _wgmma_ok(spec: BlockSparseSpec, sch: Schedule, device) -> bool:
+    """The Gluon warpgroup-MMA kernel runs on Hopper (capability 9.x) for the cases that
+    ``codegen.block_sparse.wgmma_kernel.supported`` accepts; elsewhere the Triton kernel runs."""
+    if (device.type != "cuda" or not torch.cuda.is_available()
+            or torch.cuda.get_device_capability(device)[0] != 9):
+        return False
+    try:
+        from codegen.block_sparse.wgmma_kernel import api_names, supported
+        api_names()
+    except ImportError:                     # a Triton without Gluon's Hopper module
+        return False
+    return not supported(spec, sch)
+
+
+def _launch_warps(sch: Schedule) -> int:
+    if sch.wgmma:
+        from codegen.block_sparse.wgmma_kernel import LAUNCH_WARPS
+        return LAUNCH_WARPS
+    return sch.num_warps
 
 
 def _contiguous_as_planned(plan: LaunchPlan, tensors):
@@ -385,7 +418,7 @@ def block_sparse_attention(q, k, v, kv_num_blocks, kv_indices, *, block: int, sc
     plan = _cached_plan(sig, lambda: _plan_block_sparse(q, k, v, kv_num_blocks, kv_indices, block,
                                                          causal, window > 0, schedule, pack_gqa))
     mod = _module(plan)
-    if plan.schedule.tma and q.device.type == "cuda":
+    if (plan.schedule.tma or plan.schedule.wgmma) and q.device.type == "cuda":
         _set_descriptor_allocator()
     out, lse = _outputs(fn, out, lse, plan.out_shape, plan.lse_shape, q.dtype, q.device)
     if out.numel() == 0:
@@ -393,7 +426,7 @@ def block_sparse_attention(q, k, v, kv_num_blocks, kv_indices, *, block: int, sc
     q, k, v, num, idx = _contiguous_as_planned(plan, tensors)
     mod.block_sparse_fwd[plan.grid](
         q, k, v, out, lse, num, idx, *plan.args, float(scale) * LOG2E, sink, window, *plan.tail,
-        num_warps=plan.schedule.num_warps, num_stages=plan.schedule.num_stages)
+        num_warps=_launch_warps(plan.schedule), num_stages=plan.schedule.num_stages)
     return out, lse
 
 

@@ -17,6 +17,33 @@ from codegen.emit import (DTYPES, BlockSparseSpec, MaskMode, Schedule, dot_code,
                           head_mapping_code, indent_code, next_pow2, render_template)
 
 
+# The kernel's decorator and signature ($JIT: triton.jit or gluon.jit); lengths, strides and
+# the window stay runtime values. wgmma_kernel.py's Hopper kernel takes the same arguments.
+KERNEL_DEF = '''\
+@$JIT(do_not_specialize=[
+    "sqb", "sqh", "sqn", "skb", "skh", "skn", "svb", "svh", "svn", "Nq", "Nkv", "Hs", "Hq",
+    "n_qblocks", "max_blocks", "sink", "window", "n_mtiles", "n_tiles"])
+def block_sparse_fwd(Q, K, V, O, LSE, KV_NUM, KV_IDX,
+                     sqb, sqh, sqn, skb, skh, skn, svb, svh, svn,
+                     Nq, Nkv, Hs, Hq, n_qblocks, max_blocks, qk_scale, sink, window,
+                     n_mtiles, n_tiles):
+'''
+
+
+def mask_terms(spec: BlockSparseSpec, block_n: int):
+    """Token-mask code of a key tile starting at ``ks``: the conditions under which the tile
+    can need a mask (past Nkv, causal diagonal, window), and the terms of the keep mask."""
+    conds = ["ks + %d > Nkv" % block_n]
+    keep = ["offs_k[None, :] < Nkv"]
+    if spec.causal:
+        conds.append("ks + %d > pos_lo" % (block_n - 1))
+        keep.append("offs_k[None, :] <= pos[:, None]")
+    if spec.windowed:
+        conds.append("ks <= pos_hi - window")
+        keep.append("((offs_k[None, :] > pos[:, None] - window) | (offs_k[None, :] < sink))")
+    return conds, keep
+
+
 def render(spec: BlockSparseSpec, sch: Schedule) -> str:
     """Source of ``block_sparse_fwd`` specialized on ``spec`` and ``sch``."""
     gp = next_pow2(spec.gqa_group) if spec.pack_gqa else 1
@@ -33,14 +60,7 @@ def render(spec: BlockSparseSpec, sch: Schedule) -> str:
     dt = DTYPES[spec.dtype]
     row_ok = "(rows_q < Nq)" + (f" & (g < {spec.gqa_group})" if gp != spec.gqa_group else "")
 
-    conds = ["ks + %d > Nkv" % block_n]
-    keep = ["offs_k[None, :] < Nkv"]
-    if spec.causal:
-        conds.append("ks + %d > pos_lo" % (block_n - 1))
-        keep.append("offs_k[None, :] <= pos[:, None]")
-    if spec.windowed:
-        conds.append("ks <= pos_hi - window")
-        keep.append("((offs_k[None, :] > pos[:, None] - window) | (offs_k[None, :] < sink))")
+    conds, keep = mask_terms(spec, block_n)
     keep_code = "keep = " + " & ".join(f"({c})" for c in keep) + "\n"
     keep_code += 'qk = tl.where(keep, qk, float("-inf"))\n'
     if sch.mask_mode is MaskMode.ALWAYS:
@@ -60,14 +80,7 @@ def render(spec: BlockSparseSpec, sch: Schedule) -> str:
             v_desc = tl.make_tensor_descriptor(v_base, shape=[Nkv, {spec.v_head_dim}], strides=[svn * {a}, 1],
                                                block_shape=[{block_n}, {bdv}])
             ''', 4)
-    head = render_template('''
-    @triton.jit(do_not_specialize=["sqb", "sqh", "sqn", "skb", "skh", "skn", "svb", "svh", "svn",
-                                   "Nq", "Nkv", "Hs", "Hq", "n_qblocks", "max_blocks", "sink",
-                                   "window", "n_mtiles", "n_tiles"])
-    def block_sparse_fwd(Q, K, V, O, LSE, KV_NUM, KV_IDX,
-                         sqb, sqh, sqn, skb, skh, skn, svb, svh, svn,
-                         Nq, Nkv, Hs, Hq, n_qblocks, max_blocks, qk_scale, sink, window,
-                         n_mtiles, n_tiles):
+    head = render_template("\n" + textwrap.indent(KERNEL_DEF.replace("$JIT", "triton.jit").rstrip("\n"), "    ") + '''
         # Q [B, Hq, Nq, D], K [B, Hkv, Nkv, D], V [B, Hkv, Nkv, Dv] (strides / $ALIGN given),
         # O [B, Hq, Nq, Dv] and LSE [B, Hq, Nq] contiguous, KV_NUM [B, Hs, NQB],
         # KV_IDX [B, Hs, NQB, max_blocks]; qk_scale = softmax scale * log2(e).
