@@ -111,6 +111,8 @@ SWEEP_BLOCK = [
     Schedule(128, 128, 8, 3, tma=True), Schedule(128, 128, 8, 2, tma=True),
     Schedule(128, 64, 8, 3, tma=True), Schedule(128, 64, 8, 3), Schedule(128, 32, 8, 4),
     Schedule(128, 128, 8, 3, MaskMode.ALWAYS, tma=True),
+    Schedule(128, 128, 8, 2, tma=True, wgmma=True),
+    Schedule(128, 128, 8, 2, tma=True, persistent=1, wgmma=True),
 ]
 
 
