@@ -27,6 +27,7 @@ from typing import Optional
 import torch
 
 from codegen.attention.reference import positions_offset
+from codegen.block_sparse import wgmma_kernel
 from codegen.emit import BlockSparseSpec, Schedule, TokenSparseSpec, emit, load, next_pow2
 from codegen.token_sparse.backward import PRE_ROWS as BWD_PRE_ROWS, emit_backward
 from runtime.cache import KERNELS, seq_bucket, stable_hash
@@ -369,18 +370,14 @@ def _wgmma_ok(spec: BlockSparseSpec, sch: Schedule, device) -> bool:
             or torch.cuda.get_device_capability(device)[0] != 9):
         return False
     try:
-        from codegen.block_sparse.wgmma_kernel import api_names, supported
-        api_names()
+        wgmma_kernel.api_names()
     except ImportError:                     # a Triton without Gluon's Hopper module
         return False
-    return not supported(spec, sch)
+    return not wgmma_kernel.supported(spec, sch)
 
 
 def _launch_warps(sch: Schedule) -> int:
-    if sch.wgmma:
-        from codegen.block_sparse.wgmma_kernel import LAUNCH_WARPS
-        return LAUNCH_WARPS
-    return sch.num_warps
+    return wgmma_kernel.LAUNCH_WARPS if sch.wgmma else sch.num_warps
 
 
 def _contiguous_as_planned(plan: LaunchPlan, tensors):
