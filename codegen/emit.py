@@ -86,11 +86,13 @@ class Schedule:
     ``mask_mode``: block-sparse masking strategy; ``split``: token-sparse only, index entries
     per program (0 = one program walks the whole list; else split-K plus a combine step);
     ``persistent``: block-sparse only, 0 = one program per tile, k > 0 = k programs per SM
-    looping over tiles (marked for loop flattening; Triton 3.6 does not flatten this
-    data-dependent nest, and it measured slower on H100); ``tma``: block-sparse only, load K/V tiles through tensor descriptors (the
-    copy engine) instead of per-thread async copies; ``wgmma``: block-sparse only, the Gluon
-    kernel with explicit warpgroup MMAs whose softmax overlaps the previous tile's P·V
-    (Hopper; ``codegen/block_sparse/wgmma_kernel.py``, which lists the cases it covers)."""
+    looping over tiles (the Triton kernel marks the loop for flattening, which Triton 3.6 does
+    not do for this data-dependent nest, and measured slower on H100; the ``wgmma`` kernel
+    prefetches the next tile's loads, faster on short lists); ``tma``: block-sparse only, load
+    K/V tiles through tensor descriptors (the copy engine) instead of per-thread async copies;
+    ``wgmma``: block-sparse only, the warp-specialized Gluon kernel for Hopper (a loader warp
+    and two consumer warpgroups, ``num_warps=8``; ``codegen/block_sparse/wgmma_kernel.py``,
+    which names the cases it covers)."""
     block_m: int = 128
     block_n: int = 64
     num_warps: int = 4

@@ -370,7 +370,7 @@ def _wgmma_ok(spec: BlockSparseSpec, sch: Schedule, device) -> bool:
             or torch.cuda.get_device_capability(device)[0] != 9):
         return False
     try:
-        wgmma_kernel.api_names()
+        wgmma_kernel.tma_load_name()
     except ImportError:                     # a Triton without Gluon's Hopper module
         return False
     return not wgmma_kernel.supported(spec, sch)

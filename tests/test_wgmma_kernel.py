@@ -1,11 +1,11 @@
-"""The Gluon warpgroup-MMA block-sparse kernel (codegen/block_sparse/wgmma_kernel.py).
+"""The warp-specialized Gluon block-sparse kernel (codegen/block_sparse/wgmma_kernel.py).
 
-Everywhere: it compiles for sm_90 without a GPU (Triton's offline target), with the overlap it
-exists for (a wait that leaves one product in flight); cases it does not cover are named and
-run the Triton kernel instead. On a Hopper GPU: the kernel against the reference.
+Everywhere: it compiles for sm_90 without a GPU (Triton's offline target) into a loader and
+consumers with their own register budgets, wgmma products and TMA copies; cases it does not
+cover are named and run the Triton kernel instead. On a Hopper GPU: the kernel against the
+reference, one program per tile and persistent.
 """
 import os
-import re
 import subprocess
 import sys
 
@@ -16,7 +16,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from codegen.block_sparse import wgmma_kernel  # noqa: E402
-from codegen.emit import BlockSparseSpec, Schedule, load  # noqa: E402
+from codegen.emit import BlockSparseSpec, Schedule  # noqa: E402
 from runtime import triton_kernels as tk  # noqa: E402
 from test_kernels_block_sparse import TOL, LSE_TOL, make_inputs, run_checked  # noqa: E402
 

@@ -31,9 +31,10 @@ K/V are double-buffered whatever ``num_stages`` says.
 from __future__ import annotations
 
 from codegen.block_sparse.kernel import KERNEL_DEF, mask_terms
-from codegen.emit import BlockSparseSpec, Schedule, head_mapping_code, indent_code, render_template
+from codegen.emit import (DTYPES, BlockSparseSpec, Schedule, head_mapping_code, indent_code,
+                          render_template)
 
-_GL_DTYPES = {"float16": "gl.float16", "bfloat16": "gl.bfloat16"}
+_GL_DTYPES = {k: v.replace("tl.", "gl.") for k, v in DTYPES.items() if k != "float32"}
 LAUNCH_WARPS = 4        # the launch's warps run consumer 0; consumer 1 and the loader are workers
 
 
@@ -48,25 +49,23 @@ def supported(spec: BlockSparseSpec, sch: Schedule) -> str:
     if not (sch.block_m == sch.block_n == spec.block == 128):
         return (f"tiles {sch.block_m}x{sch.block_n} with mask block {spec.block} "
                 f"(needs 128x128 tiles and block 128)")
-    if sch.num_warps != 8:
+    if sch.num_warps != 8:          # the two consumer warpgroups (launched as LAUNCH_WARPS + workers)
         return f"num_warps={sch.num_warps} (needs 8)"
     if spec.stride_align * 2 != 16:
         return f"strides aligned to {spec.stride_align} elements (needs 8: 16-byte TMA strides)"
     return ""
 
 
-def api_names() -> dict:
-    """Names of the Gluon calls that were renamed between Triton releases, as the installed
-    Triton spells them: the TMA tile load (``async_copy_global_to_shared``, later
-    ``async_load``)."""
+def tma_load_name() -> str:
+    """Gluon's TMA tile load as the installed Triton spells it (``async_copy_global_to_shared``,
+    renamed ``async_load`` in later releases)."""
     from triton.experimental.gluon.language.nvidia.hopper import tma
-    return {"tma_load": "async_load" if hasattr(tma, "async_load") else "async_copy_global_to_shared"}
+    return "async_load" if hasattr(tma, "async_load") else "async_copy_global_to_shared"
 
 
-def render(spec: BlockSparseSpec, sch: Schedule, names: dict | None = None) -> str:
-    """Source of ``block_sparse_fwd`` (Gluon) for ``spec`` / ``sch``; ``names``: ``api_names()``
-    of the Triton that will compile it (default: the installed one)."""
-    names = names or api_names()
+def render(spec: BlockSparseSpec, sch: Schedule, tma_load: str | None = None) -> str:
+    """Source of ``block_sparse_fwd`` (Gluon) for ``spec`` / ``sch``; ``tma_load``: the TMA load's
+    name in the Triton that will compile it (default: ``tma_load_name()``)."""
     why = supported(spec, sch)
     if why:
         raise ValueError(f"the warpgroup-MMA block-sparse kernel does not cover {why}")
@@ -258,5 +257,5 @@ def render(spec: BlockSparseSpec, sch: Schedule, names: dict | None = None) -> s
         HM=sch.block_m // 2, CONSUMER_REGS=240,
         KERNEL_DEF=KERNEL_DEF.replace("$JIT", "gluon.jit").rstrip("\n"),
         NEED=" | ".join(f"({c})" for c in conds), KEEP=" & ".join(f"({c})" for c in keep),
-        TMA_LOAD=names["tma_load"],
+        TMA_LOAD=tma_load or tma_load_name(),
         HEADS=indent_code(head_mapping_code(spec, "0"), 4).rstrip("\n"))
