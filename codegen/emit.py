@@ -45,7 +45,8 @@ class BlockSparseSpec:
     ``lists_per_group``: the block lists have one row per KV head (``Hs == Hkv``), else one per
     query head. ``pack_gqa``: one program serves the ``gqa_group`` query heads of a KV head (only
     with ``lists_per_group``). ``stride_align``: every q/k/v stride except the last is a
-    multiple of this many elements (lets loads vectorize with runtime strides).
+    multiple of this many elements, and every start address too (lets loads vectorize with
+    runtime strides, and tensor descriptors address the tensors).
     """
     head_dim: int
     v_head_dim: int

@@ -118,9 +118,11 @@ def _heads_of_lists(fn: str, name: str, hs: int, Hq: int, Hkv: int,
 
 
 def _stride_align(dtype, *tensors) -> int:
-    """Largest of (16 bytes / element size, 1) dividing every non-last stride."""
+    """Largest of (16 bytes / element size, 1) dividing every non-last stride, where every
+    tensor also starts on a 16-byte boundary (tensor descriptors need both)."""
     align = 16 // dtype.itemsize
-    ok = all(s % align == 0 for t in tensors for s in t.stride()[:3])
+    ok = all(s % align == 0 for t in tensors for s in t.stride()[:3]) and all(
+        t.data_ptr() % 16 == 0 for t in tensors)
     return align if ok else 1
 
 
@@ -284,7 +286,8 @@ _MAX_PLANS = 4096
 
 
 def _signature(fn: str, tensors, extra: tuple) -> tuple:
-    return (fn, extra) + tuple((t.shape, t.stride(), t.dtype, t.device) for t in tensors)
+    return (fn, extra) + tuple((t.shape, t.stride(), t.dtype, t.device, t.data_ptr() % 16 == 0)
+                               for t in tensors)
 
 
 def _cached_plan(sig: tuple, build):
@@ -370,7 +373,7 @@ def _wgmma_ok(spec: BlockSparseSpec, sch: Schedule, device) -> bool:
             or torch.cuda.get_device_capability(device)[0] != 9):
         return False
     try:
-        wgmma_kernel.tma_load_name()
+        wgmma_kernel.gluon_names()
     except ImportError:                     # a Triton without Gluon's Hopper module
         return False
     return not wgmma_kernel.supported(spec, sch)
@@ -421,9 +424,13 @@ def block_sparse_attention(q, k, v, kv_num_blocks, kv_indices, *, block: int, sc
     if out.numel() == 0:
         return out, lse
     q, k, v, num, idx = _contiguous_as_planned(plan, tensors)
+    # the Hopper kernel stores the output through a tensor descriptor (16-byte aligned start)
+    o = torch.empty_like(out) if plan.schedule.wgmma and out.data_ptr() % 16 else out
     mod.block_sparse_fwd[plan.grid](
-        q, k, v, out, lse, num, idx, *plan.args, float(scale) * LOG2E, sink, window, *plan.tail,
+        q, k, v, o, lse, num, idx, *plan.args, float(scale) * LOG2E, sink, window, *plan.tail,
         num_warps=_launch_warps(plan.schedule), num_stages=plan.schedule.num_stages)
+    if o is not out:
+        out.copy_(o)
     return out, lse
 
 

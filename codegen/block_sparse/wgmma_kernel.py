@@ -9,14 +9,19 @@ mbarriers, and splits each 128-query tile over three partitions:
 
 - a loader warp: Q's two 64-row halves (double-buffered across tiles), then K_j and V_j of
   every listed block into one of two stages, each stage reused once both consumers release it;
-- two consumer warpgroups, rows 0-63 and 64-127: per block, QK^T, mask (only on tiles that can
-  need it), online softmax, P·V. They alternate on the tensor cores through two "turn"
-  barriers (each product is issued only on the consumer's turn, and the turn passes right
-  after the issue), so one consumer's softmax runs while the other's products do.
+  all through tensor descriptors made once per program (4-D: batch, head, row, dim);
+- two consumer warpgroups, rows 0-63 and 64-127. They alternate on the tensor cores through
+  two "turn" barriers: a turn issues QK^T of block j and P·V of block j-1 back to back and
+  passes right after the issue, then the consumer waits for both, masks (only on tiles that
+  can need it) and runs the online softmax of block j while the other consumer's products run.
+  The first block's QK^T and the last block's P·V take a turn alone. The normalized output
+  goes to the consumer's own shared-memory buffer and leaves through the copy engine (a 3-D
+  descriptor that clips rows past the sequence end), overlapping the next tile.
 
 An intra-warpgroup variant (QK^T of tile j and P·V of tile j-1 in flight together, softmax in
-between) compiled as written, but ptxas moved the wait for P·V above the softmax, and it
-measured no faster than the Triton kernel (benchmarks/NOTES_kernels.md).
+between, without the second consumer) compiled as written, but ptxas moved the wait for P·V
+above the softmax, and it measured no faster than the Triton kernel
+(benchmarks/NOTES_kernels.md).
 
 Programs walk tiles head by head, each head's longest causal tiles first; with
 ``Schedule.persistent`` the grid holds that many programs per SM, each walking several tiles
@@ -24,8 +29,9 @@ Programs walk tiles head by head, each head's longest causal tiles first; with
 arguments, outputs and masking rules as ``kernel.py``'s ``block_sparse_fwd`` (bottom-right
 causal, sequence end, sink/window), so the launch code is shared (launched with
 ``LAUNCH_WARPS`` warps). Supported: CUDA capability 9.x, fp16/bf16, equal head dims of 64 or
-128, 128x128 tiles equal to the mask block, no GQA packing, 16-byte strides (tensor
-descriptors); ``supported`` names the case that misses (the runtime then runs ``kernel.py``).
+128, 128x128 tiles equal to the mask block, no GQA packing, 16-byte strides and start
+addresses (tensor descriptors; the runtime writes a misaligned ``out`` through an aligned
+temporary); ``supported`` names the case that misses (the runtime then runs ``kernel.py``).
 K/V are double-buffered whatever ``num_stages`` says.
 """
 from __future__ import annotations
@@ -56,16 +62,22 @@ def supported(spec: BlockSparseSpec, sch: Schedule) -> str:
     return ""
 
 
-def tma_load_name() -> str:
-    """Gluon's TMA tile load as the installed Triton spells it (``async_copy_global_to_shared``,
-    renamed ``async_load`` in later releases)."""
+def gluon_names() -> dict:
+    """Gluon calls whose names differ between Triton releases, as the installed Triton spells
+    them: the TMA tile load and store (``async_copy_global_to_shared`` /
+    ``async_copy_shared_to_global`` in 3.6, ``async_load`` / ``async_store`` later) and the
+    CTA barrier (``thread_barrier`` in 3.6, ``barrier`` later)."""
+    from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.hopper import tma
-    return "async_load" if hasattr(tma, "async_load") else "async_copy_global_to_shared"
+    load = "async_load" if hasattr(tma, "async_load") else "async_copy_global_to_shared"
+    store = "async_store" if hasattr(tma, "async_store") else "async_copy_shared_to_global"
+    barrier = "thread_barrier" if hasattr(gl, "thread_barrier") else "barrier"
+    return {"TMA_LOAD": load, "TMA_STORE": store, "BARRIER": barrier}
 
 
-def render(spec: BlockSparseSpec, sch: Schedule, tma_load: str | None = None) -> str:
-    """Source of ``block_sparse_fwd`` (Gluon) for ``spec`` / ``sch``; ``tma_load``: the TMA load's
-    name in the Triton that will compile it (default: ``tma_load_name()``)."""
+def render(spec: BlockSparseSpec, sch: Schedule, names: dict | None = None) -> str:
+    """Source of ``block_sparse_fwd`` (Gluon) for ``spec`` / ``sch``; ``names``: ``gluon_names()``
+    of the Triton that will compile it (default: the installed one)."""
     why = supported(spec, sch)
     if why:
         raise ValueError(f"the warpgroup-MMA block-sparse kernel does not cover {why}")
@@ -75,7 +87,7 @@ def render(spec: BlockSparseSpec, sch: Schedule, tma_load: str | None = None) ->
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.hopper import (
-        mbarrier, tma, warpgroup_mma, warpgroup_mma_wait)
+        fence_async_shared, mbarrier, tma, warpgroup_mma, warpgroup_mma_wait)
 
 
     @gluon.jit
@@ -124,43 +136,46 @@ def render(spec: BlockSparseSpec, sch: Schedule, tma_load: str | None = None) ->
         # both consumers have released that buffer.
         tile_l: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=$SWIZZLE, element_bitwidth=16,
                                                     rank=2)
+        n_b = n_tiles // (n_mtiles * Hq)
+        q_desc = tma.make_tensor_descriptor(Q, shape=[n_b, Hq, Nq, $D],
+                                            strides=[sqb * $ALIGN, sqh * $ALIGN, sqn * $ALIGN, 1],
+                                            block_shape=[1, 1, $HM, $D], layout=tile_l)
+        k_desc = tma.make_tensor_descriptor(K, shape=[n_b, Hq // $G, Nkv, $D],
+                                            strides=[skb * $ALIGN, skh * $ALIGN, skn * $ALIGN, 1],
+                                            block_shape=[1, 1, $BN, $D], layout=tile_l)
+        v_desc = tma.make_tensor_descriptor(V, shape=[n_b, Hq // $G, Nkv, $D],
+                                            strides=[svb * $ALIGN, svh * $ALIGN, svn * $ALIGN, 1],
+                                            block_shape=[1, 1, $BN, $D], layout=tile_l)
         it = 0
         t_local = 0
         for tile in range(gl.program_id(0), n_tiles, gl.num_programs(0)):
             b, hq, kvh, q0, n_blk, idx_ptr = _tile(tile, n_mtiles, Hq, Hs, n_qblocks, max_blocks,
                                                    KV_NUM, KV_IDX)
-            b64 = b.to(gl.int64)
-            q_desc = tma.make_tensor_descriptor(Q + b64 * (sqb * $ALIGN) + hq.to(gl.int64) * (sqh * $ALIGN),
-                                                shape=[Nq, $D], strides=[sqn * $ALIGN, 1],
-                                                block_shape=[$HM, $D], layout=tile_l)
-            k_desc = tma.make_tensor_descriptor(K + b64 * (skb * $ALIGN) + kvh.to(gl.int64) * (skh * $ALIGN),
-                                                shape=[Nkv, $D], strides=[skn * $ALIGN, 1],
-                                                block_shape=[$BN, $D], layout=tile_l)
-            v_desc = tma.make_tensor_descriptor(V + b64 * (svb * $ALIGN) + kvh.to(gl.int64) * (svh * $ALIGN),
-                                                shape=[Nkv, $D], strides=[svn * $ALIGN, 1],
-                                                block_shape=[$BN, $D], layout=tile_l)
             qb = t_local % 2
             mbarrier.wait(bars.index(10 + qb), ((t_local // 2) & 1) ^ 1)     # Q buffer free
             mbarrier.expect(bars.index(8 + qb), $Q_BYTES)
-            tma.$TMA_LOAD(q_desc, [q0, 0], bars.index(8 + qb), q_s.index(2 * qb))
-            tma.$TMA_LOAD(q_desc, [q0 + $HM, 0], bars.index(8 + qb), q_s.index(2 * qb + 1))
+            for h in gl.static_range(2):
+                tma.$TMA_LOAD(q_desc, [b, hq, q0 + h * $HM, 0], bars.index(8 + qb),
+                              q_s.index(2 * qb + h).reshape([1, 1, $HM, $D]))
             for j in range(n_blk):
                 st = it % 2
                 ph = (it // 2) & 1
                 ks = gl.load(idx_ptr + j) * $BLOCK
                 mbarrier.wait(bars.index(2 + st), ph ^ 1)            # K stage free
                 mbarrier.expect(bars.index(st), $TILE_BYTES)
-                tma.$TMA_LOAD(k_desc, [ks, 0], bars.index(st), k_s.index(st))
+                tma.$TMA_LOAD(k_desc, [b, kvh, ks, 0], bars.index(st),
+                              k_s.index(st).reshape([1, 1, $BN, $D]))
                 mbarrier.wait(bars.index(6 + st), ph ^ 1)            # V stage free
                 mbarrier.expect(bars.index(4 + st), $TILE_BYTES)
-                tma.$TMA_LOAD(v_desc, [ks, 0], bars.index(4 + st), v_s.index(st))
+                tma.$TMA_LOAD(v_desc, [b, kvh, ks, 0], bars.index(4 + st),
+                              v_s.index(st).reshape([1, 1, $BN, $D]))
                 it += 1
             t_local += 1
 
 
     @gluon.jit
     def _consumer(c: gl.constexpr, O, LSE, KV_NUM, KV_IDX, Nq, Nkv, Hs, Hq, n_qblocks,
-                  max_blocks, n_mtiles, n_tiles, qk_scale, sink, window, q_s, k_s, v_s, bars):
+                  max_blocks, n_mtiles, n_tiles, qk_scale, sink, window, q_s, k_s, v_s, o_s, bars):
         # Rows q0 + 64c .. q0 + 64c + 63 of each tile (one warpgroup). The two consumers take
         # turns on the tensor cores (bars 12 + c: "my turn"), so one's softmax runs while the
         # other's products do.
@@ -172,7 +187,13 @@ def render(spec: BlockSparseSpec, sch: Schedule, tma_load: str | None = None) ->
         rows_l: gl.constexpr = gl.SliceLayout(1, mma)
         rows_o: gl.constexpr = gl.SliceLayout(1, mma_o)
         s_zero = gl.zeros([$HM, $BN], gl.float32, mma)
-        it = 0
+        o_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=$SWIZZLE,
+                                                      element_bitwidth=16, rank=2)
+        o_desc = tma.make_tensor_descriptor(O, shape=[n_tiles // n_mtiles, Nq, $D],
+                                            strides=[Nq * $D, $D, 1], block_shape=[1, $HM, $D],
+                                            layout=o_layout)
+        it = 0          # blocks consumed (K/V stage and phase)
+        tn = 0          # turns taken on the tensor cores
         t_local = 0
         for tile in range(gl.program_id(0), n_tiles, gl.num_programs(0)):
             b, hq, kvh, q0, n_blk, idx_ptr = _tile(tile, n_mtiles, Hq, Hs, n_qblocks, max_blocks,
@@ -186,41 +207,73 @@ def render(spec: BlockSparseSpec, sch: Schedule, tma_load: str | None = None) ->
             acc = gl.zeros([$HM, $D], gl.float32, mma_o)
             qb = t_local % 2
             q_c = q_s.index(2 * qb + c)
+            ks = gl.load(idx_ptr, mask=max_blocks > 0, other=0) * $BLOCK     # block 0's keys
             mbarrier.wait(bars.index(8 + qb), (t_local // 2) & 1)   # Q landed
-            for j in range(n_blk):
+            if n_blk > 0:
+                # block 0: QK^T alone on this turn
                 st = it % 2
                 ph = (it // 2) & 1
-                ks = gl.load(idx_ptr + j) * $BLOCK
-                mbarrier.wait(bars.index(st), ph)                    # K_j landed
-                mbarrier.wait(bars.index(12 + c), 1 - c)             # my turn (QK^T)
+                mbarrier.wait(bars.index(st), ph)                    # K_0 landed
+                mbarrier.wait(bars.index(12 + c), (tn & 1) ^ (1 - c))   # my turn
                 s = warpgroup_mma(q_c, k_s.index(st).permute((1, 0)), s_zero, use_acc=False,
                                   is_async=True)
                 mbarrier.arrive(bars.index(13 - c), count=1)         # the other's turn
+                tn += 1
                 s = warpgroup_mma_wait(0, deps=(s,))
                 mbarrier.arrive(bars.index(2 + st), count=1)         # K stage released
                 s = _masked(s, ks, pos, pos_lo, pos_hi, Nkv, sink, window)
                 p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, qk_scale)
-                acc = acc * gl.convert_layout(alpha, rows_o)[:, None]
                 p = gl.convert_layout(p.to($DT), p_layout)
-                mbarrier.wait(bars.index(4 + st), ph)                # V_j landed
-                mbarrier.wait(bars.index(12 + c), c)                 # my turn (P V)
+                for j in range(1, n_blk):
+                    # one turn issues QK^T of block j and P V of block j - 1 back to back,
+                    # then this consumer's softmax runs while the other's products do
+                    pst = st
+                    pph = ph
+                    it += 1
+                    st = it % 2
+                    ph = (it // 2) & 1
+                    ks = gl.load(idx_ptr + j) * $BLOCK
+                    mbarrier.wait(bars.index(st), ph)                # K_j landed
+                    mbarrier.wait(bars.index(4 + pst), pph)          # V_{j-1} landed
+                    mbarrier.wait(bars.index(12 + c), (tn & 1) ^ (1 - c))
+                    s = warpgroup_mma(q_c, k_s.index(st).permute((1, 0)), s_zero, use_acc=False,
+                                      is_async=True)
+                    acc = warpgroup_mma(p, v_s.index(pst), acc, is_async=True)
+                    mbarrier.arrive(bars.index(13 - c), count=1)
+                    tn += 1
+                    s, acc = warpgroup_mma_wait(0, deps=(s, acc))
+                    mbarrier.arrive(bars.index(2 + st), count=1)     # K_j released
+                    mbarrier.arrive(bars.index(6 + pst), count=1)    # V_{j-1} released
+                    s = _masked(s, ks, pos, pos_lo, pos_hi, Nkv, sink, window)
+                    p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, qk_scale)
+                    acc = acc * gl.convert_layout(alpha, rows_o)[:, None]
+                    p = gl.convert_layout(p.to($DT), p_layout)
+                # the last block's P V
+                mbarrier.wait(bars.index(4 + st), ph)                # V landed
+                mbarrier.wait(bars.index(12 + c), (tn & 1) ^ (1 - c))
                 acc = warpgroup_mma(p, v_s.index(st), acc, is_async=True)
                 mbarrier.arrive(bars.index(13 - c), count=1)
+                tn += 1
                 acc = warpgroup_mma_wait(0, deps=(acc,))
                 mbarrier.arrive(bars.index(6 + st), count=1)         # V stage released
                 it += 1
             mbarrier.arrive(bars.index(10 + qb), count=1)            # Q buffer released
             l_ok = l_i > 0.0
             l_safe = gl.where(l_ok, l_i, 1.0)
-            out = acc / gl.convert_layout(l_safe, rows_o)[:, None]
+            out = acc * gl.convert_layout(1.0 / l_safe, rows_o)[:, None]
             lse = gl.where(l_ok, (m_i + gl.log2(l_safe)) * 0.6931471805599453, float("-inf"))
             o_base = (b.to(gl.int64) * Hq + hq) * Nq
             gl.store(LSE + o_base + rows, lse, mask=rows < Nq)
-            rows2 = gl.convert_layout(rows, rows_o)
-            offs_d = gl.arange(0, $D, layout=gl.SliceLayout(0, mma_o))
-            gl.store(O + (o_base + rows2)[:, None] * $D + offs_d[None, :], out.to($DT),
-                     mask=(rows2 < Nq)[:, None])
+            # the output through this consumer's buffer and the copy engine (rows past Nq
+            # clipped); the store overlaps the next tile
+            o_c = o_s.index(c)
+            tma.store_wait(0)                       # the previous tile's output has left o_c
+            o_c.store(out.to($DT))
+            fence_async_shared()
+            gl.$BARRIER()
+            tma.$TMA_STORE(o_desc, [b * Hq + hq, q0 + c * $HM, 0], o_c.reshape([1, $HM, $D]))
             t_local += 1
+        tma.store_wait(0)
 
 
     $KERNEL_DEF
@@ -232,6 +285,7 @@ def render(spec: BlockSparseSpec, sch: Schedule, tma_load: str | None = None) ->
         q_s = gl.allocate_shared_memory($DT, [4, $HM, $D], tile_l)      # 2 buffers x 2 halves
         k_s = gl.allocate_shared_memory($DT, [2, $BN, $D], tile_l)
         v_s = gl.allocate_shared_memory($DT, [2, $BN, $D], tile_l)
+        o_s = gl.allocate_shared_memory($DT, [2, $HM, $D], tile_l)      # each consumer's output
         # 0-1 K landed, 2-3 K free (both consumers), 4-5 V landed, 6-7 V free, 8-9 Q landed,
         # 10-11 Q free, 12-13 consumer 0 / 1 may issue its next product
         bars = gl.allocate_shared_memory(gl.int64, [14, 1], mbarrier.MBarrierLayout())
@@ -245,17 +299,17 @@ def render(spec: BlockSparseSpec, sch: Schedule, tma_load: str | None = None) ->
             mbarrier.init(bars.index(12 + i), count=1)
         gl.warp_specialize([
             (_consumer, (0, O, LSE, KV_NUM, KV_IDX, Nq, Nkv, Hs, Hq, n_qblocks, max_blocks,
-                         n_mtiles, n_tiles, qk_scale, sink, window, q_s, k_s, v_s, bars)),
+                         n_mtiles, n_tiles, qk_scale, sink, window, q_s, k_s, v_s, o_s, bars)),
             (_consumer, (1, O, LSE, KV_NUM, KV_IDX, Nq, Nkv, Hs, Hq, n_qblocks, max_blocks,
-                         n_mtiles, n_tiles, qk_scale, sink, window, q_s, k_s, v_s, bars)),
+                         n_mtiles, n_tiles, qk_scale, sink, window, q_s, k_s, v_s, o_s, bars)),
             (_producer, (Q, K, V, KV_NUM, KV_IDX, sqb, sqh, sqn, skb, skh, skn, svb, svh, svn,
                          Nq, Nkv, Hs, Hq, n_qblocks, max_blocks, n_mtiles, n_tiles, q_s, k_s, v_s,
                          bars)),
         ], [4, 1], [$CONSUMER_REGS, 24])
     ''', BM=sch.block_m, BN=bn, D=d, BLOCK=spec.block, ALIGN=a, DT=_GL_DTYPES[spec.dtype],
         SWIZZLE=min(128, d * 2), TILE_BYTES=bn * d * 2, Q_BYTES=sch.block_m * d * 2,
-        HM=sch.block_m // 2, CONSUMER_REGS=240,
+        HM=sch.block_m // 2, G=spec.gqa_group, CONSUMER_REGS=240,
         KERNEL_DEF=KERNEL_DEF.replace("$JIT", "gluon.jit").rstrip("\n"),
         NEED=" | ".join(f"({c})" for c in conds), KEEP=" & ".join(f"({c})" for c in keep),
-        TMA_LOAD=tma_load or tma_load_name(),
+        **(names or gluon_names()),
         HEADS=indent_code(head_mapping_code(spec, "0"), 4).rstrip("\n"))
