@@ -8,10 +8,12 @@ torch gather + SDPA, and the bandwidth floor (selected K/V + index bytes / measu
 Every implementation is checked against the fp32 reference (subset of heads and rows) on
 NaN-poisoned outputs before it is timed; times are ``triton.testing.do_bench`` medians.
 
-    PYTHONPATH=. python benchmarks/kernels.py --out results_dir [--quick] [--sweep]
+    PYTHONPATH=. python benchmarks/kernels.py --out results_dir [--quick] [--sweep] [--head-dim 64]
 
 ``--quick``: N = 4096 and 16384, one decode length, no FlexAttention at 4096.
 ``--sweep``: also time a list of schedules per case (how the defaults were chosen).
+``--head-dim``: the prefill cases' head dim (default 128; another value writes
+``kernels_h100_d<D>.*``).
 ``--smoke``: tiny sizes, runs on the CPU through Triton's interpreter (checks this script).
 """
 from __future__ import annotations
@@ -38,6 +40,7 @@ from runtime import triton_kernels as tk  # noqa: E402
 DEV = "cuda"
 DT = torch.bfloat16
 BLOCK = 128
+PREFILL_D = 128
 ROWS = []
 
 
@@ -117,7 +120,7 @@ SWEEP_BLOCK = [
 
 
 def run_prefill(Ns, args, flex):
-    B, H, D = 1, (2 if args.smoke else 16), 128
+    B, H, D = 1, (2 if args.smoke else 16), PREFILL_D
     gen = torch.Generator(device=DEV).manual_seed(0)
     scale = D ** -0.5
     for N in Ns:
@@ -187,7 +190,7 @@ def run_prefill(Ns, args, flex):
                 except Exception as ex:
                     rec(case=case, N=N, density=dens, impl=impl,
                         error=f"{type(ex).__name__}: {str(ex)[:300]}")
-        if args.sweep and N == 16384:
+        if args.sweep and N == 16384 and PREFILL_D == 128:
             run_gqa_packing(gen)
         if args.smoke and args.sweep:
             run_gqa_packing(gen, n=512)
@@ -325,7 +328,7 @@ def markdown(meta) -> str:
              f"torch {meta['torch']}, triton {meta['triton']}, bf16, `{meta['command']}`; "
              f"device copy {meta['copy_GBps']:.0f} GB/s. Times are do_bench medians (ms).",
              "",
-             "## Block-sparse causal prefill (B=1, H=16, D=128, block 128)",
+             f"## Block-sparse causal prefill (B=1, H=16, D={PREFILL_D}, block 128)",
              "",
              "| N | density | ours | TFLOP/s | flex | flex (full-block split) | SDPA dense | ideal | "
              "flex / ours | flex-split / ours | ours / ideal |",
@@ -388,8 +391,10 @@ def main():
     ap.add_argument("--no-flex", action="store_true")
     ap.add_argument("--prefill-n", type=int, nargs="*", help="override the prefill lengths")
     ap.add_argument("--decode-n", type=int, nargs="*", help="override the decode lengths")
+    ap.add_argument("--head-dim", type=int, default=128, help="head dim of the prefill cases")
     args = ap.parse_args()
-    global DEV, DT
+    global DEV, DT, PREFILL_D
+    PREFILL_D = args.head_dim
     if args.smoke:
         os.environ.setdefault("TRITON_INTERPRET", "1")
         DEV, DT = "cpu", torch.float16
@@ -399,6 +404,7 @@ def main():
     import triton
     torch.backends.cuda.matmul.allow_tf32 = False
     meta = dict(card=torch.cuda.get_device_name() if DEV == "cuda" else "cpu (interpreter)",
+                prefill_head_dim=PREFILL_D,
                 torch=torch.__version__, triton=triton.__version__,
                 python=platform.python_version(), command="python " + " ".join(sys.argv))
     print(json.dumps(meta), flush=True)
@@ -429,10 +435,11 @@ def main():
 
 def write_results(args, meta):
     os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "kernels_h100.json"), "w") as f:
+    stem = "kernels_h100" + ("" if PREFILL_D == 128 else f"_d{PREFILL_D}")
+    with open(os.path.join(args.out, stem + ".json"), "w") as f:
         json.dump({"meta": meta, "rows": ROWS}, f, indent=1)
     md = markdown(meta)
-    with open(os.path.join(args.out, "kernels_h100.md"), "w") as f:
+    with open(os.path.join(args.out, stem + ".md"), "w") as f:
         f.write(md)
     print(md, flush=True)
 

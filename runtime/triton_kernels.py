@@ -183,11 +183,12 @@ def _workspace(shape: tuple, device) -> torch.Tensor:
 def default_block_sparse_schedule(spec: BlockSparseSpec, device, max_blocks: int = 0) -> Schedule:
     """Default tiling for the block-sparse forward (H100 measurements: benchmarks/NOTES_kernels.md).
 
-    ``max_blocks``: width of the block lists; very short lists (<= 4 blocks) run best with
-    narrow key tiles whose small footprint lets two programs share an SM; on Hopper at D = 128
-    the warp-specialized kernel (``codegen/block_sparse/wgmma_kernel.py``; a persistent grid
-    for lists of <= 16 blocks); at D <= 64, 128x64 tiles; otherwise 128x128 tiles with K/V
-    through tensor descriptors (the copy engine) where strides allow. Tiles never exceed the mask block. The cost model (``planner.costmodel.VARIANTS``) picks among
+    ``max_blocks``: width of the block lists. On Hopper with 128-blocks at D = 64 or 128: the
+    warp-specialized kernel (``codegen/block_sparse/wgmma_kernel.py``; a persistent grid for
+    lists of <= 16 blocks). Elsewhere very short lists (<= 4 blocks) run best with narrow key
+    tiles whose small footprint lets two programs share an SM; at D <= 64, 128x64 tiles;
+    otherwise 128x128 tiles with K/V through tensor descriptors (the copy engine) where
+    strides allow. Tiles never exceed the mask block. The cost model (``planner.costmodel.VARIANTS``) picks among
     measured alternatives per call shape when a site runs with ``cost_model="auto"``."""
     d = max(spec.head_dim, spec.v_head_dim)
     if device.type != "cuda":
@@ -197,13 +198,15 @@ def default_block_sparse_schedule(spec: BlockSparseSpec, device, max_blocks: int
     elif spec.block >= 128 and d <= 128:
         ws = Schedule(block_m=128, block_n=128, num_warps=8, num_stages=2, tma=True, wgmma=True,
                       persistent=1 if 0 < max_blocks <= 16 else 0)
-        if 0 < max_blocks <= 4:
-            sch = Schedule(block_m=128, block_n=32, num_warps=8, num_stages=4)
-        elif d == 128 and spec.block == 128 and _wgmma_ok(spec, ws, device):
+        if spec.block == 128 and _wgmma_ok(spec, ws, device):
             # Hopper: the warp-specialized Gluon kernel, persistent for short lists (H100,
-            # benchmarks/NOTES_kernels.md: 65536 tokens at 12%: 4.21 ms vs 4.48 for the Triton
-            # kernel; at 3%: 1.25 vs 1.40; full causal 32.0 vs 36.2)
+            # benchmarks/results/kernels_h100.md, D = 128: 65536 tokens at 12%: 3.90 ms vs 4.83
+            # for the best Triton schedule; at 3%: 1.08 vs 1.46; full causal 29.8 vs 34.4;
+            # 16384 at 3% (2-block lists): 0.122 vs 0.134 for 128x32 tiles. D = 64,
+            # kernels_h100_d64.md: 65536 at 3%: 0.70 vs 0.79; full causal 19.7 vs 20.6)
             sch = ws
+        elif 0 < max_blocks <= 4:
+            sch = Schedule(block_m=128, block_n=32, num_warps=8, num_stages=4)
         elif d <= 64:
             # D = 64: 64-key steps as fast or faster everywhere on the cost-model grid (H100,
             # benchmarks/results/costmodel_h100.md: 65536 at 3% 0.75 vs 1.01 ms for 128x128)
