@@ -200,9 +200,9 @@ def default_block_sparse_schedule(spec: BlockSparseSpec, device, max_blocks: int
                       persistent=1 if 0 < max_blocks <= 16 else 0)
         if spec.block == 128 and _wgmma_ok(spec, ws, device):
             # Hopper: the warp-specialized Gluon kernel, persistent for short lists (H100,
-            # benchmarks/results/kernels_h100.md, D = 128: 65536 tokens at 12%: 3.90 ms vs 4.83
-            # for the best Triton schedule; at 3%: 1.08 vs 1.46; full causal 29.8 vs 34.4;
-            # 16384 at 3% (2-block lists): 0.122 vs 0.134 for 128x32 tiles. D = 64,
+            # benchmarks/results/kernels_h100.md, D = 128: 65536 tokens at 12%: 3.90 ms vs 4.81
+            # for the best Triton schedule; at 3%: 1.02 vs 1.46; full causal 30.1 vs 34.2;
+            # 16384 at 3% (2-block lists): 0.123 vs 0.134 for 128x32 tiles. D = 64,
             # kernels_h100_d64.md: 65536 at 3%: 0.70 vs 0.79; full causal 19.7 vs 20.6)
             sch = ws
         elif 0 < max_blocks <= 4:
