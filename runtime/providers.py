@@ -4,13 +4,15 @@
   kernels), with the site's masks passed as SDPA masks where that is exact.
 * ``triton_block_sparse`` — block policies on CUDA (or on the CPU under ``TRITON_INTERPRET=1``
   when ``SPARSE_PLANNER_KERNELS=triton``): the block-sparse flash-attention kernel over the
-  selected block lists, with the token-level sink/window masks where the policy has them.
+  selected block lists, with the token-level sink/window masks where the policy has them; on
+  Hopper, where it covers the call, the warp-specialized kernel (schedule ``wgmma``) instead of
+  the cost model's Triton tile schedule.
 
 A provider returns ``(out, density[, schedule])`` — ``density`` None or ``(allowed, kept)``
-per-query-head pair counts, ``schedule`` the cost model's variant it launched — or None for
-what it cannot compute exactly (arbitrary mask tensors, top-left causal alignment with
-Nq != Nkv, blocks that are not powers of two >= 16); the reference then runs, so a case is
-never approximated silently.
+per-query-head pair counts, ``schedule`` the cost model's variant it launched (or ``wgmma``) —
+or None for what it cannot compute exactly (arbitrary mask tensors, top-left causal alignment
+with Nq != Nkv, blocks that are not powers of two >= 16); the reference then runs, so a case
+is never approximated silently.
 """
 from __future__ import annotations
 
@@ -145,6 +147,11 @@ def triton_block_sparse(q, k, v, mods, counts, indices, spec: SiteSpec):
     var = plan.variant(spec, q, k)            # the cost model's schedule (None: the default)
     sch = var.schedule() if var is not None and var.family == "block_sparse" else None
     tag = var.tag if sch is not None else ""
+    if tk.runs_hopper_kernel(q, k, v, counts, indices, block=block, causal=causal, window=window):
+        # the cost model's variants are Triton tile schedules; where the warp-specialized Hopper
+        # kernel covers the call it ran faster than every one of them (H100:
+        # benchmarks/results/kernels_h100.md, kernels_h100_d64.md), so it runs instead
+        sch, tag = None, "wgmma"
     out, _ = tk.block_sparse_attention(q, k, v, counts, indices, block=block, scale=spec.scale,
                                        causal=causal, sink=sink, window=window, schedule=sch)
     if os.environ.get("SPARSE_PLANNER_DENSITY", "1") == "0":

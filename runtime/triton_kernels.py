@@ -382,6 +382,18 @@ def _wgmma_ok(spec: BlockSparseSpec, sch: Schedule, device) -> bool:
     return not wgmma_kernel.supported(spec, sch)
 
 
+def runs_hopper_kernel(q, k, v, kv_num_blocks, kv_indices, *, block: int, causal: bool,
+                       window: int = 0) -> bool:
+    """Whether ``block_sparse_attention`` with its default schedule runs the warp-specialized
+    Hopper kernel for this call (the plan is cached and reused by that call)."""
+    tensors = (q, k, v, kv_num_blocks, kv_indices)
+    sig = _signature("block_sparse_attention", tensors, (block, bool(causal), window > 0, None,
+                                                        None))
+    plan = _cached_plan(sig, lambda: _plan_block_sparse(q, k, v, kv_num_blocks, kv_indices, block,
+                                                         causal, window > 0, None, None))
+    return plan.schedule.wgmma
+
+
 def _launch_warps(sch: Schedule) -> int:
     return wgmma_kernel.LAUNCH_WARPS if sch.wgmma else sch.num_warps
 
