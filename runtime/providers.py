@@ -146,14 +146,13 @@ def triton_block_sparse(q, k, v, mods, counts, indices, spec: SiteSpec):
     from runtime import plan
     var = plan.variant(spec, q, k)            # the cost model's schedule (None: the default)
     sch = var.schedule() if var is not None and var.family == "block_sparse" else None
-    tag = var.tag if sch is not None else ""
-    if tk.runs_hopper_kernel(q, k, v, counts, indices, block=block, causal=causal, window=window):
-        # the cost model's variants are Triton tile schedules; where the warp-specialized Hopper
-        # kernel covers the call it ran faster than every one of them (H100:
-        # benchmarks/results/kernels_h100.md, kernels_h100_d64.md), so it runs instead
-        sch, tag = None, "wgmma"
-    out, _ = tk.block_sparse_attention(q, k, v, counts, indices, block=block, scale=spec.scale,
-                                       causal=causal, sink=sink, window=window, schedule=sch)
+    # the cost model's variants are Triton tile schedules: where the warp-specialized Hopper
+    # kernel covers the call it runs instead (hopper_first)
+    out, _, ran = tk.block_sparse_attention(q, k, v, counts, indices, block=block,
+                                            scale=spec.scale, causal=causal, sink=sink,
+                                            window=window, schedule=sch, hopper_first=True,
+                                            return_schedule=True)
+    tag = "wgmma" if ran.wgmma else (var.tag if sch is not None else "")
     if os.environ.get("SPARSE_PLANNER_DENSITY", "1") == "0":
         return out, None, tag
     if window:                           # token-level windows: counted by the rule, not blocks

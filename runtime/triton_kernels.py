@@ -308,7 +308,7 @@ def _module(plan: LaunchPlan):
 
 
 def _plan_block_sparse(q, k, v, kv_num_blocks, kv_indices, block, causal, windowed,
-                       schedule, pack_gqa) -> LaunchPlan:
+                       schedule, pack_gqa, hopper_first: bool = False) -> LaunchPlan:
     fn = "block_sparse_attention"
     _check_qkv(fn, q, k, v)
     if not isinstance(block, int) or block < 16 or block & (block - 1):
@@ -333,8 +333,10 @@ def _plan_block_sparse(q, k, v, kv_num_blocks, kv_indices, block, causal, window
                            dtype=_FLOAT_DTYPES[q.dtype], block=block, windowed=windowed,
                            stride_align=_stride_align(q.dtype, *strided))
     maxb = kv_indices.shape[-1]
-    if schedule is None:
-        schedule = default_block_sparse_schedule(spec, q.device, maxb)
+    if schedule is None or hopper_first:
+        default = default_block_sparse_schedule(spec, q.device, maxb)
+        if schedule is None or default.wgmma:     # wgmma only where _wgmma_ok
+            schedule = default
     if schedule.tma and not _tma_ok(spec, q.device):
         schedule = dataclasses.replace(schedule, tma=False)
     if schedule.wgmma and not _wgmma_ok(spec, schedule, q.device):
@@ -382,18 +384,6 @@ def _wgmma_ok(spec: BlockSparseSpec, sch: Schedule, device) -> bool:
     return not wgmma_kernel.supported(spec, sch)
 
 
-def runs_hopper_kernel(q, k, v, kv_num_blocks, kv_indices, *, block: int, causal: bool,
-                       window: int = 0) -> bool:
-    """Whether ``block_sparse_attention`` with its default schedule runs the warp-specialized
-    Hopper kernel for this call (the plan is cached and reused by that call)."""
-    tensors = (q, k, v, kv_num_blocks, kv_indices)
-    sig = _signature("block_sparse_attention", tensors, (block, bool(causal), window > 0, None,
-                                                        None))
-    plan = _cached_plan(sig, lambda: _plan_block_sparse(q, k, v, kv_num_blocks, kv_indices, block,
-                                                         causal, window > 0, None, None))
-    return plan.schedule.wgmma
-
-
 def _launch_warps(sch: Schedule) -> int:
     return wgmma_kernel.LAUNCH_WARPS if sch.wgmma else sch.num_warps
 
@@ -405,7 +395,8 @@ def _contiguous_as_planned(plan: LaunchPlan, tensors):
 def block_sparse_attention(q, k, v, kv_num_blocks, kv_indices, *, block: int, scale: float,
                            causal: bool, sink: int = 0, window: int = 0,
                            schedule: Optional[Schedule] = None, pack_gqa: Optional[bool] = None,
-                           out=None, lse=None):
+                           out=None, lse=None, hopper_first: bool = False,
+                           return_schedule: bool = False):
     """Flash-attention forward over the listed key blocks of each query block.
 
     Shapes: q ``[B, Hq, Nq, D]``, k ``[B, Hkv, Nkv, D]``, v ``[B, Hkv, Nkv, Dv]``;
@@ -417,7 +408,11 @@ def block_sparse_attention(q, k, v, kv_num_blocks, kv_indices, *, block: int, sc
     tiles loaded once per group); default: only when ``Nq <= PACK_GQA_MAX_NQ``, where query
     tiles of a single head would be mostly empty (at long Nq both load K/V equally often, and
     per-head tiles measured faster). ``out`` / ``lse``: optional contiguous tensors to write
-    the results into. Returns ``(out [B, Hq, Nq, Dv], lse [B, Hq, Nq] fp32)``.
+    the results into. ``hopper_first``: ``schedule`` (e.g. the cost model's Triton tile
+    schedule) yields to the warp-specialized Hopper kernel wherever that covers the call (it
+    measured faster than every Triton schedule on H100: benchmarks/results/kernels_h100.md,
+    kernels_h100_d64.md). Returns ``(out [B, Hq, Nq, Dv], lse [B, Hq, Nq] fp32)``, and the
+    schedule that ran as a third element with ``return_schedule``.
     """
     fn = "block_sparse_attention"
     _check_scale(fn, scale)
@@ -429,15 +424,18 @@ def block_sparse_attention(q, k, v, kv_num_blocks, kv_indices, *, block: int, sc
         _check_qkv(fn, q, k, v)                  # raises with the offending argument's name
         _check_index(fn, "kv_num_blocks", kv_num_blocks, (None, None, None), q.device)
         _check_index(fn, "kv_indices", kv_indices, (None, None, None, None), q.device)
-    sig = _signature(fn, tensors, (block, bool(causal), window > 0, schedule, pack_gqa))
+    sig = _signature(fn, tensors, (block, bool(causal), window > 0, schedule, pack_gqa,
+                                   hopper_first))
     plan = _cached_plan(sig, lambda: _plan_block_sparse(q, k, v, kv_num_blocks, kv_indices, block,
-                                                         causal, window > 0, schedule, pack_gqa))
+                                                         causal, window > 0, schedule, pack_gqa,
+                                                         hopper_first))
     mod = _module(plan)
     if (plan.schedule.tma or plan.schedule.wgmma) and q.device.type == "cuda":
         _set_descriptor_allocator()
     out, lse = _outputs(fn, out, lse, plan.out_shape, plan.lse_shape, q.dtype, q.device)
+    done = (out, lse, plan.schedule) if return_schedule else (out, lse)
     if out.numel() == 0:
-        return out, lse
+        return done
     q, k, v, num, idx = _contiguous_as_planned(plan, tensors)
     # the Hopper kernel stores the output through a tensor descriptor (16-byte aligned start)
     o = torch.empty_like(out) if plan.schedule.wgmma and out.data_ptr() % 16 else out
@@ -446,7 +444,7 @@ def block_sparse_attention(q, k, v, kv_num_blocks, kv_indices, *, block: int, sc
         num_warps=_launch_warps(plan.schedule), num_stages=plan.schedule.num_stages)
     if o is not out:
         out.copy_(o)
-    return out, lse
+    return done
 
 
 def _plan_token_sparse(q, k, v, indices, schedule, backward: bool = False,

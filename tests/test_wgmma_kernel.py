@@ -112,6 +112,24 @@ def test_other_devices_run_the_triton_kernel():
     assert err <= TOL[dtype] and lse_err <= LSE_TOL[dtype], f"seed {seed}: {err:.2e}"
 
 
+def test_hopper_first_keeps_the_given_schedule_elsewhere():
+    """``hopper_first`` swaps a given schedule for the Hopper kernel only where that covers the
+    call; off Hopper the given schedule runs, and ``return_schedule`` says which ran."""
+    if torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9:
+        pytest.skip("this device runs the warpgroup-MMA kernel")
+    seed = int(torch.randint(0, 2**31 - 1, ()).item())
+    dtype = torch.float16
+    q, k, v, num, idx = make_inputs(seed, 1, 2, 2, "group", 130, 130, 64, 64, 128, dtype)
+    given = Schedule(block_m=64, block_n=32, num_warps=4, num_stages=2)
+    out, lse, ran = tk.block_sparse_attention(q, k, v, num, idx, block=128, scale=0.125,
+                                              causal=True, schedule=given, hopper_first=True,
+                                              return_schedule=True)
+    assert ran == given
+    ref, _ = tk.block_sparse_attention(q, k, v, num, idx, block=128, scale=0.125, causal=True,
+                                       schedule=given)
+    assert torch.equal(out, ref), f"seed {seed}"
+
+
 #            B, Hq, Hkv, lists, Nq, Nkv, D, causal, sink, window
 GPU_SHAPES = [
     pytest.param(2, 8, 2, "group", 1000, 1000, 128, True, 0, 0, id="gqa-N1000-causal"),

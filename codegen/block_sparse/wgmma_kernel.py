@@ -134,8 +134,7 @@ def render(spec: BlockSparseSpec, sch: Schedule, names: dict | None = None) -> s
         # One warp: per tile, Q's two halves into Q buffer t % 2, then K_j and V_j of every
         # listed block through the copy engine into stage (running block count) % 2, each once
         # both consumers have released that buffer.
-        tile_l: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=$SWIZZLE, element_bitwidth=16,
-                                                    rank=2)
+        tile_l: gl.constexpr = q_s.layout            # the kernel's tile layout
         n_b = n_tiles // (n_mtiles * Hq)
         q_desc = tma.make_tensor_descriptor(Q, shape=[n_b, Hq, Nq, $D],
                                             strides=[sqb * $ALIGN, sqh * $ALIGN, sqn * $ALIGN, 1],
@@ -187,11 +186,9 @@ def render(spec: BlockSparseSpec, sch: Schedule, names: dict | None = None) -> s
         rows_l: gl.constexpr = gl.SliceLayout(1, mma)
         rows_o: gl.constexpr = gl.SliceLayout(1, mma_o)
         s_zero = gl.zeros([$HM, $BN], gl.float32, mma)
-        o_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=$SWIZZLE,
-                                                      element_bitwidth=16, rank=2)
         o_desc = tma.make_tensor_descriptor(O, shape=[n_tiles // n_mtiles, Nq, $D],
                                             strides=[Nq * $D, $D, 1], block_shape=[1, $HM, $D],
-                                            layout=o_layout)
+                                            layout=o_s.layout)
         it = 0          # blocks consumed (K/V stage and phase)
         tn = 0          # turns taken on the tensor cores
         t_local = 0
