@@ -6,12 +6,14 @@ import torch.fx as fx
 from passes.canonicalize import canonicalize
 from passes.context import PassContext, SiteRecord
 from passes.meta import propagate_meta
+from passes.mutation import snapshot, thread_writes
 from passes.rewrite import discover_attention, rewrite_to_sparse
 from passes.schedule import plan_schedule
 from passes.verify import IRVerificationError, verify_ir
 
 PIPELINE = [
     propagate_meta,       # every node has meta['val']
+    thread_writes,        # later users of a tensor written in place read the write's result
     canonicalize,         # einsum / baddbmm / fused attention modules -> plain ops
     discover_attention,   # ctx.matches / ctx.unmatched
     rewrite_to_sparse,    # sparse.score -> sparse.select -> sparse.attend
@@ -21,6 +23,8 @@ PIPELINE = [
 
 
 def run_pipeline(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
+    if ctx.verify:
+        ctx.mutation_baseline = snapshot(gm.graph)    # the writes every pass must keep in order
     for p in PIPELINE:
         gm = p(gm, ctx)
         if ctx.verify and p is not verify_ir:

@@ -43,3 +43,4 @@ class PassContext:
     unmatched: list = field(default_factory=list)
     sites: list = field(default_factory=list)       # SiteRecord, filled by rewrite
     matched_patterns: set = field(default_factory=set)
+    mutation_baseline: Any = None      # passes.mutation.Snapshot of the captured graph

@@ -29,6 +29,7 @@ import torch
 import torch.fx as fx
 from networkx.algorithms.isomorphism import DiGraphMatcher
 
+from passes.mutation import MutationInfo, written_inputs
 from passes.graph import (IndexEval, IndexFn, Opaque, arg, const_scalar, label, module_path,
                           runtime_scalar, sym_expr, to_bool, to_networkx, val)
 
@@ -149,6 +150,8 @@ def strip_scale(x, scale: float) -> tuple:
     (``q * d**-0.25``, ``k * d**-0.25``).
     """
     while isinstance(x, fx.Node) and label(x) in ("mul", "div") and len(x.args) >= 2:
+        if written_inputs(x):
+            break                  # ``x.mul_(c)`` changed x's storage: read the result
         a, b = x.args[0], x.args[1]
         if isinstance(a, fx.Node) and const_scalar(b) is not None:
             c = const_scalar(b)
@@ -623,7 +626,7 @@ def _could_mask(node: fx.Node, ev: IndexEval) -> Optional[str]:
     return None
 
 
-def _mask_fact(kind: tuple, node, fix, ev: IndexEval, n_q, n_kv) -> _MaskFact:
+def _mask_fact(kind: tuple, node, fix, ev: IndexEval, n_q, n_kv, reader=None) -> _MaskFact:
     import sympy as sp
     if kind[0] == "softcap":
         return _MaskFact("softcap", f"soft-cap {kind[1]}")
@@ -631,7 +634,7 @@ def _mask_fact(kind: tuple, node, fix, ev: IndexEval, n_q, n_kv) -> _MaskFact:
     if kind[0] == "fill" and not masking_kind:
         return _MaskFact("fill", f"fills {node} with the finite value {kind[1]}")
     try:
-        fn = _apply_fix_symbolic(ev(node), fix)
+        fn = _apply_fix_symbolic(ev(node, reader), fix)
     except Opaque as e:
         if masking_kind:
             return _MaskFact("mask", f"mask {node} kept: it depends on {e}")
@@ -695,7 +698,7 @@ def settle_masks(m: Match, ev: IndexEval) -> None:
     if vq is None or vk is None:
         return
     n_q, n_kv = sym_expr(vq.shape[-2]), sym_expr(vk.shape[-2])
-    facts = [_mask_fact(kind, node, fix, ev, n_q, n_kv)
+    facts = [_mask_fact(kind, node, fix, ev, n_q, n_kv, m.out)
              for kind, node, fix in zip(m.mods, _mod_slots(m, m.mod_nodes),
                                         _mod_slots(m, m.mod_fix))]
     notes = [f.note for f in facts]
@@ -949,7 +952,7 @@ def discover(gm: fx.GraphModule, example_inputs=None) -> tuple[list[Match], list
     """Find every attention computation in ``gm``; explain every softmax left alone."""
     g = to_networkx(gm.graph)
     h = _contract(g)
-    ev = IndexEval(gm, example_inputs)
+    ev = IndexEval(gm, example_inputs, MutationInfo(gm.graph))
     candidates = []
     for n in gm.graph.nodes:
         if label(n) == "sdpa":

@@ -15,6 +15,8 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
+from passes.mutation import READS_AS
+
 # Dynamo cannot trace the builtin ``torch._safe_softmax`` and breaks the graph around it, which
 # would split an attention between two graphs; keep it in the graph as one op instead.
 torch._dynamo.allow_in_graph(torch._safe_softmax)
@@ -153,9 +155,13 @@ class Emitter:
         s = em.call(torch.matmul, q, kt)              # [B, H, N, N]
     """
 
-    def __init__(self, graph: fx.Graph, anchor: fx.Node):
+    def __init__(self, graph: fx.Graph, anchor: fx.Node, reads_as=None):
         self.graph, self.anchor = graph, anchor
         self.meta = {k: anchor.meta[k] for k in _COPIED_META if k in anchor.meta}
+        if reads_as is not None:
+            # the new nodes read their inputs as the captured program did at ``reads_as`` (a
+            # node, or {input: node}; checked against in-place writes by passes.mutation.check)
+            self.meta[READS_AS] = reads_as
 
     def _add(self, op: str, target, args, kwargs):
         from torch._subclasses.fake_tensor import FakeTensor
@@ -409,11 +415,13 @@ class IndexEval:
     stored buffers be read; trainable parameters and other inputs stay opaque.
     """
 
-    def __init__(self, gm: fx.GraphModule, example_inputs=None):
+    def __init__(self, gm: fx.GraphModule, example_inputs=None, mutation=None):
         self.gm = gm
         self.memo: dict = {}
         self._n = 0
         self.data: dict = {}
+        self.mutation = mutation           # passes.mutation.MutationInfo (None: no writes known)
+        self._readers: list = []           # the node whose read is being evaluated (innermost last)
         phs = [n for n in gm.graph.nodes if n.op == "placeholder"]
         if example_inputs is not None and len(example_inputs) == len(phs):
             for n, t in zip(phs, example_inputs):
@@ -423,10 +431,17 @@ class IndexEval:
         self._n += 1
         return _sp().Symbol(f"x{self._n}", integer=True, nonnegative=True)
 
-    def __call__(self, x) -> IndexFn:
+    def __call__(self, x, reader: Optional[fx.Node] = None) -> IndexFn:
+        """``x``'s value as read by ``reader`` (default: the node being evaluated, or, at the
+        top, the end of the graph). Tensors written in place by a write that ``x``'s own
+        derivation does not contain (before the read) are opaque: their contents are not the
+        function of indices their graph node computes."""
         if not isinstance(x, fx.Node):
             return _const(x)
+        self._check_writes(x, reader if reader is not None else
+                           (self._readers[-1] if self._readers else None))
         if x not in self.memo:
+            self._readers.append(x)
             try:
                 fn = self._eval(x)
                 v = val(x)
@@ -437,10 +452,21 @@ class IndexEval:
                 self.memo[x] = fn
             except Opaque as e:
                 self.memo[x] = e
+            finally:
+                self._readers.pop()
         r = self.memo[x]
         if isinstance(r, Opaque):
             raise r
         return r
+
+    def _check_writes(self, x: fx.Node, reader: Optional[fx.Node]) -> None:
+        mi = self.mutation
+        if mi is None or x not in mi.pos or not mi.has_writes(x):
+            return
+        limit = mi.pos.get(reader, len(mi.pos)) if reader is not None else len(mi.pos)
+        bad = [w for w in mi.foreign_writes(x) if mi.pos[w] < limit]
+        if bad:
+            raise Opaque(f"{x.name} is written in place by {bad[0].format_node()}")
 
     # -- helpers
     def _bcast(self, fns: list, out_ndim: int) -> tuple[list, list]:

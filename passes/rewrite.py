@@ -11,6 +11,7 @@ to fit ``masked_fill``; a bias added before a scale is scaled.
 from __future__ import annotations
 
 import operator
+from typing import Optional
 
 import torch
 import torch.fx as fx
@@ -19,6 +20,7 @@ import runtime.ops  # noqa: F401  (registers torch.ops.sparse.*)
 from passes.context import SiteRecord
 from passes.discover import discover
 from passes.graph import Emitter, val
+from passes.mutation import MutationInfo, eliminate_dead_code
 from runtime.spec import SiteSpec, register
 
 
@@ -87,9 +89,78 @@ def _keep_with_cache(g: fx.Graph, k: fx.Node, page: int) -> fx.Node:
     return new
 
 
+def _follow(m, replaced: dict) -> None:
+    """A site whose inputs include an earlier site's output reads the rewritten output."""
+    if not replaced:
+        return
+    f = lambda x: replaced.get(x, x) if isinstance(x, fx.Node) else x  # noqa: E731
+    m.q, m.k, m.v = f(m.q), f(m.k), f(m.v)
+    m.mod_nodes = [f(x) for x in m.mod_nodes]
+    m.q_fix, m.k_fix, m.v_fix = (tuple(tuple(f(a) for a in step) for step in fix)
+                                 for fix in (m.q_fix, m.k_fix, m.v_fix))
+    m.mod_fix = [tuple(tuple(f(a) for a in step) for step in fix) for fix in (m.mod_fix or [])]
+
+
+def _site_inputs(m) -> list:
+    """Every graph tensor the rewritten site reads: q, k, v, modifier tensors, run-time scales."""
+    out = []
+    for x in [m.q, m.k, m.v, *m.mod_nodes]:
+        if isinstance(x, fx.Node) and x not in out:
+            out.append(x)
+    for fix in (m.q_fix, m.k_fix, m.v_fix, *(m.mod_fix or [])):
+        for step in fix:
+            for a in step[1:]:
+                if isinstance(a, fx.Node) and a not in out:
+                    out.append(a)
+    return out
+
+
+def _site_reads(info: MutationInfo, m, inputs: list) -> tuple[dict, Optional[str]]:
+    """Where the captured site first reads each input: ``{input: node}``, the node of the site
+    (a descendant of its inputs that ``m.out`` depends on, not one computing an input) that first
+    reads the input's storage. The rewritten site reads every input just before ``m.out``; that
+    is the same value unless an in-place write into the input's storage lies in between, in which
+    case the second element says why the site must stay dense (None if it need not). Also refuses
+    an attention output written into an existing tensor (``out=``)."""
+    if info.is_write(m.out):
+        return {}, (f"the attention output is written into an existing tensor "
+                    f"({m.out.format_node()}); the rewrite would leave it unwritten")
+    b = info.pos[m.out]
+    lo = min(info.pos[x] for x in inputs)
+
+    def walk(starts, step, keep):
+        seen, stack = set(), list(starts)
+        while stack:
+            for y in step(stack.pop()):
+                if y not in seen and keep(y):
+                    seen.add(y)
+                    stack.append(y)
+        return seen
+
+    above = walk([m.out], lambda x: x.all_input_nodes, lambda y: info.pos[y] >= lo) | {m.out}
+    feeding = walk(inputs, lambda x: x.all_input_nodes, lambda y: info.pos[y] >= lo)
+    region = walk(inputs, lambda x: x.users, lambda y: y in above and y not in feeding)
+    anchors = {}
+    for x in inputs:
+        g = info.group(x)
+        first = m.out
+        for n in region:
+            if info.pos[n] < info.pos[first] and (
+                    g in info.reads(n) or any(info.group(t) is g for t in info.written(n))):
+                first = n
+        anchors[x] = first
+        for w in info.writes_between(g, info.pos[first], b):
+            return anchors, (f"{x.name} is written in place by {w.format_node()} after the "
+                             f"attention starts reading it ({first.name}); written in place after "
+                             f"capture, the read cannot move to the rewritten site")
+    return anchors, None
+
+
 def rewrite_to_sparse(gm: fx.GraphModule, ctx) -> fx.GraphModule:
     g = gm.graph
+    replaced: dict = {}                  # an earlier site's output node -> its rewritten output
     for m in ctx.matches:
+        _follow(m, replaced)
         pol, pattern = ctx.policies.lookup(m.site)
         if pattern is not None:
             ctx.matched_patterns.add(pattern)
@@ -103,10 +174,14 @@ def rewrite_to_sparse(gm: fx.GraphModule, ctx) -> fx.GraphModule:
         if m.fallback:
             rec.reason = m.fallback
             continue
+        first, why = _site_reads(MutationInfo(g), m, _site_inputs(m))
+        if why:
+            rec.reason = why
+            continue
         spec = SiteSpec(site=m.site, owner=ctx.owner, policy=pol, scale=m.scale, causal=m.causal,
                         gqa_group=m.gqa_group, mods=m.mods)
         key = register(spec)
-        em = Emitter(g, m.out)
+        em = Emitter(g, m.out, reads_as=first)  # {input: its first read}
         q, k, v = (_apply_fix(em, x, fix) for x, fix in ((m.q, m.q_fix), (m.k, m.k_fix),
                                                          (m.v, m.v_fix)))
         mods = [_apply_fix(em, t, fix) for t, fix in zip(m.mod_nodes, m.mod_fix or
@@ -121,7 +196,8 @@ def rewrite_to_sparse(gm: fx.GraphModule, ctx) -> fx.GraphModule:
         out.meta["sparse_site"] = m.site
         out = _apply_fix(em, out, m.out_fix)
         m.out.replace_all_uses_with(out)
+        replaced[m.out] = out
         rec.status, rec.spec_key = "rewritten", key
-    g.eliminate_dead_code()
+    eliminate_dead_code(gm)
     gm.recompile()
     return gm

@@ -15,6 +15,7 @@ import torch
 import torch.fx as fx
 
 from passes.graph import val
+from passes.mutation import eliminate_dead_code
 from runtime.providers import sdpa_args
 from runtime.spec import lookup, register
 
@@ -108,6 +109,6 @@ def plan_schedule(gm: fx.GraphModule, ctx) -> fx.GraphModule:
                         ops.score.default, ops.select.default, ops.attend.default):
                     m.args = m.args[:-1] + (new_key,)
             rec.spec_key = new_key
-    gm.graph.eliminate_dead_code()
+    eliminate_dead_code(gm)
     gm.recompile()
     return gm

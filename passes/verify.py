@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
+from passes import mutation
 from passes.graph import val
 from runtime.spec import lookup
 
@@ -18,6 +19,11 @@ def _fail(node: fx.Node, msg: str):
 
 def verify_ir(gm: fx.GraphModule, ctx=None) -> fx.GraphModule:
     gm.graph.lint()
+    baseline = getattr(ctx, "mutation_baseline", None)
+    if baseline is not None:
+        bad = mutation.check(gm.graph, baseline)
+        if bad:
+            raise IRVerificationError(f"in-place writes not preserved: {bad}")
     ops = torch.ops.sparse
     for n in gm.graph.nodes:
         if n.op != "call_function":
