@@ -1,11 +1,12 @@
-"""Render specialized Triton source for the sparse-attention kernel families, and load it.
+"""Render specialized Triton source for the sparse-attention kernel families.
 
 ``emit(spec, schedule)`` returns the text of a Python module whose ``@triton.jit`` kernels have
 every shape-independent choice baked in as a literal (head dims, GQA group and packing, block
 sizes, causal, dtype, stride alignment, masking strategy). Sequence lengths, strides, index
 tensors, ``sink`` and ``window`` stay runtime arguments (never specialized), so one emitted
-module serves every sequence length. ``load(source)`` writes the text to
-``runtime.cache.cache_dir()/<hash>.py`` and imports it (Triton reads kernel source from disk).
+module serves every sequence length. This package only renders text: ``runtime.loader.load``
+writes it to the kernel cache folder, checks it and executes it (Triton reads kernel source
+from that file).
 
 Example::
 
@@ -17,17 +18,11 @@ Example::
 """
 from __future__ import annotations
 
-import importlib.util
-import os
-import sys
 import textwrap
 from dataclasses import dataclass
 from enum import Enum
 from string import Template
-from types import ModuleType
 from typing import Union
-
-from runtime.cache import cache_dir, stable_hash
 
 DTYPES = {"float16": "tl.float16", "bfloat16": "tl.bfloat16", "float32": "tl.float32"}
 
@@ -200,31 +195,3 @@ def emit(spec: Spec, schedule: Schedule) -> str:
     else:
         raise TypeError(f"emit: expected a BlockSparseSpec or TokenSparseSpec, got {type(spec).__name__}")
     return render_template(_HEADER, SPEC=repr(spec), SCHEDULE=repr(schedule)) + render(spec, schedule)
-
-
-_LOADED: dict[str, ModuleType] = {}
-
-
-def load(source: str) -> ModuleType:
-    """Write ``source`` to ``cache_dir()/<hash>.py`` (once) and import it as a module."""
-    key = stable_hash(source)
-    if key in _LOADED:
-        return _LOADED[key]
-    path = cache_dir() / f"{key}.py"
-    if not path.exists() or path.read_text() != source:
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(source)
-        os.replace(tmp, path)
-    name = f"sparse_planner_kernels_{key}"
-    spec = importlib.util.spec_from_file_location(name, path)
-    if spec is None or spec.loader is None:
-        raise ImportError(f"cannot import emitted kernel module from {path}")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    try:
-        spec.loader.exec_module(module)
-    except Exception as e:
-        del sys.modules[name]
-        raise RuntimeError(f"emitted kernel module {path} failed to import: {e}") from e
-    _LOADED[key] = module
-    return module

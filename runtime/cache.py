@@ -1,4 +1,5 @@
-"""Kernel cache: memory + on-disk, keyed by a frozen key, with hit/miss/compile counters.
+"""Kernel cache: built kernels in memory, keyed by a frozen key, with hit/miss/compile counters
+(the rendered sources on disk are ``runtime.loader``'s).
 
 The key never contains a sequence length, only its bucket (``seq_bucket``): lengths,
 index tensors and offsets are runtime arguments of the kernels.
@@ -15,10 +16,10 @@ Example::
 from __future__ import annotations
 
 import hashlib
-import os
 import threading
-from pathlib import Path
 from typing import Any, Callable, Hashable
+
+from runtime.loader import cache_dir  # noqa: F401  (where rendered kernels are written)
 
 
 def seq_bucket(n: int, minimum: int = 128) -> int:
@@ -35,15 +36,6 @@ def seq_bucket(n: int, minimum: int = 128) -> int:
     return b
 
 
-def cache_dir() -> Path:
-    """Where emitted kernel sources live: ``$SPARSE_PLANNER_CACHE`` or ``~/.cache/sparse_planner``."""
-    root = os.environ.get("SPARSE_PLANNER_CACHE") or os.path.join(
-        os.path.expanduser("~"), ".cache", "sparse_planner")
-    p = Path(root)
-    p.mkdir(parents=True, exist_ok=True)
-    return p
-
-
 def stable_hash(obj: Any, n: int = 16) -> str:
     """Hash of ``repr(obj)`` that is stable across processes (unlike ``hash``)."""
     return hashlib.sha256(repr(obj).encode()).hexdigest()[:n]
@@ -54,22 +46,32 @@ class KernelCache:
 
     def __init__(self) -> None:
         self._entries: dict[Hashable, Any] = {}
+        self._building: dict[Hashable, threading.Lock] = {}   # one lock per key being built
         self._lock = threading.Lock()
         self.hits = 0
         self.misses = 0
         self.compiles = 0
 
     def get(self, key: Hashable, build: Callable[[], Any]) -> Any:
+        """The value cached under ``key``, else ``build()`` (run once per key: a thread that
+        asks for a key being built waits for that build and counts a hit)."""
         with self._lock:
             if key in self._entries:
                 self.hits += 1
                 return self._entries[key]
-            self.misses += 1
-        value = build()
-        with self._lock:
-            self.compiles += 1
-            self._entries.setdefault(key, value)
-            return self._entries[key]
+            key_lock = self._building.setdefault(key, threading.Lock())
+        with key_lock:
+            with self._lock:
+                if key in self._entries:
+                    self.hits += 1
+                    return self._entries[key]
+                self.misses += 1
+            value = build()
+            with self._lock:
+                self.compiles += 1
+                self._entries[key] = value
+                self._building.pop(key, None)
+            return value
 
     def __contains__(self, key: Hashable) -> bool:
         return key in self._entries
@@ -80,11 +82,14 @@ class KernelCache:
     def clear(self) -> None:
         with self._lock:
             self._entries.clear()
+            self._building.clear()
             self.hits = self.misses = self.compiles = 0
 
     def stats(self) -> dict:
-        return {"hits": self.hits, "misses": self.misses, "compiles": self.compiles,
-                "entries": len(self._entries)}
+        """``misses``: builds started, ``compiles``: builds finished, ``entries``: keys held."""
+        with self._lock:
+            return {"hits": self.hits, "misses": self.misses, "compiles": self.compiles,
+                    "entries": len(self._entries)}
 
 
 # The process-wide cache of compiled kernels.

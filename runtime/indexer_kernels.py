@@ -41,12 +41,13 @@ from typing import Optional
 
 import torch
 
-from codegen.emit import load, next_pow2
+from codegen.emit import next_pow2
 from codegen.indexer import few_rows_kernel
 from codegen.indexer.kernel import IndexerSpec
 from codegen.indexer.reference import (indexer_scores_ref, indexer_topk_ref, visible_counts,
                                        weighted_relu_scores)
 from runtime.cache import KERNELS
+from runtime.loader import load
 from runtime.triton_kernels import _device_key, _sm_count
 
 _FLOAT_DTYPES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32"}

@@ -28,9 +28,10 @@ import torch
 
 from codegen.attention.reference import positions_offset
 from codegen.block_sparse import wgmma_kernel
-from codegen.emit import BlockSparseSpec, Schedule, TokenSparseSpec, emit, load, next_pow2
+from codegen.emit import BlockSparseSpec, Schedule, TokenSparseSpec, emit, next_pow2
 from codegen.token_sparse.backward import PRE_ROWS as BWD_PRE_ROWS, emit_backward
 from runtime.cache import KERNELS, seq_bucket, stable_hash
+from runtime.loader import load
 
 LOG2E = 1.4426950408889634
 _FLOAT_DTYPES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32"}
@@ -646,7 +647,6 @@ def has_tl_topk() -> bool:
 
 
 def _block_topk_module(device):
-    from codegen.emit import load
     from codegen.select.block_topk_kernel import render
     return KERNELS.get(("block_topk", _device_key(device)), lambda: load(render()))
 
@@ -779,7 +779,6 @@ LINES_MAX_ROWS = 128      # last rows one line-statistics program holds (a [rows
 
 
 def _lines_module(device):
-    from codegen.emit import load
     from codegen.select.lines_kernel import render
     return KERNELS.get(("lines", _device_key(device)), lambda: load(render()))
 
@@ -890,7 +889,6 @@ QUEST_MAX_PAGE = 64       # pages (powers of two) whose query blocks one bounds 
 
 
 def _quest_module(device):
-    from codegen.emit import load
     from codegen.select.quest_kernel import render
     return KERNELS.get(("quest", _device_key(device)), lambda: load(render()))
 

@@ -39,7 +39,8 @@ _COMPILE = """
 import sys, triton
 from triton.backends.compiler import GPUTarget
 from triton.experimental.gluon._runtime import GluonASTSource
-from codegen.emit import BlockSparseSpec, Schedule, load
+from codegen.emit import BlockSparseSpec, Schedule
+from runtime.loader import load
 from codegen.block_sparse import wgmma_kernel
 spec, sch = eval(sys.argv[1]), Schedule(**eval(sys.argv[2]))
 fn = load(wgmma_kernel.render(spec, sch)).block_sparse_fwd

@@ -26,7 +26,7 @@ PRE_ROWS = 32           # query rows per program of the delta pre-pass
 
 
 def emit_backward(spec: TokenSparseSpec, sch: Schedule) -> str:
-    """Module source (header included) of the backward kernels, ready for ``codegen.emit.load``."""
+    """Module source (header included) of the backward kernels, ready for ``runtime.loader.load``."""
     return render_template(_HEADER, SPEC=repr(spec), SCHEDULE=repr(sch)) + render(spec, sch)
 
 
