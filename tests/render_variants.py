@@ -108,7 +108,8 @@ def render(kind, spec, sch) -> str:
 
 def render_hashes() -> list:
     """``[(kind, repr(spec), repr(schedule), sha256 of the text)]`` over ``variants()``."""
-    return [(kind, repr(spec), repr(sch), hashlib.sha256(render(kind, spec, sch).encode()).hexdigest())
+    return [(kind, repr(spec), repr(sch),
+             hashlib.sha256(render(kind, spec, sch).encode()).hexdigest())
             for kind, spec, sch in variants()]
 
 

@@ -131,8 +131,8 @@ def make_ranges(kind, B, Nkv):
         start, end = [Nkv // 2, -5] + [1] * (B - 2), [Nkv // 2, Nkv + 11] + [Nkv - 1] * (B - 2)
     else:
         raise ValueError(kind)
-    as_t = lambda x: None if x is None else torch.tensor(x, dtype=torch.int32, device=DEVICE)  # noqa: E731
-    return as_t(start), as_t(end)
+    return tuple(None if x is None else torch.tensor(x, dtype=torch.int32, device=DEVICE)
+                 for x in (start, end))
 
 
 def make_sinks(gen, Hq, on):
