@@ -2,11 +2,12 @@
 
 ``emit(spec, schedule)`` returns the text of a Python module whose ``@triton.jit`` kernels have
 every shape-independent choice baked in as a literal (head dims, GQA group and packing, block
-sizes, causal, dtype, stride alignment, masking strategy). Sequence lengths, strides, index
-tensors, ``sink`` and ``window`` stay runtime arguments (never specialized), so one emitted
-module serves every sequence length. This package only renders text: ``runtime.loader.load``
-writes it to the kernel cache folder, checks it and executes it (Triton reads kernel source
-from that file).
+sizes, causal, dtype, stride alignment, masking strategy, whether learned sinks and per-batch
+key ranges are applied). Sequence lengths, strides, index tensors, ``sink`` and ``window``, and
+the sink logits and key ranges themselves stay runtime arguments (never specialized), so one
+emitted module serves every sequence length. This package only renders text:
+``runtime.loader.load`` writes it to the kernel cache folder, checks it and executes it (Triton
+reads kernel source from that file).
 
 Example::
 
@@ -19,7 +20,7 @@ Example::
 from __future__ import annotations
 
 import textwrap
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from enum import Enum
 from string import Template
 from typing import Union
@@ -41,7 +42,11 @@ class BlockSparseSpec:
     query head. ``pack_gqa``: one program serves the ``gqa_group`` query heads of a KV head (only
     with ``lists_per_group``). ``stride_align``: every q/k/v stride except the last is a
     multiple of this many elements, and every start address too (lets loads vectorize with
-    runtime strides, and tensor descriptors address the tensors).
+    runtime strides, and tensor descriptors address the tensors). ``sinks``: a learned logit
+    per query head joins each row's softmax as one more key of value 0 (GPT-OSS; the logits
+    are a runtime fp32 ``[Hq]`` tensor). ``kv_ranges``: batch row ``b`` keeps only keys
+    ``kv_start[b] <= j < kv_end[b]`` (runtime int32 ``[B]`` tensors; padded batches). The
+    printed form names these two only when set, so existing specs print (and render) as before.
     """
     head_dim: int
     v_head_dim: int
@@ -53,6 +58,11 @@ class BlockSparseSpec:
     block: int
     windowed: bool = False
     stride_align: int = 1
+    sinks: bool = False
+    kv_ranges: bool = False
+
+    def __repr__(self) -> str:
+        return _spec_repr(self)
 
     def __post_init__(self):
         _check_common(self)
@@ -62,7 +72,8 @@ class BlockSparseSpec:
 
 @dataclass(frozen=True)
 class TokenSparseSpec:
-    """What a token-sparse (gather) kernel is specialized on; fields as in BlockSparseSpec."""
+    """What a token-sparse (gather) kernel is specialized on; fields as in BlockSparseSpec
+    (``kv_ranges``: list entries outside the batch row's key range are skipped as padding)."""
     head_dim: int
     v_head_dim: int
     gqa_group: int
@@ -70,6 +81,11 @@ class TokenSparseSpec:
     lists_per_group: bool
     dtype: str
     stride_align: int = 1
+    sinks: bool = False
+    kv_ranges: bool = False
+
+    def __repr__(self) -> str:
+        return _spec_repr(self)
 
     def __post_init__(self):
         _check_common(self)
@@ -122,6 +138,17 @@ class Schedule:
 
 
 Spec = Union[BlockSparseSpec, TokenSparseSpec]
+
+
+_SHOWN_WHEN_SET = ("sinks", "kv_ranges")     # spec fields printed only when not at default
+
+
+def _spec_repr(spec) -> str:
+    """The dataclass ``repr``, less the ``_SHOWN_WHEN_SET`` fields left at their default (the
+    printed spec heads every emitted module and keys the kernel caches)."""
+    parts = [f"{f.name}={getattr(spec, f.name)!r}" for f in fields(spec)
+             if f.name not in _SHOWN_WHEN_SET or getattr(spec, f.name) != f.default]
+    return f"{type(spec).__qualname__}({', '.join(parts)})"
 
 
 def _check_common(spec) -> None:

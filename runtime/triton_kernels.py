@@ -2,7 +2,10 @@
 compiled kernel from ``runtime.cache.KERNELS``, launch.
 
 The forward functions return ``(out [B, Hq, Nq, Dv] in q.dtype, lse [B, Hq, Nq] fp32, natural
-log)``; rows that keep no key give out = 0, lse = -inf. ``token_sparse_attention_bwd`` returns
+log)``; rows that keep no key give out = 0, lse = -inf (the head's logit with learned
+``sinks``). Both forwards take ``sinks`` (float ``[Hq]``) and per-batch key ranges
+``kv_start`` / ``kv_end`` (int32 ``[B]``) as runtime tensors; the kernels specialize only on
+their presence. ``token_sparse_attention_bwd`` returns
 ``(dq, dk, dv)`` of the gather attention (autograd wrapper: ``runtime.token_sparse_autograd``). On CPU they run under Triton's interpreter
 (``TRITON_INTERPRET=1`` set before the first kernel is loaded); see ``available``.
 
@@ -116,6 +119,30 @@ def _heads_of_lists(fn: str, name: str, hs: int, Hq: int, Hkv: int,
     one = "1 (shared by every head), " if shared_ok else ""
     raise ValueError(f"{fn}: {name}.shape[1] must be {one}Hkv={Hkv} (per group) or Hq={Hq} "
                      f"(per head), got {hs}")
+
+
+def _check_extras(fn: str, q, k, sinks, kv_start, kv_end) -> tuple:
+    """The learned sinks and key ranges as the kernels read them: ``(sinks fp32 [Hq] or None,
+    ranges (kv_start, kv_end) int32 [B] or None)``, contiguous on q's device. Sinks of any
+    float dtype are converted to fp32; a missing range bound becomes 0 / Nkv."""
+    B, Hq, Nkv = q.shape[0], q.shape[1], k.shape[2]
+    if sinks is not None:
+        if (not isinstance(sinks, torch.Tensor) or not sinks.is_floating_point()
+                or tuple(sinks.shape) != (Hq,) or sinks.device != q.device):
+            got = (f"{sinks.dtype} {list(sinks.shape)} on {sinks.device}"
+                   if isinstance(sinks, torch.Tensor) else type(sinks).__name__)
+            raise ValueError(f"{fn}: sinks must be a float tensor [{Hq}] (one logit per query "
+                             f"head) on {q.device}, got {got}")
+        sinks = sinks.to(torch.float32).contiguous()
+    if kv_start is None and kv_end is None:
+        return sinks, None
+    bounds = []
+    for name, t, missing in (("kv_start", kv_start, 0), ("kv_end", kv_end, Nkv)):
+        if t is None:
+            t = torch.full((B,), missing, dtype=torch.int32, device=q.device)
+        _check_index(fn, name, t, (B,), q.device)
+        bounds.append(t.contiguous())
+    return sinks, tuple(bounds)
 
 
 def _stride_align(dtype, *tensors) -> int:
@@ -309,7 +336,8 @@ def _module(plan: LaunchPlan):
 
 
 def _plan_block_sparse(q, k, v, kv_num_blocks, kv_indices, block, causal, windowed,
-                       schedule, pack_gqa, hopper_first: bool = False) -> LaunchPlan:
+                       schedule, pack_gqa, hopper_first: bool = False, sinks: bool = False,
+                       kv_ranges: bool = False) -> LaunchPlan:
     fn = "block_sparse_attention"
     _check_qkv(fn, q, k, v)
     if not isinstance(block, int) or block < 16 or block & (block - 1):
@@ -332,7 +360,8 @@ def _plan_block_sparse(q, k, v, kv_num_blocks, kv_indices, block, causal, window
                            pack_gqa=bool(pack_gqa) and per_group and G > 1,
                            lists_per_group=per_group or G == 1, causal=bool(causal),
                            dtype=_FLOAT_DTYPES[q.dtype], block=block, windowed=windowed,
-                           stride_align=_stride_align(q.dtype, *strided))
+                           stride_align=_stride_align(q.dtype, *strided), sinks=sinks,
+                           kv_ranges=kv_ranges)
     maxb = kv_indices.shape[-1]
     if schedule is None or hopper_first:
         default = default_block_sparse_schedule(spec, q.device, maxb)
@@ -340,7 +369,7 @@ def _plan_block_sparse(q, k, v, kv_num_blocks, kv_indices, block, causal, window
             schedule = default
     if schedule.tma and not _tma_ok(spec, q.device):
         schedule = dataclasses.replace(schedule, tma=False)
-    if schedule.wgmma and not _wgmma_ok(spec, schedule, q.device):
+    if schedule.wgmma and not _wgmma_ok(spec, schedule, q.device):   # e.g. sinks / ranges
         schedule = dataclasses.replace(schedule, wgmma=False)
     gp = next_pow2(G) if spec.pack_gqa else 1
     qm = max(schedule.block_m, gp) // gp
@@ -397,7 +426,9 @@ def block_sparse_attention(q, k, v, kv_num_blocks, kv_indices, *, block: int, sc
                            causal: bool, sink: int = 0, window: int = 0,
                            schedule: Optional[Schedule] = None, pack_gqa: Optional[bool] = None,
                            out=None, lse=None, hopper_first: bool = False,
-                           return_schedule: bool = False):
+                           return_schedule: bool = False, sinks: Optional[torch.Tensor] = None,
+                           kv_start: Optional[torch.Tensor] = None,
+                           kv_end: Optional[torch.Tensor] = None):
     """Flash-attention forward over the listed key blocks of each query block.
 
     Shapes: q ``[B, Hq, Nq, D]``, k ``[B, Hkv, Nkv, D]``, v ``[B, Hkv, Nkv, Dv]``;
@@ -414,6 +445,17 @@ def block_sparse_attention(q, k, v, kv_num_blocks, kv_indices, *, block: int, sc
     measured faster than every Triton schedule on H100: benchmarks/results/kernels_h100.md,
     kernels_h100_d64.md). Returns ``(out [B, Hq, Nq, Dv], lse [B, Hq, Nq] fp32)``, and the
     schedule that ran as a third element with ``return_schedule``.
+
+    ``sinks`` (float ``[Hq]``, fp32 read as is, other dtypes converted): a learned logit per
+    query head joining each row's softmax as one more key of value 0 (GPT-OSS), in the units
+    of ``scale * q . k``; then ``lse = log(sum_j exp(s_j) + exp(sinks[h]))``, and rows without
+    keys give out = 0, lse = ``sinks[h]``. ``kv_start`` / ``kv_end`` (int32 ``[B]``, either
+    alone or both; missing: 0 / Nkv): batch row ``b`` keeps only keys ``kv_start[b] <= j <
+    kv_end[b]`` on top of the lists and the other rules (padded batches; query rows keep their
+    padded positions for the causal rule). Their values are read by the kernel (no host sync,
+    no recompile); bounds outside ``[0, Nkv]`` are clipped and ``kv_start >= kv_end`` keeps
+    nothing. Either one runs the Triton kernel (never the Hopper Gluon kernel, which has
+    neither).
     """
     fn = "block_sparse_attention"
     _check_scale(fn, scale)
@@ -425,11 +467,14 @@ def block_sparse_attention(q, k, v, kv_num_blocks, kv_indices, *, block: int, sc
         _check_qkv(fn, q, k, v)                  # raises with the offending argument's name
         _check_index(fn, "kv_num_blocks", kv_num_blocks, (None, None, None), q.device)
         _check_index(fn, "kv_indices", kv_indices, (None, None, None, None), q.device)
+    has_sinks, has_ranges = sinks is not None, kv_start is not None or kv_end is not None
     sig = _signature(fn, tensors, (block, bool(causal), window > 0, schedule, pack_gqa,
-                                   hopper_first))
+                                   hopper_first, has_sinks, has_ranges))
     plan = _cached_plan(sig, lambda: _plan_block_sparse(q, k, v, kv_num_blocks, kv_indices, block,
                                                          causal, window > 0, schedule, pack_gqa,
-                                                         hopper_first))
+                                                         hopper_first, has_sinks, has_ranges))
+    sinks, ranges = _check_extras(fn, q, k, sinks, kv_start, kv_end)
+    extra = ((sinks,) if has_sinks else ()) + (ranges if has_ranges else ())
     mod = _module(plan)
     if (plan.schedule.tma or plan.schedule.wgmma) and q.device.type == "cuda":
         _set_descriptor_allocator()
@@ -442,14 +487,15 @@ def block_sparse_attention(q, k, v, kv_num_blocks, kv_indices, *, block: int, sc
     o = torch.empty_like(out) if plan.schedule.wgmma and out.data_ptr() % 16 else out
     mod.block_sparse_fwd[plan.grid](
         q, k, v, o, lse, num, idx, *plan.args, float(scale) * LOG2E, sink, window, *plan.tail,
-        num_warps=_launch_warps(plan.schedule), num_stages=plan.schedule.num_stages)
+        *extra, num_warps=_launch_warps(plan.schedule), num_stages=plan.schedule.num_stages)
     if o is not out:
         out.copy_(o)
     return done
 
 
 def _plan_token_sparse(q, k, v, indices, schedule, backward: bool = False,
-                       split_per_sm: Optional[int] = None) -> LaunchPlan:
+                       split_per_sm: Optional[int] = None, sinks: bool = False,
+                       kv_ranges: bool = False) -> LaunchPlan:
     """Plan of the gather forward (or, with ``backward``, of its backward kernel).
 
     Lists shared by every head (``Hs == 1``) are read as per-group lists with head stride 0:
@@ -466,7 +512,8 @@ def _plan_token_sparse(q, k, v, indices, schedule, backward: bool = False,
     idx = _unit_last(indices)
     spec = TokenSparseSpec(head_dim=D, v_head_dim=Dv, gqa_group=G, pack_gqa=per_group and G > 1,
                            lists_per_group=per_group or G == 1, dtype=_FLOAT_DTYPES[q.dtype],
-                           stride_align=_stride_align(q.dtype, *strided))
+                           stride_align=_stride_align(q.dtype, *strided),
+                           sinks=sinks and not backward, kv_ranges=kv_ranges)
     heads = Hkv if spec.pack_gqa else Hq
     if schedule is None:
         default = default_token_sparse_bwd_schedule if backward else default_token_sparse_schedule
@@ -489,7 +536,8 @@ def _plan_token_sparse(q, k, v, indices, schedule, backward: bool = False,
 
 
 def _token_sparse_plan(fn: str, tensors: tuple, scale, schedule, *, backward: bool,
-                       split_per_sm: Optional[int] = None) -> LaunchPlan:
+                       split_per_sm: Optional[int] = None, sinks: bool = False,
+                       kv_ranges: bool = False) -> LaunchPlan:
     """Checks shared by the gather forward and backward, then their (cached) launch plan."""
     q, k, v, indices = tensors
     _check_scale(fn, scale)
@@ -499,14 +547,18 @@ def _token_sparse_plan(fn: str, tensors: tuple, scale, schedule, *, backward: bo
     if split_per_sm is not None and (isinstance(split_per_sm, bool) or
                                      not isinstance(split_per_sm, int) or split_per_sm < 0):
         raise ValueError(f"{fn}: split_per_sm must be None or an int >= 0, got {split_per_sm!r}")
-    sig = _signature(fn, tensors, (schedule, split_per_sm))
+    sig = _signature(fn, tensors, (schedule, split_per_sm, sinks, kv_ranges))
     return _cached_plan(sig, lambda: _plan_token_sparse(q, k, v, indices, schedule,
                                                         backward=backward,
-                                                        split_per_sm=split_per_sm))
+                                                        split_per_sm=split_per_sm, sinks=sinks,
+                                                        kv_ranges=kv_ranges))
 
 
 def token_sparse_attention(q, k, v, indices, *, scale: float, schedule: Optional[Schedule] = None,
-                           split_per_sm: Optional[int] = None, out=None, lse=None):
+                           split_per_sm: Optional[int] = None, out=None, lse=None,
+                           sinks: Optional[torch.Tensor] = None,
+                           kv_start: Optional[torch.Tensor] = None,
+                           kv_end: Optional[torch.Tensor] = None):
     """Each query row attends to its own list of key positions (gather attention).
 
     Shapes: q ``[B, Hq, Nq, D]``, k ``[B, Hkv, Nkv, D]``, v ``[B, Hkv, Nkv, Dv]``, ``indices``
@@ -517,13 +569,19 @@ def token_sparse_attention(q, k, v, indices, *, scale: float, schedule: Optional
     few rows (decode) the list is split across programs and merged by a combine kernel;
     ``split_per_sm`` sets how many programs per SM that split aims at (0: no split; None: the
     default, 16; ignored when ``schedule`` is given). ``out`` / ``lse``: optional contiguous
-    tensors to write the results into.
-    Returns ``(out [B, Hq, Nq, Dv], lse [B, Hq, Nq] fp32)``.
+    tensors to write the results into. ``sinks`` (float ``[Hq]``): learned sink logits, one
+    more key of value 0 per row's softmax (added once, in the combine, when the list is
+    split); ``kv_start`` / ``kv_end`` (int32 ``[B]``): entries of batch row ``b`` outside
+    ``[kv_start[b], kv_end[b])`` are skipped like padding; both as in
+    ``block_sparse_attention``. Returns ``(out [B, Hq, Nq, Dv], lse [B, Hq, Nq] fp32)``; rows
+    without keys give out = 0 and lse = -inf (``sinks[h]`` with sinks).
     """
     fn = "token_sparse_attention"
     tensors = (q, k, v, indices)
+    has_sinks, has_ranges = sinks is not None, kv_start is not None or kv_end is not None
     plan = _token_sparse_plan(fn, tensors, scale, schedule, backward=False,
-                              split_per_sm=split_per_sm)
+                              split_per_sm=split_per_sm, sinks=has_sinks, kv_ranges=has_ranges)
+    sinks, ranges = _check_extras(fn, q, k, sinks, kv_start, kv_end)
     mod = _module(plan)
     out, lse = _outputs(fn, out, lse, plan.out_shape, plan.lse_shape, q.dtype, q.device)
     if out.numel() == 0:
@@ -537,9 +595,12 @@ def token_sparse_attention(q, k, v, indices, *, scale: float, schedule: Optional
         po, pl = out, lse
     mod.token_sparse_fwd[plan.grid](
         q, k, v, idx, po, pl, *plan.args, float(scale) * LOG2E,
+        *((sinks,) if has_sinks else ()), *(ranges if has_ranges else ()),
         num_warps=plan.schedule.num_warps, num_stages=plan.schedule.num_stages)
     if plan.n_split > 1:
-        mod.token_sparse_combine[(B * Hq * Nq,)](po, pl, out, lse, plan.n_split, num_warps=4)
+        mod.token_sparse_combine[(B * Hq * Nq,)](
+            po, pl, out, lse, plan.n_split, *((Nq, Hq, sinks) if has_sinks else ()),
+            num_warps=4)
     return out, lse
 
 
@@ -575,7 +636,9 @@ def _check_saved(fn: str, out, lse, dout, shape_out: tuple, dtype, device):
 
 
 def token_sparse_attention_bwd(q, k, v, indices, out, lse, dout, *, scale: float,
-                               schedule: Optional[Schedule] = None):
+                               schedule: Optional[Schedule] = None,
+                               kv_start: Optional[torch.Tensor] = None,
+                               kv_end: Optional[torch.Tensor] = None):
     """Backward of ``token_sparse_attention``: ``(dq, dk, dv)`` shaped and typed like q, k, v.
 
     Arguments as in the forward, plus its ``out [B, Hq, Nq, Dv]`` and ``lse [B, Hq, Nq]`` fp32
@@ -583,7 +646,10 @@ def token_sparse_attention_bwd(q, k, v, indices, out, lse, dout, *, scale: float
     ``delta = rowsum(dout * out)``; then one program per query row (and GQA group when the
     lists are shared by it or by every head, as in the forward) re-gathers the listed K/V rows,
     recomputes P from ``lse``, writes dQ and adds its dK/dV rows with atomics into fp32
-    buffers, which are cast to k/v's dtype at the end.
+    buffers, which are cast to k/v's dtype at the end. ``kv_start`` / ``kv_end``: the
+    forward's key ranges. A forward run with ``sinks`` needs no argument here: its ``lse``
+    holds the sink (a key of value 0, so dQ/dK/dV change only through lse); the gradient of
+    the sinks themselves is not computed.
 
     Example (on a CUDA device)::
 
@@ -593,8 +659,10 @@ def token_sparse_attention_bwd(q, k, v, indices, out, lse, dout, *, scale: float
     """
     fn = "token_sparse_attention_bwd"
     tensors = (q, k, v, indices)
-    plan = _token_sparse_plan(fn, tensors, scale, schedule, backward=True)
+    has_ranges = kv_start is not None or kv_end is not None
+    plan = _token_sparse_plan(fn, tensors, scale, schedule, backward=True, kv_ranges=has_ranges)
     _check_saved(fn, out, lse, dout, plan.out_shape, q.dtype, q.device)
+    _, ranges = _check_extras(fn, q, k, None, kv_start, kv_end)
     B, Hq, Nq, Dv = plan.out_shape
     Hkv, Nkv, D = k.shape[1], k.shape[2], q.shape[3]
     dk = torch.zeros((B, Hkv, Nkv, D), device=q.device, dtype=torch.float32)   # [B, Hkv, Nkv, D]
@@ -615,7 +683,8 @@ def token_sparse_attention_bwd(q, k, v, indices, out, lse, dout, *, scale: float
     mod.token_sparse_bwd_pre[(-(-rows // BWD_PRE_ROWS),)](out, dout, delta, rows, num_warps=4)
     mod.token_sparse_bwd[plan.grid](
         q, k, v, idx, dout, lse, delta, dq, dk, dv, *plan.args, float(scale) * LOG2E,
-        float(scale), num_warps=plan.schedule.num_warps, num_stages=plan.schedule.num_stages)
+        float(scale), *(ranges if has_ranges else ()), num_warps=plan.schedule.num_warps,
+        num_stages=plan.schedule.num_stages)
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 

@@ -11,6 +11,15 @@ Score modifiers are applied in order to ``s = scale * q @ k^T`` exactly as the m
 ``causal`` is None, "upper_left" (query i sees keys j <= i, SDPA ``is_causal``) or
 "lower_right" (query i sits at position i + Nkv - Nq: KV-cache alignment).
 
+Two optional extras of current models:
+  ``kv_start`` / ``kv_end`` int ``[B]``: batch row b keeps only keys
+      ``kv_start[b] <= j < kv_end[b]`` (left / right padded batches), masked like causality
+      masks (query rows keep their padded positions; either bound may be given alone).
+  ``sinks`` float ``[Hq]``: a learned logit per query head (GPT-OSS) appended to every score
+      row of that head, in the units of the modified scores (no scale applied), the softmax
+      taken over ``[scores..., sink]`` and the sink column dropped: the row's weights sum to
+      ``1 - exp(sink - lse)`` and ``lse = log(sum_j exp(s_j) + exp(sink))``.
+
 Example::
 
     >>> q = k = v = torch.randn(1, 2, 5, 8)
@@ -70,6 +79,42 @@ def apply_modifiers(s: torch.Tensor, mods: Sequence[tuple], tensors: Sequence[to
     return s
 
 
+def check_sinks(fn: str, sinks, hq: int, device) -> torch.Tensor:
+    """``sinks`` as a float tensor ``[Hq]`` on ``device`` (raises naming what is wrong)."""
+    if (not isinstance(sinks, torch.Tensor) or not sinks.is_floating_point()
+            or tuple(sinks.shape) != (hq,)):
+        got = (f"{sinks.dtype} {list(sinks.shape)}" if isinstance(sinks, torch.Tensor)
+               else type(sinks).__name__)
+        raise ValueError(f"{fn}: sinks must be a float tensor [{hq}] (one logit per query "
+                         f"head), got {got}")
+    if sinks.device != torch.device(device):
+        raise ValueError(f"{fn}: sinks is on {sinks.device}, q is on {device}")
+    return sinks
+
+
+def key_range_mask(fn: str, kv_start, kv_end, b: int, n_kv: int,
+                   device) -> Optional[torch.Tensor]:
+    """bool ``[B, 1, 1, Nkv]``, True where key ``j`` lies outside ``[kv_start[b], kv_end[b])``
+    (a missing bound: 0 / Nkv), or None when neither bound is given."""
+    if kv_start is None and kv_end is None:
+        return None
+    key = torch.arange(n_kv, device=device)
+    out = torch.zeros(b, n_kv, dtype=torch.bool, device=device)
+    for name, t in (("kv_start", kv_start), ("kv_end", kv_end)):
+        if t is None:
+            continue
+        if (not isinstance(t, torch.Tensor) or t.is_floating_point() or t.is_complex()
+                or t.dtype == torch.bool or tuple(t.shape) != (b,)):
+            got = f"{t.dtype} {list(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f"{fn}: {name} must be an integer tensor [{b}] (one bound per batch "
+                             f"row), got {got}")
+        if t.device != torch.device(device):
+            raise ValueError(f"{fn}: {name} is on {t.device}, q is on {device}")
+        t = t.to(device=device, dtype=torch.int64)[:, None]
+        out |= (key[None, :] < t) if name == "kv_start" else (key[None, :] >= t)
+    return out[:, None, None, :]
+
+
 def _expand_heads(x: torch.Tensor, hq: int) -> torch.Tensor:
     """[B, Hs, ...] -> [B, Hq, ...] with query head h reading row h // (Hq // Hs)."""
     hs = x.shape[1]
@@ -83,18 +128,29 @@ def _expand_heads(x: torch.Tensor, hq: int) -> torch.Tensor:
 def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float,
                         mods: Sequence[tuple] = (), mod_tensors: Sequence[torch.Tensor] = (),
                         causal: Optional[str] = None, keep: Optional[KeepFn] = None,
-                        chunk: int = 1024, stats: Optional[dict] = None):
-    """Softmax attention over the pairs that survive modifiers, causality and ``keep``.
+                        chunk: int = 1024, stats: Optional[dict] = None,
+                        sinks: Optional[torch.Tensor] = None,
+                        kv_start: Optional[torch.Tensor] = None,
+                        kv_end: Optional[torch.Tensor] = None):
+    """Softmax attention over the pairs that survive modifiers, causality, the key ranges and
+    ``keep``, with an optional learned sink per head (module docstring).
 
+    ``sinks``: float ``[Hq]``; ``kv_start`` / ``kv_end``: integer ``[B]`` (runtime values).
     Returns ``(out [B, Hq, Nq, Dv] in q.dtype, lse [B, Hq, Nq] fp32)``. Rows that keep no key
-    give out = 0, lse = -inf. If ``stats`` is a dict, it receives per-head counts of the pairs
-    the model attends to (``allowed``) and of those kept (``kept``), as float64 [Hq] tensors.
+    give out = 0, lse = -inf (lse = the head's sink with ``sinks``). If ``stats`` is a dict, it
+    receives per-head counts of the pairs the model attends to (``allowed``; keys outside the
+    ranges are not allowed) and of those kept (``kept``), as float64 [Hq] tensors.
     """
     B, Hq, Nq, D = q.shape
     Nkv = k.shape[2]
     if Hq % k.shape[1] != 0:
         raise ValueError(f"query heads {Hq} are not a multiple of key heads {k.shape[1]}")
     cdt = torch.float64 if q.dtype == torch.float64 else torch.float32   # fp64 for gradchecks
+    # [B, 1, 1, Nkv] (True = outside the batch row's key range) or None
+    outside = key_range_mask("attention_reference", kv_start, kv_end, B, Nkv, q.device)
+    sink = None                                                        # [Hq, 1, 1] or None
+    if sinks is not None:
+        sink = check_sinks("attention_reference", sinks, Hq, q.device).to(cdt)[:, None, None]
     kf = _expand_heads(k, Hq).to(cdt)
     vf = _expand_heads(v, Hq).to(cdt)
     out = torch.empty(B, Hq, Nq, v.shape[-1], dtype=q.dtype, device=q.device)
@@ -110,6 +166,8 @@ def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, sc
         if causal is not None:
             q_pos = torch.arange(r0, r1, device=q.device) + off
             s = s.masked_fill(kv_pos[None, :] > q_pos[:, None], float("-inf"))
+        if outside is not None:
+            s = s.masked_fill(outside, float("-inf"))
         allowed = s > MASKED_BELOW
         if keep is not None:
             kp = _expand_heads(keep(r0, r1), Hq)
@@ -121,9 +179,13 @@ def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, sc
         if stats is not None:
             allowed_n += allowed.sum(dim=(0, 2, 3)).to(torch.float64)
         m = s.amax(dim=-1, keepdim=True)
+        if sink is not None:                    # one more key of score sink[h] and value 0
+            m = torch.maximum(m, sink)
         m_safe = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
         p = torch.exp(s - m_safe)
         denom = p.sum(dim=-1, keepdim=True)
+        if sink is not None:
+            denom = denom + torch.exp(sink - m_safe)
         o = torch.matmul(p, vf) / denom.clamp_min(1e-30)
         o = torch.where(denom > 0, o, torch.zeros_like(o))
         out[:, :, r0:r1] = o.to(q.dtype)

@@ -17,8 +17,9 @@ from codegen.emit import (DTYPES, BlockSparseSpec, MaskMode, Schedule, dot_code,
                           head_mapping_code, indent_code, next_pow2, render_template)
 
 
-# The kernel's decorator and signature ($JIT: triton.jit or gluon.jit); lengths, strides and
-# the window stay runtime values. wgmma_kernel.py's Hopper kernel takes the same arguments.
+# The kernel's decorator and signature ($JIT: triton.jit or gluon.jit; $EXTRA: the tensors of
+# ``extra_args``); lengths, strides and the window stay runtime values. wgmma_kernel.py's
+# Hopper kernel takes the same arguments (it covers no spec with extra tensors).
 KERNEL_DEF = '''\
 @$JIT(do_not_specialize=[
     "sqb", "sqh", "sqn", "skb", "skh", "skn", "svb", "svh", "svn", "Nq", "Nkv", "Hs", "Hq",
@@ -26,15 +27,48 @@ KERNEL_DEF = '''\
 def block_sparse_fwd(Q, K, V, O, LSE, KV_NUM, KV_IDX,
                      sqb, sqh, sqn, skb, skh, skn, svb, svh, svn,
                      Nq, Nkv, Hs, Hq, n_qblocks, max_blocks, qk_scale, sink, window,
-                     n_mtiles, n_tiles):
+                     n_mtiles, n_tiles$EXTRA):
+'''
+
+
+def extra_args(spec: BlockSparseSpec) -> tuple:
+    """Tensor arguments after ``n_tiles`` that ``spec`` adds, in order: ``SINKS`` (fp32
+    ``[Hq]``, learned sink logits, natural-log units) with ``spec.sinks``; ``KV_START``,
+    ``KV_END`` (int32 ``[B]``) with ``spec.kv_ranges``."""
+    return (("SINKS",) if spec.sinks else ()) + (("KV_START", "KV_END") if spec.kv_ranges else ())
+
+
+def kernel_def(jit: str, spec: BlockSparseSpec) -> str:
+    """``KERNEL_DEF`` with its decorator ``jit`` and the extra arguments of ``spec``."""
+    extra = "".join(", " + name for name in extra_args(spec))
+    return KERNEL_DEF.replace("$JIT", jit).replace("$EXTRA", extra)
+
+
+# The learned sink joins each row's softmax at the end: one more key of score sinks[head] (in
+# the log2 domain of m_i) and value 0, so a row without keys gets out = 0 and lse = the sink.
+_SINK_FOLD = '''\
+# the learned sink: one more key of score SINKS[head] and value 0
+sk = tl.load(SINKS + head, mask=row_ok, other=0.0) * 1.4426950408889634
+m_fin = tl.maximum(m_i, sk)
+m_use = tl.where(m_fin == float("-inf"), 0.0, m_fin)
+alpha = tl.exp2(m_i - m_use)
+l_i = l_i * alpha + tl.exp2(sk - m_use)
+acc = acc * alpha[:, None]
+m_i = m_use
 '''
 
 
 def mask_terms(spec: BlockSparseSpec, block_n: int):
     """Token-mask code of a key tile starting at ``ks``: the conditions under which the tile
-    can need a mask (past Nkv, causal diagonal, window), and the terms of the keep mask."""
-    conds = ["ks + %d > Nkv" % block_n]
-    keep = ["offs_k[None, :] < Nkv"]
+    can need a mask (past Nkv, causal diagonal, window, crossing the batch row's key range
+    ``[kv_lo, kv_hi)``), and the terms of the keep mask. With ``spec.kv_ranges``, ``kv_hi``
+    (at most Nkv) takes the place of Nkv."""
+    hi = "kv_hi" if spec.kv_ranges else "Nkv"
+    conds = ["ks + %d > %s" % (block_n, hi)]
+    keep = ["offs_k[None, :] < %s" % hi]
+    if spec.kv_ranges:
+        conds.append("ks < kv_lo")
+        keep.append("offs_k[None, :] >= kv_lo")
     if spec.causal:
         conds.append("ks + %d > pos_lo" % (block_n - 1))
         keep.append("offs_k[None, :] <= pos[:, None]")
@@ -72,21 +106,28 @@ def render(spec: BlockSparseSpec, sch: Schedule) -> str:
     loop = _key_loop(sch, sub, block_n, textwrap.dedent(mask_code), BLOCK=spec.block, ALIGN=a,
                      D_MASK=d_mask, DV_MASK=dv_mask, DOT_QK=dot_code(spec, "q", "tl.trans(k)"),
                      DOT_PV=dot_code(spec, f"p.to({dt})", "v"))
-    descs = ""
+    setup = ""
     if sch.tma:
-        descs = indent_code(f'''
+        setup = indent_code(f'''
             k_desc = tl.make_tensor_descriptor(k_base, shape=[Nkv, {spec.head_dim}], strides=[skn * {a}, 1],
                                                block_shape=[{block_n}, {bd}])
             v_desc = tl.make_tensor_descriptor(v_base, shape=[Nkv, {spec.v_head_dim}], strides=[svn * {a}, 1],
                                                block_shape=[{block_n}, {bdv}])
             ''', 4)
-    head = render_template("\n" + textwrap.indent(KERNEL_DEF.replace("$JIT", "triton.jit").rstrip("\n"), "    ") + '''
+    if spec.kv_ranges:          # the batch row's key range, clipped to the sequence
+        setup += indent_code('''
+            kv_lo = tl.load(KV_START + b)
+            kv_hi = tl.minimum(tl.load(KV_END + b), Nkv)
+            ''', 4)
+    if spec.sinks:
+        loop += indent_code(_SINK_FOLD, 4)
+    head = render_template("\n" + textwrap.indent(kernel_def("triton.jit", spec).rstrip("\n"), "    ") + '''
         # Q [B, Hq, Nq, D], K [B, Hkv, Nkv, D], V [B, Hkv, Nkv, Dv] (strides / $ALIGN given),
         # O [B, Hq, Nq, Dv] and LSE [B, Hq, Nq] contiguous, KV_NUM [B, Hs, NQB],
-        # KV_IDX [B, Hs, NQB, max_blocks]; qk_scale = softmax scale * log2(e).
+        # KV_IDX [B, Hs, NQB, max_blocks]; qk_scale = softmax scale * log2(e)$EXTRA_DOC.
         # Tile (pid_m, pid_h): query tile pid_m of head program pid_h; the last (longest causal)
         # query tiles of a head go first.
-    ''', ALIGN=a)
+    ''', ALIGN=a, EXTRA_DOC=_extra_doc(spec))
     if sch.persistent:
         head += indent_code('''
             for tile in tl.range(tl.program_id(0), n_tiles, tl.num_programs(0), flatten=True):
@@ -112,7 +153,7 @@ def render(spec: BlockSparseSpec, sch: Schedule) -> str:
         q = tl.load(Q + q_rows[:, None] + offs_d[None, :], mask=row_ok[:, None]$D_MASK, other=0.0)
         k_base = K + b64 * (skb * $ALIGN) + kvh.to(tl.int64) * (skh * $ALIGN)
         v_base = V + b64 * (svb * $ALIGN) + kvh.to(tl.int64) * (svh * $ALIGN)
-    $DESCS
+    $SETUP
         q0 = pid_m * $QM
         list_row = (b * Hs + hs) * n_qblocks + q0 // $BLOCK
         n_blk = tl.minimum(tl.load(KV_NUM + list_row), max_blocks)
@@ -133,10 +174,20 @@ def render(spec: BlockSparseSpec, sch: Schedule) -> str:
         tl.store(LSE + (b64 * Hq + head) * Nq + rows_q, lse, mask=row_ok)
     ''', BLOCK_M=block_m, QM=qm, BLOCK_N=block_n, BD=bd, BDV=bdv, DV=spec.v_head_dim,
         BLOCK=spec.block, SUB=sub, ALIGN=a, ROW_OK=row_ok,
-        D_MASK=d_mask, DV_MASK=dv_mask, DT=dt, LOOP=loop.rstrip("\n"), DESCS=descs.rstrip("\n"),
+        D_MASK=d_mask, DV_MASK=dv_mask, DT=dt, LOOP=loop.rstrip("\n"), SETUP=setup.rstrip("\n"),
         HEADS=indent_code(head_mapping_code(spec, "g"), 4).rstrip("\n"),
         DOT_QK=dot_code(spec, "q", "tl.trans(k)"), DOT_PV=dot_code(spec, f"p.to({dt})", "v"))
     return head + (textwrap.indent(body, "    ") if sch.persistent else body)
+
+
+def _extra_doc(spec: BlockSparseSpec) -> str:
+    """Comment text on the extra arguments (empty without them)."""
+    doc = ""
+    if spec.sinks:
+        doc += ";\n    # SINKS [Hq] fp32 learned sink logits"
+    if spec.kv_ranges:
+        doc += ";\n    # KV_START, KV_END [B] int32: batch row b keeps keys KV_START[b] <= j < KV_END[b]"
+    return doc
 
 
 _SOFTMAX_STEP = '''\

@@ -8,9 +8,14 @@ in any order); later entries are ignored. Query row ``i`` sits at position ``i +
 (bottom-right alignment). On top of the block lists:
 
 * ``causal``: key ``j`` is visible iff ``j <= pos``;
-* ``window > 0``: key ``j`` is kept iff ``pos - window < j`` or ``j < sink``.
+* ``window > 0``: key ``j`` is kept iff ``pos - window < j`` or ``j < sink``;
+* ``kv_start`` / ``kv_end`` (int ``[B]``): batch row ``b`` keeps only keys
+  ``kv_start[b] <= j < kv_end[b]`` (padded batches; either bound may be given alone).
 
-Rows that keep no key give out = 0 and lse = -inf.
+``sinks`` (float ``[Hq]``): a learned logit per query head taking part in the softmax as one
+more key of value 0 (GPT-OSS), in the units of ``scale * q . k``: ``lse = log(sum_j exp(s_j) +
+exp(sinks[h]))``. Rows that keep no key give out = 0 and lse = -inf (lse = ``sinks[h]`` with
+sinks).
 
 Example::
 
@@ -24,6 +29,8 @@ Example::
 from __future__ import annotations
 
 import torch
+
+from codegen.attention.reference import check_sinks, key_range_mask
 
 
 def block_lists_to_dense(kv_num_blocks: torch.Tensor, kv_indices: torch.Tensor,
@@ -41,8 +48,10 @@ def block_lists_to_dense(kv_num_blocks: torch.Tensor, kv_indices: torch.Tensor,
 
 
 def block_sparse_keep_mask(kv_num_blocks, kv_indices, *, block: int, n_q: int, n_kv: int,
-                           causal: bool, sink: int = 0, window: int = 0) -> torch.Tensor:
-    """Token-level keep mask ``[B, Hs, Nq, Nkv]`` (bool) of the block lists plus causal/sink/window."""
+                           causal: bool, sink: int = 0, window: int = 0,
+                           kv_start=None, kv_end=None) -> torch.Tensor:
+    """Token-level keep mask ``[B, Hs, Nq, Nkv]`` (bool) of the block lists plus causal,
+    sink/window and the per-batch key ranges ``kv_start`` / ``kv_end`` (int ``[B]`` or None)."""
     dense = block_lists_to_dense(kv_num_blocks, kv_indices, -(-n_kv // block))
     keep = dense.repeat_interleave(block, dim=-2)[..., :n_q, :]
     keep = keep.repeat_interleave(block, dim=-1)[..., :n_kv]
@@ -52,22 +61,32 @@ def block_sparse_keep_mask(kv_num_blocks, kv_indices, *, block: int, n_q: int, n
         keep = keep & (key <= pos)
     if window > 0:
         keep = keep & ((key > pos - window) | (key < sink))
+    outside = key_range_mask("block_sparse_keep_mask", kv_start, kv_end, keep.shape[0], n_kv,
+                             keep.device)
+    if outside is not None:
+        keep = keep & ~outside                                          # [B, 1, 1, Nkv]
     return keep
 
 
 def block_sparse_attention_ref(q, k, v, kv_num_blocks, kv_indices, *, block: int, scale: float,
-                               causal: bool, sink: int = 0, window: int = 0):
+                               causal: bool, sink: int = 0, window: int = 0, sinks=None,
+                               kv_start=None, kv_end=None):
     """Returns ``(out [B, Hq, Nq, Dv] in q.dtype, lse [B, Hq, Nq] fp32, natural log)``."""
     B, Hq, Nq, _ = q.shape
     Hkv, Nkv = k.shape[1], k.shape[2]
     keep = block_sparse_keep_mask(kv_num_blocks, kv_indices, block=block, n_q=Nq, n_kv=Nkv,
-                                  causal=causal, sink=sink, window=window)
+                                  causal=causal, sink=sink, window=window, kv_start=kv_start,
+                                  kv_end=kv_end)
     keep = keep.repeat_interleave(Hq // keep.shape[1], dim=1)          # [B, Hq, Nq, Nkv]
     kf = k.float().repeat_interleave(Hq // Hkv, dim=1)                  # [B, Hq, Nkv, D]
     vf = v.float().repeat_interleave(Hq // Hkv, dim=1)                  # [B, Hq, Nkv, Dv]
     s = (q.float() @ kf.transpose(-1, -2)) * scale                      # [B, Hq, Nq, Nkv]
     s = s.masked_fill(~keep, float("-inf"))
-    lse = torch.logsumexp(s, dim=-1)                                    # -inf on empty rows
+    if sinks is None:
+        lse = torch.logsumexp(s, dim=-1)                                # -inf on empty rows
+    else:                                                               # sink column appended
+        col = check_sinks("block_sparse_attention_ref", sinks, Hq, q.device).float()
+        lse = torch.logsumexp(torch.cat([s, col[:, None, None].expand(B, Hq, Nq, 1)], -1), -1)
     p = torch.exp(s - torch.where(torch.isinf(lse), 0.0, lse)[..., None])
     out = p @ vf                                                        # empty rows: p == 0
     return out.to(q.dtype), lse

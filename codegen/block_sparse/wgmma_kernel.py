@@ -29,14 +29,15 @@ Programs walk tiles head by head, each head's longest causal tiles first; with
 arguments, outputs and masking rules as ``kernel.py``'s ``block_sparse_fwd`` (bottom-right
 causal, sequence end, sink/window), so the launch code is shared (launched with
 ``LAUNCH_WARPS`` warps). Supported: CUDA capability 9.x, fp16/bf16, equal head dims of 64 or
-128, 128x128 tiles equal to the mask block, no GQA packing, 16-byte strides and start
+128, 128x128 tiles equal to the mask block, no GQA packing, no learned sinks or per-batch key
+ranges (``BlockSparseSpec.sinks`` / ``kv_ranges``), 16-byte strides and start
 addresses (tensor descriptors; the runtime writes a misaligned ``out`` through an aligned
 temporary); ``supported`` names the case that misses (the runtime then runs ``kernel.py``).
 K/V are double-buffered whatever ``num_stages`` says.
 """
 from __future__ import annotations
 
-from codegen.block_sparse.kernel import KERNEL_DEF, mask_terms
+from codegen.block_sparse.kernel import kernel_def, mask_terms
 from codegen.emit import (DTYPES, BlockSparseSpec, Schedule, head_mapping_code, indent_code,
                           render_template)
 
@@ -52,6 +53,8 @@ def supported(spec: BlockSparseSpec, sch: Schedule) -> str:
         return f"head dims {spec.head_dim}/{spec.v_head_dim} (needs equal dims of 64 or 128)"
     if spec.pack_gqa:
         return "GQA packing"
+    if spec.sinks or spec.kv_ranges:
+        return "learned sinks or per-batch key ranges (the Triton kernel applies them)"
     if not (sch.block_m == sch.block_n == spec.block == 128):
         return (f"tiles {sch.block_m}x{sch.block_n} with mask block {spec.block} "
                 f"(needs 128x128 tiles and block 128)")
@@ -306,7 +309,7 @@ def render(spec: BlockSparseSpec, sch: Schedule, names: dict | None = None) -> s
     ''', BM=sch.block_m, BN=bn, D=d, BLOCK=spec.block, ALIGN=a, DT=_GL_DTYPES[spec.dtype],
         SWIZZLE=min(128, d * 2), TILE_BYTES=bn * d * 2, Q_BYTES=sch.block_m * d * 2,
         HM=sch.block_m // 2, G=spec.gqa_group, CONSUMER_REGS=240,
-        KERNEL_DEF=KERNEL_DEF.replace("$JIT", "gluon.jit").rstrip("\n"),
+        KERNEL_DEF=kernel_def("gluon.jit", spec).rstrip("\n"),
         NEED=" | ".join(f"({c})" for c in conds), KEEP=" & ".join(f"({c})" for c in keep),
         **(names or gluon_names()),
         HEADS=indent_code(head_mapping_code(spec, "0"), 4).rstrip("\n"))

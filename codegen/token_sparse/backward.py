@@ -11,8 +11,11 @@ list, re-gathers their K/V rows, recomputes P = exp(S * scale - lse) from the fo
     dK[idx] += scale * dSᵀ Q,  dV[idx] += Pᵀ dO      (``tl.atomic_add`` into fp32 buffers)
 
 dQ is stored (``Schedule.split == 0``) or atomically added into an fp32 buffer (split lists).
-Padding (negative or ``>= Nkv``) and rows with lse = -inf add nothing. The reference is
-``token_sparse_attention_bwd_ref`` in ``reference.py`` beside this file.
+Padding (negative or ``>= Nkv``, or with ``TokenSparseSpec.kv_ranges`` outside the batch
+row's key range) and rows with lse = -inf add nothing. A forward with learned sinks needs no
+change here: the sink (a key of value 0) enters only through its lse; ``TokenSparseSpec.sinks``
+is ignored. The reference is ``token_sparse_attention_bwd_ref`` in ``reference.py`` beside
+this file.
 """
 from __future__ import annotations
 
@@ -20,7 +23,8 @@ import textwrap
 
 from codegen.emit import (_HEADER, DTYPES, Schedule, TokenSparseSpec, dot_code, head_mapping_code,
                           indent_code, next_pow2, render_template)
-from codegen.token_sparse.kernel import mask_terms, render_walk
+from codegen.token_sparse.kernel import (RANGE_SETUP, extra_args, extra_signature, mask_terms,
+                                         render_walk)
 
 PRE_ROWS = 32           # query rows per program of the delta pre-pass
 
@@ -36,7 +40,9 @@ def render(spec: TokenSparseSpec, sch: Schedule) -> str:
     dt = DTYPES[spec.dtype]
     common = dict(mask_terms(spec), D=spec.head_dim, DV=spec.v_head_dim,
                   BLOCK_N=max(sch.block_n, 16), ALIGN=spec.stride_align, DT=dt,
-                  PRE_ROWS=PRE_ROWS)
+                  PRE_ROWS=PRE_ROWS, EXTRA=extra_signature(extra_args(spec, sinks=False), 21),
+                  EXTRA_DOC=";\n    # KV_START, KV_END [B] int32: the forward's key ranges"
+                  if spec.kv_ranges else "")
     pre = '''
     @triton.jit(do_not_specialize=["R"])
     def token_sparse_bwd_pre(O, DO, DELTA, R):
@@ -55,12 +61,12 @@ def render(spec: TokenSparseSpec, sch: Schedule) -> str:
                                    "chunk"])
     def token_sparse_bwd(Q, K, V, IDX, DO, LSE, DELTA, DQ, DK, DV,
                          sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sib, sih, sin,
-                         Nq, Nkv, Hs, Hq, Hkv, n_idx, chunk, qk_scale, sm_scale):
+                         Nq, Nkv, Hs, Hq, Hkv, n_idx, chunk, qk_scale, sm_scale$EXTRA):
         # Q [B, Hq, Nq, D], K [B, Hkv, Nkv, D], V [B, Hkv, Nkv, Dv] (strides / $ALIGN given),
         # IDX [B, Hs, Nq, n_idx] int32 read with strides (sib, sih, sin, 1) as in the forward;
         # DO [B, Hq, Nq, Dv], LSE and DELTA [B, Hq, Nq] fp32 (natural log), DQ [B, Hq, Nq, D],
         # DK [B, Hkv, Nkv, D] and DV [B, Hkv, Nkv, Dv] fp32 zeroed: all contiguous.
-        # qk_scale = scale * log2(e); program (i, bh, s) reads entries [s * chunk, (s + 1) * chunk).
+        # qk_scale = scale * log2(e); program (i, bh, s) reads entries [s * chunk, (s + 1) * chunk)$EXTRA_DOC.
         qi = tl.program_id(0)
         pid_h = tl.program_id(1)
         pid_s = tl.program_id(2)
@@ -131,6 +137,8 @@ def render(spec: TokenSparseSpec, sch: Schedule) -> str:
     dk_base = DK + (b64 * Hkv + kvh) * Nkv * $D
     dv_base = DV + (b64 * Hkv + kvh) * Nkv * $DV
     '''
+    if spec.kv_ranges:
+        bases = textwrap.dedent(bases) + textwrap.dedent(RANGE_SETUP).lstrip("\n")
     src = render_template(pre, **common) + render_template(signature, **common)
     src += indent_code(head_mapping_code(spec, rows), 4)
     src += render_walk(common, load_rows,

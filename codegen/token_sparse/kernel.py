@@ -12,6 +12,8 @@ Rendered through ``codegen.emit.emit``; the reference is ``reference.py`` beside
 """
 from __future__ import annotations
 
+import textwrap
+
 from codegen.emit import (DTYPES, Schedule, TokenSparseSpec, dot_code, head_mapping_code,
                           indent_code, next_pow2, render_template)
 
@@ -19,13 +21,62 @@ from codegen.emit import (DTYPES, Schedule, TokenSparseSpec, dot_code, head_mapp
 def mask_terms(spec: TokenSparseSpec) -> dict:
     """Head dims padded to powers of two and the mask terms that hide the padding, as template
     values: ``$D_MASK`` / ``$DV_MASK`` on ``offs_d`` / ``offs_dv`` and ``$D_MASK2`` /
-    ``$DV_MASK2`` on their ``[None, :]`` broadcasts (empty where nothing is padded)."""
+    ``$DV_MASK2`` on their ``[None, :]`` broadcasts (empty where nothing is padded); and
+    ``$KEY_OK``, which list entries ``ids`` name a key: inside ``[0, Nkv)``, or with
+    ``spec.kv_ranges`` inside the batch row's range ``[kv_lo, kv_hi)`` (``RANGE_SETUP``)."""
     bd, bdv = next_pow2(max(spec.head_dim, 16)), next_pow2(max(spec.v_head_dim, 16))
     d_mask = " & (offs_d < %d)" % spec.head_dim if bd != spec.head_dim else ""
     dv_mask = " & (offs_dv < %d)" % spec.v_head_dim if bdv != spec.v_head_dim else ""
-    return dict(BD=bd, BDV=bdv, D_MASK=d_mask, DV_MASK=dv_mask,
+    key_ok = "(ids >= kv_lo) & (ids < kv_hi)" if spec.kv_ranges else "(ids >= 0) & (ids < Nkv)"
+    return dict(BD=bd, BDV=bdv, D_MASK=d_mask, DV_MASK=dv_mask, KEY_OK=key_ok,
                 D_MASK2=d_mask.replace("offs_d <", "offs_d[None, :] <"),
                 DV_MASK2=dv_mask.replace("offs_dv <", "offs_dv[None, :] <"))
+
+
+#: With ``spec.kv_ranges``: the batch row's key range ``[kv_lo, kv_hi)`` clipped to
+#: ``[0, Nkv)``, read before the walk (a ``$BASES`` piece of ``GATHER_WALK``).
+RANGE_SETUP = '''
+kv_lo = tl.maximum(tl.load(KV_START + b), 0)
+kv_hi = tl.minimum(tl.load(KV_END + b), Nkv)
+'''
+
+
+def extra_args(spec: TokenSparseSpec, sinks: bool = True) -> tuple:
+    """Tensor arguments ``spec`` adds after the last one, in order: ``SINKS`` (fp32 ``[Hq]``)
+    with ``spec.sinks`` and ``sinks`` (the backward takes none); ``KV_START``, ``KV_END``
+    (int32 ``[B]``) with ``spec.kv_ranges``."""
+    return (("SINKS",) if spec.sinks and sinks else ()) + (
+        ("KV_START", "KV_END") if spec.kv_ranges else ())
+
+
+def extra_signature(names: tuple, indent: int) -> str:
+    """Signature text of the extra arguments ``names``: a continuation line (empty if none)."""
+    return ",\n" + " " * indent + ", ".join(names) if names else ""
+
+
+def _extra_doc(spec: TokenSparseSpec) -> str:
+    """Comment text on the extra arguments of the forward (empty without them)."""
+    doc = ""
+    if spec.sinks:
+        doc += ";\n# SINKS [Hq] fp32 learned sink logits"
+    if spec.kv_ranges:
+        doc += ";\n# KV_START, KV_END [B] int32: batch row b keeps keys KV_START[b] <= j < KV_END[b]"
+    return doc.replace("\n", "\n    ")
+
+
+# The learned sink joins the softmax of a row's whole list: one more key of score
+# SINKS[head] (log2 domain of m_i) and value 0. With split lists the combine adds it once,
+# so the partials leave it out (sk = -inf leaves m_i, l_i and acc as they are).
+_SINK_FOLD = '''
+# the learned sink (whole lists only; the combine adds it to split ones)
+sk = tl.where(n_split == 1, tl.load(SINKS + head$SINK_MASK) * 1.4426950408889634, float("-inf"))
+m_fin = tl.maximum(m_i, sk)
+m_use = tl.where(m_fin == float("-inf"), 0.0, m_fin)
+alpha = tl.exp2(m_i - m_use)
+l_i = l_i * alpha + tl.exp2(sk - m_use)
+acc = acc * $ALPHA
+m_i = m_use
+'''
 
 
 #: The walk over one chunk of a row's list, shared by the forward and the backward: offsets,
@@ -47,7 +98,7 @@ $BASES
     for j in range(start, end, $BLOCK_N):
         offs = j + offs_n
         ids = tl.load(idx_ptr + offs, mask=offs < end, other=-1)
-        ok = (ids >= 0) & (ids < Nkv)
+        ok = $KEY_OK
         ids64 = ids.to(tl.int64)
         k_rows = ids64 * (skn * $ALIGN)
         v_rows = ids64 * (svn * $ALIGN)
@@ -72,18 +123,20 @@ def render(spec: TokenSparseSpec, sch: Schedule) -> str:
     gp = next_pow2(spec.gqa_group) if spec.pack_gqa else 1
     dt = DTYPES[spec.dtype]
     common = dict(mask_terms(spec), DV=spec.v_head_dim, BLOCK_N=max(sch.block_n, 16),
-                  ALIGN=spec.stride_align, DT=dt)
+                  ALIGN=spec.stride_align, DT=dt,
+                  EXTRA=extra_signature(extra_args(spec), 21),
+                  EXTRA_DOC=_extra_doc(spec))
     signature = '''
     @triton.jit(do_not_specialize=["sqb", "sqh", "sqn", "skb", "skh", "skn", "svb", "svh", "svn",
                                    "sib", "sih", "sin", "Nq", "Nkv", "Hs", "Hq", "n_idx", "chunk",
                                    "n_split"])
     def token_sparse_fwd(Q, K, V, IDX, O, LSE, sqb, sqh, sqn, skb, skh, skn, svb, svh, svn,
-                         sib, sih, sin, Nq, Nkv, Hs, Hq, n_idx, chunk, n_split, qk_scale):
+                         sib, sih, sin, Nq, Nkv, Hs, Hq, n_idx, chunk, n_split, qk_scale$EXTRA):
         # Q [B, Hq, Nq, D], K [B, Hkv, Nkv, D], V [B, Hkv, Nkv, Dv] (strides / $ALIGN given),
         # IDX [B, Hs, Nq, n_idx] int32 read with strides (sib, sih, sin, 1), negative = padding
         # (lists shared by every head come as Hs = Hkv or Hq with sih = 0); program (i, bh, s)
         # reads entries [s * chunk, (s + 1) * chunk) and writes O [B, Hq, Nq, n_split, Dv] and
-        # LSE [B, Hq, Nq, n_split] (contiguous; n_split == 1 is the final output).
+        # LSE [B, Hq, Nq, n_split] (contiguous; n_split == 1 is the final output)$EXTRA_DOC.
         qi = tl.program_id(0)
         pid_h = tl.program_id(1)
         pid_s = tl.program_id(2)
@@ -153,24 +206,35 @@ def render(spec: TokenSparseSpec, sch: Schedule) -> str:
         '''
         common["DOT_QK"] = dot_code(spec, "q", "tl.trans(k)")
         common["DOT_PV"] = dot_code(spec, f"p.to({dt})", "v")
+    if spec.sinks:
+        fold = render_template(_SINK_FOLD, SINK_MASK="" if gp == 1 else ", mask=g_ok, other=0.0",
+                               ALPHA="alpha" if gp == 1 else "alpha[:, None]")
+        store = textwrap.dedent(fold).strip("\n") + "\n" + textwrap.dedent(store).lstrip("\n")
     src = render_template(signature, **common)
     src += indent_code(head_mapping_code(spec, rows), 4)
-    src += render_walk(common, load_q, step, store)
+    src += render_walk(common, load_q, step, store, RANGE_SETUP if spec.kv_ranges else "")
+    # combine: with sinks, the sink is one more partial of lse SINKS[head] and output 0
+    sink = "tl.load(SINKS + (row // Nq) % Hq)"
+    common.update(CNOSPEC=', "Nq", "Hq"' if spec.sinks else "",
+                  CEXTRA=", Nq, Hq, SINKS" if spec.sinks else "",
+                  CDOC="; SINKS [Hq] fp32 sink logits" if spec.sinks else "",
+                  M0=sink if spec.sinks else 'float("-inf")',
+                  DEN0=f"tl.exp({sink} - m_use)" if spec.sinks else "0.0")
     src += render_template('''
 
-    @triton.jit(do_not_specialize=["n_split"])
-    def token_sparse_combine(PO, PLSE, O, LSE, n_split):
+    @triton.jit(do_not_specialize=["n_split"$CNOSPEC])
+    def token_sparse_combine(PO, PLSE, O, LSE, n_split$CEXTRA):
         # PO [R, n_split, Dv] fp32 and PLSE [R, n_split] (per-split normalized outputs and lse)
-        # -> O [R, Dv], LSE [R]; R = B * Hq * Nq rows.
+        # -> O [R, Dv], LSE [R]; R = B * Hq * Nq rows$CDOC.
         row = tl.program_id(0).to(tl.int64)
         offs_s = tl.arange(0, 16)
         offs_dv = tl.arange(0, $BDV)
-        m = float("-inf")
+        m = $M0
         for s0 in range(0, n_split, 16):
             ls = tl.load(PLSE + row * n_split + s0 + offs_s, mask=s0 + offs_s < n_split, other=float("-inf"))
             m = tl.maximum(m, tl.max(ls, 0))
         m_use = tl.where(m == float("-inf"), 0.0, m)
-        den = 0.0
+        den = $DEN0
         acc = tl.zeros([$BDV], tl.float32)
         for s0 in range(0, n_split, 16):
             s_ok = s0 + offs_s < n_split

@@ -4,10 +4,14 @@ Shapes: q ``[B, Hq, Nq, D]``, k ``[B, Hkv, Nkv, D]``, v ``[B, Hkv, Nkv, Dv]``, `
 ``[B, Hs, Nq, K]`` with ``Hs`` = 1 (one list per query row shared by every head, as in
 DeepSeek Sparse Attention), ``Hkv`` (one list per GQA group) or ``Hq`` (per head). Query row
 ``i`` attends exactly to the keys ``indices[b, hs, i, :]`` (any order, distinct); negative
-entries are padding. No causal mask is implied. Rows with no valid index give out = 0,
-lse = -inf. Math runs in fp32 (fp64 for fp64 inputs, so that ``gradcheck`` can use it);
-``token_sparse_attention_ref`` is differentiable by autograd, and
-``token_sparse_attention_bwd_ref`` writes the backward out explicitly.
+entries are padding. No causal mask is implied. ``kv_start`` / ``kv_end`` (int ``[B]``,
+optional): entries of batch row ``b`` outside ``[kv_start[b], kv_end[b])`` are skipped like
+padding (padded batches). ``sinks`` (float ``[Hq]``, optional): a learned logit per query head
+taking part in the softmax as one more key of value 0 (GPT-OSS), in the units of
+``scale * q . k``: ``lse = log(sum_j exp(s_j) + exp(sinks[h]))``. Rows with no valid index
+give out = 0, lse = -inf (lse = ``sinks[h]`` with sinks). Math runs in fp32 (fp64 for fp64
+inputs, so that ``gradcheck`` can use it); ``token_sparse_attention_ref`` is differentiable by
+autograd, and ``token_sparse_attention_bwd_ref`` writes the backward out explicitly.
 
 Example::
 
@@ -23,9 +27,12 @@ from __future__ import annotations
 
 import torch
 
+from codegen.attention.reference import check_sinks, key_range_mask
 
-def _gathered(q, k, v, indices):
-    """Per query head: the gathered key/value rows and which entries are valid.
+
+def _gathered(q, k, v, indices, kv_start=None, kv_end=None):
+    """Per query head: the gathered key/value rows and which entries are valid (not padding,
+    inside the batch row's key range).
 
     Returns ``(idx [B, Hq, Nq, K] int64 clamped to >= 0, valid [B, Hq, Nq, K] bool,
     kg [B, Hq, Nq, K, D], vg [B, Hq, Nq, K, Dv])`` in the compute dtype."""
@@ -38,6 +45,10 @@ def _gathered(q, k, v, indices):
     ct = torch.float64 if q.dtype == torch.float64 else torch.float32
     idx = indices.long().repeat_interleave(Hq // indices.shape[1], dim=1)   # [B, Hq, Nq, K]
     valid = idx >= 0
+    outside = key_range_mask("token_sparse_attention_ref", kv_start, kv_end, B, Nkv, q.device)
+    if outside is not None:                      # entries outside the batch row's key range
+        out_b = outside[:, 0, 0]                                             # [B, Nkv]
+        valid &= ~torch.gather(out_b, 1, idx.clamp_min(0).reshape(B, -1)).reshape(idx.shape)
     safe = idx.clamp_min(0)
     kf = k.to(ct).repeat_interleave(Hq // Hkv, dim=1)                        # [B, Hq, Nkv, D]
     vf = v.to(ct).repeat_interleave(Hq // Hkv, dim=1)                        # [B, Hq, Nkv, Dv]
@@ -48,20 +59,30 @@ def _gathered(q, k, v, indices):
             vg.reshape(B, Hq, Nq, Kn, Dv))                                   # [B, Hq, Nq, K, Dv]
 
 
-def token_sparse_attention_ref(q, k, v, indices, *, scale: float):
+def token_sparse_attention_ref(q, k, v, indices, *, scale: float, sinks=None, kv_start=None,
+                               kv_end=None):
     """Returns ``(out [B, Hq, Nq, Dv] in q.dtype, lse [B, Hq, Nq] fp32, natural log)``."""
-    _, valid, kg, vg = _gathered(q, k, v, indices)
+    _, valid, kg, vg = _gathered(q, k, v, indices, kv_start, kv_end)
     s = torch.einsum("bhqd,bhqkd->bhqk", q.to(kg.dtype), kg) * scale          # [B, Hq, Nq, K]
     s = s.masked_fill(~valid, float("-inf"))
-    lse = torch.logsumexp(s, dim=-1)                                         # -inf on empty rows
+    if sinks is None:
+        lse = torch.logsumexp(s, dim=-1)                                     # -inf on empty rows
+    else:                                                                    # sink column appended
+        B, Hq, Nq, _ = s.shape
+        col = check_sinks("token_sparse_attention_ref", sinks, Hq, q.device).to(s.dtype)
+        lse = torch.logsumexp(torch.cat([s, col[:, None, None].expand(B, Hq, Nq, 1)], -1), -1)
     p = torch.exp(s - torch.where(torch.isinf(lse), 0.0, lse)[..., None])
     out = torch.einsum("bhqk,bhqkd->bhqd", p, vg)
     return out.to(q.dtype), lse
 
 
-def token_sparse_attention_bwd_ref(q, k, v, indices, out, lse, dout, *, scale: float):
+def token_sparse_attention_bwd_ref(q, k, v, indices, out, lse, dout, *, scale: float,
+                                   kv_start=None, kv_end=None):
     """Gradients of ``out`` w.r.t. q, k, v from the forward's ``out`` and ``lse``, by the
     flash-attention formulas. Returns ``(dq, dk, dv)`` shaped and typed like q, k, v.
+    ``kv_start`` / ``kv_end``: the forward's key ranges. A forward with ``sinks`` needs nothing
+    more: the sink is a key of value 0, so it enters only through ``lse`` (P below sums to
+    less than 1) and ``delta`` is unchanged; no gradient of the sinks is computed.
 
     P = exp(S * scale - lse), dV[idx] += Pᵀ dO, dP = dO Vᵀ, dS = P ⊙ (dP - rowsum(dO ⊙ O)),
     dQ = scale * dS K, dK[idx] += scale * dSᵀ Q: scatter-adds over the gathered positions, the
@@ -69,7 +90,7 @@ def token_sparse_attention_bwd_ref(q, k, v, indices, out, lse, dout, *, scale: f
     """
     B, Hq, Nq, D = q.shape
     Hkv, Nkv, Dv = k.shape[1], k.shape[2], v.shape[-1]
-    safe, valid, kg, vg = _gathered(q, k, v, indices)
+    safe, valid, kg, vg = _gathered(q, k, v, indices, kv_start, kv_end)
     ct, Kn = kg.dtype, safe.shape[-1]
     qf, o, do = q.to(ct), out.to(ct), dout.to(ct)
     lse = lse.to(ct)
