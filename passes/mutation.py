@@ -58,6 +58,9 @@ _VIEW_NAMES = {
     "requires_grad_", "data", "T", "mT", "H", "mH", "__getitem__",
 }
 _VIEW_FUNCTIONS = {operator.getitem, torch.Tensor.__getitem__}
+# the operator module's functions: in place only as listed above (``and_``, ``or_``, ``not_``
+# name the pure operators)
+_OPERATOR_FUNCTIONS = {id(f): True for f in vars(operator).values() if callable(f)}
 
 
 def _name(target) -> str:
@@ -150,7 +153,7 @@ def written_inputs(node: fx.Node, owner: Optional[fx.GraphModule] = None) -> lis
         elif t in _INPLACE_OPERATORS:
             if _tensor_node(node.args[0]):
                 written.append(node.args[0])
-        else:
+        elif not _OPERATOR_FUNCTIONS.get(id(t)):   # operator.and_ / or_ are not in place
             name = _name(t)
             if (name.endswith("_") and not name.startswith("__") and name not in _NOT_DATA_WRITES
                     and node.args):
@@ -278,10 +281,12 @@ class MutationInfo:
         return any(m.op in ("placeholder", "get_attr") for m in self.members(g))
 
     def reads(self, n: fx.Node) -> set:
-        """Groups whose data ``n`` reads (empty for a view: its users read)."""
-        if n.op in ("placeholder", "get_attr") or self.is_view(n):
+        """Groups whose data ``n`` reads. A view reads none of what it aliases (its users do),
+        but does read its other tensor arguments (``x[idx]`` reads ``idx``)."""
+        if n.op in ("placeholder", "get_attr"):
             return set()
-        return {self.group(a) for a in n.all_input_nodes if a in self._parent}
+        skip = set(aliased_inputs(n)) if self.is_view(n) else set()
+        return {self.group(a) for a in n.all_input_nodes if a in self._parent and a not in skip}
 
     def readers(self, g: fx.Node) -> list:
         """Nodes reading the data of group ``g``, in order (writes to ``g`` included: they read

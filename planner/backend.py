@@ -9,6 +9,7 @@
 """
 from __future__ import annotations
 
+import copy
 import itertools
 import os
 import threading
@@ -53,11 +54,14 @@ class Backend:
             ctx = PassContext(policies=self.policies, owner=self.owner, graph_index=idx,
                               example_inputs=example_inputs, verify=self.verify,
                               cost_model=self.cost_model)
+            captured = copy.deepcopy(gm.graph)    # passes edit in place; a failure restores it
             try:
                 gm = run_pipeline(gm, ctx)
             except Exception as e:             # never break the user's model: run it as captured
                 if os.environ.get("PLANNER_STRICT", "0") == "1":
                     raise
+                gm.graph = captured
+                gm.recompile()
                 self.graphs.append(gm)
                 self.unmatched[("<graph>", f"graph{idx}")] = UnmatchedSoftmax(
                     f"graph{idx}", "<whole graph>",

@@ -102,6 +102,18 @@ def test_write_spellings_are_seen(spelling):
     assert info.group(info.written(w)[0]).op == "call_function"          # z = x * 1.0
 
 
+def test_pure_operators_named_with_an_underscore_are_not_writes():
+    # operator.and_ / or_ / not_ (Dynamo's ``a & b``) name pure operators: DeepSeek-V3.2 combines
+    # its causal and index masks with ``&`` and reuses the causal mask in the next layer
+    g = fx.Graph()
+    a, b = g.placeholder("a"), g.placeholder("b")
+    c = g.call_function(operator.and_, (a, b))
+    d = g.call_function(operator.or_, (a, c))
+    g.output(g.call_function(operator.not_, (d,)))
+    info = mutation.MutationInfo(g)
+    assert info.writes == []
+
+
 def _dynamo_style_graph(spelling: str) -> fx.Graph:
     g = fx.Graph()
     x, y = g.placeholder("x"), g.placeholder("y")
