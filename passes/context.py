@@ -29,6 +29,7 @@ class SiteRecord:
     est_sparse_ms: Optional[float] = None
     crossover: Optional[float] = None  # sequence length above which sparse is estimated faster
     kernel_planned: Optional[str] = None  # set when the plan replaced the site's ops at compile time
+    rules: str = ""                    # the model's window / sinks / key validity, as discovered
 
 
 @dataclass

@@ -37,7 +37,7 @@ CORE = {"matmul", "softmax", "sdpa"}
 FUSED = {"mha", "encoder_layer", "native_mha"}
 # ops a score tensor may pass through between q @ k^T and softmax
 SCORE_OPS = {"mul", "div", "add", "sub", "masked_fill", "where", "tanh", "cast", "identity",
-             "dropout", "reshape"}
+             "dropout", "reshape", "cat"}
 _BINARY = ("mul", "div", "add", "sub")
 MASKED = -1e30          # a modifier value at or below this excludes the pair (HF uses finfo.min)
 
@@ -77,6 +77,10 @@ class Match:
     mod_fix: list = field(default_factory=list)
     out_fix: tuple = ()
     causal_note: str = ""
+    window: int = 0                    # the model's sliding window, proved from its mask
+    sink: Optional[fx.Node] = None     # [Hq] learned sink logits (GPT-OSS), or None
+    kv_valid: Optional[fx.Node] = None  # [B, >= Nkv] key validity (padding), or None
+    empty_rows: str = "zero"           # a row that sees no key: "zero" or "mean" (see SiteSpec)
 
 
 @dataclass
@@ -230,6 +234,9 @@ def _score_inputs(n: fx.Node) -> tuple:
     lab = label(n)
     if lab == "where":
         return tuple(n.args[1:3])
+    if lab == "cat":
+        parts = n.args[0] if n.args else n.kwargs.get("tensors")
+        return tuple(parts[:1]) if isinstance(parts, (list, tuple)) else ()
     if lab in _BINARY:
         return tuple(n.args[:2])
     return tuple(n.args[:1])
@@ -290,6 +297,8 @@ class _Scores:
     fixes: list = field(default_factory=list)             # recipe per mod tensor
     ranks: list = field(default_factory=list)             # score rank where the mod applied
     heads: Optional[int] = None                           # H of a [B*H] <-> [B, H] view
+    sink: Optional[fx.Node] = None                        # [H] learned sink logits (GPT-OSS)
+    extra: list = field(default_factory=list)             # nodes of the chain off its path
 
     def add_mod(self, kind: tuple, node, fix: list, scores: fx.Node) -> None:
         rank = _rank(scores)
@@ -385,6 +394,10 @@ def walk_scores(path: list, mm: fx.Node) -> _Scores:
         elif lab == "tanh":
             raise NoMatch(f"tanh on the scores without the soft-cap form s/c -> tanh -> *c "
                           f"({n.format_node()})")
+        elif lab == "cat":
+            st.sink = _sink_column(n, cur, st)
+        elif lab == "sub" and _row_max_of(n, cur, st):
+            pass                          # s - max(s): the softmax does not change
         elif lab in ("add", "sub"):
             other, pos = _other(n, cur)
             if lab == "sub" and pos == 1:
@@ -414,6 +427,64 @@ def walk_scores(path: list, mm: fx.Node) -> _Scores:
     return st
 
 
+def _sink_column(n: fx.Node, cur: fx.Node, st: _Scores) -> fx.Node:
+    """``cat([s, sink], dim=-1)`` with ``sink = x.reshape(1, -1, 1, 1).expand(B, -1, Nq, -1)``:
+    one more score column holding a learned logit per head (GPT-OSS: the softmax's
+    denominator gains exp(sink_h), the column is dropped after it). Returns ``x`` [H]."""
+    parts = n.args[0] if n.args else n.kwargs.get("tensors")
+    dim = arg(n, 1, "dim", 0)
+    rank = _rank(cur)
+    if (st.sink is not None or not isinstance(parts, (list, tuple)) or len(parts) != 2
+            or parts[0] is not cur or rank is None or dim % rank != rank - 1):
+        raise NoMatch(f"scores concatenated with another tensor ({n.format_node()}); only one "
+                      f"sink column appended on the key axis is attention")
+    x = parts[1]
+    while isinstance(x, fx.Node) and label(x) in ("expand", "cast", "identity"):
+        x = x.args[0]
+    sx, sc = _shape(x), _shape(cur)
+    if (not isinstance(x, fx.Node) or label(x) != "reshape" or len(sx) != 4
+            or [sx[0], sx[2], sx[3]] != [1, 1, 1] or sx[1] != sc[1]):
+        raise NoMatch(f"the column concatenated to the scores ({parts[1]}) is not one value per "
+                      f"head broadcast over batch and queries")
+    base = x.args[0]
+    if _rank(base) != 1 or _shape(base)[0] != sc[1]:
+        raise NoMatch(f"the sink column comes from {base}, not a [heads] tensor")
+    st.extra += [p for p in _chain(parts[1], base)]
+    return base
+
+
+def _chain(top: fx.Node, base: fx.Node) -> list:
+    out, x = [], top
+    while isinstance(x, fx.Node) and x is not base:
+        out.append(x)
+        x = x.args[0]
+    return out
+
+
+def _row_max_of(n: fx.Node, cur: fx.Node, st: _Scores) -> bool:
+    """``cur - cur.max(dim=-1, keepdim=True).values`` (or ``amax``): the softmax-invariant
+    shift GPT-OSS applies before its softmax."""
+    if n.args[0] is not cur or len(n.args) < 2 or not isinstance(n.args[1], fx.Node):
+        return False
+    m = n.args[1]
+    sel = None
+    if label(m) == "getitem" and m.args[1] == 0 or (
+            m.op == "call_function" and m.target is getattr and m.args[1] == "values"):
+        sel, m = m, m.args[0]
+    name = m.target if m.op == "call_method" else getattr(m.target, "__name__", "")
+    if name not in ("max", "amax") or m.args[0] is not cur:
+        return False
+    rank = _rank(cur)
+    dim = arg(m, 1, "dim")
+    keep = arg(m, 2, "keepdim", False)
+    if not isinstance(dim, int) or rank is None or dim % rank != rank - 1 or keep is not True:
+        return False
+    if name == "max" and sel is None:
+        return False                     # max(dim=...) is a (values, indices) pair
+    st.extra += [m] + ([sel] if sel is not None else [])
+    return True
+
+
 def _check_head_view(st: _Scores, cur: fx.Node, n: fx.Node) -> None:
     """Allow views that keep the scores' shape or split/merge [B*H] <-> [B, H] (Bloom)."""
     a, b = _shape(cur), _shape(n)
@@ -431,15 +502,22 @@ def _check_head_view(st: _Scores, cur: fx.Node, n: fx.Node) -> None:
     st.heads = int(h)
 
 
-def _walk_probs(sm: fx.Node, mm2: fx.Node) -> list:
-    """softmax -> casts / dropout(eval) / head-merge view -> matmul(p, v); returns the chain."""
+def _walk_probs(sm: fx.Node, mm2: fx.Node, sink: bool = False) -> list:
+    """softmax -> casts / dropout(eval) / head-merge view -> matmul(p, v); returns the chain.
+    With a sink column (``sink``), the chain drops it: ``p[..., :-1]``."""
     chain = []
     n = mm2.args[0]
+    dropped = False
     while n is not sm:
         if not isinstance(n, fx.Node):
             raise NoMatch("probabilities do not reach the value matmul as its first operand")
         lab = label(n)
-        if lab == "dropout":
+        if lab == "getitem" and sink and not dropped and _drops_last_column(n):
+            dropped = True
+        elif lab == "getitem":
+            raise NoMatch(f"probabilities are sliced ({n.format_node()}) before the value "
+                          f"matmul{'' if sink else ' (no sink column to drop)'}")
+        elif lab == "dropout":
             p = arg(n, 1, "p", 0.5)
             training = arg(n, 2, "training", True)
             if training and p:
@@ -453,7 +531,22 @@ def _walk_probs(sm: fx.Node, mm2: fx.Node) -> list:
             raise NoMatch(f"probabilities pass through {n.format_node()} before the value matmul")
         chain.append(n)
         n = n.args[0]
+    if sink and not dropped:
+        raise NoMatch("the sink column appended to the scores is not dropped before the value "
+                      "matmul")
     return chain
+
+
+def _drops_last_column(n: fx.Node) -> bool:
+    """``p[..., :-1]``: the last key column removed, nothing else."""
+    idx = n.args[1] if len(n.args) > 1 else None
+    idx = idx if isinstance(idx, tuple) else (idx,)
+    if not idx or idx[-1] != slice(None, -1, None):
+        return False
+    rank = _rank(n.args[0])
+    lead = idx[:-1]
+    return all(i is Ellipsis or i == slice(None) for i in lead) and (
+        Ellipsis in lead or len(idx) == rank)
 
 
 # ---------------------------------------------------------------------------- masks
@@ -466,6 +559,8 @@ class _MaskFact:
     note: str
     align: Optional[str] = None
     window: Optional[int] = None
+    pad: Optional[fx.Node] = None      # the [B, N] input whose nonzero entries are real keys
+    empty: str = "zero"                # a row it masks entirely: "zero" or "mean" (SiteSpec)
 
 
 def _nonneg(e) -> Optional[bool]:
@@ -654,15 +749,22 @@ def _mask_fact(kind: tuple, node, fix, ev: IndexEval, n_q, n_kv, reader=None) ->
                 return _MaskFact("bias", f"bias {node} kept")
             return _MaskFact("mask", f"additive {node} kept: it mixes masked and finite values")
         K = sp.Or(*[c for v, c in cases if v == 0])
+        masked = {v for v, _ in cases if v != 0}
+        empty = "mean" if len(masked) == 1 and math.isfinite(masked.pop()) else "zero"
     elif kind[0] == "keep":
         K = to_bool(fn)
+        empty = "zero"
     else:
         K = sp.Not(to_bool(fn))
+        empty = "mean" if math.isfinite(kind[1]) else "zero"
     axes = list(fn.axes)
     I = axes[-2] if len(axes) >= 2 else None
     J = axes[-1] if len(axes) >= 1 else None
-    lead = {a for a in axes[:-2] if a is not None}
-    if K.free_symbols & lead:
+    lead = [a for a in axes[:-2] if a is not None]
+    K, pad = _split_padding(K, ev, axes, J)
+    if isinstance(pad, str):
+        return _MaskFact("mask", f"mask {node} kept: {pad}")
+    if K.free_symbols & set(lead):
         return _MaskFact("mask", f"mask {node} kept: it varies over the batch or head dims")
     I = I if I is not None else sp.Symbol("q_unused", integer=True, nonnegative=True)
     J = J if J is not None else sp.Symbol("kv_unused", integer=True, nonnegative=True)
@@ -670,7 +772,11 @@ def _mask_fact(kind: tuple, node, fix, ev: IndexEval, n_q, n_kv, reader=None) ->
     if form is None:
         return _MaskFact("mask", f"mask {node} kept: its kept set is not kv <= q + c "
                                  f"(it is {K})")
+    with_pad = f" and the key padding of {pad.name}" if pad is not None else ""
     if form[0] == "all":
+        if pad is not None:
+            return _MaskFact("pad", f"mask {node} is the key padding of {pad.name}", pad=pad,
+                             empty=empty)
         return _MaskFact("noop", f"mask {node} keeps every pair: dropped")
     align = _align(form[1], n_q, n_kv)
     if align is None:
@@ -678,8 +784,44 @@ def _mask_fact(kind: tuple, node, fix, ev: IndexEval, n_q, n_kv, reader=None) ->
                                  f"neither upper-left (0) nor lower-right ({n_kv - n_q})")
     if form[0] == "window":
         return _MaskFact("window", f"mask {node} is causal ({align}) with a window of "
-                                   f"{form[2]} keys", align, form[2])
-    return _MaskFact("causal", f"mask {node} is exactly kv <= q + ({form[1]}): {align}", align)
+                                   f"{form[2]} keys{with_pad}", align, form[2], pad=pad,
+                         empty=empty)
+    return _MaskFact("causal", f"mask {node} is exactly kv <= q + ({form[1]}): "
+                               f"{align}{with_pad}", align, pad=pad, empty=empty)
+
+
+def _split_padding(K, ev: IndexEval, axes: list, J) -> tuple:
+    """``K = C & (pad[b, kv] != 0)`` with ``pad`` a [B, N] graph input (Hugging Face's
+    ``padding_mask_function``: ``padding_mask[batch_idx, kv_idx]``) -> (C, pad's node);
+    (K, None) when no graph input appears in K; (K, why) when one appears otherwise."""
+    import sympy as sp
+    apps = [a for a in K.atoms(sp.Function) if a.func in ev.lookups]
+    if not apps:
+        return K, None
+    funcs = {a.func for a in apps}
+    if len(funcs) != 1 or len(set(apps)) != 1:
+        return K, "it reads several graph inputs or one at several places"
+    app = apps[0]
+    b = axes[0] if len(axes) >= 3 else None       # [B, (H,) Nq, Nkv]: the batch axis
+    if J is None or b is None or app.args[1] != J or not (app.args[0] == b or app.args[0] == 0):
+        return K, (f"it reads the graph input {ev.lookups[app.func].name} at {app.args}, not at "
+                   f"(batch, key)")
+    P = sp.Symbol("key_is_real")
+    reps = {}
+    for rel in K.atoms(sp.core.relational.Relational):
+        if not rel.has(app):
+            continue
+        if isinstance(rel, sp.Ne) and rel.lhs == app and rel.rhs == 0:
+            reps[rel] = P
+        elif isinstance(rel, sp.Eq) and rel.lhs == app and rel.rhs == 0:
+            reps[rel] = sp.Not(P)
+        else:
+            return K, f"it compares the graph input {ev.lookups[app.func].name} as {rel}"
+    K2 = K.xreplace(reps)
+    if K2.has(app) or sp.simplify_logic(K2.subs(P, False)) is not sp.false:
+        return K, (f"the graph input {ev.lookups[app.func].name} is not a key padding mask "
+                   f"(keys it marks are not simply excluded)")
+    return sp.simplify_logic(K2.subs(P, True)), ev.lookups[app.func]
 
 
 def settle_masks(m: Match, ev: IndexEval) -> None:
@@ -690,7 +832,8 @@ def settle_masks(m: Match, ev: IndexEval) -> None:
     pair), and (3) every query row keeps a key (so ``finfo.min`` and ``-inf`` give the same
     softmax). Non-causal additive tensors must be biases: built from parameters, indices and
     moderate constants; a bias with values near +-1e30 is outside what this proves.
-    A sliding-window mask (causal and a window) stays as a modifier and sets ``m.causal``.
+    A sliding-window mask (causal and a window) alone among the masks is dropped the same way
+    and sets ``m.causal`` and ``m.window`` (the kernels' window rule).
     """
     if not m.mods:
         return
@@ -702,7 +845,27 @@ def settle_masks(m: Match, ev: IndexEval) -> None:
              for kind, node, fix in zip(m.mods, _mod_slots(m, m.mod_nodes),
                                         _mod_slots(m, m.mod_fix))]
     notes = [f.note for f in facts]
-    masking = [i for i, f in enumerate(facts) if f.what in ("mask", "causal", "window")]
+    masking = [i for i, f in enumerate(facts) if f.what in ("mask", "causal", "window", "pad")]
+    pads = [i for i in masking if facts[i].pad is not None]
+    if pads:
+        # a mask that is the rules (causal / window) and the key padding of a [B, N] input,
+        # alone among the masks with nothing after it that could un-mask a pair: the rules
+        # and the per-row key lengths replace the tensor
+        i = pads[0]
+        f = facts[i]
+        ok = masking == [i] and not any(facts[j].what in ("softcap", "fill")
+                                        for j in range(i + 1, len(facts)))
+        if ok and m.causal in (None, f.align) and m.kv_valid is None:
+            m.causal = f.align if f.align is not None else m.causal
+            m.window = f.window or 0
+            m.kv_valid, m.empty_rows = f.pad, f.empty
+            drop = {i} | {j for j, g in enumerate(facts) if g.what == "noop"}
+            notes[i] += " -> dropped, rules and per-row key lengths set"
+            _drop_mods(m, drop)
+            m.causal_note = "; ".join(notes)
+            return
+        notes[i] += " -> kept (another mask or a later soft-cap/fill)"
+        facts[i] = _MaskFact("mask", notes[i])
     causal = [i for i in masking if facts[i].what == "causal"]
     aligns = {facts[i].align for i in causal}
     drop = {i for i, f in enumerate(facts) if f.what == "noop"}
@@ -719,16 +882,24 @@ def settle_masks(m: Match, ev: IndexEval) -> None:
         notes.append("causal mask kept: another masking modifier or a later soft-cap/fill "
                      "could change which pairs are excluded")
     windows = [i for i in masking if facts[i].what == "window"]
-    if windows and masking == windows[:1] and not unmask_after(windows[0]) and m.causal is None:
-        m.causal = facts[windows[0]].align
-        notes[windows[0]] += " -> kept, causal set (implied by the window)"
+    if (windows and masking == windows[:1] and not unmask_after(windows[0])
+            and m.causal in (None, facts[windows[0]].align)):
+        # the window becomes the kernels' rule: keys j with pos - window < j <= pos
+        i = windows[0]
+        m.causal, m.window = facts[i].align, facts[i].window
+        drop.add(i)
+        notes[i] += " -> dropped, causal and window set"
+    _drop_mods(m, drop)
+    m.causal_note = "; ".join(notes)
+
+
+def _drop_mods(m: Match, drop: set) -> None:
     if drop:
         keep = [i for i in range(len(m.mods)) if i not in drop]
         slots, fixes = _mod_slots(m, m.mod_nodes), _mod_slots(m, m.mod_fix)
         m.mods = tuple(m.mods[i] for i in keep)
         m.mod_nodes = [slots[i] for i in keep if slots[i] is not None]
         m.mod_fix = [fixes[i] for i in keep if slots[i] is not None]
-    m.causal_note = "; ".join(notes)
 
 
 def _mod_slots(m: Match, per_tensor: list) -> list:
@@ -814,9 +985,9 @@ def match_matmul_softmax(mm1: fx.Node, sm: fx.Node, mm2: fx.Node, site: str) -> 
         raise NoMatch("no shape recorded for the softmax input")
     if not isinstance(dim, int) or dim % vin.dim() != vin.dim() - 1:
         raise NoMatch(f"softmax over dim {dim} of a rank-{vin.dim()} tensor: not the key axis")
-    p_chain = _walk_probs(sm, mm2)
     s_chain = _score_path(sm.args[0], mm1)
     st = walk_scores(s_chain, mm1)
+    p_chain = _walk_probs(sm, mm2, sink=st.sink is not None)
     for t in st.nodes + [x for _, x in st.tensor_scales]:
         if t is not None and _depends_on(t, mm1):
             raise NoMatch(f"a modifier of the scores ({t}) is computed from the scores "
@@ -832,6 +1003,9 @@ def match_matmul_softmax(mm1: fx.Node, sm: fx.Node, mm2: fx.Node, site: str) -> 
     v = mm2.args[1]
     m = Match("matmul_softmax", site, mm2, q, k, v, scale=st.scale, softmax=sm)
     _pack_mods(m, st)
+    if st.sink is not None:
+        m.sink = st.sink
+        m.pattern += "+sink"
     m.q_fix = tuple(st.tensor_scales)
     rank = _rank(q)
     if rank == 3:
@@ -848,7 +1022,7 @@ def match_matmul_softmax(mm1: fx.Node, sm: fx.Node, mm2: fx.Node, site: str) -> 
     vo, vq = val(mm2), val(q)
     if vo is not None and vq is not None and vo.dtype != vq.dtype:      # e.g. fp32 p @ v.float()
         m.out_fix = tuple(m.out_fix) + (("to", vo.dtype),)
-    inside = set(s_chain + p_chain + [sm, mm2])
+    inside = set(s_chain + p_chain + st.extra + [sm, mm2])
     for n in [mm1, sm] + s_chain + p_chain:
         others = [u for u in n.users if u not in inside]
         if others:
@@ -903,6 +1077,11 @@ def match_fused(node: fx.Node, site: str) -> Match:
 
 # ---------------------------------------------------------------------------- driver
 
+# ops a candidate's chain may also pass through (a sink column appended with ``cat`` and dropped
+# with a slice: GPT-OSS); the pattern functions decide whether they are attention
+_CONTRACT_THROUGH = SCORE_OPS | {"getitem"}
+
+
 def _contract(g: nx.DiGraph) -> nx.DiGraph:
     h = nx.DiGraph()
     for n, d in g.nodes(data=True):
@@ -918,7 +1097,7 @@ def _contract(g: nx.DiGraph) -> nx.DiGraph:
             lab = g.nodes[w]["label"]
             if lab in CORE:
                 h.add_edge(u, w)
-            elif lab in SCORE_OPS:
+            elif lab in _CONTRACT_THROUGH:
                 stack.extend(g.successors(w))
     return h
 

@@ -286,10 +286,11 @@ def _subs(fn: IndexFn, mapping: dict) -> IndexFn:
         return fn
     axes = tuple(mapping.get(a, a) if a is not None else None for a in fn.axes)
     axes = tuple(a if (a is None or getattr(a, "is_Symbol", False)) else None for a in axes)
+    # simultaneous: {a: b, b: a} swaps the two (subs would apply them one after the other)
     if fn.kind == "num":
-        expr = tuple((v, c.subs(mapping)) for v, c in fn.expr)
+        expr = tuple((v, c.xreplace(mapping)) for v, c in fn.expr)
     else:
-        expr = fn.expr.subs(mapping)
+        expr = fn.expr.xreplace(mapping)
     return IndexFn(axes, fn.kind, expr)
 
 
@@ -421,6 +422,7 @@ class IndexEval:
         self._n = 0
         self.data: dict = {}
         self.mutation = mutation           # passes.mutation.MutationInfo (None: no writes known)
+        self.lookups: dict = {}            # sympy function -> the graph input it stands for
         self._readers: list = []           # the node whose read is being evaluated (innermost last)
         phs = [n for n in gm.graph.nodes if n.op == "placeholder"]
         if example_inputs is not None and len(example_inputs) == len(phs):
@@ -459,6 +461,18 @@ class IndexEval:
             raise r
         return r
 
+    def _lookup(self, n: fx.Node, v) -> IndexFn:
+        """A [B, N] integer / boolean graph input as ``input_<name>(b, j)``, a sympy function
+        of its indices whose values are unknown (``lookups`` maps the function to the node)."""
+        sp = _sp()
+        f = sp.Function(f"input_{n.name}")
+        self.lookups[f] = n
+        axes = [self.fresh(), self.fresh()]
+        app = f(*axes)
+        if v.dtype == torch.bool:
+            return IndexFn(axes, "bool", sp.Ne(app, 0))
+        return IndexFn(axes, "int", app)
+
     def _check_writes(self, x: fx.Node, reader: Optional[fx.Node]) -> None:
         mi = self.mutation
         if mi is None or x not in mi.pos or not mi.has_writes(x):
@@ -480,7 +494,12 @@ class IndexEval:
                 if a is None:
                     continue
                 if axes[d] is None:
-                    axes[d] = a
+                    if a in axes:
+                        # the symbol already indexes another output dim (``i[None, :] <=
+                        # i[:, None]`` of one arange): here it is an independent index
+                        axes[d] = mapping[a] = self.fresh()
+                    else:
+                        axes[d] = a
                 elif axes[d] != a:
                     mapping[a] = axes[d]
             out.append(_subs(IndexFn(pad, fn.kind, fn.expr), mapping))
@@ -501,7 +520,11 @@ class IndexEval:
                 raise Opaque(f"trainable parameter {n.name}")
             if n.op == "placeholder" and not _is_buffer(n):
                 # a call argument may hold other values on the next call (Dynamo does not guard
-                # tensor values): never prove anything from its contents
+                # tensor values): never prove anything from its contents. A [B, N] integer or
+                # boolean input (a padding mask) is kept as an unknown function of its indices
+                v = val(n)
+                if v is not None and v.dim() == 2 and not v.is_floating_point():
+                    return self._lookup(n, v)
                 raise Opaque(f"graph input {n.name} (a call argument, its values may change)")
             return data_index_fn(t.detach(), self.fresh)
         if v is None:
@@ -612,6 +635,8 @@ class IndexEval:
         x = self(n.args[0])
         shp = _shape(n.args[0])
         idx = n.args[1] if isinstance(n.args[1], tuple) else (n.args[1],)
+        if any(isinstance(i, fx.Node) and val(i) is not None for i in idx):
+            return self._gather(n, x, idx)
         used = sum(1 for i in idx if i is not None and i is not Ellipsis)
         exp = []
         for i in idx:
@@ -650,6 +675,22 @@ class IndexEval:
             d += 1
         out = _subs(IndexFn(x.axes, x.kind, x.expr), mapping)
         return IndexFn(axes, out.kind, out.expr)
+
+    def _gather(self, n: fx.Node, x: IndexFn, idx: tuple) -> IndexFn:
+        """``x[i0, i1, ...]`` with one index tensor per dim of ``x`` (advanced indexing: the
+        result has the broadcast shape of the indices), e.g. Hugging Face's
+        ``padding_mask[batch_idx, kv_idx]``: x's index symbols become the indices' values."""
+        if len(idx) != len(x.axes) or not all(isinstance(i, fx.Node) for i in idx):
+            raise Opaque(f"indexing mixes tensors with slices in {n.format_node()}")
+        v = val(n)
+        fns = [self(i) for i in idx]
+        if any(f.kind != "int" for f in fns):
+            raise Opaque(f"a non-integer index tensor in {n.format_node()}")
+        axes, fns = self._bcast(fns, v.dim())
+        mapping = {a: f.expr for a, f in zip(x.axes, fns) if a is not None}
+        if x.kind == "num":
+            return IndexFn(axes, "num", tuple((val_, c.subs(mapping)) for val_, c in x.expr))
+        return IndexFn(axes, x.kind, x.expr.subs(mapping))
 
     def _reshape(self, n: fx.Node) -> IndexFn:
         """Views that only add/drop size-1 dims or broadcast size-1 dims (expand)."""

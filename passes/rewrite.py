@@ -96,15 +96,26 @@ def _follow(m, replaced: dict) -> None:
     f = lambda x: replaced.get(x, x) if isinstance(x, fx.Node) else x  # noqa: E731
     m.q, m.k, m.v = f(m.q), f(m.k), f(m.v)
     m.mod_nodes = [f(x) for x in m.mod_nodes]
+    m.sink, m.kv_valid = f(m.sink), f(m.kv_valid)
     m.q_fix, m.k_fix, m.v_fix = (tuple(tuple(f(a) for a in step) for step in fix)
                                  for fix in (m.q_fix, m.k_fix, m.v_fix))
     m.mod_fix = [tuple(tuple(f(a) for a in step) for step in fix) for fix in (m.mod_fix or [])]
 
 
+def _rules(m) -> str:
+    """The model's own rules a site carries, as ``planner.inspect`` shows them."""
+    parts = [f"window {m.window}"] if m.window else []
+    if m.sink is not None:
+        parts.append("sinks")
+    if m.kv_valid is not None:
+        parts.append(f"padding ({m.kv_valid.name})")
+    return ", ".join(parts)
+
+
 def _site_inputs(m) -> list:
     """Every graph tensor the rewritten site reads: q, k, v, modifier tensors, run-time scales."""
     out = []
-    for x in [m.q, m.k, m.v, *m.mod_nodes]:
+    for x in [m.q, m.k, m.v, *m.mod_nodes, m.sink, m.kv_valid]:
         if isinstance(x, fx.Node) and x not in out:
             out.append(x)
     for fix in (m.q_fix, m.k_fix, m.v_fix, *(m.mod_fix or [])):
@@ -179,13 +190,17 @@ def rewrite_to_sparse(gm: fx.GraphModule, ctx) -> fx.GraphModule:
             rec.reason = why
             continue
         spec = SiteSpec(site=m.site, owner=ctx.owner, policy=pol, scale=m.scale, causal=m.causal,
-                        gqa_group=m.gqa_group, mods=m.mods)
+                        gqa_group=m.gqa_group, mods=m.mods, window=m.window,
+                        sinks=m.sink is not None, kv_valid=m.kv_valid is not None,
+                        empty_rows=m.empty_rows)
+        rec.rules = _rules(m)
         key = register(spec)
         em = Emitter(g, m.out, reads_as=first)  # {input: its first read}
         q, k, v = (_apply_fix(em, x, fix) for x, fix in ((m.q, m.q_fix), (m.k, m.k_fix),
                                                          (m.v, m.v_fix)))
         mods = [_apply_fix(em, t, fix) for t, fix in zip(m.mod_nodes, m.mod_fix or
                                                          [()] * len(m.mod_nodes))]
+        mods += [x for x in (m.sink, m.kv_valid) if x is not None]
         if pol.name in ("quest", "dsa"):
             k = _keep_with_cache(g, k, pol.page if pol.name == "quest" else 0)
         sc = em.call(torch.ops.sparse.score.default, q, k, mods, key)

@@ -102,7 +102,8 @@ class Backend:
                 calls=st.calls if st else 0,
                 kernel=st.kernel if st else rec.kernel_planned, graph=rec.graph,
                 schedule=rec.schedule, est_dense_ms=rec.est_dense_ms,
-                est_sparse_ms=rec.est_sparse_ms, crossover=rec.crossover))
+                est_sparse_ms=rec.est_sparse_ms, crossover=rec.crossover,
+                rules=(st.rules if st and st.calls else rec.rules)))
         return Report(sites, list(self.unmatched.values()), list(self.graphs), KERNELS.stats())
 
 

@@ -27,6 +27,8 @@ class Site:
     est_dense_ms: Optional[float] = None
     est_sparse_ms: Optional[float] = None
     crossover: Optional[float] = None  # length above which sparse is estimated faster
+    rules: str = ""                    # the model's own rules the kernels apply: sliding window,
+                                       # learned sinks, per-row key lengths (padding)
 
     @property
     def density_spread(self) -> Optional[tuple]:
@@ -99,11 +101,11 @@ class Report:
             est = ("-" if s.est_dense_ms is None else
                    f"{s.est_dense_ms:.3g}/{s.est_sparse_ms:.3g}")
             cross = "-" if s.crossover is None else f"{s.crossover:.0f}"
-            rows.append([s.name, s.pattern, s.shapes, s.policy, s.status, dens, s.calls,
-                         s.kernel or "-", s.schedule or "-", est, cross, s.reason])
-        return tabulate(rows, headers=["site", "pattern", "shapes", "policy", "status", "density",
-                                       "calls", "kernel", "schedule", "est ms dense/sparse",
-                                       "crossover N", "reason"])
+            rows.append([s.name, s.pattern, s.shapes, s.rules or "-", s.policy, s.status, dens,
+                         s.calls, s.kernel or "-", s.schedule or "-", est, cross, s.reason])
+        return tabulate(rows, headers=["site", "pattern", "shapes", "rules", "policy", "status",
+                                       "density", "calls", "kernel", "schedule",
+                                       "est ms dense/sparse", "crossover N", "reason"])
 
     def __str__(self) -> str:
         n_rw = sum(s.status == "rewritten" for s in self.sites)

@@ -16,7 +16,7 @@ from typing import Callable, Optional
 
 import torch
 
-from codegen.attention.reference import attention_reference
+from codegen.attention.reference import attention_reference, positions_offset
 from codegen.select.reference import block_keep_fn
 from runtime import estimators, plan, stats
 from runtime.spec import SiteSpec
@@ -107,6 +107,68 @@ def _keep_of(spec: SiteSpec, counts, indices, n_q: int, n_kv: int, device):
     return lambda r0, r1: blk_keep(r0, r1) & tok_keep(r0, r1)  # noqa: E731
 
 
+def reference_rules(spec: SiteSpec, tensors, n_kv: int) -> tuple:
+    """The site's modifiers for ``attention_reference``: (mods, mod tensors, sinks) with the key
+    validity (padding) applied as one more boolean mask (exact for any validity pattern)."""
+    mods, sinks, valid = spec.split(tensors)
+    kinds = tuple(spec.mods)
+    if valid is not None:
+        kinds += (("keep",),)
+        mods = list(mods) + [valid[:, None, None, :n_kv] != 0]          # [B|1, 1, 1, Nkv]
+    return kinds, mods, sinks
+
+
+def lower_rules(spec: SiteSpec, tensors, n_q: int, n_kv: int):
+    """(spec, tensors) with the window and the key validity turned into boolean mask tensors
+    (``("keep",)`` modifiers), for implementations that know masks but not these rules; None
+    when the site has sinks (no mask expresses them)."""
+    if not spec.rules:
+        return spec, list(tensors)
+    mods, sinks, valid = spec.split(tensors)
+    if sinks is not None:
+        return None
+    kinds, mods = list(spec.mods), list(mods)
+    dev = mods[0].device if mods else (valid.device if valid is not None else "cpu")
+    if spec.window:
+        pos = torch.arange(n_q, device=dev)[:, None] + positions_offset(spec.causal, n_q, n_kv)
+        kinds.append(("keep",))
+        mods.append((torch.arange(n_kv, device=dev)[None, :] > pos - spec.window)[None, None])
+    if valid is not None:
+        kinds.append(("keep",))
+        mods.append(valid[:, None, None, :n_kv] != 0)
+    return dataclasses.replace(spec, mods=tuple(kinds), window=0, kv_valid=False), mods
+
+
+def empty_rows(spec: SiteSpec, valid: Optional[torch.Tensor], n_q: int, n_kv: int):
+    """bool [B, Nq]: query rows that see no key under the site's rules (causal, window, key
+    validity), or None when every row sees one (only a key-validity tensor can empty a row)."""
+    if valid is None:
+        return None
+    real = (valid[:, :n_kv] != 0).to(torch.int32)                       # [B, Nkv]
+    before = torch.nn.functional.pad(real.cumsum(1), (1, 0))            # keys < j that are real
+    pos = torch.arange(n_q, device=valid.device) + positions_offset(spec.causal, n_q, n_kv)
+    hi = (pos + 1).clamp(0, n_kv) if spec.causal is not None else torch.full_like(pos, n_kv)
+    lo = (pos - spec.window + 1).clamp(0, n_kv) if spec.window else torch.zeros_like(pos)
+    seen = before[:, hi] - before[:, lo.clamp(max=n_kv)]
+    return seen <= 0
+
+
+def fix_empty_rows(out: torch.Tensor, v: torch.Tensor, spec: SiteSpec, valid, n_q: int,
+                   n_kv: int) -> torch.Tensor:
+    """Rows that see no key give what the model computed: 0 (boolean masks, sinks: the kernels
+    and the reference give that already) or, with an additive finite mask (``empty_rows ==
+    "mean"``), the mean of v over every key (eager softmax over a row of equal huge negative
+    scores is uniform)."""
+    if spec.empty_rows != "mean" or spec.sinks:
+        return out
+    rows = empty_rows(spec, valid, n_q, n_kv)
+    if rows is None:
+        return out
+    g = out.shape[1] // v.shape[1]
+    mean = v.float().mean(dim=2).repeat_interleave(g, dim=1)            # [B, Hq, Dv]
+    return torch.where(rows[:, None, :, None], mean[:, :, None, :].to(out.dtype), out)
+
+
 def attend(q, k, v, mod_tensors, counts, indices, spec: SiteSpec) -> torch.Tensor:
     spec, counts, indices, tag = _resolve(q, k, counts, indices, spec)
     for name, provider in _ATTEND_PROVIDERS:
@@ -117,18 +179,40 @@ def attend(q, k, v, mod_tensors, counts, indices, spec: SiteSpec) -> torch.Tenso
                 dens = ([1.0] * q.shape[1], [1.0] * q.shape[1])
             sched = f"[{sched[0]}]" if sched and sched[0] else ""
             stats.record(spec.stats_key, q=q, k=k, v=v, kernel=name + sched + tag,
-                         allowed=dens[0] if dens else None, kept=dens[1] if dens else None)
+                         allowed=dens[0] if dens else None, kept=dens[1] if dens else None,
+                         rules=_rules_note(spec, mod_tensors))
             return out
     keep = _keep_of(spec, counts, indices, q.shape[2], k.shape[2], q.device)
     st = {} if _want_density() else None
-    out, _ = attention_reference(q, k, v, scale=spec.scale, mods=spec.mods,
-                                 mod_tensors=mod_tensors, causal=spec.causal, keep=keep, stats=st)
+    mods, tensors, sinks = reference_rules(spec, mod_tensors, k.shape[2])
+    out, _ = attention_reference(q, k, v, scale=spec.scale, mods=mods, mod_tensors=tensors,
+                                 causal=spec.causal, keep=keep, stats=st, sinks=sinks,
+                                 window=spec.window)
+    out = fix_empty_rows(out, v, spec, spec.split(mod_tensors)[2], q.shape[2], k.shape[2])
     if spec.mods and spec.policy.name != "dense" and estimators.kernels_take(q):
         # kernels were there but apply rule masks only (causal, window): say why they did not run
         tag += f" (the site's {'mask tensors' if mod_tensors else 'score modifiers'} need the reference)"
     stats.record(spec.stats_key, q=q, k=k, v=v, kernel="reference" + tag,
-                 allowed=st.get("allowed") if st else None, kept=st.get("kept") if st else None)
+                 allowed=st.get("allowed") if st else None, kept=st.get("kept") if st else None,
+                 rules=_rules_note(spec, mod_tensors))
     return out
+
+
+def _rules_note(spec: SiteSpec, tensors) -> str:
+    """What the site's rules were on this call, for ``planner.inspect``: the window, the sink
+    term, the per-row key lengths (padding)."""
+    if not spec.rules:
+        return ""
+    parts = []
+    if spec.window:
+        parts.append(f"window {spec.window}")
+    _, sinks, valid = spec.split(tensors)
+    if sinks is not None:
+        parts.append("sinks")
+    if valid is not None:
+        n = (valid != 0).sum(dim=-1).tolist()
+        parts.append(f"lengths {n if len(n) <= 8 else n[:8] + ['...']}")
+    return ", ".join(parts)
 
 
 def attend_differentiable(q, k, v, mod_tensors, counts, indices, spec: SiteSpec) -> torch.Tensor:
@@ -148,10 +232,11 @@ def attend_differentiable(q, k, v, mod_tensors, counts, indices, spec: SiteSpec)
             kw = {"enable_gqa": True} if spec.gqa_group > 1 else {}
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
                                                   scale=spec.scale, **kw)
-    if pol.attend_kind == "token" and indices.numel() and not spec.mods:
+    if pol.attend_kind == "token" and indices.numel() and not spec.mods and not spec.rules:
         from runtime.token_sparse_autograd import token_sparse_attention_fn
         return token_sparse_attention_fn(q, k, v, indices, scale=spec.scale)
     keep = _keep_of(spec, counts, indices, q.shape[2], k.shape[2], q.device)
-    out, _ = attention_reference(q, k, v, scale=spec.scale, mods=spec.mods,
-                                 mod_tensors=mod_tensors, causal=spec.causal, keep=keep)
-    return out
+    mods, tensors, sinks = reference_rules(spec, mod_tensors, k.shape[2])
+    out, _ = attention_reference(q, k, v, scale=spec.scale, mods=mods, mod_tensors=tensors,
+                                 causal=spec.causal, keep=keep, sinks=sinks, window=spec.window)
+    return fix_empty_rows(out, v, spec, spec.split(mod_tensors)[2], q.shape[2], k.shape[2])

@@ -41,9 +41,12 @@ def block_of(spec) -> int:
     return int(getattr(spec.policy, "block", spec.block))
 
 
-def _allowed(q, k, mods, spec):
+def _allowed(q, k, tensors, spec):
+    """Blocks with a pair the model attends to; ``tensors``: the site's ``mods`` list (score
+    modifiers, then sinks and key validity where the spec has them)."""
+    mods, _, valid = spec.split(tensors)
     return allowed_blocks(q.shape, k.shape, spec.mods, mods, spec.causal, block_of(spec),
-                          device=q.device)
+                          device=q.device, window=spec.window, kv_valid=valid)
 
 
 def _grid_shape(q, k, spec):
@@ -80,7 +83,8 @@ def kernels_take(t: torch.Tensor) -> bool:
 def _kernels_ok(q, k, spec, *, one_head: bool) -> bool:
     """Whether the Triton estimators may run for this call: no mask tensors, q on the kernels
     (``kernels_take``), k of q's dtype, and (``one_head``) one query head per KV head."""
-    if spec.mods or (one_head and q.dim() == 4 and q.shape[1] != k.shape[1]):
+    if (spec.mods or spec.window or spec.kv_valid
+            or (one_head and q.dim() == 4 and q.shape[1] != k.shape[1])):
         return False
     return k.dtype == q.dtype and kernels_take(q)
 
@@ -165,7 +169,7 @@ def _th_score(q, k, mods, spec):
     col = None if lines is None else lines[:, :, 0] / (q.shape[1] // k.shape[1] * min(b, q.shape[2]))
     # the pooled part (a) by block_topk's kernels, for one head or a group per KV head
     pooled = _group_block_scores(q, k, spec, b) if _bt_kernels(q, k, spec, grouped=True) else None
-    return P.threshold_estimate(q, k, spec.scale, spec.mods, mods, spec.causal, b,
+    return P.threshold_estimate(q, k, spec.scale, spec.mods, spec.split(mods)[0], spec.causal, b,
                                 _allowed(q, k, mods, spec), col=col, p_pool=pooled)
 
 
@@ -187,7 +191,8 @@ def _vs_score(q, k, mods, spec):
     lines = _lines(q, k, spec, spec.policy.last_q)
     if lines is not None:
         return lines
-    return P.vslash_estimate(q, k, spec.scale, spec.mods, mods, spec.causal, spec.policy.last_q)
+    return P.vslash_estimate(q, k, spec.scale, spec.mods, spec.split(mods)[0], spec.causal,
+                            spec.policy.last_q)
 
 
 def _vs_select(sc, q, k, spec):
@@ -292,7 +297,7 @@ def _auto_score(q, k, mods, spec):
                                   scale=spec.scale, tau=p.tau, as_int32=True)
         return tk.auto_block_scores(pq, pk, lines, aware, n_q=q.shape[2], causal=spec.causal,
                                     block=b, scale=spec.scale)
-    scores, _ = P.auto_estimate(q, k, spec.scale, spec.mods, mods, spec.causal, p.block,
+    scores, _ = P.auto_estimate(q, k, spec.scale, spec.mods, spec.split(mods)[0], spec.causal, p.block,
                                 _allowed(q, k, mods, spec), p.tau)
     return scores
 

@@ -23,7 +23,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from codegen.attention.reference import visible_keys
+from codegen.attention.reference import positions_offset, visible_keys
 from codegen.select.reference import mask_from_blocks, window_pairs
 from runtime import dispatch, estimators
 from runtime.spec import SiteSpec
@@ -50,6 +50,8 @@ def sdpa_args(spec: SiteSpec, n_q: int, n_kv: int):
     -inf: SDPA's mask is the negation), or None when SDPA cannot express the site's modifiers
     and causal rule. Used at run time here and at compile time by ``plan_schedule``."""
     mods = spec.mods
+    if spec.rules:                        # window, sinks, key validity: not SDPA arguments
+        return None
     if len(mods) > 1 or (mods and mods[0][0] not in ("add", "keep", "fill")):
         return None
     if mods and mods[0][0] == "fill" and mods[0][1] != float("-inf"):
@@ -113,64 +115,204 @@ def _pairs_kept(counts, indices, block: int, n_q: int, n_kv: int, causal: bool):
     return kept, allowed
 
 
-def triton_block_sparse(q, k, v, mods, counts, indices, spec: SiteSpec):
+#: block size of the lists a dense site with the model's own rules (window, sinks, padding)
+#: runs the block-sparse kernel over: every block the rules leave visible
+DENSE_RULES_BLOCK = 128
+
+
+def _token_window(spec: SiteSpec) -> Optional[tuple]:
+    """(sink, window) of the kernel's token rule (``window > 0``: key j kept iff
+    ``pos - window < j`` or ``j < sink``) that is the intersection of the model's own window and
+    the policy's token window; (0, 0) for none; None when the two do not intersect to one rule
+    (a policy window narrower than the model's, with policy sink tokens)."""
+    pol, wm = spec.policy, spec.window
+    if pol.name == "sink_window":
+        ps, pw = pol.sink, pol.window
+    elif pol.name == "longformer":
+        ps, pw = pol.global_tokens, pol.window
+    else:
+        ps = pw = 0
+    if not pw:
+        return (0, wm)
+    if not wm or pw <= wm and ps == 0:
+        return (ps, pw) if not wm else (0, pw)
+    if pw >= wm:
+        return (0, wm)                    # the model's window lies inside the policy's
+    return None
+
+
+_RANGES = TensorNotes()
+
+
+def kv_ranges(valid: torch.Tensor, n_kv: int) -> Optional[tuple]:
+    """(kv_start, kv_end) int32 [B] of a key-validity tensor [B, >= Nkv] whose real tokens form
+    one run per batch row (left or right padding), else None. Computed once per tensor and
+    version (every layer of a forward shares the model's attention mask): one host sync."""
+    note = _RANGES.get(valid)
+    if note is not None and note[0] == (valid._version, n_kv):
+        return note[1]
+    res = _ranges_of(valid, n_kv)
+    _RANGES.put(valid, ((valid._version, n_kv), res))
+    return res
+
+
+def _ranges_of(valid: torch.Tensor, n_kv: int) -> Optional[tuple]:
+    real = valid[:, :n_kv] != 0                                            # [B, Nkv]
+    pos = torch.arange(n_kv, device=valid.device)
+    count = real.sum(dim=1)
+    start = torch.where(real, pos, n_kv).amin(dim=1)
+    end = torch.where(real, pos + 1, 0).amax(dim=1)
+    start = torch.where(count > 0, start, 0)
+    one_run = bool(((end - start).clamp_min(0) == count).all())            # host sync
+    return (start.to(torch.int32), end.to(torch.int32)) if one_run else None
+
+
+def _batch_ranges(valid, n_kv: int, batch: int) -> Optional[tuple]:
+    """``kv_ranges`` for ``batch`` rows (a [1, N] validity shared by every row is expanded)."""
+    ranges = kv_ranges(valid, n_kv)
+    if ranges is None or ranges[0].shape[0] == batch:
+        return ranges
+    return tuple(t.expand(batch).contiguous() for t in ranges)
+
+
+@functools.lru_cache(maxsize=64)
+def _visible_lists(n_q: int, n_kv: int, causal, window: int, block: int, device):
+    """Block lists [1, 1, NQB] / [1, 1, NQB, W] of every key block the causal rule and the
+    window leave visible (a dense site's lists for the block-sparse kernel; built once per
+    shape, not to be written to)."""
+    from codegen.select.reference import blocks_from_mask, structural_blocks
+    vis = structural_blocks(n_q, n_kv, causal, block, device, window=window)
+    return blocks_from_mask(vis[None, None])
+
+
+def triton_block_sparse(q, k, v, tensors, counts, indices, spec: SiteSpec):
     mode = _kernels_mode()
     if mode == "reference":
         return None
     pol = spec.policy
-    if pol.attend_kind != "block" or not counts.numel() or spec.mods:
+    dense_rules = pol.name == "dense" and spec.rules      # a dense site with the model's rules
+    if not dense_rules and (pol.attend_kind != "block" or not counts.numel()):
+        return None
+    mods, sinks, valid = spec.split(tensors)
+    if mods:
         return None
     if q.device.type == "cpu" and mode != "triton":
         return None
     from runtime import triton_kernels as tk
     if not tk.available(q.device) or q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         return None
-    block = estimators.block_of(spec)
+    block = DENSE_RULES_BLOCK if dense_rules else estimators.block_of(spec)
     if block < 16 or block & (block - 1):
         return None
     n_q, n_kv = q.shape[2], k.shape[2]
     causal = _causal_flag(spec, n_q, n_kv)
     if causal is None:
         return None
-    sink = window = 0
-    if pol.name == "sink_window":
-        if not causal:
-            return None                  # the kernel's window is one-sided (causal)
-        sink, window = pol.sink, pol.window
-    elif pol.name == "longformer":
-        if not causal:
-            return None                  # global queries see later keys only without causality
-        sink, window = pol.global_tokens, pol.window
-    elif estimators.get(pol.name).token_keep is not None:
+    rule = _token_window(spec)
+    if rule is None or (rule[1] and not causal):
+        return None                      # the kernel's window is one-sided (causal)
+    if estimators.get(pol.name).token_keep is not None and pol.name not in ("sink_window",
+                                                                            "longformer"):
         return None
+    sink, window = rule
+    start = end = None
+    if valid is not None:
+        ranges = _batch_ranges(valid, n_kv, q.shape[0])
+        if ranges is None:
+            return None                  # real tokens not one run per row: the reference
+        start, end = ranges
+    if dense_rules:
+        counts, indices = _visible_lists(n_q, n_kv, spec.causal, spec.window, block, q.device)
+        counts = counts.expand(q.shape[0], k.shape[1], -1)
+        indices = indices.expand(q.shape[0], k.shape[1], -1, -1)
     from runtime import plan
-    var = plan.variant(spec, q, k)            # the cost model's schedule (None: the default)
+    var = None if dense_rules else plan.variant(spec, q, k)   # cost model's schedule or default
     sch = var.schedule() if var is not None and var.family == "block_sparse" else None
     # the cost model's variants are Triton tile schedules: where the warp-specialized Hopper
     # kernel covers the call it runs instead (hopper_first)
-    out, _, ran = tk.block_sparse_attention(q, k, v, counts, indices, block=block,
-                                            scale=spec.scale, causal=causal, sink=sink,
-                                            window=window, schedule=sch, hopper_first=True,
-                                            return_schedule=True)
+    out, lse, ran = tk.block_sparse_attention(q, k, v, counts, indices, block=block,
+                                              scale=spec.scale, causal=causal, sink=sink,
+                                              window=window, schedule=sch, hopper_first=True,
+                                              return_schedule=True, sinks=sinks,
+                                              kv_start=start, kv_end=end)
+    from runtime.dispatch import fix_empty_rows
+    out = fix_empty_rows(out, v, spec, valid, n_q, n_kv)
     tag = "wgmma" if ran.wgmma else (var.tag if sch is not None else "")
     if os.environ.get("SPARSE_PLANNER_DENSITY", "1") == "0":
         return out, None, tag
-    if window:                           # token-level windows: counted by the rule, not blocks
+    if dense_rules:
+        return out, None, tag            # every visible pair: density 1 by construction
+    if (spec.window or valid is not None) and not (pol.name in ("sink_window", "longformer")):
+        kept, allowed = _pairs_kept_rules(counts, indices, block, n_q, n_kv, spec, start, end)
+    elif window:                         # token-level windows: counted by the rule, not blocks
+        if spec.window or valid is not None:
+            return out, None, tag        # a policy window over the model's rules: not counted
         kept1, vis1 = window_pairs(n_q, n_kv, spec.causal, sink=sink, window=window)
         n = q.shape[0]
         return out, ([vis1 * n] * q.shape[1], [kept1 * n] * q.shape[1]), tag
-    kept, allowed = _pairs_kept(counts, indices, block, n_q, n_kv, causal)
+    else:
+        kept, allowed = _pairs_kept(counts, indices, block, n_q, n_kv, causal)
     g = q.shape[1] // counts.shape[1]
     return out, (allowed.repeat_interleave(g), kept.repeat_interleave(g)), tag
 
 
-def triton_token_sparse(q, k, v, mods, counts, indices, spec: SiteSpec):
+def _rule_pairs_per_block(n_q: int, n_kv: int, block: int, spec: SiteSpec, start, end,
+                          chunk_rows: int = 8192) -> torch.Tensor:
+    """fp64 [B|1, NQB, NKB]: pairs the model's rules (causal, window, key ranges) leave visible
+    in each block pair, counted row by row in chunks (no N x N map)."""
+    dev = start.device if start is not None else "cpu"
+    nqb, nkb = -(-n_q // block), -(-n_kv // block)
+    k_lo = torch.arange(nkb, device=dev, dtype=torch.int64) * block
+    k_hi = torch.clamp(k_lo + block, max=n_kv) - 1
+    b = 1 if start is None else start.shape[0]
+    s = torch.zeros(b, 1, 1, dtype=torch.int64, device=dev) if start is None else \
+        start.to(torch.int64)[:, None, None]
+    e = torch.full((b, 1, 1), n_kv, dtype=torch.int64, device=dev) if end is None else \
+        end.to(torch.int64)[:, None, None]
+    off = positions_offset(spec.causal, n_q, n_kv)
+    out = torch.zeros(b, nqb, nkb, dtype=torch.float64, device=dev)
+    rows_per = max(block, chunk_rows // block * block)
+    for r0 in range(0, n_q, rows_per):
+        r1 = min(r0 + rows_per, n_q)
+        p = (torch.arange(r0, r1, device=dev) + off)[None, :, None]       # [1, R, 1]
+        hi = torch.minimum(torch.minimum(k_hi[None, None, :], e - 1),
+                           p if spec.causal is not None else torch.full_like(p, n_kv))
+        lo = torch.maximum(k_lo[None, None, :], s)
+        if spec.window:
+            lo = torch.maximum(lo, p - spec.window + 1)
+        cnt = (hi - lo + 1).clamp_min(0).to(torch.float64)                 # [b, R, NKB]
+        qb = torch.arange(r0, r1, device=dev) // block
+        out.index_add_(1, qb, cnt)
+    return out
+
+
+def _pairs_kept_rules(counts, indices, block, n_q, n_kv, spec, start, end):
+    """Per selection head, (kept, allowed) pair counts of a block selection under the model's
+    own rules (window, key ranges)."""
+    nkb = -(-n_kv // block)
+    sel = mask_from_blocks(counts, indices, nkb)                           # [B, Hs, NQB, NKB]
+    per = _rule_pairs_per_block(n_q, n_kv, block, spec, start, end).to(counts.device)
+    per = per[:, None] if per.shape[0] == sel.shape[0] else per[None].expand(sel.shape[0], 1, -1, -1)
+    kept = (sel * per).sum(dim=(0, 2, 3))
+    allowed = per.sum() * torch.ones_like(kept) if per.shape[0] == 1 else \
+        per.sum(dim=(0, 2, 3)).expand_as(kept)
+    return kept, allowed
+
+
+def triton_token_sparse(q, k, v, tensors, counts, indices, spec: SiteSpec):
     """Token lists (``dsa``): the gather kernel; the lists already respect causality."""
     mode = _kernels_mode()
     if mode == "reference" or spec.policy.attend_kind != "token" or not indices.numel():
         return None
-    if spec.mods or (q.device.type == "cpu" and mode != "triton"):
+    if spec.mods or spec.window or (q.device.type == "cpu" and mode != "triton"):
         return None
+    _, sinks, valid = spec.split(tensors)
+    start = end = None
+    if valid is not None:
+        ranges = _batch_ranges(valid, k.shape[2], q.shape[0])
+        if ranges is None:
+            return None
+        start, end = ranges
     from runtime import triton_kernels as tk
     if not tk.available(q.device) or q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         return None
@@ -178,11 +320,16 @@ def triton_token_sparse(q, k, v, mods, counts, indices, spec: SiteSpec):
     var = plan.variant(spec, q, k)            # decode: the cost model's split of the lists
     per_sm = var.per_sm if var is not None and var.family == "token_sparse_decode" else None
     tag = var.tag if per_sm is not None else ""
-    out, lse = tk.token_sparse_attention(q, k, v, indices, scale=spec.scale, split_per_sm=per_sm)
-    if q.requires_grad or k.requires_grad or v.requires_grad:
+    out, lse = tk.token_sparse_attention(q, k, v, indices, scale=spec.scale, split_per_sm=per_sm,
+                                         sinks=sinks, kv_start=start, kv_end=end)
+    from runtime.dispatch import fix_empty_rows
+    out = fix_empty_rows(out, v, spec, valid, q.shape[2], k.shape[2])
+    if (q.requires_grad or k.requires_grad or v.requires_grad) and not spec.rules:
         remember_lse(out, lse)                    # the backward starts from it (no re-run)
     if os.environ.get("SPARSE_PLANNER_DENSITY", "1") == "0":
         return out, None, tag
+    if valid is not None:
+        return out, None, tag                     # per-row lengths: not counted here
     visible = float(visible_keys(spec.causal, q.shape[2], k.shape[2]).sum())
     kept = (indices >= 0).sum(dim=(0, 2, 3)).to(torch.float64)          # per list head
     kept = kept.repeat_interleave(q.shape[1] // indices.shape[1])

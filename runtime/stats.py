@@ -13,6 +13,7 @@ class SiteStats:
     density: Optional[float] = None            # kept / attended-by-the-model pairs, last call
     density_per_head: Optional[list] = None    # same per query head
     kernel: Optional[str] = None               # which implementation ran last
+    rules: str = ""                            # the site's window / sinks / key lengths, last call
 
     @property
     def shapes(self) -> Optional[str]:
@@ -27,13 +28,14 @@ _STATS: dict[str, SiteStats] = {}
 _LOCK = threading.Lock()
 
 
-def record(site: str, *, q, k, v, kernel: str, allowed=None, kept=None) -> None:
+def record(site: str, *, q, k, v, kernel: str, allowed=None, kept=None, rules: str = "") -> None:
     """Count a call of ``site`` (cheap: shapes are kept as tuples, formatted on demand)."""
     with _LOCK:
         st = _STATS.setdefault(site, SiteStats())
         st.calls += 1
         st.tensors = (q.shape, k.shape, v.shape, q.dtype)
         st.kernel = kernel
+        st.rules = rules
         if allowed is None or kept is None:
             st.density = st.density_per_head = None      # not measured by this kernel
         else:

@@ -69,6 +69,10 @@ def test_zoo(case):
             assert case.mods(kinds(spec)), (name, spec)
         elif case.mods is not ANY:
             assert kinds(spec) == case.mods, (name, spec)
+        if case.window is not ANY:
+            assert spec.window == case.window, (name, spec)
+        if case.kv_valid is not ANY:
+            assert spec.kv_valid == case.kv_valid, (name, spec)
         for part, (causal, mods) in case.notes.items():
             if part in name:
                 assert (spec.causal, kinds(spec)) == (causal, mods), (name, spec)
@@ -98,25 +102,45 @@ def test_causal_mask_is_dropped(cid):
 
 
 @pytest.mark.parametrize("cid, kept", [
-    ("causal-plus-padding-kept", ("fill",)),
     ("mask-shifted-causal-kept", ("add",)),
-    ("hf-bert-padding-eager", ("add",)),
-    ("hf-bloom-alibi-baddbmm-padded", ("add", "add")),
-    ("hf-t5-sdpa", ("add",)),
+    ("mask-padding-b11n", ("add",)),            # (1 - am.float()) * min: arithmetic on the input
+    ("nn-mha-padding-and-causal", ("add",)),
 ])
 def test_mask_that_is_not_purely_causal_is_kept(cid, kept):
     _, _, rep = run_case(BY_ID[cid])
     for spec in site_specs(rep).values():
-        assert spec.causal is None and kinds(spec) == kept, spec
+        assert spec.causal is None and kinds(spec) == kept and not spec.kv_valid, spec
 
 
-@pytest.mark.parametrize("cid", ["mask-sliding-window", "hf-mistral-window6-eager",
-                                 "hf-mistral-window6-sdpa"])
-def test_sliding_window_keeps_mask_and_sets_causal(cid):
-    """causal AND a window: the mask stays (exact), causal is set (implied by the window)."""
+@pytest.mark.parametrize("cid, causal, empty", [
+    ("causal-plus-padding", "lower_right", "zero"),          # masked_fill(-inf)
+    ("cross-attention-padded", None, "mean"),                 # masked_fill(finfo.min)
+    ("hf-bert-padding-eager", None, "mean"),                  # additive finfo.min
+    ("hf-bert-padding-sdpa", None, "zero"),                   # boolean SDPA mask
+    ("hf-bloom-alibi-baddbmm-padded", "lower_right", "mean"),
+])
+def test_padding_becomes_per_row_key_lengths(cid, causal, empty):
+    """A mask that is the rules and ``pad[b, kv] != 0`` of a [B, N] input (Hugging Face's
+    padding mask) is replaced by the rules and the input itself: the kernels read per-row key
+    lengths from it at run time; a row that sees no key gives what the model's mask gave."""
     _, _, rep = run_case(BY_ID[cid])
     for spec in site_specs(rep).values():
-        assert spec.causal == "lower_right" and spec.n_mod_tensors() == 1, spec
+        assert spec.kv_valid and spec.causal == causal and spec.empty_rows == empty, spec
+        assert "padding" not in [m[0] for m in spec.mods]
+    assert all("lengths" in s.rules for s in rep.sites), rep
+
+
+@pytest.mark.parametrize("cid, window", [("mask-sliding-window", 5),
+                                         ("hf-mistral-window6-eager", 6),
+                                         ("hf-mistral-window6-sdpa", 6)])
+def test_sliding_window_becomes_the_kernels_rule(cid, window):
+    """causal AND a window, proved from the mask's construction: the mask tensor is dropped,
+    the spec carries causal and the window (the kernels' rule), the output stays exact."""
+    _, _, rep = run_case(BY_ID[cid])
+    for spec in site_specs(rep).values():
+        assert spec.causal == "lower_right" and spec.window == window, spec
+        assert spec.n_mod_tensors() == 0, spec
+    assert all(s.rules == f"window {window}" for s in rep.sites), rep
 
 
 def test_unmatched_reasons_are_specific():

@@ -38,6 +38,8 @@ class ZooCase:
                                         # or a predicate of the kinds
     reason: str = ""                    # substring of every fallback / unmatched reason
     notes: dict = field(default_factory=dict)   # site-name substring -> (causal, mod kinds)
+    window: Any = ANY                   # spec.window of every rewritten site (ANY: not checked)
+    kv_valid: Any = ANY                 # spec.kv_valid (per-row key lengths) of every site
     tol: float = 1e-5                   # max abs error of policy="dense" (fp32)
 
 
@@ -192,7 +194,8 @@ def causal_bool_sdpa(q, k, v):
 
 
 def causal_plus_padding(q, k, v, keep):
-    # causal AND padding ([B, 1, 1, N] from an input): not purely causal, kept
+    # causal AND padding ([B, 1, 1, N] from a [B, N] input): the causal rule and per-row key
+    # lengths
     n = q.shape[2]
     m = torch.ones(n, n, dtype=torch.bool).tril()[None, None] & keep[:, None, None, :]
     s = (q @ k.transpose(-2, -1)) * D ** -0.5
@@ -474,15 +477,15 @@ def _hf_cases() -> list:
         ZooCase("hf-qwen3-sdpa", hf_causal_lm("Qwen3ForCausalLM", "Qwen3Config", "sdpa",
                 num_key_value_heads=2, head_dim=8), causal="upper_left", mods=(), **CAUSAL_LM),
         ZooCase("hf-mistral-window6-eager", hf_causal_lm("MistralForCausalLM", "MistralConfig",
-                "eager", num_key_value_heads=2, sliding_window=6), causal=lr, mods=("add",),
+                "eager", num_key_value_heads=2, sliding_window=6), causal=lr, mods=(), window=6,
                 **CAUSAL_LM),
         ZooCase("hf-mistral-window6-sdpa", hf_causal_lm("MistralForCausalLM", "MistralConfig",
-                "sdpa", num_key_value_heads=2, sliding_window=6), causal=lr, mods=("keep",),
+                "sdpa", num_key_value_heads=2, sliding_window=6), causal=lr, mods=(), window=6,
                 **CAUSAL_LM),
         ZooCase("hf-gemma2-softcap-eager", hf_causal_lm("Gemma2ForCausalLM", "Gemma2Config",
                 "eager", num_key_value_heads=2, head_dim=8, sliding_window=6,
                 attn_logit_softcapping=20.0, final_logit_softcapping=None), causal=lr,
-                notes={"layers.0": (lr, ("softcap", "add")), "layers.1": (lr, ("softcap",))},
+                notes={"layers.0": (lr, ("softcap",)), "layers.1": (lr, ("softcap",))},
                 **CAUSAL_LM),
         ZooCase("hf-phi-eager", hf_causal_lm("PhiForCausalLM", "PhiConfig", "eager"),
                 causal=lr, mods=(), **CAUSAL_LM),
@@ -496,8 +499,9 @@ def _hf_cases() -> list:
                 "sdpa"), causal="upper_left", mods=(), **CAUSAL_LM),
         ZooCase("hf-opt-eager", hf_opt("eager"), causal=lr, mods=(), **CAUSAL_LM),
         ZooCase("hf-opt-sdpa", hf_opt("sdpa"), causal="upper_left", mods=(), **CAUSAL_LM),
-        ZooCase("hf-bloom-alibi-baddbmm-padded", hf_bloom(), causal=None, mods=("add", "add"),
-                **CAUSAL_LM),
+        # ALiBi stays a bias; the causal-and-padding mask becomes the rules and per-row lengths
+        ZooCase("hf-bloom-alibi-baddbmm-padded", hf_bloom(), causal=lr, mods=("add",),
+                kv_valid=True, **CAUSAL_LM),
         # Falcon folds ALiBi into its causal mask: not purely causal, kept as additive
         # modifiers (transformers < 5.2x passes the mask and the bias separately, later
         # versions as one tensor: either way the output is exact)
@@ -505,14 +509,14 @@ def _hf_cases() -> list:
                 mods=ADDITIVE_ONLY, **CAUSAL_LM),
         ZooCase("hf-falcon-rope-mqa-sdpa", hf_falcon("sdpa", False), **CAUSAL_LM),
         ZooCase("hf-bert-padding-eager", hf_bert("eager"), sites=2, out=_hidden, causal=None,
-                mods=("add",)),
+                mods=(), kv_valid=True),
         ZooCase("hf-bert-padding-sdpa", hf_bert("sdpa"), sites=2, out=_hidden, causal=None,
-                mods=("keep",)),
+                mods=(), kv_valid=True),
         ZooCase("hf-t5-eager", hf_t5("eager"), sites=6, out=_logits,
-                notes={"encoder": (None, ("add", "add")),
+                notes={"encoder": (None, ("add",)),
                        "decoder.block.0.layer.0": (lr, ("add",)),
                        "decoder.block.1.layer.0": (lr, ("add",)),
-                       "EncDecAttention": (None, ("add",))}),
+                       "EncDecAttention": (None, ())}),
         ZooCase("hf-t5-sdpa", hf_t5("sdpa"), sites=6, out=_logits),
     ]
 
@@ -545,15 +549,14 @@ def _hand_cases() -> list:
         ZooCase("causal-triu-additive", _fn(causal_triu_additive), 1, causal=lr, mods=()),
         ZooCase("causal-bool-sdpa", _fn(causal_bool_sdpa), 1, causal=lr, mods=()),
         ZooCase("causal-buffer-slice-nanogpt", _nanogpt, 2, causal=lr, mods=()),
-        ZooCase("causal-plus-padding-kept", _fn(causal_plus_padding, lambda: (
-                torch.arange(N)[None, :] < torch.tensor([[N], [11]]),)), 1, causal=None,
-                mods=("fill",)),
+        ZooCase("causal-plus-padding", _fn(causal_plus_padding, lambda: (
+                torch.arange(N)[None, :] < torch.tensor([[N], [11]]),)), 1, causal=lr,
+                mods=(), kv_valid=True),
         ZooCase("mask-shifted-causal-kept", _fn(shifted_causal), 1, causal=None, mods=("add",)),
         ZooCase("mask-padding-b11n", _fn(padding_mask_additive, lambda: (
                 (torch.arange(N)[None, :] < torch.tensor([[N], [13]])).long(),)), 1, causal=None,
                 mods=("add",)),
-        ZooCase("mask-sliding-window", _fn(sliding_window), 1, causal=lr,
-                mods=("fill",)),
+        ZooCase("mask-sliding-window", _fn(sliding_window), 1, causal=lr, mods=(), window=5),
         ZooCase("bias-alibi-causal", _fn(alibi_causal), 1, causal=lr, mods=("add",)),
         ZooCase("bias-tanh-softcap-causal", _fn(softcap_causal), 1, causal=lr,
                 mods=("softcap",)),
@@ -565,8 +568,7 @@ def _hand_cases() -> list:
                 causal=None, mods=()),
         ZooCase("cross-attention-padded", _fn(cross_attention, lambda: (
                 torch.arange(29)[None, :] < torch.tensor([[29], [20]]),), n_q=7, n_kv=29), 1,
-                causal=None,
-                mods=("fill",)),
+                causal=None, mods=(), kv_valid=True),
         ZooCase("nn-mha-no-weights", lambda: _mha(False), 1, causal=None, mods=()),
         ZooCase("nn-mha-padding-and-causal", lambda: _mha(False, masks=True), 1, causal=None,
                 mods=("add",)),

@@ -131,11 +131,14 @@ def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, sc
                         chunk: int = 1024, stats: Optional[dict] = None,
                         sinks: Optional[torch.Tensor] = None,
                         kv_start: Optional[torch.Tensor] = None,
-                        kv_end: Optional[torch.Tensor] = None):
-    """Softmax attention over the pairs that survive modifiers, causality, the key ranges and
-    ``keep``, with an optional learned sink per head (module docstring).
+                        kv_end: Optional[torch.Tensor] = None, window: int = 0):
+    """Softmax attention over the pairs that survive modifiers, causality, the window, the key
+    ranges and ``keep``, with an optional learned sink per head (module docstring).
 
-    ``sinks``: float ``[Hq]``; ``kv_start`` / ``kv_end``: integer ``[B]`` (runtime values).
+    ``sinks``: float ``[Hq]``; ``kv_start`` / ``kv_end``: integer ``[B]`` (runtime values);
+    ``window > 0``: a query at position p sees only keys j > p - window (a sliding window; the
+    positions follow ``causal``'s alignment, bottom-right without it). Pairs the window hides
+    are not counted as attended in ``stats``, like those the causal rule hides.
     Returns ``(out [B, Hq, Nq, Dv] in q.dtype, lse [B, Hq, Nq] fp32)``. Rows that keep no key
     give out = 0, lse = -inf (lse = the head's sink with ``sinks``). If ``stats`` is a dict, it
     receives per-head counts of the pairs the model attends to (``allowed``; keys outside the
@@ -163,9 +166,11 @@ def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, sc
         r1 = min(r0 + chunk, Nq)
         s = torch.matmul(q[:, :, r0:r1].to(cdt), kf.transpose(-1, -2)) * scale
         s = apply_modifiers(s, mods, mod_tensors, slice(r0, r1)).to(cdt)
+        q_pos = torch.arange(r0, r1, device=q.device) + off
         if causal is not None:
-            q_pos = torch.arange(r0, r1, device=q.device) + off
             s = s.masked_fill(kv_pos[None, :] > q_pos[:, None], float("-inf"))
+        if window:
+            s = s.masked_fill(kv_pos[None, :] <= q_pos[:, None] - window, float("-inf"))
         if outside is not None:
             s = s.masked_fill(outside, float("-inf"))
         allowed = s > MASKED_BELOW

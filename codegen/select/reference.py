@@ -50,13 +50,22 @@ def block_bounds(n_q: int, n_kv: int, causal, block: int, device=None):
     return first, last
 
 
-def structural_blocks(n_q: int, n_kv: int, causal, block: int, device=None) -> torch.Tensor:
-    """bool [NQB, NKB]: blocks with a pair the causal rule allows (all blocks if not causal)."""
+def structural_blocks(n_q: int, n_kv: int, causal, block: int, device=None,
+                      window: int = 0) -> torch.Tensor:
+    """bool [NQB, NKB]: blocks with a pair the causal rule and the sliding ``window`` (keys
+    j > pos - window) allow (all blocks if neither applies)."""
     nqb, nkb = _cdiv(n_q, block), _cdiv(n_kv, block)
-    if causal is None:
+    if causal is None and not window:
         return torch.ones(nqb, nkb, dtype=torch.bool, device=device)
-    _, last = block_bounds(n_q, n_kv, causal, block, device)
-    return (torch.arange(nkb, device=device) * block)[None, :] <= last[:, None]
+    first, last = block_bounds(n_q, n_kv, causal, block, device)
+    k_lo = torch.arange(nkb, device=device) * block
+    ok = torch.ones(nqb, nkb, dtype=torch.bool, device=device)
+    if causal is not None:
+        ok &= k_lo[None, :] <= last[:, None]
+    if window:
+        k_hi = torch.clamp(k_lo + block, max=n_kv) - 1
+        ok &= first[:, None] <= k_hi[None, :] + window - 1
+    return ok
 
 
 def last_key_blocks(n_q: int, n_kv: int, causal, block: int, device=None) -> torch.Tensor:
@@ -66,22 +75,33 @@ def last_key_blocks(n_q: int, n_kv: int, causal, block: int, device=None) -> tor
 
 
 def allowed_blocks(q_shape, k_shape, mods: Sequence[tuple], mod_tensors: Sequence[torch.Tensor],
-                   causal: Optional[str], block: int, device=None) -> torch.Tensor:
-    """bool [B, Hkv, NQB, NKB]: blocks holding at least one pair the model attends to."""
+                   causal: Optional[str], block: int, device=None, *, window: int = 0,
+                   kv_valid: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """bool [B, Hkv, NQB, NKB]: blocks holding at least one pair the model attends to (its
+    modifiers, the causal rule, its sliding ``window``, its key validity ``kv_valid``
+    [B, >= Nkv], nonzero = a real token)."""
     B, Hq, Nq, _ = q_shape
     Hkv, Nkv = k_shape[1], k_shape[2]
     if device is None:
         device = mod_tensors[0].device if mod_tensors else "cpu"
     if not mods:
-        # no mask tensors: only the causal rule, decided per block without an N x N map
-        ok = structural_blocks(Nq, Nkv, causal, block, device)
-        return ok.expand(B, Hkv, *ok.shape)
+        # no mask tensors: only the rules, decided per block without an N x N map
+        ok = structural_blocks(Nq, Nkv, causal, block, device, window=window)
+        ok = ok.expand(B, Hkv, *ok.shape)
+        if kv_valid is not None:                          # key blocks holding a real token
+            real = _block_any(kv_valid[:, :Nkv].to(device) != 0, block, 1)    # [B, NKB]
+            ok = ok & real[:, None, None, :]
+        return ok
     zero = torch.zeros(1, 1, Nq, Nkv, device=device)
     s = apply_modifiers(zero, mods, mod_tensors, slice(0, Nq))
+    q_pos = torch.arange(Nq, device=device) + positions_offset(causal, Nq, Nkv)
+    kv_pos = torch.arange(Nkv, device=device)
     if causal is not None:
-        off = positions_offset(causal, Nq, Nkv)
-        q_pos = torch.arange(Nq, device=device) + off
-        s = s.masked_fill(torch.arange(Nkv, device=device)[None, :] > q_pos[:, None], float("-inf"))
+        s = s.masked_fill(kv_pos[None, :] > q_pos[:, None], float("-inf"))
+    if window:
+        s = s.masked_fill(kv_pos[None, :] <= q_pos[:, None] - window, float("-inf"))
+    if kv_valid is not None:
+        s = s.masked_fill(kv_valid[:, None, None, :Nkv].to(device) == 0, float("-inf"))
     ok = s > MASKED_BELOW                                  # [b, h, Nq, Nkv], b in {1,B}, h in {1,Hq}
     ok = ok.expand(B, ok.shape[1], Nq, Nkv)
     if ok.shape[1] == Hq and Hq != Hkv:

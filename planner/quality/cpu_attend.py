@@ -137,12 +137,22 @@ def _allowed_per_head(spec, mod_tensors, B: int, Hq: int, n_q: int, n_kv: int) -
 
 
 def provider(q, k, v, mod_tensors, counts, indices, spec):
-    """``(out, (allowed, kept))`` for the cases computed exactly here, else None."""
+    """``(out, (allowed, kept))`` for the cases computed exactly here, else None. A site's
+    window and key validity are applied as boolean masks (``runtime.dispatch.lower_rules``);
+    sinks are declined."""
     if not _active():
         return None
+    from runtime.dispatch import fix_empty_rows, lower_rules
+    site_spec, site_tensors = spec, mod_tensors
+    lowered = lower_rules(spec, mod_tensors, q.shape[2], k.shape[2])
+    if lowered is None:
+        COUNTS["declined"] += 1
+        return None
+    spec, mod_tensors = lowered
     res = None
     if (q.device.type == "cpu" and spec.causal in (None, "upper_left", "lower_right")
-            and _mods_ok(spec, mod_tensors, q.shape[0], q.shape[1]) and q.shape[1] % k.shape[1] == 0):
+            and _mods_ok(spec, mod_tensors, q.shape[0], q.shape[1])
+            and q.shape[1] % k.shape[1] == 0):
         try:
             if spec.policy.name == "dense":
                 res = _dense(q, k, v, mod_tensors, spec)
@@ -154,6 +164,10 @@ def provider(q, k, v, mod_tensors, counts, indices, spec):
         except (KeyError, ImportError):
             res = None
     COUNTS["served" if res is not None else "declined"] += 1
+    if res is not None and site_spec.kv_valid:          # rows no key is visible to
+        out = fix_empty_rows(res[0], v, site_spec, site_spec.split(site_tensors)[2],
+                             q.shape[2], k.shape[2])
+        res = (out,) + tuple(res[1:])
     return res
 
 

@@ -1,0 +1,81 @@
+"""Tiny random configs of the Hugging Face architectures people run now (transformers 5.x):
+MLA (DeepSeek-V2/V3), native-DSA models as dense equivalents (DeepSeek-V3.2, GLM-MoE-DSA),
+DeepSeek-V4, learned attention sinks (GPT-OSS), sliding-window hybrids (Gemma 3, Mistral).
+
+``build(name, impl)`` returns the model in eval mode (fp32, seeded); ``ARCHS`` lists
+``(name, impls, attention sites)``.
+"""
+from __future__ import annotations
+
+import torch
+
+V = 128
+
+_MOE = dict(moe_intermediate_size=32, n_routed_experts=4, num_experts_per_tok=2,
+            n_shared_experts=1, first_k_dense_replace=1, num_key_value_heads=4)
+# MLA: q/k head dim (nope 12 + rope 4 = 16) differs from v's (8), as 192 / 128 in the real ones
+_MLA = dict(q_lora_rank=32, kv_lora_rank=16, qk_nope_head_dim=12, qk_rope_head_dim=4,
+            v_head_dim=8)
+_DSA = dict(index_n_heads=2, index_head_dim=8, index_topk=8)
+
+CONFIGS = {
+    "deepseek_v3": ("DeepseekV3ForCausalLM", "DeepseekV3Config",
+                    dict(**_MOE, **_MLA, n_group=1, topk_group=1)),
+    "deepseek_v2": ("DeepseekV2ForCausalLM", "DeepseekV2Config", dict(**_MOE, **_MLA)),
+    "deepseek_v32": ("DeepseekV32ForCausalLM", "DeepseekV32Config",
+                     dict(**_MOE, **_MLA, **_DSA, n_group=1, topk_group=1)),
+    "glm_moe_dsa": ("GlmMoeDsaForCausalLM", "GlmMoeDsaConfig",
+                    dict(**_MOE, **_MLA, **_DSA, n_group=1, topk_group=1)),
+    "deepseek_v4": ("DeepseekV4ForCausalLM", "DeepseekV4Config",
+                    dict(num_key_value_heads=1, head_dim=32, q_lora_rank=32,
+                         num_experts_per_tok=2, n_routed_experts=4, n_shared_experts=1,
+                         moe_intermediate_size=32,
+                         layer_types=["heavily_compressed_attention",
+                                      "compressed_sparse_attention"],
+                         sliding_window=8, o_groups=2, o_lora_rank=16, index_n_heads=2,
+                         index_head_dim=16, index_topk=8, qk_rope_head_dim=8, hc_mult=2,
+                         num_nextn_predict_layers=0)),
+    "gpt_oss": ("GptOssForCausalLM", "GptOssConfig",
+                dict(num_key_value_heads=2, head_dim=16, num_local_experts=4,
+                     num_experts_per_tok=2, sliding_window=8,
+                     layer_types=["sliding_attention", "full_attention"])),
+    "gemma3": ("Gemma3ForCausalLM", "Gemma3TextConfig",
+               dict(num_key_value_heads=2, head_dim=16, sliding_window=8, num_hidden_layers=3,
+                    layer_types=["sliding_attention", "sliding_attention", "full_attention"])),
+    "mistral": ("MistralForCausalLM", "MistralConfig",
+                dict(num_key_value_heads=2, sliding_window=8)),
+    "llama": ("LlamaForCausalLM", "LlamaConfig", dict(num_key_value_heads=2)),
+}
+
+# (name, attention implementations it supports, attention computations per forward)
+ARCHS = [
+    ("deepseek_v3", ("eager", "sdpa"), 2),
+    ("deepseek_v2", ("eager", "sdpa"), 2),
+    ("deepseek_v32", ("eager", "sdpa"), 2),
+    ("glm_moe_dsa", ("eager", "sdpa"), 2),
+    ("deepseek_v4", ("eager",), 2),
+    ("gpt_oss", ("eager",), 2),
+    ("gemma3", ("eager", "sdpa"), 3),
+    ("mistral", ("eager", "sdpa"), 2),
+]
+
+
+def build(name: str, impl: str, seed: int = 0):
+    import transformers as T
+    arch, cfg_name, extra = CONFIGS[name]
+    kw = dict(vocab_size=V, hidden_size=64, intermediate_size=64, num_hidden_layers=2,
+              num_attention_heads=4, max_position_embeddings=256)
+    kw.update(extra)
+    torch.manual_seed(seed)
+    cfg = getattr(T, cfg_name)(**kw, attn_implementation=impl)
+    return getattr(T, arch)(cfg).eval()
+
+
+def padded_batch(n: int = 23, seed: int = 0):
+    """(ids [3, n], attention_mask [3, n]): a full row, a left-padded and a right-padded one."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, V, (3, n), generator=g)
+    am = torch.ones(3, n, dtype=torch.long)
+    am[1, :5] = 0
+    am[2, n - 6:] = 0
+    return ids, am

@@ -1,0 +1,180 @@
+"""Current Hugging Face architectures (tiny random configs, ``hf_current.py``) under the planner.
+
+* ``policy="dense"`` reproduces every one exactly (fp32, max |logit difference| <= 1e-5), with
+  as many rewritten sites as attention computations: MLA, whose K is assembled in place;
+  DeepSeek-V3.2 / GLM-MoE-DSA, whose own indexer mask stays a mask tensor; GPT-OSS, whose
+  learned sink logit becomes the site's sink term; sliding windows, which become the kernels'
+  window rule; padded batches, whose mask becomes per-row key lengths.
+* ``generate()`` with the KV cache gives the same tokens and logits.
+* GPT-OSS runs every catalogue policy; a budget that covers every key equals dense.
+* The Triton kernels (through the interpreter on CPU, on a GPU where there is one) serve the
+  window, sink and padded sites: the site's kernel is not the reference.
+"""
+import os
+
+import pytest
+import torch
+
+import planner
+from conftest import max_err
+from hf_current import ARCHS, build, padded_batch
+
+pytest.importorskip("transformers")
+
+CASES = [pytest.param(name, impl, sites, id=f"{name}-{impl}")
+         for name, impls, sites in ARCHS for impl in impls]
+
+
+@pytest.mark.parametrize("name, impl, sites", CASES)
+def test_dense_reproduces_the_model(name, impl, sites):
+    m = build(name, impl)
+    ids = torch.randint(0, 128, (1, 23))
+    with torch.no_grad():
+        ref = m(ids).logits
+        cm = planner.compile(m, policy="dense")
+        out = cm(ids).logits
+    assert max_err(out, ref) <= 1e-5
+    rep = planner.inspect(cm)
+    assert [s.status for s in rep.sites] == ["rewritten"] * sites, rep
+
+
+@pytest.mark.parametrize("name, impl", [("deepseek_v3", "sdpa"), ("gpt_oss", "eager"),
+                                        ("gemma3", "eager"), ("deepseek_v32", "eager")])
+def test_generate_with_the_kv_cache_matches(name, impl):
+    m = build(name, impl)
+    ids = torch.randint(0, 128, (1, 13))
+    kw = dict(max_new_tokens=5, min_new_tokens=5, do_sample=False, output_scores=True,
+              return_dict_in_generate=True)
+    with torch.no_grad():
+        ref = m.generate(ids, **kw)
+        cm = planner.compile(m, policy="dense")
+        got = cm.generate(ids, **kw)
+    assert torch.equal(got.sequences, ref.sequences)
+    for a, b in zip(got.scores, ref.scores):       # -inf where min_new_tokens bans EOS
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
+    rep = planner.inspect(cm)
+    assert all(s.calls >= 2 for s in rep.sites), rep       # the prefill and decode steps
+
+
+def _spec_rules(cm) -> dict:
+    from runtime.spec import lookup
+    out = {}
+    for gm in planner.inspect(cm)._graphs:
+        for n in gm.graph.nodes:
+            if n.op == "call_function" and n.target is torch.ops.sparse.attend.default:
+                s = lookup(n.args[-1])
+                out[s.site] = (s.window, s.sinks, s.kv_valid, s.mods)
+    return out
+
+
+def test_gpt_oss_sinks_and_window_are_the_sites_rules():
+    m = build("gpt_oss", "eager")
+    cm = planner.compile(m, policy="dense")
+    with torch.no_grad():
+        cm(torch.randint(0, 128, (1, 23)))
+    rules = _spec_rules(cm)
+    assert rules == {"model.layers.0.self_attn": (8, True, False, ()),
+                     "model.layers.1.self_attn": (0, True, False, ())}, rules
+    assert [s.rules for s in planner.inspect(cm).sites] == ["window 8, sinks", "sinks"]
+
+
+POLICIES_FULL = [
+    planner.policy("block_topk", block=16, topk=64),
+    planner.policy("threshold", gamma=1.0, block=16),
+    planner.policy("auto", target_density=1.0, block=16),
+    planner.policy("quest", page=16, budget=1024),
+    planner.policy("vertical_slash", n_vertical=1000, n_slash=1000, block=16),
+    planner.policy("dsa", topk=256, index_heads=2, index_dim=8),
+]
+POLICIES_SPARSE = [
+    planner.policy("block_topk", block=16, topk=2),
+    planner.policy("sink_window", sink=4, window=24),
+    planner.policy("quest", page=16, budget=32),
+    planner.policy("longformer", window=24, global_tokens=4, block=16),
+    planner.policy("bigbird", window=24, global_tokens=4, block=16, random_blocks=1),
+    planner.policy("dsa", topk=24, index_heads=2, index_dim=8),
+]
+
+
+@pytest.mark.slow
+def test_gpt_oss_every_policy_runs_and_a_full_budget_equals_dense():
+    m = build("gpt_oss", "eager")
+    ids = torch.randint(0, 128, (2, 120))
+    with torch.no_grad():
+        ref = m(ids).logits
+        for pol in POLICIES_FULL:
+            cm = planner.compile(m, policy=pol)
+            assert max_err(cm(ids).logits, ref) <= 1e-4, pol
+        for pol in POLICIES_SPARSE:
+            cm = planner.compile(m, policy=pol)
+            out = cm(ids).logits
+            assert torch.isfinite(out).all(), pol
+            dens = [s.density for s in planner.inspect(cm).sites]
+            # the sliding layer's window (8 keys) fits in the kept blocks: density 1 there
+            assert all(d is not None and 0 < d <= 1 for d in dens) and dens[1] < 1, (pol, dens)
+
+
+@pytest.mark.parametrize("name, impl", [("mistral", "eager"), ("mistral", "sdpa"),
+                                        ("gpt_oss", "eager"), ("llama", "eager"),
+                                        ("llama", "sdpa")])
+def test_padded_batch_is_exact_with_per_row_lengths(name, impl):
+    """Left and right padding; the left-padded row's first queries see no key: they give what
+    the model gave (the mean of v for an additive finfo.min mask, 0 for SDPA's boolean one)."""
+    m = build(name, impl)
+    ids, am = padded_batch()
+    with torch.no_grad():
+        ref = m(ids, attention_mask=am).logits
+        cm = planner.compile(m, policy="dense")
+        out = cm(ids, attention_mask=am).logits
+    assert max_err(out, ref) <= 1e-5
+    rep = planner.inspect(cm)
+    assert all("lengths [23, 18, 17]" in s.rules for s in rep.sites), rep
+    assert all(kv for *_, kv, _ in _spec_rules(cm).values())
+
+
+@pytest.mark.parametrize("name, impl, ids_of", [
+    ("gemma3", "eager", None), ("mistral", "sdpa", "padded"), ("gpt_oss", "eager", "padded"),
+    ("llama", "sdpa", "padded")])
+def test_rule_sites_run_the_triton_kernels(monkeypatch, name, impl, ids_of):
+    """Window, sink and padded sites are served by the block-sparse kernel (dense policy:
+    every visible block; block_topk: its lists), not by the reference (Triton interpreter)."""
+    monkeypatch.setenv("SPARSE_PLANNER_KERNELS", "triton")
+    if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
+        pytest.skip("needs the Triton interpreter or a GPU")
+    m = build(name, impl)
+    ids, am = padded_batch(n=40) if ids_of else (torch.randint(0, 128, (1, 40)), None)
+    kw = {"attention_mask": am} if am is not None else {}
+    with torch.no_grad():
+        ref = m(ids, **kw).logits
+        for pol in ("dense", planner.policy("block_topk", block=16, topk=1)):
+            cm = planner.compile(m, policy=pol)
+            out = cm(ids, **kw).logits
+            rep = planner.inspect(cm)
+            kernels = [s.kernel for s in rep.sites if s.rules]
+            assert kernels and all(k.startswith("triton_block_sparse") for k in kernels), rep
+            if pol == "dense":
+                assert max_err(out, ref) <= 1e-4
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("name, impl, padded", [("gemma3", "eager", False),
+                                                ("mistral", "sdpa", True),
+                                                ("gpt_oss", "eager", True)])
+def test_rule_sites_run_kernels_on_the_gpu(name, impl, padded):
+    """On a GPU (bf16): window, sink and padded sites run Triton kernels, never the reference,
+    and dense stays within bf16 tolerance of the model."""
+    m = build(name, impl).to("cuda", torch.bfloat16)
+    ids, am = padded_batch(n=300) if padded else (torch.randint(0, 128, (1, 300)), None)
+    ids = ids.cuda()
+    kw = {"attention_mask": am.cuda()} if am is not None else {}
+    with torch.no_grad():
+        ref = m(ids, **kw).logits.float()
+        for pol in ("dense", planner.policy("block_topk", block=64, topk=2)):
+            cm = planner.compile(m, policy=pol, cost_model="off")
+            out = cm(ids, **kw).logits.float()
+            rep = planner.inspect(cm)
+            assert all(not s.kernel.startswith("reference") for s in rep.sites), rep
+            if pol == "dense":
+                rel = (out - ref).norm() / ref.norm()
+                assert rel < 2e-2, rel
