@@ -77,8 +77,9 @@ def demo(args) -> int:
     model = TinyGPT(cfg).eval()
     text = ((planner.__doc__ or "") + (planner.compile.__doc__ or "")) * 64
     ids = torch.tensor([list(text.encode()[: args.seq])])                    # [1, N] bytes
-    print(f"sparse-planner demo: the built-in TinyGPT ({cfg.n_layer} layer{'s' * (cfg.n_layer > 1)}, {cfg.n_head} heads "
-          f"x {cfg.n_embd // cfg.n_head}, random weights)\non {ids.shape[1]} tokens of text; "
+    layers = f"{cfg.n_layer} layer{'s' * (cfg.n_layer > 1)}"
+    print(f"sparse-planner demo: the built-in TinyGPT ({layers}, {cfg.n_head} heads x "
+          f"{cfg.n_embd // cfg.n_head}, random weights)\non {ids.shape[1]} tokens of text; "
           f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads.")
     print("Each row compiles the model with planner.compile(model, policy=...): its attention\n"
           "sites are found and rewritten into sparse.score -> sparse.select -> sparse.attend.\n")
@@ -119,14 +120,22 @@ def demo(args) -> int:
         print(f"\nsite {site.name} ({site.pattern}) under block_topk, as rewritten:")
         for line in _site_lines(rep, site.name):
             print("  " + line)
-    nxt = [("rep = planner.inspect(cm); print(rep)", "every site: pattern, shapes, density, kernel"),
+    nxt = [("rep = planner.inspect(cm); print(rep)",
+            "every site: pattern, shapes, density, kernel"),
            ('README.md "Use", "Policies"', "planner.compile, the policies and their parameters"),
            ('README.md "Measured"', "GPU kernel and whole-model speed (H100)"),
-           (f"{prog_name()} eval --help", 'quality on a real model (README "Quality on a real '
+           (f"{args.prog} eval --help", 'quality on a real model (README "Quality on a real '
                                           'model")')]
     w = max(len(a) for a, _ in nxt) + 2
     print("\nNext:\n" + "\n".join(f"  {a:<{w}}{b}" for a, b in nxt))
     return 0
+
+
+def _positive(text: str) -> int:
+    n = int(text)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{n} is not a positive integer")
+    return n
 
 
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
@@ -141,16 +150,17 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                        description="Compile the built-in TinyGPT with dense, block_topk, "
                                    "sink_window and dsa; print density, logit error and time "
                                    "per policy.")
-    d.add_argument("--seq", type=int, default=1024, help="input length in tokens (default 1024)")
-    d.add_argument("--layers", type=int, default=2, help="transformer layers (default 2)")
-    d.add_argument("--topk", type=int, default=2,
+    d.add_argument("--seq", type=_positive, default=1024,
+                   help="input length in tokens (default 1024)")
+    d.add_argument("--layers", type=_positive, default=2, help="transformer layers (default 2)")
+    d.add_argument("--topk", type=_positive, default=2,
                    help="block_topk: key blocks of 64 per query block, besides the sink and "
                         "local blocks (default 2)")
-    d.add_argument("--window", type=int, default=192,
+    d.add_argument("--window", type=_positive, default=192,
                    help="sink_window: keys within this many positions (default 192; sink 64)")
-    d.add_argument("--dsa-topk", type=int, default=192,
+    d.add_argument("--dsa-topk", type=_positive, default=192,
                    help="dsa: keys per query chosen by the untrained indexer (default 192)")
-    d.add_argument("--reps", type=int, default=2,
+    d.add_argument("--reps", type=_positive, default=2,
                    help="timed calls per row after the first (default 2; the best is shown)")
     d.set_defaults(func=demo, prog=prog)
     add_quality_parsers(sub, prog)                              # eval, assets

@@ -78,5 +78,7 @@ def test_select_paths():
 
 def test_markdown_tables_read_as_rows():
     rows = rf._md_tables("# t\n\n| policy | run | GPU ms |\n|---|---|---|\n"
-                         "| `threshold` | before | **36.6** |\n\ntext\n| a | b |\n|---|---|\n| 1 | 2 |\n")
-    assert rows == [{"policy": "threshold", "run": "before", "GPU ms": "36.6"}, {"a": "1", "b": "2"}]
+                         "| `threshold` | before | **36.6** |\n\ntext\n"
+                         "| a | b |\n|---|---|\n| 1 | 2 |\n")
+    assert rows == [{"policy": "threshold", "run": "before", "GPU ms": "36.6"},
+                    {"a": "1", "b": "2"}]
