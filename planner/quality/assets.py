@@ -18,7 +18,8 @@ folder under the cache, later loads take seconds.
 Texts:
 
 * ``austen``: Jane Austen's six novels from Debian's ``r-cran-janeaustenr`` (``apt-get
-  download``, unpacked with ``dpkg-deb``, R data read by ``austen_from_deb.py``; no R needed).
+  download``, unpacked with ``dpkg-deb``, its R data read by ``planner.quality.rdata``; no R
+  needed).
   Haystacks come from five novels, perplexity windows from *Persuasion* (held out).
 * ``pydoc``: Python's own ``pydoc_data.topics`` (always there; the fallback).
 
@@ -36,6 +37,8 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from typing import Callable, Optional
+
+from planner.quality.rdata import RFormatError
 
 Log = Callable[[str], None]
 
@@ -210,7 +213,6 @@ def leading_tokens(name: str, tokenizer) -> list:
 
 
 # ------------------------------------------------------------------ texts
-AUSTEN_TOOL = os.environ.get("AUSTEN_FROM_DEB", "/work/shared/tools/austen_from_deb.py")
 AUSTEN_PPL = "persuasion"
 
 
@@ -218,15 +220,15 @@ def text_dir(name: str) -> str:
     return os.path.join(cache_root(), "text", name)
 
 
-def prepare_austen(*, install: bool = True, tool: str = AUSTEN_TOOL, log: Log = print) -> str:
-    """The folder of Austen's novels as .txt (extracted from the Debian package once)."""
+def prepare_austen(*, install: bool = True, log: Log = print) -> str:
+    """The folder of Austen's novels as .txt (extracted from the Debian package once; the R
+    data is read by ``planner.quality.rdata``)."""
+    from planner.quality import rdata
     out = text_dir("austen")
     if len(glob.glob(os.path.join(out, "*.txt"))) >= 6:
         return out
     if not install:
         raise FileNotFoundError(f"no Austen texts in {out}: run `python -m planner assets`")
-    if not os.path.exists(tool):
-        raise FileNotFoundError(f"the .deb reader {tool} is missing (set AUSTEN_FROM_DEB)")
     for exe in ("apt-get", "dpkg-deb"):
         if shutil.which(exe) is None:
             raise FileNotFoundError(f"{exe} not found: Austen texts need a Debian system")
@@ -245,9 +247,10 @@ def prepare_austen(*, install: bool = True, tool: str = AUSTEN_TOOL, log: Log = 
         subprocess.run(["dpkg-deb", "-x", deb, os.path.join(tmp, "pkg")], check=True)
         data = glob.glob(os.path.join(tmp, "pkg", "usr", "lib", "R", "site-library",
                                       "janeaustenr", "data"))[0]
-        os.makedirs(out + ".tmp", exist_ok=True)
-        subprocess.run([sys.executable, tool, data, out + ".tmp"], check=True,
-                       capture_output=True)
+        shutil.rmtree(out + ".tmp", ignore_errors=True)
+        counts = rdata.write_texts(data, out + ".tmp")
+        if len(counts) < 6:
+            raise RuntimeError(f"r-cran-janeaustenr holds {sorted(counts)}, expected six novels")
         shutil.rmtree(out, ignore_errors=True)
         os.replace(out + ".tmp", out)
     log(f"Austen texts in {out}")
@@ -267,7 +270,7 @@ def load_corpus(name: str = "austen", *, install: bool = False, log: Log = print
     if name == "austen":
         try:
             d = prepare_austen(install=install, log=log)
-        except (FileNotFoundError, RuntimeError, subprocess.CalledProcessError) as e:
+        except (FileNotFoundError, RuntimeError, RFormatError, subprocess.CalledProcessError) as e:
             log(f"Austen texts unavailable ({e}); using pydoc_data.topics instead")
             return load_corpus("pydoc")
         books = sorted(glob.glob(os.path.join(d, "*.txt")))
@@ -302,6 +305,6 @@ def prepare_all(models=tuple(MODELS), *, install: bool = True, log: Log = print)
         out[m] = prepare_model(m, install=install, log=log)
     try:
         out["austen"] = prepare_austen(install=install, log=log)
-    except (FileNotFoundError, RuntimeError, subprocess.CalledProcessError) as e:
+    except (FileNotFoundError, RuntimeError, RFormatError, subprocess.CalledProcessError) as e:
         log(f"Austen texts unavailable ({e}); eval will use pydoc_data.topics")
     return out

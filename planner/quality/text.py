@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from typing import Protocol, Sequence
+from typing import TYPE_CHECKING, Protocol, Sequence
 
-import numpy as np
+if TYPE_CHECKING:                      # numpy is imported where it is used: the CLI's other
+    import numpy as np                 # commands (demo) run without it
 
 _SENTENCE_END = (".", "!", "?", "\n", '."', '!"', '?"', ".'", "!'", "?'")
 
@@ -89,6 +90,7 @@ class Haystack:
                 j = cut + 2 if cut > 0 else j
             ids += codec.encode(text[i:j])
             i = j
+        import numpy as np
         arr = np.asarray(ids, dtype=np.int64)
         ends = [int(t) for t in np.unique(arr)
                 if codec.decode([int(t)]).rstrip(" ").endswith(_SENTENCE_END)]
@@ -98,12 +100,14 @@ class Haystack:
         return int(self.ids.shape[0])
 
     def _ends(self, toks) -> np.ndarray:
+        import numpy as np
         return np.isin(np.asarray(toks, dtype=np.int64), self.end_tokens)
 
     def slice(self, rng: random.Random, n: int) -> list:
         """``n`` consecutive tokens starting at a sentence start, at a random place."""
         if n > len(self) - 1:
             raise ValueError(f"haystack {self.name!r} has {len(self)} tokens, {n} requested")
+        import numpy as np
         start = rng.randrange(0, len(self) - n)
         nxt = np.flatnonzero(self._ends(self.ids[start:min(len(self) - n, start + 512)]))
         if nxt.size:
@@ -117,6 +121,7 @@ class Haystack:
         pos = max(0, min(n, pos))
         if pos in (0, n):
             return pos
+        import numpy as np
         lo, hi = max(1, pos - radius), min(n - 1, pos + radius)
         cand = np.flatnonzero(self._ends(chunk[lo - 1:hi])) + lo   # right after a sentence end
         if cand.size == 0:
