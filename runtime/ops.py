@@ -114,13 +114,21 @@ def _attend_backward(ctx, grad):
 attend.register_autograd(_attend_backward, setup_context=_attend_setup)
 
 
+def _skipped(t: torch.Tensor) -> bool:
+    """True for what ``torch.cat`` leaves out: a 1-D empty tensor (transformers' DynamicCache
+    starts each layer with ``torch.tensor([])``)."""
+    return t.dim() == 1 and t.numel() == 0
+
+
 @torch.library.custom_op("sparse::append", mutates_args=())
 def append(past: torch.Tensor, new: torch.Tensor, page: int) -> torch.Tensor:
     """``torch.cat([past, new], dim=-2)`` (a KV cache growing by the step's keys), which also
     extends what is kept with ``past`` to the result: quest's page summaries (of ``page``-token
-    pages; ``runtime.page_summaries``) and the dsa indexer's keys (``runtime.dsa.extend_keys``)."""
+    pages; ``runtime.page_summaries``) and the dsa indexer's keys (``runtime.dsa.extend_keys``).
+    As ``torch.cat``, a 1-D empty ``past`` (an empty cache) or ``new`` is skipped: the result
+    is then the other tensor, copied."""
     out = torch.cat([past, new], dim=-2)
-    if out.dim() == 4:
+    if out.dim() == 4:            # a skipped ``past`` has nothing kept: ``out`` gets it in full
         from runtime import dsa, page_summaries
         if page > 0:
             page_summaries.extend(past, out, page)
@@ -134,11 +142,20 @@ def _(past, new, page):
 
 
 def _append_setup(ctx, inputs, output):
-    ctx.n_past = inputs[0].shape[-2]
+    past, new = inputs[0], inputs[1]
+    ctx.shapes = (past.shape, new.shape)
+    ctx.skipped = (_skipped(past), _skipped(new))
+    ctx.n_past = 0 if ctx.skipped[0] else past.shape[-2]
 
 
 def _append_backward(ctx, grad):
-    return grad[..., :ctx.n_past, :], grad[..., ctx.n_past:, :], None
+    """Each input's slice of ``grad`` along dim -2; zeros (empty) for a skipped input."""
+    (past_shape, new_shape), (skip_past, skip_new) = ctx.shapes, ctx.skipped
+    if skip_past and skip_new:
+        return grad.new_zeros(past_shape), grad.new_zeros(new_shape), None
+    g_past = grad.new_zeros(past_shape) if skip_past else grad[..., :ctx.n_past, :]
+    g_new = grad.new_zeros(new_shape) if skip_new else grad[..., ctx.n_past:, :]
+    return g_past, g_new, None
 
 
 append.register_autograd(_append_backward, setup_context=_append_setup)
