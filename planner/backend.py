@@ -13,6 +13,7 @@ import itertools
 import os
 import threading
 import warnings
+import weakref
 from typing import Optional
 
 import torch.fx as fx
@@ -103,17 +104,115 @@ class Backend:
 
 
 _DEFAULT: Optional[Backend] = None
+# one Backend per torch.compile(..., backend="sparse_planner") call: id of the object Dynamo
+# holds for that call (torch.compile's per-call wrapper) -> (weak reference to it, Backend)
+_PER_COMPILE: dict[int, tuple] = {}
+_PER_COMPILE_LOCK = threading.Lock()
 
 
-def sparse_planner_backend(gm: fx.GraphModule, example_inputs):
-    """``torch.compile(model, backend="sparse_planner")``: the default policy."""
+#: recompiles one compile may make of one code object (prefill and decode shapes, graph breaks)
+RECOMPILES_PER_COMPILE = 64
+_COMPILES = {"all": 0, "shared": 0}
+
+
+def note_compile(isolated: bool) -> dict:
+    """Count one more compile and raise Dynamo's recompile limits in proportion, so that the
+    n-th compile of one model class in a process (a policy sweep) still captures its graphs.
+
+    Dynamo keeps compiled graphs per code object: every compile of one model class adds cache
+    entries to the same ``forward``. An ``isolated`` compile (``torch.compile(...,
+    isolate_recompiles=True, recompile_limit=...)``) has its own entries and its own limit,
+    so only the global cap across them, ``accumulated_recompile_limit``, grows with the number
+    of compiles; a shared one (the registered string backend) also counts against
+    ``recompile_limit``, which then grows by 8 entries per compile. Returns the counts."""
+    import torch
+    _COMPILES["all"] += 1
+    if not isolated:
+        _COMPILES["shared"] += 1
+    cfg = torch._dynamo.config
+    cfg.recompile_limit = max(cfg.recompile_limit, RECOMPILES_PER_COMPILE, 8 * _COMPILES["shared"])
+    cfg.accumulated_recompile_limit = max(cfg.accumulated_recompile_limit,
+                                          4 * RECOMPILES_PER_COMPILE,
+                                          RECOMPILES_PER_COMPILE * _COMPILES["all"])
+    return dict(_COMPILES)
+
+
+def compiles_made() -> int:
+    """Compiles counted by ``note_compile`` in this process."""
+    return _COMPILES["all"]
+
+
+def _innermost(callback):
+    """The backend object Dynamo was given for one compile (``torch.compile`` wraps a string
+    backend in a new object per call), found through its ``_torchdynamo_orig_backend`` chain."""
+    from torch._dynamo.eval_frame import innermost_backend
+    return innermost_backend(callback)
+
+
+def _compiling_backend():
+    """The backend object of the compile Dynamo is running now (None outside one)."""
+    try:
+        from torch._dynamo.symbolic_convert import InstructionTranslator
+        fn = InstructionTranslator.current_tx().output.compiler_fn
+    except (AttributeError, ImportError):
+        return None
+    return None if fn is None else _innermost(fn)
+
+
+def backend_for_compile(key) -> Backend:
+    """The Backend holding what ``torch.compile(..., backend="sparse_planner")`` captured for
+    the compile whose Dynamo backend object is ``key`` (created on first use). Without such an
+    object (Dynamo called the registered function directly) one process-wide Backend."""
     global _DEFAULT
-    if _DEFAULT is None:
-        _DEFAULT = Backend()
-    return _DEFAULT(gm, example_inputs)
+    with _PER_COMPILE_LOCK:
+        if key is None or key is sparse_planner_backend:
+            if _DEFAULT is None:
+                _DEFAULT = Backend()
+            return _DEFAULT
+        entry = _PER_COMPILE.get(id(key))
+        if entry is not None and entry[0]() is key:
+            return entry[1]
+        be = Backend()
+        note_compile(isolated=False)
+
+        def forget(ref, i=id(key)):
+            if _PER_COMPILE.get(i, (None,))[0] is ref:
+                del _PER_COMPILE[i]
+        _PER_COMPILE[id(key)] = (weakref.ref(key, forget), be)
+        return be
+
+
+class _PerCompileBackend:
+    """``torch.compile(model, backend="sparse_planner")``: the default policy, with one Backend
+    (sites, graphs, stats) per ``torch.compile`` call, so ``planner.inspect`` of one compiled
+    model shows its own sites only.
+
+    Dynamo reuses a graph compiled for one ``torch.compile`` call in another call of the same
+    code when their backends compare equal (its BACKEND_MATCH guard; ``torch.compile`` wraps a
+    string backend in a new object per call that compares equal when the registered backends
+    do). This backend compares equal to nothing but itself as the same object, so each call
+    captures its own graphs (as ``planner.compile``, whose Backend objects are distinct) and
+    two models of one class never share sites or statistics."""
+
+    __name__ = "sparse_planner_backend"
+
+    def __call__(self, gm: fx.GraphModule, example_inputs):
+        return backend_for_compile(_compiling_backend())(gm, example_inputs)
+
+    def __eq__(self, other) -> bool:
+        return False            # identical objects still match: Dynamo compares by identity first
+
+    __hash__ = object.__hash__
+
+    def __repr__(self) -> str:
+        return "sparse_planner_backend"
+
+
+sparse_planner_backend = _PerCompileBackend()
 
 
 def default_backend() -> Optional[Backend]:
+    """The process-wide Backend used when Dynamo calls the registered backend directly."""
     return _DEFAULT
 
 

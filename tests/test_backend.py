@@ -67,3 +67,39 @@ def test_generate_with_sparse_policy_runs_decode_sparse():
     assert out.shape == (1, 45)
     rep = planner.inspect(cm)
     assert all(s.calls == 5 and s.density < 1 for s in rep.sites)
+
+
+def test_string_backend_keeps_each_compiled_models_sites_apart():
+    from planner.models import GPTConfig, TinyGPT
+    a = TinyGPT(GPTConfig(n_layer=2)).eval()
+    b = tiny_llama("eager", layers=3)
+    ca = torch.compile(a, backend="sparse_planner")
+    cb = torch.compile(b, backend="sparse_planner")
+    with torch.no_grad():
+        ca(torch.randint(0, 256, (1, 20)))
+        cb(torch.randint(0, 128, (1, 24)))
+        cb(torch.randint(0, 128, (1, 24)))
+    ra, rb = planner.inspect(ca), planner.inspect(cb)
+    assert [s.name for s in ra.sites] == ["h.0.attn", "h.1.attn"]
+    assert [s.name for s in rb.sites] == [f"model.layers.{i}.self_attn" for i in range(3)]
+    assert all(s.calls == 1 for s in ra.sites) and all(s.calls == 2 for s in rb.sites)
+    assert "model.layers" not in ra.graph_code() and "model.layers" not in str(ra)
+
+
+def test_string_backend_keeps_two_instances_of_one_class_apart():
+    from planner.models import GPTConfig, TinyGPT
+    a, b = TinyGPT(GPTConfig(n_layer=2)).eval(), TinyGPT(GPTConfig(n_layer=2)).eval()
+    ca = torch.compile(a, backend="sparse_planner")
+    cb = torch.compile(b, backend="sparse_planner")
+    with torch.no_grad():
+        ca(torch.randint(0, 256, (1, 20)))
+        cb(torch.randint(0, 256, (1, 33)))
+        cb(torch.randint(0, 256, (1, 33)))
+    sa, sb = planner.inspect(ca).sites, planner.inspect(cb).sites
+    assert [(s.calls, "q[1, 4, 20, 32]" in s.shapes) for s in sa] == [(1, True)] * 2
+    assert [(s.calls, "q[1, 4, 33, 32]" in s.shapes) for s in sb] == [(2, True)] * 2
+
+
+def test_inspect_rejects_a_model_compiled_with_another_backend():
+    with pytest.raises(TypeError, match="not compiled"):
+        planner.inspect(torch.compile(torch.nn.Linear(2, 2), backend="eager"))
