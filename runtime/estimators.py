@@ -359,6 +359,35 @@ def _static(select_fn):
     return select
 
 
+def _empty_safe(est: Estimator) -> Estimator:
+    """The same estimator, answering a call without queries or keys (Nq == 0 or Nkv == 0)
+    without running it: zero scores of ``score_shape`` and empty block lists of the shapes
+    ``sparse.select``'s fake gives (counts [B, Hkv, NQB], indices [B, Hkv, NQB, width]);
+    attention then returns what eager does (an empty output for Nq == 0)."""
+    def empty(q, k) -> bool:
+        return q.shape[2] == 0 or k.shape[2] == 0
+
+    def score(q, k, mods, spec):
+        if empty(q, k):
+            return q.new_zeros(est.score_shape(q, k, spec), dtype=torch.float32)
+        return est.score(q, k, mods, spec)
+
+    def select(sc, q, k, spec):
+        if empty(q, k):
+            b = block_of(spec)
+            nqb = _cdiv(q.shape[2], b)
+            width = (est.select_width(q, k, spec) if est.select_width is not None
+                     else _cdiv(k.shape[2], b))
+            counts = torch.zeros((q.shape[0], k.shape[1], nqb), dtype=torch.int32,
+                                 device=q.device)
+            return counts, torch.full((*counts.shape, width), -1, dtype=torch.int32,
+                                      device=q.device)
+        return est.select(sc, q, k, spec)
+    return Estimator(score if est.score is not None else None, est.score_shape,
+                     select if est.select is not None else None, est.select_width,
+                     est.token_keep)
+
+
 ESTIMATORS: dict[str, Estimator] = {
     "dense": Estimator(),
     "block_topk": Estimator(_bt_score, _grid_shape, _bt_select, select_width=lambda q, k, s: topk_width(
@@ -376,6 +405,8 @@ ESTIMATORS: dict[str, Estimator] = {
     "auto": Estimator(_auto_score, _grid_shape, _auto_select, select_width=_auto_width),
     "dsa": Estimator(select=dsa.select),
 }
+ESTIMATORS.update({name: _empty_safe(est) for name, est in ESTIMATORS.items()
+                   if name not in ("dense", "dsa")})
 
 
 def get(name: str) -> Estimator:

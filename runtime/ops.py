@@ -66,7 +66,22 @@ def _(scores, q, k, key):
 @torch.library.custom_op("sparse::attend", mutates_args=())
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mods: List[torch.Tensor],
            counts: torch.Tensor, indices: torch.Tensor, key: str) -> torch.Tensor:
+    if _no_pairs(q, k):
+        return _empty_attend(q, k, v, lookup(key))
     return dispatch.attend(q, k, v, mods, counts, indices, lookup(key))
+
+
+def _no_pairs(q: torch.Tensor, k: torch.Tensor) -> bool:
+    return q.shape[2] == 0 or k.shape[2] == 0
+
+
+def _empty_attend(q, k, v, spec) -> torch.Tensor:
+    """Attention without queries or keys, as eager computes it: an empty ``[B, Hq, 0, Dv]``
+    for Nq == 0, zeros ``[B, Hq, Nq, Dv]`` for Nkv == 0 (no key to attend to). No kernel
+    runs; the call is counted, its density left unmeasured (there is no pair)."""
+    from runtime import stats
+    stats.record(spec.stats_key, q=q, k=k, v=v, kernel="none (no queries or keys)")
+    return q.new_zeros(q.shape[0], q.shape[1], q.shape[2], v.shape[-1])
 
 
 @attend.register_fake
@@ -96,6 +111,9 @@ def _attend_backward(ctx, grad):
     no_mods = [None] * ctx.n_mods
     if not any(need):
         return None, None, None, no_mods, None, None, None
+    if _no_pairs(q, k):                     # the output is constant (empty or zeros)
+        return (*(torch.zeros_like(t) if n else None for t, n in zip((q, k, v), need)),
+                no_mods, None, None, None)
     if ctx.lse is not None:
         from runtime.triton_kernels import token_sparse_attention_bwd
         out = saved[5 + ctx.n_mods]
