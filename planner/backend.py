@@ -20,9 +20,11 @@ import torch.fx as fx
 
 from passes import PassContext, run_pipeline
 from planner.policy import PolicyLike, PolicyMap, as_policy_map
-from planner.report import Report, Site, UnmatchedSoftmax
+from planner.report import Report, Site, UnmatchedSoftmax, budget_note
 from runtime import stats
 from runtime.cache import KERNELS
+from runtime.env import kernels_mode
+from runtime.spec import lookup
 
 _IDS = itertools.count()
 
@@ -33,6 +35,7 @@ class Backend:
     def __init__(self, policy: PolicyLike = None, *, verify: bool = True, cost_model: str = "auto"):
         if cost_model not in ("auto", "off"):
             raise ValueError(f"cost_model must be 'auto' or 'off', got {cost_model!r}")
+        kernels_mode()                     # a bad SPARSE_PLANNER_KERNELS fails here, not mid-call
         self.cost_model = cost_model
         self.policies: PolicyMap = as_policy_map(policy)
         self.owner = f"p{next(_IDS)}"
@@ -42,6 +45,7 @@ class Backend:
         self.unmatched: dict = {}          # (site, node) -> UnmatchedSoftmax
         self.matched_patterns: set = set()
         self._lock = threading.Lock()
+        self._warned_dropout = False
         self.indexers = None               # IndexerBank of the trainable (dsa) sites
         if any(pol.name == "dsa" for _, pol in self.policies.rules):
             from runtime.dsa import IndexerBank, register_bank
@@ -72,7 +76,30 @@ class Backend:
             for u in ctx.unmatched:
                 self.unmatched[(u.site, u.node)] = UnmatchedSoftmax(u.node, u.site, u.reason, idx)
             self.matched_patterns |= ctx.matched_patterns
+            self._warn_dropout(ctx)
         return gm.forward
+
+    def _warn_dropout(self, ctx: PassContext) -> None:
+        """Once per compiled model: the sites left dense because attention dropout is active
+        (training mode), which would otherwise only show in ``planner.inspect``."""
+        if self._warned_dropout:
+            return
+        hit = {r.name: r.reason for r in ctx.sites
+               if r.status != "rewritten" and "dropout p=" in r.reason}
+        for u in ctx.unmatched:
+            if "dropout p=" in u.reason:
+                hit.setdefault(u.site, u.reason.split(" (")[0])
+        if not hit:
+            return
+        self._warned_dropout = True
+        names = sorted(hit)
+        reasons = sorted(set(hit.values()))
+        warnings.warn(
+            f"sparse-planner: {len(names)} attention site(s) run dense, not with the policy, "
+            f"because attention dropout is active in training mode ({'; '.join(reasons)}): "
+            f"{', '.join(names[:8])}{' ...' if len(names) > 8 else ''}. They follow the policy "
+            "in eval mode (model.eval()) or with the attention dropout set to 0; "
+            "planner.inspect lists each site's reason", stacklevel=2)
 
     def check_patterns(self) -> None:
         """Raise if a per-layer pattern matched no site (call after the first forward)."""
@@ -100,7 +127,42 @@ class Backend:
                 kernel=st.kernel if st else rec.kernel_planned, graph=rec.graph,
                 schedule=rec.schedule, est_dense_ms=rec.est_dense_ms,
                 est_sparse_ms=rec.est_sparse_ms, crossover=rec.crossover))
-        return Report(sites, list(self.unmatched.values()), list(self.graphs), KERNELS.stats())
+        return Report(sites, list(self.unmatched.values()), list(self.graphs), KERNELS.stats(),
+                      notes=self._density_notes(sites))
+
+    def _density_notes(self, sites: list) -> list:
+        """When every site a sparse policy governs measured density 1.0 on its last call, say
+        why (the policy's budget against the length, or the cost model's choice)."""
+        sparse = []
+        for s in sites:
+            rec = self.records[s.name]
+            if s.status != "rewritten" or s.density is None or not rec.spec_key:
+                continue
+            pol = lookup(rec.spec_key).policy
+            if pol.name != "dense":
+                sparse.append((s, pol))
+        if not sparse or any(s.density < 1.0 - 1e-9 for s, _ in sparse):
+            return []
+        notes = {}
+        for s, pol in sparse:
+            st = stats.get(f"{self.owner}/{s.name}")
+            kernel = s.kernel or ""
+            if "cost model: dense" in kernel:
+                text = ("the cost model ran it densely at this length (estimated faster than "
+                        "the sparse kernels; cost_model='off' always follows the policy)")
+            elif "dsa warm-up" in kernel:
+                continue
+            elif st is None or st.tensors is None:
+                continue
+            else:
+                text = budget_note(pol, int(st.tensors[1][2]))
+            notes.setdefault(text, []).append(s.name)
+        head = "every sparse site kept every pair on its last call (density 1.000)"
+        return [f"{head}: {text} ({_names(names)})" for text, names in notes.items()]
+
+
+def _names(names: list) -> str:
+    return ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
 
 
 _DEFAULT: Optional[Backend] = None

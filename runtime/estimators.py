@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -18,6 +17,7 @@ import torch
 from codegen.attention.reference import positions_offset
 from codegen.select import policies as P
 from runtime import dsa
+from runtime.env import kernels_mode
 from codegen.select.reference import (allowed_blocks, block_bounds, group_block_probs,
                                       pooled_block_logits, pooled_block_scores,
                                       select_topk_blocks, structural_blocks, topk_width,
@@ -63,7 +63,7 @@ def kernels_take(t: torch.Tensor) -> bool:
     """Whether the Triton estimator kernels may read this 4-d tensor: a CUDA device (or the CPU
     under Triton's interpreter with SPARSE_PLANNER_KERNELS=triton, which has no bfloat16), a
     float dtype, a head dim up to ``MAX_HEAD_DIM``."""
-    mode = os.environ.get("SPARSE_PLANNER_KERNELS", "auto")
+    mode = kernels_mode()
     if mode == "reference" or t.dim() != 4:
         return False
     if t.dtype not in (torch.float16, torch.bfloat16, torch.float32):
