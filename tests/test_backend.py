@@ -187,3 +187,39 @@ def test_block_topk_backend_equals_loop_definition(Hq, Hkv):
     ref = dense_with_keep(q, k, v, keep, 16 ** -0.5)
     assert max_err(got.double(), ref) <= 1e-5
     assert keep.float().mean() < 0.5 and max_err(got, attn(q, k, v)) > 1e-2
+
+
+# ---------------------------------------------------------------- fully masked rows
+def _sdpa_bool(q, k, v, m):
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=m)
+
+
+def _softmax_fill(q, k, v, m):
+    s = (q @ k.transpose(-1, -2)) / q.shape[-1] ** 0.5
+    return torch.softmax(s.masked_fill(~m, float("-inf")), dim=-1) @ v
+
+
+def _softmax_add(q, k, v, m):
+    bias = torch.zeros(m.shape, dtype=q.dtype).masked_fill(~m, float("-inf"))
+    return torch.softmax((q @ k.transpose(-1, -2)) / q.shape[-1] ** 0.5 + bias, dim=-1) @ v
+
+
+@pytest.mark.parametrize("fn", [_sdpa_bool, _softmax_fill, _softmax_add])
+@pytest.mark.parametrize("policy", ["dense", "block_topk"])
+def test_fully_masked_row_gives_zero(fn, policy):
+    """A query whose keys are all masked: compiled, its row is 0 (the reference's rule). In
+    eager torch 2.13 on the CPU, SDPA with a boolean mask returns 0 too, and a softmax over
+    an all -inf row returns NaN; every other row equals eager."""
+    q, k, v = torch.randn(1, 2, 6, 8), torch.randn(1, 2, 6, 8), torch.randn(1, 2, 6, 8)
+    m = torch.ones(1, 1, 6, 6, dtype=torch.bool)
+    m[..., 2, :] = False                                   # row 2 sees no key
+    m[..., 4, 3:] = False
+    eager = fn(q, k, v, m)
+    got = planner.compile(fn, policy=policy)(q, k, v, m)
+    assert torch.equal(got[:, :, 2], torch.zeros_like(got[:, :, 2]))
+    if fn is _sdpa_bool:
+        assert torch.equal(eager[:, :, 2], torch.zeros_like(eager[:, :, 2]))
+    else:
+        assert torch.isnan(eager[:, :, 2]).all()
+    rows = [0, 1, 3, 4, 5]
+    assert max_err(got[:, :, rows], eager[:, :, rows]) <= 1e-5
