@@ -3,11 +3,12 @@ from __future__ import annotations
 
 import copy
 import functools
+import inspect as inspect_mod
 from typing import Any, Callable
 
 import torch
 
-from planner.backend import Backend, default_backend
+from planner.backend import RECOMPILES_PER_COMPILE, Backend, compiles_made, note_compile
 from planner.policy import PolicyLike
 from planner.report import Report
 
@@ -38,12 +39,13 @@ def compile(model: Any, policy: PolicyLike = None, *, dynamic: bool | None = Non
     True
     """
     be = Backend(policy, verify=verify, cost_model=cost_model)
-    _raise_recompile_limit()
+    isolation = _isolation()
+    note_compile(isolated=bool(isolation))
     if isinstance(model, torch.nn.Module):
         new = copy.copy(model)
         for name in ("_parameters", "_buffers", "_modules"):
             object.__setattr__(new, name, dict(getattr(model, name)))
-        compiled = torch.compile(model.forward, backend=be, dynamic=dynamic)
+        compiled = torch.compile(model.forward, backend=be, dynamic=dynamic, **isolation)
         fwd = _wrap(compiled, model.forward, be)
         object.__setattr__(new, "forward", fwd)
         object.__setattr__(new, _ATTR, be)
@@ -51,21 +53,37 @@ def compile(model: Any, policy: PolicyLike = None, *, dynamic: bool | None = Non
             new._modules["sparse_indexers"] = be.indexers
         return new
     if callable(model):
-        compiled = torch.compile(model, backend=be, dynamic=dynamic)
+        compiled = torch.compile(model, backend=be, dynamic=dynamic, **isolation)
         fn = _wrap(compiled, model, be)
         setattr(fn, _ATTR, be)
         return fn
     raise TypeError(f"planner.compile expects an nn.Module or a callable, got {type(model).__name__}")
 
 
-def _raise_recompile_limit(minimum: int = 64) -> None:
-    """Each compiled instance of a model class takes one Dynamo cache entry of that class's
-    ``forward``; the default limit (8) would silently run the 9th instance eagerly."""
+@functools.lru_cache(maxsize=1)
+def _isolation() -> dict:
+    """``torch.compile`` arguments giving each compile its own Dynamo cache entries and
+    recompile limit (``isolate_recompiles``, torch >= 2.12): every compile of one model class
+    adds entries to that class's ``forward``, and shared entries would count against one
+    limit (the 65th compile of a class would run eagerly). Empty where not supported: the
+    shared limit is then raised per compile (``note_compile``)."""
+    params = inspect_mod.signature(torch.compile).parameters
+    if "isolate_recompiles" in params and "recompile_limit" in params:
+        return {"isolate_recompiles": True, "recompile_limit": RECOMPILES_PER_COMPILE}
+    return {}
+
+
+def _no_graph_error() -> RuntimeError:
     cfg = torch._dynamo.config
-    if cfg.recompile_limit < minimum:
-        cfg.recompile_limit = minimum
-    if cfg.accumulated_recompile_limit < 4 * minimum:
-        cfg.accumulated_recompile_limit = 4 * minimum
+    n = compiles_made()
+    return RuntimeError(
+        "planner.compile: Dynamo captured no graph for this call, so no attention was "
+        "rewritten (the model ran as written). The likely cause is Dynamo's recompile limit for "
+        f"this model class ({n} compiles in this process; torch._dynamo.config.recompile_limit="
+        f"{cfg.recompile_limit}, accumulated_recompile_limit={cfg.accumulated_recompile_limit}). "
+        "To proceed: raise those two limits before compiling, or call torch._dynamo.reset() "
+        "between compiles once the earlier compiled models are no longer used (it drops every "
+        "compiled graph); TORCH_LOGS=recompiles shows Dynamo's reason")
 
 
 def _wrap(compiled: Callable, original: Callable, be: Backend) -> Callable:
@@ -80,11 +98,7 @@ def _wrap(compiled: Callable, original: Callable, be: Backend) -> Callable:
         out = compiled(*args, **kwargs)
         if not checked:
             if not be.graphs:
-                raise RuntimeError(
-                    "planner.compile: Dynamo captured no graph for this call (its recompile "
-                    f"limit, torch._dynamo.config.recompile_limit="
-                    f"{torch._dynamo.config.recompile_limit}, may be exhausted by other compiled "
-                    "instances of the same model class); no attention was rewritten")
+                raise _no_graph_error()
             be.check_patterns()
             checked.append(True)
         return out
@@ -132,24 +146,20 @@ def _find_backend(m: Any) -> Backend:
     be = getattr(m, _ATTR, None) if not isinstance(m, torch.nn.Module) else m.__dict__.get(_ATTR)
     if isinstance(be, Backend):
         return be
-    # torch.compile(model, backend=...) -> OptimizedModule; look at the backend it was given
-    for attr in ("_torchdynamo_orig_backend", "dynamo_ctx"):
-        obj = getattr(m, attr, None) if isinstance(m, torch.nn.Module) else None
-        if obj is None:
-            continue
-        for cand in (obj, getattr(obj, "callback", None),
-                     getattr(getattr(obj, "callback", None), "_torchdynamo_orig_backend", None),
-                     getattr(getattr(obj, "callback", None), "compiler_fn", None)):
-            inner = cand
-            for _ in range(4):
-                if isinstance(inner, Backend):
-                    return inner
-                if inner is None:
-                    break
-                inner = getattr(inner, "compiler_fn", None) or getattr(inner, "_torchdynamo_orig_backend", None)
-    d = default_backend()
-    if d is not None and type(m).__name__ == "OptimizedModule":
-        return d
+    # torch.compile(model, backend=...) -> OptimizedModule: the backend object of that compile
+    ctx = m.__dict__.get("dynamo_ctx") if isinstance(m, torch.nn.Module) else None
+    callback = getattr(ctx, "callback", None)
+    if callable(callback):
+        from planner.backend import _innermost, backend_for_compile, sparse_planner_backend
+        inner = _innermost(callback)
+        for _ in range(4):
+            if isinstance(inner, Backend):
+                return inner
+            if inner is sparse_planner_backend:
+                return backend_for_compile(_innermost(callback))
+            inner = getattr(inner, "compiler_fn", None)
+            if inner is None:
+                break
     raise TypeError(f"{type(m).__name__} was not compiled by planner.compile or a planner backend")
 
 

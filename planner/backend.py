@@ -14,15 +14,18 @@ import itertools
 import os
 import threading
 import warnings
+import weakref
 from typing import Optional
 
 import torch.fx as fx
 
 from passes import PassContext, run_pipeline
 from planner.policy import PolicyLike, PolicyMap, as_policy_map
-from planner.report import Report, Site, UnmatchedSoftmax
+from planner.report import Report, Site, UnmatchedSoftmax, budget_note
 from runtime import stats
 from runtime.cache import KERNELS
+from runtime.env import kernels_mode
+from runtime.spec import lookup
 
 _IDS = itertools.count()
 
@@ -33,6 +36,7 @@ class Backend:
     def __init__(self, policy: PolicyLike = None, *, verify: bool = True, cost_model: str = "auto"):
         if cost_model not in ("auto", "off"):
             raise ValueError(f"cost_model must be 'auto' or 'off', got {cost_model!r}")
+        kernels_mode()                     # a bad SPARSE_PLANNER_KERNELS fails here, not mid-call
         self.cost_model = cost_model
         self.policies: PolicyMap = as_policy_map(policy)
         self.owner = f"p{next(_IDS)}"
@@ -42,6 +46,7 @@ class Backend:
         self.unmatched: dict = {}          # (site, node) -> UnmatchedSoftmax
         self.matched_patterns: set = set()
         self._lock = threading.Lock()
+        self._warned_dropout = False
         self.indexers = None               # IndexerBank of the trainable (dsa) sites
         if any(pol.name == "dsa" for _, pol in self.policies.rules):
             from runtime.dsa import IndexerBank, register_bank
@@ -75,7 +80,30 @@ class Backend:
             for u in ctx.unmatched:
                 self.unmatched[(u.site, u.node)] = UnmatchedSoftmax(u.node, u.site, u.reason, idx)
             self.matched_patterns |= ctx.matched_patterns
+            self._warn_dropout(ctx)
         return gm.forward
+
+    def _warn_dropout(self, ctx: PassContext) -> None:
+        """Once per compiled model: the sites left dense because attention dropout is active
+        (training mode), which would otherwise only show in ``planner.inspect``."""
+        if self._warned_dropout:
+            return
+        hit = {r.name: r.reason for r in ctx.sites
+               if r.status != "rewritten" and "dropout p=" in r.reason}
+        for u in ctx.unmatched:
+            if "dropout p=" in u.reason:
+                hit.setdefault(u.site, u.reason.split(" (")[0])
+        if not hit:
+            return
+        self._warned_dropout = True
+        names = sorted(hit)
+        reasons = sorted(set(hit.values()))
+        warnings.warn(
+            f"sparse-planner: {len(names)} attention site(s) run dense, not with the policy, "
+            f"because attention dropout is active in training mode ({'; '.join(reasons)}): "
+            f"{', '.join(names[:8])}{' ...' if len(names) > 8 else ''}. They follow the policy "
+            "in eval mode (model.eval()) or with the attention dropout set to 0; "
+            "planner.inspect lists each site's reason", stacklevel=2)
 
     def check_patterns(self) -> None:
         """Raise if a per-layer pattern matched no site (call after the first forward)."""
@@ -104,21 +132,154 @@ class Backend:
                 schedule=rec.schedule, est_dense_ms=rec.est_dense_ms,
                 est_sparse_ms=rec.est_sparse_ms, crossover=rec.crossover,
                 rules=(st.rules if st and st.calls else rec.rules)))
-        return Report(sites, list(self.unmatched.values()), list(self.graphs), KERNELS.stats())
+        return Report(sites, list(self.unmatched.values()), list(self.graphs), KERNELS.stats(),
+                      notes=self._density_notes(sites))
+
+    def _density_notes(self, sites: list) -> list:
+        """When every site a sparse policy governs measured density 1.0 on its last call, say
+        why (the policy's budget against the length, or the cost model's choice)."""
+        sparse = []
+        for s in sites:
+            rec = self.records[s.name]
+            if s.status != "rewritten" or s.density is None or not rec.spec_key:
+                continue
+            pol = lookup(rec.spec_key).policy
+            if pol.name != "dense":
+                sparse.append((s, pol))
+        if not sparse or any(s.density < 1.0 - 1e-9 for s, _ in sparse):
+            return []
+        notes = {}
+        for s, pol in sparse:
+            st = stats.get(f"{self.owner}/{s.name}")
+            kernel = s.kernel or ""
+            if "cost model: dense" in kernel:
+                text = ("the cost model ran it densely at this length (estimated faster than "
+                        "the sparse kernels; cost_model='off' always follows the policy)")
+            elif "dsa warm-up" in kernel:
+                continue
+            elif st is None or st.tensors is None:
+                continue
+            else:
+                text = budget_note(pol, int(st.tensors[1][2]))
+            notes.setdefault(text, []).append(s.name)
+        head = "every sparse site kept every pair on its last call (density 1.000)"
+        return [f"{head}: {text} ({_names(names)})" for text, names in notes.items()]
+
+
+def _names(names: list) -> str:
+    return ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
 
 
 _DEFAULT: Optional[Backend] = None
+# one Backend per torch.compile(..., backend="sparse_planner") call: id of the object Dynamo
+# holds for that call (torch.compile's per-call wrapper) -> (weak reference to it, Backend)
+_PER_COMPILE: dict[int, tuple] = {}
+_PER_COMPILE_LOCK = threading.Lock()
 
 
-def sparse_planner_backend(gm: fx.GraphModule, example_inputs):
-    """``torch.compile(model, backend="sparse_planner")``: the default policy."""
+#: recompiles one compile may make of one code object (prefill and decode shapes, graph breaks)
+RECOMPILES_PER_COMPILE = 64
+_COMPILES = {"all": 0, "shared": 0}
+
+
+def note_compile(isolated: bool) -> dict:
+    """Count one more compile and raise Dynamo's recompile limits in proportion, so that the
+    n-th compile of one model class in a process (a policy sweep) still captures its graphs.
+
+    Dynamo keeps compiled graphs per code object: every compile of one model class adds cache
+    entries to the same ``forward``. An ``isolated`` compile (``torch.compile(...,
+    isolate_recompiles=True, recompile_limit=...)``) has its own entries and its own limit,
+    so only the global cap across them, ``accumulated_recompile_limit``, grows with the number
+    of compiles; a shared one (the registered string backend) also counts against
+    ``recompile_limit``, which then grows by 8 entries per compile. Returns the counts."""
+    import torch
+    _COMPILES["all"] += 1
+    if not isolated:
+        _COMPILES["shared"] += 1
+    cfg = torch._dynamo.config
+    cfg.recompile_limit = max(cfg.recompile_limit, RECOMPILES_PER_COMPILE, 8 * _COMPILES["shared"])
+    cfg.accumulated_recompile_limit = max(cfg.accumulated_recompile_limit,
+                                          4 * RECOMPILES_PER_COMPILE,
+                                          RECOMPILES_PER_COMPILE * _COMPILES["all"])
+    return dict(_COMPILES)
+
+
+def compiles_made() -> int:
+    """Compiles counted by ``note_compile`` in this process."""
+    return _COMPILES["all"]
+
+
+def _innermost(callback):
+    """The backend object Dynamo was given for one compile (``torch.compile`` wraps a string
+    backend in a new object per call), found through its ``_torchdynamo_orig_backend`` chain."""
+    from torch._dynamo.eval_frame import innermost_backend
+    return innermost_backend(callback)
+
+
+def _compiling_backend():
+    """The backend object of the compile Dynamo is running now (None outside one)."""
+    try:
+        from torch._dynamo.symbolic_convert import InstructionTranslator
+        fn = InstructionTranslator.current_tx().output.compiler_fn
+    except (AttributeError, ImportError):
+        return None
+    return None if fn is None else _innermost(fn)
+
+
+def backend_for_compile(key) -> Backend:
+    """The Backend holding what ``torch.compile(..., backend="sparse_planner")`` captured for
+    the compile whose Dynamo backend object is ``key`` (created on first use). Without such an
+    object (Dynamo called the registered function directly) one process-wide Backend."""
     global _DEFAULT
-    if _DEFAULT is None:
-        _DEFAULT = Backend()
-    return _DEFAULT(gm, example_inputs)
+    with _PER_COMPILE_LOCK:
+        if key is None or key is sparse_planner_backend:
+            if _DEFAULT is None:
+                _DEFAULT = Backend()
+            return _DEFAULT
+        entry = _PER_COMPILE.get(id(key))
+        if entry is not None and entry[0]() is key:
+            return entry[1]
+        be = Backend()
+        note_compile(isolated=False)
+
+        def forget(ref, i=id(key)):
+            if _PER_COMPILE.get(i, (None,))[0] is ref:
+                del _PER_COMPILE[i]
+        _PER_COMPILE[id(key)] = (weakref.ref(key, forget), be)
+        return be
+
+
+class _PerCompileBackend:
+    """``torch.compile(model, backend="sparse_planner")``: the default policy, with one Backend
+    (sites, graphs, stats) per ``torch.compile`` call, so ``planner.inspect`` of one compiled
+    model shows its own sites only.
+
+    Dynamo reuses a graph compiled for one ``torch.compile`` call in another call of the same
+    code when their backends compare equal (its BACKEND_MATCH guard; ``torch.compile`` wraps a
+    string backend in a new object per call that compares equal when the registered backends
+    do). This backend compares equal to nothing but itself as the same object, so each call
+    captures its own graphs (as ``planner.compile``, whose Backend objects are distinct) and
+    two models of one class never share sites or statistics."""
+
+    __name__ = "sparse_planner_backend"
+
+    def __call__(self, gm: fx.GraphModule, example_inputs):
+        return backend_for_compile(_compiling_backend())(gm, example_inputs)
+
+    def __eq__(self, other) -> bool:
+        return False            # identical objects still match: Dynamo compares by identity first
+
+    __hash__ = object.__hash__
+
+    def __repr__(self) -> str:
+        return "sparse_planner_backend"
+
+
+sparse_planner_backend = _PerCompileBackend()
 
 
 def default_backend() -> Optional[Backend]:
+    """The process-wide Backend used when Dynamo calls the registered backend directly."""
     return _DEFAULT
 
 

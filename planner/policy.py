@@ -25,6 +25,11 @@ class Policy:
     #: which kernel family serves the attend step: "dense" | "block" | "token"
     attend_kind: str = "dense"
 
+    def __post_init__(self) -> None:
+        # every construction validates: planner.policy(...), direct BlockTopK(...), and
+        # dataclasses.replace (planner.policy(a_policy, **overrides)) all go through __init__
+        self.validate()
+
     def validate(self) -> None:  # overridden where parameters have ranges
         pass
 
@@ -90,11 +95,12 @@ class BlockTopK(Policy):
 
 
 def _check_float(policy: str, param: str, value, lo: float, hi: float, lo_open: bool = True):
+    rng = f"{'(' if lo_open else '['}{lo}, {hi}]"
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"policy {policy!r}: parameter {param!r} must be a number, got {value!r}")
+        raise TypeError(f"policy {policy!r}: parameter {param!r} must be a number in {rng}, "
+                        f"got {value!r} ({type(value).__name__})")
     ok = (value > lo if lo_open else value >= lo) and value <= hi
     if not ok:
-        rng = f"{'(' if lo_open else '['}{lo}, {hi}]"
         raise ValueError(f"policy {policy!r}: parameter {param!r} must be in {rng}, got {value}")
 
 
@@ -298,20 +304,22 @@ def policy(name: str, **params: Any) -> Policy:
     Dense()
     """
     if isinstance(name, Policy):
-        if params:
-            return dataclasses.replace(name, **params)
-        return name
+        _check_known(name.name, type(name), params)
+        # replace() builds a new instance through __init__, so __post_init__ validates it
+        return dataclasses.replace(name, **params) if params else name
     if not isinstance(name, str) or name not in PRESETS:
         raise ValueError(f"unknown policy {name!r}; valid names: {', '.join(sorted(PRESETS))}")
     cls = PRESETS[name]
+    _check_known(name, cls, params)
+    return cls(**params)                   # validated in __post_init__
+
+
+def _check_known(name: str, cls: type, params: Mapping[str, Any]) -> None:
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = set(params) - known
     if unknown:
         raise TypeError(f"policy {name!r} has no parameter(s) {sorted(unknown)}; "
                         f"valid: {sorted(known) or 'none'}")
-    p = cls(**params)
-    p.validate()
-    return p
 
 
 PolicyLike = Union[str, Policy, Mapping[str, Union[str, Policy]], None]

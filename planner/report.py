@@ -2,8 +2,9 @@
 every softmax left alone with the reason."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Sequence
 
 from tabulate import tabulate
 
@@ -48,14 +49,89 @@ class UnmatchedSoftmax:
         return f"graph {self.graph} {self.node} ({self.site}): {self.reason}"
 
 
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def budget_note(pol, n_kv: int) -> str:
+    """Why ``pol`` (a Policy) kept every pair of a call with ``n_kv`` keys: its budget against
+    the length, and which parameter to lower. "" for the dense policy."""
+    name = getattr(pol, "name", "?")
+    at = f"at N={n_kv}"
+    if name == "dense":
+        return ""
+    if name == "block_topk":
+        nb = pol.topk + pol.sink_blocks + pol.local_blocks
+        keys = nb * pol.block
+        why = (f"block_topk keeps topk={pol.topk} + sink_blocks={pol.sink_blocks} + local_blocks="
+               f"{pol.local_blocks} = {nb} blocks of {pol.block} = {keys} keys per query block")
+        fix = "use a smaller topk or block"
+        covers = nb >= _cdiv(n_kv, pol.block)
+    elif name == "threshold":
+        nb = pol.min_budget + pol.sink_blocks + pol.local_blocks
+        why = (f"threshold keeps per query block the fewest blocks of {pol.block} whose estimated "
+               f"mass reaches gamma={pol.gamma}, at least min_budget={pol.min_budget} + "
+               f"sink_blocks={pol.sink_blocks} + local_blocks={pol.local_blocks} = {nb} blocks")
+        fix = "use a smaller block or gamma"
+        covers = nb >= _cdiv(n_kv, pol.block)
+    elif name == "vertical_slash":
+        why = (f"vertical_slash keeps n_vertical={pol.n_vertical} columns and n_slash={pol.n_slash}"
+               f" diagonals (+ sink_tokens={pol.sink_tokens}, local_tokens={pol.local_tokens}), "
+               f"run as blocks of {pol.block}")
+        fix = "use smaller n_vertical / n_slash or block"
+        covers = max(pol.n_vertical, pol.n_slash, pol.sink_tokens + pol.local_tokens) >= n_kv
+    elif name == "quest":
+        pages = _cdiv(pol.budget, pol.page)
+        nb = pages + pol.sink_pages + pol.local_pages
+        why = (f"quest keeps budget={pol.budget} tokens = {pages} pages of {pol.page} (+ sink_pages="
+               f"{pol.sink_pages}, local_pages={pol.local_pages}) = {nb * pol.page} keys per query")
+        fix = "use a smaller budget"
+        covers = nb >= _cdiv(n_kv, pol.page)
+    elif name == "auto":
+        nkb = _cdiv(n_kv, pol.block)
+        nb = math.ceil(pol.target_density * nkb) + pol.sink_blocks + pol.local_blocks
+        why = (f"auto keeps ceil(target_density={pol.target_density} x {nkb} key blocks) + "
+               f"sink_blocks={pol.sink_blocks} + local_blocks={pol.local_blocks} = {nb} blocks "
+               f"of {pol.block} per query block")
+        fix = "use a smaller block"
+        covers = nb >= nkb
+    elif name == "sink_window":
+        why = (f"sink_window keeps sink={pol.sink} + window={pol.window} = {pol.sink + pol.window}"
+               " keys per query")
+        fix = "use a smaller window"
+        covers = pol.sink + pol.window >= n_kv
+    elif name == "longformer":
+        why = (f"longformer keeps window={pol.window} + global_tokens={pol.global_tokens} = "
+               f"{pol.window + pol.global_tokens} keys per query")
+        fix = "use a smaller window"
+        covers = pol.window + pol.global_tokens >= n_kv
+    elif name == "bigbird":
+        keys = pol.window + pol.global_tokens + pol.random_blocks * pol.block
+        why = (f"bigbird keeps window={pol.window} + global_tokens={pol.global_tokens} + "
+               f"random_blocks={pol.random_blocks} blocks of {pol.block} = {keys} keys per query")
+        fix = "use a smaller window, global_tokens or block"
+        covers = keys >= n_kv
+    elif name == "dsa":
+        why = f"dsa keeps topk={pol.topk} keys per query"
+        fix = "use a smaller topk"
+        covers = pol.topk >= n_kv
+    else:
+        return f"{name} kept every pair {at}"
+    if covers:
+        return f"{why}: {at} that is every key; {fix}"
+    return f"{why}: {at} it kept every pair of this input; {fix} for a sparser selection"
+
+
 class Report:
     """Printable summary of what the planner did to a model."""
 
-    def __init__(self, sites: list, unmatched: list, graphs: list, cache_stats: dict):
+    def __init__(self, sites: list, unmatched: list, graphs: list, cache_stats: dict,
+                 notes: Sequence[str] = ()):
         self.sites: list[Site] = sites
         self._unmatched: list[UnmatchedSoftmax] = unmatched
         self._graphs = graphs
         self.cache = cache_stats
+        self.notes: list[str] = list(notes)     # hints printed under the table
 
     def unmatched(self) -> list:
         """Softmax nodes that were not rewritten, each with the reason."""
@@ -108,12 +184,17 @@ class Report:
                                        "est ms dense/sparse", "crossover N", "reason"])
 
     def __str__(self) -> str:
+        if not self._graphs and not self.sites and not self._unmatched:
+            return ("no graph captured yet: call the compiled model first (planner.inspect "
+                    "reports the sites of the graphs its calls captured, and what the last "
+                    "call measured)")
         n_rw = sum(s.status == "rewritten" for s in self.sites)
         head = (f"{len(self.sites)} attention sites, {n_rw} rewritten, "
                 f"{len(self._unmatched)} softmax left alone, {len(self._graphs)} graph(s)")
         out = [head, self.table()]
         if self._unmatched:
             out.append("unmatched:\n" + "\n".join(f"  {u}" for u in self._unmatched))
+        out.extend(f"note: {n}" for n in self.notes)
         return "\n".join(out)
 
     __repr__ = __str__

@@ -19,6 +19,7 @@ import torch
 from codegen.attention.reference import attention_reference, positions_offset
 from codegen.select.reference import block_keep_fn
 from runtime import estimators, plan, stats
+from runtime.env import kernels_unavailable_reason
 from runtime.spec import SiteSpec
 
 Provider = Callable[..., Optional[torch.Tensor]]
@@ -192,6 +193,8 @@ def attend(q, k, v, mod_tensors, counts, indices, spec: SiteSpec) -> torch.Tenso
     if spec.mods and spec.policy.name != "dense" and estimators.kernels_take(q):
         # kernels were there but apply rule masks only (causal, window): say why they did not run
         tag += f" (the site's {'mask tensors' if mod_tensors else 'score modifiers'} need the reference)"
+    elif why := kernels_unavailable_reason(q.device):     # kernels asked for where none can run
+        tag += f" ({why})"
     stats.record(spec.stats_key, q=q, k=k, v=v, kernel="reference" + tag,
                  allowed=st.get("allowed") if st else None, kept=st.get("kept") if st else None,
                  rules=_rules_note(spec, mod_tensors))

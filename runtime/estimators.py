@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -18,6 +17,7 @@ import torch
 from codegen.attention.reference import positions_offset
 from codegen.select import policies as P
 from runtime import dsa
+from runtime.env import kernels_mode
 from codegen.select.reference import (allowed_blocks, block_bounds, group_block_probs,
                                       pooled_block_logits, pooled_block_scores,
                                       select_topk_blocks, structural_blocks, topk_width,
@@ -66,7 +66,7 @@ def kernels_take(t: torch.Tensor) -> bool:
     """Whether the Triton estimator kernels may read this 4-d tensor: a CUDA device (or the CPU
     under Triton's interpreter with SPARSE_PLANNER_KERNELS=triton, which has no bfloat16), a
     float dtype, a head dim up to ``MAX_HEAD_DIM``."""
-    mode = os.environ.get("SPARSE_PLANNER_KERNELS", "auto")
+    mode = kernels_mode()
     if mode == "reference" or t.dim() != 4:
         return False
     if t.dtype not in (torch.float16, torch.bfloat16, torch.float32):
@@ -364,6 +364,35 @@ def _static(select_fn):
     return select
 
 
+def _empty_safe(est: Estimator) -> Estimator:
+    """The same estimator, answering a call without queries or keys (Nq == 0 or Nkv == 0)
+    without running it: zero scores of ``score_shape`` and empty block lists of the shapes
+    ``sparse.select``'s fake gives (counts [B, Hkv, NQB], indices [B, Hkv, NQB, width]);
+    attention then returns what eager does (an empty output for Nq == 0)."""
+    def empty(q, k) -> bool:
+        return q.shape[2] == 0 or k.shape[2] == 0
+
+    def score(q, k, mods, spec):
+        if empty(q, k):
+            return q.new_zeros(est.score_shape(q, k, spec), dtype=torch.float32)
+        return est.score(q, k, mods, spec)
+
+    def select(sc, q, k, spec):
+        if empty(q, k):
+            b = block_of(spec)
+            nqb = _cdiv(q.shape[2], b)
+            width = (est.select_width(q, k, spec) if est.select_width is not None
+                     else _cdiv(k.shape[2], b))
+            counts = torch.zeros((q.shape[0], k.shape[1], nqb), dtype=torch.int32,
+                                 device=q.device)
+            return counts, torch.full((*counts.shape, width), -1, dtype=torch.int32,
+                                      device=q.device)
+        return est.select(sc, q, k, spec)
+    return Estimator(score if est.score is not None else None, est.score_shape,
+                     select if est.select is not None else None, est.select_width,
+                     est.token_keep)
+
+
 ESTIMATORS: dict[str, Estimator] = {
     "dense": Estimator(),
     "block_topk": Estimator(_bt_score, _grid_shape, _bt_select, select_width=lambda q, k, s: topk_width(
@@ -381,6 +410,8 @@ ESTIMATORS: dict[str, Estimator] = {
     "auto": Estimator(_auto_score, _grid_shape, _auto_select, select_width=_auto_width),
     "dsa": Estimator(select=dsa.select),
 }
+ESTIMATORS.update({name: _empty_safe(est) for name, est in ESTIMATORS.items()
+                   if name not in ("dense", "dsa")})
 
 
 def get(name: str) -> Estimator:

@@ -47,6 +47,7 @@ from codegen.indexer.kernel import IndexerSpec
 from codegen.indexer.reference import (indexer_scores_ref, indexer_topk_ref, visible_counts,
                                        weighted_relu_scores)
 from runtime.cache import KERNELS
+from runtime.env import kernels_mode
 from runtime.loader import load
 from runtime.triton_kernels import _device_key, _sm_count
 
@@ -160,7 +161,7 @@ def _interpreting() -> bool:
 
 def uses_kernels(q_idx: torch.Tensor) -> bool:
     """True where ``indexer_topk`` runs the Triton kernels for this input (see module doc)."""
-    mode = os.environ.get("SPARSE_PLANNER_KERNELS", "auto")
+    mode = kernels_mode()
     if mode == "reference":
         return False
     if q_idx.device.type == "cuda":

@@ -66,7 +66,22 @@ def _(scores, q, k, key):
 @torch.library.custom_op("sparse::attend", mutates_args=())
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mods: List[torch.Tensor],
            counts: torch.Tensor, indices: torch.Tensor, key: str) -> torch.Tensor:
+    if _no_pairs(q, k):
+        return _empty_attend(q, k, v, lookup(key))
     return dispatch.attend(q, k, v, mods, counts, indices, lookup(key))
+
+
+def _no_pairs(q: torch.Tensor, k: torch.Tensor) -> bool:
+    return q.shape[2] == 0 or k.shape[2] == 0
+
+
+def _empty_attend(q, k, v, spec) -> torch.Tensor:
+    """Attention without queries or keys, as eager computes it: an empty ``[B, Hq, 0, Dv]``
+    for Nq == 0, zeros ``[B, Hq, Nq, Dv]`` for Nkv == 0 (no key to attend to). No kernel
+    runs; the call is counted, its density left unmeasured (there is no pair)."""
+    from runtime import stats
+    stats.record(spec.stats_key, q=q, k=k, v=v, kernel="none (no queries or keys)")
+    return q.new_zeros(q.shape[0], q.shape[1], q.shape[2], v.shape[-1])
 
 
 @attend.register_fake
@@ -96,6 +111,9 @@ def _attend_backward(ctx, grad):
     no_mods = [None] * ctx.n_mods
     if not any(need):
         return None, None, None, no_mods, None, None, None
+    if _no_pairs(q, k):                     # the output is constant (empty or zeros)
+        return (*(torch.zeros_like(t) if n else None for t, n in zip((q, k, v), need)),
+                no_mods, None, None, None)
     if ctx.lse is not None:
         from runtime.triton_kernels import token_sparse_attention_bwd
         out = saved[5 + ctx.n_mods]
@@ -114,13 +132,21 @@ def _attend_backward(ctx, grad):
 attend.register_autograd(_attend_backward, setup_context=_attend_setup)
 
 
+def _skipped(t: torch.Tensor) -> bool:
+    """True for what ``torch.cat`` leaves out: a 1-D empty tensor (transformers' DynamicCache
+    starts each layer with ``torch.tensor([])``)."""
+    return t.dim() == 1 and t.numel() == 0
+
+
 @torch.library.custom_op("sparse::append", mutates_args=())
 def append(past: torch.Tensor, new: torch.Tensor, page: int) -> torch.Tensor:
     """``torch.cat([past, new], dim=-2)`` (a KV cache growing by the step's keys), which also
     extends what is kept with ``past`` to the result: quest's page summaries (of ``page``-token
-    pages; ``runtime.page_summaries``) and the dsa indexer's keys (``runtime.dsa.extend_keys``)."""
+    pages; ``runtime.page_summaries``) and the dsa indexer's keys (``runtime.dsa.extend_keys``).
+    As ``torch.cat``, a 1-D empty ``past`` (an empty cache) or ``new`` is skipped: the result
+    is then the other tensor, copied."""
     out = torch.cat([past, new], dim=-2)
-    if out.dim() == 4:
+    if out.dim() == 4:            # a skipped ``past`` has nothing kept: ``out`` gets it in full
         from runtime import dsa, page_summaries
         if page > 0:
             page_summaries.extend(past, out, page)
@@ -134,11 +160,20 @@ def _(past, new, page):
 
 
 def _append_setup(ctx, inputs, output):
-    ctx.n_past = inputs[0].shape[-2]
+    past, new = inputs[0], inputs[1]
+    ctx.shapes = (past.shape, new.shape)
+    ctx.skipped = (_skipped(past), _skipped(new))
+    ctx.n_past = 0 if ctx.skipped[0] else past.shape[-2]
 
 
 def _append_backward(ctx, grad):
-    return grad[..., :ctx.n_past, :], grad[..., ctx.n_past:, :], None
+    """Each input's slice of ``grad`` along dim -2; zeros (empty) for a skipped input."""
+    (past_shape, new_shape), (skip_past, skip_new) = ctx.shapes, ctx.skipped
+    if skip_past and skip_new:
+        return grad.new_zeros(past_shape), grad.new_zeros(new_shape), None
+    g_past = grad.new_zeros(past_shape) if skip_past else grad[..., :ctx.n_past, :]
+    g_new = grad.new_zeros(new_shape) if skip_new else grad[..., ctx.n_past:, :]
+    return g_past, g_new, None
 
 
 append.register_autograd(_append_backward, setup_context=_append_setup)

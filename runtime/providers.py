@@ -26,13 +26,9 @@ import torch.nn.functional as F
 from codegen.attention.reference import positions_offset, visible_keys
 from codegen.select.reference import mask_from_blocks, window_pairs
 from runtime import dispatch, estimators
+from runtime.env import kernels_mode
 from runtime.spec import SiteSpec
 from runtime.tensor_notes import TensorNotes
-
-
-def _kernels_mode() -> str:
-    """``SPARSE_PLANNER_KERNELS``: auto (CUDA only), triton (also the CPU interpreter), reference."""
-    return os.environ.get("SPARSE_PLANNER_KERNELS", "auto")
 
 
 def _causal_flag(spec: SiteSpec, n_q: int, n_kv: int) -> Optional[bool]:
@@ -70,7 +66,7 @@ def sdpa_args(spec: SiteSpec, n_q: int, n_kv: int):
 
 
 def sdpa_dense(q, k, v, mods, counts, indices, spec: SiteSpec):
-    if spec.policy.name != "dense" or q.device.type != "cuda" or _kernels_mode() == "reference":
+    if spec.policy.name != "dense" or q.device.type != "cuda" or kernels_mode() == "reference":
         return None
     how = sdpa_args(spec, q.shape[2], k.shape[2])
     if how is None:
@@ -186,7 +182,7 @@ def _visible_lists(n_q: int, n_kv: int, causal, window: int, block: int, device)
 
 
 def triton_block_sparse(q, k, v, tensors, counts, indices, spec: SiteSpec):
-    mode = _kernels_mode()
+    mode = kernels_mode()
     if mode == "reference":
         return None
     pol = spec.policy
@@ -301,7 +297,7 @@ def _pairs_kept_rules(counts, indices, block, n_q, n_kv, spec, start, end):
 
 def triton_token_sparse(q, k, v, tensors, counts, indices, spec: SiteSpec):
     """Token lists (``dsa``): the gather kernel; the lists already respect causality."""
-    mode = _kernels_mode()
+    mode = kernels_mode()
     if mode == "reference" or spec.policy.attend_kind != "token" or not indices.numel():
         return None
     if spec.mods or spec.window or (q.device.type == "cpu" and mode != "triton"):

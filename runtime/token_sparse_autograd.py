@@ -18,13 +18,12 @@ Example::
 """
 from __future__ import annotations
 
-import os
-
 import torch
 from torch.autograd.function import once_differentiable
 
 from codegen.token_sparse import token_sparse_attention_bwd_ref, token_sparse_attention_ref
 from runtime import triton_kernels as tk
+from runtime.env import kernels_mode
 from runtime.triton_kernels import token_sparse_attention_bwd
 
 __all__ = ["token_sparse_attention_fn", "token_sparse_attention_bwd", "kernels_apply"]
@@ -33,7 +32,7 @@ __all__ = ["token_sparse_attention_fn", "token_sparse_attention_bwd", "kernels_a
 def kernels_apply(q, k, v) -> bool:
     """Whether the Triton kernels serve these inputs (``SPARSE_PLANNER_KERNELS`` as for
     ``sparse.attend``: auto = CUDA only, triton = also the CPU interpreter, reference = never)."""
-    mode = os.environ.get("SPARSE_PLANNER_KERNELS", "auto")
+    mode = kernels_mode()
     if mode == "reference" or (q.device.type == "cpu" and mode != "triton"):
         return False
     if not tk.available(q.device) or q.dtype not in (torch.float16, torch.bfloat16, torch.float32):

@@ -378,3 +378,25 @@ def test_decoding_keeps_index_keys_with_the_cache(monkeypatch):
     ref = cm.generate(ids, **gen)
     assert dsa.KEY_COUNTERS["extensions"] == 0
     assert torch.equal(out, ref)
+
+
+def test_decode_logits_equal_a_full_sequence_run_without_a_cache():
+    """Greedy decoding with dsa (indexer keys kept with the cache and extended per step)
+    against one run over the whole generated sequence from an empty cache, where every
+    query's top-k comes from keys projected afresh: dsa selects per query row, so the logits
+    of each decode step equal the full run's row at that position."""
+    lm = tiny_llama("sdpa", layers=2)
+    n0, n_new = 20, 7
+    ids = torch.randint(0, 128, (2, n0))
+    cm = planner.compile(lm, policy=planner.policy("dsa", topk=6, index_heads=2, index_dim=8))
+    dsa.KEY_COUNTERS.clear()
+    with torch.no_grad():
+        gen = cm.generate(ids, max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False,
+                          output_logits=True, return_dict_in_generate=True)
+        assert dsa.KEY_COUNTERS["extensions"] == (n_new - 1) * 2      # the kept path ran
+        full = cm(gen.sequences).logits
+        dense = lm(gen.sequences).logits
+    for step, logits in enumerate(gen.logits):
+        row = n0 - 1 + step
+        assert max_err(logits, full[:, row]) <= 1e-4, f"step {step}"
+    assert max_err(full[:, n0:], dense[:, n0:]) > 1e-3, "top-6 of 20+ keys must change the output"

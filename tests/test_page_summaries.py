@@ -105,3 +105,55 @@ def test_quest_decoding_keeps_summaries_with_the_cache(kernels, monkeypatch):
     used.clear()
     ref = planner.compile(lm, policy=pol, dynamic=True).generate(ids, **gen)
     assert not any(used) and torch.equal(out, ref)
+
+
+def _cache_step(q, k_past, k_new, v_past, v_new, causal: bool):
+    """One attention call over a cache grown by this step's keys (GQA by repeating keys)."""
+    import torch.nn.functional as F
+    k = torch.cat([k_past, k_new], dim=2)
+    v = torch.cat([v_past, v_new], dim=2)
+    g = q.shape[1] // k.shape[1]
+    out = F.scaled_dot_product_attention(q, k.repeat_interleave(g, 1), v.repeat_interleave(g, 1),
+                                         is_causal=causal)
+    return out, k, v
+
+
+@pytest.mark.parametrize("page, budget, sink_pages, local_pages", [(4, 8, 0, 1), (8, 16, 1, 1)])
+def test_quest_decode_steps_equal_the_definition_on_the_full_cache(kernels, page, budget,
+                                                                   sink_pages, local_pages):
+    """Prefill, then decode steps through a compiled cache append (summaries kept with the
+    cache and extended per step): each step's output equals softmax attention over the pages
+    the loop definition of quest picks from the full keys (page bounds recomputed from K)."""
+    from brute import dense_with_keep, quest_keep
+    B, Hq, Hkv, D, n0, steps = 2, 4, 2, 16, 21, 9
+    pol = planner.policy("quest", page=page, budget=budget, sink_pages=sink_pages,
+                         local_pages=local_pages)
+    f = planner.compile(_cache_step, policy=pol)
+    scale = D ** -0.5
+    k_all = v_all = None
+    for t in range(steps + 1):
+        n_new = n0 if t == 0 else 1
+        q = torch.randn(B, Hq, n_new, D, device=DEV)
+        k_new = torch.randn(B, Hkv, n_new, D, device=DEV)
+        v_new = torch.randn(B, Hkv, n_new, D, device=DEV)
+        if t == 0:
+            k_all = torch.zeros(B, Hkv, 0, D, device=DEV)
+            v_all = torch.zeros(B, Hkv, 0, D, device=DEV)
+        ext = ps.COUNTERS["extensions"]
+        with torch.no_grad():
+            out, k_all, v_all = f(q, k_all, k_new, v_all, v_new, t == 0)
+        if t > 0:
+            assert ps.COUNTERS["extensions"] == ext + 1, f"step {t}: summaries not extended"
+        assert ps.lookup(k_all, page) is not None
+        causal = "upper_left" if t == 0 else None
+        keep = quest_keep(q.cpu(), k_all.cpu(), page=page, budget=budget, sink_pages=sink_pages,
+                          local_pages=local_pages, causal=causal)
+        if t == 0:
+            keep &= torch.ones(n0, n0, dtype=torch.bool).tril()
+        ref = dense_with_keep(q.cpu(), k_all.cpu(), v_all.cpu(), keep, scale)
+        assert (out.cpu().double() - ref).abs().max() <= 1e-5, f"step {t}"
+        if t > 0 and k_all.shape[2] > budget + 2 * page:
+            assert not keep.all(), "the budget must leave pages out"
+    rep = planner.inspect(f)
+    assert "torch.ops.sparse.append.default" in rep.graph_code()
+    assert all(s.status == "rewritten" for s in rep.sites)

@@ -114,6 +114,8 @@ def _pool(x: torch.Tensor, block: int) -> torch.Tensor:
     """Mean over each block of rows (the last block may be short): [B, H, N, D] -> [B, H, NB, D]
     in fp32, accumulated without an fp32 copy of ``x``."""
     B, H, N, D = x.shape
+    if N == 0:
+        return x.new_zeros((B, H, 0, D), dtype=torch.float32)
     full = N // block
     parts = []
     if full:
