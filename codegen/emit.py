@@ -182,7 +182,8 @@ def _check_common(spec) -> None:
         raise ValueError(f"{type(spec).__name__}: pack_gqa needs lists_per_group (one index list "
                          "shared by the query heads of a group)")
     if spec.mask not in MASK_KINDS:
-        raise ValueError(f"{type(spec).__name__}.mask must be one of {MASK_KINDS}, got {spec.mask!r}")
+        raise ValueError(f"{type(spec).__name__}.mask must be one of {MASK_KINDS}, "
+                         f"got {spec.mask!r}")
 
 
 def next_pow2(n: int) -> int:

@@ -183,8 +183,8 @@ def _check_mask_flags(fn: str, mask_flags, kv_indices):
     """``mask_flags`` (int8 / int32, shaped like ``kv_indices``) made contiguous, or None."""
     if mask_flags is None:
         return None
-    if (not isinstance(mask_flags, torch.Tensor) or mask_flags.dtype not in (torch.int8, torch.int32)
-            or mask_flags.shape != kv_indices.shape or mask_flags.device != kv_indices.device):
+    if (not isinstance(mask_flags, torch.Tensor)
+            or mask_flags.dtype not in (torch.int8, torch.int32) or mask_flags.shape != kv_indices.shape or mask_flags.device != kv_indices.device):
         got = (f"{mask_flags.dtype} {list(mask_flags.shape)} on {mask_flags.device}"
                if isinstance(mask_flags, torch.Tensor) else type(mask_flags).__name__)
         raise ValueError(f"{fn}: mask_flags must be an int8 or int32 tensor "

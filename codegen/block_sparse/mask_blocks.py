@@ -12,7 +12,11 @@ shape broadcastable to ``[B, Hq, Nq, Nkv]``. The kernels apply it to the (soft-c
 Rows whose every pair is masked give ``out = 0`` and ``lse = -inf`` (``lse = sinks[h]`` with
 learned sinks). Eager PyTorch gives a finite but meaningless row there for additive masks (the
 softmax of equal ``finfo.min`` values: the mean of V); a caller that needs it finds the rows by
-``lse == -inf`` (or ``lse <= -1e30``) and fixes them up.
+``lse == -inf`` (or ``lse <= -1e30``) and fixes them up. With learned sinks such rows give
+``out = 0`` and ``lse = sinks[h]`` as eager attention does (nothing to fix). float16's
+``finfo.min`` (-65504) lies above -1e30: it is added like any bias (weight 0 next to any
+unmasked pair; a row masked only by it gives the softmax of its shifted scores, as
+``attention_reference`` does, with ``lse`` near -65504).
 
 For the block-sparse kernel, as FlexAttention does it, ``mask_block_summary`` classifies each
 ``block x block`` tile of the mask as empty (every pair masked), full (nothing to apply) or
