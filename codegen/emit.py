@@ -3,9 +3,10 @@
 ``emit(spec, schedule)`` returns the text of a Python module whose ``@triton.jit`` kernels have
 every shape-independent choice baked in as a literal (head dims, GQA group and packing, block
 sizes, causal, dtype, stride alignment, masking strategy, whether learned sinks and per-batch
-key ranges are applied). Sequence lengths, strides, index tensors, ``sink`` and ``window``, and
-the sink logits and key ranges themselves stay runtime arguments (never specialized), so one
-emitted module serves every sequence length. This package only renders text:
+key ranges are applied, whether scores are soft-capped, whether a mask tensor is read and of
+which kind). Sequence lengths, strides, index tensors, ``sink`` and ``window``, the sink logits,
+key ranges, the cap value and the mask tensor itself stay runtime arguments (never specialized),
+so one emitted module serves every sequence length. This package only renders text:
 ``runtime.loader.load`` writes it to the kernel cache folder, checks it and executes it (Triton
 reads kernel source from that file).
 
@@ -45,8 +46,16 @@ class BlockSparseSpec:
     runtime strides, and tensor descriptors address the tensors). ``sinks``: a learned logit
     per query head joins each row's softmax as one more key of value 0 (GPT-OSS; the logits
     are a runtime fp32 ``[Hq]`` tensor). ``kv_ranges``: batch row ``b`` keeps only keys
-    ``kv_start[b] <= j < kv_end[b]`` (runtime int32 ``[B]`` tensors; padded batches). The
-    printed form names these two only when set, so existing specs print (and render) as before.
+    ``kv_start[b] <= j < kv_end[b]`` (runtime int32 ``[B]`` tensors; padded batches).
+    ``softcap``: scores ``s = scale * q . k`` become ``c * tanh(s / c)`` before any mask (Gemma 2,
+    Grok; ``c`` a runtime float). ``mask``: ``""`` (none), ``"add"`` (a float tensor added to the
+    capped scores, natural-log units; values <= -1e30 mask the pair) or ``"keep"`` (a bool
+    tensor, False masks the pair), broadcastable to ``[B, Hq, Nq, Nkv]`` and read through
+    runtime strides, applied after the cap and before the rule masks. ``mask_flags``: an int
+    flag per block-list entry says whether the entry's key block needs the mask at all (blocks
+    the mask leaves whole skip reading it); without it every listed tile reads the mask. The
+    printed form names ``sinks`` and the later fields only when set, so existing specs print
+    (and render) as before.
     """
     head_dim: int
     v_head_dim: int
@@ -60,12 +69,17 @@ class BlockSparseSpec:
     stride_align: int = 1
     sinks: bool = False
     kv_ranges: bool = False
+    softcap: bool = False
+    mask: str = ""
+    mask_flags: bool = False
 
     def __repr__(self) -> str:
         return _spec_repr(self)
 
     def __post_init__(self):
         _check_common(self)
+        if self.mask_flags and not self.mask:
+            raise ValueError("BlockSparseSpec.mask_flags needs a mask (mask='add' or 'keep')")
         if self.block < 16 or self.block & (self.block - 1):
             raise ValueError(f"BlockSparseSpec.block must be a power of two >= 16, got {self.block}")
 
@@ -73,7 +87,9 @@ class BlockSparseSpec:
 @dataclass(frozen=True)
 class TokenSparseSpec:
     """What a token-sparse (gather) kernel is specialized on; fields as in BlockSparseSpec
-    (``kv_ranges``: list entries outside the batch row's key range are skipped as padding)."""
+    (``kv_ranges``: list entries outside the batch row's key range are skipped as padding;
+    ``mask`` is read at the gathered positions; the backward has neither ``softcap`` nor
+    ``mask``)."""
     head_dim: int
     v_head_dim: int
     gqa_group: int
@@ -83,6 +99,8 @@ class TokenSparseSpec:
     stride_align: int = 1
     sinks: bool = False
     kv_ranges: bool = False
+    softcap: bool = False
+    mask: str = ""
 
     def __repr__(self) -> str:
         return _spec_repr(self)
@@ -140,7 +158,9 @@ class Schedule:
 Spec = Union[BlockSparseSpec, TokenSparseSpec]
 
 
-_SHOWN_WHEN_SET = ("sinks", "kv_ranges")     # spec fields printed only when not at default
+# spec fields printed only when not at their default
+_SHOWN_WHEN_SET = ("sinks", "kv_ranges", "softcap", "mask", "mask_flags")
+MASK_KINDS = ("", "add", "keep")        # BlockSparseSpec.mask / TokenSparseSpec.mask
 
 
 def _spec_repr(spec) -> str:
@@ -161,6 +181,9 @@ def _check_common(spec) -> None:
     if spec.pack_gqa and not spec.lists_per_group:
         raise ValueError(f"{type(spec).__name__}: pack_gqa needs lists_per_group (one index list "
                          "shared by the query heads of a group)")
+    if spec.mask not in MASK_KINDS:
+        raise ValueError(f"{type(spec).__name__}.mask must be one of {MASK_KINDS}, "
+                         f"got {spec.mask!r}")
 
 
 def next_pow2(n: int) -> int:

@@ -5,7 +5,10 @@ The forward functions return ``(out [B, Hq, Nq, Dv] in q.dtype, lse [B, Hq, Nq] 
 log)``; rows that keep no key give out = 0, lse = -inf (the head's logit with learned
 ``sinks``). Both forwards take ``sinks`` (float ``[Hq]``) and per-batch key ranges
 ``kv_start`` / ``kv_end`` (int32 ``[B]``) as runtime tensors; the kernels specialize only on
-their presence. ``token_sparse_attention_bwd`` returns
+their presence; likewise a soft cap ``softcap`` (float) and a mask tensor ``mask`` /
+``mask_kind`` ("add" float, "keep" bool; broadcastable to ``[B, Hq, Nq, Nkv]``; semantics in
+``codegen.block_sparse.mask_blocks``), applied to the scores before the rule masks; rows whose
+every pair is masked give out = 0, lse = -inf. ``token_sparse_attention_bwd`` returns
 ``(dq, dk, dv)`` of the gather attention (autograd wrapper: ``runtime.token_sparse_autograd``). On CPU they run under Triton's interpreter
 (``TRITON_INTERPRET=1`` set before the first kernel is loaded); see ``available``.
 
@@ -31,6 +34,7 @@ import torch
 
 from codegen.attention.reference import positions_offset
 from codegen.block_sparse import wgmma_kernel
+from codegen.block_sparse.mask_blocks import MASK_KINDS, broadcast_mask
 from codegen.emit import BlockSparseSpec, Schedule, TokenSparseSpec, emit, next_pow2
 from codegen.token_sparse.backward import PRE_ROWS as BWD_PRE_ROWS, emit_backward
 from runtime.cache import KERNELS, seq_bucket, stable_hash
@@ -143,6 +147,50 @@ def _check_extras(fn: str, q, k, sinks, kv_start, kv_end) -> tuple:
         _check_index(fn, name, t, (B,), q.device)
         bounds.append(t.contiguous())
     return sinks, tuple(bounds)
+
+
+def _check_softcap(fn: str, softcap) -> float:
+    """The soft cap as a float (0.0 = none); raises unless a finite number >= 0."""
+    if (isinstance(softcap, bool) or not isinstance(softcap, (int, float))
+            or not math.isfinite(softcap) or softcap < 0):
+        raise ValueError(f"{fn}: softcap must be a finite float >= 0 (0 = no cap), got {softcap!r}")
+    return float(softcap)
+
+
+def _mask_kind(fn: str, mask, mask_kind) -> str:
+    """The kernels' ``mask`` spec field: "" without a mask, else the checked ``mask_kind``."""
+    if mask is None:
+        return ""
+    if mask_kind not in MASK_KINDS:
+        raise ValueError(f"{fn}: mask_kind must be one of {MASK_KINDS}, got {mask_kind!r}")
+    return mask_kind
+
+
+def _mask_args(fn: str, q, k, mask, mask_kind: str) -> tuple:
+    """Launch arguments of ``mask``: ``(tensor, smb, smh, smn, smk)``, the mask viewed as
+    ``[B, Hq, Nq, Nkv]`` (stride 0 where it broadcasts; a bool mask as uint8), element
+    strides; ``()`` without a mask."""
+    if mask is None:
+        return ()
+    B, Hq, Nq = q.shape[:3]
+    m = broadcast_mask(fn, mask, mask_kind, (B, Hq, Nq, k.shape[2]), q.device)
+    if m.dtype == torch.bool:
+        m = m.view(torch.uint8)
+    return (m, *m.stride())
+
+
+def _check_mask_flags(fn: str, mask_flags, kv_indices):
+    """``mask_flags`` (int8 / int32, shaped like ``kv_indices``) made contiguous, or None."""
+    if mask_flags is None:
+        return None
+    if (not isinstance(mask_flags, torch.Tensor)
+            or mask_flags.dtype not in (torch.int8, torch.int32) or mask_flags.shape != kv_indices.shape or mask_flags.device != kv_indices.device):
+        got = (f"{mask_flags.dtype} {list(mask_flags.shape)} on {mask_flags.device}"
+               if isinstance(mask_flags, torch.Tensor) else type(mask_flags).__name__)
+        raise ValueError(f"{fn}: mask_flags must be an int8 or int32 tensor "
+                         f"{list(kv_indices.shape)} (kv_indices' shape) on {kv_indices.device}, "
+                         f"got {got}")
+    return mask_flags.contiguous()
 
 
 def _stride_align(dtype, *tensors) -> int:
@@ -337,7 +385,8 @@ def _module(plan: LaunchPlan):
 
 def _plan_block_sparse(q, k, v, kv_num_blocks, kv_indices, block, causal, windowed,
                        schedule, pack_gqa, hopper_first: bool = False, sinks: bool = False,
-                       kv_ranges: bool = False) -> LaunchPlan:
+                       kv_ranges: bool = False, softcap: bool = False, mask: str = "",
+                       mask_flags: bool = False) -> LaunchPlan:
     fn = "block_sparse_attention"
     _check_qkv(fn, q, k, v)
     if not isinstance(block, int) or block < 16 or block & (block - 1):
@@ -361,7 +410,8 @@ def _plan_block_sparse(q, k, v, kv_num_blocks, kv_indices, block, causal, window
                            lists_per_group=per_group or G == 1, causal=bool(causal),
                            dtype=_FLOAT_DTYPES[q.dtype], block=block, windowed=windowed,
                            stride_align=_stride_align(q.dtype, *strided), sinks=sinks,
-                           kv_ranges=kv_ranges)
+                           kv_ranges=kv_ranges, softcap=softcap, mask=mask,
+                           mask_flags=mask_flags)
     maxb = kv_indices.shape[-1]
     if schedule is None or hopper_first:
         default = default_block_sparse_schedule(spec, q.device, maxb)
@@ -369,7 +419,7 @@ def _plan_block_sparse(q, k, v, kv_num_blocks, kv_indices, block, causal, window
             schedule = default
     if schedule.tma and not _tma_ok(spec, q.device):
         schedule = dataclasses.replace(schedule, tma=False)
-    if schedule.wgmma and not _wgmma_ok(spec, schedule, q.device):   # e.g. sinks / ranges
+    if schedule.wgmma and not _wgmma_ok(spec, schedule, q.device):   # e.g. sinks, mask
         schedule = dataclasses.replace(schedule, wgmma=False)
     gp = next_pow2(G) if spec.pack_gqa else 1
     qm = max(schedule.block_m, gp) // gp
@@ -428,7 +478,9 @@ def block_sparse_attention(q, k, v, kv_num_blocks, kv_indices, *, block: int, sc
                            out=None, lse=None, hopper_first: bool = False,
                            return_schedule: bool = False, sinks: Optional[torch.Tensor] = None,
                            kv_start: Optional[torch.Tensor] = None,
-                           kv_end: Optional[torch.Tensor] = None):
+                           kv_end: Optional[torch.Tensor] = None, softcap: float = 0.0,
+                           mask: Optional[torch.Tensor] = None, mask_kind: str = "add",
+                           mask_flags: Optional[torch.Tensor] = None):
     """Flash-attention forward over the listed key blocks of each query block.
 
     Shapes: q ``[B, Hq, Nq, D]``, k ``[B, Hkv, Nkv, D]``, v ``[B, Hkv, Nkv, Dv]``;
@@ -456,9 +508,25 @@ def block_sparse_attention(q, k, v, kv_num_blocks, kv_indices, *, block: int, sc
     no recompile); bounds outside ``[0, Nkv]`` are clipped and ``kv_start >= kv_end`` keeps
     nothing. Either one runs the Triton kernel (never the Hopper Gluon kernel, which has
     neither).
+
+    Score modifiers, applied in this order to ``s = scale * q . k`` before the rules above
+    (as ``attention_reference`` applies ``mods`` before its causal rule): ``softcap`` c > 0
+    (0 = none): ``s = c * tanh(s / c)`` (Gemma 2, Grok); ``mask`` (any strides; shape
+    ``[B | 1, Hq | 1, Nq | 1, Nkv | 1]``, fewer leading dimensions broadcast too) with
+    ``mask_kind`` "add" (any float dtype, natural-log units: ``s + m``; values <= -1e30, e.g.
+    ``finfo.min``, mask the pair) or "keep" (bool, False masks the pair). ``mask_flags``
+    (int8 / int32, ``kv_indices``' shape; ``codegen.block_sparse.prune_block_lists`` makes it
+    with lists pruned of the mask's empty blocks): the kernel reads the mask only for entries
+    whose flag is nonzero, the others are taken as unmasked; without it every listed tile
+    reads the mask. Rows whose every pair is masked (by the mask, the rules or the lists) give
+    out = 0 and lse = -inf (the head's sink with ``sinks``): where eager attention with an
+    additive ``finfo.min`` mask gives a finite average there, the caller finds the rows by
+    ``lse == -inf`` and fixes them up. Either modifier runs the Triton kernel (never the Hopper
+    Gluon kernel).
     """
     fn = "block_sparse_attention"
     _check_scale(fn, scale)
+    softcap = _check_softcap(fn, softcap)
     sink, window = int(sink), int(window)
     if sink < 0 or window < 0:
         raise ValueError(f"{fn}: sink and window must be >= 0, got sink={sink}, window={window}")
@@ -468,13 +536,23 @@ def block_sparse_attention(q, k, v, kv_num_blocks, kv_indices, *, block: int, sc
         _check_index(fn, "kv_num_blocks", kv_num_blocks, (None, None, None), q.device)
         _check_index(fn, "kv_indices", kv_indices, (None, None, None, None), q.device)
     has_sinks, has_ranges = sinks is not None, kv_start is not None or kv_end is not None
+    mask_spec = _mask_kind(fn, mask, mask_kind)
+    has_flags = mask_flags is not None
+    if has_flags and mask is None:
+        raise ValueError(f"{fn}: mask_flags given without a mask")
     sig = _signature(fn, tensors, (block, bool(causal), window > 0, schedule, pack_gqa,
-                                   hopper_first, has_sinks, has_ranges))
+                                   hopper_first, has_sinks, has_ranges, softcap > 0, mask_spec,
+                                   has_flags))
     plan = _cached_plan(sig, lambda: _plan_block_sparse(q, k, v, kv_num_blocks, kv_indices, block,
                                                          causal, window > 0, schedule, pack_gqa,
-                                                         hopper_first, has_sinks, has_ranges))
+                                                         hopper_first, has_sinks, has_ranges,
+                                                         softcap > 0, mask_spec, has_flags))
     sinks, ranges = _check_extras(fn, q, k, sinks, kv_start, kv_end)
-    extra = ((sinks,) if has_sinks else ()) + (ranges if has_ranges else ())
+    mask_args = _mask_args(fn, q, k, mask, mask_kind)
+    mask_flags = _check_mask_flags(fn, mask_flags, kv_indices)
+    extra = (((sinks,) if has_sinks else ()) + (ranges if has_ranges else ())
+             + ((softcap * LOG2E,) if softcap > 0 else ()) + mask_args
+             + ((mask_flags,) if has_flags else ()))
     mod = _module(plan)
     if (plan.schedule.tma or plan.schedule.wgmma) and q.device.type == "cuda":
         _set_descriptor_allocator()
@@ -495,7 +573,8 @@ def block_sparse_attention(q, k, v, kv_num_blocks, kv_indices, *, block: int, sc
 
 def _plan_token_sparse(q, k, v, indices, schedule, backward: bool = False,
                        split_per_sm: Optional[int] = None, sinks: bool = False,
-                       kv_ranges: bool = False) -> LaunchPlan:
+                       kv_ranges: bool = False, softcap: bool = False,
+                       mask: str = "") -> LaunchPlan:
     """Plan of the gather forward (or, with ``backward``, of its backward kernel).
 
     Lists shared by every head (``Hs == 1``) are read as per-group lists with head stride 0:
@@ -513,7 +592,8 @@ def _plan_token_sparse(q, k, v, indices, schedule, backward: bool = False,
     spec = TokenSparseSpec(head_dim=D, v_head_dim=Dv, gqa_group=G, pack_gqa=per_group and G > 1,
                            lists_per_group=per_group or G == 1, dtype=_FLOAT_DTYPES[q.dtype],
                            stride_align=_stride_align(q.dtype, *strided),
-                           sinks=sinks and not backward, kv_ranges=kv_ranges)
+                           sinks=sinks and not backward, kv_ranges=kv_ranges,
+                           softcap=softcap and not backward, mask="" if backward else mask)
     heads = Hkv if spec.pack_gqa else Hq
     if schedule is None:
         default = default_token_sparse_bwd_schedule if backward else default_token_sparse_schedule
@@ -537,7 +617,8 @@ def _plan_token_sparse(q, k, v, indices, schedule, backward: bool = False,
 
 def _token_sparse_plan(fn: str, tensors: tuple, scale, schedule, *, backward: bool,
                        split_per_sm: Optional[int] = None, sinks: bool = False,
-                       kv_ranges: bool = False) -> LaunchPlan:
+                       kv_ranges: bool = False, softcap: bool = False,
+                       mask: str = "") -> LaunchPlan:
     """Checks shared by the gather forward and backward, then their (cached) launch plan."""
     q, k, v, indices = tensors
     _check_scale(fn, scale)
@@ -547,18 +628,20 @@ def _token_sparse_plan(fn: str, tensors: tuple, scale, schedule, *, backward: bo
     if split_per_sm is not None and (isinstance(split_per_sm, bool) or
                                      not isinstance(split_per_sm, int) or split_per_sm < 0):
         raise ValueError(f"{fn}: split_per_sm must be None or an int >= 0, got {split_per_sm!r}")
-    sig = _signature(fn, tensors, (schedule, split_per_sm, sinks, kv_ranges))
+    sig = _signature(fn, tensors, (schedule, split_per_sm, sinks, kv_ranges, softcap, mask))
     return _cached_plan(sig, lambda: _plan_token_sparse(q, k, v, indices, schedule,
                                                         backward=backward,
                                                         split_per_sm=split_per_sm, sinks=sinks,
-                                                        kv_ranges=kv_ranges))
+                                                        kv_ranges=kv_ranges, softcap=softcap,
+                                                        mask=mask))
 
 
 def token_sparse_attention(q, k, v, indices, *, scale: float, schedule: Optional[Schedule] = None,
                            split_per_sm: Optional[int] = None, out=None, lse=None,
                            sinks: Optional[torch.Tensor] = None,
                            kv_start: Optional[torch.Tensor] = None,
-                           kv_end: Optional[torch.Tensor] = None):
+                           kv_end: Optional[torch.Tensor] = None, softcap: float = 0.0,
+                           mask: Optional[torch.Tensor] = None, mask_kind: str = "add"):
     """Each query row attends to its own list of key positions (gather attention).
 
     Shapes: q ``[B, Hq, Nq, D]``, k ``[B, Hkv, Nkv, D]``, v ``[B, Hkv, Nkv, Dv]``, ``indices``
@@ -573,15 +656,22 @@ def token_sparse_attention(q, k, v, indices, *, scale: float, schedule: Optional
     more key of value 0 per row's softmax (added once, in the combine, when the list is
     split); ``kv_start`` / ``kv_end`` (int32 ``[B]``): entries of batch row ``b`` outside
     ``[kv_start[b], kv_end[b])`` are skipped like padding; both as in
-    ``block_sparse_attention``. Returns ``(out [B, Hq, Nq, Dv], lse [B, Hq, Nq] fp32)``; rows
-    without keys give out = 0 and lse = -inf (``sinks[h]`` with sinks).
+    ``block_sparse_attention``. ``softcap`` and ``mask`` / ``mask_kind``: the score modifiers of
+    ``block_sparse_attention`` (same shapes and semantics), the mask read at each row's listed
+    keys; the backward (``token_sparse_attention_bwd``) has neither. Returns ``(out [B, Hq, Nq,
+    Dv], lse [B, Hq, Nq] fp32)``; rows without keys (or whose every listed key is masked) give
+    out = 0 and lse = -inf (``sinks[h]`` with sinks).
     """
     fn = "token_sparse_attention"
     tensors = (q, k, v, indices)
+    softcap = _check_softcap(fn, softcap)
     has_sinks, has_ranges = sinks is not None, kv_start is not None or kv_end is not None
+    mask_spec = _mask_kind(fn, mask, mask_kind)
     plan = _token_sparse_plan(fn, tensors, scale, schedule, backward=False,
-                              split_per_sm=split_per_sm, sinks=has_sinks, kv_ranges=has_ranges)
+                              split_per_sm=split_per_sm, sinks=has_sinks, kv_ranges=has_ranges,
+                              softcap=softcap > 0, mask=mask_spec)
     sinks, ranges = _check_extras(fn, q, k, sinks, kv_start, kv_end)
+    mask_args = _mask_args(fn, q, k, mask, mask_kind)
     mod = _module(plan)
     out, lse = _outputs(fn, out, lse, plan.out_shape, plan.lse_shape, q.dtype, q.device)
     if out.numel() == 0:
@@ -596,6 +686,7 @@ def token_sparse_attention(q, k, v, indices, *, scale: float, schedule: Optional
     mod.token_sparse_fwd[plan.grid](
         q, k, v, idx, po, pl, *plan.args, float(scale) * LOG2E,
         *((sinks,) if has_sinks else ()), *(ranges if has_ranges else ()),
+        *((softcap * LOG2E,) if softcap > 0 else ()), *mask_args,
         num_warps=plan.schedule.num_warps, num_stages=plan.schedule.num_stages)
     if plan.n_split > 1:
         mod.token_sparse_combine[(B * Hq * Nq,)](

@@ -5,6 +5,9 @@ KV group, so every K/V tile is loaded once for the group) inside one query block
 walks that block's key-block list with an online softmax (exp2, log2(e) folded into the scale)
 and writes ``out`` and ``lse``. Token masks (sequence end, bottom-right causal, sink/window) are
 built only on key tiles that can need them (``MaskMode.BRANCH``) or on every tile (``ALWAYS``).
+Soft-capped scores and a caller's mask tensor (``spec.softcap`` / ``spec.mask``) are applied
+first, in that order, as FlexAttention applies a score modifier: the mask tile is read only
+for list entries flagged as needing it (``spec.mask_flags``) or for every listed tile.
 K/V tiles come through per-thread async copies or, with ``Schedule.tma``, tensor descriptors.
 Rendered through ``codegen.emit.emit``; the reference is ``reference.py`` beside this file.
 """
@@ -31,17 +34,79 @@ def block_sparse_fwd(Q, K, V, O, LSE, KV_NUM, KV_IDX,
 '''
 
 
+#: The mask tensor and its element strides (0 along broadcast dimensions): ``spec.mask``.
+MASK_ARGS = ("MASK", "smb", "smh", "smn", "smk")
+MASK_STRIDES_NOSPEC = ("smb", "smh", "smn")     # ``smk`` (1 or 0) stays specialized
+
+
 def extra_args(spec: BlockSparseSpec) -> tuple:
-    """Tensor arguments after ``n_tiles`` that ``spec`` adds, in order: ``SINKS`` (fp32
-    ``[Hq]``, learned sink logits, natural-log units) with ``spec.sinks``; ``KV_START``,
-    ``KV_END`` (int32 ``[B]``) with ``spec.kv_ranges``."""
-    return (("SINKS",) if spec.sinks else ()) + (("KV_START", "KV_END") if spec.kv_ranges else ())
+    """Arguments after ``n_tiles`` that ``spec`` adds, in order: ``SINKS`` (fp32 ``[Hq]``,
+    learned sink logits, natural-log units) with ``spec.sinks``; ``KV_START``, ``KV_END``
+    (int32 ``[B]``) with ``spec.kv_ranges``; ``cap`` (float, the soft cap ``c`` times log2(e))
+    with ``spec.softcap``; ``MASK_ARGS`` with ``spec.mask``; ``MASK_FLAGS`` (int8 or int32,
+    laid out as ``KV_IDX``) with ``spec.mask_flags``."""
+    return ((("SINKS",) if spec.sinks else ()) + (("KV_START", "KV_END") if spec.kv_ranges else ())
+            + (("cap",) if spec.softcap else ()) + (MASK_ARGS if spec.mask else ())
+            + (("MASK_FLAGS",) if spec.mask_flags else ()))
 
 
 def kernel_def(jit: str, spec: BlockSparseSpec) -> str:
     """``KERNEL_DEF`` with its decorator ``jit`` and the extra arguments of ``spec``."""
     extra = "".join(", " + name for name in extra_args(spec))
-    return KERNEL_DEF.replace("$JIT", jit).replace("$EXTRA", extra)
+    text = KERNEL_DEF.replace("$JIT", jit).replace("$EXTRA", extra)
+    if spec.mask:       # the mask's strides change with the lengths: never specialized
+        nospec = "".join(f', "{n}"' for n in MASK_STRIDES_NOSPEC)
+        text = text.replace('"n_mtiles", "n_tiles"])', f'"n_mtiles", "n_tiles"{nospec}])')
+    return text
+
+
+# Score modifiers of a key tile, in the log2 units of the softmax (qk is scaled first). The soft
+# cap: cap * tanh(qk / cap) with cap = c * log2(e) (the same as capping in natural units, then
+# converting), tanh(x) = sign(x) * (1 - 2 / (exp(2|x|) + 1)): exp2 overflows to inf for large
+# |x|, which gives exactly +-1; cap_k = 2 * log2(e) / cap.
+_SOFTCAP = '''\
+# soft cap: cap * tanh(qk / cap), tanh(x) = sign(x) * (1 - 2 / (exp(2|x|) + 1))
+th = 1.0 - 2.0 / (tl.exp2(tl.abs(qk) * cap_k) + 1.0)
+qk = tl.where(qk < 0.0, -th, th) * cap
+'''
+
+# The mask tile at (rows of the program, keys ks + offs_n): "add" adds m * log2(e) and masks
+# values <= -1e30 (HF's finfo.min masks: such pairs count as masked, like causality); "keep"
+# masks where the tile is False. $OK: the load predicate, $OTHER: the value where it is off.
+_MASK_LOAD = '''\
+mv = tl.load(m_rows[:, None] + offs_k[None, :].to(tl.int64) * smk, mask=$OK, other=$OTHER)
+'''
+_MASK_APPLY = {
+    "add": '''\
+mv = mv.to(tl.float32)
+qk = tl.where(mv > -1e30, qk + mv * 1.4426950408889634, float("-inf"))
+''',
+    "keep": '''\
+qk = tl.where(mv != 0, qk, float("-inf"))
+''',
+}
+
+
+def modifier_code(spec: BlockSparseSpec, sch: Schedule, entry: str) -> str:
+    """Loop code applying ``spec.softcap`` and ``spec.mask`` to the tile's scores ``qk``
+    (already in log2 units), or "" without them. ``entry``: the list entry of the tile (index
+    into ``MASK_FLAGS``' row). With flags the mask is read under a branch on the entry's flag
+    (``MaskMode.BRANCH``) or through a predicated load (``ALWAYS``: no branch)."""
+    code = _SOFTCAP if spec.softcap else ""
+    if not spec.mask:
+        return code
+    ok = "row_ok[:, None] & kv_ok[None, :]"
+    apply = _MASK_APPLY[spec.mask]
+    if not spec.mask_flags:
+        return code + _MASK_LOAD.replace("$OK", ok).replace("$OTHER", "0") + apply
+    flag = f"tl.load(MASK_FLAGS + list_row.to(tl.int64) * max_blocks + {entry}) != 0"
+    if sch.mask_mode is MaskMode.ALWAYS:       # unflagged: neutral values, nothing masked
+        other = "0.0" if spec.mask == "add" else "1"
+        return (code + f"m_need = {flag}\n"
+                + _MASK_LOAD.replace("$OK", f"tl.where(m_need, {ok}, False)").replace(
+                    "$OTHER", other) + apply)
+    body = _MASK_LOAD.replace("$OK", ok).replace("$OTHER", "0") + apply
+    return code + f"if {flag}:\n" + textwrap.indent(body, "    ")
 
 
 # The learned sink joins each row's softmax at the end: one more key of score sinks[head] (in
@@ -103,8 +168,10 @@ def render(spec: BlockSparseSpec, sch: Schedule) -> str:
         mask_code = indent_code("need = " + " | ".join(f"({c})" for c in conds), 8)
         mask_code += indent_code("if need:\n" + textwrap.indent(keep_code, "    "), 8)
     a = spec.stride_align
-    loop = _key_loop(sch, sub, block_n, textwrap.dedent(mask_code), BLOCK=spec.block, ALIGN=a,
-                     D_MASK=d_mask, DV_MASK=dv_mask, DOT_QK=dot_code(spec, "q", "tl.trans(k)"),
+    mods = modifier_code(spec, sch, "t" if sub == 1 else f"t // {sub}")
+    loop = _key_loop(sch, sub, block_n, textwrap.dedent(mask_code), mods, BLOCK=spec.block,
+                     ALIGN=a, D_MASK=d_mask, DV_MASK=dv_mask,
+                     DOT_QK=dot_code(spec, "q", "tl.trans(k)"),
                      DOT_PV=dot_code(spec, f"p.to({dt})", "v"))
     setup = ""
     if sch.tma:
@@ -118,6 +185,12 @@ def render(spec: BlockSparseSpec, sch: Schedule) -> str:
         setup += indent_code('''
             kv_lo = tl.load(KV_START + b)
             kv_hi = tl.minimum(tl.load(KV_END + b), Nkv)
+            ''', 4)
+    if spec.softcap:
+        setup += indent_code("cap_k = 2.8853900817779268 / cap\n", 4)
+    if spec.mask:               # the mask's row pointers of the tile (head per row: GQA packing)
+        setup += indent_code('''
+            m_rows = MASK + b64 * smb + head.to(tl.int64) * smh + rows_q.to(tl.int64) * smn
             ''', 4)
     if spec.sinks:
         loop += indent_code(_SINK_FOLD, 4)
@@ -187,6 +260,14 @@ def _extra_doc(spec: BlockSparseSpec) -> str:
         doc += ";\n    # SINKS [Hq] fp32 learned sink logits"
     if spec.kv_ranges:
         doc += ";\n    # KV_START, KV_END [B] int32: batch row b keeps keys KV_START[b] <= j < KV_END[b]"
+    if spec.softcap:
+        doc += ";\n    # cap: soft cap c * log2(e), scores s -> c * tanh(s / c) before any mask"
+    if spec.mask:
+        doc += (";\n    # MASK broadcast to [B, Hq, Nq, Nkv] by strides (smb, smh, smn, smk), "
+                + ("added (natural units, <= -1e30 masked)" if spec.mask == "add"
+                   else "bool as uint8, 0 = masked"))
+    if spec.mask_flags:
+        doc += ";\n    # MASK_FLAGS like KV_IDX: nonzero where the entry's key block reads MASK"
     return doc
 
 
@@ -202,10 +283,13 @@ m_i = m_new
 '''
 
 
-def _key_loop(sch: Schedule, sub: int, block_n: int, mask_code: str, **values) -> str:
+def _key_loop(sch: Schedule, sub: int, block_n: int, mask_code: str, mods: str = "",
+              **values) -> str:
     """The loop over key tiles ``t`` (listed block ``t // sub``, sub-tile ``t % sub``).
 
-    ``sch.tma``: K/V tiles come through tensor descriptors (rows past Nkv read as zero)."""
+    ``sch.tma``: K/V tiles come through tensor descriptors (rows past Nkv read as zero).
+    ``mods``: score-modifier code (``modifier_code``); with it the scores are scaled into
+    log2 units before the modifiers and the rule masks, not in the softmax step."""
     if sub == 1:
         ks = "tl.load(idx_ptr + t) * $BLOCK"
     else:
@@ -220,9 +304,14 @@ def _key_loop(sch: Schedule, sub: int, block_n: int, mask_code: str, **values) -
         load_v = ("v_rows = offs_k.to(tl.int64) * (svn * $ALIGN)\n"
                   "v = tl.load(v_base + v_rows[:, None] + offs_dv[None, :], "
                   "mask=kv_ok[:, None]$DV_MASK, other=0.0)")
+    step = _SOFTMAX_STEP.replace("$LOAD_V", load_v)
+    if mods:
+        mods = "qk = qk * qk_scale\n" + mods
+        step = step.replace("tl.max(qk, 1) * qk_scale", "tl.max(qk, 1)").replace(
+            "qk * qk_scale - m_use", "qk - m_use")
     loop = (f"for t in range(0, n_blk * {sub}):\n"
             + indent_code(f"ks = {ks}\noffs_k = ks + offs_n\nkv_ok = offs_k < Nkv\n"
-                          + load_k + "qk = $DOT_QK\n", 4)
+                          + load_k + "qk = $DOT_QK\n" + mods, 4)
             + indent_code(mask_code, 4)
-            + indent_code(_SOFTMAX_STEP.replace("$LOAD_V", load_v), 4))
+            + indent_code(step, 4))
     return indent_code(Template(loop).substitute({k: str(v) for k, v in values.items()}), 4)

@@ -12,9 +12,14 @@ in any order); later entries are ignored. Query row ``i`` sits at position ``i +
 * ``kv_start`` / ``kv_end`` (int ``[B]``): batch row ``b`` keeps only keys
   ``kv_start[b] <= j < kv_end[b]`` (padded batches; either bound may be given alone).
 
+``softcap`` (c > 0; 0 = none) and ``mask`` / ``mask_kind`` (a tensor broadcastable to
+``[B, Hq, Nq, Nkv]``: "add" float added to the scores, values <= -1e30 masked; "keep" bool,
+False masked) modify the scores ``s = scale * q . k`` first: ``s = c * tanh(s / c)``, then the
+mask (``mask_blocks.apply_mask_and_cap``), then the rules above.
+
 ``sinks`` (float ``[Hq]``): a learned logit per query head taking part in the softmax as one
-more key of value 0 (GPT-OSS), in the units of ``scale * q . k``: ``lse = log(sum_j exp(s_j) +
-exp(sinks[h]))``. Rows that keep no key give out = 0 and lse = -inf (lse = ``sinks[h]`` with
+more key of value 0 (GPT-OSS), in the units of the modified scores: ``lse = log(sum_j exp(s_j)
++ exp(sinks[h]))``. Rows that keep no key give out = 0 and lse = -inf (lse = ``sinks[h]`` with
 sinks).
 
 Example::
@@ -31,6 +36,7 @@ from __future__ import annotations
 import torch
 
 from codegen.attention.reference import check_sinks, key_range_mask
+from codegen.block_sparse.mask_blocks import apply_mask_and_cap, broadcast_mask
 
 
 def block_lists_to_dense(kv_num_blocks: torch.Tensor, kv_indices: torch.Tensor,
@@ -70,7 +76,8 @@ def block_sparse_keep_mask(kv_num_blocks, kv_indices, *, block: int, n_q: int, n
 
 def block_sparse_attention_ref(q, k, v, kv_num_blocks, kv_indices, *, block: int, scale: float,
                                causal: bool, sink: int = 0, window: int = 0, sinks=None,
-                               kv_start=None, kv_end=None):
+                               kv_start=None, kv_end=None, softcap: float = 0.0, mask=None,
+                               mask_kind: str = "add"):
     """Returns ``(out [B, Hq, Nq, Dv] in q.dtype, lse [B, Hq, Nq] fp32, natural log)``."""
     B, Hq, Nq, _ = q.shape
     Hkv, Nkv = k.shape[1], k.shape[2]
@@ -81,6 +88,9 @@ def block_sparse_attention_ref(q, k, v, kv_num_blocks, kv_indices, *, block: int
     kf = k.float().repeat_interleave(Hq // Hkv, dim=1)                  # [B, Hq, Nkv, D]
     vf = v.float().repeat_interleave(Hq // Hkv, dim=1)                  # [B, Hq, Nkv, Dv]
     s = (q.float() @ kf.transpose(-1, -2)) * scale                      # [B, Hq, Nq, Nkv]
+    if mask is not None:
+        mask = broadcast_mask("block_sparse_attention_ref", mask, mask_kind, s.shape, q.device)
+    s = apply_mask_and_cap(s, softcap=softcap, mask=mask, mask_kind=mask_kind)
     s = s.masked_fill(~keep, float("-inf"))
     if sinks is None:
         lse = torch.logsumexp(s, dim=-1)                                # -inf on empty rows

@@ -29,8 +29,9 @@ Programs walk tiles head by head, each head's longest causal tiles first; with
 arguments, outputs and masking rules as ``kernel.py``'s ``block_sparse_fwd`` (bottom-right
 causal, sequence end, sink/window), so the launch code is shared (launched with
 ``LAUNCH_WARPS`` warps). Supported: CUDA capability 9.x, fp16/bf16, equal head dims of 64 or
-128, 128x128 tiles equal to the mask block, no GQA packing, no learned sinks or per-batch key
-ranges (``BlockSparseSpec.sinks`` / ``kv_ranges``), 16-byte strides and start
+128, 128x128 tiles equal to the mask block, no GQA packing, no learned sinks, per-batch key
+ranges, soft cap or mask tensor (``BlockSparseSpec.sinks`` / ``kv_ranges`` / ``softcap`` /
+``mask``: the launcher runs ``kernel.py`` for those), 16-byte strides and start
 addresses (tensor descriptors; the runtime writes a misaligned ``out`` through an aligned
 temporary); ``supported`` names the case that misses (the runtime then runs ``kernel.py``).
 K/V are double-buffered whatever ``num_stages`` says.
@@ -55,6 +56,8 @@ def supported(spec: BlockSparseSpec, sch: Schedule) -> str:
         return "GQA packing"
     if spec.sinks or spec.kv_ranges:
         return "learned sinks or per-batch key ranges (the Triton kernel applies them)"
+    if spec.softcap or spec.mask:
+        return "soft-capped scores or a mask tensor (the Triton kernel applies them)"
     if not (sch.block_m == sch.block_n == spec.block == 128):
         return (f"tiles {sch.block_m}x{sch.block_n} with mask block {spec.block} "
                 f"(needs 128x128 tiles and block 128)")

@@ -7,7 +7,9 @@ to 16). The index tensor is read through runtime strides, so lists shared by eve
 (``Hs == 1``) are a head stride of 0, never copies. It walks entries
 ``[s * chunk, (s + 1) * chunk)`` of the row's index list with an online softmax. With one
 split the result is final; otherwise (decode: few rows, long lists) each split writes a
-normalized partial output and its lse, and ``token_sparse_combine`` merges them.
+normalized partial output and its lse, and ``token_sparse_combine`` merges them. Soft-capped
+scores and a caller's mask tensor (``spec.softcap`` / ``spec.mask``, read at the gathered
+positions) are applied to each step's scores before the list's own masks.
 Rendered through ``codegen.emit.emit``; the reference is ``reference.py`` beside this file.
 """
 from __future__ import annotations
@@ -41,12 +43,20 @@ kv_hi = tl.minimum(tl.load(KV_END + b), Nkv)
 '''
 
 
+#: The mask tensor and its element strides (0 along broadcast dimensions): ``spec.mask``.
+MASK_ARGS = ("MASK", "smb", "smh", "smn", "smk")
+
+
 def extra_args(spec: TokenSparseSpec, sinks: bool = True) -> tuple:
-    """Tensor arguments ``spec`` adds after the last one, in order: ``SINKS`` (fp32 ``[Hq]``)
-    with ``spec.sinks`` and ``sinks`` (the backward takes none); ``KV_START``, ``KV_END``
-    (int32 ``[B]``) with ``spec.kv_ranges``."""
-    return (("SINKS",) if spec.sinks and sinks else ()) + (
-        ("KV_START", "KV_END") if spec.kv_ranges else ())
+    """Arguments ``spec`` adds after the last one, in order: ``SINKS`` (fp32 ``[Hq]``) with
+    ``spec.sinks`` and ``sinks``; ``KV_START``, ``KV_END`` (int32 ``[B]``) with
+    ``spec.kv_ranges``; ``cap`` (float, the soft cap ``c`` times log2(e)) with ``spec.softcap``
+    and ``sinks``; ``MASK_ARGS`` with ``spec.mask`` and ``sinks``. ``sinks=False``: the
+    backward's arguments (it takes no sinks, cap or mask)."""
+    return ((("SINKS",) if spec.sinks and sinks else ())
+            + (("KV_START", "KV_END") if spec.kv_ranges else ())
+            + (("cap",) if spec.softcap and sinks else ())
+            + (MASK_ARGS if spec.mask and sinks else ()))
 
 
 def extra_signature(names: tuple, indent: int) -> str:
@@ -61,7 +71,54 @@ def _extra_doc(spec: TokenSparseSpec) -> str:
         doc += ";\n# SINKS [Hq] fp32 learned sink logits"
     if spec.kv_ranges:
         doc += ";\n# KV_START, KV_END [B] int32: batch row b keeps keys KV_START[b] <= j < KV_END[b]"
+    if spec.softcap:
+        doc += ";\n# cap: soft cap c * log2(e), scores s -> c * tanh(s / c) before any mask"
+    if spec.mask:
+        doc += (";\n# MASK broadcast to [B, Hq, Nq, Nkv] by strides (smb, smh, smn, smk), read at "
+                "the gathered keys: " + ("added (natural units, <= -1e30 masked)"
+                                         if spec.mask == "add" else "bool as uint8, 0 = masked"))
     return doc.replace("\n", "\n    ")
+
+
+# Score modifiers of a step's scores s (log2 units), before the list's own masks: the soft cap
+# cap * tanh(s / cap) with cap = c * log2(e), tanh(x) = sign(x) * (1 - 2 / (exp(2|x|) + 1))
+# (exp2 overflows to inf for large |x|: exactly +-1), then the mask read at the gathered keys
+# ("add": + m * log2(e), values <= -1e30 masked; "keep": 0 masked).
+_SOFTCAP = '''
+th = 1.0 - 2.0 / (tl.exp2(tl.abs(s) * cap_k) + 1.0)
+s = tl.where(s < 0.0, -th, th) * cap
+'''
+_MASK_APPLY = {
+    "add": '''
+mv = mv.to(tl.float32)
+s = tl.where(mv > -1e30, s + mv * 1.4426950408889634, float("-inf"))
+''',
+    "keep": '''
+s = tl.where(mv != 0, s, float("-inf"))
+''',
+}
+
+
+def _modifier_code(spec: TokenSparseSpec, packed: bool) -> str:
+    """Step code applying ``spec.softcap`` and ``spec.mask`` to ``s`` ("" without them); the
+    mask pointers ``m_base`` (one per packed row) come from ``_modifier_setup``."""
+    code = textwrap.dedent(_SOFTCAP).lstrip("\n") if spec.softcap else ""
+    if spec.mask:
+        if packed:
+            code += ("mv = tl.load(m_base[:, None] + (ids64 * smk)[None, :], "
+                     "mask=g_ok[:, None] & ok[None, :], other=0)\n")
+        else:
+            code += "mv = tl.load(m_base + ids64 * smk, mask=ok, other=0)\n"
+        code += textwrap.dedent(_MASK_APPLY[spec.mask]).lstrip("\n")
+    return code
+
+
+def _modifier_setup(spec: TokenSparseSpec) -> str:
+    """Code before the walk for ``_modifier_code`` (a ``$BASES`` piece; "" without modifiers)."""
+    code = "cap_k = 2.8853900817779268 / cap\n" if spec.softcap else ""
+    if spec.mask:
+        code += "m_base = MASK + b64 * smb + head.to(tl.int64) * smh + qi.to(tl.int64) * smn\n"
+    return code
 
 
 # The learned sink joins the softmax of a row's whole list: one more key of score
@@ -206,13 +263,21 @@ def render(spec: TokenSparseSpec, sch: Schedule) -> str:
         '''
         common["DOT_QK"] = dot_code(spec, "q", "tl.trans(k)")
         common["DOT_PV"] = dot_code(spec, f"p.to({dt})", "v")
+    mods = _modifier_code(spec, gp > 1)
+    if mods:                    # inserted right after the step's scores are computed
+        first = "s = $DOT_QK * qk_scale\n" if gp > 1 else \
+            "s = tl.sum(k.to(tl.float32) * q[None, :], 1) * qk_scale\n"
+        step = textwrap.dedent(step).replace(first, first + mods)
+        signature = signature.replace('"n_split"])', '"n_split", "smb", "smh", "smn"])', 1) \
+            if spec.mask else signature
     if spec.sinks:
         fold = render_template(_SINK_FOLD, SINK_MASK="" if gp == 1 else ", mask=g_ok, other=0.0",
                                ALPHA="alpha" if gp == 1 else "alpha[:, None]")
         store = textwrap.dedent(fold).strip("\n") + "\n" + textwrap.dedent(store).lstrip("\n")
     src = render_template(signature, **common)
     src += indent_code(head_mapping_code(spec, rows), 4)
-    src += render_walk(common, load_q, step, store, RANGE_SETUP if spec.kv_ranges else "")
+    bases = textwrap.dedent(RANGE_SETUP) if spec.kv_ranges else ""
+    src += render_walk(common, load_q, step, store, bases + _modifier_setup(spec))
     # combine: with sinks, the sink is one more partial of lse SINKS[head] and output 0
     sink = "tl.load(SINKS + (row // Nq) % Hq)"
     common.update(CNOSPEC=', "Nq", "Hq"' if spec.sinks else "",

@@ -8,8 +8,12 @@ entries are padding. No causal mask is implied. ``kv_start`` / ``kv_end`` (int `
 optional): entries of batch row ``b`` outside ``[kv_start[b], kv_end[b])`` are skipped like
 padding (padded batches). ``sinks`` (float ``[Hq]``, optional): a learned logit per query head
 taking part in the softmax as one more key of value 0 (GPT-OSS), in the units of
-``scale * q . k``: ``lse = log(sum_j exp(s_j) + exp(sinks[h]))``. Rows with no valid index
-give out = 0, lse = -inf (lse = ``sinks[h]`` with sinks). Math runs in fp32 (fp64 for fp64
+the modified scores: ``lse = log(sum_j exp(s_j) + exp(sinks[h]))``. ``softcap`` (c > 0; 0 =
+none) and ``mask`` / ``mask_kind`` (broadcastable to ``[B, Hq, Nq, Nkv]``, read at the listed
+keys: "add" float added, values <= -1e30 masked; "keep" bool, False masked) modify the scores
+``s = scale * q . k`` first: ``c * tanh(s / c)``, then the mask
+(``codegen.block_sparse.mask_blocks``). Rows with no valid (unmasked) entry give out = 0,
+lse = -inf (lse = ``sinks[h]`` with sinks). Math runs in fp32 (fp64 for fp64
 inputs, so that ``gradcheck`` can use it); ``token_sparse_attention_ref`` is differentiable by
 autograd, and ``token_sparse_attention_bwd_ref`` writes the backward out explicitly.
 
@@ -28,6 +32,7 @@ from __future__ import annotations
 import torch
 
 from codegen.attention.reference import check_sinks, key_range_mask
+from codegen.block_sparse.mask_blocks import apply_mask_and_cap, broadcast_mask
 
 
 def _gathered(q, k, v, indices, kv_start=None, kv_end=None):
@@ -60,10 +65,17 @@ def _gathered(q, k, v, indices, kv_start=None, kv_end=None):
 
 
 def token_sparse_attention_ref(q, k, v, indices, *, scale: float, sinks=None, kv_start=None,
-                               kv_end=None):
+                               kv_end=None, softcap: float = 0.0, mask=None,
+                               mask_kind: str = "add"):
     """Returns ``(out [B, Hq, Nq, Dv] in q.dtype, lse [B, Hq, Nq] fp32, natural log)``."""
-    _, valid, kg, vg = _gathered(q, k, v, indices, kv_start, kv_end)
+    safe, valid, kg, vg = _gathered(q, k, v, indices, kv_start, kv_end)
     s = torch.einsum("bhqd,bhqkd->bhqk", q.to(kg.dtype), kg) * scale          # [B, Hq, Nq, K]
+    if mask is not None:                         # the mask at the listed keys: [B, Hq, Nq, K]
+        B, Hq, Nq, _ = q.shape
+        mask = broadcast_mask("token_sparse_attention_ref", mask, mask_kind,
+                              (B, Hq, Nq, k.shape[2]), q.device)
+        mask = torch.gather(mask, -1, safe)
+    s = apply_mask_and_cap(s, softcap=softcap, mask=mask, mask_kind=mask_kind)
     s = s.masked_fill(~valid, float("-inf"))
     if sinks is None:
         lse = torch.logsumexp(s, dim=-1)                                     # -inf on empty rows
@@ -80,7 +92,8 @@ def token_sparse_attention_bwd_ref(q, k, v, indices, out, lse, dout, *, scale: f
                                    kv_start=None, kv_end=None):
     """Gradients of ``out`` w.r.t. q, k, v from the forward's ``out`` and ``lse``, by the
     flash-attention formulas. Returns ``(dq, dk, dv)`` shaped and typed like q, k, v.
-    ``kv_start`` / ``kv_end``: the forward's key ranges. A forward with ``sinks`` needs nothing
+    ``kv_start`` / ``kv_end``: the forward's key ranges (forwards without ``softcap`` or
+    ``mask``: their gradients are not written here). A forward with ``sinks`` needs nothing
     more: the sink is a key of value 0, so it enters only through ``lse`` (P below sums to
     less than 1) and ``delta`` is unchanged; no gradient of the sinks is computed.
 
