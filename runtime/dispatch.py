@@ -16,7 +16,7 @@ from typing import Callable, Optional
 
 import torch
 
-from codegen.attention.reference import attention_reference, positions_offset
+from codegen.attention.reference import MASKED_BELOW, attention_reference, positions_offset
 from codegen.select.reference import block_keep_fn
 from runtime import estimators, plan, stats
 from runtime.env import kernels_unavailable_reason

@@ -181,17 +181,75 @@ def _visible_lists(n_q: int, n_kv: int, causal, window: int, block: int, device)
     return blocks_from_mask(vis[None, None])
 
 
+def kernel_mods(spec: SiteSpec, mods: list) -> Optional[tuple]:
+    """The site's score modifiers as the kernels apply them: ``(softcap, mask, kind, finite)``
+    (soft-cap value or 0; one mask tensor or None, "add" or "keep"; whether masked pairs may
+    hold a finite value, so that a row masked entirely is uniform in the model), or None when
+    the kernels cannot apply them exactly (a soft-cap after a mask, a finite fill value that
+    does not mask, several masks of one kind the sum below does not express)."""
+    cap, rest, ts = 0.0, list(spec.mods), list(mods)
+    if rest and rest[0][0] == "softcap":
+        cap = float(rest[0][1])
+        rest = rest[1:]
+    if any(m[0] == "softcap" for m in rest):
+        return None
+    if not rest:
+        return cap, None, "add", False
+    if len(rest) == 1:
+        (kind, *arg), t = rest[0], ts[0]
+        if kind == "add":
+            return cap, t, "add", True
+        if kind == "keep":
+            return cap, t if t.dtype == torch.bool else t != 0, "keep", False
+        if kind == "fill" and arg[0] <= dispatch.MASKED_BELOW:
+            return cap, torch.logical_not(t.to(torch.bool)), "keep", arg[0] != float("-inf")
+        return None
+    total = None                          # several masks / biases: one additive tensor
+    for (kind, *arg), t in zip(rest, ts):
+        if kind == "add":
+            a = t.float()
+        elif kind == "keep":
+            a = torch.zeros(t.shape, device=t.device).masked_fill(~t.to(torch.bool), -torch.inf)
+        elif kind == "fill" and arg[0] <= dispatch.MASKED_BELOW:
+            # s.masked_fill(t, v) with v <= -1e30: s + v rounds to v where it applies
+            a = torch.zeros(t.shape, device=t.device).masked_fill(t.to(torch.bool), arg[0])
+        else:
+            return None
+        total = a if total is None else total + a
+    return cap, total, "add", True
+
+
+def _uniform_rows_fixed(out, lse, q, k, v, tensors, counts, indices, spec):
+    """Rows whose every pair a finite additive mask masked (lse = -inf from the kernels): the
+    model's softmax over equal huge negative scores is uniform over the keys that are not
+    excluded otherwise; the reference computes that (rare: one host sync to find them)."""
+    empty = lse == -torch.inf
+    if not bool(empty.any()):
+        return out
+    keep = dispatch._keep_of(spec, counts, indices, q.shape[2], k.shape[2], q.device)
+    kinds, mods, sinks = dispatch.reference_rules(spec, tensors, k.shape[2])
+    from codegen.attention.reference import attention_reference
+    ref, _ = attention_reference(q, k, v, scale=spec.scale, mods=kinds, mod_tensors=mods,
+                                 causal=spec.causal, keep=keep, sinks=sinks, window=spec.window)
+    return torch.where(empty[..., None], ref, out)
+
+
 def triton_block_sparse(q, k, v, tensors, counts, indices, spec: SiteSpec):
     mode = kernels_mode()
     if mode == "reference":
         return None
     pol = spec.policy
-    dense_rules = pol.name == "dense" and spec.rules      # a dense site with the model's rules
+    # a dense site SDPA cannot run (the model's rules, a soft-cap, several masks): every
+    # visible block
+    dense_rules = pol.name == "dense" and (spec.rules or sdpa_args(spec, q.shape[2],
+                                                                  k.shape[2]) is None)
     if not dense_rules and (pol.attend_kind != "block" or not counts.numel()):
         return None
     mods, sinks, valid = spec.split(tensors)
-    if mods:
+    km = kernel_mods(spec, mods)
+    if km is None:
         return None
+    cap, mask, mask_kind, finite = km
     if q.device.type == "cpu" and mode != "triton":
         return None
     from runtime import triton_kernels as tk
@@ -221,6 +279,13 @@ def triton_block_sparse(q, k, v, tensors, counts, indices, spec: SiteSpec):
         counts, indices = _visible_lists(n_q, n_kv, spec.causal, spec.window, block, q.device)
         counts = counts.expand(q.shape[0], k.shape[1], -1)
         indices = indices.expand(q.shape[0], k.shape[1], -1, -1)
+    site_counts, site_indices = counts, indices
+    flags = None
+    if mask is not None:                 # blocks the mask empties leave the lists; partial
+        from codegen.block_sparse import mask_block_summary, prune_block_lists   # ones read it
+        summary = mask_block_summary(mask, mask_kind, block=block, n_q=n_q, n_kv=n_kv)
+        counts, indices, flags = prune_block_lists(counts.contiguous(), indices.contiguous(),
+                                                   summary)
     from runtime import plan
     var = None if dense_rules else plan.variant(spec, q, k)   # cost model's schedule or default
     sch = var.schedule() if var is not None and var.family == "block_sparse" else None
@@ -230,14 +295,20 @@ def triton_block_sparse(q, k, v, tensors, counts, indices, spec: SiteSpec):
                                               scale=spec.scale, causal=causal, sink=sink,
                                               window=window, schedule=sch, hopper_first=True,
                                               return_schedule=True, sinks=sinks,
-                                              kv_start=start, kv_end=end)
+                                              kv_start=start, kv_end=end, softcap=cap,
+                                              mask=mask, mask_kind=mask_kind, mask_flags=flags)
     from runtime.dispatch import fix_empty_rows
     out = fix_empty_rows(out, v, spec, valid, n_q, n_kv)
+    if finite and sinks is None:
+        out = _uniform_rows_fixed(out, lse, q, k, v, tensors, site_counts, site_indices,
+                                  _dense_variant_if(spec, dense_rules))
     tag = "wgmma" if ran.wgmma else (var.tag if sch is not None else "")
     if os.environ.get("SPARSE_PLANNER_DENSITY", "1") == "0":
         return out, None, tag
     if dense_rules:
         return out, None, tag            # every visible pair: density 1 by construction
+    if mask is not None:
+        return out, None, tag            # pairs a mask tensor allows: not counted here
     if (spec.window or valid is not None) and not (pol.name in ("sink_window", "longformer")):
         kept, allowed = _pairs_kept_rules(counts, indices, block, n_q, n_kv, spec, start, end)
     elif window:                         # token-level windows: counted by the rule, not blocks
@@ -250,6 +321,10 @@ def triton_block_sparse(q, k, v, tensors, counts, indices, spec: SiteSpec):
         kept, allowed = _pairs_kept(counts, indices, block, n_q, n_kv, causal)
     g = q.shape[1] // counts.shape[1]
     return out, (allowed.repeat_interleave(g), kept.repeat_interleave(g)), tag
+
+
+def _dense_variant_if(spec: SiteSpec, dense: bool) -> SiteSpec:
+    return spec if not dense or spec.policy.name == "dense" else dispatch._dense_variant(spec)
 
 
 def _rule_pairs_per_block(n_q: int, n_kv: int, block: int, spec: SiteSpec, start, end,
@@ -300,9 +375,13 @@ def triton_token_sparse(q, k, v, tensors, counts, indices, spec: SiteSpec):
     mode = kernels_mode()
     if mode == "reference" or spec.policy.attend_kind != "token" or not indices.numel():
         return None
-    if spec.mods or spec.window or (q.device.type == "cpu" and mode != "triton"):
+    if spec.window or (q.device.type == "cpu" and mode != "triton"):
         return None
-    _, sinks, valid = spec.split(tensors)
+    mods, sinks, valid = spec.split(tensors)
+    km = kernel_mods(spec, mods)
+    if km is None:
+        return None
+    cap, mask, mask_kind, finite = km
     start = end = None
     if valid is not None:
         ranges = _batch_ranges(valid, k.shape[2], q.shape[0])
@@ -317,15 +396,18 @@ def triton_token_sparse(q, k, v, tensors, counts, indices, spec: SiteSpec):
     per_sm = var.per_sm if var is not None and var.family == "token_sparse_decode" else None
     tag = var.tag if per_sm is not None else ""
     out, lse = tk.token_sparse_attention(q, k, v, indices, scale=spec.scale, split_per_sm=per_sm,
-                                         sinks=sinks, kv_start=start, kv_end=end)
+                                         sinks=sinks, kv_start=start, kv_end=end, softcap=cap,
+                                         mask=mask, mask_kind=mask_kind)
     from runtime.dispatch import fix_empty_rows
     out = fix_empty_rows(out, v, spec, valid, q.shape[2], k.shape[2])
-    if (q.requires_grad or k.requires_grad or v.requires_grad) and not spec.rules:
+    if finite and sinks is None:
+        out = _uniform_rows_fixed(out, lse, q, k, v, tensors, counts, indices, spec)
+    if (q.requires_grad or k.requires_grad or v.requires_grad) and not spec.rules and not spec.mods:
         remember_lse(out, lse)                    # the backward starts from it (no re-run)
     if os.environ.get("SPARSE_PLANNER_DENSITY", "1") == "0":
         return out, None, tag
-    if valid is not None:
-        return out, None, tag                     # per-row lengths: not counted here
+    if valid is not None or mask is not None:
+        return out, None, tag                     # per-row lengths, mask tensors: not counted
     visible = float(visible_keys(spec.causal, q.shape[2], k.shape[2]).sum())
     kept = (indices >= 0).sum(dim=(0, 2, 3)).to(torch.float64)          # per list head
     kept = kept.repeat_interleave(q.shape[1] // indices.shape[1])
