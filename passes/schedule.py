@@ -70,6 +70,9 @@ def plan_schedule(gm: fx.GraphModule, ctx) -> fx.GraphModule:
         static = not any(isinstance(x, torch.SymInt) for x in (vq.shape[2], vk.shape[2]))
         b, hq, nq, d = (_hint(x) for x in vq.shape)
         hkv, nkv = _hint(vk.shape[1]), _hint(vk.shape[2])
+        if min(b, hq, nq, nkv, d) == 0:
+            rec.schedule = "empty (no work at the captured shape)"
+            continue
         prof = cm.profile_for(vq.device)
         pol = spec.policy
         rho = cm.expected_density(pol, nq, nkv)

@@ -9,10 +9,10 @@ from planner.policy import (BlockTopK, Dense, Policy, PolicyMap, PRESETS, SinkWi
                             as_policy_map, policy)
 from planner.report import Report, Site
 from planner.backend import Backend, backend, register as _register_backend
-from planner.api import compile, inspect
+from planner.api import compile, inspect, set_defaults
 
 _register_backend()
 
-__all__ = ["compile", "inspect", "backend", "policy", "Policy", "PolicyMap", "Dense",
+__all__ = ["compile", "inspect", "set_defaults", "backend", "policy", "Policy", "PolicyMap", "Dense",
            "SinkWindow", "BlockTopK", "PRESETS", "Report", "Site", "Backend", "as_policy_map"]
 __version__ = "0.1.0"

@@ -55,14 +55,18 @@ def _site_lines(rep, site: str, width: int = 96) -> list:
 
 
 def demo_policies(args) -> dict:
-    """Label -> policy of the demo's rows (every one through ``planner.compile``)."""
+    """Label -> (policy, cost model) of the demo's rows (every one through
+    ``planner.compile``): the policies followed as given (``cost_model="off"``), then the
+    default, where the cost model runs a site densely when the sparse path would be slower."""
     import planner
+    bt = planner.policy("block_topk", block=64, topk=args.topk)
     return {
-        "dense": planner.policy("dense"),
-        "block_topk": planner.policy("block_topk", block=64, topk=args.topk),
-        "sink_window": planner.policy("sink_window", sink=64, window=args.window),
-        "dsa (untrained)": planner.policy("dsa", topk=args.dsa_topk, index_heads=4,
-                                          index_dim=32),
+        "dense": (planner.policy("dense"), "off"),
+        "block_topk": (bt, "off"),
+        "sink_window": (planner.policy("sink_window", sink=64, window=args.window), "off"),
+        "dsa (untrained)": (planner.policy("dsa", topk=args.dsa_topk, index_heads=4,
+                                           index_dim=32), "off"),
+        "block_topk (auto)": (bt, "auto"),
     }
 
 
@@ -87,9 +91,9 @@ def demo(args) -> int:
     with torch.no_grad():
         ref = model(ids)                                                     # [1, N, 256]
         t_ref = _best_ms(lambda: model(ids), args.reps)
-        for label, pol in demo_policies(args).items():
+        for label, (pol, cost) in demo_policies(args).items():
             t0 = time.perf_counter()
-            cm = planner.compile(model, policy=pol)
+            cm = planner.compile(model, policy=pol, cost_model=cost)
             out = cm(ids)                                                    # capture + rewrite
             t_first = time.perf_counter() - t0
             t = _best_ms(lambda: cm(ids), args.reps)
@@ -112,9 +116,12 @@ def demo(args) -> int:
     print(f"\ndensity: kept / causal pairs (mean over sites). max|dlogit|: largest logit "
           f"difference to the\noriginal model (dense: the identity check; random weights, so "
           f"sparse rows differ).\nargmax=: positions with the same top token. CPU ms: best of "
-          f"{calls} on this CPU through the\nkernel in the last column (on a CPU the PyTorch "
-          f"reference: correctness, not speed; the GPU\nspeed-ups are in README.md \"Measured\"). "
-          f"1st call s: capture, rewrite and first run.")
+          f"{calls} on this CPU through the\nkernel in the last column (cpu_gather: SDPA for "
+          f"dense sites, only the kept blocks for\nsparse ones; the GPU speed-ups are in "
+          f"README.md \"Measured\"). 1st call s: capture, rewrite\nand first run. The first "
+          f"rows follow each policy as given (cost_model=\"off\"); \"(auto)\"\nis "
+          f"planner.compile's default, whose cost model runs a site densely where its sparse\n"
+          f"path would be slower (on 2 CPU cores: above ~10% density, so at this length).")
     if first is not None:
         rep, site = first
         print(f"\nsite {site.name} ({site.pattern}) under block_topk, as rewritten:")

@@ -16,14 +16,14 @@ _ATTR = "_planner_backend"
 
 
 def compile(model: Any, policy: PolicyLike = None, *, dynamic: bool | None = None,
-            verify: bool = True, cost_model: str = "auto") -> Any:
+            verify: bool = True, cost_model: str | None = None) -> Any:
     """Capture ``model`` with Dynamo and rewrite every attention site with ``policy``.
 
     ``policy`` is a preset name (``"dense"``, ``"block_topk"``, ...), a Policy from
     ``planner.policy(...)``, or a per-layer map ``{"model.layers.0.*": "dense", "*": "block_topk"}``
-    (first matching glob wins). ``cost_model="auto"`` lets the planner run a site densely at
-    call shapes where its cost model estimates dense to be faster (on devices with sparse
-    kernels; on the CPU the reference kernels always follow the policy); ``"off"`` always
+    (first matching glob wins). ``cost_model="auto"`` (the default, see ``set_defaults``) lets the
+    planner run a site densely at call shapes where its cost model estimates dense to be faster
+    (on a GPU or a CPU: the compiled model is not slower than the original); ``"off"`` always
     follows the policy. Returns an object with the same call signature and outputs;
     for an ``nn.Module`` it is a shallow copy sharing the parameters, whose ``forward`` is
     compiled (so ``generate()`` and other methods that call ``self(...)`` go through it).
@@ -58,6 +58,25 @@ def compile(model: Any, policy: PolicyLike = None, *, dynamic: bool | None = Non
         setattr(fn, _ATTR, be)
         return fn
     raise TypeError(f"planner.compile expects an nn.Module or a callable, got {type(model).__name__}")
+
+
+DEFAULTS = {"cost_model": "auto"}
+
+
+def set_defaults(*, cost_model: str | None = None) -> dict:
+    """Change what ``planner.compile`` / ``planner.backend`` use when an argument is not given
+    (process-wide); returns the previous defaults. ``cost_model="off"`` suits runs that study a
+    policy's effect at any length (quality measurements, tests of the policies' semantics).
+
+    >>> import planner
+    >>> prev = planner.set_defaults(cost_model="off"); _ = planner.set_defaults(**prev)
+    """
+    prev = dict(DEFAULTS)
+    if cost_model is not None:
+        if cost_model not in ("auto", "off"):
+            raise ValueError(f"cost_model must be 'auto' or 'off', got {cost_model!r}")
+        DEFAULTS["cost_model"] = cost_model
+    return prev
 
 
 @functools.lru_cache(maxsize=1)

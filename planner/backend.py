@@ -33,7 +33,11 @@ _IDS = itertools.count()
 class Backend:
     """Callable ``(gm, example_inputs) -> callable`` for Dynamo, holding what it compiled."""
 
-    def __init__(self, policy: PolicyLike = None, *, verify: bool = True, cost_model: str = "auto"):
+    def __init__(self, policy: PolicyLike = None, *, verify: bool = True,
+                 cost_model: Optional[str] = None):
+        if cost_model is None:
+            from planner.api import DEFAULTS
+            cost_model = DEFAULTS["cost_model"]
         if cost_model not in ("auto", "off"):
             raise ValueError(f"cost_model must be 'auto' or 'off', got {cost_model!r}")
         kernels_mode()                     # a bad SPARSE_PLANNER_KERNELS fails here, not mid-call

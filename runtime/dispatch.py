@@ -182,7 +182,7 @@ def attend(q, k, v, mod_tensors, counts, indices, spec: SiteSpec) -> torch.Tenso
             stats.record(spec.stats_key, q=q, k=k, v=v, kernel=name + sched + tag,
                          allowed=dens[0] if dens else None, kept=dens[1] if dens else None,
                          rules=_rules_note(spec, mod_tensors))
-            return out
+            return out.contiguous()            # the op's declared layout (its fake impl's)
     keep = _keep_of(spec, counts, indices, q.shape[2], k.shape[2], q.device)
     st = {} if _want_density() else None
     mods, tensors, sinks = reference_rules(spec, mod_tensors, k.shape[2])

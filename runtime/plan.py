@@ -21,9 +21,9 @@ def _choose(key: str, n_q: int, n_kv: int, device: str, policy, shapes: tuple,
     candidate is the cost model's cheapest schedule variant of the policy's kernel family."""
     from planner import costmodel as cm
     prof = cm.profile_for(device)
-    if policy.name == "dense" or not prof.sparse_kernels:
-        return ("policy", None, None, None)
     b, hq, hkv, d = shapes
+    if policy.name == "dense" or not prof.sparse_kernels or min(n_q, n_kv, b, hq, d) == 0:
+        return ("policy", None, None, None)
     if policy.attend_kind == "token":
         # a token list covering every visible key is dense attention, exactly; longer
         # contexts follow the policy (its selection is learned, not a cost trade-off). Few

@@ -431,6 +431,8 @@ def take_lse(out: torch.Tensor) -> Optional[torch.Tensor]:
 
 
 def register_all() -> None:
+    from runtime import cpu_attend
     dispatch.register_attend("sdpa_dense", sdpa_dense)
     dispatch.register_attend("triton_block_sparse", triton_block_sparse)
     dispatch.register_attend("triton_token_sparse", triton_token_sparse)
+    dispatch.register_attend(cpu_attend.NAME, cpu_attend.provider)     # CPU: SDPA / gather

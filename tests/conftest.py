@@ -12,6 +12,13 @@ import torch  # noqa: E402
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+# The tests check what each policy computes, at lengths where the cost model (which runs a site
+# densely wherever that is faster, on the CPU too) would run every site densely; its choices are
+# tested with an explicit cost_model="auto" (tests/test_costmodel.py, test_never_slower.py).
+import planner  # noqa: E402
+
+planner.set_defaults(cost_model="off")
+
 
 @pytest.fixture(autouse=True)
 def _seed(request):

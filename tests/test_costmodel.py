@@ -35,14 +35,25 @@ def test_crossover_exists_for_low_density_and_not_for_full():
     assert cm.crossover(H100, Hq=16, Hkv=16, D=128, rho_of_n=1.0) is None
 
 
-def test_cpu_profile_always_follows_the_policy():
-    assert cm.profile_for("cpu").sparse_kernels is False
-    f = planner.compile(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True),
-                        policy=planner.policy("block_topk", block=16, topk=1))
-    q = torch.randn(1, 2, 64, 16)
-    f(q, q, q)
+def test_cpu_profile_plans_dense_where_the_gather_is_slower():
+    """On 2 CPU cores the gathered blocks cost ~9x SDPA per kept pair: at short lengths the
+    cost model runs a block_topk site densely (exactly), cost_model="off" follows the policy."""
+    assert cm.profile_for("cpu").sparse_kernels is True
+    attn = lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True)  # noqa: E731
+    q = torch.randn(1, 2, 256, 16)
+    pol = planner.policy("block_topk", block=16, topk=1)
+    f = planner.compile(attn, policy=pol, cost_model="auto")
+    assert (f(q, q, q) - attn(q, q, q)).abs().max() < 1e-5
     s = planner.inspect(f).sites[0]
-    assert s.density < 1 and "reference kernels" in s.schedule
+    assert s.density in (None, 1.0) and "dense" in s.schedule, s     # planned as SDPA
+    g = planner.compile(attn, policy=pol, cost_model="off")
+    g(q, q, q)
+    assert planner.inspect(g).sites[0].density < 1
+    d_long = cm.estimate("block_sparse", cm.profile_for("cpu"), B=1, Hq=8, Hkv=8, Nq=1 << 15,
+                         Nkv=1 << 15, D=64, rho=0.05, block=64)
+    d_dense = cm.estimate("dense_sdpa", cm.profile_for("cpu"), B=1, Hq=8, Hkv=8, Nq=1 << 15,
+                          Nkv=1 << 15, D=64, rho=1.0, block=64)
+    assert d_long < d_dense                 # long and sparse enough: the gather wins
 
 
 def test_static_shape_below_crossover_is_planned_as_sdpa(monkeypatch):
@@ -54,7 +65,8 @@ def test_static_shape_below_crossover_is_planned_as_sdpa(monkeypatch):
         s = q @ k.transpose(-2, -1) * 0.25
         s = s.masked_fill(m, float("-inf"))
         return torch.softmax(s, -1) @ v
-    f = planner.compile(attn, policy=planner.policy("block_topk", block=16, topk=1))
+    f = planner.compile(attn, cost_model="auto",
+                        policy=planner.policy("block_topk", block=16, topk=1))
     q, k, v = (torch.randn(1, 2, 96, 16) for _ in range(3))
     m = torch.ones(96, 96, dtype=torch.bool).triu(1)
     assert (f(q, k, v, m) - attn(q, k, v, m)).abs().max() < 1e-5
@@ -72,7 +84,7 @@ def test_runtime_picks_dense_below_the_crossover(monkeypatch):
     plan._choose.cache_clear()
     pol = planner.policy("block_topk", block=16, topk=1)
     f = planner.compile(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True),
-                        policy=pol, dynamic=True)
+                        cost_model="auto", policy=pol, dynamic=True)
     q, k, v = (torch.randn(1, 2, 128, 16) for _ in range(3))
     out = f(q, k, v)
     ref = F.scaled_dot_product_attention(q, k, v, is_causal=True)
@@ -238,7 +250,7 @@ def test_runtime_launches_the_schedule_the_cost_model_picked(monkeypatch):
     monkeypatch.setattr(tk, "block_sparse_attention", spy)
     pol = planner.policy("block_topk", block=64, topk=1)
     f = planner.compile(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True),
-                        policy=pol, dynamic=True)
+                        cost_model="auto", policy=pol, dynamic=True)
     torch.manual_seed(1)
     q, k, v = (torch.randn(1, 2, 200, 16, dtype=torch.float16) for _ in range(3))
     out = f(q, k, v)

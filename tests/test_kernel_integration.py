@@ -43,14 +43,30 @@ def test_compiled_site_runs_triton_kernel_and_matches_reference(pol, monkeypatch
     assert site.density_per_head == pytest.approx(ref_site.density_per_head)
 
 
-def test_masks_the_kernel_cannot_apply_fall_back_to_reference(monkeypatch):
+def test_a_mask_tensor_runs_in_the_kernel_and_one_it_cannot_apply_falls_back(monkeypatch):
+    """A boolean mask tensor is read by the block-sparse kernel (same output as the reference);
+    a soft-cap applied after a mask (no kernel composes them that way) runs the reference."""
     monkeypatch.setenv("SPARSE_PLANNER_KERNELS", "triton")
 
     def attn(q, k, v, m):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=m)
     q = torch.randn(1, 2, 40, 16, device=DEV)
     m = torch.rand(1, 1, 40, 40, device=DEV) > 0.3
-    f = planner.compile(attn, policy=planner.policy("block_topk", block=16, topk=1),
-                        cost_model="off")
-    f(q, q, q, m)
-    assert planner.inspect(f).sites[0].kernel == "reference (the site's mask tensors need the reference)"
+    m[..., 0] = True
+    pol = planner.policy("block_topk", block=16, topk=1)
+    f = planner.compile(attn, policy=pol, cost_model="off")
+    out = f(q, q, q, m)
+    assert planner.inspect(f).sites[0].kernel == "triton_block_sparse"
+    monkeypatch.setenv("SPARSE_PLANNER_KERNELS", "reference")
+    g = planner.compile(attn, policy=pol, cost_model="off")
+    assert (g(q, q, q, m) - out).abs().max().item() < 1e-5
+
+    monkeypatch.setenv("SPARSE_PLANNER_KERNELS", "triton")
+
+    def capped_after_mask(q, k, v, bias):
+        s = q @ k.transpose(-2, -1) * 0.25 + bias
+        s = torch.tanh(s / 10.0) * 10.0
+        return torch.softmax(s, -1) @ v
+    h = planner.compile(capped_after_mask, policy=pol, cost_model="off")
+    h(q, q, q, torch.randn(1, 1, 40, 40, device=DEV))
+    assert planner.inspect(h).sites[0].kernel.startswith("reference")

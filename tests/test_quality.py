@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import planner
-from planner.quality import cpu_attend, harness, report
+from planner.quality import harness, report
+from runtime import cpu_attend
 from planner.quality.policies import PolicySpec, causal_density
 from planner.quality.tasks import TASKS, make_sample
 from planner.quality.text import ByteCodec
@@ -124,14 +125,14 @@ def test_fast_cpu_attend_matches_reference(impl, pol):
     x = torch.randint(0, 128, (2, 150))
     am = torch.ones(2, 150, dtype=torch.long)
     am[1, :7] = 0                                                   # left padding: a mask tensor
-    cm = planner.compile(m, policy=pol)
+    cm = planner.compile(m, policy=pol, cost_model="off")
     with torch.no_grad():
         for kw in ({}, {"attention_mask": am}):
-            ref = cm(x, **kw).logits
+            with cpu_attend.enabled(False):
+                ref = cm(x, **kw).logits
             d_ref = [s.density for s in planner.inspect(cm).sites]
             served = cpu_attend.COUNTS["served"]
-            with cpu_attend.enabled():
-                got = cm(x, **kw).logits
+            got = cm(x, **kw).logits                       # the default on a CPU
             d_got = [s.density for s in planner.inspect(cm).sites]
             assert cpu_attend.COUNTS["served"] == served + 2
             assert (got - ref).abs().max().item() <= 1e-5

@@ -27,7 +27,7 @@ def _calibrator(toy, n, **kw):
 
 def _measured(lm, pol, ids) -> float:
     """Density planner.inspect reports for ``pol`` after one prefill of ``ids`` (as a row)."""
-    from planner.quality import cpu_attend
+    from runtime import cpu_attend
     r = harness.Runner(lm, pol)
     with cpu_attend.enabled(), torch.no_grad():
         r._prefill(ids)

@@ -13,8 +13,9 @@ their full-attention layers; see ``harness``):
 
 Modules: ``policies`` (CLI policy strings, per-layer maps, matched-density solvers), ``tasks``
 (prompt generators), ``text`` (codecs, haystacks), ``harness`` (runs and scoring), ``report``
-(table, Markdown, plot), ``assets`` (model and text preparation), ``cpu_attend`` (a fast exact
-CPU ``sparse.attend`` for these runs), ``toy`` (tiny random Llama and Gemma 3 for tests), ``cli``.
+(table, Markdown, plot), ``assets`` (model and text preparation), ``rdata`` (R data reader for the
+Austen texts), ``toy`` (tiny random Llama and Gemma 3 for tests), ``cli``; the runs use
+``runtime.cpu_attend`` (a fast exact CPU ``sparse.attend``).
 
     >>> from planner.quality import PolicySpec
     >>> PolicySpec.parse("block_topk@0.1").resolve(8192)

@@ -307,7 +307,7 @@ def _attend(args) -> str:
                 f"reference; dense sites: SDPA), model in {args.dtype}")
     if args.reference_attend:
         return "fp32 reference (runtime)"
-    return ("planner.quality.cpu_attend (SDPA for dense, gathered kept blocks for block "
+    return ("runtime.cpu_attend (SDPA for dense, gathered kept blocks for block "
             "policies, SDPA under the lists' mask for token lists; same outputs and densities as "
             "the reference)")
 
@@ -345,7 +345,7 @@ def _estimate(lm, codec, hay, cfg, log, ppl_ids=()) -> int:
     """Time one prefill per (length, policy) and project the run (compile time excluded;
     calibrated policies are calibrated here, and that time is counted)."""
     import torch
-    from planner.quality import cpu_attend
+    from runtime import cpu_attend
     from planner.quality.harness import Calibrator, Runner, build_samples, _per_length
     from planner.quality.policies import PolicySpec, describe
     from planner.quality.tasks import cells

@@ -47,7 +47,7 @@ import torch
 import torch.nn.functional as F
 
 import planner
-from planner.quality import cpu_attend
+from runtime import cpu_attend
 from planner.quality.policies import (CALIBRATED, DEFAULT_POLICIES, PolicySpec, causal_density,
                                       describe)
 from planner.quality.tasks import PASSKEY_DEPTHS, TASKS, cells, make_sample, sample_seed
@@ -221,7 +221,7 @@ class EvalConfig:
     ppl_windows: Any = 1
     seed: int = 0
     answer_room: int = 16          # prompts end this many positions before the model's limit
-    fast_attend: bool = True       # serve sparse.attend on CPU with planner.quality.cpu_attend
+    fast_attend: bool = True       # serve sparse.attend on CPU with runtime.cpu_attend
     check_attend: int = 0          # >0: compare fast vs reference attend at this many tokens
     indexers: Optional[str] = None  # DSA indexer weights (examples/train_dsa_indexer.py --save)
     sliding: str = "dense"         # sliding-window layers: "dense" (own window) or "policy"

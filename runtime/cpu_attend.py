@@ -1,28 +1,28 @@
-"""A CPU implementation of ``sparse.attend`` that computes only the kept blocks.
+"""The CPU implementation of ``sparse.attend``: SDPA for dense sites, the kept blocks only for
+block policies.
 
 The runtime's reference (``codegen.attention.reference``) scores every pair and masks the
-dropped ones: correct, and on CPU as slow as dense fp32 attention written in eager PyTorch
-(SmolLM2-135M: about 45 s a 2048-token forward on 2 cores, so about 10 minutes at 8192, as
-the work grows with N^2). Quality runs need many
-forwards, so this module registers an ``attend`` provider (``runtime.dispatch.register_attend``)
-that
+dropped ones: correct, and on a CPU as slow as dense fp32 attention written in eager PyTorch.
+This provider (registered by ``runtime.providers.register_all``, tried after the GPU kernels)
 
-* serves the ``dense`` policy with ``F.scaled_dot_product_attention`` (the fused CPU kernel);
+* serves the ``dense`` policy with ``F.scaled_dot_product_attention`` (the fused CPU kernel:
+  a dense site costs what the model's own SDPA costs);
 * serves block policies by gathering, per query block, the key blocks of its list (padded to
   the longest list of a chunk of query blocks) and applying the model's masks, the causal rule
   and the policy's token-level keep (``token_keep``, e.g. sink_window's exact window) on the
-  gathered columns only;
+  gathered columns only (measured on 2 cores: about 9x SDPA's time per kept pair, so it gains
+  below about 10% density; ``planner.costmodel``'s CPU profile plans dense above that);
 * reports the same per-query-head ``(allowed, kept)`` pair counts as the reference, so
   ``planner.inspect(m).sites[i].density`` keeps its meaning.
 
 It declines (returns None, so the reference runs) what it does not compute exactly: score
-modifiers other than additive / boolean masks, mask tensors with per-KV-head layouts,
-non-CPU tensors, token-sparse policies. It is active only inside ``enabled()``.
+modifiers other than additive / boolean masks, mask tensors with per-KV-head layouts, learned
+sinks, non-CPU tensors, token-sparse policies. ``enabled(False)`` turns it off inside a block
+(``SPARSE_PLANNER_KERNELS=reference`` everywhere).
 
-    >>> import planner
-    >>> from planner.quality import cpu_attend
-    >>> with cpu_attend.enabled():              # doctest: +SKIP
-    ...     y = planner.compile(model, policy="block_topk")(x)
+    >>> from runtime import cpu_attend
+    >>> with cpu_attend.enabled(False):          # doctest: +SKIP
+    ...     y = cm(x)                             # the fp32 reference
 """
 from __future__ import annotations
 
@@ -35,39 +35,34 @@ import torch.nn.functional as F
 
 from codegen.attention.reference import visible_keys
 
-NAME = "quality_cpu_gather"
+NAME = "cpu_gather"
 MASKED_BELOW = -1e30           # same threshold as codegen.attention.reference
 #: elements of one chunk's score tensor [B, H, nb, G, block, C*block] (fp32: 4 bytes each)
 CHUNK_ELEMENTS = 48 * 2 ** 20
-#: calls served / declined while enabled (for tests and logs)
+#: calls served / declined (for tests and logs)
 COUNTS = {"served": 0, "declined": 0}
 
 _STATE = threading.local()
-_REGISTERED: list = []
 
 
 def _active() -> bool:
-    return getattr(_STATE, "depth", 0) > 0
+    """On unless turned off here or ``SPARSE_PLANNER_KERNELS`` asks for the reference or for
+    Triton (which, where it cannot run, leaves the reference with the reason shown)."""
+    from runtime.env import kernels_mode
+    return getattr(_STATE, "off", 0) == 0 and kernels_mode() == "auto"
 
 
 @contextlib.contextmanager
 def enabled(on: bool = True):
-    """Serve ``sparse.attend`` on CPU with this module inside the block (nestable)."""
-    if on:
-        _register()
-        _STATE.depth = getattr(_STATE, "depth", 0) + 1
+    """Serve ``sparse.attend`` on CPU with this module (the default) or, with ``on=False``,
+    not inside the block (nestable)."""
+    if not on:
+        _STATE.off = getattr(_STATE, "off", 0) + 1
     try:
         yield
     finally:
-        if on:
-            _STATE.depth -= 1
-
-
-def _register() -> None:
-    if not _REGISTERED:
-        from runtime import dispatch
-        dispatch.register_attend(NAME, provider)
-        _REGISTERED.append(True)
+        if not on:
+            _STATE.off -= 1
 
 
 def _block_of(spec) -> int:
@@ -150,7 +145,8 @@ def provider(q, k, v, mod_tensors, counts, indices, spec):
         return None
     spec, mod_tensors = lowered
     res = None
-    if (q.device.type == "cpu" and spec.causal in (None, "upper_left", "lower_right")
+    if (q.device.type == "cpu" and q.dtype != torch.float64    # fp64 (gradchecks): reference
+            and spec.causal in (None, "upper_left", "lower_right")
             and _mods_ok(spec, mod_tensors, q.shape[0], q.shape[1])
             and q.shape[1] % k.shape[1] == 0):
         try:

@@ -1,0 +1,188 @@
+"""Whole-model prefill speed: the original Hugging Face model against ``planner.compile(model,
+policy=...)`` with the cost model on (the default), for the default of each catalogue policy.
+
+    PYTHONPATH=. python benchmarks/model_speed.py --device cpu --out benchmarks/results
+    PYTHONPATH=. python benchmarks/model_speed.py --device cuda --out $OUT
+
+Models (random weights, Llama-architecture configs shaped like the named ones): SmolLM2-135M
+(30 layers, GQA 9/3 x 64), Llama-3-8B with 4 layers (32/8 x 128), Qwen2.5-7B with 4 layers
+(28/4 x 128). Per (model, length): the original's time, then per policy the compiled model's
+time, speed = original / compiled (>= 0.97 is the promise), the kernel each site ran (which
+says whether the cost model ran it densely) and the measured density. Times: best of ``--reps``
+calls after a warm-up (CPU: wall clock; GPU: CUDA events around the call). Rows are appended to
+``model_speed_<card>.jsonl`` as they are measured (a run cut short keeps what it measured);
+``--report`` turns that file into ``model_speed_<card>.{json,md}``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import planner  # noqa: E402
+
+MODELS = {
+    "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                         num_attention_heads=9, num_key_value_heads=3, vocab_size=49152),
+    "llama3-8b-4l": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=4,
+                         num_attention_heads=32, num_key_value_heads=8, vocab_size=128256),
+    "qwen2.5-7b-4l": dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=4,
+                          num_attention_heads=28, num_key_value_heads=4, vocab_size=152064),
+}
+# the default of each catalogue policy (planner.policy(name))
+POLICIES = ["dense", "block_topk", "threshold", "vertical_slash", "quest", "auto",
+            "sink_window", "longformer", "bigbird", "dsa"]
+
+
+def build(name: str, device, dtype):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    cfg = LlamaConfig(**MODELS[name], max_position_embeddings=1 << 17,
+                      attn_implementation="sdpa")
+    return LlamaForCausalLM(cfg).to(device, dtype).eval()
+
+
+def timed(fn, device, reps: int) -> float:
+    """Best of ``reps`` calls in ms, after one warm-up call."""
+    fn()
+    best = float("inf")
+    for _ in range(reps):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            torch.cuda.synchronize()
+            best = min(best, a.elapsed_time(b))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            best = min(best, (time.perf_counter() - t0) * 1e3)
+    return best
+
+
+def card_name(device) -> str:
+    if device.type == "cuda":
+        n = torch.cuda.get_device_name(device)
+        return "h200" if "H200" in n else "h100"
+    return "cpu"
+
+
+def run(args) -> None:
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    path = os.path.join(args.out, f"model_speed_{card_name(device)}.jsonl")
+    os.makedirs(args.out, exist_ok=True)
+    t_start = time.time()
+    import triton
+    meta = dict(card=(torch.cuda.get_device_name(device) if device.type == "cuda"
+                      else f"CPU, {torch.get_num_threads()} threads"),
+                torch=torch.__version__, triton=triton.__version__,
+                date=time.strftime("%Y-%m-%d"), dtype=str(dtype).replace("torch.", ""),
+                command="PYTHONPATH=. python benchmarks/model_speed.py " + " ".join(sys.argv[1:]))
+    with open(path, "a") as f:
+        f.write(json.dumps({"meta": meta}) + "\n")
+    for name in args.models.split(","):
+        model = build(name, device, dtype)
+        compiled = {}
+        for n in [int(x) for x in args.lengths.split(",")]:
+            if time.time() - t_start > args.budget_s:
+                print(f"time budget of {args.budget_s} s spent: stopping", flush=True)
+                return
+            ids = torch.randint(0, MODELS[name]["vocab_size"], (1, n), device=device)
+            with torch.no_grad():
+                t_orig = timed(lambda: model(ids, use_cache=False), device, args.reps)
+                ref = model(ids, use_cache=False).logits.float()
+                for pol in args.policies.split(","):
+                    if time.time() - t_start > args.budget_s:
+                        break
+                    cm = compiled.get(pol)
+                    if cm is None:
+                        cm = compiled[pol] = planner.compile(model, policy=pol)
+                    os.environ["SPARSE_PLANNER_DENSITY"] = "1"
+                    out = cm(ids, use_cache=False).logits.float()
+                    rep = planner.inspect(cm)
+                    dens = [s.density for s in rep.sites if s.density is not None]
+                    kernels = sorted({(s.kernel or "-") for s in rep.sites})
+                    os.environ["SPARSE_PLANNER_DENSITY"] = "0"
+                    t = timed(lambda: cm(ids, use_cache=False), device, args.reps)
+                    row = dict(model=name, N=n, policy=pol, original_ms=round(t_orig, 2),
+                               compiled_ms=round(t, 2), speed=round(t_orig / t, 3),
+                               density=round(sum(dens) / len(dens), 3) if dens else None,
+                               kernels=kernels,
+                               rel_err=round(((out - ref).norm() / ref.norm()).item(), 5))
+                    print(json.dumps(row), flush=True)
+                    with open(path, "a") as f:
+                        f.write(json.dumps(row) + "\n")
+        del model, compiled
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def report(path: str) -> None:
+    """``model_speed_<card>.jsonl`` -> ``.json`` (meta + rows) and ``.md`` (a table per model)."""
+    metas, rows = [], []
+    with open(path) as f:
+        for line in f:
+            d = json.loads(line)
+            (metas.append(d["meta"]) if "meta" in d else rows.append(d))
+    base = path[:-len(".jsonl")]
+    with open(base + ".json", "w") as f:
+        json.dump({"meta": metas[-1] if metas else {}, "runs": metas, "rows": rows}, f, indent=1)
+    lines = [f"# Whole-model prefill speed ({metas[-1]['card'] if metas else '?'})", ""]
+    if metas:
+        m = metas[-1]
+        lines += [f"torch {m['torch']}, triton {m['triton']}, {m['dtype']}, {m['date']}; "
+                  f"`{m['command']}`", ""]
+    lines += ["speed = original / compiled (cost model on, the default); >= 0.97 is the "
+              "promise. kernels: what the sites ran (`(cost model: dense)` = planned dense).", ""]
+    for model in dict.fromkeys(r["model"] for r in rows):
+        mr = [r for r in rows if r["model"] == model]
+        lines += [f"## {model}", "", "| N | policy | original ms | compiled ms | speed | "
+                  "density | kernels |", "|---|---|---|---|---|---|---|"]
+        for r in mr:
+            flag = "" if r["speed"] >= 0.97 else " **<0.97**"
+            lines.append(f"| {r['N']} | {r['policy']} | {r['original_ms']} | "
+                         f"{r['compiled_ms']} | {r['speed']}{flag} | {r['density']} | "
+                         f"{'; '.join(r['kernels'])} |")
+        best = {}
+        for r in mr:
+            if r["policy"] != "dense" and r["speed"] > best.get(r["N"], (0, ""))[0]:
+                best[r["N"]] = (r["speed"], r["policy"])
+        lines += ["", "best sparse policy per length: " + ", ".join(
+            f"{n}: {p} {s}x" for n, (s, p) in best.items()), ""]
+    bad = [r for r in rows if r["speed"] < 0.97]
+    lines.append(f"cells below 0.97x: {len(bad)} of {len(rows)}")
+    with open(base + ".md", "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--models", default="smollm2-135m,llama3-8b-4l,qwen2.5-7b-4l")
+    ap.add_argument("--lengths", default="1024,4096,16384,65536")
+    ap.add_argument("--policies", default=",".join(POLICIES))
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--budget-s", type=float, default=540.0,
+                    help="stop starting new measurements after this many seconds")
+    ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--report", metavar="JSONL", help="only turn a .jsonl into .json/.md")
+    args = ap.parse_args()
+    if args.report:
+        report(args.report)
+        return 0
+    run(args)
+    report(os.path.join(args.out, f"model_speed_{card_name(torch.device(args.device))}.jsonl"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
