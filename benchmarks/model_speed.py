@@ -9,7 +9,8 @@ Models (random weights, Llama-architecture configs shaped like the named ones): 
 (28/4 x 128). Per (model, length): the original's time, then per policy the compiled model's
 time, speed = original / compiled (>= 0.97 is the promise), the kernel each site ran (which
 says whether the cost model ran it densely) and the measured density. Times: best of ``--reps``
-calls after a warm-up (CPU: wall clock; GPU: CUDA events around the call). Rows are appended to
+calls after a warm-up, the original's and the compiled model's calls alternating (CPU: wall
+clock; GPU: CUDA events around the call). Rows are appended to
 ``model_speed_<card>.jsonl`` as they are measured (a run cut short keeps what it measured);
 ``--report`` turns that file into ``model_speed_<card>.{json,md}``.
 """
@@ -23,7 +24,11 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+_HERE = os.path.dirname(os.path.abspath(__file__))
+# the repository root, not this folder: transformers imports a package named ``kernels``, which
+# benchmarks/kernels.py would shadow
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
+sys.path.insert(0, os.path.dirname(_HERE))
 
 import planner  # noqa: E402
 
@@ -48,24 +53,30 @@ def build(name: str, device, dtype):
     return LlamaForCausalLM(cfg).to(device, dtype).eval()
 
 
-def timed(fn, device, reps: int) -> float:
-    """Best of ``reps`` calls in ms, after one warm-up call."""
+def _once(fn, device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        torch.cuda.synchronize()
+        return a.elapsed_time(b)
+    t0 = time.perf_counter()
     fn()
-    best = float("inf")
+    return (time.perf_counter() - t0) * 1e3
+
+
+def timed_pair(f, g, device, reps: int) -> tuple:
+    """Best of ``reps`` calls of ``f`` and of ``g`` in ms, the calls alternating (f, g, f, g,
+    ...) after one warm-up call of each, so that drift of the machine affects both alike."""
+    f()
+    g()
+    tf = tg = float("inf")
     for _ in range(reps):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            fn()
-            b.record()
-            torch.cuda.synchronize()
-            best = min(best, a.elapsed_time(b))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            best = min(best, (time.perf_counter() - t0) * 1e3)
-    return best
+        tf = min(tf, _once(f, device))
+        tg = min(tg, _once(g, device))
+    return tf, tg
 
 
 def card_name(device) -> str:
@@ -98,7 +109,6 @@ def run(args) -> None:
                 return
             ids = torch.randint(0, MODELS[name]["vocab_size"], (1, n), device=device)
             with torch.no_grad():
-                t_orig = timed(lambda: model(ids, use_cache=False), device, args.reps)
                 ref = model(ids, use_cache=False).logits.float()
                 for pol in args.policies.split(","):
                     if time.time() - t_start > args.budget_s:
@@ -112,7 +122,8 @@ def run(args) -> None:
                     dens = [s.density for s in rep.sites if s.density is not None]
                     kernels = sorted({(s.kernel or "-") for s in rep.sites})
                     os.environ["SPARSE_PLANNER_DENSITY"] = "0"
-                    t = timed(lambda: cm(ids, use_cache=False), device, args.reps)
+                    t_orig, t = timed_pair(lambda: model(ids, use_cache=False),
+                                           lambda: cm(ids, use_cache=False), device, args.reps)
                     row = dict(model=name, N=n, policy=pol, original_ms=round(t_orig, 2),
                                compiled_ms=round(t, 2), speed=round(t_orig / t, 3),
                                density=round(sum(dens) / len(dens), 3) if dens else None,

@@ -209,6 +209,27 @@ import triton.language as tl
 '''
 
 
+def extra_args_doc(spec, *, mask_at: str = "") -> str:
+    """Comment text on a kernel's extra arguments (learned sinks, key ranges, soft-cap, mask,
+    mask flags), one ``;``-led line each at a 4-space indent (empty without them); ``mask_at``
+    says where the mask is read."""
+    lines = []
+    if spec.sinks:
+        lines.append("SINKS [Hq] fp32 learned sink logits")
+    if spec.kv_ranges:
+        lines.append("KV_START, KV_END [B] int32: batch row b keeps keys KV_START[b] <= j < "
+                     "KV_END[b]")
+    if spec.softcap:
+        lines.append("cap: soft cap c * log2(e), scores s -> c * tanh(s / c) before any mask")
+    if spec.mask:
+        lines.append("MASK broadcast to [B, Hq, Nq, Nkv] by strides (smb, smh, smn, smk), "
+                     + mask_at + ("added (natural units, <= -1e30 masked)" if spec.mask == "add"
+                                  else "bool as uint8, 0 = masked"))
+    if getattr(spec, "mask_flags", False):
+        lines.append("MASK_FLAGS like KV_IDX: nonzero where the entry's key block reads MASK")
+    return "".join(";\n    # " + line for line in lines)
+
+
 def dot_code(spec, a: str, b: str) -> str:
     prec = ', input_precision="ieee"' if spec.dtype == "float32" else ""
     return f"tl.dot({a}, {b}{prec})"

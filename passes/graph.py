@@ -48,7 +48,7 @@ _FUNCTIONS: dict[Any, str] = {
     torch.ones: "full", torch.zeros: "full", torch.full: "full", torch.ones_like: "full",
     torch.zeros_like: "full", torch.full_like: "full", torch.tensor: "full",
     torch.scalar_tensor: "full", torch.empty_like: "other:empty_like",
-    F.embedding: "embedding",
+    F.embedding: "embedding", torch.diff: "diff", torch.cumsum: "cumsum",
     F.multi_head_attention_forward: "mha",
     torch._transformer_encoder_layer_fwd: "encoder_layer",
     torch._native_multi_head_attention: "native_mha",
@@ -74,6 +74,7 @@ _METHODS = {
     "__or__": "or", "__invert__": "not", "bitwise_not": "not",
     "tril": "tril", "triu": "triu",
     "new_ones": "full", "new_zeros": "full", "new_full": "full", "new_tensor": "full",
+    "diff": "diff", "cumsum": "cumsum",
 }
 
 # aten-level spellings (torch.export, or code calling torch.ops.aten.* directly)
@@ -593,6 +594,10 @@ class IndexEval:
             return _tri(x, shp[-2], shp[-1], d, lab == "triu", self.fresh)
         if lab == "getitem":
             return self._getitem(n)
+        if lab == "diff":
+            return self._diff(n)
+        if lab == "cumsum":
+            return self._cumsum(n)
         if lab in ("unsqueeze", "squeeze", "reshape", "expand"):
             return self._reshape(n)
         if lab in ("transpose", "permute"):
@@ -675,6 +680,54 @@ class IndexEval:
             d += 1
         out = _subs(IndexFn(x.axes, x.kind, x.expr), mapping)
         return IndexFn(axes, out.kind, out.expr)
+
+    def _diff(self, n: fx.Node) -> IndexFn:
+        """``torch.diff(x, dim=d, prepend=p)`` of an index expression along ``d``: x[s] - x[s-1]
+        (x[0] - p at s = 0), e.g. Hugging Face's packed-sequence detection on positions."""
+        sp = _sp()
+        x = self(n.args[0])
+        nd = len(x.axes)
+        if arg(n, 1, "n", 1) != 1 or arg(n, 4, "append") is not None or x.kind != "int":
+            raise Opaque(f"diff other than one step with a prepend ({n.format_node()})")
+        d = arg(n, 2, "dim", -1) % nd
+        s = x.axes[d]
+        pre = arg(n, 3, "prepend")
+        if s is None or pre is None:
+            raise Opaque(f"diff of a constant or without prepend ({n.format_node()})")
+        p = self(pre)
+        axes, (xa, pa) = self._bcast([x, p], nd)
+        s = axes[d]
+        first = sp.simplify(xa.expr.subs(s, 0) - pa.expr.subs(s, 0) if pa.axes[d] is not None
+                            else xa.expr.subs(s, 0) - pa.expr)
+        step = sp.simplify(xa.expr - xa.expr.subs(s, s - 1))
+        if sp.simplify(first - step) == 0:
+            out_axes = list(axes)
+            if not step.has(s):
+                out_axes[d] = None
+            return IndexFn(out_axes, "int", step)
+        return IndexFn(axes, "int", sp.Piecewise((first, sp.Eq(s, 0)), (step, True)))
+
+    def _cumsum(self, n: fx.Node) -> IndexFn:
+        """``cumsum`` along a dim the value does not vary on: value * (index + 1) (a run of
+        equal values, e.g. the zeros of ``(diff != 1).cumsum(-1)`` over consecutive positions)."""
+        sp = _sp()
+        x = self(n.args[0])
+        v = val(n)
+        d = arg(n, 1, "dim") % len(x.axes)
+        if x.axes[d] is not None:
+            raise Opaque(f"cumsum of a value that varies along the summed dim ({n.format_node()})")
+        if x.kind == "bool":
+            c = sp.Piecewise((1, x.expr), (0, True))
+        elif x.kind == "int":
+            c = x.expr
+        else:
+            raise Opaque(f"cumsum of a float mask value ({n.format_node()})")
+        c = sp.simplify(c)
+        axes = list(x.axes)
+        if c == 0:
+            return IndexFn(axes, "int", sp.Integer(0))
+        axes[d] = self.fresh()
+        return IndexFn(axes, "int", c * (axes[d] + 1))
 
     def _gather(self, n: fx.Node, x: IndexFn, idx: tuple) -> IndexFn:
         """``x[i0, i1, ...]`` with one index tensor per dim of ``x`` (advanced indexing: the

@@ -302,21 +302,27 @@ class MutationInfo:
         """Writes into ``g`` at positions ``lo <= pos < hi``."""
         return [w for w in self.group_writes(g) if lo <= self.pos[w] < hi]
 
-    def foreign_writes(self, n: fx.Node, excuse=()) -> list:
+    def foreign_writes(self, n: fx.Node) -> list:
         """Writes into ``n``'s storage that ``n``'s value does not account for: writes that are
-        neither ``n`` itself nor among its ancestors (nor in ``excuse``). Evaluating ``n`` as a
-        pure function of its inputs gives the tensor's contents at a read only if this is empty."""
-        ws = [w for w in self.group_writes(self.group(n)) if w is not n and w not in excuse]
+        neither ``n`` itself nor among its ancestors. Evaluating ``n`` as a pure function of its
+        inputs gives the tensor's contents at a read only if none lies before the read."""
+        ws = [w for w in self.group_writes(self.group(n)) if w is not n]
         if not ws:
             return []
-        anc, stack = set(), list(n.all_input_nodes)
-        while stack:
-            x = stack.pop()
-            if x in anc:
-                continue
-            anc.add(x)
-            stack.extend(x.all_input_nodes)
+        anc = _closure(n.all_input_nodes, set())
         return [w for w in ws if w not in anc]
+
+
+def _closure(starts, into: set) -> set:
+    """``into`` plus ``starts`` and every node they depend on."""
+    stack = list(starts)
+    while stack:
+        x = stack.pop()
+        if x in into:
+            continue
+        into.add(x)
+        stack.extend(x.all_input_nodes)
+    return into
 
 
 # ---------------------------------------------------------------------------- clean-up
@@ -330,13 +336,7 @@ def eliminate_dead_code(gm: fx.GraphModule) -> bool:
     live: set = set()
 
     def keep(n: fx.Node) -> None:
-        stack = [n]
-        while stack:
-            x = stack.pop()
-            if x in live:
-                continue
-            live.add(x)
-            stack.extend(x.all_input_nodes)
+        _closure([n], live)
 
     for n in g.nodes:
         if n.op in ("placeholder", "output") or (n.op == "call_function" and n.is_impure()

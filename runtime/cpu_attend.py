@@ -168,9 +168,16 @@ def provider(q, k, v, mod_tensors, counts, indices, spec):
 
 
 def _dense(q, k, v, mod_tensors, spec):
-    """SDPA with the site's masks and causal rule; kept == allowed."""
+    """SDPA with the site's masks and causal rule (density 1: every pair the model attends to;
+    ``runtime.dispatch`` records it)."""
     B, Hq, n_q, _ = q.shape
     n_kv = k.shape[2]
+    kw = {"enable_gqa": True} if Hq != k.shape[1] else {}
+    if len(spec.mods) == 1 and spec.mods[0][0] == "keep" and spec.causal is None:
+        # one boolean mask: SDPA takes it as it is (rows it empties give 0, as the reference)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=_as4d(mod_tensors[0]).bool(),
+                                             scale=spec.scale, **kw)
+        return out, None
     off = _offset(spec.causal, n_q, n_kv)
     mask, is_causal, any_keep = None, False, False
     for mod, t in zip(spec.mods, mod_tensors):
@@ -189,14 +196,12 @@ def _dense(q, k, v, mod_tensors, spec):
                                                         float("-inf"))
             mask = causal if mask is None else mask + causal
             any_keep = True
-    kw = {"enable_gqa": True} if Hq != k.shape[1] else {}
     out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask,
                                          is_causal=is_causal, scale=spec.scale, **kw)
     if any_keep:                                  # rows whose every score is -inf give 0
         dead = ~torch.isfinite(mask.amax(dim=-1, keepdim=True))
         out = out.masked_fill(dead, 0.0)
-    allowed = _allowed_per_head(spec, mod_tensors, B, Hq, n_q, n_kv)
-    return out.to(q.dtype), (allowed, allowed.clone())
+    return out.to(q.dtype), None
 
 
 def _token_lists(q, k, v, indices, spec):

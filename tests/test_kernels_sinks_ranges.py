@@ -10,11 +10,8 @@ sinks). Existing specs must render byte-identical source (``render_variants.py``
 
 On a machine without CUDA the kernels run in Triton's interpreter, in float32 and float16.
 """
-import dataclasses
 import json
 import os
-import subprocess
-import sys
 from types import SimpleNamespace
 
 import pytest
@@ -31,7 +28,7 @@ from codegen.select.reference import block_keep_fn  # noqa: E402
 from codegen.token_sparse import (token_sparse_attention_bwd_ref,  # noqa: E402
                                   token_sparse_attention_ref)
 from runtime import triton_kernels as tk  # noqa: E402
-from kernel_checks import poisoned_outputs, rel_err  # noqa: E402
+from kernel_checks import compile_for_sm90, poisoned_outputs, rel_err  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
@@ -539,28 +536,6 @@ def test_hopper_kernel_covers_neither():
         assert not tk.default_block_sparse_schedule(spec, torch.device(DEVICE), 4).wgmma
 
 
-_COMPILE = """
-import sys, triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-from codegen.emit import BlockSparseSpec, TokenSparseSpec, Schedule, emit
-from runtime.loader import load
-spec, sch = eval(sys.argv[1]), Schedule(**eval(sys.argv[2]))
-mod = load(emit(spec, sch))
-el = "*fp16"
-for name in sys.argv[3].split(","):
-    fn = getattr(mod, name)
-    types = {"Q": el, "K": el, "V": el, "O": el, "LSE": "*fp32", "KV_NUM": "*i32",
-             "KV_IDX": "*i32", "IDX": "*i32", "SINKS": "*fp32", "KV_START": "*i32",
-             "KV_END": "*i32", "qk_scale": "fp32", "PO": "*fp32", "PLSE": "*fp32"}
-    sig = {n: types.get(n, "i32") for n in fn.arg_names}
-    k = triton.compile(ASTSource(fn, sig), target=GPUTarget("cuda", 90, 128),
-                       options=dict(num_warps=sch.num_warps))
-    assert ".entry " + name in k.asm["ptx"]
-print("ok")
-"""
-
-
 @pytest.mark.parametrize("spec, sch, fns", [
     pytest.param(BlockSparseSpec(head_dim=64, v_head_dim=64, gqa_group=4, pack_gqa=True,
                                  lists_per_group=True, causal=True, dtype="float16", block=64,
@@ -588,13 +563,7 @@ def test_compiles_for_sm90(spec, sch, fns):
     """The Triton kernels with sinks and ranges compile for a GPU (offline sm_90 target, no
     GPU needed), not only run in the interpreter. In a fresh process without the
     interpreter flag."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    fields = dict(dataclasses.asdict(sch), mask_mode=sch.mask_mode.value)
-    r = subprocess.run([sys.executable, "-c", _COMPILE, repr(spec), repr(fields), fns], env=env,
-                       cwd=root, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-3000:]
+    compile_for_sm90(spec, sch, fns)
 
 
 @pytest.mark.gpu

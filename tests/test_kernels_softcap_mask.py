@@ -12,10 +12,7 @@ summary, with per-entry mask flags, must give the output of the unpruned lists.
 
 On a machine without CUDA the kernels run in Triton's interpreter, in float32 and float16.
 """
-import dataclasses
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -31,7 +28,7 @@ from codegen.emit import BlockSparseSpec, MaskMode, Schedule, TokenSparseSpec, e
 from codegen.select.reference import block_keep_fn  # noqa: E402
 from codegen.token_sparse import token_sparse_attention_ref  # noqa: E402
 from runtime import triton_kernels as tk  # noqa: E402
-from kernel_checks import poisoned_outputs, rel_err  # noqa: E402
+from kernel_checks import compile_for_sm90, poisoned_outputs, rel_err  # noqa: E402
 from test_kernels_block_sparse import random_block_lists  # noqa: E402
 from test_kernels_sinks_ranges import (block_keep, make_ranges, make_sinks,  # noqa: E402
                                        token_keep)
@@ -565,30 +562,6 @@ def test_invalid_mask_flags(flags, match):
                                   mask=mask, mask_flags=flags)
 
 
-_COMPILE = """
-import sys, triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-from codegen.emit import BlockSparseSpec, TokenSparseSpec, Schedule, emit
-from runtime.loader import load
-spec, sch = eval(sys.argv[1]), Schedule(**eval(sys.argv[2]))
-mod = load(emit(spec, sch))
-el = "*fp16"
-mask = {"add": "*bf16", "keep": "*u8"}[spec.mask]
-for name in sys.argv[3].split(","):
-    fn = getattr(mod, name)
-    types = {"Q": el, "K": el, "V": el, "O": el, "LSE": "*fp32", "KV_NUM": "*i32",
-             "KV_IDX": "*i32", "IDX": "*i32", "SINKS": "*fp32", "KV_START": "*i32",
-             "KV_END": "*i32", "qk_scale": "fp32", "PO": "*fp32", "PLSE": "*fp32",
-             "cap": "fp32", "MASK": mask, "MASK_FLAGS": "*i8", "smb": "i64"}
-    sig = {n: types.get(n, "i32") for n in fn.arg_names}
-    k = triton.compile(ASTSource(fn, sig), target=GPUTarget("cuda", 90, 128),
-                       options=dict(num_warps=sch.num_warps))
-    assert ".entry " + name in k.asm["ptx"]
-print("ok")
-"""
-
-
 @pytest.mark.parametrize("spec, sch, fns", [
     pytest.param(BlockSparseSpec(head_dim=64, v_head_dim=64, gqa_group=4, pack_gqa=True,
                                  lists_per_group=True, causal=True, dtype="float16", block=64,
@@ -610,10 +583,4 @@ print("ok")
 def test_compiles_for_sm90(spec, sch, fns):
     """The kernels with cap and mask compile for a GPU (offline sm_90 target, no GPU needed),
     in a fresh process without the interpreter flag."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    fields = dict(dataclasses.asdict(sch), mask_mode=sch.mask_mode.value)
-    r = subprocess.run([sys.executable, "-c", _COMPILE, repr(spec), repr(fields), fns], env=env,
-                       cwd=root, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-3000:]
+    compile_for_sm90(spec, sch, fns)

@@ -180,3 +180,32 @@ def test_random_index_masks_are_proved_or_kept_never_wrong(chunk):
         qkv = [torch.randn(1, 2, n, D) for _ in range(3)]
         cm = planner.compile(f, policy="dense")
         assert max_err(cm(*qkv), f(*qkv)) <= 1e-5, src
+
+
+def test_hf_without_cache_packed_sequence_mask_is_proved_causal():
+    """Hugging Face (transformers 5.x) builds a packed-sequence mask from the positions on every
+    compiled call without a cache: (diff(positions) != 1).cumsum(-1) compared at (b, q) and
+    (b, kv). From positions the graph makes itself (an arange) it is all zeros: causal."""
+    from conftest import tiny_llama
+    m = tiny_llama("sdpa")
+    ids = torch.randint(0, 128, (2, 37))
+    cm = planner.compile(m, policy="dense")
+    with torch.no_grad():
+        assert max_err(cm(ids, use_cache=False).logits, m(ids, use_cache=False).logits) <= 1e-5
+    spec = _spec(cm)
+    assert spec.causal is not None and spec.mods == (), spec
+
+
+def test_packed_sequences_from_given_positions_keep_the_mask():
+    """Positions passed in (two sequences packed in one row): the packed mask depends on the
+    input's values, so it stays a mask tensor, and the output is exact."""
+    from conftest import tiny_llama
+    m = tiny_llama("sdpa")
+    ids = torch.randint(0, 128, (1, 30))
+    pos = torch.cat([torch.arange(12), torch.arange(18)])[None]
+    cm = planner.compile(m, policy="dense")
+    with torch.no_grad():
+        ref = m(ids, position_ids=pos, use_cache=False).logits
+        assert max_err(cm(ids, position_ids=pos, use_cache=False).logits, ref) <= 1e-5
+    spec = _spec(cm)
+    assert spec.mods != () and not spec.kv_valid, spec

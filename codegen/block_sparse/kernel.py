@@ -17,7 +17,8 @@ import textwrap
 from string import Template
 
 from codegen.emit import (DTYPES, BlockSparseSpec, MaskMode, Schedule, dot_code,
-                          head_mapping_code, indent_code, next_pow2, render_template)
+                          extra_args_doc, head_mapping_code, indent_code, next_pow2,
+                          render_template)
 
 
 # The kernel's decorator and signature ($JIT: triton.jit or gluon.jit; $EXTRA: the tensors of
@@ -200,7 +201,7 @@ def render(spec: BlockSparseSpec, sch: Schedule) -> str:
         # KV_IDX [B, Hs, NQB, max_blocks]; qk_scale = softmax scale * log2(e)$EXTRA_DOC.
         # Tile (pid_m, pid_h): query tile pid_m of head program pid_h; the last (longest causal)
         # query tiles of a head go first.
-    ''', ALIGN=a, EXTRA_DOC=_extra_doc(spec))
+    ''', ALIGN=a, EXTRA_DOC=extra_args_doc(spec))
     if sch.persistent:
         head += indent_code('''
             for tile in tl.range(tl.program_id(0), n_tiles, tl.num_programs(0), flatten=True):
@@ -251,24 +252,6 @@ def render(spec: BlockSparseSpec, sch: Schedule) -> str:
         HEADS=indent_code(head_mapping_code(spec, "g"), 4).rstrip("\n"),
         DOT_QK=dot_code(spec, "q", "tl.trans(k)"), DOT_PV=dot_code(spec, f"p.to({dt})", "v"))
     return head + (textwrap.indent(body, "    ") if sch.persistent else body)
-
-
-def _extra_doc(spec: BlockSparseSpec) -> str:
-    """Comment text on the extra arguments (empty without them)."""
-    doc = ""
-    if spec.sinks:
-        doc += ";\n    # SINKS [Hq] fp32 learned sink logits"
-    if spec.kv_ranges:
-        doc += ";\n    # KV_START, KV_END [B] int32: batch row b keeps keys KV_START[b] <= j < KV_END[b]"
-    if spec.softcap:
-        doc += ";\n    # cap: soft cap c * log2(e), scores s -> c * tanh(s / c) before any mask"
-    if spec.mask:
-        doc += (";\n    # MASK broadcast to [B, Hq, Nq, Nkv] by strides (smb, smh, smn, smk), "
-                + ("added (natural units, <= -1e30 masked)" if spec.mask == "add"
-                   else "bool as uint8, 0 = masked"))
-    if spec.mask_flags:
-        doc += ";\n    # MASK_FLAGS like KV_IDX: nonzero where the entry's key block reads MASK"
-    return doc
 
 
 _SOFTMAX_STEP = '''\

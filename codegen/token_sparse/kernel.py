@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import textwrap
 
-from codegen.emit import (DTYPES, Schedule, TokenSparseSpec, dot_code, head_mapping_code,
-                          indent_code, next_pow2, render_template)
+from codegen.emit import (DTYPES, Schedule, TokenSparseSpec, dot_code, extra_args_doc,
+                          head_mapping_code, indent_code, next_pow2, render_template)
 
 
 def mask_terms(spec: TokenSparseSpec) -> dict:
@@ -62,22 +62,6 @@ def extra_args(spec: TokenSparseSpec, sinks: bool = True) -> tuple:
 def extra_signature(names: tuple, indent: int) -> str:
     """Signature text of the extra arguments ``names``: a continuation line (empty if none)."""
     return ",\n" + " " * indent + ", ".join(names) if names else ""
-
-
-def _extra_doc(spec: TokenSparseSpec) -> str:
-    """Comment text on the extra arguments of the forward (empty without them)."""
-    doc = ""
-    if spec.sinks:
-        doc += ";\n# SINKS [Hq] fp32 learned sink logits"
-    if spec.kv_ranges:
-        doc += ";\n# KV_START, KV_END [B] int32: batch row b keeps keys KV_START[b] <= j < KV_END[b]"
-    if spec.softcap:
-        doc += ";\n# cap: soft cap c * log2(e), scores s -> c * tanh(s / c) before any mask"
-    if spec.mask:
-        doc += (";\n# MASK broadcast to [B, Hq, Nq, Nkv] by strides (smb, smh, smn, smk), read at "
-                "the gathered keys: " + ("added (natural units, <= -1e30 masked)"
-                                         if spec.mask == "add" else "bool as uint8, 0 = masked"))
-    return doc.replace("\n", "\n    ")
 
 
 # Score modifiers of a step's scores s (log2 units), before the list's own masks: the soft cap
@@ -182,7 +166,7 @@ def render(spec: TokenSparseSpec, sch: Schedule) -> str:
     common = dict(mask_terms(spec), DV=spec.v_head_dim, BLOCK_N=max(sch.block_n, 16),
                   ALIGN=spec.stride_align, DT=dt,
                   EXTRA=extra_signature(extra_args(spec), 21),
-                  EXTRA_DOC=_extra_doc(spec))
+                  EXTRA_DOC=extra_args_doc(spec, mask_at='read at the gathered keys: '))
     signature = '''
     @triton.jit(do_not_specialize=["sqb", "sqh", "sqn", "skb", "skh", "skn", "svb", "svh", "svn",
                                    "sib", "sih", "sin", "Nq", "Nkv", "Hs", "Hq", "n_idx", "chunk",
