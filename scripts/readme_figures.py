@@ -471,6 +471,21 @@ FIGURES = [
             Fn("span of the compiled rows' speed at N=4096", lambda d: span(
                 [r["speed"] for r in select(d, "rows[N=4096]", many=True)
                  if not r["impl"].startswith("original")], ".2f")))),
+    # ---- model_speed_cpu
+    Figure("model_speed_cpu.json",
+           "{} to {} tokens, the default cost model on: every catalogue policy's default at "
+           "{}-{}x the original's speed (the sites run densely there), except dsa ({}-{}x: its "
+           "indexer runs)",
+           (Fn("shortest length", lambda d: min(r["N"] for r in d["rows"]), "d"),
+            Fn("longest length", lambda d: max(r["N"] for r in d["rows"]), "d"),
+            Fn("lowest speed but dsa", lambda d: min(
+                r["speed"] for r in d["rows"] if r["policy"] != "dsa"), ".2f"),
+            Fn("highest speed but dsa", lambda d: max(
+                r["speed"] for r in d["rows"] if r["policy"] != "dsa"), ".2f"),
+            Fn("lowest dsa speed", lambda d: min(
+                r["speed"] for r in d["rows"] if r["policy"] == "dsa"), ".2f"),
+            Fn("highest dsa speed", lambda d: max(
+                r["speed"] for r in d["rows"] if r["policy"] == "dsa"), ".2f"))),
 ]
 
 
