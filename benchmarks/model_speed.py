@@ -144,6 +144,11 @@ def report(path: str) -> None:
         for line in f:
             d = json.loads(line)
             (metas.append(d["meta"]) if "meta" in d else rows.append(d))
+    # a cell measured again (a later run of the same model, length and policy) replaces the
+    # earlier one, in the earlier one's place
+    key = lambda r: (r["model"], r["N"], r["policy"])  # noqa: E731
+    last = {key(r): r for r in rows}
+    rows = [last[k] for k in dict.fromkeys(key(r) for r in rows)]
     base = path[:-len(".jsonl")]
     with open(base + ".json", "w") as f:
         json.dump({"meta": metas[-1] if metas else {}, "runs": metas, "rows": rows}, f, indent=1)

@@ -140,6 +140,38 @@ def family(candidate: str) -> str:
 
 
 @dataclass(frozen=True)
+class TokenSiteRates:
+    """What a token-list site (``dsa``) costs beside dense attention: the lightning indexer with
+    its top-k, and the gather attention over the lists.
+
+    Prefill, per call: ``index_fixed_us + index_row_ns * B * Nq`` (the fused scorer + top-k
+    and the indexer projections); decode (at most ``DECODE_MAX_ROWS`` rows): ``index_key_ns``
+    per (row, cached key), the scan of every key's index score. The gather attention over
+    ``k`` listed keys costs ``gather_ps`` per (row, listed key, KV head) at D=128 (scaled by
+    D/128), and no less than its matrix work at half the peak. ``gather_dense``: the lists
+    are attended through a dense mask, every pair computed (the CPU path)."""
+
+    index_fixed_us: float
+    index_row_ns: float
+    index_key_ns: float
+    gather_ps: float
+    gather_dense: bool = False
+
+
+#: H100, ``benchmarks/results/dsa_h100.md`` (B=1, 16 heads x 128, top-2048, indexer 4 x 64):
+#: fused top-k 7.14 / 13.80 ms at N = 16384 / 65536 (a line through both: 4.9 ms + 136 ns per
+#: row), projections 1.16 ms at 65536 (18 ns per row); gather attention 2.40 / 9.63 ms with one
+#: KV head and 40.0 / 165.7 ms with 16 (72-74 ps per row, listed key and KV head); decode
+#: (B=8, cache 131072) 1.81 ms a step, about 1.7 ns per cached key.
+_TOKEN_GPU = TokenSiteRates(index_fixed_us=4900.0, index_row_ns=154.0, index_key_ns=1.7,
+                            gather_ps=73.0)
+#: 2 CPU cores: the lists become a keep mask under SDPA (``runtime.cpu_attend``), so the
+#: attention costs at least the dense one; the indexer scores every visible pair in PyTorch.
+_TOKEN_CPU = TokenSiteRates(index_fixed_us=2000.0, index_row_ns=2000.0, index_key_ns=20.0,
+                            gather_ps=0.0, gather_dense=True)
+
+
+@dataclass(frozen=True)
 class HardwareProfile:
     name: str
     peak_tflops: float          # dense bf16 matrix rate (measured GEMM)
@@ -149,6 +181,7 @@ class HardwareProfile:
     sparse_kernels: bool = True  # False: the sparse path is the fp32 reference (computes N^2)
     measured: str = ""          # where the numbers came from
     exp_ratio: float = 256.0    # matrix FLOPs one exponential costs (H100: 4096 / 16 per clock)
+    tokens: TokenSiteRates = _TOKEN_GPU    # token-list (dsa) sites beside the attention
 
     def rates(self, candidate: str) -> KernelRates:
         for name, r in self.kernels:
@@ -178,7 +211,7 @@ PROFILES: dict[str, HardwareProfile] = {
                             ("block_sparse", KernelRates(0.18, 0.3, 2000.0)),
                             ("token_sparse_decode", KernelRates(0.15, 0.3, 2000.0))),
                            sparse_kernels=True, measured="2 x86 cores, torch 2.13 (see above)",
-                           exp_ratio=16.0),
+                           exp_ratio=16.0, tokens=_TOKEN_CPU),
 }
 
 
@@ -339,14 +372,41 @@ def load_profile(name: str, results_dir: Optional[str] = None) -> HardwareProfil
         return base
     with open(path) as f:
         fit = json.load(f)["fit"]
-    return profile_from_fit(name, fit, measured=path, sparse_kernels=base.sparse_kernels)
+    return profile_from_fit(name, fit, measured=path, sparse_kernels=base.sparse_kernels,
+                            tokens=base.tokens)
 
 
-def profile_from_fit(name: str, fit: dict, measured: str = "", sparse_kernels: bool = True):
+def profile_from_fit(name: str, fit: dict, measured: str = "", sparse_kernels: bool = True,
+                     tokens: TokenSiteRates = _TOKEN_GPU):
     kernels = tuple((c, KernelRates(**r)) for c, r in fit["kernels"].items())
     return HardwareProfile(name, fit["peak_tflops"], fit["bandwidth_gbs"], int(fit["n_sm"]),
                            kernels, sparse_kernels=sparse_kernels, measured=measured,
-                           exp_ratio=float(fit.get("exp_ratio", 256.0)))
+                           exp_ratio=float(fit.get("exp_ratio", 256.0)), tokens=tokens)
+
+
+def token_site_seconds(profile: HardwareProfile, *, B: int, Hq: int, Hkv: int, Nq: int,
+                       Nkv: int, D: int, topk: int, dtype="bfloat16") -> tuple:
+    """(candidate, seconds) of one call of a token-list (``dsa``) site: the indexer and its
+    top-k plus the attention over each row's ``topk`` keys (``TokenSiteRates``). Decode calls
+    (at most ``DECODE_MAX_ROWS`` rows) take the cheapest split of the gather kernel; the
+    candidate is None for prefill (the gather kernel's default schedule)."""
+    r = profile.tokens
+    shape = dict(B=B, Hq=Hq, Hkv=Hkv, Nq=Nq, Nkv=Nkv, D=D)
+    k_sel = min(topk, Nkv)
+    if r.gather_dense:
+        cand, attend = None, estimate("dense_sdpa", profile, rho=1.0, **shape)
+    elif Nq <= DECODE_MAX_ROWS:
+        cand, attend = best(profile, "token_sparse_decode", dtype=dtype, rho=k_sel / Nkv,
+                            **shape)
+    else:
+        gather = B * Hkv * Nq * k_sel * r.gather_ps * 1e-12 * D / 128
+        matrix = 4 * B * Hq * Nq * k_sel * D / (profile.peak_tflops * 1e12 * 0.5)
+        cand, attend = None, max(gather, matrix)
+    if Nq <= DECODE_MAX_ROWS:
+        index = B * Nq * Nkv * r.index_key_ns * 1e-9
+    else:
+        index = r.index_fixed_us * 1e-6 + B * Nq * r.index_row_ns * 1e-9
+    return cand, index + attend
 
 
 _EFFS = tuple(x / 100 for x in range(10, 161, 4))   # > 1: softmax overlaps the MMAs

@@ -45,10 +45,24 @@ def select(scores, q, k, spec: SiteSpec):
     est = estimators.get(spec.policy.name)
     if est.select is None:
         return q.new_empty(0, dtype=torch.int32), q.new_empty(0, dtype=torch.int32)
-    if spec.policy.attend_kind != "token" and plan.choose(spec, q, k) == "dense":
+    if _cost_model_dense(spec, q, k):
+        if spec.policy.attend_kind == "token":
+            from runtime import dsa
+            return dsa.no_lists(q, k, spec)
         return _all_blocks(q, k, spec)
     counts, indices = est.select(scores, q, k, spec)
     return counts.to(torch.int32), indices.to(torch.int32)
+
+
+def _cost_model_dense(spec: SiteSpec, q, k) -> bool:
+    """Whether the cost model runs this call densely. A token-list site whose indexer is being
+    trained (``runtime.dsa.recording``) follows the recording's mode instead."""
+    if spec.policy.name == "dense" or plan.choose(spec, q, k) != "dense":
+        return False
+    if spec.policy.attend_kind == "token":
+        from runtime import dsa
+        return dsa.active_recorder() is None
+    return True
 
 
 def _all_blocks(q, k, spec: SiteSpec):
@@ -82,7 +96,7 @@ def _resolve(q, k, counts, indices, spec: SiteSpec):
     e = q.new_empty(0, dtype=torch.int32)
     if spec.policy.attend_kind == "token" and dsa.dense_mode():
         return _dense_variant(spec), e, e, " (dsa warm-up: dense)"
-    if spec.policy.name != "dense" and plan.choose(spec, q, k) == "dense":
+    if _cost_model_dense(spec, q, k):
         # the cost model chose dense at this shape: exact attention, reported as such
         return _dense_variant(spec), e, e, " (cost model: dense)"
     go_dense, rho = plan.dense_at_measured_density(spec, q, k, counts, estimators.block_of(spec))

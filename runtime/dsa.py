@@ -355,6 +355,16 @@ def select(scores, q: torch.Tensor, k: torch.Tensor, spec):
     return q.new_empty(0, dtype=torch.int32), idx
 
 
+def no_lists(q: torch.Tensor, k: torch.Tensor, spec):
+    """``select``'s result for a call the cost model runs densely: lists of padding only (the
+    attention ignores them), the indexer made (its parameters belong to the model) but not
+    run."""
+    bank_for(spec.owner).ensure(spec.site, q, k, spec.policy, spec.scale)
+    idx = torch.full((q.shape[0], 1, q.shape[2], spec.policy.topk), -1, dtype=torch.int32,
+                     device=q.device)
+    return q.new_empty(0, dtype=torch.int32), idx
+
+
 def topk_indices(q_i, w, k_i, topk: int, *, causal: bool, offset: int) -> torch.Tensor:
     """int32 ``[B, Nq, topk]``: each query's best ``topk`` visible keys by index score (the
     fused Triton scorer + selection where it runs, else the PyTorch reference)."""

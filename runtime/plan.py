@@ -2,10 +2,11 @@
 
 A site compiled with ``cost_model="auto"`` asks ``choose`` on every call; the answer is memoised
 per (site, Nq, Nkv, device). ``variant`` gives the kernel schedule the cost model picked for the
-sparse path (tiles, warps, stages; the split of decode lists), which the providers launch. The expected density comes from the policy's budget at this shape
-(``planner.costmodel.expected_density``); where the device has no sparse kernels (the CPU runs
-the fp32 reference, which computes every score), the policy is always followed: the reference
-*is* the policy's definition.
+sparse path (tiles, warps, stages; the split of decode lists), which the providers launch.
+Block policies are costed at the expected density of their budget at this shape
+(``planner.costmodel.expected_density``); token-list policies (``dsa``) with their indexer and
+top-k (``planner.costmodel.token_site_seconds``). Where the device has no sparse kernels, the
+policy is always followed: the reference *is* the policy's definition.
 """
 from __future__ import annotations
 
@@ -25,16 +26,16 @@ def _choose(key: str, n_q: int, n_kv: int, device: str, policy, shapes: tuple,
     if policy.name == "dense" or not prof.sparse_kernels or min(n_q, n_kv, b, hq, d) == 0:
         return ("policy", None, None, None)
     if policy.attend_kind == "token":
-        # a token list covering every visible key is dense attention, exactly; longer
-        # contexts follow the policy (its selection is learned, not a cost trade-off). Few
-        # query rows (decode): the cheapest split of the gather kernel's lists.
+        # a token list covering every visible key is dense attention, exactly. Otherwise the
+        # indexer, its top-k and the gather attention against dense attention: where dense is
+        # cheaper it runs (an indexer being trained is followed regardless: runtime.dispatch)
         if n_kv <= policy.topk:
             return ("dense", None, None, None)
-        cand = sparse = None
-        if n_q <= cm.DECODE_MAX_ROWS:
-            cand, sparse = cm.best(prof, "token_sparse_decode", dtype=dtype, B=b, Hq=hq,
-                                   Hkv=hkv, Nq=n_q, Nkv=n_kv, D=d, rho=policy.topk / n_kv)
-        return ("policy", None, sparse, cand)
+        dense = cm.estimate("dense_sdpa", prof, B=b, Hq=hq, Hkv=hkv, Nq=n_q, Nkv=n_kv, D=d,
+                            rho=1.0)
+        cand, sparse = cm.token_site_seconds(prof, B=b, Hq=hq, Hkv=hkv, Nq=n_q, Nkv=n_kv, D=d,
+                                             topk=policy.topk, dtype=dtype)
+        return ("dense" if dense <= sparse else "policy", dense, sparse, cand)
     rho = cm.expected_density(policy, n_q, n_kv)
     block = int(getattr(policy, "block", 64))
     dense = cm.estimate("dense_sdpa", prof, B=b, Hq=hq, Hkv=hkv, Nq=n_q, Nkv=n_kv, D=d, rho=1.0)

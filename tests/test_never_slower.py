@@ -63,3 +63,40 @@ def test_sparse_cpu_path_is_the_gather_not_the_reference():
     cm(q, q, q)
     site = planner.inspect(cm).sites[0]
     assert site.kernel == "cpu_gather" and site.density < 1
+
+
+def test_dsa_runs_dense_where_its_indexer_would_cost_more(gpt):
+    """A token-list site's sparse path is its indexer + top-k + the gather over the lists; on
+    the CPU the lists are attended through a mask (every pair), so dense always wins there:
+    the site runs exactly dense, its indexer is made (its parameters belong to the model) but
+    not run."""
+    from runtime import dsa
+    ids = torch.randint(0, 256, (1, 300))
+    pol = planner.policy("dsa", topk=64)
+    cm = planner.compile(gpt, policy=pol, cost_model="auto")
+    before = dsa.KEY_COUNTERS["rows"]
+    with torch.no_grad():
+        assert max_err(cm(ids), gpt(ids)) <= 1e-5
+    assert dsa.KEY_COUNTERS["rows"] == before                   # no indexer keys projected
+    assert any(k.startswith("sparse_indexers.") for k in cm.state_dict())
+    for s in planner.inspect(cm).sites:
+        assert "cost model: dense" in (s.kernel or ""), s
+    # training the indexer follows the recording, not the cost model
+    with dsa.recording("sparse") as rec, torch.no_grad():
+        cm(ids)
+    assert rec.records and all(r.indices is not None and (r.indices >= 0).any()
+                               for r in rec.records)
+
+
+def test_token_site_costs_on_the_h100_profile():
+    """The H100 numbers the token-site costs come from (benchmarks/results/dsa_h100.md): with
+    one KV head at 65536 tokens DSA measured 1.15x faster than dense (it runs), at 16384
+    0.24x, and with 16 KV heads 0.04-0.15x (dense runs)."""
+    from planner import costmodel as cm
+    prof = cm.PROFILES["h100"]
+    for n, hkv, want in [(65536, 1, "policy"), (16384, 1, "dense"), (65536, 16, "dense"),
+                         (16384, 16, "dense")]:
+        dense = cm.estimate("dense_sdpa", prof, B=1, Hq=16, Hkv=hkv, Nq=n, Nkv=n, D=128, rho=1)
+        _, sparse = cm.token_site_seconds(prof, B=1, Hq=16, Hkv=hkv, Nq=n, Nkv=n, D=128,
+                                          topk=2048)
+        assert ("dense" if dense <= sparse else "policy") == want, (n, hkv, dense, sparse)
