@@ -11,7 +11,7 @@
 4. Small named pattern functions parse each candidate exactly (scale, modifiers, GQA, layout)
    and either produce a ``Match`` or say why not. Every softmax that ends in no Match is
    reported with the reason.
-5. Masks are evaluated symbolically (``passes.graph.IndexEval``): a mask proved to be exactly
+5. Masks are evaluated symbolically (``passes.index_eval.IndexEval``): a mask proved to be exactly
    causal is dropped from the modifiers and becomes ``Match.causal``.
 
 ``PLANNER_DEBUG=match`` prints every decision; ``PLANNER_DEBUG=match:<node>`` only those about
@@ -30,8 +30,9 @@ import torch.fx as fx
 from networkx.algorithms.isomorphism import DiGraphMatcher
 
 from passes.mutation import MutationInfo, written_inputs
-from passes.graph import (IndexEval, IndexFn, Opaque, arg, const_scalar, label, module_path,
-                          runtime_scalar, sym_expr, to_bool, to_networkx, val)
+from passes.graph import (arg, const_scalar, label, module_path, runtime_scalar, sym_expr,
+                          to_networkx, val)
+from passes.index_eval import IndexEval, IndexFn, Opaque, to_bool
 
 CORE = {"matmul", "softmax", "sdpa"}
 FUSED = {"mha", "encoder_layer", "native_mha"}
