@@ -113,6 +113,18 @@ def arg(node: fx.Node, i: int, name: str, default: Any = None) -> Any:
     return node.kwargs.get(name, default)
 
 
+def rank_of(node: Any) -> Optional[int]:
+    """The number of dims of the tensor a node holds (None when no value is recorded)."""
+    v = val(node)
+    return v.dim() if v is not None else None
+
+
+def shape_of(node: Any) -> list:
+    """The shape of the tensor a node holds, as sympy expressions ([] when none is recorded)."""
+    v = val(node)
+    return [sym_expr(s) for s in v.shape] if v is not None else []
+
+
 def to_networkx(graph: fx.Graph) -> nx.DiGraph:
     """Data-flow DiGraph: one vertex per fx node (attribute ``label``), edges producer -> user."""
     g = nx.DiGraph()

@@ -30,7 +30,7 @@ def discover_attention(gm: fx.GraphModule, ctx) -> fx.GraphModule:
 
 
 def _apply_fix(em: Emitter, x: fx.Node, fix) -> fx.Node:
-    """Materialise a discovery recipe on ``x`` (see ``passes.discover.Match``)."""
+    """Materialise a discovery recipe on ``x`` (see ``passes.patterns.Match``)."""
     for step in fix:
         op = step[0]
         if op == "mul":
