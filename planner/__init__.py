@@ -9,7 +9,8 @@ from planner.policy import (BlockTopK, Dense, Policy, PolicyMap, PRESETS, SinkWi
                             as_policy_map, policy)
 from planner.report import Report, Site
 from planner.backend import Backend, backend, register as _register_backend
-from planner.api import compile, inspect, set_defaults
+from planner.defaults import set_defaults
+from planner.api import compile, inspect
 
 _register_backend()
 

@@ -20,6 +20,7 @@ from typing import Optional
 import torch.fx as fx
 
 from passes import PassContext, run_pipeline
+from planner.defaults import DEFAULTS
 from planner.policy import PolicyLike, PolicyMap, as_policy_map
 from planner.report import Report, Site, UnmatchedSoftmax, budget_note
 from runtime import stats
@@ -36,7 +37,6 @@ class Backend:
     def __init__(self, policy: PolicyLike = None, *, verify: bool = True,
                  cost_model: Optional[str] = None):
         if cost_model is None:
-            from planner.api import DEFAULTS
             cost_model = DEFAULTS["cost_model"]
         if cost_model not in ("auto", "off"):
             raise ValueError(f"cost_model must be 'auto' or 'off', got {cost_model!r}")
