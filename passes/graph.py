@@ -17,10 +17,6 @@ import torch.nn.functional as F
 
 from passes.mutation import READS_AS
 
-# Dynamo cannot trace the builtin ``torch._safe_softmax`` and breaks the graph around it, which
-# would split an attention between two graphs; keep it in the graph as one op instead.
-torch._dynamo.allow_in_graph(torch._safe_softmax)
-
 _FUNCTIONS: dict[Any, str] = {
     torch.matmul: "matmul", operator.matmul: "matmul", torch.bmm: "matmul",
     torch.softmax: "softmax", F.softmax: "softmax", torch.Tensor.softmax: "softmax",

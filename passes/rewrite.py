@@ -16,7 +16,6 @@ from typing import Optional
 import torch
 import torch.fx as fx
 
-import runtime.ops  # noqa: F401  (registers torch.ops.sparse.*)
 from passes.context import SiteRecord
 from passes.discover import discover
 from passes.graph import Emitter, val
