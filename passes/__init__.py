@@ -41,4 +41,5 @@ def run_pipeline(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     return gm
 
 
-__all__ = ["PIPELINE", "PassContext", "SiteRecord", "IRVerificationError", "register", "run_pipeline"]
+__all__ = ["PIPELINE", "PassContext", "SiteRecord", "IRVerificationError", "register",
+           "run_pipeline"]

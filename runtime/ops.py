@@ -11,6 +11,14 @@ k [B, Hkv, Nkv, D], v [B, Hkv, Nkv, Dv], out [B, Hq, Nq, Dv].
 Nothing is defined at import: ``register()`` defines the ops and registers the attend
 providers, once per process (``import planner`` calls it, through
 ``planner.backend.register``).
+
+Effects: ``score``, ``select`` and ``attend`` are pure functions of their arguments.
+``append`` mutates none of its arguments (``mutates_args=()``) but has a side effect on
+process-global state: it moves what is kept with ``past`` (quest's page summaries, the dsa
+indexer's keys; caches found by the identity of a keys tensor) to its result. Its schema says
+so: it is registered as an *ordered effectful* op (``torch.library._register_effectful_op``),
+so graph passes keep it, in order, even where its result looks unused. The caches never change
+a result: a keys tensor without them gets them computed in full.
 """
 from __future__ import annotations
 
@@ -136,7 +144,8 @@ def append(past: torch.Tensor, new: torch.Tensor, page: int) -> torch.Tensor:
     extends what is kept with ``past`` to the result: quest's page summaries (of ``page``-token
     pages; ``runtime.page_summaries``) and the dsa indexer's keys (``runtime.dsa.extend_keys``).
     As ``torch.cat``, a 1-D empty ``past`` (an empty cache) or ``new`` is skipped: the result
-    is then the other tensor, copied."""
+    is then the other tensor, copied. Declared an ordered effect (the kept state moves from
+    ``past`` to the result; see the module docstring)."""
     out = torch.cat([past, new], dim=-2)
     if out.dim() == 4:            # a skipped ``past`` has nothing kept: ``out`` gets it in full
         from runtime import dsa, page_summaries
@@ -173,7 +182,8 @@ _OPS: dict = {}     # op name -> its torch.library.CustomOpDef, filled by regist
 
 def register() -> None:
     """Define ``torch.ops.sparse.{score, select, attend, append}`` (fake impls for Dynamo and
-    export, autograd for ``attend`` and ``append``) and register the attend providers. Idempotent: later calls do nothing."""
+    export, autograd for ``attend`` and ``append``, ``append`` declared effectful) and register
+    the attend providers. Idempotent: later calls do nothing."""
     if _OPS:
         return
     providers.register_all()
@@ -184,3 +194,14 @@ def register() -> None:
         _OPS[name] = op
     _OPS["attend"].register_autograd(_attend_backward, setup_context=_attend_setup)
     _OPS["append"].register_autograd(_append_backward, setup_context=_append_setup)
+    _declare_ordered_effect(torch.ops.sparse.append.default)
+
+
+def _declare_ordered_effect(op) -> None:
+    """Mark ``op`` as having an ordered side effect (torch.library's spelling where it has one,
+    else the older one of ``torch._higher_order_ops.effects``)."""
+    if hasattr(torch.library, "_register_effectful_op") and hasattr(torch.library, "EffectType"):
+        torch.library._register_effectful_op(op, torch.library.EffectType.ORDERED)
+    else:
+        from torch._higher_order_ops import effects
+        effects._register_effectful_op(op, effects._EffectType.ORDERED)
