@@ -1,6 +1,7 @@
 """fx passes. The pipeline is written out once, here, in order."""
 from __future__ import annotations
 
+import torch
 import torch.fx as fx
 
 from passes.canonicalize import canonicalize
@@ -22,6 +23,14 @@ PIPELINE = [
 ]
 
 
+def register() -> None:
+    """What the passes need of Dynamo, for the whole process (idempotent; run by
+    ``planner.backend.register``): Dynamo cannot trace the builtin ``torch._safe_softmax`` and
+    breaks the graph around it, which would split an attention between two graphs; it is kept
+    in the graph as one op instead (labelled "softmax", ``passes.graph.label``)."""
+    torch._dynamo.allow_in_graph(torch._safe_softmax)
+
+
 def run_pipeline(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     if ctx.verify:
         ctx.mutation_baseline = snapshot(gm.graph)    # the writes every pass must keep in order
@@ -32,4 +41,5 @@ def run_pipeline(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     return gm
 
 
-__all__ = ["PIPELINE", "PassContext", "SiteRecord", "IRVerificationError", "run_pipeline"]
+__all__ = ["PIPELINE", "PassContext", "SiteRecord", "IRVerificationError", "register",
+           "run_pipeline"]

@@ -16,7 +16,6 @@ from typing import Optional
 import torch
 import torch.fx as fx
 
-import runtime.ops  # noqa: F401  (registers torch.ops.sparse.*)
 from passes.context import SiteRecord
 from passes.discover import discover
 from passes.graph import Emitter, val
@@ -30,7 +29,7 @@ def discover_attention(gm: fx.GraphModule, ctx) -> fx.GraphModule:
 
 
 def _apply_fix(em: Emitter, x: fx.Node, fix) -> fx.Node:
-    """Materialise a discovery recipe on ``x`` (see ``passes.discover.Match``)."""
+    """Materialise a discovery recipe on ``x`` (see ``passes.patterns.Match``)."""
     for step in fix:
         op = step[0]
         if op == "mul":

@@ -8,10 +8,11 @@
 from planner.policy import (BlockTopK, Dense, Policy, PolicyMap, PRESETS, SinkWindow,  # noqa: I001
                             as_policy_map, policy)
 from planner.report import Report, Site
-from planner.backend import Backend, backend, register as _register_backend
-from planner.api import compile, inspect, set_defaults
+from planner.backend import Backend, backend, register as _register
+from planner.defaults import set_defaults
+from planner.api import compile, inspect
 
-_register_backend()
+_register()     # the one place the process is set up: sparse ops, providers, Dynamo (idempotent)
 
 __all__ = ["compile", "inspect", "set_defaults", "backend", "policy", "Policy", "PolicyMap", "Dense",
            "SinkWindow", "BlockTopK", "PRESETS", "Report", "Site", "Backend", "as_policy_map"]

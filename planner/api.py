@@ -60,25 +60,6 @@ def compile(model: Any, policy: PolicyLike = None, *, dynamic: bool | None = Non
     raise TypeError(f"planner.compile expects an nn.Module or a callable, got {type(model).__name__}")
 
 
-DEFAULTS = {"cost_model": "auto"}
-
-
-def set_defaults(*, cost_model: str | None = None) -> dict:
-    """Change what ``planner.compile`` / ``planner.backend`` use when an argument is not given
-    (process-wide); returns the previous defaults. ``cost_model="off"`` suits runs that study a
-    policy's effect at any length (quality measurements, tests of the policies' semantics).
-
-    >>> import planner
-    >>> prev = planner.set_defaults(cost_model="off"); _ = planner.set_defaults(**prev)
-    """
-    prev = dict(DEFAULTS)
-    if cost_model is not None:
-        if cost_model not in ("auto", "off"):
-            raise ValueError(f"cost_model must be 'auto' or 'off', got {cost_model!r}")
-        DEFAULTS["cost_model"] = cost_model
-    return prev
-
-
 @functools.lru_cache(maxsize=1)
 def _isolation() -> dict:
     """``torch.compile`` arguments giving each compile its own Dynamo cache entries and

@@ -19,10 +19,11 @@ from typing import Optional
 
 import torch.fx as fx
 
-from passes import PassContext, run_pipeline
+from passes import PassContext, register as register_passes, run_pipeline
+from planner.defaults import DEFAULTS
 from planner.policy import PolicyLike, PolicyMap, as_policy_map
 from planner.report import Report, Site, UnmatchedSoftmax, budget_note
-from runtime import stats
+from runtime import ops, stats
 from runtime.cache import KERNELS
 from runtime.env import kernels_mode
 from runtime.spec import lookup
@@ -36,7 +37,6 @@ class Backend:
     def __init__(self, policy: PolicyLike = None, *, verify: bool = True,
                  cost_model: Optional[str] = None):
         if cost_model is None:
-            from planner.api import DEFAULTS
             cost_model = DEFAULTS["cost_model"]
         if cost_model not in ("auto", "off"):
             raise ValueError(f"cost_model must be 'auto' or 'off', got {cost_model!r}")
@@ -293,6 +293,16 @@ def backend(policy: PolicyLike = None, **kw) -> Backend:
 
 
 def register() -> None:
+    """Everything sparse-planner adds to the process, in one place; each step is idempotent.
+    ``import planner`` runs it (planner/__init__.py), so any use of the package, the
+    ``torch_dynamo_backends`` entry point included, finds it done:
+
+    - the ``sparse`` custom ops and the attend providers (``runtime.ops.register``);
+    - Dynamo keeps ``torch._safe_softmax`` in the captured graph (``passes.register``);
+    - ``torch.compile(..., backend="sparse_planner")`` (the string backend).
+    """
     from torch._dynamo import list_backends, register_backend
+    ops.register()
+    register_passes()
     if "sparse_planner" not in list_backends(exclude_tags=()):
         register_backend(sparse_planner_backend, name="sparse_planner")

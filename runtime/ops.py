@@ -7,6 +7,18 @@
 
 ``key`` names a registered ``SiteSpec`` (runtime.spec). Shapes: q [B, Hq, Nq, D],
 k [B, Hkv, Nkv, D], v [B, Hkv, Nkv, Dv], out [B, Hq, Nq, Dv].
+
+Nothing is defined at import: ``register()`` defines the ops and registers the attend
+providers, once per process (``import planner`` calls it, through
+``planner.backend.register``).
+
+Effects: ``score``, ``select`` and ``attend`` are pure functions of their arguments.
+``append`` mutates none of its arguments (``mutates_args=()``) but has a side effect on
+process-global state: it moves what is kept with ``past`` (quest's page summaries, the dsa
+indexer's keys; caches found by the identity of a keys tensor) to its result. Its schema says
+so: it is registered as an *ordered effectful* op (``torch.library._register_effectful_op``),
+so graph passes keep it, in order, even where its result looks unused. The caches never change
+a result: a keys tensor without them gets them computed in full.
 """
 from __future__ import annotations
 
@@ -18,20 +30,15 @@ from runtime import dispatch, estimators, providers
 from runtime.spec import lookup
 
 
-providers.register_all()
-
-
 def _cdiv(a, b):
     return (a + b - 1) // b
 
 
-@torch.library.custom_op("sparse::score", mutates_args=())
 def score(q: torch.Tensor, k: torch.Tensor, mods: List[torch.Tensor], key: str) -> torch.Tensor:
     return dispatch.score(q, k, mods, lookup(key))
 
 
-@score.register_fake
-def _(q, k, mods, key):
+def _score_fake(q, k, mods, key):
     spec = lookup(key)
     est = estimators.get(spec.policy.name)
     if est.score_shape is None:
@@ -39,15 +46,13 @@ def _(q, k, mods, key):
     return q.new_empty(*est.score_shape(q, k, spec), dtype=torch.float32)
 
 
-@torch.library.custom_op("sparse::select", mutates_args=())
 def select(scores: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
            key: str) -> tuple[torch.Tensor, torch.Tensor]:
     counts, indices = dispatch.select(scores, q, k, lookup(key))
     return counts.contiguous(), indices.contiguous()
 
 
-@select.register_fake
-def _(scores, q, k, key):
+def _select_fake(scores, q, k, key):
     spec = lookup(key)
     if spec.policy.attend_kind == "block":
         b = estimators.block_of(spec)
@@ -63,7 +68,6 @@ def _(scores, q, k, key):
     return e, e.clone()
 
 
-@torch.library.custom_op("sparse::attend", mutates_args=())
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mods: List[torch.Tensor],
            counts: torch.Tensor, indices: torch.Tensor, key: str) -> torch.Tensor:
     if _no_pairs(q, k):
@@ -84,8 +88,7 @@ def _empty_attend(q, k, v, spec) -> torch.Tensor:
     return q.new_zeros(q.shape[0], q.shape[1], q.shape[2], v.shape[-1])
 
 
-@attend.register_fake
-def _(q, k, v, mods, counts, indices, key):
+def _attend_fake(q, k, v, mods, counts, indices, key):
     return q.new_empty(q.shape[0], q.shape[1], q.shape[2], v.shape[-1])
 
 
@@ -129,8 +132,6 @@ def _attend_backward(ctx, grad):
     return (*grads, no_mods, None, None, None)
 
 
-attend.register_autograd(_attend_backward, setup_context=_attend_setup)
-
 
 def _skipped(t: torch.Tensor) -> bool:
     """True for what ``torch.cat`` leaves out: a 1-D empty tensor (transformers' DynamicCache
@@ -138,13 +139,13 @@ def _skipped(t: torch.Tensor) -> bool:
     return t.dim() == 1 and t.numel() == 0
 
 
-@torch.library.custom_op("sparse::append", mutates_args=())
 def append(past: torch.Tensor, new: torch.Tensor, page: int) -> torch.Tensor:
     """``torch.cat([past, new], dim=-2)`` (a KV cache growing by the step's keys), which also
     extends what is kept with ``past`` to the result: quest's page summaries (of ``page``-token
     pages; ``runtime.page_summaries``) and the dsa indexer's keys (``runtime.dsa.extend_keys``).
     As ``torch.cat``, a 1-D empty ``past`` (an empty cache) or ``new`` is skipped: the result
-    is then the other tensor, copied."""
+    is then the other tensor, copied. Declared an ordered effect (the kept state moves from
+    ``past`` to the result; see the module docstring)."""
     out = torch.cat([past, new], dim=-2)
     if out.dim() == 4:            # a skipped ``past`` has nothing kept: ``out`` gets it in full
         from runtime import dsa, page_summaries
@@ -154,8 +155,7 @@ def append(past: torch.Tensor, new: torch.Tensor, page: int) -> torch.Tensor:
     return out
 
 
-@append.register_fake
-def _(past, new, page):
+def _append_fake(past, new, page):
     return torch.cat([past, new], dim=-2)
 
 
@@ -176,4 +176,32 @@ def _append_backward(ctx, grad):
     return g_past, g_new, None
 
 
-append.register_autograd(_append_backward, setup_context=_append_setup)
+
+_OPS: dict = {}     # op name -> its torch.library.CustomOpDef, filled by register()
+
+
+def register() -> None:
+    """Define ``torch.ops.sparse.{score, select, attend, append}`` (fake impls for Dynamo and
+    export, autograd for ``attend`` and ``append``, ``append`` declared effectful) and register
+    the attend providers. Idempotent: later calls do nothing."""
+    if _OPS:
+        return
+    providers.register_all()
+    for name, fn, fake in (("score", score, _score_fake), ("select", select, _select_fake),
+                           ("attend", attend, _attend_fake), ("append", append, _append_fake)):
+        op = torch.library.custom_op(f"sparse::{name}", fn, mutates_args=())
+        op.register_fake(fake)
+        _OPS[name] = op
+    _OPS["attend"].register_autograd(_attend_backward, setup_context=_attend_setup)
+    _OPS["append"].register_autograd(_append_backward, setup_context=_append_setup)
+    _declare_ordered_effect(torch.ops.sparse.append.default)
+
+
+def _declare_ordered_effect(op) -> None:
+    """Mark ``op`` as having an ordered side effect (torch.library's spelling where it has one,
+    else the older one of ``torch._higher_order_ops.effects``)."""
+    if hasattr(torch.library, "_register_effectful_op") and hasattr(torch.library, "EffectType"):
+        torch.library._register_effectful_op(op, torch.library.EffectType.ORDERED)
+    else:
+        from torch._higher_order_ops import effects
+        effects._register_effectful_op(op, effects._EffectType.ORDERED)
