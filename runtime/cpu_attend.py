@@ -73,7 +73,7 @@ def _block_of(spec) -> int:
 def _token_keep(spec, n_q: int, n_kv: int, device):
     """The policy's token-level keep ``keep(r0, r1) -> bool [b, h, rows, Nkv]``, or None."""
     from runtime import estimators
-    tok = estimators.get(spec.policy.name).token_keep
+    tok = estimators.get(spec.policy).token_keep
     return None if tok is None else tok(spec, n_q, n_kv, device)
 
 

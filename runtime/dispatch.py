@@ -33,7 +33,7 @@ def register_attend(name: str, provider: Provider) -> None:
 
 
 def score(q, k, mod_tensors, spec: SiteSpec) -> torch.Tensor:
-    est = estimators.get(spec.policy.name)
+    est = estimators.get(spec.policy)
     if est.score_shape is not None and plan.choose(spec, q, k) == "dense":
         return q.new_zeros(est.score_shape(q, k, spec), dtype=torch.float32)
     if est.score is None:
@@ -42,7 +42,7 @@ def score(q, k, mod_tensors, spec: SiteSpec) -> torch.Tensor:
 
 
 def select(scores, q, k, spec: SiteSpec):
-    est = estimators.get(spec.policy.name)
+    est = estimators.get(spec.policy)
     if est.select is None:
         return q.new_empty(0, dtype=torch.int32), q.new_empty(0, dtype=torch.int32)
     if _cost_model_dense(spec, q, k):
@@ -70,7 +70,7 @@ def _all_blocks(q, k, spec: SiteSpec):
     model runs densely: attend ignores them and computes every pair."""
     b = estimators.block_of(spec)
     nqb, width = -(-q.shape[2] // b), -(-k.shape[2] // b)
-    w = estimators.get(spec.policy.name).select_width
+    w = estimators.get(spec.policy).select_width
     if w is not None:
         width = w(q, k, spec)
     counts = torch.zeros((q.shape[0], k.shape[1], nqb), dtype=torch.int32, device=q.device)
@@ -115,7 +115,7 @@ def _keep_of(spec: SiteSpec, counts, indices, n_q: int, n_kv: int, device):
     if pol.attend_kind != "block" or not counts.numel():
         return None
     blk_keep = block_keep_fn(counts, indices, estimators.block_of(spec), n_kv)
-    tok = estimators.get(pol.name).token_keep
+    tok = estimators.get(pol).token_keep
     if tok is None:
         return blk_keep
     tok_keep = tok(spec, n_q, n_kv, device)

@@ -265,7 +265,7 @@ def triton_block_sparse(q, k, v, tensors, counts, indices, spec: SiteSpec):
     rule = _token_window(spec)
     if rule is None or (rule[1] and not causal):
         return None                      # the kernel's window is one-sided (causal)
-    if estimators.get(pol.name).token_keep is not None and pol.name not in ("sink_window",
+    if estimators.get(pol).token_keep is not None and pol.name not in ("sink_window",
                                                                             "longformer"):
         return None
     sink, window = rule
