@@ -8,7 +8,8 @@ from typing import Any, Callable
 
 import torch
 
-from planner.backend import RECOMPILES_PER_COMPILE, Backend, compiles_made, note_compile
+from planner.backend import (DEFAULTS, RECOMPILES_PER_COMPILE, Backend, compiles_made,
+                             note_compile)
 from planner.policy import PolicyLike
 from planner.report import Report
 
@@ -58,9 +59,6 @@ def compile(model: Any, policy: PolicyLike = None, *, dynamic: bool | None = Non
         setattr(fn, _ATTR, be)
         return fn
     raise TypeError(f"planner.compile expects an nn.Module or a callable, got {type(model).__name__}")
-
-
-DEFAULTS = {"cost_model": "auto"}
 
 
 def set_defaults(*, cost_model: str | None = None) -> dict:

@@ -29,6 +29,10 @@ from runtime.spec import lookup
 
 _IDS = itertools.count()
 
+#: what planner.compile / planner.backend use where an argument is not given
+#: (``planner.set_defaults``)
+DEFAULTS = {"cost_model": "auto"}
+
 
 class Backend:
     """Callable ``(gm, example_inputs) -> callable`` for Dynamo, holding what it compiled."""
@@ -36,7 +40,6 @@ class Backend:
     def __init__(self, policy: PolicyLike = None, *, verify: bool = True,
                  cost_model: Optional[str] = None):
         if cost_model is None:
-            from planner.api import DEFAULTS
             cost_model = DEFAULTS["cost_model"]
         if cost_model not in ("auto", "off"):
             raise ValueError(f"cost_model must be 'auto' or 'off', got {cost_model!r}")
@@ -52,7 +55,7 @@ class Backend:
         self._lock = threading.Lock()
         self._warned_dropout = False
         self.indexers = None               # IndexerBank of the trainable (dsa) sites
-        if any(pol.name == "dsa" for _, pol in self.policies.rules):
+        if any(pol.attend_kind == "token" for _, pol in self.policies.rules):   # indexers
             from runtime.dsa import IndexerBank, register_bank
             self.indexers = IndexerBank()
             register_bank(self.owner, self.indexers)
@@ -148,7 +151,7 @@ class Backend:
             if s.status != "rewritten" or s.density is None or not rec.spec_key:
                 continue
             pol = lookup(rec.spec_key).policy
-            if pol.name != "dense":
+            if not pol.is_dense:
                 sparse.append((s, pol))
         if not sparse or any(s.density < 1.0 - 1e-9 for s, _ in sparse):
             return []

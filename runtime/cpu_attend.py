@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from codegen.attention.reference import visible_keys
+from runtime.policies import SinkWindow
 
 NAME = "cpu_gather"
 MASKED_BELOW = -1e30           # same threshold as codegen.attention.reference
@@ -150,7 +151,7 @@ def provider(q, k, v, mod_tensors, counts, indices, spec):
             and _mods_ok(spec, mod_tensors, q.shape[0], q.shape[1])
             and q.shape[1] % k.shape[1] == 0):
         try:
-            if spec.policy.name == "dense":
+            if spec.policy.is_dense:
                 res = _dense(q, k, v, mod_tensors, spec)
             elif getattr(spec.policy, "attend_kind", "") == "block" and counts.numel():
                 res = _block_gather(q, k, v, mod_tensors, counts, indices, spec)
@@ -254,7 +255,7 @@ def _sink_window_at(pol, pos: torch.Tensor, kpos: torch.Tensor) -> torch.Tensor:
 
 #: token-level keep rules evaluated only at the gathered pairs (else the policy's row map over
 #: every key is built and gathered); tests check each against the policy's ``token_keep``
-_TOKEN_KEEP_AT = {"sink_window": _sink_window_at}
+_TOKEN_KEEP_AT = {SinkWindow: _sink_window_at}
 
 
 def _visible_lists(counts, indices, block: int, n_q: int, n_kv: int, causal):
@@ -293,7 +294,7 @@ def _block_gather(q, k, v, mod_tensors, counts, indices, spec):
     kf, vf = k.float(), v.float()
     if Hkv < H:
         kf, vf = kf.repeat_interleave(H // Hkv, dim=1), vf.repeat_interleave(H // Hkv, dim=1)
-    tok = None if spec.policy.name in _TOKEN_KEEP_AT else _token_keep(spec, Nq, Nkv, q.device)
+    tok = None if type(spec.policy) in _TOKEN_KEEP_AT else _token_keep(spec, Nq, Nkv, q.device)
     off = _offset(spec.causal, Nq, Nkv)
     nqb = counts.shape[2]
     qf = q.float().reshape(B, H, G, Nq, D)
@@ -337,7 +338,7 @@ def _block_gather(q, k, v, mod_tensors, counts, indices, spec):
                 s = s + tt.float()
             else:
                 ok = ok & tt.to(torch.bool)
-        fast = _TOKEN_KEEP_AT.get(spec.policy.name)
+        fast = _TOKEN_KEEP_AT.get(type(spec.policy))
         if fast is not None:
             ok = ok & fast(spec.policy, (row + off)[:, None, :, None], kpos[:, :, :, None, None, :])
         elif tok is not None:

@@ -57,7 +57,7 @@ def select(scores, q, k, spec: SiteSpec):
 def _cost_model_dense(spec: SiteSpec, q, k) -> bool:
     """Whether the cost model runs this call densely. A token-list site whose indexer is being
     trained (``runtime.dsa.recording``) follows the recording's mode instead."""
-    if spec.policy.name == "dense" or plan.choose(spec, q, k) != "dense":
+    if spec.policy.is_dense or plan.choose(spec, q, k) != "dense":
         return False
     if spec.policy.attend_kind == "token":
         from runtime import dsa
@@ -80,7 +80,7 @@ def _all_blocks(q, k, spec: SiteSpec):
 
 @functools.lru_cache(maxsize=1024)
 def _dense_variant(spec: SiteSpec) -> SiteSpec:
-    from planner.policy import Dense
+    from runtime.policies import Dense
     return dataclasses.replace(spec, policy=Dense())
 
 
@@ -190,7 +190,7 @@ def attend(q, k, v, mod_tensors, counts, indices, spec: SiteSpec) -> torch.Tenso
         res = provider(q, k, v, mod_tensors, counts, indices, spec)
         if res is not None:
             out, dens, *sched = res
-            if dens is None and spec.policy.name == "dense":
+            if dens is None and spec.policy.is_dense:
                 dens = ([1.0] * q.shape[1], [1.0] * q.shape[1])
             sched = f"[{sched[0]}]" if sched and sched[0] else ""
             stats.record(spec.stats_key, q=q, k=k, v=v, kernel=name + sched + tag,
@@ -204,7 +204,7 @@ def attend(q, k, v, mod_tensors, counts, indices, spec: SiteSpec) -> torch.Tenso
                                  causal=spec.causal, keep=keep, stats=st, sinks=sinks,
                                  window=spec.window)
     out = fix_empty_rows(out, v, spec, spec.split(mod_tensors)[2], q.shape[2], k.shape[2])
-    if spec.mods and spec.policy.name != "dense" and estimators.kernels_take(q):
+    if spec.mods and not spec.policy.is_dense and estimators.kernels_take(q):
         # kernels were there but apply rule masks only (causal, window): say why they did not run
         tag += f" (the site's {'mask tensors' if mod_tensors else 'score modifiers'} need the reference)"
     elif why := kernels_unavailable_reason(q.device):     # kernels asked for where none can run
@@ -238,7 +238,7 @@ def attend_differentiable(q, k, v, mod_tensors, counts, indices, spec: SiteSpec)
     with their backward for token lists, else the fp32 reference."""
     spec, counts, indices, _ = _resolve(q, k, counts, indices, spec)
     pol = spec.policy
-    if pol.name == "dense" and q.device.type == "cuda":
+    if pol.is_dense and q.device.type == "cuda":
         from runtime.providers import sdpa_args
         how = sdpa_args(spec, q.shape[2], k.shape[2])
         if how is not None:
