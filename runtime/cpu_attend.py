@@ -11,7 +11,7 @@ This provider (registered by ``runtime.providers.register_all``, tried after the
   the longest list of a chunk of query blocks) and applying the model's masks, the causal rule
   and the policy's token-level keep (``token_keep``, e.g. sink_window's exact window) on the
   gathered columns only (measured on 2 cores: about 9x SDPA's time per kept pair, so it gains
-  below about 10% density; ``planner.costmodel``'s CPU profile plans dense above that);
+  below about 10% density; ``runtime.costmodel``'s CPU profile plans dense above that);
 * reports the same per-query-head ``(allowed, kept)`` pair counts as the reference, so
   ``planner.inspect(m).sites[i].density`` keeps its meaning.
 
