@@ -55,7 +55,8 @@ class Backend:
         self._lock = threading.Lock()
         self._warned_dropout = False
         self.indexers = None               # IndexerBank of the trainable (dsa) sites
-        if any(pol.attend_kind == "token" for _, pol in self.policies.rules):   # indexers
+        # token-list policies choose their keys with a learned indexer per site (runtime.dsa)
+        if any(pol.attend_kind == "token" for _, pol in self.policies.rules):
             from runtime.dsa import IndexerBank, register_bank
             self.indexers = IndexerBank()
             register_bank(self.owner, self.indexers)

@@ -49,8 +49,10 @@ class Policy:
 
     @property
     def cache_page(self) -> Optional[int]:
-        """Where a captured graph appends keys to a cache: the page of the summaries kept with
-        the cache (0: the keys themselves, no summaries); None: the append is not rewritten."""
+        """Where a captured graph appends the step's keys to a cache, the append is rewritten
+        to ``sparse.append``, which keeps what the policy reads up to date: page summaries of
+        this page size (``runtime.page_summaries``), or with 0 none (the indexer's keys,
+        ``runtime.dsa``). None: the append stays as captured."""
         return None
 
     def __post_init__(self) -> None:

@@ -237,7 +237,7 @@ def triton_block_sparse(q, k, v, tensors, counts, indices, spec: SiteSpec):
     # a dense site SDPA cannot run (the model's rules, a soft-cap, several masks): every
     # visible block
     dense_rules = pol.is_dense and (spec.rules or sdpa_args(spec, q.shape[2],
-                                                                  k.shape[2]) is None)
+                                                            k.shape[2]) is None)
     if not dense_rules and (pol.attend_kind != "block" or not counts.numel()):
         return None
     mods, sinks, valid = spec.split(tensors)
