@@ -6,7 +6,7 @@
 2. Grid: N in {1k, 4k, 16k, 64k}, density in {3%, 12%, 50%, 100%} of causal, D in {64, 128},
    prefill (B=1, H=16, causal) and decode (B=8, H=16, one query over an N-token cache):
    measured time of every candidate: dense SDPA; the block-sparse kernel with its default
-   schedule and with each schedule variant of ``planner.costmodel.VARIANTS`` (tiles, warps,
+   schedule and with each schedule variant of ``runtime.costmodel.VARIANTS`` (tiles, warps,
    stages, TMA); token-sparse decode with its default split and each split variant. Every
    variant's output is checked against the default schedule's before it is timed.
 3. Fit each candidate's rates on every grid point (least relative error; one host floor per
@@ -36,7 +36,7 @@ from benchmarks import common  # noqa: E402
 os.environ.setdefault("SPARSE_PLANNER_DENSITY", "0")
 
 from codegen.select.reference import blocks_from_mask  # noqa: E402
-from planner import costmodel as cm  # noqa: E402
+from runtime import costmodel as cm  # noqa: E402
 from runtime import triton_kernels as tk  # noqa: E402
 
 BLOCK = 128
@@ -122,7 +122,7 @@ def _score(rows, prof, annotate: bool) -> tuple:
                                     Nkv=p["Nkv"], D=p["D"], rho=p["rho"], block=BLOCK) * 1e3
             errs.append(abs(est[cand] - r["measured"][cand]) / r["measured"][cand])
         fam = "block_sparse" if r["case"] == "prefill" else "token_sparse_decode"
-        # what the runtime chooses among: dense and the fitted variants (planner.costmodel)
+        # what the runtime chooses among: dense and the fitted variants (runtime.costmodel)
         choosable = ["dense_sdpa"] + cm.candidates(prof, fam, block=BLOCK, head_dim=r["D"])
         chosen = min((c for c in choosable if c in est), key=est.get)
         best = min(r["measured"].values())

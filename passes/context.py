@@ -4,8 +4,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Optional
 
-if TYPE_CHECKING:                      # planner imports passes; keep the import one-way
-    from planner.policy import PolicyMap
+if TYPE_CHECKING:
+    from runtime.policies import PolicyMap
 
 
 @dataclass

@@ -200,8 +200,8 @@ def rewrite_to_sparse(gm: fx.GraphModule, ctx) -> fx.GraphModule:
         mods = [_apply_fix(em, t, fix) for t, fix in zip(m.mod_nodes, m.mod_fix or
                                                          [()] * len(m.mod_nodes))]
         mods += [x for x in (m.sink, m.kv_valid) if x is not None]
-        if pol.name in ("quest", "dsa"):
-            k = _keep_with_cache(g, k, pol.page if pol.name == "quest" else 0)
+        if pol.cache_page is not None:
+            k = _keep_with_cache(g, k, pol.cache_page)
         sc = em.call(torch.ops.sparse.score.default, q, k, mods, key)
         sel = em.call(torch.ops.sparse.select.default, sc, q, k, key)
         counts = em.call(operator.getitem, sel, 0)

@@ -1,11 +1,11 @@
 """plan_schedule: annotate each rewritten site with the cost model's view of it.
 
-For the captured shape it records the estimated dense and sparse times, the chosen schedule (dense,
-or the policy with the sparse kernel's cheapest schedule variant, e.g.
-``policy (block_sparse@m128n64w8s3) at N=65536``) and the crossover length (solved on the sympy
-cost expressions). With ``cost_model="auto"`` the
-site's spec is re-registered with ``schedule="auto"``, so that the runtime re-decides per call
-shape (``runtime.plan``): dense below the crossover, the policy above.
+For the captured shape it records the estimated dense and sparse times and the chosen schedule
+as ``runtime.plan.decide`` gives them (dense, or the policy with the sparse kernel's cheapest
+schedule variant, e.g. ``policy (block_sparse@m128n64w8s3) at N=65536``), and the crossover
+length (solved on the sympy cost expressions). With ``cost_model="auto"`` the site's spec is
+re-registered with ``schedule="auto"``, so that the runtime re-decides per call shape
+(``runtime.plan``): dense below the crossover, the policy above.
 """
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ import torch.fx as fx
 
 from passes.graph import val
 from passes.mutation import eliminate_dead_code
+from runtime import plan
 from runtime.providers import sdpa_args
 from runtime.spec import lookup, register
 
@@ -55,7 +56,7 @@ def _emit_dense(gm: fx.GraphModule, attend: fx.Node, spec, how) -> fx.Node:
 
 
 def plan_schedule(gm: fx.GraphModule, ctx) -> fx.GraphModule:
-    from planner import costmodel as cm
+    from runtime import costmodel as cm
     ops = torch.ops.sparse
     records = {r.spec_key: r for r in ctx.sites if r.spec_key}
     for n in list(gm.graph.nodes):
@@ -75,28 +76,25 @@ def plan_schedule(gm: fx.GraphModule, ctx) -> fx.GraphModule:
             continue
         prof = cm.profile_for(vq.device)
         pol = spec.policy
-        rho = cm.expected_density(pol, nq, nkv)
-        block = int(getattr(pol, "block", 64))
-        t_dense = cm.estimate("dense_sdpa", prof, B=b, Hq=hq, Hkv=hkv, Nq=nq, Nkv=nkv, D=d, rho=1.0)
         dtype = vq.dtype
-        fam = ("token_sparse_decode" if pol.attend_kind == "token" and nq <= cm.DECODE_MAX_ROWS
-               else "block_sparse")
-        cand, t_sparse = cm.best(prof, fam, dtype=dtype, B=b, Hq=hq, Hkv=hkv, Nq=nq, Nkv=nkv,
-                                 D=d, rho=rho, block=block)
-        rec.est_dense_ms, rec.est_sparse_ms = t_dense * 1e3, t_sparse * 1e3
-        if pol.name == "dense":
+        plan_at = plan.decide(pol, prof, B=b, Hq=hq, Hkv=hkv, Nq=nq, Nkv=nkv, D=d, dtype=dtype)
+        rec.est_dense_ms, rec.est_sparse_ms = plan_at.dense_s * 1e3, plan_at.sparse_s * 1e3
+        if pol.is_dense:
             rec.schedule = "dense"
         elif not prof.sparse_kernels:
             rec.schedule = "policy (reference kernels)"
         else:
+            rho = pol.expected_density(nq, nkv)
             rho_n = cm.sp.Min(1, cm.sp.Float(rho) * nkv / cm.N) if nq > 1 else rho
             rec.crossover = cm.crossover(prof, B=b, Hq=hq, Hkv=hkv, D=d, rho_of_n=rho_n,
-                                         block=block, decode=nq == 1, dtype=dtype)
-            chosen = "dense" if t_dense <= t_sparse else f"policy ({cand})"
+                                         block=int(getattr(pol, "block", 64)), decode=nq == 1,
+                                         dtype=dtype)
+            chosen = ("dense" if plan_at.choice == "dense" else
+                      f"policy ({plan_at.candidate})" if plan_at.candidate else "policy")
             rec.schedule = (f"{chosen} at N={nkv}" if ctx.cost_model == "auto"
                             else "policy (cost model off)")
         if ctx.cost_model == "auto" and prof.sparse_kernels and static and (
-                pol.name == "dense" or t_dense <= t_sparse) and pol.attend_kind != "token":
+                pol.is_dense or plan_at.choice == "dense") and pol.attend_kind != "token":
             # (token policies keep their ops: their indexer is trained through them)
             # static shape, dense is cheaper: emit exact SDPA, no sparse ops at run time
             how = sdpa_args(spec, nq, nkv)
@@ -105,7 +103,7 @@ def plan_schedule(gm: fx.GraphModule, ctx) -> fx.GraphModule:
                 rec.schedule = f"dense SDPA (static N={nkv}, planned)"
                 rec.kernel_planned = "sdpa (in graph)"
                 continue
-        if ctx.cost_model == "auto" and pol.name != "dense" and prof.sparse_kernels:
+        if ctx.cost_model == "auto" and not pol.is_dense and prof.sparse_kernels:
             new_key = register(dataclasses.replace(spec, schedule="auto"))
             for m in list(gm.graph.nodes):
                 if m.op == "call_function" and m.args and m.args[-1] == key and m.target in (

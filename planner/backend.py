@@ -30,7 +30,6 @@ from runtime.spec import lookup
 
 _IDS = itertools.count()
 
-
 class Backend:
     """Callable ``(gm, example_inputs) -> callable`` for Dynamo, holding what it compiled."""
 
@@ -52,7 +51,8 @@ class Backend:
         self._lock = threading.Lock()
         self._warned_dropout = False
         self.indexers = None               # IndexerBank of the trainable (dsa) sites
-        if any(pol.name == "dsa" for _, pol in self.policies.rules):
+        # token-list policies choose their keys with a learned indexer per site (runtime.dsa)
+        if any(pol.attend_kind == "token" for _, pol in self.policies.rules):
             from runtime.dsa import IndexerBank, register_bank
             self.indexers = IndexerBank()
             register_bank(self.owner, self.indexers)
@@ -148,7 +148,7 @@ class Backend:
             if s.status != "rewritten" or s.density is None or not rec.spec_key:
                 continue
             pol = lookup(rec.spec_key).policy
-            if pol.name != "dense":
+            if not pol.is_dense:
                 sparse.append((s, pol))
         if not sparse or any(s.density < 1.0 - 1e-9 for s, _ in sparse):
             return []

@@ -11,7 +11,7 @@ This provider (registered by ``runtime.providers.register_all``, tried after the
   the longest list of a chunk of query blocks) and applying the model's masks, the causal rule
   and the policy's token-level keep (``token_keep``, e.g. sink_window's exact window) on the
   gathered columns only (measured on 2 cores: about 9x SDPA's time per kept pair, so it gains
-  below about 10% density; ``planner.costmodel``'s CPU profile plans dense above that);
+  below about 10% density; ``runtime.costmodel``'s CPU profile plans dense above that);
 * reports the same per-query-head ``(allowed, kept)`` pair counts as the reference, so
   ``planner.inspect(m).sites[i].density`` keeps its meaning.
 
@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from codegen.attention.reference import visible_keys
+from runtime.policies import SinkWindow
 
 NAME = "cpu_gather"
 MASKED_BELOW = -1e30           # same threshold as codegen.attention.reference
@@ -73,7 +74,7 @@ def _block_of(spec) -> int:
 def _token_keep(spec, n_q: int, n_kv: int, device):
     """The policy's token-level keep ``keep(r0, r1) -> bool [b, h, rows, Nkv]``, or None."""
     from runtime import estimators
-    tok = estimators.get(spec.policy.name).token_keep
+    tok = estimators.get(spec.policy).token_keep
     return None if tok is None else tok(spec, n_q, n_kv, device)
 
 
@@ -150,7 +151,7 @@ def provider(q, k, v, mod_tensors, counts, indices, spec):
             and _mods_ok(spec, mod_tensors, q.shape[0], q.shape[1])
             and q.shape[1] % k.shape[1] == 0):
         try:
-            if spec.policy.name == "dense":
+            if spec.policy.is_dense:
                 res = _dense(q, k, v, mod_tensors, spec)
             elif getattr(spec.policy, "attend_kind", "") == "block" and counts.numel():
                 res = _block_gather(q, k, v, mod_tensors, counts, indices, spec)
@@ -254,7 +255,7 @@ def _sink_window_at(pol, pos: torch.Tensor, kpos: torch.Tensor) -> torch.Tensor:
 
 #: token-level keep rules evaluated only at the gathered pairs (else the policy's row map over
 #: every key is built and gathered); tests check each against the policy's ``token_keep``
-_TOKEN_KEEP_AT = {"sink_window": _sink_window_at}
+_TOKEN_KEEP_AT = {SinkWindow: _sink_window_at}
 
 
 def _visible_lists(counts, indices, block: int, n_q: int, n_kv: int, causal):
@@ -293,7 +294,7 @@ def _block_gather(q, k, v, mod_tensors, counts, indices, spec):
     kf, vf = k.float(), v.float()
     if Hkv < H:
         kf, vf = kf.repeat_interleave(H // Hkv, dim=1), vf.repeat_interleave(H // Hkv, dim=1)
-    tok = None if spec.policy.name in _TOKEN_KEEP_AT else _token_keep(spec, Nq, Nkv, q.device)
+    tok = None if type(spec.policy) in _TOKEN_KEEP_AT else _token_keep(spec, Nq, Nkv, q.device)
     off = _offset(spec.causal, Nq, Nkv)
     nqb = counts.shape[2]
     qf = q.float().reshape(B, H, G, Nq, D)
@@ -337,7 +338,7 @@ def _block_gather(q, k, v, mod_tensors, counts, indices, spec):
                 s = s + tt.float()
             else:
                 ok = ok & tt.to(torch.bool)
-        fast = _TOKEN_KEEP_AT.get(spec.policy.name)
+        fast = _TOKEN_KEEP_AT.get(type(spec.policy))
         if fast is not None:
             ok = ok & fast(spec.policy, (row + off)[:, None, :, None], kpos[:, :, :, None, None, :])
         elif tok is not None:

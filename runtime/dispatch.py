@@ -33,7 +33,7 @@ def register_attend(name: str, provider: Provider) -> None:
 
 
 def score(q, k, mod_tensors, spec: SiteSpec) -> torch.Tensor:
-    est = estimators.get(spec.policy.name)
+    est = estimators.get(spec.policy)
     if est.score_shape is not None and plan.choose(spec, q, k) == "dense":
         return q.new_zeros(est.score_shape(q, k, spec), dtype=torch.float32)
     if est.score is None:
@@ -42,7 +42,7 @@ def score(q, k, mod_tensors, spec: SiteSpec) -> torch.Tensor:
 
 
 def select(scores, q, k, spec: SiteSpec):
-    est = estimators.get(spec.policy.name)
+    est = estimators.get(spec.policy)
     if est.select is None:
         return q.new_empty(0, dtype=torch.int32), q.new_empty(0, dtype=torch.int32)
     if _cost_model_dense(spec, q, k):
@@ -57,7 +57,7 @@ def select(scores, q, k, spec: SiteSpec):
 def _cost_model_dense(spec: SiteSpec, q, k) -> bool:
     """Whether the cost model runs this call densely. A token-list site whose indexer is being
     trained (``runtime.dsa.recording``) follows the recording's mode instead."""
-    if spec.policy.name == "dense" or plan.choose(spec, q, k) != "dense":
+    if spec.policy.is_dense or plan.choose(spec, q, k) != "dense":
         return False
     if spec.policy.attend_kind == "token":
         from runtime import dsa
@@ -70,7 +70,7 @@ def _all_blocks(q, k, spec: SiteSpec):
     model runs densely: attend ignores them and computes every pair."""
     b = estimators.block_of(spec)
     nqb, width = -(-q.shape[2] // b), -(-k.shape[2] // b)
-    w = estimators.get(spec.policy.name).select_width
+    w = estimators.get(spec.policy).select_width
     if w is not None:
         width = w(q, k, spec)
     counts = torch.zeros((q.shape[0], k.shape[1], nqb), dtype=torch.int32, device=q.device)
@@ -80,7 +80,7 @@ def _all_blocks(q, k, spec: SiteSpec):
 
 @functools.lru_cache(maxsize=1024)
 def _dense_variant(spec: SiteSpec) -> SiteSpec:
-    from planner.policy import Dense
+    from runtime.policies import Dense
     return dataclasses.replace(spec, policy=Dense())
 
 
@@ -115,7 +115,7 @@ def _keep_of(spec: SiteSpec, counts, indices, n_q: int, n_kv: int, device):
     if pol.attend_kind != "block" or not counts.numel():
         return None
     blk_keep = block_keep_fn(counts, indices, estimators.block_of(spec), n_kv)
-    tok = estimators.get(pol.name).token_keep
+    tok = estimators.get(pol).token_keep
     if tok is None:
         return blk_keep
     tok_keep = tok(spec, n_q, n_kv, device)
@@ -190,7 +190,7 @@ def attend(q, k, v, mod_tensors, counts, indices, spec: SiteSpec) -> torch.Tenso
         res = provider(q, k, v, mod_tensors, counts, indices, spec)
         if res is not None:
             out, dens, *sched = res
-            if dens is None and spec.policy.name == "dense":
+            if dens is None and spec.policy.is_dense:
                 dens = ([1.0] * q.shape[1], [1.0] * q.shape[1])
             sched = f"[{sched[0]}]" if sched and sched[0] else ""
             stats.record(spec.stats_key, q=q, k=k, v=v, kernel=name + sched + tag,
@@ -204,7 +204,7 @@ def attend(q, k, v, mod_tensors, counts, indices, spec: SiteSpec) -> torch.Tenso
                                  causal=spec.causal, keep=keep, stats=st, sinks=sinks,
                                  window=spec.window)
     out = fix_empty_rows(out, v, spec, spec.split(mod_tensors)[2], q.shape[2], k.shape[2])
-    if spec.mods and spec.policy.name != "dense" and estimators.kernels_take(q):
+    if spec.mods and not spec.policy.is_dense and estimators.kernels_take(q):
         # kernels were there but apply rule masks only (causal, window): say why they did not run
         tag += f" (the site's {'mask tensors' if mod_tensors else 'score modifiers'} need the reference)"
     elif why := kernels_unavailable_reason(q.device):     # kernels asked for where none can run
@@ -238,7 +238,7 @@ def attend_differentiable(q, k, v, mod_tensors, counts, indices, spec: SiteSpec)
     with their backward for token lists, else the fp32 reference."""
     spec, counts, indices, _ = _resolve(q, k, counts, indices, spec)
     pol = spec.policy
-    if pol.name == "dense" and q.device.type == "cuda":
+    if pol.is_dense and q.device.type == "cuda":
         from runtime.providers import sdpa_args
         how = sdpa_args(spec, q.shape[2], k.shape[2])
         if how is not None:

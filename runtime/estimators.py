@@ -1,4 +1,5 @@
-"""Per-policy estimator (``sparse.score``) and selection (``sparse.select``), one entry each.
+"""Per-policy estimator (``sparse.score``) and selection (``sparse.select``), one row per policy
+class in ``ESTIMATORS`` (looked up from the policy value by ``get``).
 
 Every entry works on any device (the PyTorch code in codegen/select runs on CUDA as the
 on-device estimator). Selections are block lists ``(counts [B, Hkv, NQB], indices [B, Hkv,
@@ -18,6 +19,8 @@ from codegen.attention.reference import positions_offset
 from codegen.select import policies as P
 from runtime import dsa
 from runtime.env import kernels_mode
+from runtime.policies import (DSA, PRESETS, Auto, BigBird, BlockTopK, Dense, Longformer, Policy,
+                              Quest, SinkWindow, Threshold, VerticalSlash)
 from codegen.select.reference import (allowed_blocks, block_bounds, group_block_probs,
                                       pooled_block_logits, pooled_block_scores,
                                       select_topk_blocks, structural_blocks, topk_width,
@@ -393,30 +396,49 @@ def _empty_safe(est: Estimator) -> Estimator:
                      est.token_keep)
 
 
-ESTIMATORS: dict[str, Estimator] = {
-    "dense": Estimator(),
-    "block_topk": Estimator(_bt_score, _grid_shape, _bt_select, select_width=lambda q, k, s: topk_width(
+#: the estimator of each policy class, one row each (``register`` adds one for a new class)
+ESTIMATORS: dict[type, Estimator] = {
+    Dense: Estimator(),
+    BlockTopK: Estimator(_bt_score, _grid_shape, _bt_select, select_width=lambda q, k, s: topk_width(
         _cdiv(k.shape[2], s.policy.block), s.policy.topk, s.policy.sink_blocks,
         s.policy.local_blocks)),
-    "threshold": Estimator(_th_score, _grid_shape, _th_select),
-    "vertical_slash": Estimator(_vs_score, lambda q, k, s: (q.shape[0], k.shape[1], 2, k.shape[2]),
-                                _vs_select),
-    "quest": Estimator(_q_score, _grid_shape, _q_select, select_width=lambda q, k, s: topk_width(
+    Threshold: Estimator(_th_score, _grid_shape, _th_select),
+    VerticalSlash: Estimator(_vs_score, lambda q, k, s: (q.shape[0], k.shape[1], 2, k.shape[2]),
+                             _vs_select),
+    Quest: Estimator(_q_score, _grid_shape, _q_select, select_width=lambda q, k, s: topk_width(
         _cdiv(k.shape[2], s.policy.page), math.ceil(s.policy.budget / s.policy.page),
         s.policy.sink_pages, s.policy.local_pages)),
-    "sink_window": Estimator(select=_static(_sw_select), token_keep=_sw_keep),
-    "longformer": Estimator(select=_static(_lf_select), token_keep=_lf_keep),
-    "bigbird": Estimator(select=_static(_bb_select)),
-    "auto": Estimator(_auto_score, _grid_shape, _auto_select, select_width=_auto_width),
-    "dsa": Estimator(select=dsa.select),
+    SinkWindow: Estimator(select=_static(_sw_select), token_keep=_sw_keep),
+    Longformer: Estimator(select=_static(_lf_select), token_keep=_lf_keep),
+    BigBird: Estimator(select=_static(_bb_select)),
+    Auto: Estimator(_auto_score, _grid_shape, _auto_select, select_width=_auto_width),
+    DSA: Estimator(select=dsa.select),
 }
-ESTIMATORS.update({name: _empty_safe(est) for name, est in ESTIMATORS.items()
-                   if name not in ("dense", "dsa")})
 
 
-def get(name: str) -> Estimator:
-    try:
-        return ESTIMATORS[name]
-    except KeyError:
-        raise KeyError(f"no estimator registered for policy {name!r}; known: "
-                       f"{sorted(ESTIMATORS)}") from None
+def _row(cls: type, est: Estimator) -> Estimator:
+    """A table row as the ops call it: block selections answer calls without queries or keys
+    (``_empty_safe``); token lists (the indexer's) handle those themselves."""
+    return _empty_safe(est) if cls.attend_kind == "block" else est
+
+
+ESTIMATORS.update({cls: _row(cls, est) for cls, est in ESTIMATORS.items()})
+
+
+def register(cls: type, est: Estimator) -> None:
+    """Add (or replace) the row of a policy class: what a new policy needs besides its class."""
+    if not (isinstance(cls, type) and issubclass(cls, Policy)):
+        raise TypeError(f"estimators are registered per Policy subclass, got {cls!r}")
+    ESTIMATORS[cls] = _row(cls, est)
+
+
+def get(policy) -> Estimator:
+    """The estimator of a policy value (or its class, or a preset name); a subclass without a
+    row of its own uses its nearest base class's."""
+    cls = PRESETS.get(policy) if isinstance(policy, str) else (
+        policy if isinstance(policy, type) else type(policy))
+    for c in getattr(cls, "__mro__", ()):
+        if c in ESTIMATORS:
+            return ESTIMATORS[c]
+    raise KeyError(f"no estimator registered for policy {policy!r}; known: "
+                   f"{sorted(c.name for c in ESTIMATORS)}")

@@ -40,7 +40,7 @@ def score(q: torch.Tensor, k: torch.Tensor, mods: List[torch.Tensor], key: str) 
 
 def _score_fake(q, k, mods, key):
     spec = lookup(key)
-    est = estimators.get(spec.policy.name)
+    est = estimators.get(spec.policy)
     if est.score_shape is None:
         return q.new_empty(0, dtype=torch.float32)
     return q.new_empty(*est.score_shape(q, k, spec), dtype=torch.float32)
@@ -57,7 +57,7 @@ def _select_fake(scores, q, k, key):
     if spec.policy.attend_kind == "block":
         b = estimators.block_of(spec)
         nqb, nkb = _cdiv(q.shape[2], b), _cdiv(k.shape[2], b)
-        width = estimators.get(spec.policy.name).select_width
+        width = estimators.get(spec.policy).select_width
         if width is not None:
             nkb = width(q, k, spec)
         return (q.new_empty(q.shape[0], k.shape[1], nqb, dtype=torch.int32),

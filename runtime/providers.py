@@ -66,7 +66,7 @@ def sdpa_args(spec: SiteSpec, n_q: int, n_kv: int):
 
 
 def sdpa_dense(q, k, v, mods, counts, indices, spec: SiteSpec):
-    if spec.policy.name != "dense" or q.device.type != "cuda" or kernels_mode() == "reference":
+    if not spec.policy.is_dense or q.device.type != "cuda" or kernels_mode() == "reference":
         return None
     how = sdpa_args(spec, q.shape[2], k.shape[2])
     if how is None:
@@ -122,12 +122,7 @@ def _token_window(spec: SiteSpec) -> Optional[tuple]:
     the policy's token window; (0, 0) for none; None when the two do not intersect to one rule
     (a policy window narrower than the model's, with policy sink tokens)."""
     pol, wm = spec.policy, spec.window
-    if pol.name == "sink_window":
-        ps, pw = pol.sink, pol.window
-    elif pol.name == "longformer":
-        ps, pw = pol.global_tokens, pol.window
-    else:
-        ps = pw = 0
+    ps, pw = pol.token_window or (0, 0)
     if not pw:
         return (0, wm)
     if not wm or pw <= wm and ps == 0:
@@ -241,8 +236,8 @@ def triton_block_sparse(q, k, v, tensors, counts, indices, spec: SiteSpec):
     pol = spec.policy
     # a dense site SDPA cannot run (the model's rules, a soft-cap, several masks): every
     # visible block
-    dense_rules = pol.name == "dense" and (spec.rules or sdpa_args(spec, q.shape[2],
-                                                                  k.shape[2]) is None)
+    dense_rules = pol.is_dense and (spec.rules or sdpa_args(spec, q.shape[2],
+                                                            k.shape[2]) is None)
     if not dense_rules and (pol.attend_kind != "block" or not counts.numel()):
         return None
     mods, sinks, valid = spec.split(tensors)
@@ -265,8 +260,7 @@ def triton_block_sparse(q, k, v, tensors, counts, indices, spec: SiteSpec):
     rule = _token_window(spec)
     if rule is None or (rule[1] and not causal):
         return None                      # the kernel's window is one-sided (causal)
-    if estimators.get(pol.name).token_keep is not None and pol.name not in ("sink_window",
-                                                                            "longformer"):
+    if estimators.get(pol).token_keep is not None and pol.token_window is None:
         return None
     sink, window = rule
     start = end = None
@@ -309,7 +303,7 @@ def triton_block_sparse(q, k, v, tensors, counts, indices, spec: SiteSpec):
         return out, None, tag            # every visible pair: density 1 by construction
     if mask is not None:
         return out, None, tag            # pairs a mask tensor allows: not counted here
-    if (spec.window or valid is not None) and not (pol.name in ("sink_window", "longformer")):
+    if (spec.window or valid is not None) and pol.token_window is None:
         kept, allowed = _pairs_kept_rules(counts, indices, block, n_q, n_kv, spec, start, end)
     elif window:                         # token-level windows: counted by the rule, not blocks
         if spec.window or valid is not None:
@@ -324,7 +318,7 @@ def triton_block_sparse(q, k, v, tensors, counts, indices, spec: SiteSpec):
 
 
 def _dense_variant_if(spec: SiteSpec, dense: bool) -> SiteSpec:
-    return spec if not dense or spec.policy.name == "dense" else dispatch._dense_variant(spec)
+    return spec if not dense or spec.policy.is_dense else dispatch._dense_variant(spec)
 
 
 def _rule_pairs_per_block(n_q: int, n_kv: int, block: int, spec: SiteSpec, start, end,

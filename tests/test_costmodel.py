@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 import planner
-from planner import costmodel as cm
+from runtime import costmodel as cm
 from runtime import plan
 
 H100 = cm.PROFILES["h100"]

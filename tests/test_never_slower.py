@@ -92,7 +92,7 @@ def test_token_site_costs_on_the_h100_profile():
     """The H100 numbers the token-site costs come from (benchmarks/results/dsa_h100.md): with
     one KV head at 65536 tokens DSA measured 1.15x faster than dense (it runs), at 16384
     0.24x, and with 16 KV heads 0.04-0.15x (dense runs)."""
-    from planner import costmodel as cm
+    from runtime import costmodel as cm
     prof = cm.PROFILES["h100"]
     for n, hkv, want in [(65536, 1, "policy"), (16384, 1, "dense"), (65536, 16, "dense"),
                          (16384, 16, "dense")]:
