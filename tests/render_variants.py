@@ -30,8 +30,8 @@ KINDS = ("block_sparse", "wgmma", "token_sparse", "token_sparse_bwd", "block_top
 
 
 def _specs():
-    from codegen import emit as specs
-    return specs
+    from codegen import common
+    return common
 
 
 def _bs_schedules(MaskMode, Schedule):
@@ -173,9 +173,20 @@ def _token_sparse_bwd_features(m):
         yield "token_sparse_bwd", m.TokenSparseSpec(**base, sinks=sinks, kv_ranges=ranges), sch
 
 
+def _backward(rows):
+    """The token-sparse rows of ``rows`` as renders of their backward."""
+    from codegen.token_sparse.backward import TokenSparseBackwardSpec
+    for kind, spec, sch in rows:
+        yield kind, TokenSparseBackwardSpec(spec), sch
+
+
 def _selection(m):
-    for kind in ("block_topk", "lines", "quest"):
-        yield kind, None, None
+    from codegen.select.block_topk_kernel import BlockTopkSpec
+    from codegen.select.lines_kernel import LinesSpec
+    from codegen.select.quest_kernel import QuestSpec
+    yield "block_topk", BlockTopkSpec(), None
+    yield "lines", LinesSpec(), None
+    yield "quest", QuestSpec(), None
 
 
 def _indexer(m):
@@ -193,7 +204,8 @@ def _indexer(m):
         yield "indexer", IndexerSpec(heads=64, head_dim=128, dtype="bfloat16", block_m=64,
                                      block_n=32, thresholds=16, stride_align=8,
                                      stack_heads=stack), None
-    yield "indexer_few_rows", None, None
+    from codegen.indexer.few_rows_kernel import FewRowsSpec
+    yield "indexer_few_rows", FewRowsSpec(), None
 
 
 def variants():
@@ -202,41 +214,19 @@ def variants():
     yield from _block_sparse(m)
     yield from _wgmma(m)
     yield from _token_sparse(m, "token_sparse")
-    yield from _token_sparse(m, "token_sparse_bwd")
+    yield from _backward(_token_sparse(m, "token_sparse_bwd"))
     yield from _block_sparse_features(m)
     yield from _wgmma_schedules(m)
     yield from _token_sparse_features(m)
-    yield from _token_sparse_bwd_features(m)
+    yield from _backward(_token_sparse_bwd_features(m))
     yield from _selection(m)
     yield from _indexer(m)
 
 
 def render(kind, spec, sch) -> str:
-    """The full module text of one variant (header included), as the runtime loads it."""
-    from codegen.emit import _HEADER, emit, render_template
-    if kind == "wgmma":
-        from codegen.block_sparse import wgmma_kernel
-        return (render_template(_HEADER, SPEC=repr(spec), SCHEDULE=repr(sch))
-                + wgmma_kernel.render(spec, sch, GLUON_NAMES))
-    if kind == "token_sparse_bwd":
-        from codegen.token_sparse.backward import emit_backward
-        return emit_backward(spec, sch)
-    if kind == "block_topk":
-        from codegen.select.block_topk_kernel import render as render_kind
-        return render_kind()
-    if kind == "lines":
-        from codegen.select.lines_kernel import render as render_kind
-        return render_kind()
-    if kind == "quest":
-        from codegen.select.quest_kernel import render as render_kind
-        return render_kind()
-    if kind == "indexer":
-        from codegen.indexer.kernel import render as render_kind
-        return render_kind(spec)
-    if kind == "indexer_few_rows":
-        from codegen.indexer.few_rows_kernel import render as render_kind
-        return render_kind()
-    return emit(spec, sch)
+    """The full module text of one variant, as ``codegen.emit.emit`` writes it."""
+    from codegen.emit import emit
+    return emit(spec, sch, gluon_names=GLUON_NAMES if kind == "wgmma" else None)
 
 
 def render_hashes() -> list:

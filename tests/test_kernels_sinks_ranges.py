@@ -21,7 +21,7 @@ if not torch.cuda.is_available():
 
 from codegen.attention import attention_reference  # noqa: E402
 from codegen.block_sparse import block_sparse_attention_ref, wgmma_kernel  # noqa: E402
-from codegen.emit import BlockSparseSpec, MaskMode, Schedule, TokenSparseSpec  # noqa: E402
+from codegen.common import BlockSparseSpec, MaskMode, Schedule, TokenSparseSpec  # noqa: E402
 from codegen.select.reference import block_keep_fn  # noqa: E402
 from codegen.token_sparse import (token_sparse_attention_bwd_ref,  # noqa: E402
                                   token_sparse_attention_ref)

@@ -24,7 +24,8 @@ from codegen.attention import attention_reference  # noqa: E402
 from codegen.block_sparse import (BLOCK_EMPTY, BLOCK_FULL, BLOCK_PARTIAL,  # noqa: E402
                                   block_sparse_attention_ref, mask_block_summary,
                                   prune_block_lists, wgmma_kernel)
-from codegen.emit import BlockSparseSpec, MaskMode, Schedule, TokenSparseSpec, emit  # noqa: E402
+from codegen.common import BlockSparseSpec, MaskMode, Schedule, TokenSparseSpec  # noqa: E402
+from codegen.emit import emit  # noqa: E402
 from codegen.select.reference import block_keep_fn  # noqa: E402
 from codegen.token_sparse import token_sparse_attention_ref  # noqa: E402
 from runtime import triton_kernels as tk  # noqa: E402

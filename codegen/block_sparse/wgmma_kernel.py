@@ -39,8 +39,8 @@ K/V are double-buffered whatever ``num_stages`` says.
 from __future__ import annotations
 
 from codegen.block_sparse.kernel import kernel_def, mask_terms
-from codegen.emit import (DTYPES, BlockSparseSpec, Schedule, head_mapping_code, indent_code,
-                          render_template)
+from codegen.common import (DTYPES, BlockSparseSpec, Schedule, head_mapping_code, indent_code,
+                            render_template)
 
 _GL_DTYPES = {k: v.replace("tl.", "gl.") for k, v in DTYPES.items() if k != "float32"}
 LAUNCH_WARPS = 4        # the launch's warps run consumer 0; consumer 1 and the loader are workers
