@@ -113,7 +113,7 @@ class Schedule:
     K/V tiles through tensor descriptors (the copy engine) instead of per-thread async copies;
     ``wgmma``: block-sparse only, the warp-specialized Gluon kernel for Hopper (a loader warp
     and two consumer warpgroups, ``num_warps=8``; ``codegen/block_sparse/wgmma_kernel.py``,
-    which names the cases it covers)."""
+    whose ``supported`` / ``unsupported_reason`` name the cases it covers)."""
     block_m: int = 128
     block_n: int = 64
     num_warps: int = 4

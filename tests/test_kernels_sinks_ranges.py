@@ -516,10 +516,12 @@ def test_hopper_kernel_covers_neither():
     base = dict(head_dim=128, v_head_dim=128, gqa_group=1, pack_gqa=False, lists_per_group=True,
                 causal=True, dtype="bfloat16", block=128, stride_align=8)
     ws = Schedule(block_m=128, block_n=128, num_warps=8, num_stages=3, tma=True, wgmma=True)
-    assert wgmma_kernel.supported(BlockSparseSpec(**base), ws) == ""
+    assert wgmma_kernel.supported(BlockSparseSpec(**base), ws)
+    assert wgmma_kernel.unsupported_reason(BlockSparseSpec(**base), ws) == ""
     for extra in (dict(sinks=True), dict(kv_ranges=True)):
         spec = BlockSparseSpec(**base, **extra)
-        assert "learned sinks or per-batch key ranges" in wgmma_kernel.supported(spec, ws)
+        assert not wgmma_kernel.supported(spec, ws)
+        assert "learned sinks or per-batch key ranges" in wgmma_kernel.unsupported_reason(spec, ws)
         assert not tk._wgmma_ok(spec, ws, torch.device(DEVICE))
         assert not tk.default_block_sparse_schedule(spec, torch.device(DEVICE), 4).wgmma
 

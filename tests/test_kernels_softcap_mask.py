@@ -505,10 +505,12 @@ def test_hopper_kernel_covers_neither():
     base = dict(head_dim=128, v_head_dim=128, gqa_group=1, pack_gqa=False, lists_per_group=True,
                 causal=True, dtype="bfloat16", block=128, stride_align=8)
     ws = Schedule(block_m=128, block_n=128, num_warps=8, num_stages=3, tma=True, wgmma=True)
-    assert wgmma_kernel.supported(BlockSparseSpec(**base), ws) == ""
+    assert wgmma_kernel.supported(BlockSparseSpec(**base), ws)
+    assert wgmma_kernel.unsupported_reason(BlockSparseSpec(**base), ws) == ""
     for extra in (dict(softcap=True), dict(mask="add"), dict(mask="keep", mask_flags=True)):
         spec = BlockSparseSpec(**base, **extra)
-        assert "soft-capped scores or a mask tensor" in wgmma_kernel.supported(spec, ws)
+        assert not wgmma_kernel.supported(spec, ws)
+        assert "soft-capped scores or a mask tensor" in wgmma_kernel.unsupported_reason(spec, ws)
         assert not tk._wgmma_ok(spec, ws, torch.device(DEVICE))
         with pytest.raises(ValueError, match="does not cover"):
             wgmma_kernel.render(spec, ws)

@@ -98,7 +98,8 @@ def test_compiles_for_sm90_warp_specialized(spec):
     (dict(stride_align=4), "strides aligned to 4"),
 ])
 def test_unsupported_cases_are_named(change, why):
-    assert why in wgmma_kernel.supported(_spec(**change), WG)
+    assert not wgmma_kernel.supported(_spec(**change), WG)
+    assert why in wgmma_kernel.unsupported_reason(_spec(**change), WG)
     with pytest.raises(ValueError, match="does not cover"):
         wgmma_kernel.render(_spec(**change), WG)
 
