@@ -300,7 +300,7 @@ def run_decode(args, gen, B=8, N=131072):
 
 def run_attend_sweep(N, gen):
     """Gather-attention schedules at one MQA shape (how the default was checked)."""
-    from codegen.emit import Schedule
+    from codegen.common import Schedule
     H, D = 16, 128
     q = torch.randn(1, H, N, D, device=DEV, dtype=DT, generator=gen)
     k = torch.randn(1, 1, N, D, device=DEV, dtype=DT, generator=gen)

@@ -41,7 +41,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks import common  # noqa: E402
 
 from codegen.block_sparse import block_sparse_attention_ref, to_flex_block_mask  # noqa: E402
-from codegen.emit import BlockSparseSpec, MaskMode, Schedule  # noqa: E402
+from codegen.common import BlockSparseSpec, MaskMode, Schedule  # noqa: E402
 from codegen.token_sparse import token_sparse_attention_ref  # noqa: E402
 from runtime import triton_kernels as tk  # noqa: E402
 

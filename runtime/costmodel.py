@@ -103,7 +103,7 @@ class Variant:
 
     def schedule(self):
         """The block-sparse kernel's ``Schedule`` (token decode variants: see ``per_sm``)."""
-        from codegen.emit import Schedule
+        from codegen.common import Schedule
         if self.family != "block_sparse":
             raise ValueError(f"{self.name}: only block_sparse variants carry a tile schedule")
         return Schedule(block_m=self.block_m, block_n=self.block_n, num_warps=self.num_warps,

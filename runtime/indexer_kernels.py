@@ -41,8 +41,9 @@ from typing import Optional
 
 import torch
 
-from codegen.emit import next_pow2
-from codegen.indexer import few_rows_kernel
+from codegen.common import next_pow2
+from codegen.emit import emit
+from codegen.indexer.few_rows_kernel import FewRowsSpec
 from codegen.indexer.kernel import IndexerSpec
 from codegen.indexer.reference import (indexer_scores_ref, indexer_topk_ref, visible_counts,
                                        weighted_relu_scores)
@@ -261,7 +262,7 @@ def few_row_keys(q_idx, w, k_idx, *, causal: bool) -> torch.Tensor:
     if out.numel() == 0:
         return out
     mod = KERNELS.get(("indexer_few_rows", _device_key(q_idx.device)),
-                      lambda: load(few_rows_kernel.render()))
+                      lambda: load(emit(FewRowsSpec())))
     bn = FEW_ROWS_BLOCK_N if n_kv >= FEW_ROWS_BLOCK_N else max(16, next_pow2(n_kv))
     mod.few_row_keys[(-(-n_kv // bn), B * n_q)](
         q_idx, w, k_idx, out, *q_idx.stride(), *w.stride(), *k_idx.stride(), n_q, n_kv,
@@ -302,8 +303,7 @@ def _top_of_rows(scores: torch.Tensor, visible: torch.Tensor, topk: int) -> torc
 
 
 def _module(spec: IndexerSpec, device):
-    from codegen.indexer.kernel import render
-    return KERNELS.get(("indexer", _device_key(device), spec), lambda: load(render(spec)))
+    return KERNELS.get(("indexer", _device_key(device), spec), lambda: load(emit(spec)))
 
 
 def _score_key(x: torch.Tensor) -> torch.Tensor:

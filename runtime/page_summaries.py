@@ -22,7 +22,7 @@ from typing import Optional
 
 import torch
 
-from codegen.emit import next_pow2
+from codegen.common import next_pow2
 from runtime import triton_kernels as tk
 from runtime.estimators import kernels_take
 from runtime.tensor_notes import TensorNotes

@@ -35,8 +35,9 @@ import torch
 from codegen.attention.reference import positions_offset
 from codegen.block_sparse import wgmma_kernel
 from codegen.block_sparse.mask_blocks import MASK_KINDS, broadcast_mask
-from codegen.emit import BlockSparseSpec, Schedule, TokenSparseSpec, emit, next_pow2
-from codegen.token_sparse.backward import PRE_ROWS as BWD_PRE_ROWS, emit_backward
+from codegen.common import BlockSparseSpec, Schedule, TokenSparseSpec, next_pow2
+from codegen.emit import emit
+from codegen.token_sparse.backward import PRE_ROWS as BWD_PRE_ROWS, TokenSparseBackwardSpec
 from runtime.cache import KERNELS, seq_bucket, stable_hash
 from runtime.loader import load
 
@@ -461,7 +462,7 @@ def _wgmma_ok(spec: BlockSparseSpec, sch: Schedule, device) -> bool:
         wgmma_kernel.gluon_names()
     except ImportError:                     # a Triton without Gluon's Hopper module
         return False
-    return not wgmma_kernel.supported(spec, sch)
+    return wgmma_kernel.supported(spec, sch)
 
 
 def _launch_warps(sch: Schedule) -> int:
@@ -780,7 +781,8 @@ def token_sparse_attention_bwd(q, k, v, indices, out, lse, dout, *, scale: float
 
 
 def _bwd_module(plan: LaunchPlan):
-    return KERNELS.get(plan.key, lambda: load(emit_backward(plan.spec, plan.schedule)))
+    return KERNELS.get(plan.key,
+                       lambda: load(emit(TokenSparseBackwardSpec(plan.spec), plan.schedule)))
 
 
 # ----------------------------------------------------------------------------- block_topk
@@ -807,8 +809,8 @@ def has_tl_topk() -> bool:
 
 
 def _block_topk_module(device):
-    from codegen.select.block_topk_kernel import render
-    return KERNELS.get(("block_topk", _device_key(device)), lambda: load(render()))
+    from codegen.select.block_topk_kernel import BlockTopkSpec
+    return KERNELS.get(("block_topk", _device_key(device)), lambda: load(emit(BlockTopkSpec())))
 
 
 def pool_blocks(x: torch.Tensor, block: int, *, rows: Optional[int] = None,
@@ -939,8 +941,8 @@ LINES_MAX_ROWS = 128      # last rows one line-statistics program holds (a [rows
 
 
 def _lines_module(device):
-    from codegen.select.lines_kernel import render
-    return KERNELS.get(("lines", _device_key(device)), lambda: load(render()))
+    from codegen.select.lines_kernel import LinesSpec
+    return KERNELS.get(("lines", _device_key(device)), lambda: load(emit(LinesSpec())))
 
 
 def last_rows_lines(q: torch.Tensor, k: torch.Tensor, *, scale: float, causal: str,
@@ -1049,8 +1051,8 @@ QUEST_MAX_PAGE = 64       # pages (powers of two) whose query blocks one bounds 
 
 
 def _quest_module(device):
-    from codegen.select.quest_kernel import render
-    return KERNELS.get(("quest", _device_key(device)), lambda: load(render()))
+    from codegen.select.quest_kernel import QuestSpec
+    return KERNELS.get(("quest", _device_key(device)), lambda: load(emit(QuestSpec())))
 
 
 def quest_page_bounds(q: torch.Tensor, k: torch.Tensor, *, page: int, causal: Optional[str],

@@ -37,7 +37,8 @@ _COMPILE = """
 import sys, triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from codegen.emit import BlockSparseSpec, TokenSparseSpec, Schedule, emit
+from codegen.common import BlockSparseSpec, Schedule, TokenSparseSpec
+from codegen.emit import emit
 from runtime.loader import load
 spec, sch = eval(sys.argv[1]), Schedule(**eval(sys.argv[2]))
 mod = load(emit(spec, sch))

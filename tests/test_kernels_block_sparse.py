@@ -14,7 +14,8 @@ if not torch.cuda.is_available():
 
 from codegen.block_sparse import (block_lists_to_dense, block_sparse_attention_ref,  # noqa: E402
                                   from_flex_block_mask, to_flex_block_mask)
-from codegen.emit import BlockSparseSpec, MaskMode, Schedule, emit  # noqa: E402
+from codegen.common import BlockSparseSpec, MaskMode, Schedule  # noqa: E402
+from codegen.emit import emit  # noqa: E402
 from runtime import triton_kernels as tk  # noqa: E402
 from runtime.cache import KERNELS  # noqa: E402
 from kernel_checks import compare_with_reference, poisoned_outputs, rel_err  # noqa: E402

@@ -24,7 +24,8 @@ from codegen.attention import attention_reference  # noqa: E402
 from codegen.block_sparse import (BLOCK_EMPTY, BLOCK_FULL, BLOCK_PARTIAL,  # noqa: E402
                                   block_sparse_attention_ref, mask_block_summary,
                                   prune_block_lists, wgmma_kernel)
-from codegen.emit import BlockSparseSpec, MaskMode, Schedule, TokenSparseSpec, emit  # noqa: E402
+from codegen.common import BlockSparseSpec, MaskMode, Schedule, TokenSparseSpec  # noqa: E402
+from codegen.emit import emit  # noqa: E402
 from codegen.select.reference import block_keep_fn  # noqa: E402
 from codegen.token_sparse import token_sparse_attention_ref  # noqa: E402
 from runtime import triton_kernels as tk  # noqa: E402
@@ -504,10 +505,12 @@ def test_hopper_kernel_covers_neither():
     base = dict(head_dim=128, v_head_dim=128, gqa_group=1, pack_gqa=False, lists_per_group=True,
                 causal=True, dtype="bfloat16", block=128, stride_align=8)
     ws = Schedule(block_m=128, block_n=128, num_warps=8, num_stages=3, tma=True, wgmma=True)
-    assert wgmma_kernel.supported(BlockSparseSpec(**base), ws) == ""
+    assert wgmma_kernel.supported(BlockSparseSpec(**base), ws)
+    assert wgmma_kernel.unsupported_reason(BlockSparseSpec(**base), ws) == ""
     for extra in (dict(softcap=True), dict(mask="add"), dict(mask="keep", mask_flags=True)):
         spec = BlockSparseSpec(**base, **extra)
-        assert "soft-capped scores or a mask tensor" in wgmma_kernel.supported(spec, ws)
+        assert not wgmma_kernel.supported(spec, ws)
+        assert "soft-capped scores or a mask tensor" in wgmma_kernel.unsupported_reason(spec, ws)
         assert not tk._wgmma_ok(spec, ws, torch.device(DEVICE))
         with pytest.raises(ValueError, match="does not cover"):
             wgmma_kernel.render(spec, ws)

@@ -24,10 +24,6 @@ KNOWN_UPWARD: set = set()
 
 #: cycles (as sorted module tuples) that remain outside this change
 KNOWN_CYCLES: set = {
-    # codegen.emit renders the kernels' sources and imports their modules, which import
-    # codegen.emit for Schedule and the shared rendering helpers
-    ("codegen.block_sparse.kernel", "codegen.block_sparse.wgmma_kernel", "codegen.emit",
-     "codegen.token_sparse.kernel"),
     # runtime.dispatch and runtime.providers import each other (dense variants and empty-row
     # fixes one way, sdpa_args the other); providers registers cpu_attend, which calls
     # dispatch's lower_rules and fix_empty_rows

@@ -22,7 +22,7 @@ def kernels(monkeypatch):
 
 
 def _full(k, page):
-    from codegen.emit import next_pow2
+    from codegen.common import next_pow2
     B, H, n, D = k.shape
     n_p = -(-n // page)
     mx = torch.zeros(B * H, n_p, next_pow2(max(D, 16)), dtype=k.dtype, device=k.device)

@@ -12,7 +12,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from codegen.emit import Schedule  # noqa: E402
+from codegen.common import Schedule  # noqa: E402
 from codegen.token_sparse import (token_sparse_attention_bwd_ref,  # noqa: E402
                                   token_sparse_attention_ref)
 from runtime import triton_kernels as tk  # noqa: E402

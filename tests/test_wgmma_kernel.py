@@ -16,7 +16,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from codegen.block_sparse import wgmma_kernel  # noqa: E402
-from codegen.emit import BlockSparseSpec, Schedule  # noqa: E402
+from codegen.common import BlockSparseSpec, Schedule  # noqa: E402
 from runtime import triton_kernels as tk  # noqa: E402
 from test_kernels_block_sparse import TOL, LSE_TOL, make_inputs, run_checked  # noqa: E402
 
@@ -39,11 +39,12 @@ _COMPILE = """
 import sys, triton
 from triton.backends.compiler import GPUTarget
 from triton.experimental.gluon._runtime import GluonASTSource
-from codegen.emit import BlockSparseSpec, Schedule
+from codegen.common import BlockSparseSpec, Schedule
+from codegen.emit import emit
 from runtime.loader import load
 from codegen.block_sparse import wgmma_kernel
 spec, sch = eval(sys.argv[1]), Schedule(**eval(sys.argv[2]))
-fn = load(wgmma_kernel.render(spec, sch)).block_sparse_fwd
+fn = load(emit(spec, sch)).block_sparse_fwd
 el = "*bf16" if spec.dtype == "bfloat16" else "*fp16"
 types = {"Q": el, "K": el, "V": el, "O": el, "LSE": "*fp32", "KV_NUM": "*i32", "KV_IDX": "*i32",
          "qk_scale": "fp32"}
@@ -97,7 +98,8 @@ def test_compiles_for_sm90_warp_specialized(spec):
     (dict(stride_align=4), "strides aligned to 4"),
 ])
 def test_unsupported_cases_are_named(change, why):
-    assert why in wgmma_kernel.supported(_spec(**change), WG)
+    assert not wgmma_kernel.supported(_spec(**change), WG)
+    assert why in wgmma_kernel.unsupported_reason(_spec(**change), WG)
     with pytest.raises(ValueError, match="does not cover"):
         wgmma_kernel.render(_spec(**change), WG)
 

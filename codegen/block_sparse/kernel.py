@@ -16,9 +16,9 @@ from __future__ import annotations
 import textwrap
 from string import Template
 
-from codegen.emit import (DTYPES, BlockSparseSpec, MaskMode, Schedule, dot_code,
-                          extra_args_doc, head_mapping_code, indent_code, next_pow2,
-                          render_template)
+from codegen.common import (DTYPES, BlockSparseSpec, MaskMode, Schedule, dot_code,
+                            extra_args_doc, head_mapping_code, indent_code, next_pow2,
+                            render_template)
 
 
 # The kernel's decorator and signature ($JIT: triton.jit or gluon.jit; $EXTRA: the tensors of

@@ -33,21 +33,23 @@ causal, sequence end, sink/window), so the launch code is shared (launched with
 ranges, soft cap or mask tensor (``BlockSparseSpec.sinks`` / ``kv_ranges`` / ``softcap`` /
 ``mask``: the launcher runs ``kernel.py`` for those), 16-byte strides and start
 addresses (tensor descriptors; the runtime writes a misaligned ``out`` through an aligned
-temporary); ``supported`` names the case that misses (the runtime then runs ``kernel.py``).
+temporary); ``supported`` says whether a case is covered and ``unsupported_reason`` names
+what misses (the runtime then runs ``kernel.py``).
 K/V are double-buffered whatever ``num_stages`` says.
 """
 from __future__ import annotations
 
 from codegen.block_sparse.kernel import kernel_def, mask_terms
-from codegen.emit import (DTYPES, BlockSparseSpec, Schedule, head_mapping_code, indent_code,
-                          render_template)
+from codegen.common import (DTYPES, BlockSparseSpec, Schedule, head_mapping_code, indent_code,
+                            render_template)
 
 _GL_DTYPES = {k: v.replace("tl.", "gl.") for k, v in DTYPES.items() if k != "float32"}
 LAUNCH_WARPS = 4        # the launch's warps run consumer 0; consumer 1 and the loader are workers
 
 
-def supported(spec: BlockSparseSpec, sch: Schedule) -> str:
-    """Empty if this kernel covers (spec, sch), else the reason it does not."""
+def unsupported_reason(spec: BlockSparseSpec, sch: Schedule) -> str:
+    """Why this kernel does not cover ``(spec, sch)``, e.g. ``"GQA packing"``; ``""`` when it
+    does (see ``supported``)."""
     if spec.dtype not in _GL_DTYPES:
         return f"dtype {spec.dtype} (needs float16 or bfloat16)"
     if spec.head_dim != spec.v_head_dim or spec.head_dim not in (64, 128):
@@ -68,6 +70,11 @@ def supported(spec: BlockSparseSpec, sch: Schedule) -> str:
     return ""
 
 
+def supported(spec: BlockSparseSpec, sch: Schedule) -> bool:
+    """Whether this kernel covers ``(spec, sch)`` (``unsupported_reason`` says why not)."""
+    return not unsupported_reason(spec, sch)
+
+
 def gluon_names() -> dict:
     """Gluon calls whose names differ between Triton releases, as the installed Triton spells
     them: the TMA tile load and store (``async_copy_global_to_shared`` /
@@ -84,7 +91,7 @@ def gluon_names() -> dict:
 def render(spec: BlockSparseSpec, sch: Schedule, names: dict | None = None) -> str:
     """Source of ``block_sparse_fwd`` (Gluon) for ``spec`` / ``sch``; ``names``: ``gluon_names()``
     of the Triton that will compile it (default: the installed one)."""
-    why = supported(spec, sch)
+    why = unsupported_reason(spec, sch)
     if why:
         raise ValueError(f"the warpgroup-MMA block-sparse kernel does not cover {why}")
     d, bn, a = spec.head_dim, sch.block_n, spec.stride_align

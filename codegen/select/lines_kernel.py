@@ -37,7 +37,9 @@ tiles wholly after the diagonal written without being computed.
 """
 from __future__ import annotations
 
-from codegen.emit import render_template
+from dataclasses import dataclass
+
+from codegen.common import render_template
 from codegen.select.block_topk_kernel import POOLED_TILE
 
 _SOURCE = '''\
@@ -245,6 +247,13 @@ def auto_block_scores(a_ptr, b_ptr, pre_ptr, aware_ptr, out_ptr, NQB, NKB, Nq, N
             s = tl.maximum(v + dd, 0.0)
         tl.store(dst, tl.where(allowed, s, float("-inf")), mask=in_tile)
 '''
+
+
+@dataclass(frozen=True)
+class LinesSpec:
+    """The line-statistics kernels (and the ``auto`` policy's): nothing is specialized (every
+    size is a constexpr or a runtime argument), so one module serves every call;
+    ``codegen.emit.emit(LinesSpec())`` renders it."""
 
 
 def render() -> str:

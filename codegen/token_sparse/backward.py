@@ -14,24 +14,28 @@ dQ is stored (``Schedule.split == 0``) or atomically added into an fp32 buffer (
 Padding (negative or ``>= Nkv``, or with ``TokenSparseSpec.kv_ranges`` outside the batch
 row's key range) and rows with lse = -inf add nothing. A forward with learned sinks needs no
 change here: the sink (a key of value 0) enters only through its lse; ``TokenSparseSpec.sinks``
-is ignored. The reference is ``token_sparse_attention_bwd_ref`` in ``reference.py`` beside
-this file.
+is ignored. Rendered through ``codegen.emit.emit`` with a ``TokenSparseBackwardSpec``; the
+reference is ``token_sparse_attention_bwd_ref`` in ``reference.py`` beside this file.
 """
 from __future__ import annotations
 
 import textwrap
+from dataclasses import dataclass
 
-from codegen.emit import (_HEADER, DTYPES, Schedule, TokenSparseSpec, dot_code, head_mapping_code,
-                          indent_code, next_pow2, render_template)
+from codegen.common import (DTYPES, Schedule, TokenSparseSpec, dot_code, head_mapping_code,
+                            indent_code, next_pow2, render_template)
 from codegen.token_sparse.kernel import (RANGE_SETUP, extra_args, extra_signature, mask_terms,
                                          render_walk)
 
 PRE_ROWS = 32           # query rows per program of the delta pre-pass
 
 
-def emit_backward(spec: TokenSparseSpec, sch: Schedule) -> str:
-    """Module source (header included) of the backward kernels, ready for ``runtime.loader.load``."""
-    return render_template(_HEADER, SPEC=repr(spec), SCHEDULE=repr(sch)) + render(spec, sch)
+@dataclass(frozen=True)
+class TokenSparseBackwardSpec:
+    """The backward kernels of the token-sparse forward specialized on ``forward`` (they read
+    its dims, GQA layout, dtype, alignment and ``kv_ranges``; neither soft cap nor mask).
+    ``codegen.emit.emit(TokenSparseBackwardSpec(spec), schedule)`` renders them."""
+    forward: TokenSparseSpec
 
 
 def render(spec: TokenSparseSpec, sch: Schedule) -> str:

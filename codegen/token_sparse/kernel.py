@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import textwrap
 
-from codegen.emit import (DTYPES, Schedule, TokenSparseSpec, dot_code, extra_args_doc,
-                          head_mapping_code, indent_code, next_pow2, render_template)
+from codegen.common import (DTYPES, Schedule, TokenSparseSpec, dot_code, extra_args_doc,
+                            head_mapping_code, indent_code, next_pow2, render_template)
 
 
 def mask_terms(spec: TokenSparseSpec) -> dict:
