@@ -232,7 +232,7 @@ def test_fit_recovers_the_saturating_programs_of_a_decode_split():
 def test_runtime_launches_the_schedule_the_cost_model_picked(monkeypatch):
     """A site above its crossover runs the block-sparse kernel with the variant the profile
     makes cheapest; the report names it; the output equals the reference's."""
-    from runtime.kernels import block_sparse as bsk, launch, token_sparse as tsk
+    from runtime.kernels import block_sparse as bsk, launch
     if not launch.runs_triton("cpu"):
         pytest.skip("needs TRITON_INTERPRET=1")
     cheap, dear = cm.KernelRates(0.9, 1.0, 1.0), cm.KernelRates(0.2, 0.2, 50.0)
@@ -266,7 +266,7 @@ def test_runtime_launches_the_schedule_the_cost_model_picked(monkeypatch):
 
 
 def test_decode_split_variants_agree_and_split_differently():
-    from runtime import triton_kernels as tk
+    from runtime.kernels import launch, token_sparse as tsk
     if not launch.runs_triton("cpu"):
         pytest.skip("needs TRITON_INTERPRET=1")
     from codegen.token_sparse import token_sparse_attention_ref

@@ -213,8 +213,8 @@ def test_estimator_entries_use_kernels_and_match(name, kw, nq, nkv, monkeypatch)
     monkeypatch.setenv("SPARSE_PLANNER_KERNELS", "triton")
     calls = []
     kernel = "quest_page_bounds" if name == "quest" else "last_rows_lines"
-    real = getattr(tk, kernel)
-    monkeypatch.setattr(tk, kernel, lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    real = getattr(sk, kernel)
+    monkeypatch.setattr(sk, kernel, lambda *a, **kw: calls.append(1) or real(*a, **kw))
     got = est.select(est.score(q, k, [], spec), q, k, spec)
     assert calls, f"{kernel} did not run"
     monkeypatch.setenv("SPARSE_PLANNER_KERNELS", "reference")
