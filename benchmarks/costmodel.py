@@ -6,7 +6,7 @@
 2. Grid: N in {1k, 4k, 16k, 64k}, density in {3%, 12%, 50%, 100%} of causal, D in {64, 128},
    prefill (B=1, H=16, causal) and decode (B=8, H=16, one query over an N-token cache):
    measured time of every candidate: dense SDPA; the block-sparse kernel with its default
-   schedule and with each schedule variant of ``runtime.costmodel.VARIANTS`` (tiles, warps,
+   schedule and with each schedule variant of ``planner.costmodel.VARIANTS`` (tiles, warps,
    stages, TMA); token-sparse decode with its default split and each split variant. Every
    variant's output is checked against the default schedule's before it is timed.
 3. Fit each candidate's rates on every grid point (least relative error; one host floor per
@@ -37,7 +37,7 @@ os.environ.setdefault("SPARSE_PLANNER_DENSITY", "0")
 
 from codegen.select.reference import blocks_from_mask  # noqa: E402
 from runtime import costmodel as cm  # noqa: E402
-from runtime import triton_kernels as tk  # noqa: E402
+from runtime.kernels import block_sparse as bsk, token_sparse as tsk  # noqa: E402
 
 BLOCK = 128
 
@@ -122,7 +122,7 @@ def _score(rows, prof, annotate: bool) -> tuple:
                                     Nkv=p["Nkv"], D=p["D"], rho=p["rho"], block=BLOCK) * 1e3
             errs.append(abs(est[cand] - r["measured"][cand]) / r["measured"][cand])
         fam = "block_sparse" if r["case"] == "prefill" else "token_sparse_decode"
-        # what the runtime chooses among: dense and the fitted variants (runtime.costmodel)
+        # what the runtime chooses among: dense and the fitted variants (planner.costmodel)
         choosable = ["dense_sdpa"] + cm.candidates(prof, fam, block=BLOCK, head_dim=r["D"])
         chosen = min((c for c in choosable if c in est), key=est.get)
         best = min(r["measured"].values())
@@ -333,16 +333,16 @@ def main() -> int:
                 counts, idx = blocks_from_mask(sel)
                 rho = block_density(sel, n)
                 kw = dict(block=BLOCK, scale=D ** -0.5, causal=True)
-                ref = tk.block_sparse_attention(q, k, v, counts, idx, **kw)[0].clone()
+                ref = bsk.block_sparse_attention(q, k, v, counts, idx, **kw)[0].clone()
                 fns = {"dense_sdpa": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True),
-                       "block_sparse": lambda: tk.block_sparse_attention(q, k, v, counts, idx, **kw)}
+                       "block_sparse": lambda: bsk.block_sparse_attention(q, k, v, counts, idx, **kw)}
                 for var in variants:
                     if var.family != "block_sparse":
                         continue
                     sch = var.schedule()
-                    got = tk.block_sparse_attention(q, k, v, counts, idx, schedule=sch, **kw)[0]
+                    got = bsk.block_sparse_attention(q, k, v, counts, idx, schedule=sch, **kw)[0]
                     worst_rel = max(worst_rel, common.rel_err(got, ref))
-                    fns[var.name] = (lambda sch=sch: tk.block_sparse_attention(
+                    fns[var.name] = (lambda sch=sch: bsk.block_sparse_attention(
                         q, k, v, counts, idx, schedule=sch, **kw))
                 rows.append(dict(case="prefill", N=n, D=D, H=H, target=d, rho=rho,
                                  measured=measure(fns)))
@@ -356,17 +356,17 @@ def main() -> int:
                 kk = max(1, int(round(d * n)))
                 idx = torch.rand(8, H, 1, n, device=dev).topk(kk, dim=-1).indices.to(torch.int32)
                 kw = dict(scale=D ** -0.5)
-                ref = tk.token_sparse_attention(qd, kd, vd, idx, **kw)[0].clone()
+                ref = tsk.token_sparse_attention(qd, kd, vd, idx, **kw)[0].clone()
                 fns = {"dense_sdpa": lambda: F.scaled_dot_product_attention(qd, kd, vd),
-                       "token_sparse_decode": lambda: tk.token_sparse_attention(qd, kd, vd, idx,
+                       "token_sparse_decode": lambda: tsk.token_sparse_attention(qd, kd, vd, idx,
                                                                                 **kw)}
                 for var in variants:
                     if var.family != "token_sparse_decode":
                         continue
                     ps = var.per_sm
-                    got = tk.token_sparse_attention(qd, kd, vd, idx, split_per_sm=ps, **kw)[0]
+                    got = tsk.token_sparse_attention(qd, kd, vd, idx, split_per_sm=ps, **kw)[0]
                     worst_rel = max(worst_rel, common.rel_err(got, ref))
-                    fns[var.name] = (lambda ps=ps: tk.token_sparse_attention(
+                    fns[var.name] = (lambda ps=ps: tsk.token_sparse_attention(
                         qd, kd, vd, idx, split_per_sm=ps, **kw))
                 rows.append(dict(case="decode", N=n, D=D, H=H, target=d, rho=kk / n,
                                  measured=measure(fns)))

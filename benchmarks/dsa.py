@@ -3,7 +3,7 @@
 Per N in {16384, 65536}, causal, top-k 2048, indexer H_I x d_I (default 4 x 64):
   * ``dsa_fwd``: the whole DSA forward as a compiled site runs it — indexer projections of the
     site's q/k (``runtime.dsa.LightningIndexer``), fused index scoring + top-k
-    (``runtime.indexer_kernels.indexer_topk``, no N x N tensor) and token-sparse attention over
+    (``runtime.kernels.indexer.indexer_topk``, no N x N tensor) and token-sparse attention over
     the lists (one list per query shared by all heads);
   * its parts: ``indexer_proj``, ``indexer_topk``, ``sparse_attend``;
   * ``dense_sdpa``: ``F.scaled_dot_product_attention(is_causal=True)`` (16 KV heads, the
@@ -36,7 +36,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks import common  # noqa: E402
 
 from codegen.token_sparse import token_sparse_attention_ref  # noqa: E402
-from runtime import dsa as dsa_rt, indexer_kernels, triton_kernels as tk  # noqa: E402
+from runtime import dsa as dsa_rt  # noqa: E402
+from runtime.kernels import indexer as ik, indexer_rows, token_sparse as tsk  # noqa: E402
 from runtime.dsa import LightningIndexer  # noqa: E402
 
 DEV = "cuda"
@@ -61,7 +62,7 @@ def check_topk(args, gen):
     qi = torch.randn(1, n, args.index_heads, args.index_dim, device=DEV, generator=gen).to(DT)
     w = torch.randn(1, n, args.index_heads, device=DEV, generator=gen)
     ki = torch.randn(1, n, args.index_dim, device=DEV, generator=gen).to(DT)
-    got = indexer_kernels.indexer_topk(qi, w, ki, k, causal=True)
+    got = ik.indexer_topk(qi, w, ki, k, causal=True)
     ref = indexer_topk_ref(qi, w, ki, k, causal=True)
     sc = indexer_scores_ref(qi, w, ki, causal=True)[0]
     bad = 0
@@ -145,23 +146,23 @@ def run_prefill(N, layout, args, gen):
 
     with torch.no_grad():
         q_i, w, k_i = proj()
-        idx = indexer_kernels.indexer_topk(q_i, w, k_i, args.topk, causal=True)[:, None]
+        idx = ik.indexer_topk(q_i, w, k_i, args.topk, causal=True)[:, None]
 
     def select():
-        return indexer_kernels.indexer_topk(q_i, w, k_i, args.topk, causal=True)
+        return ik.indexer_topk(q_i, w, k_i, args.topk, causal=True)
 
     def attend():
-        return tk.token_sparse_attention(q, k, v, idx, scale=scale)
+        return tsk.token_sparse_attention(q, k, v, idx, scale=scale)
 
     def full():
         a, b, c = proj()
-        ii = indexer_kernels.indexer_topk(a, b, c, args.topk, causal=True)[:, None]
-        return tk.token_sparse_attention(q, k, v, ii, scale=scale)
+        ii = ik.indexer_topk(a, b, c, args.topk, causal=True)[:, None]
+        return tsk.token_sparse_attention(q, k, v, ii, scale=scale)
 
     # correctness of the attention on a subset of rows, poisoned outputs
     out = torch.full((1, H, N, D), float("nan"), device=DEV, dtype=DT)
     lse = torch.full((1, H, N), float("nan"), device=DEV)
-    tk.token_sparse_attention(q, k, v, idx, scale=scale, out=out, lse=lse)
+    tsk.token_sparse_attention(q, k, v, idx, scale=scale, out=out, lse=lse)
     rows = torch.linspace(0, N - 1, 48 if DEV == "cuda" else 8, device=DEV).long()
     ref, _ = token_sparse_attention_ref(q[:, :, rows], k, v, idx[:, :, rows], scale=scale)
     err = common.rel_err(out[:, :, rows], ref)
@@ -185,17 +186,16 @@ def run_prefill(N, layout, args, gen):
     if args.no_backward:
         return
     try:
-        from runtime.token_sparse_autograd import token_sparse_attention_fn
         qg, kg, vg = (t.detach().requires_grad_() for t in (q, k, v))
         go = torch.randn_like(q)
 
         def sparse_fb():
-            o = token_sparse_attention_fn(qg, kg, vg, idx, scale=scale)
+            o = tsk.token_sparse_attention_fn(qg, kg, vg, idx, scale=scale)
             o.backward(go)
 
         def sparse_f():
             with torch.no_grad():
-                token_sparse_attention_fn(qg, kg, vg, idx, scale=scale)
+                tsk.token_sparse_attention_fn(qg, kg, vg, idx, scale=scale)
         fb, f = bench_ms(sparse_fb), bench_ms(sparse_f)
         rec(case="bwd", impl="sparse_bwd", **base, ms=fb - f, fwd_bwd_ms=fb)
     except Exception as e:                                   # report, keep the campaign going
@@ -240,25 +240,25 @@ def run_decode(args, gen, B=8, N=131072):
 
     def step():
         a, b, c = ix(q, k, N - 1)
-        ii = indexer_kernels.indexer_topk(a, b, c, args.topk, causal=True)[:, None]
-        return tk.token_sparse_attention(q, k, v, ii, scale=D ** -0.5)
+        ii = ik.indexer_topk(a, b, c, args.topk, causal=True)[:, None]
+        return tsk.token_sparse_attention(q, k, v, ii, scale=D ** -0.5)
 
     with torch.no_grad():
         rec(case="decode", impl="dsa_step", **base, ms=bench_ms(step))
         a, b, c = ix(q, k, N - 1)
-        ii = indexer_kernels.indexer_topk(a, b, c, args.topk, causal=True)[:, None]
+        ii = ik.indexer_topk(a, b, c, args.topk, causal=True)[:, None]
         # the step's parts: the indexer's projections, its selection, the gather attention;
         # the selection also through the previous path (materialised fp32 score rows)
         rec(case="decode", impl="step_indexer_proj", **base, ms=bench_ms(lambda: ix(q, k, N - 1)))
         rec(case="decode", impl="step_topk", **base,
-            ms=bench_ms(lambda: indexer_kernels.indexer_topk(a, b, c, args.topk, causal=True)))
+            ms=bench_ms(lambda: ik.indexer_topk(a, b, c, args.topk, causal=True)))
         def topk_score_rows():
-            return indexer_kernels._top_of_rows(
-                indexer_kernels.few_row_scores(a, b, c, causal=True),
-                indexer_kernels.visible_counts(1, N, True, a.device), args.topk)
+            return indexer_rows.top_of_rows(
+                indexer_rows.few_row_scores(a, b, c, causal=True),
+                indexer_rows.visible_counts(1, N, True, a.device), args.topk)
 
         want = topk_score_rows()
-        got = indexer_kernels.indexer_topk(a, b, c, args.topk, causal=True)
+        got = ik.indexer_topk(a, b, c, args.topk, causal=True)
         rec(case="check", impl="decode_topk", N=N,
             rows_differing=int((got.sort(-1).values != want.sort(-1).values).any(-1).sum()))
         rec(case="decode", impl="step_topk_score_rows", **base, ms=bench_ms(topk_score_rows))
@@ -269,17 +269,17 @@ def run_decode(args, gen, B=8, N=131072):
         def step_kept():
             qi, wi = ix.queries(q, N - 1)
             ix.keys(k[:, :, -1:], N - 1)           # what extending the kept keys by one costs
-            ii = indexer_kernels.indexer_topk(qi, wi, dsa_rt.index_keys(ix, k), args.topk,
+            ii = ik.indexer_topk(qi, wi, dsa_rt.index_keys(ix, k), args.topk,
                                               causal=True)[:, None]
-            return tk.token_sparse_attention(q, k, v, ii, scale=D ** -0.5)
+            return tsk.token_sparse_attention(q, k, v, ii, scale=D ** -0.5)
 
         qi, wi = ix.queries(q, N - 1)
-        kept = indexer_kernels.indexer_topk(qi, wi, dsa_rt.index_keys(ix, k), args.topk, causal=True)
+        kept = ik.indexer_topk(qi, wi, dsa_rt.index_keys(ix, k), args.topk, causal=True)
         rec(case="check", impl="decode_kept_keys", N=N,
             rows_differing=int((kept.sort(-1).values != got.sort(-1).values).any(-1).sum()))
         rec(case="decode", impl="dsa_step_kept_keys", **base, ms=bench_ms(step_kept))
         rec(case="decode", impl="step_attend", **base,
-            ms=bench_ms(lambda: tk.token_sparse_attention(q, k, v, ii, scale=D ** -0.5)))
+            ms=bench_ms(lambda: tsk.token_sparse_attention(q, k, v, ii, scale=D ** -0.5)))
         ke, ve = k.expand(B, H, N, D), v.expand(B, H, N, D)
 
         def dense():
@@ -312,7 +312,7 @@ def run_attend_sweep(N, gen):
             for stages in (2, 3, 4):
                 sch = Schedule(block_m=16, block_n=bn, num_warps=warps, num_stages=stages)
                 try:
-                    ms = bench_ms(lambda: tk.token_sparse_attention(q, k, v, idx, scale=D ** -0.5,
+                    ms = bench_ms(lambda: tsk.token_sparse_attention(q, k, v, idx, scale=D ** -0.5,
                                                                     schedule=sch))
                     rec(case="sweep", impl="sparse_attend", N=N, block_n=bn, warps=warps,
                         stages=stages, ms=ms)
@@ -320,7 +320,7 @@ def run_attend_sweep(N, gen):
                     rec(case="sweep", impl="sparse_attend", N=N, block_n=bn, warps=warps,
                         stages=stages, error=f"{type(e).__name__}: {e}"[:200])
     rec(case="sweep", impl="sparse_attend_default", N=N,
-        ms=bench_ms(lambda: tk.token_sparse_attention(q, k, v, idx, scale=D ** -0.5)))
+        ms=bench_ms(lambda: tsk.token_sparse_attention(q, k, v, idx, scale=D ** -0.5)))
 
 
 def markdown(meta) -> str:

@@ -22,7 +22,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from runtime import triton_kernels as tk  # noqa: E402
+from runtime.kernels import select as sk  # noqa: E402
 
 
 def main():
@@ -59,73 +59,81 @@ def main():
     for n in (int(x) for x in args.Ns.split(",")):
         q = torch.randn(1, 16, n, 128, device="cuda", dtype=torch.bfloat16, generator=gen)
         k = torch.randn(1, 16, n, 128, device="cuda", dtype=torch.bfloat16, generator=gen)
-        ref_q = tk.pool_blocks(q, 64)
+        ref_q = sk.pool_blocks(q, 64)
         for rows in (32, 64):
             for warps in (1, 2):
                 for bpp in (1, 4):
-                    variant("pool q+k", n, lambda: (tk.pool_blocks(
-                        q, 64, rows=rows, num_warps=warps, blocks_per_program=bpp),
-                        tk.pool_blocks(k, 64, rows=rows, num_warps=warps,
-                                       blocks_per_program=bpp))[0],
+                    sch = sk.SelectSchedule(rows=rows, num_warps=warps, blocks_per_program=bpp)
+                    variant("pool q+k", n, lambda: (sk.pool_blocks(q, 64, schedule=sch),
+                                                    sk.pool_blocks(k, 64, schedule=sch))[0],
                         ref_q, close, rows=rows, warps=warps, per_program=bpp)
         variant("pool q+k (torch mean)", n, lambda: (
             q.unflatten(2, (n // 64, 64)).mean(3, dtype=torch.float32),
             k.unflatten(2, (n // 64, 64)).mean(3, dtype=torch.float32))[0], ref_q, close)
-        dots = torch.matmul(ref_q, tk.pool_blocks(k, 64).transpose(-1, -2))
+        dots = torch.matmul(ref_q, sk.pool_blocks(k, 64).transpose(-1, -2))
         kw = dict(scale=128 ** -0.5, topk=32, sink_blocks=1, local_blocks=1)
-        ref = tk.block_topk_select(dots, n, n, "lower_right", 64, **kw)
+        ref = sk.block_topk_select(dots, n, n, "lower_right", 64, **kw)
         for srt, s32 in ((False, False), (True, False), (True, True)):
             for warps in ((2,) if not srt else (1, 2, 4)):
                 for rpp in (1, 4):
                     variant("select (sorted fp32)" if s32 else "select (sorted)" if srt
                             else "select (rounds)", n,
-                            lambda: tk.block_topk_select(dots, n, n, "lower_right", 64,
-                                                         num_warps=warps, sorted_select=srt,
-                                                         rows_per_program=rpp, sort32=s32, **kw),
+                            lambda: sk.block_topk_select(
+                                dots, n, n, "lower_right", 64, schedule=sk.SelectSchedule(
+                                    num_warps=warps, sorted_select=srt, rows_per_program=rpp,
+                                    sort32=s32), **kw),
                             ref, equal, warps=warps, per_program=rpp)
         for warps in (1, 2, 4):
             for rpp in (1, 4):
-                variant("select (bisect)", n, lambda: tk.block_topk_select(
-                    dots, n, n, "lower_right", 64, num_warps=warps, bisect=True,
-                    rows_per_program=rpp, **kw), ref, equal, warps=warps, per_program=rpp)
+                variant("select (bisect)", n, lambda: sk.block_topk_select(
+                    dots, n, n, "lower_right", 64, schedule=sk.SelectSchedule(
+                        num_warps=warps, bisect=True, rows_per_program=rpp), **kw),
+                    ref, equal, warps=warps, per_program=rpp)
         # auto's selection: a budget of 10% of each query block's allowed blocks
         from runtime.estimators import _budgets
         budget, budget_max = _budgets(n, n, "lower_right", 64, 0.1, dots.device)
         bkw = dict(scale=1.0, topk=n // 64, sink_blocks=1, local_blocks=1, budget=budget,
                    budget_max=budget_max)
-        ref_a = tk.block_topk_select(dots, n, n, "lower_right", 64, bisect=False, **bkw)
+        ref_a = sk.block_topk_select(dots, n, n, "lower_right", 64,
+                                     schedule=sk.SelectSchedule(bisect=False), **bkw)
         for bis in (False, True):
             for warps in (1, 2, 4):
                 variant("select budget 10% (bisect)" if bis else "select budget 10% (sorted fp32)",
-                        n, lambda: tk.block_topk_select(dots, n, n, "lower_right", 64,
-                                                        num_warps=warps, bisect=bis, **bkw),
+                        n, lambda: sk.block_topk_select(
+                            dots, n, n, "lower_right", 64,
+                            schedule=sk.SelectSchedule(num_warps=warps, bisect=bis), **bkw),
                         ref_a, equal, warps=warps)
-        pk_ = tk.pool_blocks(k, 64)
+        pk_ = sk.pool_blocks(k, 64)
         variant("pooled matmul (torch fp32)", n, lambda: torch.matmul(ref_q, pk_.transpose(-1, -2)),
                 None, lambda a, b: True)
         for prec in ("tf32x3", "ieee"):
-            variant(f"pooled_dots ({prec})", n, lambda: tk.pooled_dots(
-                ref_q, pk_, n_q=n, n_kv=n, causal="lower_right", block=64, precision=prec),
+            variant(f"pooled_dots ({prec})", n, lambda: sk.pooled_dots(
+                ref_q, pk_, n_q=n, n_kv=n, causal="lower_right", block=64,
+                schedule=sk.SelectSchedule(precision=prec)),
                 dots, lambda a, b: bool(torch.allclose(a[a > float("-inf")], b[a > float("-inf")],
                                                        rtol=1e-5, atol=1e-5)))
         # Quest: page bounds and the selection of 128 pages of 16 keys
-        ref_b = tk.quest_page_bounds(q, k, page=16, causal="lower_right")
+        ref_b = sk.quest_page_bounds(q, k, page=16, causal="lower_right")
         for tile in (64, 128):
             for warps in (4, 8):
-                variant("quest bounds", n, lambda: tk.quest_page_bounds(
-                    q, k, page=16, causal="lower_right", pages_per_tile=tile, num_warps=warps),
+                variant("quest bounds", n, lambda: sk.quest_page_bounds(
+                    q, k, page=16, causal="lower_right",
+                    schedule=sk.SelectSchedule(pages_per_tile=tile, num_warps=warps)),
                     ref_b, close, rep=20, tile=tile, warps=warps)
         qkw = dict(scale=1.0, topk=128, sink_blocks=0, local_blocks=1)
-        ref_s = tk.block_topk_select(ref_b, n, n, "lower_right", 16, sorted_select=True, **qkw)
+        ref_s = sk.block_topk_select(ref_b, n, n, "lower_right", 16,
+                                     schedule=sk.SelectSchedule(sorted_select=True), **qkw)
         for s32 in (False, True):
             for warps in (4, 8):
                 variant("quest select (sorted fp32)" if s32 else "quest select (sorted)", n,
-                        lambda: tk.block_topk_select(
-                            ref_b, n, n, "lower_right", 16, num_warps=warps, sorted_select=True,
-                            sort32=s32, **qkw), ref_s, equal, rep=10, warps=warps)
+                        lambda: sk.block_topk_select(
+                            ref_b, n, n, "lower_right", 16, schedule=sk.SelectSchedule(
+                                num_warps=warps, sorted_select=True, sort32=s32), **qkw),
+                        ref_s, equal, rep=10, warps=warps)
         for warps in (4, 8, 16):
-            variant("quest select (bisect)", n, lambda: tk.block_topk_select(
-                ref_b, n, n, "lower_right", 16, num_warps=warps, bisect=True, **qkw), ref_s,
+            variant("quest select (bisect)", n, lambda: sk.block_topk_select(
+                ref_b, n, n, "lower_right", 16,
+                schedule=sk.SelectSchedule(num_warps=warps, bisect=True), **qkw), ref_s,
                 equal, rep=10, warps=warps)
         from codegen.select.reference import select_topk_blocks
         variant("quest select (torch)", n, lambda: select_topk_blocks(
@@ -133,29 +141,30 @@ def main():
             ref_s, equal, rep=10)
         ref_b = ref_s = None
         # line statistics of the last 64 rows, and the auto block scores
-        lines_ = tk.last_rows_lines(q, k, scale=128 ** -0.5, causal="lower_right", last_q=64)
+        lines_ = sk.last_rows_lines(q, k, scale=128 ** -0.5, causal="lower_right", last_q=64)
         for tpp in (4, 8, 16, 32):
-            variant("last_rows_lines", n, lambda: tk.last_rows_lines(
+            variant("last_rows_lines", n, lambda: sk.last_rows_lines(
                 q, k, scale=128 ** -0.5, causal="lower_right", last_q=64,
-                tiles_per_program=tpp), lines_, close, rows=64, per_program=tpp)
+                schedule=sk.SelectSchedule(tiles_per_program=tpp)), lines_, close, rows=64, per_program=tpp)
         for tpp in (8, 16):
-            variant("last_rows_lines + pool k (fused)", n, lambda: tk.last_rows_lines(
-                q, k, scale=128 ** -0.5, causal="lower_right", last_q=64, tiles_per_program=tpp,
-                pool_block=64)[1], pk_, close, rows=64, per_program=tpp)
-            variant("last_rows_lines, then pool_blocks(k)", n, lambda: (tk.last_rows_lines(
-                q, k, scale=128 ** -0.5, causal="lower_right", last_q=64, tiles_per_program=tpp),
-                tk.pool_blocks(k, 64))[1], pk_, close, rows=64, per_program=tpp)
+            variant("last_rows_lines + pool k (fused)", n, lambda: sk.last_rows_lines(
+                q, k, scale=128 ** -0.5, causal="lower_right", last_q=64, pool_block=64,
+                schedule=sk.SelectSchedule(tiles_per_program=tpp))[1], pk_, close, rows=64, per_program=tpp)
+            variant("last_rows_lines, then pool_blocks(k)", n, lambda: (sk.last_rows_lines(
+                q, k, scale=128 ** -0.5, causal="lower_right", last_q=64,
+                schedule=sk.SelectSchedule(tiles_per_program=tpp)),
+                sk.pool_blocks(k, 64))[1], pk_, close, rows=64, per_program=tpp)
         variant("line prefix sums (torch cumsum + pad)", n, lambda: torch.nn.functional.pad(
             lines_.cumsum(-1), (1, 0)), None, lambda a, b: True)
-        variant("line prefix sums (line_prefix_sums)", n, lambda: tk.line_prefix_sums(lines_),
+        variant("line prefix sums (line_prefix_sums)", n, lambda: sk.line_prefix_sums(lines_),
                 torch.nn.functional.pad(lines_.cumsum(-1), (1, 0)),
                 lambda a, b: bool(torch.allclose(a, b, rtol=1e-5, atol=1e-4)))
         aware = torch.zeros(1, 16, dtype=torch.bool, device="cuda")
         aware[:, ::2] = True
-        variant("auto_block_scores", n, lambda: tk.auto_block_scores(
+        variant("auto_block_scores", n, lambda: sk.auto_block_scores(
             ref_q, pk_, lines_, aware, n_q=n, causal="lower_right", block=64, scale=128 ** -0.5),
             None, lambda a, b: True)
-        variant("auto_criterion", n, lambda: tk.auto_criterion(
+        variant("auto_criterion", n, lambda: sk.auto_criterion(
             dots[:, :, -1:], lines_, n_q=n, causal="lower_right", block=64, scale=128 ** -0.5,
             tau=0.1), None, lambda a, b: True)
     for r in rows_out:

@@ -37,7 +37,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from codegen.indexer.reference import (indexer_scores_ref, indexer_topk_ref,  # noqa: E402
                                        visible_counts)
-from runtime import indexer_kernels as ik  # noqa: E402
+from runtime.kernels import indexer as ik  # noqa: E402
 
 H_I, D_I, TOPK = 4, 64, 2048
 BF16 = torch.bfloat16

@@ -43,7 +43,7 @@ from benchmarks import common  # noqa: E402
 from codegen.block_sparse import block_sparse_attention_ref, to_flex_block_mask  # noqa: E402
 from codegen.common import BlockSparseSpec, MaskMode, Schedule  # noqa: E402
 from codegen.token_sparse import token_sparse_attention_ref  # noqa: E402
-from runtime import triton_kernels as tk  # noqa: E402
+from runtime.kernels import block_sparse as bsk, token_sparse as tsk  # noqa: E402
 
 DEV = "cuda"
 DT = torch.bfloat16
@@ -172,12 +172,12 @@ def run_prefill(Ns, args, flex):
             flops = flops_causal * dens
             out = torch.full_like(q, float("nan"))
             lse = torch.full((B, H, N), float("nan"), device=DEV)
-            ours = lambda: tk.block_sparse_attention(q, k, v, num, idx, block=BLOCK, scale=scale,  # noqa: E731
+            ours = lambda: bsk.block_sparse_attention(q, k, v, num, idx, block=BLOCK, scale=scale,  # noqa: E731
                                                      causal=True, out=out, lse=lse)
             spec = BlockSparseSpec(head_dim=D, v_head_dim=D, gqa_group=1, pack_gqa=False,
                                    lists_per_group=True, causal=True, dtype="bfloat16",
                                    block=BLOCK, stride_align=8)
-            sched = tk.default_block_sparse_schedule(spec, q.device, idx.shape[-1]).tag()
+            sched = bsk.default_block_sparse_schedule(spec, q.device, idx.shape[-1]).tag()
             try:
                 ours()
                 err = check_prefill(f"ours N={N} {label}", out, q, k, v, num, idx)
@@ -192,7 +192,7 @@ def run_prefill(Ns, args, flex):
             if args.sweep and (N >= 16384 or args.smoke):
                 for sch in SWEEP_BLOCK:
                     try:
-                        fn = lambda: tk.block_sparse_attention(q, k, v, num, idx, block=BLOCK,  # noqa: E731
+                        fn = lambda: bsk.block_sparse_attention(q, k, v, num, idx, block=BLOCK,  # noqa: E731
                                                                scale=scale, causal=True,
                                                                schedule=sch, out=out, lse=lse)
                         out.fill_(float("nan"))
@@ -240,7 +240,7 @@ def run_gqa_packing(gen, n=16384):
     for impl, (n_, i_) in (("ours_packed", (num, idx)),
                            ("ours_per_head", (num.repeat_interleave(4, 1).contiguous(),
                                               idx.repeat_interleave(4, 1).contiguous()))):
-        fn = lambda: tk.block_sparse_attention(q, k, v, n_, i_, block=BLOCK, scale=D ** -0.5,  # noqa: E731
+        fn = lambda: bsk.block_sparse_attention(q, k, v, n_, i_, block=BLOCK, scale=D ** -0.5,  # noqa: E731
                                                causal=True)
         out, _ = fn()
         ref, _ = block_sparse_attention_ref(q[:, :4, -512:], k[:, :1], v[:, :1], num[:, :1, -4:],
@@ -310,7 +310,7 @@ def run_decode(Ns, args, copy_gbps):
         lse = torch.full((B, H, 1), float("nan"), device=DEV)
         schedules = [None] + (SWEEP_TOKEN if args.sweep else [])
         for sch in schedules:
-            fn = lambda: tk.token_sparse_attention(q, k, v, idx, scale=scale, schedule=sch,  # noqa: E731
+            fn = lambda: tsk.token_sparse_attention(q, k, v, idx, scale=scale, schedule=sch,  # noqa: E731
                                                    out=out, lse=lse)
             case = "decode" if sch is None else "sweep_decode"
             try:
@@ -320,8 +320,8 @@ def run_decode(Ns, args, copy_gbps):
                 if sch is None:
                     ms = bench_ms(fn)
                     rec(case=case, N=N, impl="ours", ms=ms, GBps=sel_bytes / ms / 1e6, rel_err=e,
-                        schedule=tk.default_token_sparse_schedule(
-                            tk.TokenSparseSpec(D, D, 1, False, True, "bfloat16", 8), q.device,
+                        schedule=tsk.default_token_sparse_schedule(
+                            tsk.TokenSparseSpec(D, D, 1, False, True, "bfloat16", 8), q.device,
                             B * H, K).tag())
                 else:                       # GPU time alone: CUDA-graph replays
                     ms = graph_ms(fn)
@@ -332,7 +332,7 @@ def run_decode(Ns, args, copy_gbps):
                     error=f"{type(ex).__name__}: {str(ex)[:200]}")
         # without the host's launch overhead: CUDA-graph replays of the same calls
         rec(case="decode", N=N, impl="torch_gather_sdpa_graph", ms=graph_ms(gather_attn))
-        ours = lambda: tk.token_sparse_attention(q, k, v, idx, scale=scale, out=out, lse=lse)  # noqa: E731
+        ours = lambda: tsk.token_sparse_attention(q, k, v, idx, scale=scale, out=out, lse=lse)  # noqa: E731
         out.fill_(float("nan"))
         ms = graph_ms(ours)
         e = check("ours (graph replays)", out)

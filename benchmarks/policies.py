@@ -28,7 +28,7 @@ import planner  # noqa: E402
 import runtime.ops  # noqa: E402,F401
 from codegen.select.reference import block_keep_fn  # noqa: E402
 from runtime import estimators  # noqa: E402
-from runtime import triton_kernels as tk  # noqa: E402
+from runtime.kernels import select as sk  # noqa: E402
 from runtime.providers import _pairs_kept  # noqa: E402
 from runtime.spec import SiteSpec, register  # noqa: E402
 
@@ -91,7 +91,7 @@ def torch_selection_ms(q, k) -> float:
     side-by-side with the selection program."""
     from codegen.select.reference import select_topk_blocks
     pol = planner.policy("quest")
-    sc = tk.quest_page_bounds(q, k, page=pol.page, causal="lower_right")
+    sc = sk.quest_page_bounds(q, k, page=pol.page, causal="lower_right")
     topk = -(-pol.budget // pol.page)
     return bench_ms(lambda: select_topk_blocks(sc, q.shape[2], k.shape[2], "lower_right",
                                                pol.page, topk=topk, sink_blocks=pol.sink_pages,

@@ -20,7 +20,6 @@ the node (or site) of that name.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Optional
 
@@ -34,6 +33,7 @@ from passes.masks import settle_masks
 from passes.mutation import MutationInfo
 from passes.patterns import Match, match_fused, match_matmul_softmax, match_sdpa
 from passes.scores import SCORE_OPS, NoMatch
+from runtime import env
 
 CORE = {"matmul", "softmax", "sdpa"}
 FUSED = {"mha", "encoder_layer", "native_mha"}
@@ -50,7 +50,7 @@ class Unmatched:
 def _debug_filter() -> Optional[set]:
     """None: debug off; empty set: every node; else the node/site names asked for."""
     names, on = set(), False
-    for tok in os.environ.get("PLANNER_DEBUG", "").split(","):
+    for tok in env.planner_debug().split(","):
         tok = tok.strip()
         if tok == "match":
             on = True

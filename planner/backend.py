@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import itertools
-import os
 import threading
 import warnings
 import weakref
@@ -23,7 +22,7 @@ from passes import PassContext, register as register_passes, run_pipeline
 from planner.defaults import DEFAULTS
 from planner.policy import PolicyLike, PolicyMap, as_policy_map
 from planner.report import Report, Site, UnmatchedSoftmax, budget_note
-from runtime import ops, stats
+from runtime import env, ops, stats
 from runtime.cache import KERNELS
 from runtime.env import kernels_mode
 from runtime.spec import lookup
@@ -67,7 +66,7 @@ class Backend:
             try:
                 gm = run_pipeline(gm, ctx)
             except Exception as e:             # never break the user's model: run it as captured
-                if os.environ.get("PLANNER_STRICT", "0") == "1":
+                if env.planner_strict():
                     raise
                 gm.graph = captured
                 gm.recompile()

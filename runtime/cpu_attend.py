@@ -34,7 +34,11 @@ import torch
 import torch.nn.functional as F
 
 from codegen.attention.reference import visible_keys
+from runtime import estimators
+from runtime.dsa import keep_from_indices
+from runtime.env import kernels_mode
 from runtime.policies import SinkWindow
+from runtime.rules import fix_empty_rows, lower_rules
 
 NAME = "cpu_gather"
 MASKED_BELOW = -1e30           # same threshold as codegen.attention.reference
@@ -49,7 +53,6 @@ _STATE = threading.local()
 def _active() -> bool:
     """On unless turned off here or ``SPARSE_PLANNER_KERNELS`` asks for the reference or for
     Triton (which, where it cannot run, leaves the reference with the reason shown)."""
-    from runtime.env import kernels_mode
     return getattr(_STATE, "off", 0) == 0 and kernels_mode() == "auto"
 
 
@@ -67,13 +70,11 @@ def enabled(on: bool = True):
 
 
 def _block_of(spec) -> int:
-    from runtime import estimators
     return int(estimators.block_of(spec))
 
 
 def _token_keep(spec, n_q: int, n_kv: int, device):
     """The policy's token-level keep ``keep(r0, r1) -> bool [b, h, rows, Nkv]``, or None."""
-    from runtime import estimators
     tok = estimators.get(spec.policy).token_keep
     return None if tok is None else tok(spec, n_q, n_kv, device)
 
@@ -134,11 +135,10 @@ def _allowed_per_head(spec, mod_tensors, B: int, Hq: int, n_q: int, n_kv: int) -
 
 def provider(q, k, v, mod_tensors, counts, indices, spec):
     """``(out, (allowed, kept))`` for the cases computed exactly here, else None. A site's
-    window and key validity are applied as boolean masks (``runtime.dispatch.lower_rules``);
+    window and key validity are applied as boolean masks (``runtime.rules.lower_rules``);
     sinks are declined."""
     if not _active():
         return None
-    from runtime.dispatch import fix_empty_rows, lower_rules
     site_spec, site_tensors = spec, mod_tensors
     lowered = lower_rules(spec, mod_tensors, q.shape[2], k.shape[2])
     if lowered is None:
@@ -208,7 +208,6 @@ def _dense(q, k, v, mod_tensors, spec):
 def _token_lists(q, k, v, indices, spec):
     """Token lists (dsa): SDPA under the lists' keep mask (the lists already respect the
     causal rule). kept = listed pairs, allowed = causally visible pairs, per query head."""
-    from runtime.dsa import keep_from_indices
     B, Hq, n_q, _ = q.shape
     n_kv = k.shape[2]
     keep = keep_from_indices(indices, n_kv)(0, n_q)                     # [B, Hs, Nq, Nkv]

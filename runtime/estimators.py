@@ -17,14 +17,15 @@ import torch
 
 from codegen.attention.reference import positions_offset
 from codegen.select import policies as P
-from runtime import dsa
-from runtime.env import kernels_mode
-from runtime.policies import (DSA, PRESETS, Auto, BigBird, BlockTopK, Dense, Longformer, Policy,
-                              Quest, SinkWindow, Threshold, VerticalSlash)
 from codegen.select.reference import (allowed_blocks, block_bounds, group_block_probs,
                                       pooled_block_logits, pooled_block_scores,
                                       select_topk_blocks, structural_blocks, topk_width,
                                       window_blocks, window_keep_fn)
+from runtime import dsa, page_summaries
+from runtime.kernels import select as sk
+from runtime.kernels.launch import MAX_HEAD_DIM, kernels_enabled
+from runtime.policies import (DSA, PRESETS, Auto, BigBird, BlockTopK, Dense, Longformer, Policy,
+                              Quest, SinkWindow, Threshold, VerticalSlash)
 
 
 def _cdiv(a, b):
@@ -65,49 +66,31 @@ def _grid_shape(q, k, spec):
 # With GQA groups of several heads, score is the group's mean block probabilities from the same
 # pooling and products (each head's softmax over its allowed blocks, a few tensor operations),
 # and select ranks them with the same program.
-def kernels_take(t: torch.Tensor) -> bool:
-    """Whether the Triton estimator kernels may read this 4-d tensor: a CUDA device (or the CPU
-    under Triton's interpreter with SPARSE_PLANNER_KERNELS=triton, which has no bfloat16), a
-    float dtype, a head dim up to ``MAX_HEAD_DIM``."""
-    mode = kernels_mode()
-    if mode == "reference" or t.dim() != 4:
-        return False
-    if t.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        return False
-    if t.device.type == "cpu":
-        if mode != "triton" or t.dtype == torch.bfloat16:
-            return False
-    elif t.device.type != "cuda":
-        return False
-    from runtime import triton_kernels as tk
-    return tk.available(t.device) and t.shape[-1] <= tk.MAX_HEAD_DIM
-
-
 def _kernels_ok(q, k, spec, *, one_head: bool) -> bool:
-    """Whether the Triton estimators may run for this call: no mask tensors, q on the kernels
-    (``kernels_take``), k of q's dtype, and (``one_head``) one query head per KV head."""
+    """Whether the Triton estimators may run for this call: no mask tensors, q a 4-d tensor
+    the kernels take (``kernels_enabled``, head dim up to ``MAX_HEAD_DIM``), k of q's dtype,
+    and (``one_head``) one query head per KV head."""
     if (spec.mods or spec.window or spec.kv_valid
             or (one_head and q.dim() == 4 and q.shape[1] != k.shape[1])):
         return False
-    return k.dtype == q.dtype and kernels_take(q)
+    return (k.dtype == q.dtype and kernels_enabled(q) and q.dim() == 4
+            and q.shape[-1] <= MAX_HEAD_DIM)
 
 
 def _bt_kernels(q, k, spec, *, grouped: bool = False) -> bool:
     """The pooled estimator and the selection program in Triton; ``grouped``: also for GQA
     groups of several query heads (block_topk's group path), else one head per group."""
-    from runtime import triton_kernels as tk
     return (_kernels_ok(q, k, spec, one_head=not grouped)
-            and _cdiv(k.shape[2], block_of(spec)) <= tk.BLOCK_TOPK_MAX_NKB)
+            and _cdiv(k.shape[2], block_of(spec)) <= sk.BLOCK_TOPK_MAX_NKB)
 
 
 def _group_block_scores(q, k, spec, block: int) -> torch.Tensor:
     """``pooled_block_scores`` from the Triton pooling and pooled products: each query head's
     softmax over the key blocks its query block may see, averaged over the heads of a group;
     fp32 [B, Hkv, NQB, NKB], -inf where no pair is allowed."""
-    from runtime import triton_kernels as tk
     B, Hkv, G = q.shape[0], k.shape[1], q.shape[1] // k.shape[1]
-    dots = tk.pooled_dots(tk.pool_blocks(q, block),
-                          tk.pool_blocks(k, block).repeat_interleave(G, dim=1), n_q=q.shape[2],
+    dots = sk.pooled_dots(sk.pool_blocks(q, block),
+                          sk.pool_blocks(k, block).repeat_interleave(G, dim=1), n_q=q.shape[2],
                           n_kv=k.shape[2], causal=spec.causal, block=block)
     return group_block_probs(dots.mul_(spec.scale).view(B, Hkv, G, *dots.shape[2:]),
                              _hidden_blocks(q.shape[2], k.shape[2], spec.causal, block, q.device))
@@ -125,25 +108,22 @@ def _lines_kernels(q, k, spec, last_q: int) -> bool:
     if spec.causal not in ("lower_right", "upper_left") or not _kernels_ok(q, k, spec,
                                                                           one_head=False):
         return False
-    from runtime import triton_kernels as tk
     n_q, n_kv = q.shape[2], k.shape[2]
     rows = min(last_q, n_q)
-    return rows <= tk.LINES_MAX_ROWS and n_q - rows + positions_offset(spec.causal, n_q, n_kv) >= 0
+    return rows <= sk.LINES_MAX_ROWS and n_q - rows + positions_offset(spec.causal, n_q, n_kv) >= 0
 
 
 def _lines(q, k, spec, last_q: int) -> torch.Tensor:
     """vslash_estimate's [B, Hkv, 2, Nkv] statistics, in Triton where it can run."""
     if _lines_kernels(q, k, spec, last_q):
-        from runtime import triton_kernels as tk
-        return tk.last_rows_lines(q, k, scale=spec.scale, causal=spec.causal, last_q=last_q)
+        return sk.last_rows_lines(q, k, scale=spec.scale, causal=spec.causal, last_q=last_q)
     return None
 
 
 def _bt_score(q, k, mods, spec):
     if _bt_kernels(q, k, spec):
-        from runtime import triton_kernels as tk
         b = spec.policy.block
-        return tk.pooled_dots(tk.pool_blocks(q, b), tk.pool_blocks(k, b), n_q=q.shape[2],
+        return sk.pooled_dots(sk.pool_blocks(q, b), sk.pool_blocks(k, b), n_q=q.shape[2],
                               n_kv=k.shape[2], causal=spec.causal, block=b)
     if _bt_kernels(q, k, spec, grouped=True):     # GQA: the group's mean block probabilities
         return _group_block_scores(q, k, spec, spec.policy.block)
@@ -156,9 +136,8 @@ def _bt_score(q, k, mods, spec):
 def _bt_select(sc, q, k, spec):
     p = spec.policy
     if _bt_kernels(q, k, spec, grouped=True):
-        from runtime import triton_kernels as tk
         one_head = q.shape[1] == k.shape[1]       # one head: unscaled logits; groups: scores
-        return tk.block_topk_select(sc, q.shape[2], k.shape[2], spec.causal, p.block,
+        return sk.block_topk_select(sc, q.shape[2], k.shape[2], spec.causal, p.block,
                                     scale=spec.scale if one_head else 1.0, topk=p.topk,
                                     sink_blocks=p.sink_blocks, local_blocks=p.local_blocks)
     return select_topk_blocks(sc, q.shape[2], k.shape[2], spec.causal, p.block, topk=p.topk,
@@ -179,8 +158,7 @@ def _th_score(q, k, mods, spec):
 def _th_select(sc, q, k, spec):
     p = spec.policy
     if _bt_kernels(q, k, spec, grouped=True):
-        from runtime import triton_kernels as tk
-        return tk.threshold_select(sc, q.shape[2], k.shape[2], spec.causal, p.block,
+        return sk.threshold_select(sc, q.shape[2], k.shape[2], spec.causal, p.block,
                                    gamma=p.gamma, min_budget=p.min_budget,
                                    max_budget=p.max_budget or None, sink_blocks=p.sink_blocks,
                                    local_blocks=p.local_blocks)
@@ -210,34 +188,26 @@ def _vs_select(sc, q, k, spec):
 # products per tile of pages, the max over each query block's rows and the group's heads in
 # registers), the selection by the block_topk selection program.
 def _q_kernels(q, k, spec) -> bool:
-    from runtime import triton_kernels as tk
     page = spec.policy.page
-    return (_kernels_ok(q, k, spec, one_head=False) and tk.quest_page_ok(page)
-            and _cdiv(k.shape[2], page) <= tk.BLOCK_TOPK_MAX_NKB)
+    return (_kernels_ok(q, k, spec, one_head=False) and sk.quest_page_ok(page)
+            and _cdiv(k.shape[2], page) <= sk.BLOCK_TOPK_MAX_NKB)
 
 
 def _q_score(q, k, mods, spec):
     if _q_kernels(q, k, spec):
-        from runtime import page_summaries, triton_kernels as tk
         page = spec.policy.page
-        return tk.quest_page_bounds(q, k, page=page, causal=spec.causal,
+        return sk.quest_page_bounds(q, k, page=page, causal=spec.causal,
                                     summaries=page_summaries.lookup(k, page))
     return P.quest_estimate(q, k, spec.policy.page, _allowed(q, k, mods, spec))
 
 
 def _q_select(sc, q, k, spec):
-    from runtime import triton_kernels as tk
     p = spec.policy
     topk = math.ceil(p.budget / p.page)
-    # with a sort, wider rows than the selection program sorts well go to torch.topk
-    # (benchmarks/results/estimators_h100.md), unless there are few of them (decode: one
-    # query block per head), where the program's rounds of max beat torch's many small ops;
-    # the counting-pass threshold (tk.SELECT_BISECT) beats torch.topk at every width measured
-    rows = sc.shape[0] * sc.shape[1] * sc.shape[2]
-    if _q_kernels(q, k, spec) and (tk.SELECT_BISECT
-                                   or _cdiv(k.shape[2], p.page) <= tk.SORTED_SELECT_MAX_NKB
-                                   or rows <= tk.WIDE_SELECT_MAX_ROWS):
-        return tk.block_topk_select(sc, q.shape[2], k.shape[2], spec.causal, p.page, scale=1.0,
+    # the selection program's counting-pass threshold beats torch.topk at every width measured
+    # (benchmarks/results/estimators_h100.md), decode's few wide rows included
+    if _q_kernels(q, k, spec):
+        return sk.block_topk_select(sc, q.shape[2], k.shape[2], spec.causal, p.page, scale=1.0,
                                     topk=topk, sink_blocks=p.sink_pages,
                                     local_blocks=p.local_pages)
     return select_topk_blocks(sc, q.shape[2], k.shape[2], spec.causal, p.page, topk=topk,
@@ -290,15 +260,14 @@ def _auto_kernels(q, k, spec) -> bool:
 def _auto_score(q, k, mods, spec):
     p = spec.policy
     if _auto_kernels(q, k, spec):
-        from runtime import triton_kernels as tk
         b = p.block
-        pq = tk.pool_blocks(q, b)
-        lines, pk = tk.last_rows_lines(q, k, scale=spec.scale, causal=spec.causal, last_q=b,
+        pq = sk.pool_blocks(q, b)
+        lines, pk = sk.last_rows_lines(q, k, scale=spec.scale, causal=spec.causal, last_q=b,
                                        pool_block=b)
         last = torch.matmul(pq[:, :, -1:], pk.transpose(-1, -2))      # the last query block
-        aware = tk.auto_criterion(last, lines, n_q=q.shape[2], causal=spec.causal, block=b,
+        aware = sk.auto_criterion(last, lines, n_q=q.shape[2], causal=spec.causal, block=b,
                                   scale=spec.scale, tau=p.tau, as_int32=True)
-        return tk.auto_block_scores(pq, pk, lines, aware, n_q=q.shape[2], causal=spec.causal,
+        return sk.auto_block_scores(pq, pk, lines, aware, n_q=q.shape[2], causal=spec.causal,
                                     block=b, scale=spec.scale)
     scores, _ = P.auto_estimate(q, k, spec.scale, spec.mods, spec.split(mods)[0], spec.causal, p.block,
                                 _allowed(q, k, mods, spec), p.tau)
@@ -338,10 +307,9 @@ def _auto_width(q, k, spec) -> int:
 def _auto_select(sc, q, k, spec):
     p = spec.policy
     if _auto_kernels(q, k, spec):
-        from runtime import triton_kernels as tk
         n_q, n_kv, b = q.shape[2], k.shape[2], p.block
         budget, budget_max = _budgets(n_q, n_kv, spec.causal, b, p.target_density, sc.device)
-        return tk.block_topk_select(sc, n_q, n_kv, spec.causal, b, scale=1.0, topk=budget_max,
+        return sk.block_topk_select(sc, n_q, n_kv, spec.causal, b, scale=1.0, topk=budget_max,
                                     sink_blocks=p.sink_blocks, local_blocks=p.local_blocks,
                                     budget=budget, budget_max=budget_max)
     counts, idx = P.select_budget_fraction(sc, q.shape[2], k.shape[2], spec.causal, p.block,

@@ -39,7 +39,8 @@ import warnings
 from pathlib import Path
 from typing import Optional, Union
 
-CACHE_ENV = "SPARSE_PLANNER_CACHE"
+from runtime.env import CACHE_ENV, cache_root
+
 
 
 def source_key(source: str) -> str:
@@ -81,9 +82,7 @@ def cache_dir() -> Path:
     """Where rendered kernel sources live: ``$SPARSE_PLANNER_CACHE`` or
     ``~/.cache/sparse_planner``, created with mode 0o700, checked by ``check_private_dir``,
     symlinks resolved (so the checked folder is the one written to)."""
-    root = os.environ.get(CACHE_ENV) or os.path.join(
-        os.path.expanduser("~"), ".cache", "sparse_planner")
-    p = Path(root)
+    p = Path(cache_root())
     if not p.exists():
         p.mkdir(mode=0o700, parents=True, exist_ok=True)
     p = p.resolve()

@@ -118,7 +118,7 @@ def _attend_backward(ctx, grad):
         return (*(torch.zeros_like(t) if n else None for t, n in zip((q, k, v), need)),
                 no_mods, None, None, None)
     if ctx.lse is not None:
-        from runtime.triton_kernels import token_sparse_attention_bwd
+        from runtime.kernels.token_sparse import token_sparse_attention_bwd
         out = saved[5 + ctx.n_mods]
         grads = token_sparse_attention_bwd(q, k, v, indices, out, ctx.lse, grad.to(out.dtype),
                                            scale=lookup(ctx.key).scale)

@@ -12,7 +12,7 @@ the answer never depends on whether they were kept. Extending moves the summarie
 ``past`` to the result: ``past`` itself is not expected again (a cache holds the newest keys).
 
 Layout: ``[B * Hkv, capacity, D padded to a power of two]`` in the keys' dtype, the capacity
-doubled as the cache grows (``runtime.triton_kernels.quest_page_summaries``).
+doubled as the cache grows (``runtime.kernels.select.quest_page_summaries``).
 """
 from __future__ import annotations
 
@@ -23,8 +23,8 @@ from typing import Optional
 import torch
 
 from codegen.common import next_pow2
-from runtime import triton_kernels as tk
-from runtime.estimators import kernels_take
+from runtime.kernels import select as sk
+from runtime.kernels.launch import MAX_HEAD_DIM, kernels_enabled
 from runtime.tensor_notes import TensorNotes
 
 #: pages computed and extensions that found the past's summaries (for tests and reports)
@@ -59,7 +59,8 @@ def lookup(k: torch.Tensor, page: int) -> Optional[tuple]:
 
 
 def usable(k: torch.Tensor, page: int) -> bool:
-    return kernels_take(k) and tk.quest_page_ok(page)
+    return (kernels_enabled(k) and k.dim() == 4 and k.shape[-1] <= MAX_HEAD_DIM
+            and sk.quest_page_ok(page))
 
 
 def extend(past: torch.Tensor, out: torch.Tensor, page: int) -> None:
@@ -86,6 +87,6 @@ def extend(past: torch.Tensor, out: torch.Tensor, page: int) -> None:
         d_p = next_pow2(max(D, 16))
         mx = out.new_zeros((B * H, n_p, d_p))
         mn = out.new_zeros((B * H, n_p, d_p))
-    tk.quest_page_summaries(out, page, mx, mn, first_page=first)
+    sk.quest_page_summaries(out, page, mx, mn, first_page=first)
     COUNTERS["pages"] += (n_p - first) * B * H
     _STATE.put(out, Summary(page, n, mx, mn))

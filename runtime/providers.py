@@ -17,16 +17,20 @@ is never approximated silently.
 from __future__ import annotations
 
 import functools
-import os
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
-from codegen.attention.reference import positions_offset, visible_keys
-from codegen.select.reference import mask_from_blocks, window_pairs
-from runtime import dispatch, estimators
-from runtime.env import kernels_mode
+from codegen.attention.reference import (MASKED_BELOW, attention_reference, positions_offset,
+                                         visible_keys)
+from codegen.block_sparse import mask_block_summary, prune_block_lists
+from codegen.select.reference import (blocks_from_mask, mask_from_blocks, structural_blocks,
+                                      window_pairs)
+from runtime import cpu_attend, dispatch, env, estimators, plan
+from runtime.kernels import block_sparse, token_sparse
+from runtime.kernels.launch import kernels_enabled
+from runtime.rules import (dense_variant, fix_empty_rows, keep_of, reference_rules, sdpa_args,
+                           sdpa_attention)
 from runtime.spec import SiteSpec
 from runtime.tensor_notes import TensorNotes
 
@@ -40,43 +44,12 @@ def _causal_flag(spec: SiteSpec, n_q: int, n_kv: int) -> Optional[bool]:
     return None
 
 
-def sdpa_args(spec: SiteSpec, n_q: int, n_kv: int):
-    """How to run a site as one exact ``F.scaled_dot_product_attention`` call:
-    ``(mask_kind, is_causal)`` with mask_kind None / "add" / "keep" / "fill" (masked_fill with
-    -inf: SDPA's mask is the negation), or None when SDPA cannot express the site's modifiers
-    and causal rule. Used at run time here and at compile time by ``plan_schedule``."""
-    mods = spec.mods
-    if spec.rules:                        # window, sinks, key validity: not SDPA arguments
-        return None
-    if len(mods) > 1 or (mods and mods[0][0] not in ("add", "keep", "fill")):
-        return None
-    if mods and mods[0][0] == "fill" and mods[0][1] != float("-inf"):
-        return None
-    if spec.causal is None:
-        is_causal = False
-    elif spec.causal == "upper_left" or n_q == n_kv:
-        is_causal = True
-    elif n_q == 1:
-        is_causal = False                 # a single query at the last position sees every key
-    else:
-        return None
-    if is_causal and mods:
-        return None                       # SDPA takes a mask or is_causal, not both
-    return (mods[0][0] if mods else None), is_causal
-
-
 def sdpa_dense(q, k, v, mods, counts, indices, spec: SiteSpec):
-    if not spec.policy.is_dense or q.device.type != "cuda" or kernels_mode() == "reference":
+    if (not spec.policy.is_dense or q.device.type != "cuda"
+            or env.kernels_mode() == "reference"):
         return None
-    how = sdpa_args(spec, q.shape[2], k.shape[2])
-    if how is None:
-        return None
-    kind, is_causal = how
-    mask = None if kind is None else (torch.logical_not(mods[0]) if kind == "fill" else mods[0])
-    kw = {"enable_gqa": True} if spec.gqa_group > 1 else {}
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
-                                         scale=spec.scale, **kw)
-    return out, None
+    out = sdpa_attention(q, k, v, mods, spec)
+    return None if out is None else (out, None)
 
 
 @functools.lru_cache(maxsize=64)
@@ -171,7 +144,6 @@ def _visible_lists(n_q: int, n_kv: int, causal, window: int, block: int, device)
     """Block lists [1, 1, NQB] / [1, 1, NQB, W] of every key block the causal rule and the
     window leave visible (a dense site's lists for the block-sparse kernel; built once per
     shape, not to be written to)."""
-    from codegen.select.reference import blocks_from_mask, structural_blocks
     vis = structural_blocks(n_q, n_kv, causal, block, device, window=window)
     return blocks_from_mask(vis[None, None])
 
@@ -196,7 +168,7 @@ def kernel_mods(spec: SiteSpec, mods: list) -> Optional[tuple]:
             return cap, t, "add", True
         if kind == "keep":
             return cap, t if t.dtype == torch.bool else t != 0, "keep", False
-        if kind == "fill" and arg[0] <= dispatch.MASKED_BELOW:
+        if kind == "fill" and arg[0] <= MASKED_BELOW:
             return cap, torch.logical_not(t.to(torch.bool)), "keep", arg[0] != float("-inf")
         return None
     total = None                          # several masks / biases: one additive tensor
@@ -205,7 +177,7 @@ def kernel_mods(spec: SiteSpec, mods: list) -> Optional[tuple]:
             a = t.float()
         elif kind == "keep":
             a = torch.zeros(t.shape, device=t.device).masked_fill(~t.to(torch.bool), -torch.inf)
-        elif kind == "fill" and arg[0] <= dispatch.MASKED_BELOW:
+        elif kind == "fill" and arg[0] <= MASKED_BELOW:
             # s.masked_fill(t, v) with v <= -1e30: s + v rounds to v where it applies
             a = torch.zeros(t.shape, device=t.device).masked_fill(t.to(torch.bool), arg[0])
         else:
@@ -221,17 +193,15 @@ def _uniform_rows_fixed(out, lse, q, k, v, tensors, counts, indices, spec):
     empty = lse == -torch.inf
     if not bool(empty.any()):
         return out
-    keep = dispatch._keep_of(spec, counts, indices, q.shape[2], k.shape[2], q.device)
-    kinds, mods, sinks = dispatch.reference_rules(spec, tensors, k.shape[2])
-    from codegen.attention.reference import attention_reference
+    keep = keep_of(spec, counts, indices, q.shape[2], k.shape[2], q.device)
+    kinds, mods, sinks = reference_rules(spec, tensors, k.shape[2])
     ref, _ = attention_reference(q, k, v, scale=spec.scale, mods=kinds, mod_tensors=mods,
                                  causal=spec.causal, keep=keep, sinks=sinks, window=spec.window)
     return torch.where(empty[..., None], ref, out)
 
 
 def triton_block_sparse(q, k, v, tensors, counts, indices, spec: SiteSpec):
-    mode = kernels_mode()
-    if mode == "reference":
+    if not kernels_enabled(q):
         return None
     pol = spec.policy
     # a dense site SDPA cannot run (the model's rules, a soft-cap, several masks): every
@@ -245,11 +215,6 @@ def triton_block_sparse(q, k, v, tensors, counts, indices, spec: SiteSpec):
     if km is None:
         return None
     cap, mask, mask_kind, finite = km
-    if q.device.type == "cpu" and mode != "triton":
-        return None
-    from runtime import triton_kernels as tk
-    if not tk.available(q.device) or q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        return None
     block = DENSE_RULES_BLOCK if dense_rules else estimators.block_of(spec)
     if block < 16 or block & (block - 1):
         return None
@@ -275,29 +240,24 @@ def triton_block_sparse(q, k, v, tensors, counts, indices, spec: SiteSpec):
         indices = indices.expand(q.shape[0], k.shape[1], -1, -1)
     site_counts, site_indices = counts, indices
     flags = None
-    if mask is not None:                 # blocks the mask empties leave the lists; partial
-        from codegen.block_sparse import mask_block_summary, prune_block_lists   # ones read it
+    if mask is not None:      # blocks the mask empties leave the lists; partial ones read it
         summary = mask_block_summary(mask, mask_kind, block=block, n_q=n_q, n_kv=n_kv)
         counts, indices, flags = prune_block_lists(counts.contiguous(), indices.contiguous(),
                                                    summary)
-    from runtime import plan
     var = None if dense_rules else plan.variant(spec, q, k)   # cost model's schedule or default
     sch = var.schedule() if var is not None and var.family == "block_sparse" else None
     # the cost model's variants are Triton tile schedules: where the warp-specialized Hopper
     # kernel covers the call it runs instead (hopper_first)
-    out, lse, ran = tk.block_sparse_attention(q, k, v, counts, indices, block=block,
-                                              scale=spec.scale, causal=causal, sink=sink,
-                                              window=window, schedule=sch, hopper_first=True,
-                                              return_schedule=True, sinks=sinks,
-                                              kv_start=start, kv_end=end, softcap=cap,
-                                              mask=mask, mask_kind=mask_kind, mask_flags=flags)
-    from runtime.dispatch import fix_empty_rows
+    out, lse, ran = block_sparse.block_sparse_attention(
+        q, k, v, counts, indices, block=block, scale=spec.scale, causal=causal, sink=sink,
+        window=window, schedule=sch, hopper_first=True, return_schedule=True, sinks=sinks,
+        kv_start=start, kv_end=end, softcap=cap, mask=mask, mask_kind=mask_kind, mask_flags=flags)
     out = fix_empty_rows(out, v, spec, valid, n_q, n_kv)
     if finite and sinks is None:
         out = _uniform_rows_fixed(out, lse, q, k, v, tensors, site_counts, site_indices,
                                   _dense_variant_if(spec, dense_rules))
     tag = "wgmma" if ran.wgmma else (var.tag if sch is not None else "")
-    if os.environ.get("SPARSE_PLANNER_DENSITY", "1") == "0":
+    if not env.density_counting():
         return out, None, tag
     if dense_rules:
         return out, None, tag            # every visible pair: density 1 by construction
@@ -318,7 +278,7 @@ def triton_block_sparse(q, k, v, tensors, counts, indices, spec: SiteSpec):
 
 
 def _dense_variant_if(spec: SiteSpec, dense: bool) -> SiteSpec:
-    return spec if not dense or spec.policy.is_dense else dispatch._dense_variant(spec)
+    return spec if not dense or spec.policy.is_dense else dense_variant(spec)
 
 
 def _rule_pairs_per_block(n_q: int, n_kv: int, block: int, spec: SiteSpec, start, end,
@@ -366,10 +326,8 @@ def _pairs_kept_rules(counts, indices, block, n_q, n_kv, spec, start, end):
 
 def triton_token_sparse(q, k, v, tensors, counts, indices, spec: SiteSpec):
     """Token lists (``dsa``): the gather kernel; the lists already respect causality."""
-    mode = kernels_mode()
-    if mode == "reference" or spec.policy.attend_kind != "token" or not indices.numel():
-        return None
-    if spec.window or (q.device.type == "cpu" and mode != "triton"):
+    if (not kernels_enabled(q) or spec.policy.attend_kind != "token" or not indices.numel()
+            or spec.window):
         return None
     mods, sinks, valid = spec.split(tensors)
     km = kernel_mods(spec, mods)
@@ -382,23 +340,18 @@ def triton_token_sparse(q, k, v, tensors, counts, indices, spec: SiteSpec):
         if ranges is None:
             return None
         start, end = ranges
-    from runtime import triton_kernels as tk
-    if not tk.available(q.device) or q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        return None
-    from runtime import plan
     var = plan.variant(spec, q, k)            # decode: the cost model's split of the lists
     per_sm = var.per_sm if var is not None and var.family == "token_sparse_decode" else None
     tag = var.tag if per_sm is not None else ""
-    out, lse = tk.token_sparse_attention(q, k, v, indices, scale=spec.scale, split_per_sm=per_sm,
-                                         sinks=sinks, kv_start=start, kv_end=end, softcap=cap,
-                                         mask=mask, mask_kind=mask_kind)
-    from runtime.dispatch import fix_empty_rows
+    out, lse = token_sparse.token_sparse_attention(
+        q, k, v, indices, scale=spec.scale, split_per_sm=per_sm, sinks=sinks, kv_start=start,
+        kv_end=end, softcap=cap, mask=mask, mask_kind=mask_kind)
     out = fix_empty_rows(out, v, spec, valid, q.shape[2], k.shape[2])
     if finite and sinks is None:
         out = _uniform_rows_fixed(out, lse, q, k, v, tensors, counts, indices, spec)
     if (q.requires_grad or k.requires_grad or v.requires_grad) and not spec.rules and not spec.mods:
         remember_lse(out, lse)                    # the backward starts from it (no re-run)
-    if os.environ.get("SPARSE_PLANNER_DENSITY", "1") == "0":
+    if not env.density_counting():
         return out, None, tag
     if valid is not None or mask is not None:
         return out, None, tag                     # per-row lengths, mask tensors: not counted
@@ -425,7 +378,6 @@ def take_lse(out: torch.Tensor) -> Optional[torch.Tensor]:
 
 
 def register_all() -> None:
-    from runtime import cpu_attend
     dispatch.register_attend("sdpa_dense", sdpa_dense)
     dispatch.register_attend("triton_block_sparse", triton_block_sparse)
     dispatch.register_attend("triton_token_sparse", triton_token_sparse)

@@ -7,11 +7,12 @@ import torch.nn.functional as F
 import planner
 from codegen.select.reference import (_pool, allowed_blocks, pooled_block_logits,
                                       select_topk_blocks)
-from runtime import estimators, triton_kernels as tk
+from runtime import estimators
+from runtime.kernels import launch, select as sk
 from runtime.spec import SiteSpec
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
-pytestmark = pytest.mark.skipif(not tk.available(DEV), reason="needs CUDA or TRITON_INTERPRET=1")
+pytestmark = pytest.mark.skipif(not launch.runs_triton(DEV), reason="needs CUDA or TRITON_INTERPRET=1")
 
 LENGTHS = [(63, 63), (100, 100), (200, 200), (63, 200), (200, 100), (1, 100)]
 BUDGETS = [(0, 1, 1), (1, 0, 0), (3, 2, 1), (3, 0, 2), (1, 2, 0), (0, 0, 2)]
@@ -33,7 +34,7 @@ def test_selection_matches_reference(nq, nkv, block, causal):
     dots = torch.matmul(_pool(q, block), _pool(k, block).transpose(-1, -2))
     for topk, sink, local in BUDGETS:
         want = _reference(q, k, 0.3, causal, block, topk, sink, local)
-        got = tk.block_topk_select(dots, nq, nkv, causal, block, scale=0.3, topk=topk,
+        got = sk.block_topk_select(dots, nq, nkv, causal, block, scale=0.3, topk=topk,
                                    sink_blocks=sink, local_blocks=local)
         assert got[1].shape == want[1].shape, (topk, sink, local)
         assert torch.equal(got[0], want[0]), (topk, sink, local)
@@ -43,8 +44,8 @@ def test_selection_matches_reference(nq, nkv, block, causal):
 @pytest.mark.parametrize("n,block", [(63, 16), (100, 32), (200, 16), (5, 32)])
 def test_pooling_matches_reference(n, block):
     x = torch.randn(2, 3, n, 40, device=DEV).transpose(1, 2).contiguous().transpose(1, 2)
-    torch.testing.assert_close(tk.pool_blocks(x, block), _pool(x, block), rtol=1e-6, atol=1e-6)
-    assert torch.equal(tk.pool_blocks(x, block, blocks_per_program=3), tk.pool_blocks(x, block))
+    torch.testing.assert_close(sk.pool_blocks(x, block), _pool(x, block), rtol=1e-6, atol=1e-6)
+    assert torch.equal(sk.pool_blocks(x, block, schedule=sk.SelectSchedule(blocks_per_program=3)), sk.pool_blocks(x, block))
 
 
 @pytest.mark.parametrize("causal", ["lower_right", None])
@@ -102,8 +103,8 @@ def test_compiled_block_topk_matches_reference(monkeypatch):
     f_ref = planner.compile(_attn, policy=pol, cost_model="off")
     ref = f_ref(q, k, v)
     calls = []
-    real = tk.block_topk_select
-    monkeypatch.setattr(tk, "block_topk_select", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    real = sk.block_topk_select
+    monkeypatch.setattr(sk, "block_topk_select", lambda *a, **kw: calls.append(1) or real(*a, **kw))
     monkeypatch.setenv("SPARSE_PLANNER_KERNELS", "triton")
     f = planner.compile(_attn, policy=pol, cost_model="off")
     out = f(q, k, v)
@@ -114,7 +115,7 @@ def test_compiled_block_topk_matches_reference(monkeypatch):
     assert site.density == pytest.approx(planner.inspect(f_ref).sites[0].density)
 
 
-@pytest.mark.skipif(not tk.has_tl_topk(), reason="this Triton has no tl.topk")
+@pytest.mark.skipif(not sk.has_tl_topk(), reason="this Triton has no tl.topk")
 @pytest.mark.parametrize("nqb,nkb,topk,causal", [(5, 37, 5, "lower_right"), (8, 64, 32, "lower_right"),
                                                  (3, 100, 7, None), (4, 20, 30, "upper_left"),
                                                  (6, 50, 0, "lower_right")])
@@ -123,17 +124,22 @@ def test_sorted_selection_equals_rounds(nqb, nkb, topk, causal):
     d = torch.randn(2, 3, nqb, nkb, device=DEV)
     d[0, 0, :, :10] = 1.0                                   # ties: the lower block id wins
     kw = dict(scale=0.3, topk=topk, sink_blocks=1, local_blocks=1)
-    a = tk.block_topk_select(d, nqb * 16, nkb * 16, causal, 16, sorted_select=False, **kw)
-    b = tk.block_topk_select(d, nqb * 16, nkb * 16, causal, 16, sorted_select=True,
-                             sort32=False, **kw)        # int64 keys: value and block id
+    a = sk.block_topk_select(d, nqb * 16, nkb * 16, causal, 16,
+                             schedule=sk.SelectSchedule(sorted_select=False), **kw)
+    b = sk.block_topk_select(d, nqb * 16, nkb * 16, causal, 16,
+                             schedule=sk.SelectSchedule(sorted_select=True, sort32=False),
+                             **kw)                      # int64 keys: value and block id
     assert all(torch.equal(x, y) for x, y in zip(a, b))
-    c = tk.block_topk_select(d, nqb * 16, nkb * 16, causal, 16, sorted_select=True,
-                             rows_per_program=3, **kw)
+    c = sk.block_topk_select(d, nqb * 16, nkb * 16, causal, 16,
+                             schedule=sk.SelectSchedule(sorted_select=True, rows_per_program=3),
+                             **kw)
     assert all(torch.equal(x, y) for x, y in zip(a, c))
-    e = tk.block_topk_select(d, nqb * 16, nkb * 16, causal, 16, sorted_select=True, sort32=True,
+    e = sk.block_topk_select(d, nqb * 16, nkb * 16, causal, 16,
+                             schedule=sk.SelectSchedule(sorted_select=True, sort32=True),
                              **kw)                       # fp32 sort, ties by a running count
     assert all(torch.equal(x, y) for x, y in zip(a, e))
-    f = tk.block_topk_select(d, nqb * 16, nkb * 16, causal, 16, bisect=True, **kw)
+    f = sk.block_topk_select(d, nqb * 16, nkb * 16, causal, 16,
+                             schedule=sk.SelectSchedule(bisect=True), **kw)
     assert all(torch.equal(x, y) for x, y in zip(a, f))     # counting passes, no sort
 
 
@@ -149,9 +155,10 @@ def test_bisect_selection_equals_torch_topk(nkb, topk):
     d[1, 1, 2, ::3] = d[1, 1, 2].sort(descending=True).values[topk - 1]     # ties at the threshold
     d = d.to(DEV)
     kw = dict(scale=1.0, topk=topk, sink_blocks=0, local_blocks=0)
-    c, i = tk.block_topk_select(d, 3 * 16, nkb * 16, None, 16, bisect=True, **kw)
-    r, ri = tk.block_topk_select(d, 3 * 16, nkb * 16, None, 16, bisect=False,
-                                 sorted_select=False, **kw)  # rounds of max: ties to lower ids
+    c, i = sk.block_topk_select(d, 3 * 16, nkb * 16, None, 16,
+                                schedule=sk.SelectSchedule(bisect=True), **kw)
+    rounds = sk.SelectSchedule(bisect=False, sorted_select=False)   # ties to lower ids
+    r, ri = sk.block_topk_select(d, 3 * 16, nkb * 16, None, 16, schedule=rounds, **kw)
     assert torch.equal(c, r) and torch.equal(i, ri)
     for b in range(2):
         for h in range(2):
@@ -170,9 +177,9 @@ def test_bisect_selection_equals_torch_topk(nkb, topk):
 def test_pooled_dots_match_matmul(nq, nkv, block, causal):
     """The tensor-core pooled product equals the fp32 matmul wherever a pair is allowed, and is
     -inf over whole tiles the causal rule rules out."""
-    pq = tk.pool_blocks(torch.randn(1, 2, nq, 40, device=DEV), block)
-    pk = tk.pool_blocks(torch.randn(1, 2, nkv, 40, device=DEV), block)
-    got = tk.pooled_dots(pq, pk, n_q=nq, n_kv=nkv, causal=causal, block=block)
+    pq = sk.pool_blocks(torch.randn(1, 2, nq, 40, device=DEV), block)
+    pk = sk.pool_blocks(torch.randn(1, 2, nkv, 40, device=DEV), block)
+    got = sk.pooled_dots(pq, pk, n_q=nq, n_kv=nkv, causal=causal, block=block)
     want = torch.matmul(pq, pk.transpose(-1, -2))
     ok = allowed_blocks((1, 2, nq, 40), (1, 2, nkv, 40), (), (), causal, block, device=DEV)
     torch.testing.assert_close(got[ok], want[ok], rtol=1e-5, atol=1e-5)
@@ -181,4 +188,4 @@ def test_pooled_dots_match_matmul(nq, nkv, block, causal):
     if causal is not None and nq == nkv and nq // block > 64:
         assert (got == float("-inf")).any()                     # whole tiles skipped
     with pytest.raises(ValueError, match="fp32"):
-        tk.pooled_dots(pq.half(), pk, n_q=nq, n_kv=nkv, causal=causal, block=block)
+        sk.pooled_dots(pq.half(), pk, n_q=nq, n_kv=nkv, causal=causal, block=block)

@@ -232,8 +232,8 @@ def test_fit_recovers_the_saturating_programs_of_a_decode_split():
 def test_runtime_launches_the_schedule_the_cost_model_picked(monkeypatch):
     """A site above its crossover runs the block-sparse kernel with the variant the profile
     makes cheapest; the report names it; the output equals the reference's."""
-    from runtime import triton_kernels as tk
-    if not tk.available("cpu"):
+    from runtime.kernels import block_sparse as bsk, launch
+    if not launch.runs_triton("cpu"):
         pytest.skip("needs TRITON_INTERPRET=1")
     cheap, dear = cm.KernelRates(0.9, 1.0, 1.0), cm.KernelRates(0.2, 0.2, 50.0)
     prof = _profile(("block_sparse", dear), ("block_sparse@m64n32w4s3", cheap),
@@ -242,12 +242,12 @@ def test_runtime_launches_the_schedule_the_cost_model_picked(monkeypatch):
     monkeypatch.setenv("SPARSE_PLANNER_KERNELS", "triton")
     plan._choose.cache_clear()
     calls = []
-    real = tk.block_sparse_attention
+    real = bsk.block_sparse_attention
 
     def spy(*a, **kw):
         calls.append(kw.get("schedule"))
         return real(*a, **kw)
-    monkeypatch.setattr(tk, "block_sparse_attention", spy)
+    monkeypatch.setattr(bsk, "block_sparse_attention", spy)
     pol = planner.policy("block_topk", block=64, topk=1)
     f = planner.compile(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True),
                         cost_model="auto", policy=pol, dynamic=True)
@@ -266,8 +266,8 @@ def test_runtime_launches_the_schedule_the_cost_model_picked(monkeypatch):
 
 
 def test_decode_split_variants_agree_and_split_differently():
-    from runtime import triton_kernels as tk
-    if not tk.available("cpu"):
+    from runtime.kernels import launch, token_sparse as tsk
+    if not launch.runs_triton("cpu"):
         pytest.skip("needs TRITON_INTERPRET=1")
     from codegen.token_sparse import token_sparse_attention_ref
     torch.manual_seed(2)
@@ -277,13 +277,13 @@ def test_decode_split_variants_agree_and_split_differently():
     ref, _ = token_sparse_attention_ref(q, k, v, idx, scale=0.25)
     splits = set()
     for per_sm in (0, 4, 16):
-        out, _ = tk.token_sparse_attention(q, k, v, idx, scale=0.25, split_per_sm=per_sm)
+        out, _ = tsk.token_sparse_attention(q, k, v, idx, scale=0.25, split_per_sm=per_sm)
         assert ((out - ref).norm() / ref.norm()).item() < 1e-5
-        p = tk._token_sparse_plan("token_sparse_attention", (q, k, v, idx), 0.25, None,
+        p = tsk._token_sparse_plan("token_sparse_attention", (q, k, v, idx), 0.25, None,
                                   backward=False, split_per_sm=per_sm)
         splits.add(p.n_split)
         if per_sm == 0:
             assert p.n_split == 1
     assert len(splits) >= 2
     with pytest.raises(ValueError, match="split_per_sm must be None or an int >= 0, got -1"):
-        tk.token_sparse_attention(q, k, v, idx, scale=0.25, split_per_sm=-1)
+        tsk.token_sparse_attention(q, k, v, idx, scale=0.25, split_per_sm=-1)

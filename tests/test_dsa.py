@@ -292,9 +292,10 @@ def test_sparse_attend_backward_reuses_the_forward_lse(monkeypatch):
     output and log-sum-exp (no second forward), with the reference's gradients; without
     gradients nothing is kept."""
     import runtime.ops  # noqa: F401
-    from runtime import dispatch, providers, triton_kernels as tk
+    from runtime import dispatch, providers
+    from runtime.kernels import launch
     from runtime.spec import SiteSpec, register
-    if not tk.available("cpu") and not torch.cuda.is_available():
+    if not launch.runs_triton("cpu") and not torch.cuda.is_available():
         pytest.skip("needs CUDA or TRITON_INTERPRET=1")
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(3)

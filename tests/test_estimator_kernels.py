@@ -8,12 +8,13 @@ import torch
 import planner
 from codegen.select.policies import (auto_criterion, quest_estimate, select_budget_fraction,
                                      vslash_block_scores, vslash_estimate)
-from codegen.select.reference import _pool, allowed_blocks
-from runtime import estimators, triton_kernels as tk
+from codegen.select.reference import _pool, allowed_blocks, select_topk_blocks
+from runtime import estimators
+from runtime.kernels import launch, select as sk
 from runtime.spec import SiteSpec
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
-pytestmark = pytest.mark.skipif(not tk.available(DEV), reason="needs CUDA or TRITON_INTERPRET=1")
+pytestmark = pytest.mark.skipif(not launch.runs_triton(DEV), reason="needs CUDA or TRITON_INTERPRET=1")
 
 
 def _brute_lines(q, k, scale, causal, last_q):
@@ -44,16 +45,17 @@ def _brute_lines(q, k, scale, causal, last_q):
                                    (1, 3, 3, 33, 33, 8, 64, "lower_right")])
 def test_last_rows_lines_matches_definitions(shape, monkeypatch):
     B, Hq, Hkv, Nq, Nkv, D, L, causal = shape
-    monkeypatch.setattr(tk, "POISON_WORKSPACE", True)      # partial statistics start as NaN
+    monkeypatch.setattr(launch, "POISON_WORKSPACE", True)      # partial statistics start as NaN
     g = torch.Generator().manual_seed(hash(shape) % 10_000)
     q = torch.randn(B, Hq, Nq, D, generator=g).to(DEV) * 2
     k = torch.randn(B, Hkv, Nkv, D, generator=g).to(DEV)
     sc = D ** -0.5
-    got = tk.last_rows_lines(q, k, scale=sc, causal=causal, last_q=L)
+    got = sk.last_rows_lines(q, k, scale=sc, causal=causal, last_q=L)
     want = vslash_estimate(q, k, sc, (), [], causal, L)
     assert not got.isnan().any()
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
-    several = tk.last_rows_lines(q, k, scale=sc, causal=causal, last_q=L, tiles_per_program=3)
+    several = sk.last_rows_lines(q, k, scale=sc, causal=causal, last_q=L,
+                                 schedule=sk.SelectSchedule(tiles_per_program=3))
     assert torch.equal(several, got)                         # tiles per program: a launch knob
     if Nq * Hq <= 150:
         torch.testing.assert_close(got.cpu(), _brute_lines(q.cpu(), k.cpu(), sc, causal, L),
@@ -70,38 +72,38 @@ def test_last_rows_lines_pool_the_keys(shape, monkeypatch):
     """With ``pool_block``, the keys' block means come with the lines (made by the lines' first
     pass where it can, else by pool_blocks) and equal pool_blocks'; the lines are unchanged."""
     B, Hq, Hkv, Nq, Nkv, blk, causal, fused = shape
-    monkeypatch.setattr(tk, "POISON_WORKSPACE", True)
+    monkeypatch.setattr(launch, "POISON_WORKSPACE", True)
     g = torch.Generator().manual_seed(Nq * 31 + Nkv)
     q = torch.randn(B, Hq, Nq, 24, generator=g).to(DEV)
     k = (torch.randn(B, Hkv, Nkv, 24, generator=g) * 3 + 1).to(DEV)
     calls = []
-    real = tk.pool_blocks
-    monkeypatch.setattr(tk, "pool_blocks", lambda *a, **kw: calls.append(1) or real(*a, **kw))
-    lines, pk = tk.last_rows_lines(q, k, scale=0.2, causal=causal, last_q=blk, pool_block=blk)
+    real = sk.pool_blocks
+    monkeypatch.setattr(sk, "pool_blocks", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    lines, pk = sk.last_rows_lines(q, k, scale=0.2, causal=causal, last_q=blk, pool_block=blk)
     assert bool(calls) != fused
     torch.testing.assert_close(pk, real(k, blk), rtol=1e-6, atol=1e-6)
-    assert torch.equal(lines, tk.last_rows_lines(q, k, scale=0.2, causal=causal, last_q=blk))
+    assert torch.equal(lines, sk.last_rows_lines(q, k, scale=0.2, causal=causal, last_q=blk))
 
 
 def test_last_rows_lines_rejects_what_it_cannot_do():
     q = torch.randn(1, 2, 40, 16, device=DEV)
     with pytest.raises(ValueError, match="causal"):
-        tk.last_rows_lines(q, q, scale=0.25, causal=None, last_q=16)
+        sk.last_rows_lines(q, q, scale=0.25, causal=None, last_q=16)
     with pytest.raises(ValueError, match="rows"):
-        tk.last_rows_lines(q, q, scale=0.25, causal="lower_right", last_q=0)
+        sk.last_rows_lines(q, q, scale=0.25, causal="lower_right", last_q=0)
     with pytest.raises(ValueError, match="do not match"):
-        tk.last_rows_lines(q, q[..., :8], scale=0.25, causal="lower_right", last_q=16)
+        sk.last_rows_lines(q, q[..., :8], scale=0.25, causal="lower_right", last_q=16)
 
 
 @pytest.mark.parametrize("shape", [(1, 2, 2, 70), (3, 1), (2, 4096), (1, 9000), (2, 0)])
 def test_line_prefix_sums_match_cumsum(shape):
     x = torch.rand(*shape, dtype=torch.float64).float().to(DEV)
-    got = tk.line_prefix_sums(x)
+    got = sk.line_prefix_sums(x)
     want = torch.nn.functional.pad(x.double().cumsum(-1), (1, 0))
     assert got.shape == want.shape and got.dtype == torch.float32
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)    # fp32 running sums
     with pytest.raises(ValueError, match="fp32"):
-        tk.line_prefix_sums(x.double())
+        sk.line_prefix_sums(x.double())
 
 
 @pytest.mark.parametrize("nq,nkv,block", [(100, 100, 16), (60, 130, 16), (200, 200, 32),
@@ -113,11 +115,11 @@ def test_auto_block_scores_rank_like_reference(nq, nkv, block, monkeypatch):
     causal = "lower_right"
     q = torch.randn(1, 3, nq, 16, device=DEV)
     k = torch.randn(1, 3, nkv, 16, device=DEV)
-    lines = tk.last_rows_lines(q, k, scale=0.25, causal=causal, last_q=block)
+    lines = sk.last_rows_lines(q, k, scale=0.25, causal=causal, last_q=block)
     pq, pk = _pool(q, block), _pool(k, block)
     dots = torch.matmul(pq, pk.transpose(-1, -2))
     aware = torch.tensor([[True, False, False]], device=DEV)
-    got = tk.auto_block_scores(pq, pk, lines, aware, n_q=nq, causal=causal, block=block,
+    got = sk.auto_block_scores(pq, pk, lines, aware, n_q=nq, causal=causal, block=block,
                                scale=0.25)
     ok = allowed_blocks(q.shape, k.shape, (), (), causal, block, device=q.device)
     ref = vslash_block_scores(lines, nq, nkv, causal, block, ok)
@@ -138,7 +140,7 @@ def test_auto_criterion_kernel_matches_reference(nq, nkv, block):
     q = torch.randn(1, 6, nq, 16, generator=g).to(DEV)
     k = torch.randn(1, 6, nkv, 16, generator=g).to(DEV)
     q[:, :3] *= torch.tensor([0.3, 3.0, 6.0], device=DEV)[:, None, None]   # flat to peaked heads
-    lines = tk.last_rows_lines(q, k, scale=0.25, causal=causal, last_q=block)
+    lines = sk.last_rows_lines(q, k, scale=0.25, causal=causal, last_q=block)
     dots = torch.matmul(_pool(q, block), _pool(k, block).transpose(-1, -2))
     ok = allowed_blocks(q.shape, k.shape, (), (), causal, block, device=q.device)[:, :, -1]
     est = torch.softmax((dots[:, :, -1] * 0.25).masked_fill(~ok, float("-inf")), -1)
@@ -149,16 +151,16 @@ def test_auto_criterion_kernel_matches_reference(nq, nkv, block):
     js = _js(est, true / true.sum(-1, keepdim=True))
     for tau in (0.0, float(js.median()), 0.69):
         want = auto_criterion(est, lines, ok, nq, block, tau, group=1)
-        got = tk.auto_criterion(dots, lines, n_q=nq, causal=causal, block=block, scale=0.25,
+        got = sk.auto_criterion(dots, lines, n_q=nq, causal=causal, block=block, scale=0.25,
                                 tau=tau)
         near = (js - tau).abs() < 1e-6                       # a divergence at tau: either way
         assert torch.equal(got | near, want | near), (tau, js)
-        as_int = tk.auto_criterion(dots, lines, n_q=nq, causal=causal, block=block, scale=0.25,
+        as_int = sk.auto_criterion(dots, lines, n_q=nq, causal=causal, block=block, scale=0.25,
                                    tau=tau, as_int32=True)
         assert as_int.dtype == torch.int32 and torch.equal(as_int.bool(), got)
 
 
-@pytest.mark.skipif(not tk.has_tl_topk(), reason="this Triton has no tl.topk")
+@pytest.mark.skipif(not sk.has_tl_topk(), reason="this Triton has no tl.topk")
 @pytest.mark.parametrize("sorted_select", [True, False])
 @pytest.mark.parametrize("density,sink,local,nq", [(0.1, 1, 1, 300), (0.3, 0, 2, 300),
                                                 (0.02, 2, 0, 300), (1.0, 1, 1, 300),
@@ -177,10 +179,12 @@ def test_budget_selection_matches_select_budget_fraction(density, sink, local, n
     budget = torch.ceil(density * n_allowed).to(torch.int32)
     variants = ((1, False, False), (4, False, False), (1, True, False), (1, False, True))
     for rpp, s32, bis in (variants if nq <= 300 else variants[-1:]):
-        got = tk.block_topk_select(sc, nq, nkv, causal, block, scale=1.0, topk=nkb,
+        got = sk.block_topk_select(sc, nq, nkv, causal, block, scale=1.0, topk=nkb,
                                    sink_blocks=sink, local_blocks=local, budget=budget,
-                                   budget_max=int(budget.max()), sorted_select=sorted_select,
-                                   rows_per_program=rpp, sort32=s32, bisect=bis)
+                                   budget_max=int(budget.max()),
+                                   schedule=sk.SelectSchedule(
+                                       sorted_select=sorted_select, rows_per_program=rpp,
+                                       sort32=s32, bisect=bis))
         assert torch.equal(got[0], want[0])
         assert torch.equal(got[1], want[1])
 
@@ -209,8 +213,8 @@ def test_estimator_entries_use_kernels_and_match(name, kw, nq, nkv, monkeypatch)
     monkeypatch.setenv("SPARSE_PLANNER_KERNELS", "triton")
     calls = []
     kernel = "quest_page_bounds" if name == "quest" else "last_rows_lines"
-    real = getattr(tk, kernel)
-    monkeypatch.setattr(tk, kernel, lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    real = getattr(sk, kernel)
+    monkeypatch.setattr(sk, kernel, lambda *a, **kw: calls.append(1) or real(*a, **kw))
     got = est.select(est.score(q, k, [], spec), q, k, spec)
     assert calls, f"{kernel} did not run"
     monkeypatch.setenv("SPARSE_PLANNER_KERNELS", "reference")
@@ -236,8 +240,8 @@ def test_threshold_on_groups_pools_with_the_kernels(hq, hkv, nq, nkv, causal, mo
     est = estimators.get("threshold")
     monkeypatch.setenv("SPARSE_PLANNER_KERNELS", "triton")
     calls = []
-    real = tk.pooled_dots
-    monkeypatch.setattr(tk, "pooled_dots", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    real = sk.pooled_dots
+    monkeypatch.setattr(sk, "pooled_dots", lambda *a, **kw: calls.append(1) or real(*a, **kw))
     sc = est.score(q, k, [], spec)
     got = est.select(sc, q, k, spec)
     assert calls, "the pooled products did not run"
@@ -267,7 +271,7 @@ def test_threshold_select_kernel_matches_select_threshold(gamma, min_b, max_b, s
     est = est.masked_fill(~ok, float("-inf")).to(DEV)
     kw = dict(gamma=gamma, min_budget=min_b, max_budget=max_b, sink_blocks=sink,
               local_blocks=local)
-    got = tk.threshold_select(est, nq, nkv, causal, block, **kw)
+    got = sk.threshold_select(est, nq, nkv, causal, block, **kw)
     want = select_threshold(est, nq, nkv, causal, block, **kw)
     # Rows may differ only where the kept mass meets gamma within fp32 rounding (the two sum in
     # different orders; at gamma 1 that decides whether the tiniest blocks join): there the
@@ -294,25 +298,24 @@ def test_threshold_select_kernel_matches_select_threshold(gamma, min_b, max_b, s
 
 def test_quest_decode_selects_wide_rows_with_the_program(monkeypatch):
     """Few rows wider than the sorted selection handles (decode): the selection program picks
-    the same pages as the PyTorch selection on the same bounds."""
+    the same pages as the PyTorch selection (``select_topk_blocks``) on the same bounds."""
     spec = _spec("quest", page=4, budget=24, sink_pages=1, local_pages=1)
     g = torch.Generator().manual_seed(7)
     q = torch.randn(2, 4, 1, 16, generator=g).to(DEV)
     k = torch.randn(2, 2, 203, 16, generator=g).to(DEV)
     monkeypatch.setenv("SPARSE_PLANNER_KERNELS", "triton")
-    monkeypatch.setattr(tk, "SORTED_SELECT_MAX_NKB", 16)        # 51 pages count as wide
+    monkeypatch.setattr(sk, "SORTED_SELECT_MAX_NKB", 16)        # 51 pages count as wide
     calls = []
-    real = tk.block_topk_select
-    monkeypatch.setattr(tk, "block_topk_select", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    real = sk.block_topk_select
+    monkeypatch.setattr(sk, "block_topk_select", lambda *a, **kw: calls.append(1) or real(*a, **kw))
     est = estimators.get("quest")
     sc = est.score(q, k, [], spec)
     got = est.select(sc, q, k, spec)
     assert calls, "the selection program did not run"
-    monkeypatch.setattr(tk, "WIDE_SELECT_MAX_ROWS", 0)          # now the PyTorch selection
-    monkeypatch.setattr(tk, "SELECT_BISECT", False)
-    calls.clear()
-    want = est.select(sc, q, k, spec)
-    assert not calls
+    p = spec.policy
+    want = select_topk_blocks(sc, q.shape[2], k.shape[2], spec.causal, p.page,   # PyTorch's
+                              topk=-(-p.budget // p.page), sink_blocks=p.sink_pages,
+                              local_blocks=p.local_pages)
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
     assert int(got[0].min()) == 8               # 24 / 4 pages by bound, plus a sink and a local page
 
@@ -366,8 +369,9 @@ def test_quest_bounds_match_definitions(shape, monkeypatch):
     g = torch.Generator().manual_seed(hash(shape) % 10_000)
     q = torch.randn(B, Hq, Nq, D, generator=g).to(DEV)
     k = torch.randn(B, Hkv, Nkv, D, generator=g).to(DEV)
-    monkeypatch.setattr(tk, "POISON_WORKSPACE", True)      # the output starts as NaN
-    got = tk.quest_page_bounds(q, k, page=page, causal=causal, pages_per_tile=16)
+    monkeypatch.setattr(launch, "POISON_WORKSPACE", True)      # the output starts as NaN
+    got = sk.quest_page_bounds(q, k, page=page, causal=causal,
+                                schedule=sk.SelectSchedule(pages_per_tile=16))
     assert not got.isnan().any()                           # every entry written
     ok = allowed_blocks(q.shape, k.shape, (), (), causal, page, device=q.device)
     want = quest_estimate(q, k, page, ok)
@@ -383,4 +387,4 @@ def test_quest_bounds_reject_bad_pages():
     q = torch.randn(1, 2, 40, 16, device=DEV)
     for page in (0, 12, 128):
         with pytest.raises(ValueError, match="page"):
-            tk.quest_page_bounds(q, q, page=page, causal="lower_right")
+            sk.quest_page_bounds(q, q, page=page, causal="lower_right")

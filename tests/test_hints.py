@@ -137,8 +137,8 @@ def test_triton_mode_without_interpreter_on_cpu_says_why_the_reference_ran(monke
 
 
 def test_triton_mode_with_interpreter_runs_the_kernel(monkeypatch):
-    from runtime import triton_kernels as tk
-    if not tk.available("cpu"):
+    from runtime.kernels import launch
+    if not launch.runs_triton("cpu"):
         pytest.skip("needs TRITON_INTERPRET=1")
     monkeypatch.setenv("SPARSE_PLANNER_KERNELS", "triton")
     f = planner.compile(causal_attention, policy=planner.policy("block_topk", block=16, topk=1))

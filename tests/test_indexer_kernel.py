@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from codegen.indexer import indexer_scores_ref, indexer_topk_ref, visible_counts
-from runtime import indexer_kernels as ik
+from runtime.kernels import indexer as ik, indexer_rows, launch
 from runtime.cache import KERNELS
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -23,7 +23,7 @@ SMALL = ik.IndexerSchedule(block_m=16, block_n=32, slack=8, sample_stride=2)
 SENTINEL = -7
 
 needs_kernels = pytest.mark.skipif(
-    not (DEV == "cuda" or ik._interpreting()), reason="needs CUDA or TRITON_INTERPRET=1")
+    not launch.runs_triton(DEV), reason="needs CUDA or TRITON_INTERPRET=1")
 
 
 @pytest.fixture
@@ -273,11 +273,11 @@ def test_reference_mode_and_cpu_bfloat16_use_the_reference(monkeypatch):
     q, w, k = (t.cpu() for t in make_inputs(1, 30, 30, 2, 16))
     ref = indexer_topk_ref(q, w, k, 5, causal=True)
     monkeypatch.setenv("SPARSE_PLANNER_KERNELS", "reference")
-    assert not ik.uses_kernels(q)
+    assert not launch.kernels_enabled(q)
     assert torch.equal(ik.indexer_topk(q, w, k, 5, causal=True), ref)
     monkeypatch.setenv("SPARSE_PLANNER_KERNELS", "triton")
     qb, kb = q.bfloat16(), k.bfloat16()
-    assert not ik.uses_kernels(qb)
+    assert not launch.kernels_enabled(qb)
     assert torch.equal(ik.indexer_topk(qb, w, kb, 5, causal=True),
                        indexer_topk_ref(qb, w, kb, 5, causal=True))
 
@@ -338,9 +338,8 @@ def test_bad_out_and_schedule_raise():
 def test_few_rows_path_matches_reference(B, n_q, n_kv, topk, causal, tied, path, monkeypatch):
     """Decode-sized calls (int64 selection keys from the score rows, or from the few-row key
     kernel, then one topk) equal the reference."""
-    from runtime.indexer_kernels import topk_few_rows
     if path == "kernel":
-        if not (DEV == "cuda" or ik._interpreting()):
+        if not launch.runs_triton(DEV):
             pytest.skip("needs CUDA or TRITON_INTERPRET=1")
         monkeypatch.setenv("SPARSE_PLANNER_KERNELS", "triton")
     else:
@@ -352,15 +351,15 @@ def test_few_rows_path_matches_reference(B, n_q, n_kv, topk, causal, tied, path,
         q = torch.randn(B, n_q, 4, 32, device=DEV)[..., ::2]
         k = torch.randn(B, n_kv, 24, device=DEV)[..., 4:20]
         w = w.to(DEV)
-        keys = ik.few_row_keys(q, w, k, causal=causal)
+        keys = indexer_rows.few_row_keys(q, w, k, causal=causal)
         vis = visible_counts(n_q, n_kv, causal, q.device)
-        want = ik._keys_of_scores(indexer_scores_ref(q, w, k, causal=causal), vis)
+        want = indexer_rows.keys_of_scores(indexer_scores_ref(q, w, k, causal=causal), vis)
         hidden = want == torch.iinfo(torch.int64).min
         assert torch.equal(keys == torch.iinfo(torch.int64).min, hidden)
         assert torch.equal(keys[~hidden] & 0xFFFFFFFF, want[~hidden] & 0xFFFFFFFF)
-        torch.testing.assert_close(ik._from_key(keys[~hidden] >> 32),
-                                   ik._from_key(want[~hidden] >> 32), rtol=1e-5, atol=1e-5)
-    got = topk_few_rows(q, w, k, topk, causal=causal)
+        torch.testing.assert_close(indexer_rows.from_key(keys[~hidden] >> 32),
+                                   indexer_rows.from_key(want[~hidden] >> 32), rtol=1e-5, atol=1e-5)
+    got = indexer_rows.topk_few_rows(q, w, k, topk, causal=causal)
     ref = indexer_topk_ref(q, w, k, topk, causal=causal)
     assert got.dtype == torch.int32 and got.shape == ref.shape
     assert torch.equal(got.sort(-1).values.cpu(), ref.sort(-1).values.cpu())
@@ -371,7 +370,7 @@ def test_few_rows_path_matches_reference(B, n_q, n_kv, topk, causal, tied, path,
 def test_few_row_scores_on_cuda_match_reference(dtype):
     """bf16/fp16 score rows from one fp32-output product equal the reference's fp32 rows up to
     summation order, and the selection equals the reference's."""
-    from runtime.indexer_kernels import few_row_scores, topk_few_rows
+    from runtime.kernels.indexer_rows import few_row_scores, topk_few_rows
     g = torch.Generator(device="cuda").manual_seed(3)
     q = torch.randn(4, 2, 4, 64, device="cuda", generator=g).to(dtype)
     w = torch.randn(4, 2, 4, device="cuda", generator=g).to(dtype)

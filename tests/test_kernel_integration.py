@@ -5,10 +5,10 @@ import torch
 import torch.nn.functional as F
 
 import planner
-from runtime import triton_kernels
+from runtime.kernels import launch
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
-pytestmark = pytest.mark.skipif(not triton_kernels.available(DEV),
+pytestmark = pytest.mark.skipif(not launch.runs_triton(DEV),
                                 reason="needs CUDA or TRITON_INTERPRET=1")
 
 

@@ -16,7 +16,7 @@ from codegen.block_sparse import (block_lists_to_dense, block_sparse_attention_r
                                   from_flex_block_mask, to_flex_block_mask)
 from codegen.common import BlockSparseSpec, MaskMode, Schedule  # noqa: E402
 from codegen.emit import emit  # noqa: E402
-from runtime import triton_kernels as tk  # noqa: E402
+from runtime.kernels import block_sparse as bsk  # noqa: E402
 from runtime.cache import KERNELS  # noqa: E402
 from kernel_checks import compare_with_reference, poisoned_outputs, rel_err  # noqa: E402
 
@@ -60,7 +60,7 @@ def run_checked(q, k, v, num, idx, *, block, causal, sink=0, window=0, schedule=
     """Kernel into NaN-poisoned outputs, compared with the reference; returns the errors."""
     out, lse = poisoned_outputs(q, v)
     scale = q.shape[-1] ** -0.5
-    tk.block_sparse_attention(q, k, v, num, idx, block=block, scale=scale, causal=causal,
+    bsk.block_sparse_attention(q, k, v, num, idx, block=block, scale=scale, causal=causal,
                               sink=sink, window=window, schedule=schedule, pack_gqa=pack_gqa,
                               out=out, lse=lse)
     ref, ref_lse = block_sparse_attention_ref(q, k, v, num, idx, block=block, scale=scale,
@@ -139,7 +139,7 @@ def test_default_schedules_fit_every_block(block, dtype, device):
         spec = BlockSparseSpec(head_dim=d, v_head_dim=d, gqa_group=g, pack_gqa=pack,
                                lists_per_group=True, causal=True, dtype=dtype, block=block,
                                stride_align=16 // (4 if dtype == "float32" else 2))
-        sch = tk.default_block_sparse_schedule(spec, torch.device(device), maxb)
+        sch = bsk.default_block_sparse_schedule(spec, torch.device(device), maxb)
         assert sch.block_m <= block and sch.block_n <= block, sch
         assert "def block_sparse_fwd" in emit(spec, sch)
 
@@ -193,7 +193,7 @@ def test_reference_matches_brute_force(lists, causal, sink, window):
 def test_new_length_in_bucket_compiles_nothing():
     args = dict(B=1, Hq=4, Hkv=2, lists="group", D=64, Dv=64, block=64, dtype=torch.float32)
     q, k, v, num, idx = make_inputs(1, Nq=100, Nkv=100, **args)
-    tk.block_sparse_attention(q, k, v, num, idx, block=64, scale=0.125, causal=True)
+    bsk.block_sparse_attention(q, k, v, num, idx, block=64, scale=0.125, causal=True)
     before = KERNELS.stats()
     q, k, v, num, idx = make_inputs(2, Nq=120, Nkv=113, **args)        # same buckets (128)
     err, _ = run_checked(q, k, v, num, idx, block=64, causal=True)
@@ -201,7 +201,7 @@ def test_new_length_in_bucket_compiles_nothing():
     assert err <= TOL[torch.float32]
     assert after["compiles"] == before["compiles"] and after["hits"] >= before["hits"] + 1
     q, k, v, num, idx = make_inputs(3, Nq=300, Nkv=300, **args)        # next bucket: one build
-    tk.block_sparse_attention(q, k, v, num, idx, block=64, scale=0.125, causal=True)
+    bsk.block_sparse_attention(q, k, v, num, idx, block=64, scale=0.125, causal=True)
     assert KERNELS.stats()["compiles"] == after["compiles"] + 1
 
 
@@ -232,7 +232,7 @@ def _bad(**change):
 def test_invalid_arguments(change, match):
     args = _bad(**change)
     with pytest.raises(ValueError, match=match):
-        tk.block_sparse_attention(args.pop("q"), args.pop("k"), args.pop("v"),
+        bsk.block_sparse_attention(args.pop("q"), args.pop("k"), args.pop("v"),
                                   args.pop("kv_num_blocks"), args.pop("kv_indices"), **args)
 
 

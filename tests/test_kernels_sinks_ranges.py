@@ -25,7 +25,7 @@ from codegen.common import BlockSparseSpec, MaskMode, Schedule, TokenSparseSpec 
 from codegen.select.reference import block_keep_fn  # noqa: E402
 from codegen.token_sparse import (token_sparse_attention_bwd_ref,  # noqa: E402
                                   token_sparse_attention_ref)
-from runtime import triton_kernels as tk  # noqa: E402
+from runtime.kernels import block_sparse as bsk, launch, token_sparse as tsk  # noqa: E402
 from kernel_checks import compile_for_sm90, poisoned_outputs, rel_err  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -41,7 +41,7 @@ hopper = pytest.mark.skipif(not (torch.cuda.is_available()
 @pytest.fixture(autouse=True)
 def poison_workspace(monkeypatch):
     """Split-K partials and backward buffers start as NaN: anything unwritten shows."""
-    monkeypatch.setattr(tk, "POISON_WORKSPACE", True)
+    monkeypatch.setattr(launch, "POISON_WORKSPACE", True)
 
 
 def dtype_id(d):
@@ -283,11 +283,11 @@ def test_invalid_extras(call, change, match):
         elif call == "block_sparse_attention":
             num = torch.ones(2, 2, 2, dtype=torch.int32, device=DEVICE)
             idx = torch.zeros(2, 2, 2, 1, dtype=torch.int32, device=DEVICE)
-            tk.block_sparse_attention(q, k, v, num, idx, block=16, scale=0.25, causal=True,
+            bsk.block_sparse_attention(q, k, v, num, idx, block=16, scale=0.25, causal=True,
                                       **change)
         else:
             idx = torch.zeros(2, 1, 20, 4, dtype=torch.int32, device=DEVICE)
-            tk.token_sparse_attention(q, k, v, idx, scale=0.25, **change)
+            tsk.token_sparse_attention(q, k, v, idx, scale=0.25, **change)
 
 
 # ----------------------------------------------------------------------------- block-sparse
@@ -334,7 +334,7 @@ def test_block_sparse_kernel(B, Hq, Hkv, lists, Nq, Nkv, D, block, causal, sink,
                                      kv_end=kv_end)
     for pack in ([False, True] if lists == "group" and Hq > Hkv else [None]):
         out, lse = poisoned_outputs(q, v)
-        tk.block_sparse_attention(q, k, v, num, idx, block=block, scale=scale, causal=causal,
+        bsk.block_sparse_attention(q, k, v, num, idx, block=block, scale=scale, causal=causal,
                                   sink=sink, window=window, pack_gqa=pack, out=out, lse=lse,
                                   sinks=logits, kv_start=kv_start, kv_end=kv_end)
         check(out, lse, keep, logits, ref, want, dtype, f"seed {seed} pack {pack}")
@@ -374,7 +374,7 @@ def test_block_sparse_schedules(schedule):
     ref = block_sparse_attention_ref(q, k, v, num, idx, block=block, scale=0.125, causal=True,
                                      sinks=logits, kv_start=kv_start, kv_end=kv_end)
     out, lse = poisoned_outputs(q, v)
-    tk.block_sparse_attention(q, k, v, num, idx, block=block, scale=0.125, causal=True,
+    bsk.block_sparse_attention(q, k, v, num, idx, block=block, scale=0.125, causal=True,
                               schedule=schedule, pack_gqa=True, out=out, lse=lse, sinks=logits,
                               kv_start=kv_start, kv_end=kv_end)
     check(out, lse, keep, logits, ref, want, torch.float32, f"seed {seed}")
@@ -386,14 +386,14 @@ def test_block_sparse_sinks_in_any_float_dtype_and_no_sinks_unchanged():
     from test_kernels_block_sparse import make_inputs
     q, k, v, num, idx = make_inputs(3, 1, 4, 2, "group", 70, 70, 16, 16, 32, torch.float32)
     logits = torch.tensor([0.5, 1.5, -1.0, 3.0], device=DEVICE)
-    a, la = tk.block_sparse_attention(q, k, v, num, idx, block=32, scale=0.25, causal=True,
+    a, la = bsk.block_sparse_attention(q, k, v, num, idx, block=32, scale=0.25, causal=True,
                                       sinks=logits.half())
-    b, lb = tk.block_sparse_attention(q, k, v, num, idx, block=32, scale=0.25, causal=True,
+    b, lb = bsk.block_sparse_attention(q, k, v, num, idx, block=32, scale=0.25, causal=True,
                                       sinks=logits.half().float())
     assert torch.equal(a, b) and torch.equal(la, lb)
-    plan = tk._plan_block_sparse(q, k, v, num, idx, 32, True, False, None, None)
+    plan = bsk._plan_block_sparse(q, k, v, num, idx, 32, True, False, None, None)
     assert not plan.spec.sinks and not plan.spec.kv_ranges
-    plain, _ = tk.block_sparse_attention(q, k, v, num, idx, block=32, scale=0.25, causal=True)
+    plain, _ = bsk.block_sparse_attention(q, k, v, num, idx, block=32, scale=0.25, causal=True)
     ref, _ = block_sparse_attention_ref(q, k, v, num, idx, block=32, scale=0.25, causal=True)
     assert rel_err(plain, ref) <= TOL[torch.float32] and rel_err(a, plain) > 1e-2
 
@@ -435,10 +435,10 @@ def test_token_sparse_kernel(B, Hq, Hkv, lists, Nq, Nkv, K, D, ranges, sinks, dt
     want = oracle(q.cpu(), k.cpu(), v.cpu(), keep, scale, None if logits is None else logits.cpu())
     ref = token_sparse_attention_ref(q, k, v, idx, scale=scale, sinks=logits, kv_start=kv_start,
                                      kv_end=kv_end)
-    plan = tk._plan_token_sparse(q, k, v, idx, None, sinks=sinks, kv_ranges=ranges is not None)
+    plan = tsk._plan_token_sparse(q, k, v, idx, None, sinks=sinks, kv_ranges=ranges is not None)
     assert (plan.n_split > 1) == (Nq == 1), plan.n_split      # decode cases run split-K
     out, lse = poisoned_outputs(q, v)
-    tk.token_sparse_attention(q, k, v, idx, scale=scale, out=out, lse=lse, sinks=logits,
+    tsk.token_sparse_attention(q, k, v, idx, scale=scale, out=out, lse=lse, sinks=logits,
                               kv_start=kv_start, kv_end=kv_end)
     check(out, lse, keep, logits, ref, want, dtype, f"seed {seed}")
 
@@ -465,7 +465,7 @@ def test_token_sparse_split_adds_the_sink_once(split, Hq, Hkv):
     ref = token_sparse_attention_ref(q, k, v, idx, scale=0.125, sinks=logits, kv_start=kv_start,
                                      kv_end=kv_end)
     out, lse = poisoned_outputs(q, v)
-    tk.token_sparse_attention(q, k, v, idx, scale=0.125, out=out, lse=lse, sinks=logits,
+    tsk.token_sparse_attention(q, k, v, idx, scale=0.125, out=out, lse=lse, sinks=logits,
                               kv_start=kv_start, kv_end=kv_end,
                               schedule=Schedule(block_m=16, block_n=32, num_warps=4,
                                                 num_stages=1, split=split))
@@ -494,9 +494,9 @@ def test_token_sparse_backward_with_sinks_and_ranges(Hq, Hkv, lists, split, dtyp
     logits = make_sinks(gen, Hq, True)
     kv_start, kv_end = make_ranges("both", B, Nkv)
     sch = Schedule(block_m=16, block_n=16, num_warps=4, num_stages=1, split=split)
-    out, lse = tk.token_sparse_attention(q, k, v, idx, scale=0.25, sinks=logits,
+    out, lse = tsk.token_sparse_attention(q, k, v, idx, scale=0.25, sinks=logits,
                                          kv_start=kv_start, kv_end=kv_end)
-    got = tk.token_sparse_attention_bwd(q, k, v, idx, out, lse, dout, scale=0.25, schedule=sch,
+    got = tsk.token_sparse_attention_bwd(q, k, v, idx, out, lse, dout, scale=0.25, schedule=sch,
                                         kv_start=kv_start, kv_end=kv_end)
     args = [t.detach().double().requires_grad_() for t in (q, k, v)]
     o64, _ = token_sparse_attention_ref(*args, idx, scale=0.25, sinks=logits.double(),
@@ -522,8 +522,8 @@ def test_hopper_kernel_covers_neither():
         spec = BlockSparseSpec(**base, **extra)
         assert not wgmma_kernel.supported(spec, ws)
         assert "learned sinks or per-batch key ranges" in wgmma_kernel.unsupported_reason(spec, ws)
-        assert not tk._wgmma_ok(spec, ws, torch.device(DEVICE))
-        assert not tk.default_block_sparse_schedule(spec, torch.device(DEVICE), 4).wgmma
+        assert not bsk._wgmma_ok(spec, ws, torch.device(DEVICE))
+        assert not bsk.default_block_sparse_schedule(spec, torch.device(DEVICE), 4).wgmma
 
 
 @pytest.mark.parametrize("spec, sch, fns", [
@@ -564,12 +564,12 @@ def test_hopper_runs_the_triton_kernel_with_sinks():
     from test_kernels_block_sparse import make_inputs
     q, k, v, num, idx = make_inputs(7, 1, 4, 4, "group", 1000, 1000, 128, 128, 128,
                                     torch.bfloat16)
-    _, _, ran = tk.block_sparse_attention(q, k, v, num, idx, block=128, scale=128 ** -0.5,
+    _, _, ran = bsk.block_sparse_attention(q, k, v, num, idx, block=128, scale=128 ** -0.5,
                                           causal=True, return_schedule=True)
     assert ran.wgmma
     logits = torch.randn(4, device=DEVICE) + 3
     kv_start, kv_end = make_ranges("both", 1, 1000)
-    out, lse, ran = tk.block_sparse_attention(q, k, v, num, idx, block=128, scale=128 ** -0.5,
+    out, lse, ran = bsk.block_sparse_attention(q, k, v, num, idx, block=128, scale=128 ** -0.5,
                                               causal=True, return_schedule=True, sinks=logits,
                                               kv_start=kv_start, kv_end=kv_end, hopper_first=True)
     assert not ran.wgmma

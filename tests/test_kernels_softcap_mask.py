@@ -28,7 +28,7 @@ from codegen.common import BlockSparseSpec, MaskMode, Schedule, TokenSparseSpec 
 from codegen.emit import emit  # noqa: E402
 from codegen.select.reference import block_keep_fn  # noqa: E402
 from codegen.token_sparse import token_sparse_attention_ref  # noqa: E402
-from runtime import triton_kernels as tk  # noqa: E402
+from runtime.kernels import block_sparse as bsk, launch, token_sparse as tsk  # noqa: E402
 from kernel_checks import compile_for_sm90, poisoned_outputs, rel_err  # noqa: E402
 from test_kernels_block_sparse import random_block_lists  # noqa: E402
 from test_kernels_sinks_ranges import (block_keep, make_ranges, make_sinks,  # noqa: E402
@@ -49,7 +49,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarn
 @pytest.fixture(autouse=True)
 def poison_workspace(monkeypatch):
     """Split-K partials start as NaN: anything unwritten shows."""
-    monkeypatch.setattr(tk, "POISON_WORKSPACE", True)
+    monkeypatch.setattr(launch, "POISON_WORKSPACE", True)
 
 
 def dtype_id(d):
@@ -376,7 +376,7 @@ def test_block_sparse_kernel(B, Hq, Hkv, lists, pack, Nq, Nkv, block, causal, si
                                 kv_end=kv_end, keep=lambda r0, r1: lists_keep(r0, r1) & win[r0:r1])
     what = f"seed {seed}"
     out, lse = poisoned_outputs(q, v)
-    tk.block_sparse_attention(q, k, v, num, idx, block=block, scale=scale, causal=causal,
+    bsk.block_sparse_attention(q, k, v, num, idx, block=block, scale=scale, causal=causal,
                               pack_gqa=pack, out=out, lse=lse, softcap=softcap, mask=m_dev,
                               mask_kind=kind, **extras)
     check(out, lse, want, ref, model, dtype, logits, what + " (unpruned)")
@@ -386,7 +386,7 @@ def test_block_sparse_kernel(B, Hq, Hkv, lists, pack, Nq, Nkv, block, causal, si
     n2, i2, flags = prune_block_lists(num, idx, cls)
     assert n2.sum() <= num.clamp(max=idx.shape[-1]).sum()
     out2, lse2 = poisoned_outputs(q, v)
-    tk.block_sparse_attention(q, k, v, n2, i2, block=block, scale=scale, causal=causal,
+    bsk.block_sparse_attention(q, k, v, n2, i2, block=block, scale=scale, causal=causal,
                               pack_gqa=pack, out=out2, lse=lse2, softcap=softcap, mask=m_dev,
                               mask_kind=kind, mask_flags=flags, **extras)
     check(out2, lse2, want, ref, model, dtype, logits, what + " (pruned, flags)")
@@ -415,7 +415,7 @@ def test_block_sparse_flags_schedules(mode, flags_dtype):
     for lists in ((num, idx, None), (num, idx, torch.ones_like(idx, dtype=flags_dtype)),
                   (n2, i2, flags.to(flags_dtype))):
         out, lse = poisoned_outputs(q, v)
-        tk.block_sparse_attention(q, k, v, *lists[:2], block=block, scale=scale, causal=True,
+        bsk.block_sparse_attention(q, k, v, *lists[:2], block=block, scale=scale, causal=True,
                                   schedule=sch, out=out, lse=lse, softcap=3.0, mask=m,
                                   mask_flags=lists[2])
         empty = want[2]
@@ -472,11 +472,11 @@ def test_token_sparse_kernel(B, Hq, Hkv, lists, Nq, Nkv, K, ranges, sinks, mask,
     keep_dev = keep.to(DEVICE)
     model = attention_reference(q, k, v, scale=scale, mods=mods, mod_tensors=tensors,
                                 keep=lambda r0, r1: keep_dev[:, :, r0:r1], **extras)
-    plan = tk._plan_token_sparse(q, k, v, idx, None, sinks=sinks, kv_ranges=ranges is not None,
+    plan = tsk._plan_token_sparse(q, k, v, idx, None, sinks=sinks, kv_ranges=ranges is not None,
                                  softcap=bool(softcap), mask="" if m is None else kind)
     assert (plan.n_split > 1) == (Nq == 1), plan.n_split      # decode runs split-K
     out, lse = poisoned_outputs(q, v)
-    tk.token_sparse_attention(q, k, v, idx, scale=scale, out=out, lse=lse, softcap=softcap,
+    tsk.token_sparse_attention(q, k, v, idx, scale=scale, out=out, lse=lse, softcap=softcap,
                               mask=m_dev, mask_kind=kind, **extras)
     check(out, lse, want, ref, model, dtype, logits, f"seed {seed}")
 
@@ -511,7 +511,7 @@ def test_hopper_kernel_covers_neither():
         spec = BlockSparseSpec(**base, **extra)
         assert not wgmma_kernel.supported(spec, ws)
         assert "soft-capped scores or a mask tensor" in wgmma_kernel.unsupported_reason(spec, ws)
-        assert not tk._wgmma_ok(spec, ws, torch.device(DEVICE))
+        assert not bsk._wgmma_ok(spec, ws, torch.device(DEVICE))
         with pytest.raises(ValueError, match="does not cover"):
             wgmma_kernel.render(spec, ws)
 
@@ -540,11 +540,11 @@ def test_invalid_modifiers(call, change, match):
         if call == "block_sparse_attention":
             num = torch.ones(2, 2, 2, dtype=torch.int32, device=DEVICE)
             idx = torch.zeros(2, 2, 2, 1, dtype=torch.int32, device=DEVICE)
-            tk.block_sparse_attention(q, k, v, num, idx, block=16, scale=0.25, causal=True,
+            bsk.block_sparse_attention(q, k, v, num, idx, block=16, scale=0.25, causal=True,
                                       **change)
         else:
             idx = torch.zeros(2, 1, 20, 4, dtype=torch.int32, device=DEVICE)
-            tk.token_sparse_attention(q, k, v, idx, scale=0.25, **change)
+            tsk.token_sparse_attention(q, k, v, idx, scale=0.25, **change)
 
 
 @pytest.mark.parametrize("flags, match", [
@@ -561,7 +561,7 @@ def test_invalid_mask_flags(flags, match):
     mask = None if flags == "no-mask" else torch.zeros(20, 20, device=DEVICE)
     flags = torch.ones_like(idx, dtype=torch.int8) if flags == "no-mask" else flags.to(DEVICE)
     with pytest.raises(ValueError, match=match):
-        tk.block_sparse_attention(q, k, v, num, idx, block=16, scale=0.25, causal=True,
+        bsk.block_sparse_attention(q, k, v, num, idx, block=16, scale=0.25, causal=True,
                                   mask=mask, mask_flags=flags)
 
 

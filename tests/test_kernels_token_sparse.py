@@ -14,7 +14,7 @@ if not torch.cuda.is_available():
 
 from codegen.common import Schedule  # noqa: E402
 from codegen.token_sparse import token_sparse_attention_ref  # noqa: E402
-from runtime import triton_kernels as tk  # noqa: E402
+from runtime.kernels import launch, token_sparse as tsk  # noqa: E402
 from runtime.cache import KERNELS  # noqa: E402
 from kernel_checks import compare_with_reference, poisoned_outputs, rel_err  # noqa: E402
 
@@ -29,7 +29,7 @@ gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA dev
 @pytest.fixture(autouse=True)
 def poison_workspace(monkeypatch):
     """Split-K partial results start as NaN: a partial no program wrote reaches the output."""
-    monkeypatch.setattr(tk, "POISON_WORKSPACE", True)
+    monkeypatch.setattr(launch, "POISON_WORKSPACE", True)
 
 
 def random_indices(gen, B, hs, Nq, K, Nkv, *, p_pad=0.2, p_empty_row=0.1):
@@ -60,7 +60,7 @@ def make_inputs(seed, B, Hq, Hkv, lists, Nq, Nkv, K, D, Dv, dtype, **kw):
 def run_checked(q, k, v, idx, schedule=None):
     out, lse = poisoned_outputs(q, v)
     scale = q.shape[-1] ** -0.5
-    tk.token_sparse_attention(q, k, v, idx, scale=scale, schedule=schedule, out=out, lse=lse)
+    tsk.token_sparse_attention(q, k, v, idx, scale=scale, schedule=schedule, out=out, lse=lse)
     ref, ref_lse = token_sparse_attention_ref(q, k, v, idx, scale=scale)
     return compare_with_reference(out, lse, ref, ref_lse, "valid index")
 
@@ -117,13 +117,13 @@ def test_long_index_list_decode():
 def test_out_of_range_indices_are_ignored():
     q, k, v, idx = make_inputs(5, 1, 2, 2, "group", 3, 50, 10, 64, 64, torch.float32, p_pad=0.0,
                                p_empty_row=0.0)
-    out, _ = tk.token_sparse_attention(q, k, v, idx, scale=0.125)
+    out, _ = tsk.token_sparse_attention(q, k, v, idx, scale=0.125)
     bad = idx.clone()
     bad[..., 0] = 50 + torch.arange(bad[..., 0].numel(), dtype=torch.int32).reshape(bad[..., 0].shape)
     clean = idx.clone()
     clean[..., 0] = -1
-    out_bad, _ = tk.token_sparse_attention(q, k, v, bad, scale=0.125)
-    out_clean, _ = tk.token_sparse_attention(q, k, v, clean, scale=0.125)
+    out_bad, _ = tsk.token_sparse_attention(q, k, v, bad, scale=0.125)
+    out_clean, _ = tsk.token_sparse_attention(q, k, v, clean, scale=0.125)
     assert rel_err(out_bad, out_clean) < 1e-6 and rel_err(out_bad, out) > 1e-3
 
 
@@ -133,14 +133,14 @@ def test_shared_lists_are_packed_views_not_copies(Hq, Hkv):
     same lists expanded per group or per head (a stride-0 view is read as is)."""
     seed = int(torch.randint(0, 2**31 - 1, ()).item())
     q, k, v, idx = make_inputs(seed, 2, Hq, Hkv, "shared", 11, 60, 20, 32, 32, torch.float32)
-    plan = tk._plan_token_sparse(q, k, v, idx, None)
+    plan = tsk._plan_token_sparse(q, k, v, idx, None)
     assert plan.spec.pack_gqa == (Hq > Hkv) and plan.grid[1] == 2 * (Hkv if Hq > Hkv else Hq)
     assert not any(plan.contiguous)
-    out, lse = tk.token_sparse_attention(q, k, v, idx, scale=0.2)
+    out, lse = tsk.token_sparse_attention(q, k, v, idx, scale=0.2)
     for hs in (Hkv, Hq):
         view = idx.expand(-1, hs, -1, -1)                           # [B, hs, Nq, K], stride 0
-        o2, l2 = tk.token_sparse_attention(q, k, v, view, scale=0.2)
-        assert tk._plan_token_sparse(q, k, v, view, None).contiguous == (False,) * 4
+        o2, l2 = tsk.token_sparse_attention(q, k, v, view, scale=0.2)
+        assert tsk._plan_token_sparse(q, k, v, view, None).contiguous == (False,) * 4
         assert rel_err(o2, out) < 1e-6 and torch.equal(torch.isinf(l2), torch.isinf(lse))
 
 
@@ -182,7 +182,7 @@ def test_reference_matches_brute_force(lists):
 def test_new_length_in_bucket_compiles_nothing(Nq):
     args = dict(B=2, Hq=4, Hkv=2, lists="group", Nq=Nq, K=150, D=64, Dv=64, dtype=torch.float32)
     q, k, v, idx = make_inputs(1, Nkv=300, **args)
-    tk.token_sparse_attention(q, k, v, idx, scale=0.125)
+    tsk.token_sparse_attention(q, k, v, idx, scale=0.125)
     before = KERNELS.stats()
     q, k, v, idx = make_inputs(2, Nkv=500, **args)                      # same bucket (512)
     err, _ = run_checked(q, k, v, idx)
@@ -204,7 +204,7 @@ def test_invalid_arguments(change, match):
     args = dict(q=q, k=k, v=v, indices=idx, scale=0.125)
     args.update({name: fn(args) for name, fn in change.items()})
     with pytest.raises(ValueError, match=match):
-        tk.token_sparse_attention(args.pop("q"), args.pop("k"), args.pop("v"), args.pop("indices"),
+        tsk.token_sparse_attention(args.pop("q"), args.pop("k"), args.pop("v"), args.pop("indices"),
                                   **args)
 
 

@@ -19,19 +19,11 @@ import networkx as nx
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ORDER = ("planner", "passes", "runtime", "codegen")     # higher first: arrows point right
 
-#: (importer, imported) edges against the order that remain outside this change
+#: (importer, imported) edges against the order allowed to remain (none)
 KNOWN_UPWARD: set = set()
 
-#: cycles (as sorted module tuples) that remain outside this change
-KNOWN_CYCLES: set = {
-    # runtime.dispatch and runtime.providers import each other (dense variants and empty-row
-    # fixes one way, sdpa_args the other); providers registers cpu_attend, which calls
-    # dispatch's lower_rules and fix_empty_rows
-    ("runtime.cpu_attend", "runtime.dispatch", "runtime.providers"),
-    # estimators read the page summaries kept with a cache, which import estimators'
-    # kernels_take to decide where they can be computed
-    ("runtime.estimators", "runtime.page_summaries"),
-}
+#: cycles (as sorted module tuples) allowed to remain (none)
+KNOWN_CYCLES: set = set()
 
 
 def _modules() -> dict:

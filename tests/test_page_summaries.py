@@ -9,10 +9,10 @@ import torch
 import planner
 import runtime.ops  # noqa: F401
 from runtime import page_summaries as ps
-from runtime import triton_kernels as tk
+from runtime.kernels import launch, select as sk
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
-pytestmark = pytest.mark.skipif(not tk.available(DEV), reason="needs CUDA or TRITON_INTERPRET=1")
+pytestmark = pytest.mark.skipif(not launch.runs_triton(DEV), reason="needs CUDA or TRITON_INTERPRET=1")
 
 
 @pytest.fixture
@@ -27,7 +27,7 @@ def _full(k, page):
     n_p = -(-n // page)
     mx = torch.zeros(B * H, n_p, next_pow2(max(D, 16)), dtype=k.dtype, device=k.device)
     mn = torch.zeros_like(mx)
-    tk.quest_page_summaries(k, page, mx, mn)
+    sk.quest_page_summaries(k, page, mx, mn)
     return mx, mn
 
 
@@ -68,8 +68,8 @@ def test_bounds_from_kept_summaries_equal_recomputed(kernels):
                                 torch.randn(1, 2, 30, 16, device=DEV), 4)
     k = torch.ops.sparse.append(k, torch.randn(1, 2, 3, 16, device=DEV), 4)
     q = torch.randn(1, 4, 1, 16, device=DEV)
-    kept = tk.quest_page_bounds(q, k, page=4, causal="lower_right", summaries=ps.lookup(k, 4))
-    fresh = tk.quest_page_bounds(q, k, page=4, causal="lower_right")
+    kept = sk.quest_page_bounds(q, k, page=4, causal="lower_right", summaries=ps.lookup(k, 4))
+    fresh = sk.quest_page_bounds(q, k, page=4, causal="lower_right")
     assert torch.equal(kept, fresh)
 
 
@@ -90,8 +90,8 @@ def test_quest_decoding_keeps_summaries_with_the_cache(kernels, monkeypatch):
     ids = torch.randint(0, 128, (1, 37), device=DEV)
     pol = planner.policy("quest", page=4, budget=8)
     used = []
-    real = tk.quest_page_bounds
-    monkeypatch.setattr(tk, "quest_page_bounds", lambda *a, **kw: used.append(
+    real = sk.quest_page_bounds
+    monkeypatch.setattr(sk, "quest_page_bounds", lambda *a, **kw: used.append(
         kw.get("summaries") is not None) or real(*a, **kw))
     gen = dict(max_new_tokens=5, min_new_tokens=5, do_sample=False)
     cm = planner.compile(lm, policy=pol, dynamic=True)

@@ -15,8 +15,8 @@ if not torch.cuda.is_available():
 from codegen.common import Schedule  # noqa: E402
 from codegen.token_sparse import (token_sparse_attention_bwd_ref,  # noqa: E402
                                   token_sparse_attention_ref)
-from runtime import triton_kernels as tk  # noqa: E402
-from runtime.token_sparse_autograd import kernels_apply, token_sparse_attention_fn  # noqa: E402
+from runtime.kernels import launch, token_sparse as tsk  # noqa: E402
+from runtime.kernels.token_sparse import token_sparse_attention_fn  # noqa: E402
 from kernel_checks import rel_err  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -28,7 +28,7 @@ TOL = {torch.float32: 1e-5 if DEVICE == "cpu" else 1e-4, torch.float16: 2e-3,
 @pytest.fixture(autouse=True)
 def poison_workspace(monkeypatch):
     """dQ and the delta pre-pass start as NaN: an element no program wrote reaches the result."""
-    monkeypatch.setattr(tk, "POISON_WORKSPACE", True)
+    monkeypatch.setattr(launch, "POISON_WORKSPACE", True)
 
 
 def hot_indices(gen, B, hs, Nq, K, Nkv, *, hot=3, p_pad=0.2):
@@ -121,8 +121,8 @@ SHAPES = [
 
 def check_kernel_grads(q, k, v, idx, dout, seed, schedule=None):
     scale = q.shape[-1] ** -0.5
-    out, lse = tk.token_sparse_attention(q, k, v, idx, scale=scale)
-    got = tk.token_sparse_attention_bwd(q, k, v, idx, out, lse, dout, scale=scale,
+    out, lse = tsk.token_sparse_attention(q, k, v, idx, scale=scale)
+    got = tsk.token_sparse_attention_bwd(q, k, v, idx, out, lse, dout, scale=scale,
                                         schedule=schedule)
     want = exact_grads(q, k, v, idx, dout, scale)
     B, Hq, Hkv, Nkv = q.shape[0], q.shape[1], k.shape[1], k.shape[2]
@@ -166,12 +166,12 @@ def test_split_backward_adds_dq_atomically(Hq, Hkv, hs, split):
 ])
 def test_backward_invalid_arguments(change, match):
     q, k, v, idx, dout = make_inputs(0, 2, 4, 2, 1, 3, 40, 8, 32, 32, torch.float32)
-    out, lse = tk.token_sparse_attention(q, k, v, idx, scale=0.2)
+    out, lse = tsk.token_sparse_attention(q, k, v, idx, scale=0.2)
     args = dict(q=q, k=k, v=v, indices=idx, out=out, lse=lse, dout=dout, scale=0.2)
     args.update({name: fn(args) for name, fn in change.items()})
     tensors = [args.pop(n) for n in ("q", "k", "v", "indices", "out", "lse", "dout")]
     with pytest.raises(ValueError, match=match):
-        tk.token_sparse_attention_bwd(*tensors, **args)
+        tsk.token_sparse_attention_bwd(*tensors, **args)
 
 
 # ----------------------------------------------------------------------------- autograd
@@ -183,7 +183,7 @@ def test_function_matches_reference_autograd(mode, needs, monkeypatch):
     monkeypatch.setenv("SPARSE_PLANNER_KERNELS", mode)
     seed = int(torch.randint(0, 2**31 - 1, ()).item())
     q, k, v, idx, dout = make_inputs(seed, 2, 4, 2, 1, 9, 30, 8, 16, 16, torch.float32)
-    assert kernels_apply(q, k, v) == (mode == "triton")
+    assert launch.kernels_enabled(q) == (mode == "triton")
     leaves = dict(zip("qkv", (q, k, v)))
     for name in needs:
         leaves[name].requires_grad_()

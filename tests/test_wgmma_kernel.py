@@ -17,7 +17,7 @@ if not torch.cuda.is_available():
 
 from codegen.block_sparse import wgmma_kernel  # noqa: E402
 from codegen.common import BlockSparseSpec, Schedule  # noqa: E402
-from runtime import triton_kernels as tk  # noqa: E402
+from runtime.kernels import block_sparse as bsk, launch  # noqa: E402
 from test_kernels_block_sparse import TOL, LSE_TOL, make_inputs, run_checked  # noqa: E402
 
 WG = Schedule(block_m=128, block_n=128, num_warps=8, num_stages=3, tma=True, wgmma=True)
@@ -124,11 +124,11 @@ def test_hopper_first_keeps_the_given_schedule_elsewhere():
     dtype = torch.float16
     q, k, v, num, idx = make_inputs(seed, 1, 2, 2, "group", 130, 130, 64, 64, 128, dtype)
     given = Schedule(block_m=64, block_n=32, num_warps=4, num_stages=2)
-    out, lse, ran = tk.block_sparse_attention(q, k, v, num, idx, block=128, scale=0.125,
+    out, lse, ran = bsk.block_sparse_attention(q, k, v, num, idx, block=128, scale=0.125,
                                               causal=True, schedule=given, hopper_first=True,
                                               return_schedule=True)
     assert ran == given
-    ref, _ = tk.block_sparse_attention(q, k, v, num, idx, block=128, scale=0.125, causal=True,
+    ref, _ = bsk.block_sparse_attention(q, k, v, num, idx, block=128, scale=0.125, causal=True,
                                        schedule=given)
     assert torch.equal(out, ref), f"seed {seed}"
 
@@ -154,7 +154,7 @@ def test_gpu_matches_reference(B, Hq, Hkv, lists, Nq, Nkv, D, causal, sink, wind
     the future of every query (rows masked out for a whole tile), lengths off the block."""
     seed = int(torch.randint(0, 2**31 - 1, ()).item())
     q, k, v, num, idx = make_inputs(seed, B, Hq, Hkv, lists, Nq, Nkv, D, D, 128, dtype)
-    plan_sch = tk._plan_block_sparse(q, k, v, num, idx, 128, causal, window > 0, sch, False).schedule
+    plan_sch = bsk._plan_block_sparse(q, k, v, num, idx, 128, causal, window > 0, sch, False).schedule
     assert plan_sch.wgmma, "the warpgroup-MMA kernel was not chosen"
     err, lse_err = run_checked(q, k, v, num, idx, block=128, causal=causal, sink=sink,
                                window=window, schedule=sch, pack_gqa=False)
@@ -186,7 +186,7 @@ def test_gpu_persistent_programs_walk_several_tiles():
     seed = int(torch.randint(0, 2**31 - 1, ()).item())
     dtype = torch.bfloat16
     q, k, v, num, idx = make_inputs(seed, 1, 8, 8, "head", 8192, 8192, 128, 128, 128, dtype)
-    assert tk._sm_count(q.device) < 8 * 64
+    assert launch.sm_count(q.device) < 8 * 64
     err, lse_err = run_checked(q, k, v, num, idx, block=128, causal=True, schedule=WG_PERSISTENT)
     assert err <= TOL[dtype] and lse_err <= LSE_TOL[dtype], f"seed {seed}: {err:.2e}"
 
@@ -213,7 +213,7 @@ def test_misaligned_start_is_handled(what):
     else:
         out = _misaligned_copy(out)
     assert (q if what == "q" else out).data_ptr() % 16 != 0
-    tk.block_sparse_attention(q, k, v, num, idx, block=128, scale=0.125, causal=True,
+    bsk.block_sparse_attention(q, k, v, num, idx, block=128, scale=0.125, causal=True,
                               schedule=WG, out=out, lse=lse)
     ref, ref_lse = block_sparse_attention_ref(q, k, v, num, idx, block=128, scale=0.125,
                                               causal=True)

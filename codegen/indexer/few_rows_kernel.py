@@ -7,9 +7,9 @@ products on the CUDA cores, the heads summed in order), packed as the int64 sele
 -0.0 read as +0.0), so that one ``torch.topk`` over a row picks the best scores and, among
 equal scores, the newest keys; keys the causal rule hides get INT64_MIN and are never picked.
 It replaces the materialised fp32 score rows and the dozen elementwise launches that built the
-same keys from them (``runtime.indexer_kernels.topk_few_rows``).
+same keys from them (``runtime.kernels.indexer_rows.topk_few_rows``).
 
-Semantics: ``runtime.indexer_kernels._keys_of_scores(indexer_scores_ref(...))`` up to the
+Semantics: ``runtime.kernels.indexer_rows.keys_of_scores(indexer_scores_ref(...))`` up to the
 summation order of the dot products.
 """
 from __future__ import annotations

@@ -20,7 +20,7 @@ topk are runtime arguments, so a new sequence length reuses the compiled kernels
   bracket search on the score image, then on the index among equal scores), written after
   the certain members; -1 fills the rest of the row.
 
-``codegen.emit.emit(spec)`` renders them; ``runtime.indexer_kernels`` chooses the floors (a
+``codegen.emit.emit(spec)`` renders them; ``runtime.kernels.indexer`` chooses the floors (a
 sampled estimate; an exact refinement in (score, index) space for a row whose estimate missed)
 and launches these kernels.
 """

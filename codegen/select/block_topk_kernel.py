@@ -1,6 +1,6 @@
 """Triton source of the ``block_topk`` estimator and selection (one head per group, no masks).
 
-Two kernels, loaded through ``runtime.loader.load`` and launched from ``runtime.triton_kernels``:
+Two kernels, loaded through ``runtime.loader.load`` and launched from ``runtime.kernels.select``:
 
 * ``pool_rows`` — mean of each block of ``block`` rows (the last block may be short):
   ``x [B, H, N, D]`` (any float dtype, any strides) -> fp32 ``[B, H, NB, D]``, one program

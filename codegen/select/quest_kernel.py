@@ -1,6 +1,6 @@
 """Triton source of the ``quest`` estimator (page bounds, Tang et al., 2024).
 
-Two kernels, loaded through ``runtime.loader.load`` and launched from ``runtime.triton_kernels``:
+Two kernels, loaded through ``runtime.loader.load`` and launched from ``runtime.kernels.select``:
 
 * ``page_minmax`` — per page of ``page`` keys the channel-wise max and min, in the keys' own
   dtype (exact: min/max only pick values): ``[B * Hkv, NP, D]`` each; one single-warp program per

@@ -39,13 +39,13 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 from planner.quality.rdata import RFormatError
+from runtime import env
 
 Log = Callable[[str], None]
 
 
 def cache_root() -> str:
-    return os.environ.get("SPARSE_PLANNER_CACHE",
-                          os.path.join(os.path.expanduser("~"), ".cache", "sparse_planner"))
+    return env.cache_root()
 
 
 # ------------------------------------------------------------------ models

@@ -23,6 +23,7 @@ import time
 from planner.quality.assets import MODELS
 from planner.quality.policies import DEFAULT_POLICIES
 from planner.quality.tasks import PASSKEY_DEPTHS, TASKS
+from runtime import env
 
 EXIT_USAGE = 2                      # as argparse exits on a bad argument
 EVAL_EXTRA = "pip install -e \".[eval]\""
@@ -59,7 +60,7 @@ def expected_errors(fn):
             return fn(args)
         except (CliError, FileNotFoundError, ModuleNotFoundError,
                 subprocess.CalledProcessError) as e:
-            if os.environ.get("SPARSE_PLANNER_TRACEBACK") == "1":
+            if env.cli_traceback():
                 raise
             msg = str(e) if not isinstance(e, ModuleNotFoundError) else (
                 f"{e} (needed by `{prog} {args.cmd}`)")

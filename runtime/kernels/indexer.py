@@ -1,8 +1,8 @@
 """Entry point of the lightning indexer (DeepSeek Sparse Attention): fused index scores and exact
 per-query top-k, without an ``[Nq, Nkv]`` tensor in memory.
 
-``indexer_topk`` validates, then runs the Triton kernels of ``codegen.indexer.kernel`` on CUDA
-(and on the CPU under ``TRITON_INTERPRET=1`` with ``SPARSE_PLANNER_KERNELS=triton``), else the
+``indexer_topk`` validates, then runs the Triton kernels of ``codegen.indexer.kernel``
+where ``launch.kernels_enabled`` routes the call (CUDA; the CPU interpreter when asked), else the
 PyTorch reference. Candidates are int64 (score image, key index) pairs, distinct and ordered
 like the top-k rule (score, then recency). Per row, with ``C = max(2 topk, topk + slack)``
 candidate slots:
@@ -36,23 +36,20 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import os
 from typing import Optional
 
 import torch
 
 from codegen.common import next_pow2
 from codegen.emit import emit
-from codegen.indexer.few_rows_kernel import FewRowsSpec
 from codegen.indexer.kernel import IndexerSpec
-from codegen.indexer.reference import (indexer_scores_ref, indexer_topk_ref, visible_counts,
-                                       weighted_relu_scores)
+from codegen.indexer.reference import indexer_topk_ref, visible_counts
 from runtime.cache import KERNELS
-from runtime.env import kernels_mode
+from runtime.kernels.indexer_rows import (FEW_ROWS, few_row_scores, from_key, score_key,
+                                          top_of_rows, topk_few_rows)
+from runtime.kernels.launch import FLOAT_DTYPES, device_key, kernels_enabled, sm_count
 from runtime.loader import load
-from runtime.triton_kernels import _device_key, _sm_count
 
-_FLOAT_DTYPES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32"}
 MAX_TOPK = 8192             # the selection program keeps 2 * topk candidates in registers
 MAX_ROUNDS = 48             # exact refinement sweeps per call (a bracket shrinks >= 4x a round)
 # Rows whose estimate missed are scored directly (their full score rows, ``few_row_scores``,
@@ -135,7 +132,7 @@ def _validate(fn: str, q_idx, w, k_idx, topk) -> None:
                                   ("k_idx", k_idx, 3, "[B, Nkv, d_I]")):
         if not isinstance(t, torch.Tensor) or t.dim() != rank:
             raise ValueError(f"{fn}: {name} must be a {rank}-d tensor {layout}, got {_shape(t)}")
-    if q_idx.dtype not in _FLOAT_DTYPES:
+    if q_idx.dtype not in FLOAT_DTYPES:
         raise ValueError(f"{fn}: q_idx.dtype must be float16, bfloat16 or float32, got {q_idx.dtype}")
     if k_idx.dtype != q_idx.dtype:
         raise ValueError(f"{fn}: k_idx.dtype must equal q_idx.dtype ({q_idx.dtype}), got {k_idx.dtype}")
@@ -154,22 +151,6 @@ def _validate(fn: str, q_idx, w, k_idx, topk) -> None:
         raise ValueError(f"{fn}: q_idx needs H_I >= 1 and d_I >= 1, got {_shape(q_idx)}")
     if isinstance(topk, bool) or not isinstance(topk, int) or topk < 1:
         raise ValueError(f"{fn}: topk must be an int >= 1, got {topk!r}")
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def uses_kernels(q_idx: torch.Tensor) -> bool:
-    """True where ``indexer_topk`` runs the Triton kernels for this input (see module doc)."""
-    mode = kernels_mode()
-    if mode == "reference":
-        return False
-    if q_idx.device.type == "cuda":
-        return torch.cuda.is_available()
-    # Triton's CPU interpreter has no bfloat16: such inputs run the reference
-    return (q_idx.device.type == "cpu" and mode == "triton" and _interpreting()
-            and q_idx.dtype != torch.bfloat16)
 
 
 # ----------------------------------------------------------------------------- entry point
@@ -195,7 +176,7 @@ def indexer_topk(q_idx, w, k_idx, topk: int, *, causal: bool,
                             or out.device != q_idx.device or not out.is_contiguous()):
         raise ValueError(f"{fn}: out must be a contiguous int32 tensor {list(shape)} on "
                          f"{q_idx.device}, got {out.dtype} {list(out.shape)} on {out.device}")
-    if not uses_kernels(q_idx):
+    if not kernels_enabled(q_idx):
         ref = indexer_topk_ref(q_idx, w, k_idx, topk, causal=bool(causal))
         return ref if out is None else out.copy_(ref)
     if q_idx.shape[1] <= FEW_ROWS and q_idx.device.type == "cuda":
@@ -209,117 +190,13 @@ def indexer_topk(q_idx, w, k_idx, topk: int, *, causal: bool,
     return _IndexerRun(q_idx, w, k_idx, topk, bool(causal), schedule).run(out)
 
 
-#: up to this many query rows (decode, short speculative chunks) the score rows are
-#: materialised (``B * Nq * Nkv`` fp32, a vector per query) and ranked by ``torch.topk``
-FEW_ROWS = 16
-
-
-def few_row_scores(q_idx, w, k_idx, *, causal: bool) -> torch.Tensor:
-    """``indexer_scores_ref``'s fp32 rows. For 16-bit inputs on CUDA, one batched product over
-    all indexer heads with fp32 output (``torch.bmm(..., out_dtype=float32)``: exact products,
-    fp32 accumulation; no fp32 copy of the keys, which the reference makes, and one read of
-    them instead of one per head), then the reference's weighted ReLU sum in its head order."""
-    if (q_idx.device.type == "cuda" and q_idx.dtype in (torch.float16, torch.bfloat16)
-            and k_idx.dtype == q_idx.dtype):
-        B, n_q, n_h, d = q_idx.shape
-        n_kv = k_idx.shape[1]
-        try:
-            dots = torch.bmm(q_idx.reshape(B, n_q * n_h, d), k_idx.transpose(1, 2),
-                             out_dtype=torch.float32).view(B, n_q, n_h, n_kv)
-        except (TypeError, RuntimeError, NotImplementedError):     # torch without out_dtype
-            dots = None
-        if dots is not None:
-            return weighted_relu_scores(lambda j: dots[:, :, j], w, n_kv, causal=causal)
-    return indexer_scores_ref(q_idx, w, k_idx, causal=causal)
-
-
-def topk_few_rows(q_idx, w, k_idx, topk: int, *, causal: bool) -> torch.Tensor:
-    """The selection for few query rows: one int64 selection key per (row, key), order-preserving
-    score image << 32 | key index, so equal scores go to the newer key exactly as in the
-    reference and hidden keys can never be chosen; then one ``torch.topk`` per row. Where the
-    kernels run, one Triton launch builds the keys (``few_row_keys``); elsewhere they come from
-    the reference's fp32 score rows (``few_row_scores``). Rows unordered."""
-    if uses_kernels(q_idx) and q_idx.shape[-1] <= FEW_ROWS_MAX_DIM:
-        return _top_of_keys(few_row_keys(q_idx, w, k_idx, causal=causal), topk)
-    n_q, n_kv = q_idx.shape[1], k_idx.shape[1]
-    scores = few_row_scores(q_idx, w, k_idx, causal=causal)                   # [B, Nq, Nkv] fp32
-    return _top_of_rows(scores, visible_counts(n_q, n_kv, causal, q_idx.device), topk)
-
-
-#: index head dims the few-row key kernel takes (a [BN, d_I] key tile in registers)
-FEW_ROWS_MAX_DIM = 256
-#: keys per program of the few-row key kernel
-FEW_ROWS_BLOCK_N = 128
-
-
-def few_row_keys(q_idx, w, k_idx, *, causal: bool) -> torch.Tensor:
-    """int64 ``[B, Nq, Nkv]`` selection keys of every (query row, key) in one launch (see
-    ``codegen.indexer.few_rows_kernel``): what ``_keys_of_scores`` makes of the reference's
-    score rows, up to the summation order of the dot products."""
-    B, n_q, n_h, d = q_idx.shape
-    n_kv = k_idx.shape[1]
-    out = torch.empty((B, n_q, n_kv), device=q_idx.device, dtype=torch.int64)
-    if out.numel() == 0:
-        return out
-    mod = KERNELS.get(("indexer_few_rows", _device_key(q_idx.device)),
-                      lambda: load(emit(FewRowsSpec())))
-    bn = FEW_ROWS_BLOCK_N if n_kv >= FEW_ROWS_BLOCK_N else max(16, next_pow2(n_kv))
-    mod.few_row_keys[(-(-n_kv // bn), B * n_q)](
-        q_idx, w, k_idx, out, *q_idx.stride(), *w.stride(), *k_idx.stride(), n_q, n_kv,
-        n_kv - n_q, H=n_h, D=d, D_P=next_pow2(max(d, 16)), BN=bn, CAUSAL=bool(causal),
-        num_warps=4)
-    return out
-
-
-def _keys_of_scores(scores: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
-    """int64 selection keys of fp32 score rows ``[..., Nkv]``: score image << 32 | key index,
-    INT64_MIN after each row's first ``visible [rows]`` keys."""
-    n_kv = scores.shape[-1]
-    idx = torch.arange(n_kv, device=scores.device)
-    keys = (_score_key(scores + 0.0) << 32) | idx
-    hidden = idx[None, :] >= visible[:, None]
-    return keys.masked_fill(hidden, torch.iinfo(torch.int64).min)
-
-
-def _top_of_keys(keys: torch.Tensor, topk: int) -> torch.Tensor:
-    """int32 ``[..., topk]``: the keys (low words) of the ``topk`` largest selection keys per
-    row, -1 for hidden ones and after the row's end; unordered."""
-    n_kv = keys.shape[-1]
-    lowest = torch.iinfo(torch.int64).min
-    kk = min(topk, n_kv)
-    top = torch.topk(keys, kk, dim=-1, sorted=False).values                  # [..., kk]
-    chosen = torch.where(top == lowest, -1, top & 0xFFFFFFFF).to(torch.int32)
-    if kk == topk:
-        return chosen
-    out = torch.full((*keys.shape[:-1], topk), -1, dtype=torch.int32, device=keys.device)
-    out[..., :kk] = chosen
-    return out
-
-
-def _top_of_rows(scores: torch.Tensor, visible: torch.Tensor, topk: int) -> torch.Tensor:
-    """int32 ``[..., topk]``: per row of ``scores [..., Nkv]`` fp32 the ``topk`` best of its
-    first ``visible [rows]`` keys (score, then the newer key), -1 after them; unordered."""
-    return _top_of_keys(_keys_of_scores(scores, visible), topk)
-
-
 def _module(spec: IndexerSpec, device):
-    return KERNELS.get(("indexer", _device_key(device), spec), lambda: load(emit(spec)))
-
-
-def _score_key(x: torch.Tensor) -> torch.Tensor:
-    """int64 order-preserving image of fp32 values (the kernels' candidate high word)."""
-    bits = x.float().contiguous().view(torch.int32)
-    return (bits ^ ((bits >> 31) & 0x7FFFFFFF)).long()
-
-
-def _from_key(key: torch.Tensor) -> torch.Tensor:
-    k32 = key.clamp(-2 ** 31, 2 ** 31 - 1).to(torch.int32)
-    return (k32 ^ ((k32 >> 31) & 0x7FFFFFFF)).view(torch.float32)
+    return KERNELS.get(("indexer", device_key(device), spec), lambda: load(emit(spec)))
 
 
 def _pack(score: torch.Tensor, idx: int) -> torch.Tensor:
     """int64 candidate (order-preserving score image << 32 | idx) of fp32 scores (-0.0 is +0.0)."""
-    return (_score_key(score + 0.0) << 32) | idx
+    return (score_key(score + 0.0) << 32) | idx
 
 
 def _below(x: torch.Tensor) -> torch.Tensor:
@@ -328,7 +205,7 @@ def _below(x: torch.Tensor) -> torch.Tensor:
 
 
 def _unpack_score(p: torch.Tensor) -> torch.Tensor:
-    return _from_key(p >> 32)
+    return from_key(p >> 32)
 
 
 IDX_ABOVE = 2 ** 31 - 1          # (score, IDX_ABOVE): the candidates above it score above
@@ -360,7 +237,7 @@ class _IndexerRun:
         self.off = self.Nkv - self.Nq
         self.topk, self.causal, self.sch = topk, causal, sch
         self.dev = q.device
-        self.spec = IndexerSpec(heads=H, head_dim=D, dtype=_FLOAT_DTYPES[q.dtype],
+        self.spec = IndexerSpec(heads=H, head_dim=D, dtype=FLOAT_DTYPES[q.dtype],
                                 block_m=sch.block_m, block_n=sch.block_n, thresholds=sch.thresholds,
                                 stride_align=align, stack_heads=sch.stack_heads)
         self.mod = _module(self.spec, self.dev)
@@ -383,7 +260,7 @@ class _IndexerRun:
     def _split(self, items: int, tiles: int) -> int:
         if self.sch.split:
             return max(1, min(self.sch.split, tiles))
-        want = -(-2 * _sm_count(self.dev) // max(items, 1))
+        want = -(-2 * sm_count(self.dev) // max(items, 1))
         return max(1, min(want, tiles // 4 if tiles >= 8 else 1))
 
     def _items(self, blocks: Optional[torch.Tensor]) -> int:
@@ -544,11 +421,11 @@ class _IndexerRun:
         span = (fb - fa).clamp(min=1e-30) + fb.abs() * 2 ** -10
         fb = torch.where(hi_open, fb + 3 * span, fb)
         fa = torch.where(lo_open, fa - 3 * span, fa)
-        ka = torch.where(lo_open, KEY_NEG_INF, _score_key(f_lo))
-        kb = torch.where(hi_open, KEY_POS_INF, _score_key(f_hi))
+        ka = torch.where(lo_open, KEY_NEG_INF, score_key(f_lo))
+        kb = torch.where(hi_open, KEY_POS_INF, score_key(f_hi))
         kmid = ka[:, None] + (kb - ka)[:, None] * quarter // (n_key + 1)
         values = torch.cat([torch.stack([_below(zero), zero, _below(mn), mn, _below(mx), mx], 1),
-                            _spaced(fa, fb, n_val), _from_key(kmid)], 1)
+                            _spaced(fa, fb, n_val), from_key(kmid)], 1)
         same = (lo_p >> 32) == (hi_p >> 32)
         i0 = torch.where(same, (lo_p & 0xFFFFFFFF) + 1, 0).clamp(max=top)
         i1 = torch.where(hi_open, top, (hi_p & 0xFFFFFFFF).clamp(max=top))
@@ -568,7 +445,7 @@ class _IndexerRun:
                                 self.k[bi:bi + 1], causal=False)[0]       # [m, Nkv] fp32
             vis = ((tt + self.off + 1).clamp(0, self.Nkv) if self.causal
                    else torch.full_like(tt, self.Nkv))
-            res[at] = _top_of_rows(sc, vis, self.topk)
+            res[at] = top_of_rows(sc, vis, self.topk)
         return res
 
     def _blocks(self, rows: torch.Tensor) -> torch.Tensor:
