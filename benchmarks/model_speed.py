@@ -177,6 +177,10 @@ def report(path: str) -> None:
             f"{n}: {p} {s}x" for n, (s, p) in best.items()), ""]
     bad = [r for r in rows if r["speed"] < 0.97]
     lines.append(f"cells below 0.97x: {len(bad)} of {len(rows)}")
+    notes = base + ".notes.md"          # a reading of the table, kept beside the measurements
+    if os.path.exists(notes):
+        with open(notes) as f:
+            lines += ["", f.read().rstrip()]
     with open(base + ".md", "w") as f:
         f.write("\n".join(lines) + "\n")
 
