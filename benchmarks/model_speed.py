@@ -154,8 +154,7 @@ def report(path: str) -> None:
     with open(base + ".json", "w") as f:
         json.dump({"meta": metas[-1] if metas else {}, "runs": metas, "rows": rows}, f, indent=1)
     lines = [f"# Whole-model prefill speed ({metas[-1]['card'] if metas else '?'})", ""]
-    if metas:
-        m = metas[-1]
+    for m in {m["command"]: m for m in metas}.values():     # each run (a later one re-measures)
         lines += [f"torch {m['torch']}, triton {m['triton']}, {m['dtype']}, {m['date']}; "
                   f"`{m['command']}`", ""]
     lines += ["speed = original / compiled (cost model on, the default); >= 0.97 is the "

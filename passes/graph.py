@@ -71,6 +71,12 @@ _METHODS = {
     "tril": "tril", "triu": "triu",
     "new_ones": "full", "new_zeros": "full", "new_full": "full", "new_tensor": "full",
     "diff": "diff", "cumsum": "cumsum",
+    # operators recorded as method calls (torch 2.11's Dynamo writes ``a == b`` on tensors as
+    # ``call_method __eq__`` in Hugging Face's mask functions); reflected forms (``__rsub__``,
+    # ...) swap their operands and are left out
+    "__eq__": "eq", "__ne__": "ne", "__lt__": "lt", "__le__": "le", "__gt__": "gt",
+    "__ge__": "ge", "__xor__": "xor", "__add__": "add", "__sub__": "sub", "__mul__": "mul",
+    "__truediv__": "div", "__neg__": "neg", "__getitem__": "getitem",
 }
 
 # aten-level spellings (torch.export, or code calling torch.ops.aten.* directly)

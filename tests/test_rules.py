@@ -209,3 +209,31 @@ def test_packed_sequences_from_given_positions_keep_the_mask():
         assert max_err(cm(ids, position_ids=pos, use_cache=False).logits, ref) <= 1e-5
     spec = _spec(cm)
     assert spec.mods != () and not spec.kv_valid, spec
+
+
+def test_operators_recorded_as_method_calls_are_index_arithmetic():
+    """torch 2.11's Dynamo records ``a == b`` on tensors inside Hugging Face's mask functions as
+    ``call_method __eq__`` (torch 2.13 as ``operator.eq``): both spellings are the same index
+    arithmetic, so the mask is proved either way; reflected forms (``__rsub__``: operands
+    swapped) are not read as their plain operator."""
+    import operator
+
+    import torch.fx as fx
+
+    from passes.graph import label
+
+    def f(a, b):
+        return (a == b) & (a <= b + 1) & ~(a > b * 2) ^ (a != -b)
+    gm = fx.symbolic_trace(f)
+    seen = {}
+    for n in list(gm.graph.nodes):
+        if n.op == "call_function" and n.target in (operator.eq, operator.le, operator.gt,
+                                                    operator.ne, operator.add, operator.mul,
+                                                    operator.xor, operator.neg):
+            want = label(n)
+            n.op, n.target = "call_method", f"__{n.target.__name__.rstrip('_')}__"
+            seen[n.target] = (label(n), want)
+    assert seen and all(got == want for got, want in seen.values()), seen
+    r = next(iter(gm.graph.nodes))
+    r.op, r.target = "call_method", "__rsub__"
+    assert label(r) != "sub"
