@@ -13,11 +13,12 @@ import dataclasses
 
 import torch
 import torch.fx as fx
+import torch.nn.functional as F
 
 from passes.graph import val
 from passes.mutation import eliminate_dead_code
-from runtime import plan
-from runtime.providers import sdpa_args
+from runtime import costmodel as cm, plan
+from runtime.rules import sdpa_args
 from runtime.spec import lookup, register
 
 
@@ -36,7 +37,6 @@ def _hint(x) -> int:
 
 def _emit_dense(gm: fx.GraphModule, attend: fx.Node, spec, how) -> fx.Node:
     """Replace a site's score/select/attend chain by one exact SDPA call."""
-    import torch.nn.functional as F
     q, k, v, mods = attend.args[0], attend.args[1], attend.args[2], attend.args[3]
     kind, is_causal = how
     g = gm.graph
@@ -56,7 +56,6 @@ def _emit_dense(gm: fx.GraphModule, attend: fx.Node, spec, how) -> fx.Node:
 
 
 def plan_schedule(gm: fx.GraphModule, ctx) -> fx.GraphModule:
-    from runtime import costmodel as cm
     ops = torch.ops.sparse
     records = {r.spec_key: r for r in ctx.sites if r.spec_key}
     for n in list(gm.graph.nodes):

@@ -52,6 +52,8 @@ from typing import Optional
 
 import sympy as sp
 
+from codegen.common import Schedule
+
 B, Hq, Hkv, Nq, Nkv, D, rho, blk = sp.symbols("B H_q H_kv N_q N_kv D rho block", positive=True)
 N = sp.Symbol("N", positive=True)
 
@@ -103,7 +105,6 @@ class Variant:
 
     def schedule(self):
         """The block-sparse kernel's ``Schedule`` (token decode variants: see ``per_sm``)."""
-        from codegen.common import Schedule
         if self.family != "block_sparse":
             raise ValueError(f"{self.name}: only block_sparse variants carry a tile schedule")
         return Schedule(block_m=self.block_m, block_n=self.block_n, num_warps=self.num_warps,
@@ -361,8 +362,10 @@ def crossover(profile: HardwareProfile, *, B: int = 1, Hq: int, Hkv: int, D: int
     return float(grid[0]) if vals[0] <= 0 else None
 
 
+@functools.lru_cache(maxsize=None)
 def load_profile(name: str, results_dir: Optional[str] = None) -> HardwareProfile:
-    """The built-in profile, replaced by the fit in ``profile_<name>.json`` if present."""
+    """The built-in profile, replaced by the fit in ``profile_<name>.json`` if present (read
+    once per process: the run-time plan asks for it on calls)."""
     base = PROFILES[name]
     results_dir = results_dir or os.path.join(os.path.dirname(os.path.dirname(
         os.path.abspath(__file__))), "benchmarks", "results")

@@ -46,7 +46,6 @@ def select(scores, q, k, spec: SiteSpec):
         return q.new_empty(0, dtype=torch.int32), q.new_empty(0, dtype=torch.int32)
     if _cost_model_dense(spec, q, k):
         if spec.policy.attend_kind == "token":
-            from runtime import dsa
             return dsa.no_lists(q, k, spec)
         return _all_blocks(q, k, spec)
     counts, indices = est.select(scores, q, k, spec)
@@ -59,7 +58,6 @@ def _cost_model_dense(spec: SiteSpec, q, k) -> bool:
     if spec.policy.is_dense or plan.choose(spec, q, k) != "dense":
         return False
     if spec.policy.attend_kind == "token":
-        from runtime import dsa
         return dsa.active_recorder() is None
     return True
 

@@ -49,6 +49,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from codegen.attention.reference import positions_offset
+from runtime.kernels import indexer as indexer_kernels
 from runtime.tensor_notes import TensorNotes
 
 _INFO = ("hq", "hkv", "head_dim", "index_heads", "index_dim", "rope")
@@ -372,7 +373,6 @@ def topk_indices(q_i, w, k_i, topk: int, *, causal: bool, offset: int) -> torch.
     if causal and offset != n_kv - n_q:
         raise ValueError(f"dsa selection supports bottom-right causal alignment only "
                          f"(offset {offset}, Nq {n_q}, Nkv {n_kv})")
-    from runtime.kernels import indexer as indexer_kernels
     if q_i.dtype == torch.float64:              # (gradient checks) rank in fp32, like the kernel
         q_i, k_i = q_i.float(), k_i.float()
     return indexer_kernels.indexer_topk(q_i, w, k_i, topk, causal=causal)

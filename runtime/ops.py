@@ -26,7 +26,8 @@ from typing import List
 
 import torch
 
-from runtime import dispatch, estimators, providers
+from runtime import dispatch, dsa, estimators, page_summaries, providers, stats
+from runtime.kernels.token_sparse import token_sparse_attention_bwd
 from runtime.spec import lookup
 
 
@@ -83,7 +84,6 @@ def _empty_attend(q, k, v, spec) -> torch.Tensor:
     """Attention without queries or keys, as eager computes it: an empty ``[B, Hq, 0, Dv]``
     for Nq == 0, zeros ``[B, Hq, Nq, Dv]`` for Nkv == 0 (no key to attend to). No kernel
     runs; the call is counted, its density left unmeasured (there is no pair)."""
-    from runtime import stats
     stats.record(spec.stats_key, q=q, k=k, v=v, kernel="none (no queries or keys)")
     return q.new_zeros(q.shape[0], q.shape[1], q.shape[2], v.shape[-1])
 
@@ -118,7 +118,6 @@ def _attend_backward(ctx, grad):
         return (*(torch.zeros_like(t) if n else None for t, n in zip((q, k, v), need)),
                 no_mods, None, None, None)
     if ctx.lse is not None:
-        from runtime.kernels.token_sparse import token_sparse_attention_bwd
         out = saved[5 + ctx.n_mods]
         grads = token_sparse_attention_bwd(q, k, v, indices, out, ctx.lse, grad.to(out.dtype),
                                            scale=lookup(ctx.key).scale)
@@ -148,7 +147,6 @@ def append(past: torch.Tensor, new: torch.Tensor, page: int) -> torch.Tensor:
     ``past`` to the result; see the module docstring)."""
     out = torch.cat([past, new], dim=-2)
     if out.dim() == 4:            # a skipped ``past`` has nothing kept: ``out`` gets it in full
-        from runtime import dsa, page_summaries
         if page > 0:
             page_summaries.extend(past, out, page)
         dsa.extend_keys(past, out)

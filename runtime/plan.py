@@ -20,6 +20,9 @@ from typing import Optional
 
 import torch
 
+from codegen.select.reference import structural_blocks
+from runtime import costmodel as cm
+
 
 @dataclass(frozen=True)
 class Decision:
@@ -46,7 +49,6 @@ def decide(policy, profile, *, B: int, Hq: int, Hkv: int, Nq: int, Nkv: int, D: 
         ...        Nq=65536, Nkv=65536, D=128).choice
         'policy'
     """
-    from runtime import costmodel as cm
     if min(Nq, Nkv, B, Hq, D) == 0:
         return Decision("policy")
     shape = dict(B=B, Hq=Hq, Hkv=Hkv, Nq=Nq, Nkv=Nkv, D=D)
@@ -71,7 +73,6 @@ def decide(policy, profile, *, B: int, Hq: int, Hkv: int, Nq: int, Nkv: int, D: 
 def _choose(key: str, n_q: int, n_kv: int, device: str, policy, shapes: tuple,
             dtype=torch.bfloat16) -> Decision:
     """``decide`` on the device's profile, memoised per site and call shape."""
-    from runtime import costmodel as cm
     b, hq, hkv, d = shapes
     return decide(policy, cm.profile_for(device), B=b, Hq=hq, Hkv=hkv, Nq=n_q, Nkv=n_kv, D=d,
                   dtype=dtype)
@@ -95,7 +96,6 @@ def variant(spec, q: torch.Tensor, k: torch.Tensor):
     this call shape, or None (cost model off, no fitted variants: the kernel's default)."""
     if spec.schedule != "auto":
         return None
-    from runtime import costmodel as cm
     cand = _decide(spec, q, k).candidate
     return cm.variant(cand) if cand else None
 
@@ -109,11 +109,9 @@ def dense_at_measured_density(spec, q: torch.Tensor, k: torch.Tensor, counts: to
     density, e.g. a threshold policy that had to keep 80% of the blocks."""
     if spec.schedule != "auto" or not spec.policy.adaptive or not counts.numel():
         return False, None
-    from runtime import costmodel as cm
     prof = cm.profile_for(q.device)
     if not prof.sparse_kernels:
         return False, None
-    from codegen.select.reference import structural_blocks
     n_q, n_kv = q.shape[2], k.shape[2]
     visible = float(structural_blocks(n_q, n_kv, spec.causal, block).sum())
     rho = float(counts.sum()) / (visible * counts.shape[0] * counts.shape[1])
