@@ -19,7 +19,8 @@ from typing import Optional
 import torch.fx as fx
 
 from passes import PassContext, register as register_passes, run_pipeline
-from planner.defaults import DEFAULTS
+from passes.lower import lower_for_eager
+from planner.defaults import DEFAULTS, check_remainder
 from planner.policy import PolicyLike, PolicyMap, as_policy_map
 from planner.report import Report, Site, UnmatchedSoftmax, budget_note
 from runtime import env, ops, stats
@@ -33,9 +34,12 @@ class Backend:
     """Callable ``(gm, example_inputs) -> callable`` for Dynamo, holding what it compiled."""
 
     def __init__(self, policy: PolicyLike = None, *, verify: bool = True,
-                 cost_model: Optional[str] = None):
+                 cost_model: Optional[str] = None, remainder: Optional[str] = None):
         if cost_model is None:
             cost_model = DEFAULTS["cost_model"]
+        self.remainder = check_remainder(DEFAULTS["remainder"] if remainder is None
+                                         else remainder)
+        self.remainder_notes: list = []    # graphs Inductor could not compile, and why
         if cost_model not in ("auto", "off"):
             raise ValueError(f"cost_model must be 'auto' or 'off', got {cost_model!r}")
         kernels_mode()                     # a bad SPARSE_PLANNER_KERNELS fails here, not mid-call
@@ -84,7 +88,25 @@ class Backend:
                 self.unmatched[(u.site, u.node)] = UnmatchedSoftmax(u.node, u.site, u.reason, idx)
             self.matched_patterns |= ctx.matched_patterns
             self._warn_dropout(ctx)
-        return gm.forward
+        runner = lower_for_eager(gm)
+        if self.remainder == "inductor":
+            return self._inductor(gm, example_inputs, idx) or runner.forward
+        return runner.forward
+
+    def _inductor(self, gm: fx.GraphModule, example_inputs, idx: int):
+        """The rewritten graph compiled by Inductor: the sparse ops stay opaque calls (their
+        fake impls give Inductor the shapes), the rest of the model is fused. None where
+        Inductor fails (the graph then runs eagerly; the reason is in ``planner.inspect``)."""
+        from torch._inductor.compile_fx import compile_fx
+        try:
+            return compile_fx(gm, example_inputs)
+        except Exception as e:
+            if env.planner_strict():
+                raise
+            note = f"graph{idx}: Inductor failed, ran eagerly: {type(e).__name__}: {e}"
+            self.remainder_notes.append(note[:500])
+            warnings.warn(f"sparse-planner: {note[:300]}")
+            return None
 
     def _warn_dropout(self, ctx: PassContext) -> None:
         """Once per compiled model: the sites left dense because attention dropout is active
@@ -135,8 +157,13 @@ class Backend:
                 schedule=rec.schedule, est_dense_ms=rec.est_dense_ms,
                 est_sparse_ms=rec.est_sparse_ms, crossover=rec.crossover,
                 rules=(st.rules if st and st.calls else rec.rules)))
+        notes = self._density_notes(sites)
+        if self.remainder == "inductor":
+            notes.append(f"the ops outside attention: compiled by Inductor "
+                         f"({len(self.graphs) - len(self.remainder_notes)} of "
+                         f"{len(self.graphs)} graph(s))")
         return Report(sites, list(self.unmatched.values()), list(self.graphs), KERNELS.stats(),
-                      notes=self._density_notes(sites))
+                      notes=notes + self.remainder_notes)
 
     def _density_notes(self, sites: list) -> list:
         """When every site a sparse policy governs measured density 1.0 on its last call, say

@@ -52,6 +52,14 @@ def select(scores, q, k, spec: SiteSpec):
     return counts.to(torch.int32), indices.to(torch.int32)
 
 
+def runs_dense(spec: SiteSpec, q, k) -> bool:
+    """Whether ``attend`` computes every pair of this block-list call whatever the lists say
+    (the cost model's dense choice at this shape, as ``_resolve`` makes it), so that the
+    estimator need not run. Token lists (dsa) are left to the full chain: their indexer may be
+    recorded for training."""
+    return spec.policy.attend_kind != "token" and _cost_model_dense(spec, q, k)
+
+
 def _cost_model_dense(spec: SiteSpec, q, k) -> bool:
     """Whether the cost model runs this call densely. A token-list site whose indexer is being
     trained (``runtime.dsa.recording``) follows the recording's mode instead."""

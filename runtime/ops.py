@@ -76,6 +76,29 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mods: List[torch.T
     return dispatch.attend(q, k, v, mods, counts, indices, lookup(key))
 
 
+def site(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mods: List[torch.Tensor],
+         key: str) -> torch.Tensor:
+    """``score -> select -> attend`` of one site as plain calls, what the executed graph runs
+    in place of the three ops (``passes.lower``): the dispatcher's per-op work (schema,
+    autograd and mode checks: tens of microseconds per op) is skipped, and a call the cost
+    model runs densely goes straight to dense attention, without building the placeholder
+    scores and lists. Same results as the three ops. Where autograd may record (grad enabled
+    and an input that requires grad, or a trainable indexer), it calls the ops themselves."""
+    spec = lookup(key)
+    if torch.is_grad_enabled() and (spec.policy.attend_kind == "token" or any(
+            t.requires_grad for t in (q, k, v, *mods))):
+        sp = torch.ops.sparse
+        c, i = sp.select(sp.score(q, k, mods, key), q, k, key)
+        return sp.attend(q, k, v, mods, c, i, key)
+    if _no_pairs(q, k):
+        return _empty_attend(q, k, v, spec)
+    if dispatch.runs_dense(spec, q, k):
+        e = q.new_empty(0, dtype=torch.int32)
+        return dispatch.attend(q, k, v, mods, e, e, spec)
+    c, i = select(score(q, k, mods, key), q, k, key)
+    return dispatch.attend(q, k, v, mods, c, i, spec)
+
+
 def _no_pairs(q: torch.Tensor, k: torch.Tensor) -> bool:
     return q.shape[2] == 0 or k.shape[2] == 0
 
