@@ -246,29 +246,39 @@ def _bb_select(sc, q, k, spec):
 
 
 # ---------------------------------------------------------------- auto
-# With one head per group, no mask tensors and a causal rule, on the device: Triton pooling
-# (k's blocks pooled by the line statistics' first pass over k where it can),
-# the line statistics and the per-head criterion (on the last query block's pooled logits) in
-# Triton, then one pass that writes each head's block scores (pooled logits for query-aware
-# heads, line mass for the others; empty causal tiles skipped), and a
-# selection program per query block with its own budget. Same rankings as the PyTorch path.
-def _auto_kernels(q, k, spec) -> bool:
-    return (_bt_kernels(q, k, spec) and spec.causal is not None
+# No mask tensors and a causal rule, on the device: Triton pooling (k's blocks pooled by the
+# line statistics' first pass over k where it can), the line statistics and the per-head
+# criterion (on the last query block's pooled logits) in Triton, then one pass that writes each
+# head's block scores (pooled logits for query-aware heads, line mass for the others; empty
+# causal tiles skipped), and a selection program per query block with its own budget. GQA
+# groups: the group's mean block probabilities (block_topk's group path) are the query-aware
+# scores, and the criterion reads their last row. Same rankings as the PyTorch path.
+def _auto_kernels(q, k, spec, *, grouped: bool = False) -> bool:
+    return (_bt_kernels(q, k, spec, grouped=grouped) and spec.causal is not None
             and _lines_kernels(q, k, spec, spec.policy.block))
 
 
 def _auto_score(q, k, mods, spec):
     p = spec.policy
+    b, n_q = p.block, q.shape[2]
     if _auto_kernels(q, k, spec):
-        b = p.block
         pq = sk.pool_blocks(q, b)
         lines, pk = sk.last_rows_lines(q, k, scale=spec.scale, causal=spec.causal, last_q=b,
                                        pool_block=b)
         last = torch.matmul(pq[:, :, -1:], pk.transpose(-1, -2))      # the last query block
-        aware = sk.auto_criterion(last, lines, n_q=q.shape[2], causal=spec.causal, block=b,
+        aware = sk.auto_criterion(last, lines, n_q=n_q, causal=spec.causal, block=b,
                                   scale=spec.scale, tau=p.tau, as_int32=True)
-        return sk.auto_block_scores(pq, pk, lines, aware, n_q=q.shape[2], causal=spec.causal,
+        return sk.auto_block_scores(pq, pk, lines, aware, n_q=n_q, causal=spec.causal,
                                     block=b, scale=spec.scale)
+    if _auto_kernels(q, k, spec, grouped=True):
+        pool = _group_block_scores(q, k, spec, b)                 # -inf where hidden
+        lines = sk.last_rows_lines(q, k, scale=spec.scale, causal=spec.causal, last_q=b)
+        # the criterion's softmax of log(mean probabilities) gives the probabilities back
+        # (the kernel reads only the causally allowed blocks, where they are >= 0)
+        aware = sk.auto_criterion(pool[:, :, -1:].log(), lines, n_q=n_q, causal=spec.causal,
+                                  block=b, scale=1.0, tau=p.tau, as_int32=True)
+        return sk.auto_block_scores(None, None, lines, aware, n_q=n_q, causal=spec.causal,
+                                    block=b, scale=1.0, scores=pool)
     scores, _ = P.auto_estimate(q, k, spec.scale, spec.mods, spec.split(mods)[0], spec.causal, p.block,
                                 _allowed(q, k, mods, spec), p.tau)
     return scores
@@ -306,7 +316,7 @@ def _auto_width(q, k, spec) -> int:
 
 def _auto_select(sc, q, k, spec):
     p = spec.policy
-    if _auto_kernels(q, k, spec):
+    if _auto_kernels(q, k, spec, grouped=True):
         n_q, n_kv, b = q.shape[2], k.shape[2], p.block
         budget, budget_max = _budgets(n_q, n_kv, spec.causal, b, p.target_density, sc.device)
         return sk.block_topk_select(sc, n_q, n_kv, spec.causal, b, scale=1.0, topk=budget_max,

@@ -252,6 +252,33 @@ def test_threshold_on_groups_pools_with_the_kernels(hq, hkv, nq, nkv, causal, mo
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
 
+@pytest.mark.parametrize("hq,hkv,nq,nkv,causal,tau", [(6, 2, 150, 150, "lower_right", 0.1),
+                                                     (9, 3, 90, 170, "lower_right", 0.3),
+                                                     (4, 1, 120, 120, "upper_left", 0.05),
+                                                     (8, 2, 130, 130, "lower_right", 0.0),
+                                                     (8, 2, 130, 130, "lower_right", 0.69)])
+def test_auto_on_groups_runs_the_kernels_and_selects_like_the_reference(hq, hkv, nq, nkv, causal,
+                                                                        tau, monkeypatch):
+    """GQA: auto's group path (mean block probabilities, line statistics, criterion and block
+    scores in Triton) keeps exactly the blocks the PyTorch definition keeps, with peaked
+    (query-aware) and flat heads side by side."""
+    spec = _spec("auto", causal=causal, block=16, target_density=0.3, tau=tau)
+    g = torch.Generator().manual_seed(hq * nq + int(tau * 100))
+    q = torch.randn(1, hq, nq, 16, generator=g).to(DEV)
+    k = torch.randn(1, hkv, nkv, 16, generator=g).to(DEV)
+    q[:, : hq // 2] *= 4
+    est = estimators.get("auto")
+    monkeypatch.setenv("SPARSE_PLANNER_KERNELS", "triton")
+    calls = []
+    real = sk.auto_block_scores
+    monkeypatch.setattr(sk, "auto_block_scores", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    got = est.select(est.score(q, k, [], spec), q, k, spec)
+    assert calls, "auto's block-score kernel did not run"
+    monkeypatch.setenv("SPARSE_PLANNER_KERNELS", "reference")
+    want = est.select(est.score(q, k, [], spec), q, k, spec)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
 @pytest.mark.parametrize("gamma,min_b,max_b,sink,local,causal", [
     (0.9, 0, None, 1, 1, "lower_right"), (0.9, 0, None, 1, 1, None), (0.5, 2, 4, 0, 2, "upper_left"),
     (1.0, 0, None, 0, 0, "lower_right"), (1.0, 0, None, 0, 0, None), (0.05, 0, 1, 2, 0, None),
@@ -326,6 +353,7 @@ def test_auto_kernel_conditions(monkeypatch):
     monkeypatch.setenv("SPARSE_PLANNER_KERNELS", "triton")
     assert estimators._auto_kernels(q, q, spec)
     assert not estimators._auto_kernels(q, q[:, :2], spec)              # grouped heads
+    assert estimators._auto_kernels(q, q[:, :2], spec, grouped=True)    # ... on the group path
     assert not estimators._auto_kernels(q, q, _spec("auto", causal=None, block=16))
     assert estimators._lines_kernels(q, q[:, :2], spec, 16)             # lines handle groups
     monkeypatch.setenv("SPARSE_PLANNER_KERNELS", "reference")

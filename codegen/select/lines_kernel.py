@@ -217,7 +217,7 @@ $POOLED_TILE
 @triton.jit
 def auto_block_scores(a_ptr, b_ptr, pre_ptr, aware_ptr, out_ptr, NQB, NKB, Nq, Nkv, off, block,
                       D, scale, BM: tl.constexpr, BN: tl.constexpr, D_P: tl.constexpr,
-                      PREC: tl.constexpr):
+                      PREC: tl.constexpr, FROM_SCORES: tl.constexpr):
     pid_m, pid_n, bh, qb, kb = tile_ids(BM, BN)
     first = qb * block + off
     last = tl.minimum((qb + 1) * block, Nq) - 1 + off                  # [BM]
@@ -229,7 +229,11 @@ def auto_block_scores(a_ptr, b_ptr, pre_ptr, aware_ptr, out_ptr, NQB, NKB, Nq, N
         tl.store(dst, tl.full([BM, BN], float("-inf"), tl.float32), mask=in_tile)
     else:
         if tl.load(aware_ptr + bh) != 0:
-            s = pooled_tile(a_ptr, b_ptr, bh, qb, kb, NQB, NKB, D, D_P, PREC) * scale
+            if FROM_SCORES:      # a_ptr: the query-aware scores themselves, [B, H, NQB, NKB]
+                s = tl.load(a_ptr + (bh.to(tl.int64) * NQB + qb)[:, None] * NKB + kb[None, :],
+                            mask=allowed, other=float("-inf"))
+            else:
+                s = pooled_tile(a_ptr, b_ptr, bh, qb, kb, NQB, NKB, D, D_P, PREC) * scale
         else:
             cv = pre_ptr + bh.to(tl.int64) * 2 * (Nkv + 1)
             cs = cv + Nkv + 1

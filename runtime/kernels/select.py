@@ -281,33 +281,43 @@ def line_prefix_sums(lines: torch.Tensor) -> torch.Tensor:
     return out.reshape(*lines.shape[:-1], n + 1)
 
 
-def auto_block_scores(pq: torch.Tensor, pk: torch.Tensor, lines: torch.Tensor,
-                      aware: torch.Tensor, *, n_q: int, causal: str, block: int,
-                      scale: float) -> torch.Tensor:
-    """The ``auto`` policy's block scores (causal, one head per group) in one pass: for the
-    query-aware heads (``aware`` bool ``[B, H]``) the pooled logits ``scale * pq . pk`` (pooled
-    fp32 ``[B, H, NQB, D]`` / ``[B, H, NKB, D]``), for the others the line mass of ``lines``
-    (``[B, H, 2, Nkv]``, from ``last_rows_lines``) through each key block; fp32
-    ``[B, H, NQB, NKB]``, -inf where the causal rule allows no pair."""
-    B, H, nqb, D = pq.shape
-    nkb = pk.shape[2]
+def auto_block_scores(pq: Optional[torch.Tensor], pk: Optional[torch.Tensor],
+                      lines: torch.Tensor, aware: torch.Tensor, *, n_q: int, causal: str,
+                      block: int, scale: float, scores: Optional[torch.Tensor] = None
+                      ) -> torch.Tensor:
+    """The ``auto`` policy's block scores (causal) in one pass: for the query-aware heads
+    (``aware`` bool ``[B, H]``) the pooled logits ``scale * pq . pk`` (pooled fp32
+    ``[B, H, NQB, D]`` / ``[B, H, NKB, D]``; one head per group) or, given ``scores`` (fp32
+    ``[B, H, NQB, NKB]``, e.g. a GQA group's mean block probabilities), those scores; for the
+    other heads the line mass of ``lines`` (``[B, H, 2, Nkv]``, from ``last_rows_lines``)
+    through each key block; fp32 ``[B, H, NQB, NKB]``, -inf where the causal rule allows no
+    pair."""
     n_kv = lines.shape[-1]
-    if (lines.shape != (B, H, 2, n_kv) or aware.shape != (B, H) or pk.shape[:2] != (B, H)
-            or pk.shape[3] != D):
-        raise ValueError(f"auto_block_scores: pooled q {tuple(pq.shape)}, pooled k "
-                         f"{tuple(pk.shape)}, lines {tuple(lines.shape)} and aware "
-                         f"{tuple(aware.shape)} do not match")
-    out = torch.empty((B, H, nqb, nkb), device=pq.device, dtype=torch.float32)
+    if scores is not None:
+        B, H, nqb, nkb = scores.shape
+        D = 16
+        a, b_ = scores.contiguous(), scores
+    else:
+        B, H, nqb, D = pq.shape
+        nkb = pk.shape[2]
+        if pk.shape[:2] != (B, H) or pk.shape[3] != D:
+            raise ValueError(f"auto_block_scores: pooled q {tuple(pq.shape)} and pooled k "
+                             f"{tuple(pk.shape)} do not match")
+        a, b_ = pq.contiguous(), pk.contiguous()
+    if lines.shape != (B, H, 2, n_kv) or aware.shape != (B, H):
+        raise ValueError(f"auto_block_scores: scores [{B}, {H}, {nqb}, {nkb}], lines "
+                         f"{tuple(lines.shape)} and aware {tuple(aware.shape)} do not match")
+    out = torch.empty((B, H, nqb, nkb), device=lines.device, dtype=torch.float32)
     if out.numel() == 0:
         return out
     pre = line_prefix_sums(lines)                            # [B, H, 2, Nkv + 1]
     if aware.dtype != torch.int32:
         aware = aware.to(torch.int32)
     bm = bn = 64 if D <= 128 else 32
-    _lines_module(pq.device).auto_block_scores[(-(-nqb // bm), -(-nkb // bn), B * H)](
-        pq.contiguous(), pk.contiguous(), pre, aware.contiguous(), out, nqb,
-        nkb, n_q, n_kv, positions_offset(causal, n_q, n_kv), block, D, float(scale), BM=bm,
-        BN=bn, D_P=next_pow2(max(D, 16)), PREC="tf32x3", num_warps=4)
+    _lines_module(lines.device).auto_block_scores[(-(-nqb // bm), -(-nkb // bn), B * H)](
+        a, b_, pre, aware.contiguous(), out, nqb, nkb, n_q, n_kv,
+        positions_offset(causal, n_q, n_kv), block, D, float(scale), BM=bm, BN=bn,
+        D_P=next_pow2(max(D, 16)), PREC="tf32x3", FROM_SCORES=scores is not None, num_warps=4)
     return out
 
 
