@@ -6,7 +6,9 @@ policy=...)`` with the cost model on (the default), for the default of each cata
 
 Models (random weights, Llama-architecture configs shaped like the named ones): SmolLM2-135M
 (30 layers, GQA 9/3 x 64), Llama-3-8B with 4 layers (32/8 x 128), Qwen2.5-7B with 4 layers
-(28/4 x 128). Per (model, length): the original's time, then per policy the compiled model's
+(28/4 x 128). A policy ``name@inductor`` compiles the ops outside attention with Inductor
+(``remainder="inductor"``); ``torch.compile`` is the original under ``torch.compile``'s
+defaults (the peer for the whole model). Per (model, length): the original's time, then per policy the compiled model's
 time, speed = original / compiled (>= 0.97 is the promise), the kernel each site ran (which
 says whether the cost model ran it densely), the measured density and the relative error of
 the last 256 positions' logits (all of them would not fit beside the model at 64k tokens). Times: best of ``--reps``
@@ -87,6 +89,15 @@ def card_name(device) -> str:
     return "cpu"
 
 
+def _compiled(model, pol: str):
+    """``pol``: a policy name, ``name@inductor`` (``planner.compile(..., remainder=
+    "inductor")``) or ``torch.compile`` (the original under ``torch.compile``'s defaults)."""
+    if pol == "torch.compile":
+        return torch.compile(model)
+    name, _, remainder = pol.partition("@")
+    return planner.compile(model, policy=name, remainder=remainder or None)
+
+
 def run(args) -> None:
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -116,12 +127,15 @@ def run(args) -> None:
                         break
                     cm = compiled.get(pol)
                     if cm is None:
-                        cm = compiled[pol] = planner.compile(model, policy=pol)
+                        cm = compiled[pol] = _compiled(model, pol)
                     os.environ["SPARSE_PLANNER_DENSITY"] = "1"
                     out = cm(ids, use_cache=False).logits[:, -256:].float()
-                    rep = planner.inspect(cm)
-                    dens = [s.density for s in rep.sites if s.density is not None]
-                    kernels = sorted({(s.kernel or "-") for s in rep.sites})
+                    if pol == "torch.compile":
+                        dens, kernels = [], ["Inductor (the original model)"]
+                    else:
+                        rep = planner.inspect(cm)
+                        dens = [s.density for s in rep.sites if s.density is not None]
+                        kernels = sorted({(s.kernel or "-") for s in rep.sites})
                     os.environ["SPARSE_PLANNER_DENSITY"] = "0"
                     t_orig, t = timed_pair(lambda: model(ids, use_cache=False),
                                            lambda: cm(ids, use_cache=False), device, args.reps)

@@ -16,7 +16,8 @@ _ATTR = "_planner_backend"
 
 
 def compile(model: Any, policy: PolicyLike = None, *, dynamic: bool | None = None,
-            verify: bool = True, cost_model: str | None = None) -> Any:
+            verify: bool = True, cost_model: str | None = None,
+            remainder: str | None = None) -> Any:
     """Capture ``model`` with Dynamo and rewrite every attention site with ``policy``.
 
     ``policy`` is a preset name (``"dense"``, ``"block_topk"``, ...), a Policy from
@@ -24,7 +25,11 @@ def compile(model: Any, policy: PolicyLike = None, *, dynamic: bool | None = Non
     (first matching glob wins). ``cost_model="auto"`` (the default, see ``set_defaults``) lets the
     planner run a site densely at call shapes where its cost model estimates dense to be faster
     (on a GPU or a CPU: the compiled model is not slower than the original); ``"off"`` always
-    follows the policy. Returns an object with the same call signature and outputs;
+    follows the policy. ``remainder``: how the captured graph's other ops (projections, norms,
+    RoPE, MLPs) run: ``"eager"`` (the default, see ``set_defaults``) one op at a time as the
+    original does, or ``"inductor"`` compiled and fused by Inductor around the sparse ops
+    (``torch.compile``'s default backend; long compile times; where it fails the graph runs
+    eagerly and ``planner.inspect`` says why). Returns an object with the same call signature and outputs;
     for an ``nn.Module`` it is a shallow copy sharing the parameters, whose ``forward`` is
     compiled (so ``generate()`` and other methods that call ``self(...)`` go through it).
     With a ``dsa`` policy the copy also holds the sites' indexers as ``sparse_indexers``
@@ -38,7 +43,7 @@ def compile(model: Any, policy: PolicyLike = None, *, dynamic: bool | None = Non
     >>> bool((cm(x) - m(x)).abs().max() < 1e-5)
     True
     """
-    be = Backend(policy, verify=verify, cost_model=cost_model)
+    be = Backend(policy, verify=verify, cost_model=cost_model, remainder=remainder)
     isolation = _isolation()
     note_compile(isolated=bool(isolation))
     if isinstance(model, torch.nn.Module):
