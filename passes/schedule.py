@@ -87,7 +87,9 @@ def plan_schedule(gm: fx.GraphModule, ctx) -> fx.GraphModule:
             rho_n = cm.sp.Min(1, cm.sp.Float(rho) * nkv / cm.N) if nq > 1 else rho
             rec.crossover = cm.crossover(prof, B=b, Hq=hq, Hkv=hkv, D=d, rho_of_n=rho_n,
                                          block=int(getattr(pol, "block", 64)), decode=nq == 1,
-                                         dtype=dtype)
+                                         dtype=dtype, estimator=pol.name,
+                                         estimator_block=int(getattr(pol, "block",
+                                                                     getattr(pol, "page", 64))))
             chosen = ("dense" if plan_at.choice == "dense" else
                       f"policy ({plan_at.candidate})" if plan_at.candidate else "policy")
             rec.schedule = (f"{chosen} at N={nkv}" if ctx.cost_model == "auto"

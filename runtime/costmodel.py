@@ -44,6 +44,7 @@ Profiles live in one dict; a measured profile replaces the built-in numbers when
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
@@ -172,6 +173,31 @@ _TOKEN_CPU = TokenSiteRates(index_fixed_us=2000.0, index_row_ns=2000.0, index_ke
 
 
 @dataclass(frozen=True)
+class EstimatorRates:
+    """What a block policy's estimator and selection (``score`` then ``select``) cost per call
+    beside its attention kernel: ``fixed_us`` (mostly the host's launches: a short call is
+    bound by them) plus ``pair_ps`` per (batch x query head x query block x key block), per
+    policy name (``rates``: ``((name, fixed_us, pair_ps), ...)``); a policy without a row
+    costs ``default``. Static patterns (built once per shape and reused) cost about nothing."""
+
+    rates: tuple = ()
+    default: tuple = (0.0, 0.0)
+
+    def seconds(self, name: str, *, B: int, Hq: int, Nq: int, Nkv: int, block: int) -> float:
+        fixed, pair = next(((f, p) for n, f, p in self.rates if n == name), self.default)
+        pairs = B * Hq * -(-Nq // block) * -(-Nkv // block)
+        return fixed * 1e-6 + pairs * pair * 1e-12
+
+
+#: provisional GPU rates until ``site_overhead_<card>.json`` is measured (it replaces them): a
+#: pooled estimator and its selection program at 65536 tokens, 16 heads, block 64 take about
+#: 0.5 ms (``estimators_h100.md``: pooling 0.20, products 0.06, selection 0.26 ms), 30 ps per
+#: block pair; a few launches of host work each.
+_EST_GPU = EstimatorRates(rates=(("sink_window", 10.0, 0.0), ("longformer", 10.0, 0.0),
+                                 ("bigbird", 10.0, 0.0)), default=(100.0, 30.0))
+
+
+@dataclass(frozen=True)
 class HardwareProfile:
     name: str
     peak_tflops: float          # dense bf16 matrix rate (measured GEMM)
@@ -182,6 +208,7 @@ class HardwareProfile:
     measured: str = ""          # where the numbers came from
     exp_ratio: float = 256.0    # matrix FLOPs one exponential costs (H100: 4096 / 16 per clock)
     tokens: TokenSiteRates = _TOKEN_GPU    # token-list (dsa) sites beside the attention
+    estimators: EstimatorRates = _EST_GPU  # block policies' estimator + selection
 
     def rates(self, candidate: str) -> KernelRates:
         for name, r in self.kernels:
@@ -211,7 +238,7 @@ PROFILES: dict[str, HardwareProfile] = {
                             ("block_sparse", KernelRates(0.18, 0.3, 2000.0)),
                             ("token_sparse_decode", KernelRates(0.15, 0.3, 2000.0))),
                            sparse_kernels=True, measured="2 x86 cores, torch 2.13 (see above)",
-                           exp_ratio=16.0, tokens=_TOKEN_CPU),
+                           exp_ratio=16.0, tokens=_TOKEN_CPU, estimators=EstimatorRates()),
 }
 
 
@@ -326,14 +353,18 @@ def best(profile: HardwareProfile, fam: str, *, dtype="bfloat16", **shape) -> tu
 
 def crossover(profile: HardwareProfile, *, B: int = 1, Hq: int, Hkv: int, D: int,
               rho_of_n, block: int = 128, decode: bool = False,
-              dtype="bfloat16") -> Optional[float]:
+              dtype="bfloat16", estimator: Optional[str] = None,
+              estimator_block: Optional[int] = None) -> Optional[float]:
     """Sequence length above which the sparse kernel (its best variant) is estimated faster
     than dense.
 
     ``rho_of_n`` gives the expected density at length N (a sympy expression in ``N`` or a
     number). The sparse time is the Min over the site's variants; the root of
     ``t_sparse - t_dense`` is solved with sympy (prefill: Nq = Nkv = N; decode: Nq = 1,
-    Nkv = N) after a sign scan, bisection where the solver fails. None when sparse never wins."""
+    Nkv = N) after a sign scan, bisection where the solver fails. None when sparse never wins.
+    ``estimator``: a block policy's name, whose estimator and selection (``EstimatorRates``,
+    on ``estimator_block``-sized blocks) count on the sparse side, as ``runtime.plan.decide``
+    counts them."""
     fam = "token_sparse_decode" if decode else "block_sparse"
     subs = {sp.Symbol("B", positive=True): B, sp.Symbol("H_q", positive=True): Hq,
             sp.Symbol("H_kv", positive=True): Hkv, sp.Symbol("D", positive=True): D,
@@ -343,6 +374,11 @@ def crossover(profile: HardwareProfile, *, B: int = 1, Hq: int, Hkv: int, D: int
     names = candidates(profile, fam, block=block, head_dim=D, dtype=dtype)
     t_s = sp.Min(*[time_expr(c, profile, True) for c in names]).subs(subs).subs(
         {Nq: nq, Nkv: N, rho: rho_of_n})
+    if estimator is not None:
+        fixed, pair = next(((f, p) for n, f, p in profile.estimators.rates if n == estimator),
+                           profile.estimators.default)
+        eb = estimator_block or block
+        t_s = t_s + fixed * 1e-6 + B * Hq * sp.ceiling(nq / eb) * sp.ceiling(N / eb) * pair * 1e-12
     f = sp.lambdify(N, t_s - t_d, "math")
     grid = [2 ** e for e in range(7, 24)]
     vals = [f(n) for n in grid]
@@ -370,12 +406,27 @@ def load_profile(name: str, results_dir: Optional[str] = None) -> HardwareProfil
     results_dir = results_dir or os.path.join(os.path.dirname(os.path.dirname(
         os.path.abspath(__file__))), "benchmarks", "results")
     path = os.path.join(results_dir, f"profile_{name}.json")
+    est = _estimator_rates(results_dir, name, base.estimators)
+    if not os.path.exists(path):
+        return base if est is base.estimators else dataclasses.replace(base, estimators=est)
+    with open(path) as f:
+        fit = json.load(f)["fit"]
+    return dataclasses.replace(
+        profile_from_fit(name, fit, measured=path, sparse_kernels=base.sparse_kernels,
+                         tokens=base.tokens), estimators=est)
+
+
+def _estimator_rates(results_dir: str, name: str, base: EstimatorRates) -> EstimatorRates:
+    """The per-policy fit of ``benchmarks/site_overhead.py`` (``site_overhead_<name>.json``)
+    where it was measured, else ``base``."""
+    path = os.path.join(results_dir, f"site_overhead_{name}.json")
     if not os.path.exists(path):
         return base
     with open(path) as f:
         fit = json.load(f)["fit"]
-    return profile_from_fit(name, fit, measured=path, sparse_kernels=base.sparse_kernels,
-                            tokens=base.tokens)
+    rates = tuple((p, float(r["fixed_us"]), float(r["pair_ps"])) for p, r in fit.items())
+    worst = max(rates, key=lambda r: r[1], default=None)
+    return EstimatorRates(rates, base.default if worst is None else (worst[1], worst[2]))
 
 
 def profile_from_fit(name: str, fit: dict, measured: str = "", sparse_kernels: bool = True,

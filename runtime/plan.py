@@ -1,7 +1,8 @@
 """The dense-or-sparse decision, per call shape: the one place that makes it.
 
 ``decide`` weighs dense attention against the policy's sparse path with the cost model
-(``runtime.costmodel``). The passes ask it at the captured shape (``passes.schedule``: the
+(``runtime.costmodel``): for block policies, the attention kernel at the expected density plus
+the estimator and selection that would have to run first (``EstimatorRates``). The passes ask it at the captured shape (``passes.schedule``: the
 report's estimates, and a static site planned as SDPA); a site compiled with
 ``cost_model="auto"`` asks ``choose`` on every call, memoised per (site, Nq, Nkv, device).
 ``variant`` gives the kernel schedule the cost model picked for the sparse path (tiles, warps,
@@ -62,6 +63,10 @@ def decide(policy, profile, *, B: int, Hq: int, Hkv: int, Nq: int, Nkv: int, D: 
                                rho=policy.expected_density(Nq, Nkv) if density is None
                                else density,
                                block=int(getattr(policy, "block", 64)), **shape)
+        if density is None:            # the estimator has not run yet: its cost counts too
+            sparse += profile.estimators.seconds(
+                policy.name, B=B, Hq=Hq, Nq=Nq, Nkv=Nkv,
+                block=int(getattr(policy, "block", getattr(policy, "page", 64))))
     if policy.is_dense or not profile.sparse_kernels:
         return Decision("policy", dense, sparse)
     if policy.attend_kind == "token" and Nkv <= policy.topk:
