@@ -20,9 +20,9 @@ import torch.fx as fx
 
 from passes import PassContext, register as register_passes, run_pipeline
 from planner.defaults import DEFAULTS
-from planner.policy import PolicyLike, PolicyMap, as_policy_map
+from planner.policy import PolicyLike, PolicyMap, as_eviction_map, as_policy_map
 from planner.report import Report, Site, UnmatchedSoftmax, budget_note
-from runtime import env, ops, stats
+from runtime import env, eviction, ops, stats
 from runtime.cache import KERNELS
 from runtime.env import kernels_mode
 from runtime.spec import lookup
@@ -33,7 +33,7 @@ class Backend:
     """Callable ``(gm, example_inputs) -> callable`` for Dynamo, holding what it compiled."""
 
     def __init__(self, policy: PolicyLike = None, *, verify: bool = True,
-                 cost_model: Optional[str] = None):
+                 cost_model: Optional[str] = None, evict=None, n_layers: Optional[int] = None):
         if cost_model is None:
             cost_model = DEFAULTS["cost_model"]
         if cost_model not in ("auto", "off"):
@@ -41,6 +41,8 @@ class Backend:
         kernels_mode()                     # a bad SPARSE_PLANNER_KERNELS fails here, not mid-call
         self.cost_model = cost_model
         self.policies: PolicyMap = as_policy_map(policy)
+        self.evictions = as_eviction_map(evict)
+        self.n_layers = n_layers
         self.owner = f"p{next(_IDS)}"
         self.verify = verify
         self.graphs: list[fx.GraphModule] = []
@@ -61,7 +63,8 @@ class Backend:
             idx = len(self.graphs)
             ctx = PassContext(policies=self.policies, owner=self.owner, graph_index=idx,
                               example_inputs=example_inputs, verify=self.verify,
-                              cost_model=self.cost_model)
+                              cost_model=self.cost_model, evictions=self.evictions,
+                              n_layers=self.n_layers)
             captured = copy.deepcopy(gm.graph)    # passes edit in place; a failure restores it
             try:
                 gm = run_pipeline(gm, ctx)
@@ -134,9 +137,27 @@ class Backend:
                 kernel=st.kernel if st else rec.kernel_planned, graph=rec.graph,
                 schedule=rec.schedule, est_dense_ms=rec.est_dense_ms,
                 est_sparse_ms=rec.est_sparse_ms, crossover=rec.crossover,
-                rules=(st.rules if st and st.calls else rec.rules)))
+                rules=(st.rules if st and st.calls else rec.rules),
+                **self._eviction_fields(name, rec)))
         return Report(sites, list(self.unmatched.values()), list(self.graphs), KERNELS.stats(),
                       notes=self._density_notes(sites))
+
+    def _eviction_fields(self, name: str, rec) -> dict:
+        """What ``inspect`` shows of a site's eviction: its last eviction (the runtime's record)
+        or why none ran."""
+        if self.evictions is None:
+            return {}
+        want = self.evictions.lookup(name)[0]
+        if want is None:
+            return {}
+        ev = eviction.get_record(f"{self.owner}/{name}")
+        if ev is None:
+            why = rec.evict if rec.status == "rewritten" else \
+                f"unevicted: the site is not rewritten ({rec.reason})"
+            return {"evict": why or "unevicted"}
+        text = ev.policy + (f"; {ev.note}" if ev.note else "")
+        return {"evict": text, "cache_before": ev.before, "cache_after": ev.after,
+                "bytes_freed": ev.freed, "kept_per_head": ev.per_head, "kept": ev.kept}
 
     def _density_notes(self, sites: list) -> list:
         """When every site a sparse policy governs measured density 1.0 on its last call, say
