@@ -146,7 +146,7 @@ def run_planner(prompts: dict, policies, budgets, protocols, path: str, log=prin
     torch._dynamo.config.cache_size_limit = max(64, torch._dynamo.config.cache_size_limit)
     samples = prompts["samples"]
     cells = []
-    runs = [("dense", None)] + [(p, b) for p in policies for b in budgets]
+    runs = [("dense", None)] + [(p, b) for b in budgets for p in policies]   # budget-major
     for proto in protocols:
         for name, b in runs:
             t0 = time.perf_counter()
@@ -179,7 +179,8 @@ def env_meta() -> dict:
     import transformers
     return {"torch": torch.__version__, "transformers": transformers.__version__,
             "python": platform.python_version(), "machine": platform.machine(),
-            "cpu_threads": torch.get_num_threads(), "command": " ".join(sys.argv)}
+            "cpu_threads": torch.get_num_threads(),
+            "command": "python -m planner.quality.eviction " + " ".join(sys.argv[1:])}
 
 
 def _write(obj, path):
@@ -190,7 +191,8 @@ def _write(obj, path):
 
 
 # ------------------------------------------------------------------------------- report
-def report(planner_path: str, kvpress_path: Optional[str], out_base: str, log=print) -> dict:
+def report(planner_path: str, kvpress_path: Optional[str], out_base: str, log=print,
+           notes=()) -> dict:
     pl = json.load(open(planner_path))
     kv = json.load(open(kvpress_path)) if kvpress_path and os.path.exists(kvpress_path) else None
     dense = {c["protocol"]: c for c in pl["cells"] if c["policy"] == "dense"}
@@ -202,14 +204,18 @@ def report(planner_path: str, kvpress_path: Optional[str], out_base: str, log=pr
         row = {"protocol": c["protocol"], "budget": c["budget"], "policy": c["policy"],
                "planner_retrieval": c["retrieval"], "planner_se": c["se"],
                "planner_dnll": c["nll"] - dense[c["protocol"]]["nll"] if c["protocol"] in dense else None,
-               "planner_cache": c["mean_cache_tokens"], "n": c["n"]}
+               "planner_cache": c["mean_cache_tokens"], "n": c["n"],
+               "planner_rows": [(r["cell"], r["correct"], round(r["nll"], 4)) for r in c["rows"]]}
         press = KVPRESS_NAMES.get(c["policy"])
         k = next((x for x in (kv or {}).get("cells", []) if x["press"] == press
                   and x["protocol"] == c["protocol"] and abs(x["budget"] - c["budget"]) < 1e-9), None)
         if k is not None:
             row.update({"press": press, "kvpress_retrieval": k["retrieval"], "kvpress_se": k["se"],
                         "kvpress_dnll": k["nll"] - kv_dense[c["protocol"]]["nll"]
-                        if c["protocol"] in kv_dense else None, "kvpress_n": k["n"]})
+                        if c["protocol"] in kv_dense else None, "kvpress_n": k["n"],
+                        "kvpress_cache": k["mean_cache_tokens"],
+                        "kvpress_rows": [(r["cell"], r["correct"], round(r["nll"], 4))
+                                         for r in k["rows"]]})
         table.append(row)
     best = []
     for proto in sorted({r["protocol"] for r in table}):
@@ -229,7 +235,7 @@ def report(planner_path: str, kvpress_path: Optional[str], out_base: str, log=pr
                          "planner_nll": dense[p]["nll"],
                          "kvpress_nll": kv_dense[p]["nll"] if p in kv_dense else None}
                      for p in dense},
-           "rows": table, "best": best}
+           "rows": table, "best": best, "notes": list(notes)}
     _write(res, out_base + ".json")
     with open(out_base + ".md", "w") as f:
         f.write(markdown(res))
@@ -243,7 +249,9 @@ def _f(x, fmt=".2f"):
 
 
 def markdown(res: dict) -> str:
-    p, k = res["planner"], res["kvpress"]
+    p, k = res["planner"], dict(res["kvpress"])
+    if "--inside" in k.get("command", ""):          # the re-run inside its environment
+        k["command"] = "python benchmarks/peers/" + k["command"].replace(" --inside", "")
     pm = p.get("prompts", {})
     lines = ["# KV-cache eviction: the planner's policies beside kvpress's presses", "",
              f"Model {pm.get('model')}, prompts {pm.get('lengths')} tokens, tasks "
@@ -255,19 +263,27 @@ def markdown(res: dict) -> str:
              f"{k.get('transformers', '-')}; command: `{k.get('command', '-')}`.", "",
              "Retrieval = share of prompts whose answer is the greedy continuation (exact "
              "match, teacher-forced); ± one standard error (binomial). Δnll = change of the "
-             "answer's mean negative log-likelihood from dense (same side).", ""]
+             "answer's mean negative log-likelihood from dense (same side). Cache = mean "
+             "tokens per layer the cache holds after the prefill (kvpress's AdaKV masks evicted "
+             "keys in a full-size cache).", ""]
+    n = pm.get("n") or 0
+    if n < 50:
+        lines += [f"**Only {n} prompts per row** (the target is >= 50): a retrieval difference "
+                  "below about 1/n is noise; the per-prompt Δnll is the finer comparison.", ""]
+    lines += [f"- {x}" for x in res.get("notes", [])] + ([""] if res.get("notes") else [])
     for proto, d in res["dense"].items():
         lines.append(f"Dense ({proto}): planner {_f(d['planner'])} (nll {_f(d['planner_nll'], '.3f')}), "
                      f"kvpress {_f(d['kvpress'])} (nll {_f(d['kvpress_nll'], '.3f')}).")
-    lines += ["", "| protocol | budget | planner policy | retrieval | Δnll | kvpress press | "
-              "retrieval | Δnll |", "|---|---|---|---|---|---|---|---|"]
+    lines += ["", "| protocol | budget | planner policy | retrieval | Δnll | cache | kvpress press | "
+              "retrieval | Δnll | cache |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in res["rows"]:
         lines.append(f"| {r['protocol']} | {r['budget']:.0%} | {r['policy']} | "
                      f"{_f(r['planner_retrieval'])} ± {_f(r['planner_se'])} | "
-                     f"{_f(r['planner_dnll'], '+.3f')} | {r.get('press', '-')} | "
+                     f"{_f(r['planner_dnll'], '+.3f')} | {_f(r['planner_cache'], '.0f')} | "
+                     f"{r.get('press', '-')} | "
                      f"{_f(r.get('kvpress_retrieval'))}"
                      f"{' ± ' + _f(r.get('kvpress_se')) if r.get('kvpress_se') is not None else ''} | "
-                     f"{_f(r.get('kvpress_dnll'), '+.3f')} |")
+                     f"{_f(r.get('kvpress_dnll'), '+.3f')} | {_f(r.get('kvpress_cache'), '.0f')} |")
     lines += ["", "Best per budget:", "", "| protocol | budget | planner best | retrieval | "
               "kvpress best | retrieval |", "|---|---|---|---|---|---|"]
     for b in res["best"]:
@@ -286,6 +302,8 @@ def _plot(res: dict, path: str, log) -> None:
         log("matplotlib missing: no plot")
         return
     protos = sorted({r["protocol"] for r in res["rows"]})
+    if not protos:
+        return
     fig, axes = plt.subplots(1, len(protos), figsize=(6 * len(protos), 4), squeeze=False)
     for ax, proto in zip(axes[0], protos):
         rs = [r for r in res["rows"] if r["protocol"] == proto]
@@ -327,6 +345,7 @@ def main(argv=None) -> int:
     p.add_argument("--planner", required=True)
     p.add_argument("--kvpress")
     p.add_argument("--out", required=True)
+    p.add_argument("--note", action="append", default=[], help="a line for the report's notes")
     a = ap.parse_args(argv)
     if a.cmd == "export":
         export(a.model, [int(x) for x in a.lengths.split(",")], a.trials, a.tasks.split(","),
@@ -336,7 +355,7 @@ def main(argv=None) -> int:
         run_planner(prompts, a.policies.split(","), [float(x) for x in a.budgets.split(",")],
                     a.protocols.split(","), a.out)
     else:
-        report(a.planner, a.kvpress, a.out)
+        report(a.planner, a.kvpress, a.out, notes=a.note)
     return 0
 
 
