@@ -30,6 +30,7 @@ class SiteRecord:
     crossover: Optional[float] = None  # sequence length above which sparse is estimated faster
     kernel_planned: Optional[str] = None  # set when the plan replaced the site's ops at compile time
     rules: str = ""                    # the model's window / sinks / key validity, as discovered
+    evict: str = ""                    # the eviction policy, or why the site's cache is not evicted
 
 
 @dataclass
@@ -45,3 +46,5 @@ class PassContext:
     sites: list = field(default_factory=list)       # SiteRecord, filled by rewrite
     matched_patterns: set = field(default_factory=set)
     mutation_baseline: Any = None      # passes.mutation.Snapshot of the captured graph
+    evictions: Any = None              # PolicyMap of eviction policies (runtime.eviction), or None
+    n_layers: Optional[int] = None     # the model's layer count (per-layer eviction budgets)

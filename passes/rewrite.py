@@ -11,6 +11,7 @@ to fit ``masked_fill``; a bias added before a scale is scaled.
 from __future__ import annotations
 
 import operator
+import re
 from typing import Optional
 
 import torch
@@ -86,6 +87,54 @@ def _keep_with_cache(g: fx.Graph, k: fx.Node, page: int) -> fx.Node:
     k.replace_all_uses_with(new)
     g.erase_node(k)
     return new
+
+
+def _is_empty(x) -> bool:
+    """A value statically known to hold no token: a 1-D empty tensor (transformers'
+    ``DynamicCache`` starts a layer with ``torch.tensor([])``) or a length-0 sequence axis."""
+    v = val(x) if isinstance(x, fx.Node) else None
+    if v is None:
+        return False
+    if v.dim() == 1:
+        return isinstance(v.shape[0], int) and v.shape[0] == 0
+    return v.dim() == 4 and isinstance(v.shape[2], int) and v.shape[2] == 0
+
+
+def _cache_stores(g: fx.Graph, k: fx.Node, v: fx.Node) -> tuple[Optional[tuple], str]:
+    """Where a prefill stores the site's K/V in the model's cache: ``((k_node, v_node), "")``
+    when both are returned by the graph (Dynamo returns the tensors a ``DynamicCache`` layer
+    holds; a tuple cache returns them itself) and hold the whole sequence (appended to an empty
+    cache, or no cache read at all), else ``(None, why)``."""
+    out = next(n for n in reversed(g.nodes) if n.op == "output")
+    appended = (torch.cat, torch.ops.aten.cat.default, torch.ops.sparse.append.default)
+    for x in (k, v):
+        if not isinstance(x, fx.Node) or out not in x.users:
+            return None, ("the site's keys/values are not stored in a cache the captured graph "
+                          "returns (cache layout unknown)")
+        if x.op == "call_function" and x.target in appended:
+            past = x.args[0][0] if x.target is not torch.ops.sparse.append.default else x.args[0]
+            if not _is_empty(past):
+                return None, ("appends to a cached prefix: the cache is evicted after a prefill "
+                              "only")
+    return (k, v), ""
+
+
+def _layer_of(site: str) -> Optional[int]:
+    """The layer index in a site name (``model.layers.3.self_attn`` -> 3), None if none."""
+    found = re.findall(r"(?:^|\.)(\d+)(?:\.|$)", site)
+    return int(found[-1]) if found else None
+
+
+def _insert_eviction(g: fx.Graph, em: Emitter, q, stores: tuple, key: str) -> None:
+    """``k_kept, v_kept = sparse.evict(q, k, v, key)``; the graph returns the kept tensors
+    where it returned the full ones (so the model's cache holds them); attention on this call
+    still reads the full ones."""
+    k, v = stores
+    out = next(n for n in reversed(g.nodes) if n.op == "output")
+    ev = em.call(torch.ops.sparse.evict.default, q, k, v, key)
+    kk, vk = em.call(operator.getitem, ev, 0), em.call(operator.getitem, ev, 1)
+    out.replace_input_with(k, kk)
+    out.replace_input_with(v, vk)
 
 
 def _follow(m, replaced: dict) -> None:
@@ -188,10 +237,12 @@ def rewrite_to_sparse(gm: fx.GraphModule, ctx) -> fx.GraphModule:
         if why:
             rec.reason = why
             continue
+        ev = ctx.evictions.lookup(m.site)[0] if ctx.evictions is not None else None
         spec = SiteSpec(site=m.site, owner=ctx.owner, policy=pol, scale=m.scale, causal=m.causal,
                         gqa_group=m.gqa_group, mods=m.mods, window=m.window,
                         sinks=m.sink is not None, kv_valid=m.kv_valid is not None,
-                        empty_rows=m.empty_rows)
+                        empty_rows=m.empty_rows, evict=ev, layer=_layer_of(m.site),
+                        n_layers=ctx.n_layers)
         rec.rules = _rules(m)
         key = register(spec)
         em = Emitter(g, m.out, reads_as=first)  # {input: its first read}
@@ -200,14 +251,21 @@ def rewrite_to_sparse(gm: fx.GraphModule, ctx) -> fx.GraphModule:
         mods = [_apply_fix(em, t, fix) for t, fix in zip(m.mod_nodes, m.mod_fix or
                                                          [()] * len(m.mod_nodes))]
         mods += [x for x in (m.sink, m.kv_valid) if x is not None]
-        if pol.cache_page is not None:
-            k = _keep_with_cache(g, k, pol.cache_page)
+        if pol.cache_page is not None or ev is not None:
+            k = _keep_with_cache(g, k, pol.cache_page or 0)
+        stores = None
+        if ev is not None:
+            stores, rec.evict = _cache_stores(g, k, v)
+            if stores is not None:
+                rec.evict = ev.short()
         sc = em.call(torch.ops.sparse.score.default, q, k, mods, key)
         sel = em.call(torch.ops.sparse.select.default, sc, q, k, key)
         counts = em.call(operator.getitem, sel, 0)
         indices = em.call(operator.getitem, sel, 1)
         out = em.call(torch.ops.sparse.attend.default, q, k, v, mods, counts, indices, key)
         out.meta["sparse_site"] = m.site
+        if stores is not None:
+            _insert_eviction(g, em, q, stores, key)
         out = _apply_fix(em, out, m.out_fix)
         m.out.replace_all_uses_with(out)
         replaced[m.out] = out

@@ -95,8 +95,10 @@ def plan_schedule(gm: fx.GraphModule, ctx) -> fx.GraphModule:
             rec.schedule = (f"{chosen} at N={nkv}" if ctx.cost_model == "auto"
                             else "policy (cost model off)")
         if ctx.cost_model == "auto" and prof.sparse_kernels and static and (
-                pol.is_dense or plan_at.choice == "dense") and pol.attend_kind != "token":
-            # (token policies keep their ops: their indexer is trained through them)
+                pol.is_dense or plan_at.choice == "dense") and pol.attend_kind != "token" \
+                and not getattr(spec.evict, "per_head_budgets", False):
+            # (token policies keep their ops: their indexer is trained through them; a site
+            # whose cache is padded per head (Ada-KV eviction) masks the padding in its attend)
             # static shape, dense is cheaper: emit exact SDPA, no sparse ops at run time
             how = sdpa_args(spec, nq, nkv)
             if how is not None:

@@ -6,7 +6,8 @@
     >>> print(planner.inspect(m))                              # doctest: +SKIP
 """
 from planner.policy import (BlockTopK, Dense, Policy, PolicyMap, PRESETS, SinkWindow,  # noqa: I001
-                            as_policy_map, policy)
+                            as_policy_map, policy, Eviction, EVICTIONS, StreamingLLM, H2O, SnapKV,
+                            PyramidKV, AdaKV, TOVA, ValueSnapKV, eviction)
 from planner.report import Report, Site
 from planner.backend import Backend, backend, register as _register
 from planner.defaults import set_defaults
@@ -15,5 +16,7 @@ from planner.api import compile, inspect
 _register()     # the one place the process is set up: sparse ops, providers, Dynamo (idempotent)
 
 __all__ = ["compile", "inspect", "set_defaults", "backend", "policy", "Policy", "PolicyMap", "Dense",
-           "SinkWindow", "BlockTopK", "PRESETS", "Report", "Site", "Backend", "as_policy_map"]
+           "SinkWindow", "BlockTopK", "PRESETS", "Report", "Site", "Backend", "as_policy_map",
+           "Eviction", "EVICTIONS", "eviction", "StreamingLLM", "H2O", "SnapKV", "PyramidKV",
+           "AdaKV", "TOVA", "ValueSnapKV"]
 __version__ = "0.1.0"

@@ -9,14 +9,14 @@ from typing import Any, Callable
 import torch
 
 from planner.backend import RECOMPILES_PER_COMPILE, Backend, compiles_made, note_compile
-from planner.policy import PolicyLike
+from planner.policy import EvictionLike, PolicyLike
 from planner.report import Report
 
 _ATTR = "_planner_backend"
 
 
 def compile(model: Any, policy: PolicyLike = None, *, dynamic: bool | None = None,
-            verify: bool = True, cost_model: str | None = None,
+            verify: bool = True, cost_model: str | None = None, evict: EvictionLike = None,
             remainder: str | None = None) -> Any:
     """Capture ``model`` with Dynamo and rewrite every attention site with ``policy``.
 
@@ -35,6 +35,11 @@ def compile(model: Any, policy: PolicyLike = None, *, dynamic: bool | None = Non
     With a ``dsa`` policy the copy also holds the sites' indexers as ``sparse_indexers``
     (created at each site's first call; see ``runtime.dsa``).
 
+    ``evict`` (an eviction policy: ``"snapkv"``, ``planner.SnapKV(budget=0.2)``, ..., or a
+    per-layer map of them) compacts each site's K/V cache after a prefill to the policy's budget:
+    the model's cache (a Hugging Face ``DynamicCache`` or a returned tuple) then holds only the
+    kept keys, and later calls attend over them with ``policy`` (see ``runtime.eviction``).
+
     >>> import torch, planner
     >>> from planner.models import TinyGPT
     >>> m = TinyGPT().eval()
@@ -43,7 +48,8 @@ def compile(model: Any, policy: PolicyLike = None, *, dynamic: bool | None = Non
     >>> bool((cm(x) - m(x)).abs().max() < 1e-5)
     True
     """
-    be = Backend(policy, verify=verify, cost_model=cost_model, remainder=remainder)
+    be = Backend(policy, verify=verify, cost_model=cost_model, evict=evict,
+                 n_layers=_n_layers(model), remainder=remainder)
     isolation = _isolation()
     note_compile(isolated=bool(isolation))
     if isinstance(model, torch.nn.Module):
@@ -63,6 +69,15 @@ def compile(model: Any, policy: PolicyLike = None, *, dynamic: bool | None = Non
         setattr(fn, _ATTR, be)
         return fn
     raise TypeError(f"planner.compile expects an nn.Module or a callable, got {type(model).__name__}")
+
+
+def _n_layers(model: Any):
+    """The model's layer count where its config says it (per-layer eviction budgets)."""
+    cfg = getattr(model, "config", None)
+    n = getattr(cfg, "num_hidden_layers", None) or getattr(cfg, "n_layer", None)
+    if n is None and cfg is not None and hasattr(cfg, "get_text_config"):
+        n = getattr(cfg.get_text_config(), "num_hidden_layers", None)
+    return n if isinstance(n, int) else None
 
 
 @functools.lru_cache(maxsize=1)

@@ -21,9 +21,9 @@ import torch.fx as fx
 from passes import PassContext, register as register_passes, run_pipeline
 from passes.lower import lower_for_eager
 from planner.defaults import DEFAULTS, check_remainder
-from planner.policy import PolicyLike, PolicyMap, as_policy_map
+from planner.policy import PolicyLike, PolicyMap, as_eviction_map, as_policy_map
 from planner.report import Report, Site, UnmatchedSoftmax, budget_note
-from runtime import env, ops, stats
+from runtime import env, eviction, ops, stats
 from runtime.cache import KERNELS
 from runtime.env import kernels_mode
 from runtime.spec import lookup
@@ -34,7 +34,8 @@ class Backend:
     """Callable ``(gm, example_inputs) -> callable`` for Dynamo, holding what it compiled."""
 
     def __init__(self, policy: PolicyLike = None, *, verify: bool = True,
-                 cost_model: Optional[str] = None, remainder: Optional[str] = None):
+                 cost_model: Optional[str] = None, evict=None, n_layers: Optional[int] = None,
+                 remainder: Optional[str] = None):
         if cost_model is None:
             cost_model = DEFAULTS["cost_model"]
         self.remainder = check_remainder(DEFAULTS["remainder"] if remainder is None
@@ -45,6 +46,8 @@ class Backend:
         kernels_mode()                     # a bad SPARSE_PLANNER_KERNELS fails here, not mid-call
         self.cost_model = cost_model
         self.policies: PolicyMap = as_policy_map(policy)
+        self.evictions = as_eviction_map(evict)
+        self.n_layers = n_layers
         self.owner = f"p{next(_IDS)}"
         self.verify = verify
         self.graphs: list[fx.GraphModule] = []
@@ -65,7 +68,8 @@ class Backend:
             idx = len(self.graphs)
             ctx = PassContext(policies=self.policies, owner=self.owner, graph_index=idx,
                               example_inputs=example_inputs, verify=self.verify,
-                              cost_model=self.cost_model)
+                              cost_model=self.cost_model, evictions=self.evictions,
+                              n_layers=self.n_layers)
             captured = copy.deepcopy(gm.graph)    # passes edit in place; a failure restores it
             try:
                 gm = run_pipeline(gm, ctx)
@@ -156,7 +160,8 @@ class Backend:
                 kernel=st.kernel if st else rec.kernel_planned, graph=rec.graph,
                 schedule=rec.schedule, est_dense_ms=rec.est_dense_ms,
                 est_sparse_ms=rec.est_sparse_ms, crossover=rec.crossover,
-                rules=(st.rules if st and st.calls else rec.rules)))
+                rules=(st.rules if st and st.calls else rec.rules),
+                **self._eviction_fields(name, rec)))
         notes = self._density_notes(sites)
         if self.remainder == "inductor":
             notes.append(f"the ops outside attention: compiled by Inductor "
@@ -164,6 +169,23 @@ class Backend:
                          f"{len(self.graphs)} graph(s))")
         return Report(sites, list(self.unmatched.values()), list(self.graphs), KERNELS.stats(),
                       notes=notes + self.remainder_notes)
+
+    def _eviction_fields(self, name: str, rec) -> dict:
+        """What ``inspect`` shows of a site's eviction: its last eviction (the runtime's record)
+        or why none ran."""
+        if self.evictions is None:
+            return {}
+        want = self.evictions.lookup(name)[0]
+        if want is None:
+            return {}
+        ev = eviction.get_record(f"{self.owner}/{name}")
+        if ev is None:
+            why = rec.evict if rec.status == "rewritten" else \
+                f"unevicted: the site is not rewritten ({rec.reason})"
+            return {"evict": why or "unevicted"}
+        text = ev.policy + (f"; {ev.note}" if ev.note else "")
+        return {"evict": text, "cache_before": ev.before, "cache_after": ev.after,
+                "bytes_freed": ev.freed, "kept_per_head": ev.per_head, "kept": ev.kept}
 
     def _density_notes(self, sites: list) -> list:
         """When every site a sparse policy governs measured density 1.0 on its last call, say

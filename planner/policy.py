@@ -17,6 +17,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Mapping, Union
 
+from runtime.eviction import (EVICTIONS, H2O, TOVA, AdaKV, Eviction, PyramidKV,  # noqa: F401
+                              SnapKV, StreamingLLM, ValueSnapKV, eviction)
 from runtime.policies import (DSA, PRESETS, Auto, BigBird, BlockTopK, Dense, Longformer,  # noqa: F401
                               Policy, PolicyMap, Quest, SinkWindow, Threshold, VerticalSlash)
 
@@ -70,3 +72,31 @@ def as_policy_map(spec: PolicyLike) -> PolicyMap:
             rules.append((pattern, policy(pol)))
         return PolicyMap(tuple(rules))
     raise TypeError(f"policy must be a name, a Policy or a {{pattern: policy}} map, got {spec!r}")
+
+
+EvictionLike = Union[str, Eviction, Mapping[str, Union[str, Eviction, None]], None]
+
+
+def as_eviction_map(spec: EvictionLike):
+    """Normalise ``evict=`` (a name, an Eviction, or ``{pattern: eviction or None}``) into a
+    PolicyMap of eviction policies, or None for no eviction.
+
+    >>> as_eviction_map("snapkv").lookup("model.layers.0.self_attn")[0].name
+    'snapkv'
+    """
+    if spec is None:
+        return None
+    if isinstance(spec, PolicyMap):
+        return spec
+    if isinstance(spec, (str, Eviction)):
+        return PolicyMap((("*", eviction(spec)),))
+    if isinstance(spec, Mapping):
+        if not spec:
+            raise ValueError("eviction map is empty; give at least one {'pattern': eviction} entry")
+        rules = []
+        for pattern, ev in spec.items():
+            if not isinstance(pattern, str):
+                raise TypeError(f"eviction map keys must be glob strings, got {pattern!r}")
+            rules.append((pattern, None if ev is None else eviction(ev)))
+        return PolicyMap(tuple(rules))
+    raise TypeError(f"evict must be a name, an Eviction or a {{pattern: eviction}} map, got {spec!r}")

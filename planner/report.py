@@ -30,6 +30,12 @@ class Site:
     crossover: Optional[float] = None  # length above which sparse is estimated faster
     rules: str = ""                    # the model's own rules the kernels apply: sliding window,
                                        # learned sinks, per-row key lengths (padding)
+    evict: str = ""                    # the eviction policy, or why the cache is not evicted
+    cache_before: Optional[int] = None  # cached tokens per head before the last eviction
+    cache_after: Optional[int] = None   # ... and after (the padded width for per-head budgets)
+    bytes_freed: Optional[int] = None   # K/V bytes the last eviction freed
+    kept_per_head: Optional[list] = None  # kept tokens per KV head (batch row 0)
+    kept: Optional[object] = None       # kept indices [B, Hkv, M] of the last eviction (CPU)
 
     @property
     def density_spread(self) -> Optional[tuple]:
@@ -183,6 +189,25 @@ class Report:
                                        "density", "calls", "kernel", "schedule",
                                        "est ms dense/sparse", "crossover N", "reason"])
 
+    def eviction_table(self) -> str:
+        """Per site with an eviction policy: cache length before/after, bytes freed, the
+        policy, the kept tokens per KV head ("" when no site has one)."""
+        rows = []
+        for s in self.sites:
+            if not s.evict:
+                continue
+            heads = "-"
+            if s.kept_per_head:
+                lo, hi = min(s.kept_per_head), max(s.kept_per_head)
+                heads = str(lo) if lo == hi else f"{lo}..{hi} ({'/'.join(map(str, s.kept_per_head))})"
+            rows.append([s.name, s.evict, "-" if s.cache_before is None else s.cache_before,
+                         "-" if s.cache_after is None else s.cache_after,
+                         "-" if s.bytes_freed is None else s.bytes_freed, heads])
+        if not rows:
+            return ""
+        return tabulate(rows, headers=["site", "eviction", "cache before", "cache after",
+                                       "bytes freed", "kept per head"])
+
     def __str__(self) -> str:
         if not self._graphs and not self.sites and not self._unmatched:
             return ("no graph captured yet: call the compiled model first (planner.inspect "
@@ -192,6 +217,9 @@ class Report:
         head = (f"{len(self.sites)} attention sites, {n_rw} rewritten, "
                 f"{len(self._unmatched)} softmax left alone, {len(self._graphs)} graph(s)")
         out = [head, self.table()]
+        ev = self.eviction_table()
+        if ev:
+            out.append("KV-cache eviction:\n" + ev)
         if self._unmatched:
             out.append("unmatched:\n" + "\n".join(f"  {u}" for u in self._unmatched))
         out.extend(f"note: {n}" for n in self.notes)

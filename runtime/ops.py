@@ -4,6 +4,7 @@
     counts, indices = torch.ops.sparse.select(scores, q, k, key)    # index set (block lists)
     out = torch.ops.sparse.attend(q, k, v, mods, counts, indices, key)
     keys = torch.ops.sparse.append(past, new, page)     # cat along the sequence, for quest
+    k_kept, v_kept = torch.ops.sparse.evict(q, k, v, key)  # the K/V a cache keeps (eviction)
 
 ``key`` names a registered ``SiteSpec`` (runtime.spec). Shapes: q [B, Hq, Nq, D],
 k [B, Hkv, Nkv, D], v [B, Hkv, Nkv, Dv], out [B, Hq, Nq, Dv].
@@ -18,7 +19,10 @@ process-global state: it moves what is kept with ``past`` (quest's page summarie
 indexer's keys; caches found by the identity of a keys tensor) to its result. Its schema says
 so: it is registered as an *ordered effectful* op (``torch.library._register_effectful_op``),
 so graph passes keep it, in order, even where its result looks unused. The caches never change
-a result: a keys tensor without them gets them computed in full.
+a result: a keys tensor without them gets them computed in full. ``evict`` returns new tensors
+(the kept K/V) and records what it kept per site (``runtime.eviction``); where heads kept
+different counts it notes the padding with its keys result, which ``append`` moves on and
+``attend`` masks.
 """
 from __future__ import annotations
 
@@ -26,7 +30,7 @@ from typing import List
 
 import torch
 
-from runtime import dispatch, dsa, estimators, page_summaries, providers, stats
+from runtime import dispatch, dsa, estimators, eviction, page_summaries, providers, stats
 from runtime.kernels.token_sparse import token_sparse_attention_bwd
 from runtime.spec import lookup
 
@@ -73,7 +77,35 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mods: List[torch.T
            counts: torch.Tensor, indices: torch.Tensor, key: str) -> torch.Tensor:
     if _no_pairs(q, k):
         return _empty_attend(q, k, v, lookup(key))
-    return dispatch.attend(q, k, v, mods, counts, indices, lookup(key))
+    spec = lookup(key)
+    if spec.evict is not None and spec.evict.per_head_budgets:
+        valid = eviction.key_valid(k)
+        if valid is not None:
+            return _padded_attend(q, k, v, mods, valid, spec)
+    return dispatch.attend(q, k, v, mods, counts, indices, spec)
+
+
+def _padded_attend(q, k, v, mods, valid, spec) -> torch.Tensor:
+    """Attention over a cache whose heads kept different counts (Ada-KV eviction): the padding
+    slots (``valid`` False, [B, Hkv, Nkv]) are masked, with the causal rule aligned to the last
+    key (the queries are the newest tokens). A site with score modifiers or rules of its own
+    is refused rather than answered without them."""
+    if mods or spec.rules or spec.causal == "upper_left":
+        raise NotImplementedError(
+            f"site {spec.site}: attention over a cache padded per head (eviction "
+            f"{spec.evict.name}) supports plain causal attention only; this site has "
+            f"modifiers {spec.mods} / rules {spec.rules}")
+    g = spec.gqa_group
+    nq, n = q.shape[2], k.shape[2]
+    keep = valid.repeat_interleave(g, dim=1)[:, :, None, :]        # [B, Hq, 1, Nkv]
+    if spec.causal and nq > 1:
+        causal = torch.ones(nq, n, dtype=torch.bool, device=q.device).tril(n - nq)
+        keep = keep & causal
+    out = torch.nn.functional.scaled_dot_product_attention(
+        q, k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1), attn_mask=keep,
+        scale=spec.scale)
+    stats.record(spec.stats_key, q=q, k=k, v=v, kernel="sdpa (cache padded per head, masked)")
+    return out.contiguous()
 
 
 def site(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mods: List[torch.Tensor],
@@ -90,13 +122,11 @@ def site(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mods: List[torch.Ten
         sp = torch.ops.sparse
         c, i = sp.select(sp.score(q, k, mods, key), q, k, key)
         return sp.attend(q, k, v, mods, c, i, key)
-    if _no_pairs(q, k):
-        return _empty_attend(q, k, v, spec)
-    if dispatch.runs_dense(spec, q, k):
+    if _no_pairs(q, k) or dispatch.runs_dense(spec, q, k):
         e = q.new_empty(0, dtype=torch.int32)
-        return dispatch.attend(q, k, v, mods, e, e, spec)
+        return attend(q, k, v, mods, e, e, key)
     c, i = select(score(q, k, mods, key), q, k, key)
-    return dispatch.attend(q, k, v, mods, c, i, spec)
+    return attend(q, k, v, mods, c, i, key)
 
 
 def _no_pairs(q: torch.Tensor, k: torch.Tensor) -> bool:
@@ -173,7 +203,25 @@ def append(past: torch.Tensor, new: torch.Tensor, page: int) -> torch.Tensor:
         if page > 0:
             page_summaries.extend(past, out, page)
         dsa.extend_keys(past, out)
+        eviction.extend(past, out)
     return out
+
+
+def evict(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+          key: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The K/V the site's cache keeps after its eviction policy (``runtime.eviction``):
+    [B, Hkv, M, D] each, M the kept count per head (new tensors; copies where nothing is
+    evicted). Records the kept indices, lengths and bytes for ``planner.inspect``."""
+    spec = lookup(key)
+    return eviction.run(spec.evict, q, k, v, spec.scale, spec.gqa_group, spec.layer,
+                        spec.n_layers, spec.stats_key)
+
+
+def _evict_fake(q, k, v, key):
+    spec = lookup(key)
+    m = spec.evict.width(spec.layer, spec.n_layers, k.shape[2])
+    return (k.new_empty(k.shape[0], k.shape[1], m, k.shape[3]),
+            v.new_empty(v.shape[0], v.shape[1], m, v.shape[3]))
 
 
 def _append_fake(past, new, page):
@@ -202,14 +250,15 @@ _OPS: dict = {}     # op name -> its torch.library.CustomOpDef, filled by regist
 
 
 def register() -> None:
-    """Define ``torch.ops.sparse.{score, select, attend, append}`` (fake impls for Dynamo and
+    """Define ``torch.ops.sparse.{score, select, attend, append, evict}`` (fake impls for Dynamo and
     export, autograd for ``attend`` and ``append``, ``append`` declared effectful) and register
     the attend providers. Idempotent: later calls do nothing."""
     if _OPS:
         return
     providers.register_all()
     for name, fn, fake in (("score", score, _score_fake), ("select", select, _select_fake),
-                           ("attend", attend, _attend_fake), ("append", append, _append_fake)):
+                           ("attend", attend, _attend_fake), ("append", append, _append_fake),
+                           ("evict", evict, _evict_fake)):
         op = torch.library.custom_op(f"sparse::{name}", fn, mutates_args=())
         op.register_fake(fake)
         _OPS[name] = op

@@ -35,6 +35,9 @@ class SiteSpec:
     empty_rows: what a query row with no visible key gives, as the model computed it: "zero"
                (boolean masks, sinks) or "mean" of v over every key (an additive finite mask:
                every score of the row is the same huge negative value)
+    evict:     the site's KV-cache eviction policy (``runtime.eviction``), None = keep every key
+    layer:     the site's layer index (from its name) and ``n_layers`` the model's count, for
+               per-layer eviction budgets (PyramidKV); None where unknown
     """
 
     site: str
@@ -50,6 +53,9 @@ class SiteSpec:
     sinks: bool = False
     kv_valid: bool = False
     empty_rows: str = "zero"
+    evict: Optional[object] = None
+    layer: Optional[int] = None
+    n_layers: Optional[int] = None
 
     @functools.cached_property
     def key(self) -> str:                   # computed once per spec (hashing repr is not free)

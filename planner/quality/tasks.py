@@ -162,7 +162,8 @@ def make_sample(task: str, codec: Codec, hay: Haystack, n_tokens: int, *, seed: 
     return Sample(task=task, ids=tuple(ids), answer=codec.decode(ans), answer_ids=tuple(ans),
                   needle_span=spans[which], needle_spans=tuple(spans[i] for i in order),
                   depth=float(needles[which][1]),
-                  meta={"n_needles": len(needles), "hay_tokens": n_hay})
+                  meta={"n_needles": len(needles), "hay_tokens": n_hay,
+                        "question_tokens": len(suf)})
 
 
 @dataclass(frozen=True)
