@@ -10,10 +10,34 @@ from typing import Optional
 class SiteStats:
     calls: int = 0
     tensors: Optional[tuple] = None            # (q, k, v) shapes and dtype of the last call
-    density: Optional[float] = None            # kept / attended-by-the-model pairs, last call
-    density_per_head: Optional[list] = None    # same per query head
     kernel: Optional[str] = None               # which implementation ran last
     rules: str = ""                            # the site's window / sinks / key lengths, last call
+    # per query head (allowed, kept) pair counts of the last call as the kernel gave them
+    # (device tensors stay on the device: read when a report asks, so a call never waits)
+    pairs: Optional[tuple] = None
+    _read: Optional[tuple] = None              # (pairs it was read from, density, per head)
+
+    def _densities(self) -> tuple:
+        if self.pairs is None:
+            return None, None
+        if self._read is None or self._read[0] is not self.pairs:
+            allowed, kept = self.pairs
+            allowed = allowed.tolist() if hasattr(allowed, "tolist") else list(allowed)
+            kept = kept.tolist() if hasattr(kept, "tolist") else list(kept)
+            tot = float(sum(allowed))
+            dens = float(sum(kept)) / tot if tot > 0 else 1.0
+            per_head = [k / a if a > 0 else 1.0 for k, a in zip(kept, allowed)]
+            self._read = (self.pairs, dens, per_head)
+        return self._read[1], self._read[2]
+
+    @property
+    def density(self) -> Optional[float]:
+        """Kept / attended-by-the-model pairs of the last call (None: not measured)."""
+        return self._densities()[0]
+
+    @property
+    def density_per_head(self) -> Optional[list]:
+        return self._densities()[1]
 
     @property
     def shapes(self) -> Optional[str]:
@@ -29,21 +53,15 @@ _LOCK = threading.Lock()
 
 
 def record(site: str, *, q, k, v, kernel: str, allowed=None, kept=None, rules: str = "") -> None:
-    """Count a call of ``site`` (cheap: shapes are kept as tuples, formatted on demand)."""
+    """Count a call of ``site`` (cheap: shapes are kept as tuples, formatted on demand, and the
+    pair counts as given, read when a report asks for the density)."""
     with _LOCK:
         st = _STATS.setdefault(site, SiteStats())
         st.calls += 1
         st.tensors = (q.shape, k.shape, v.shape, q.dtype)
         st.kernel = kernel
         st.rules = rules
-        if allowed is None or kept is None:
-            st.density = st.density_per_head = None      # not measured by this kernel
-        else:
-            allowed = allowed.tolist() if hasattr(allowed, "tolist") else list(allowed)
-            kept = kept.tolist() if hasattr(kept, "tolist") else list(kept)
-            tot = float(sum(allowed))
-            st.density = float(sum(kept)) / tot if tot > 0 else 1.0
-            st.density_per_head = [k / a if a > 0 else 1.0 for k, a in zip(kept, allowed)]
+        st.pairs = None if allowed is None or kept is None else (allowed, kept)
 
 
 def get(site: str) -> Optional[SiteStats]:
