@@ -22,7 +22,7 @@ from passes import PassContext, register as register_passes, run_pipeline
 from planner.defaults import DEFAULTS
 from planner.policy import PolicyLike, PolicyMap, as_policy_map
 from planner.report import Report, Site, UnmatchedSoftmax, budget_note
-from runtime import env, ops, stats
+from runtime import env, ops, recall, stats
 from runtime.cache import KERNELS
 from runtime.env import kernels_mode
 from runtime.spec import lookup
@@ -33,7 +33,10 @@ class Backend:
     """Callable ``(gm, example_inputs) -> callable`` for Dynamo, holding what it compiled."""
 
     def __init__(self, policy: PolicyLike = None, *, verify: bool = True,
-                 cost_model: Optional[str] = None):
+                 cost_model: Optional[str] = None, record: Optional[str] = None,
+                 record_rows: int = 64):
+        if record not in (None, "recall"):
+            raise ValueError(f"record must be None or 'recall', got {record!r}")
         if cost_model is None:
             cost_model = DEFAULTS["cost_model"]
         if cost_model not in ("auto", "off"):
@@ -42,6 +45,8 @@ class Backend:
         self.cost_model = cost_model
         self.policies: PolicyMap = as_policy_map(policy)
         self.owner = f"p{next(_IDS)}"
+        if record == "recall":             # every call of every site measures its recall
+            recall.enable(self.owner, record_rows)
         self.verify = verify
         self.graphs: list[fx.GraphModule] = []
         self.records: dict = {}            # site name -> SiteRecord (latest capture wins)
@@ -121,9 +126,10 @@ class Backend:
                              f"{names[:12]}{' ...' if len(names) > 12 else ''}")
 
     def report(self) -> Report:
-        sites = []
+        sites, recordings = [], {}
         for name, rec in self.records.items():
             st = stats.get(f"{self.owner}/{name}") if rec.status == "rewritten" else None
+            rc = recall.get(f"{self.owner}/{name}") if rec.status == "rewritten" else None
             sites.append(Site(
                 name=name, pattern=rec.pattern,
                 shapes=(st.shapes if st and st.shapes else rec.shapes), policy=rec.policy,
@@ -134,9 +140,13 @@ class Backend:
                 kernel=st.kernel if st else rec.kernel_planned, graph=rec.graph,
                 schedule=rec.schedule, est_dense_ms=rec.est_dense_ms,
                 est_sparse_ms=rec.est_sparse_ms, crossover=rec.crossover,
-                rules=(st.rules if st and st.calls else rec.rules)))
+                rules=(st.rules if st and st.calls else rec.rules),
+                recall=rc.recall if rc else None, recall_worst=rc.worst if rc else None,
+                recall_per_head=rc.recall_per_head if rc else None))
+            if rc is not None:
+                recordings[name] = rc
         return Report(sites, list(self.unmatched.values()), list(self.graphs), KERNELS.stats(),
-                      notes=self._density_notes(sites))
+                      notes=self._density_notes(sites), recordings=recordings)
 
     def _density_notes(self, sites: list) -> list:
         """When every site a sparse policy governs measured density 1.0 on its last call, say
