@@ -97,10 +97,10 @@ def block_map(report, site: Optional[str] = None, heads: Optional[Sequence[int]]
         ax.set_xlabel(f"key block ({rec.block} tokens)", fontsize=8)
         ax.set_ylabel("query block", fontsize=8)
         ax.tick_params(labelsize=7)
-    fig.suptitle(title or f"{s.name} ({s.policy}): dense attention mass per block, blue kept, "
-                 f"red dropped; recall {s.recall:.3f} (worst row {s.recall_worst:.2f})",
-                 fontsize=10)
-    fig.subplots_adjust(right=0.86, top=0.90 if nrow > 1 else 0.82, hspace=0.45, wspace=0.35)
+    fig.suptitle(title or f"{s.name} ({s.policy.split('(')[0]}): dense attention mass per "
+                 f"block, blue kept, red dropped\nrecall {s.recall:.3f} (worst row "
+                 f"{s.recall_worst:.2f}), density {s.density:.3f}", fontsize=10)
+    fig.subplots_adjust(right=0.86, top=0.88 if nrow > 1 else 0.76, hspace=0.45, wspace=0.35)
     for i, (im, label) in enumerate(((im_k, "kept: log10 mass"), (im_d, "dropped: log10 mass"))):
         if im is not None:
             cax = fig.add_axes([0.89 + 0.045 * i, 0.15, 0.012, 0.65])
@@ -202,10 +202,11 @@ def needle_map(report, spans: Sequence[tuple], path: Optional[str] = None, title
     im = ax.imshow(img, cmap="Greys", vmin=0, vmax=1, aspect="auto", interpolation="nearest",
                    extent=(0, nb * width, len(sites) - 0.5, -0.5))
     for a, b in spans:
-        ax.axvspan(a, max(b, a + width), color="red", alpha=0.45, lw=0)
+        ax.axvspan(a, max(b, a + width), facecolor="none", edgecolor="red", lw=1.2)
     ax.set_yticks(range(len(sites)))
     ax.set_yticklabels([_short_site(s.name) for s in sites], fontsize=6)
-    ax.set_xlabel("key position (token) seen by the last query row; red: needle", fontsize=8)
+    ax.set_xlabel("key position (token) seen by the last query row; red frame: the needle",
+                  fontsize=8)
     ax.tick_params(axis="x", labelsize=7)
 
     kept = [r["kept"] for r in rows]
@@ -280,11 +281,14 @@ def _slug(text: str) -> str:
 
 def write_page(path: str, reports: Sequence[tuple], *, title: str = "What each site kept",
                spans: Optional[Sequence[tuple]] = None, intro: str = "",
-               block_sites: int = 2, notes: Sequence[str] = ()) -> str:
+               block_sites: int = 2, notes: Sequence[str] = (),
+               details: Optional[dict] = None) -> str:
     """Write ``path`` (HTML) and its PNGs beside it for ``[(label, report), ...]``: the grid of
     density and recall (every report side by side), then per report a table of its sites, the
     needle picture when ``spans`` are given, and the block maps of the ``block_sites`` sites
-    of lowest recall. Returns ``path``."""
+    of lowest recall. ``details``: label -> text shown beside it in the summary (its
+    parameters, its answer). Returns ``path``."""
+    details = dict(details or {})
     plt = _plt()
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
@@ -301,7 +305,8 @@ def write_page(path: str, reports: Sequence[tuple], *, title: str = "What each s
     for label, r in labelled:
         ss = recorded_sites(r)
         worst = min(ss, key=lambda s: s.recall_worst) if ss else None
-        row = [label, _f(_mean(s.density for s in ss)), _f(_mean(s.recall for s in ss)),
+        row = [label, details.get(label, ""), _f(_mean(s.density for s in ss)),
+               _f(_mean(s.recall for s in ss)),
                f"{_f(worst.recall_worst, '.2f')} ({_short_site(worst.name)})" if worst else "-"]
         if spans:
             nd = needle_rows(r, spans)
@@ -309,10 +314,10 @@ def write_page(path: str, reports: Sequence[tuple], *, title: str = "What each s
             row.append(_f(_mean(x["kept"] for x in nd), ".2f"))
             row.append(", ".join(lost) if lost else "none")
         summary.append(row)
-    head = ["policy", "density", "recall", "worst row (layer)"]
+    head = ["policy", "", "density", "recall", "worst row (layer)"]
     if spans:
         head += ["needle kept", "layers that dropped part of the needle"]
-    parts.append(_table(head, summary))
+    parts.append(_table(head, summary, left=2))
     grid = f"{stem}_grid.png"
     plt.close(layer_head_grid(labelled, os.path.join(folder, grid),
                               title="density and recall by layer (rows) and head (columns)"))
