@@ -70,6 +70,9 @@ def run_explain(args) -> int:
     specs = [PolicySpec.parse(p) for p in (args.policies or ["threshold", "sink_window@0.25"])]
     if not 0.0 <= args.depth <= 1.0:
         raise CliError(f"--depth {args.depth} is outside [0, 1]", "e.g. --depth 0.5")
+    if not pictures.have_matplotlib():               # before minutes of prefill, not after
+        raise CliError("explain draws its pictures with matplotlib, which is not installed",
+                       "pip install 'sparse-planner[plot]'")
     t0 = time.perf_counter()
     lm, codec, hay, ppl_ids, desc, text_desc = _load(args, log)
     stem = args.name or f"explain_{os.path.basename(os.path.normpath(args.model))}_{{tokens}}"

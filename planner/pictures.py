@@ -25,6 +25,12 @@ from typing import Optional, Sequence
 DROP_BELOW = 0.5          # a block counts as kept when at least this share of its pairs is
 
 
+def have_matplotlib() -> bool:
+    """Whether the pictures can be drawn here (matplotlib, the ``plot`` extra, is installed)."""
+    import importlib.util
+    return importlib.util.find_spec("matplotlib") is not None
+
+
 def _plt():
     try:
         import matplotlib

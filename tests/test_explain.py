@@ -79,3 +79,13 @@ def test_explain_command_on_smollm2(tmp_path, capsys):
     assert f"wrote {page}" in out
     for i in _images(str(page)):
         assert (tmp_path / i).exists(), i
+
+
+def test_explain_without_matplotlib_fails_before_loading(monkeypatch, capsys, tmp_path):
+    import planner.explain
+    from planner import pictures
+    monkeypatch.setattr(pictures, "have_matplotlib", lambda: False)
+    monkeypatch.setattr(planner.explain, "_load", lambda *a: pytest.fail("loaded the model"))
+    assert main(["explain", "--out", str(tmp_path)], prog="python -m planner") == 2
+    err = capsys.readouterr().err
+    assert "matplotlib" in err and "sparse-planner[plot]" in err and "Traceback" not in err

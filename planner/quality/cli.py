@@ -13,6 +13,7 @@ on the base install. Expected failures (assets not prepared, a missing optional 
 from __future__ import annotations
 
 import functools
+import importlib.util
 import json
 import os
 import shlex
@@ -261,6 +262,9 @@ def run_eval(args) -> int:
     if not os.path.isdir(args.model) and args.model not in MODELS:
         raise CliError(f"--model {args.model!r} is neither a model of the asset table nor a "
                        f"folder", "one of: " + ", ".join(MODELS) + ", or a local HF folder")
+    if args.explain_failures and importlib.util.find_spec("matplotlib") is None:
+        raise CliError("--explain-failures draws with matplotlib, which is not installed",
+                       "pip install 'sparse-planner[plot]', or leave --explain-failures out")
     cfg = harness.EvalConfig(
         lengths=_numbers(args.lengths, int, "--lengths"),
         policies=tuple(args.policies or DEFAULT_POLICIES),
