@@ -11,12 +11,12 @@ from planner.policy import (BlockTopK, Dense, Policy, PolicyMap, PRESETS, SinkWi
 from planner.report import Report, Site
 from planner.backend import Backend, backend, register as _register
 from planner.defaults import set_defaults
-from planner.api import compile, inspect
+from planner.api import compile, inspect, recording
 
 _register()     # the one place the process is set up: sparse ops, providers, Dynamo (idempotent)
 
-__all__ = ["compile", "inspect", "set_defaults", "backend", "policy", "Policy", "PolicyMap", "Dense",
-           "SinkWindow", "BlockTopK", "PRESETS", "Report", "Site", "Backend", "as_policy_map",
-           "Eviction", "EVICTIONS", "eviction", "StreamingLLM", "H2O", "SnapKV", "PyramidKV",
-           "AdaKV", "TOVA", "ValueSnapKV"]
+__all__ = ["compile", "inspect", "recording", "set_defaults", "backend", "policy", "Policy",
+           "PolicyMap", "Dense", "SinkWindow", "BlockTopK", "PRESETS", "Report", "Site", "Backend",
+           "as_policy_map", "Eviction", "EVICTIONS", "eviction", "StreamingLLM", "H2O", "SnapKV",
+           "PyramidKV", "AdaKV", "TOVA", "ValueSnapKV"]
 __version__ = "0.1.0"

@@ -1,4 +1,5 @@
-"""Command line: ``python -m planner demo``, ``eval`` and ``assets`` (also ``sparse-planner``).
+"""Command line: ``python -m planner demo``, ``eval``, ``assets`` and ``explain`` (also
+``sparse-planner``).
 
 ``demo`` needs only the base install (torch, triton, networkx, sympy, tabulate): the ``eval``
 and ``assets`` parsers are registered from ``planner.quality.cli``, whose heavier dependencies
@@ -147,11 +148,12 @@ def _positive(text: str) -> int:
 
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     from planner.quality.cli import add_parsers as add_quality_parsers    # numpy-free at import
+    from planner.explain import add_parser as add_explain_parser
     prog = prog or prog_name()
     ap = argparse.ArgumentParser(prog=prog,
                                  description="sparse-planner: makes attention in PyTorch models "
                                              "dynamically sparse")
-    sub = ap.add_subparsers(dest="cmd", required=True, metavar="{demo,eval,assets}")
+    sub = ap.add_subparsers(dest="cmd", required=True, metavar="{demo,eval,assets,explain}")
     d = sub.add_parser("demo", help="compile the built-in GPT with several policies and compare "
                                     "(CPU, no downloads)",
                        description="Compile the built-in TinyGPT with dense, block_topk, "
@@ -171,6 +173,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                    help="timed calls per row after the first (default 2; the best is shown)")
     d.set_defaults(func=demo, prog=prog)
     add_quality_parsers(sub, prog)                              # eval, assets
+    add_explain_parser(sub, prog)                               # explain
     return ap
 
 

@@ -1,6 +1,7 @@
 """``planner.compile`` and ``planner.inspect``."""
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import inspect as inspect_mod
@@ -11,13 +12,15 @@ import torch
 from planner.backend import RECOMPILES_PER_COMPILE, Backend, compiles_made, note_compile
 from planner.policy import EvictionLike, PolicyLike
 from planner.report import Report
+from runtime import recall
 
 _ATTR = "_planner_backend"
 
 
 def compile(model: Any, policy: PolicyLike = None, *, dynamic: bool | None = None,
             verify: bool = True, cost_model: str | None = None, evict: EvictionLike = None,
-            remainder: str | None = None) -> Any:
+            remainder: str | None = None, record: str | None = None,
+            record_rows: int = 64) -> Any:
     """Capture ``model`` with Dynamo and rewrite every attention site with ``policy``.
 
     ``policy`` is a preset name (``"dense"``, ``"block_topk"``, ...), a Policy from
@@ -34,6 +37,11 @@ def compile(model: Any, policy: PolicyLike = None, *, dynamic: bool | None = Non
     compiled (so ``generate()`` and other methods that call ``self(...)`` go through it).
     With a ``dsa`` policy the copy also holds the sites' indexers as ``sparse_indexers``
     (created at each site's first call; see ``runtime.dsa``).
+    ``record="recall"`` makes every call measure, per site, how much of the dense attention
+    mass the kept pairs hold on ``record_rows`` sampled query rows (``runtime.recall``; it
+    costs attending those rows densely): ``planner.inspect`` then shows it beside the density,
+    and the Report can draw it (``Report.plot``, ``Report.to_html``). ``planner.recording(m)``
+    turns it on for a block of calls instead.
 
     ``evict`` (an eviction policy: ``"snapkv"``, ``planner.SnapKV(budget=0.2)``, ..., or a
     per-layer map of them) compacts each site's K/V cache after a prefill to the policy's budget:
@@ -49,7 +57,8 @@ def compile(model: Any, policy: PolicyLike = None, *, dynamic: bool | None = Non
     True
     """
     be = Backend(policy, verify=verify, cost_model=cost_model, evict=evict,
-                 n_layers=_n_layers(model), remainder=remainder)
+                 n_layers=_n_layers(model), remainder=remainder, record=record,
+                 record_rows=record_rows)
     isolation = _isolation()
     note_compile(isolated=bool(isolation))
     if isinstance(model, torch.nn.Module):
@@ -187,3 +196,25 @@ def inspect(m: Any) -> Report:
     """Report on a compiled model: sites (pattern, shapes, policy, status, density), graph code,
     unmatched softmax nodes. Shapes and densities are from the last call."""
     return _find_backend(m).report()
+
+
+@contextlib.contextmanager
+def recording(m: Any, rows: int = 64):
+    """Within the block, every call of compiled model ``m`` measures each site's recall of the
+    attention mass on ``rows`` sampled query rows (as ``planner.compile(..., record="recall")``
+    does for every call); ``planner.inspect(m)`` reports the last recorded call.
+
+    >>> with planner.recording(cm):          # doctest: +SKIP
+    ...     cm(x)
+    >>> planner.inspect(cm).sites[0].recall  # doctest: +SKIP
+    """
+    owner = _find_backend(m).owner
+    before = recall.rows_of(owner)
+    recall.enable(owner, rows)
+    try:
+        yield m
+    finally:
+        if before is None:
+            recall.disable(owner)
+        else:
+            recall.enable(owner, before)

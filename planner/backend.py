@@ -23,7 +23,7 @@ from passes.lower import lower_for_eager
 from planner.defaults import DEFAULTS, check_remainder
 from planner.policy import PolicyLike, PolicyMap, as_eviction_map, as_policy_map
 from planner.report import Report, Site, UnmatchedSoftmax, budget_note
-from runtime import env, eviction, ops, stats
+from runtime import env, eviction, ops, recall, stats
 from runtime.cache import KERNELS
 from runtime.env import kernels_mode
 from runtime.spec import lookup
@@ -35,7 +35,10 @@ class Backend:
 
     def __init__(self, policy: PolicyLike = None, *, verify: bool = True,
                  cost_model: Optional[str] = None, evict=None, n_layers: Optional[int] = None,
-                 remainder: Optional[str] = None):
+                 remainder: Optional[str] = None, record: Optional[str] = None,
+                 record_rows: int = 64):
+        if record not in (None, "recall"):
+            raise ValueError(f"record must be None or 'recall', got {record!r}")
         if cost_model is None:
             cost_model = DEFAULTS["cost_model"]
         self.remainder = check_remainder(DEFAULTS["remainder"] if remainder is None
@@ -49,6 +52,8 @@ class Backend:
         self.evictions = as_eviction_map(evict)
         self.n_layers = n_layers
         self.owner = f"p{next(_IDS)}"
+        if record == "recall":             # every call of every site measures its recall
+            recall.enable(self.owner, record_rows)
         self.verify = verify
         self.graphs: list[fx.GraphModule] = []
         self.records: dict = {}            # site name -> SiteRecord (latest capture wins)
@@ -147,9 +152,10 @@ class Backend:
                              f"{names[:12]}{' ...' if len(names) > 12 else ''}")
 
     def report(self) -> Report:
-        sites = []
+        sites, recordings = [], {}
         for name, rec in self.records.items():
             st = stats.get(f"{self.owner}/{name}") if rec.status == "rewritten" else None
+            rc = recall.get(f"{self.owner}/{name}") if rec.status == "rewritten" else None
             sites.append(Site(
                 name=name, pattern=rec.pattern,
                 shapes=(st.shapes if st and st.shapes else rec.shapes), policy=rec.policy,
@@ -161,14 +167,18 @@ class Backend:
                 schedule=rec.schedule, est_dense_ms=rec.est_dense_ms,
                 est_sparse_ms=rec.est_sparse_ms, crossover=rec.crossover,
                 rules=(st.rules if st and st.calls else rec.rules),
+                recall=rc.recall if rc else None, recall_worst=rc.worst if rc else None,
+                recall_per_head=rc.recall_per_head if rc else None,
                 **self._eviction_fields(name, rec)))
+            if rc is not None:
+                recordings[name] = rc
         notes = self._density_notes(sites)
         if self.remainder == "inductor":
             notes.append(f"the ops outside attention: compiled by Inductor "
                          f"({len(self.graphs) - len(self.remainder_notes)} of "
                          f"{len(self.graphs)} graph(s))")
         return Report(sites, list(self.unmatched.values()), list(self.graphs), KERNELS.stats(),
-                      notes=notes + self.remainder_notes)
+                      notes=notes + self.remainder_notes, recordings=recordings)
 
     def _eviction_fields(self, name: str, rec) -> dict:
         """What ``inspect`` shows of a site's eviction: its last eviction (the runtime's record)

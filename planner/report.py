@@ -36,6 +36,9 @@ class Site:
     bytes_freed: Optional[int] = None   # K/V bytes the last eviction freed
     kept_per_head: Optional[list] = None  # kept tokens per KV head (batch row 0)
     kept: Optional[object] = None       # kept indices [B, Hkv, M] of the last eviction (CPU)
+    recall: Optional[float] = None     # kept share of the dense attention mass (sampled rows,
+    recall_worst: Optional[float] = None   # mean and lowest row), last recorded call; None
+    recall_per_head: Optional[list] = None  # unless recorded (record="recall")
 
     @property
     def density_spread(self) -> Optional[tuple]:
@@ -132,8 +135,10 @@ class Report:
     """Printable summary of what the planner did to a model."""
 
     def __init__(self, sites: list, unmatched: list, graphs: list, cache_stats: dict,
-                 notes: Sequence[str] = ()):
+                 notes: Sequence[str] = (), recordings: Optional[dict] = None):
         self.sites: list[Site] = sites
+        # site name -> runtime.recall.Recording of its last recorded call (record="recall")
+        self.recordings: dict = dict(recordings or {})
         self._unmatched: list[UnmatchedSoftmax] = unmatched
         self._graphs = graphs
         self.cache = cache_stats
@@ -183,11 +188,32 @@ class Report:
             est = ("-" if s.est_dense_ms is None else
                    f"{s.est_dense_ms:.3g}/{s.est_sparse_ms:.3g}")
             cross = "-" if s.crossover is None else f"{s.crossover:.0f}"
-            rows.append([s.name, s.pattern, s.shapes, s.rules or "-", s.policy, s.status, dens,
-                         s.calls, s.kernel or "-", s.schedule or "-", est, cross, s.reason])
-        return tabulate(rows, headers=["site", "pattern", "shapes", "rules", "policy", "status",
-                                       "density", "calls", "kernel", "schedule",
-                                       "est ms dense/sparse", "crossover N", "reason"])
+            row = [s.name, s.pattern, s.shapes, s.rules or "-", s.policy, s.status, dens]
+            if self.recordings:
+                row.append("-" if s.recall is None else
+                           f"{s.recall:.3f} (worst {s.recall_worst:.2f})")
+            rows.append(row + [s.calls, s.kernel or "-", s.schedule or "-", est, cross, s.reason])
+        head = ["site", "pattern", "shapes", "rules", "policy", "status", "density"]
+        if self.recordings:
+            head.append("recall")
+        return tabulate(rows, headers=head + ["calls", "kernel", "schedule",
+                                              "est ms dense/sparse", "crossover N", "reason"])
+
+    def plot(self, kind: str = "grid", path: Optional[str] = None, **kw):
+        """A picture of the recorded call (``record="recall"``; matplotlib, the ``plot``
+        extra): ``kind="blocks"`` one site's block map per head (``site=`` a name, default the
+        first recorded; ``heads=`` a list), ``"grid"`` density and recall by layer and head,
+        ``"needle"`` whether each layer kept the key positions ``spans=[(start, end), ...]``
+        for the last query row. Returns the matplotlib Figure; ``path`` also saves it (PNG)."""
+        from planner import pictures
+        return pictures.plot(self, kind, path, **kw)
+
+    def to_html(self, path: str, *, title: str = "sparse-planner: what each site kept",
+                **kw) -> str:
+        """Write a self-contained page (tables and PNGs beside it, no server needed) of the
+        recorded call to ``path``; returns the path."""
+        from planner import pictures
+        return pictures.write_page(path, [("", self)], title=title, **kw)
 
     def eviction_table(self) -> str:
         """Per site with an eviction policy: cache length before/after, bytes freed, the

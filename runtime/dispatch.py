@@ -14,7 +14,7 @@ from typing import Callable, Optional
 import torch
 
 from codegen.attention.reference import attention_reference
-from runtime import dsa, env, estimators, plan, stats
+from runtime import dsa, env, estimators, plan, recall, stats
 from runtime.kernels.launch import MAX_HEAD_DIM, kernels_enabled, kernels_unavailable_reason
 from runtime.kernels.token_sparse import token_sparse_attention_fn
 from runtime.rules import (dense_variant, fix_empty_rows, keep_of, reference_rules,
@@ -102,6 +102,8 @@ def _resolve(q, k, counts, indices, spec: SiteSpec):
 
 def attend(q, k, v, mod_tensors, counts, indices, spec: SiteSpec) -> torch.Tensor:
     spec, counts, indices, tag = _resolve(q, k, counts, indices, spec)
+    if recall.active(spec.owner):          # opt-in (planner.compile(..., record="recall"))
+        recall.observe(spec, q, k, mod_tensors, counts, indices)
     for name, provider in _ATTEND_PROVIDERS:
         res = provider(q, k, v, mod_tensors, counts, indices, spec)
         if res is not None:

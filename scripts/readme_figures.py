@@ -30,7 +30,8 @@ from typing import Any, Callable, Optional
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
 README = os.path.join(ROOT, "README.md")
-COVERED_PARAGRAPHS = ("Speed (H100, `benchmarks/results/dsa_h100.md`)",)
+COVERED_PARAGRAPHS = ("Speed (H100, `benchmarks/results/dsa_h100.md`)",
+                      "What the page shows (`benchmarks/results/explain/")
 
 
 # ----------------------------------------------------------------------------- reading files
@@ -245,6 +246,42 @@ SQ = "quality/smollm2_135m.json"
 SH = "quality/smollm2_135m_h100.json"
 S50 = "quality/smollm2_135m_h100_2048x50.json"
 GM = "quality/gemma3_270m.json"
+EX = "explain/explain_smollm2_135m_4096.json"
+
+
+def _ex(doc, policy: str) -> dict:
+    return next(p for p in doc["policies"] if p["policy"] == policy)
+
+
+def _layer(site: str) -> int:
+    return int(re.search(r"\d+", site).group())
+
+
+def _needle_layers(doc, i: int, field: str):
+    """Of threshold's sites, the three where the needle holds the most of the last row's dense
+    attention, in layer order: the i-th one's ``field``."""
+    top = sorted(_ex(doc, "threshold")["sites"], key=lambda s: -s["needle_dense_mass"])[:3]
+    site = sorted(top, key=lambda s: _layer(s["site"]))[i]
+    return _layer(site["site"]) if field == "layer" else f"{100 * site[field]:.0f}%"
+
+
+def _window_mass(doc, i: int, field: str):
+    """Of sink_window's sites, the two where the dropped needle held the most attention."""
+    top = sorted(_ex(doc, "sink_window@25%")["sites"], key=lambda s: -s["needle_dense_mass"])[:2]
+    site = sorted(top, key=lambda s: _layer(s["site"]))[i]
+    return _layer(site["site"]) if field == "layer" else f"{100 * site[field]:.0f}%"
+
+
+def _low_recall_layers(doc) -> str:
+    """sink_window's layers of recall under 0.6 (one run of layers): "first-last"."""
+    low = [_layer(s["site"]) for s in _ex(doc, "sink_window@25%")["sites"] if s["recall"] < 0.6]
+    if low != list(range(low[0], low[-1] + 1)):
+        raise ValueError(f"layers of recall under 0.6 are not one run: {low}")
+    return f"{low[0]}-{low[-1]}"
+
+
+def _threshold_dropped(doc) -> list:
+    return [s for s in _ex(doc, "threshold")["sites"] if s["needle_kept"] == 0.0]
 
 FIGURES = [
     # ---- kernels_h100
@@ -471,6 +508,57 @@ FIGURES = [
             Fn("span of the compiled rows' speed at N=4096", lambda d: span(
                 [r["speed"] for r in select(d, "rows[N=4096]", many=True)
                  if not r["impl"].startswith("original")], ".2f")))),
+    # ---- explain (README "Seeing what was kept")
+    Figure(EX, "one passkey prompt of {} tokens, the needle at depth {}, {} s for both policies "
+           "on {} CPU threads",
+           (V("meta.tokens", "d"), V("meta.depth"), V("meta.wall_s", ".0f"),
+            V("meta.threads", "d"))),
+    Figure(EX, "threshold keeps {} of the pairs and {} of the dense attention mass. For the "
+           "question (the last query row) it keeps only {} of the needle's (head, token) pairs, "
+           "but where the needle draws the attention: in layers {}, {} and {} the needle holds "
+           "{}, {} and {} of that row's dense attention and threshold keeps {}, {} and {} of it; "
+           "the {} layers that drop the needle whole gave it at most {} of theirs. It answers "
+           "({}/{} answer tokens)",
+           (Fn("threshold density", lambda d: _ex(d, "threshold")["density"], ".2f"),
+            Fn("threshold recall", lambda d: _ex(d, "threshold")["recall"], ".2f"),
+            Fn("threshold needle kept", lambda d: _ex(d, "threshold")["needle_kept"], ".2f"))
+           + tuple(Fn(f"needle layer {i}", lambda d, i=i: _needle_layers(d, i, "layer"), "d")
+                   for i in range(3))
+           + tuple(Fn(f"needle mass {i}", lambda d, i=i: _needle_layers(
+               d, i, "needle_dense_mass")) for i in range(3))
+           + tuple(Fn(f"needle mass kept {i}", lambda d, i=i: _needle_layers(
+               d, i, "needle_mass_kept")) for i in range(3))
+           + (Fn("layers dropping the needle whole", lambda d: len(_threshold_dropped(d)), "d"),
+              Fn("most needle mass among them", lambda d: "{:.0f}%".format(100 * max(
+                  s["needle_dense_mass"] for s in _threshold_dropped(d)))),
+              V("policies[policy=threshold].answer_tokens_correct", "d"),
+              V("policies[policy=threshold].answer_tokens", "d"))),
+    Figure(EX, "its worst sampled row keeps {} of its mass (layer {})",
+           (Fn("threshold worst row", lambda d: _ex(d, "threshold")["recall_worst"], ".2f"),
+            Fn("its layer", lambda d: _layer(min(_ex(d, "threshold")["sites"],
+                                                 key=lambda s: s["recall_worst"])["site"]), "d"))),
+    Figure(EX, "sink_window@25% ({}) keeps {} of the pairs and {} of the mass, but no layer "
+           "keeps any of the needle "
+           "(needle kept {}), though it held {} and {} of the last row's attention in layers "
+           "{} and {}: the answer is missed (log-probability {} against threshold's {}). Its "
+           "recall is lowest in layers {}",
+           (V("policies[policy=sink_window@25%].params"),
+            Fn("window density", lambda d: _ex(d, "sink_window@25%")["density"], ".2f"),
+            Fn("window recall", lambda d: _ex(d, "sink_window@25%")["recall"], ".2f"),
+            Fn("window needle kept", lambda d: _ex(d, "sink_window@25%")["needle_kept"], ".2f"),
+            Fn("mass 0", lambda d: _window_mass(d, 0, "needle_dense_mass")),
+            Fn("mass 1", lambda d: _window_mass(d, 1, "needle_dense_mass")),
+            Fn("layer 0", lambda d: _window_mass(d, 0, "layer"), "d"),
+            Fn("layer 1", lambda d: _window_mass(d, 1, "layer"), "d"),
+            Fn("window log p", lambda d: _ex(d, "sink_window@25%")["answer_logprob"], ".1f"),
+            Fn("threshold log p", lambda d: _ex(d, "threshold")["answer_logprob"], ".2f"),
+            Fn("low-recall layers", _low_recall_layers))),
+    Figure(EX, "({}-{})", (
+        Fn("lowest", lambda d: min(s["recall"] for s in _ex(d, "sink_window@25%")["sites"]
+                                   if s["recall"] < 0.6), ".2f"),
+        Fn("highest under 0.6", lambda d: max(
+            s["recall"] for s in _ex(d, "sink_window@25%")["sites"] if s["recall"] < 0.6),
+            ".2f"))),
     # ---- model_speed_cpu
     Figure("model_speed_cpu.json",
            "{} to {} tokens, the default cost model on: every catalogue policy's default at "

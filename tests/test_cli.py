@@ -22,7 +22,7 @@ def _subparsers(ap: argparse.ArgumentParser) -> dict:
     return dict(act.choices)
 
 
-@pytest.mark.parametrize("cmd", ["demo", "eval", "assets"])
+@pytest.mark.parametrize("cmd", ["demo", "eval", "assets", "explain"])
 def test_every_option_has_help(cmd):
     sub = _subparsers(build_parser("prog"))[cmd]
     for action in sub._actions:
@@ -32,7 +32,7 @@ def test_every_option_has_help(cmd):
             f"{cmd} {'/'.join(action.option_strings)} has no help text"
 
 
-@pytest.mark.parametrize("cmd", ["demo", "eval", "assets"])
+@pytest.mark.parametrize("cmd", ["demo", "eval", "assets", "explain"])
 def test_help_output_lists_every_option(cmd, capsys):
     with pytest.raises(SystemExit) as e:
         main([cmd, "--help"], prog="python -m planner")
@@ -45,7 +45,7 @@ def test_help_output_lists_every_option(cmd, capsys):
             assert opt in out, f"{opt} missing from `{cmd} --help`"
 
 
-@pytest.mark.parametrize("cmd", ["eval", "assets"])
+@pytest.mark.parametrize("cmd", ["eval", "assets", "explain"])
 def test_model_option_names_the_models(cmd, capsys):
     with pytest.raises(SystemExit):
         main([cmd, "--help"])

@@ -13,6 +13,7 @@ on the base install. Expected failures (assets not prepared, a missing optional 
 from __future__ import annotations
 
 import functools
+import importlib.util
 import json
 import os
 import shlex
@@ -141,6 +142,10 @@ def add_parsers(sub, prog: str = "python -m planner") -> None:
     e.add_argument("--calibration-windows", type=int, default=2, metavar="N",
                    help="held-out prefills per measurement when calibrating threshold@D or "
                         "vertical_slash@D (their density depends on the input)")
+    e.add_argument("--explain-failures", type=int, default=0, metavar="N",
+                   help="record each prompt's prefill (recall of the attention mass) and draw, "
+                        "for up to N failed prompts per row, which layers kept the needle "
+                        "(PNGs in <name>_explain/, linked from the Markdown report)")
     e.add_argument("--estimate", action="store_true",
                    help="time one prefill per length and policy, print the projected run time")
     e.add_argument("--install", action="store_true", help="fetch missing assets first")
@@ -257,6 +262,9 @@ def run_eval(args) -> int:
     if not os.path.isdir(args.model) and args.model not in MODELS:
         raise CliError(f"--model {args.model!r} is neither a model of the asset table nor a "
                        f"folder", "one of: " + ", ".join(MODELS) + ", or a local HF folder")
+    if args.explain_failures and importlib.util.find_spec("matplotlib") is None:
+        raise CliError("--explain-failures draws with matplotlib, which is not installed",
+                       "pip install 'sparse-planner[plot]', or leave --explain-failures out")
     cfg = harness.EvalConfig(
         lengths=_numbers(args.lengths, int, "--lengths"),
         policies=tuple(args.policies or DEFAULT_POLICIES),
@@ -265,7 +273,8 @@ def run_eval(args) -> int:
         trials=_ints_per_length(args.trials), ppl_windows=_ints_per_length(args.ppl_windows),
         seed=args.seed, fast_attend=not args.reference_attend, check_attend=args.check_attend,
         indexers=args.indexers, sliding=args.sliding_layers,
-        calibration_windows=args.calibration_windows, device=args.device, dtype=args.dtype)
+        calibration_windows=args.calibration_windows, device=args.device, dtype=args.dtype,
+        explain_failures=args.explain_failures)
     unknown = [t for t in cfg.tasks if t not in TASKS]
     if unknown:
         raise CliError(f"--tasks: unknown task(s) {unknown}", "valid: " + ",".join(TASKS))

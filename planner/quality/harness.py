@@ -39,6 +39,7 @@ import gc
 import json
 import math
 import os
+import re
 import time
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Mapping, Optional, Sequence
@@ -143,6 +144,7 @@ class Runner:
         self.cap = getattr(lm.config, "final_logit_softcapping", None)
         self.logits_chunk = logits_chunk
         self.last_density: Optional[dict] = None
+        self.recorded = None               # Report of the last recorded prefill (answer(record=))
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
         z = self.head(h).float()
@@ -167,9 +169,18 @@ class Runner:
         return total, len(ids) - 1
 
     @torch.no_grad()
-    def answer(self, ids: Sequence[int], answer_ids: Sequence[int]) -> tuple:
-        """Teacher-forced (log p per answer token, argmax hit per answer token)."""
-        h, cache = self._prefill(ids)
+    def answer(self, ids: Sequence[int], answer_ids: Sequence[int], *, record: int = 0) -> tuple:
+        """Teacher-forced (log p per answer token, argmax hit per answer token). ``record > 0``:
+        the prompt's prefill is recorded (``planner.recording``, that many sampled query rows
+        per site) and ``self.recorded`` is ``planner.inspect`` right after it (the decode steps
+        that follow change the sites' density, not that report), to draw what each site kept."""
+        if record:
+            with planner.recording(self.model, rows=record):
+                h, cache = self._prefill(ids)
+            self.recorded = planner.inspect(self.model)
+        else:
+            self.recorded = None
+            h, cache = self._prefill(ids)
         lps, hits = [], []
         z = self._logits(h[0, -1:])[0]
         for j, tok in enumerate(answer_ids):
@@ -228,6 +239,8 @@ class EvalConfig:
     calibration_windows: int = 2   # held-out prefills per step of a calibrated solver
     device: str = "cpu"            # where the model runs (evaluate moves it there): cpu, cuda
     dtype: str = "float32"         # the model's dtype there (a name of DTYPES)
+    explain_failures: int = 0      # >0: record the prompts' prefills (runtime.recall) until
+                                   # this many failed prompts per row have their needle map
 
     def prompt_tokens(self, length: int, max_positions: Optional[int]) -> int:
         if max_positions:
@@ -464,7 +477,7 @@ def evaluate(lm: torch.nn.Module, codec: Codec, hay: Haystack, ppl_ids: Sequence
             if (spec.label, length) in done:
                 continue
             row, trial_rows = _run_policy(lm, spec, length, n_tok, windows, samples, cfg, log,
-                                          calibrate, progress)
+                                          calibrate, progress, pictures_of(out_path))
             result["rows"].append(row)
             result["trials"] += trial_rows
             _fill_deltas(result["rows"])
@@ -477,9 +490,31 @@ def evaluate(lm: torch.nn.Module, codec: Codec, hay: Haystack, ppl_ids: Sequence
     return result
 
 
+def pictures_of(out_path: Optional[str]) -> Optional[str]:
+    """Folder of the failure pictures of the results at ``out_path`` (``<stem>_explain``)."""
+    return None if not out_path else os.path.splitext(out_path)[0] + "_explain"
+
+
+def explain_failure(runner: "Runner", sample, folder: str, name: str, title: str) -> dict:
+    """Draw the needle map of ``runner``'s last recorded prefill (``answer(record=)``) for
+    ``sample``'s answer needle into ``folder/name.png``; returns the trial row's fields: the
+    picture (relative to the results' folder) and the sites that dropped part of the needle for
+    the prompt's last query row."""
+    from planner import pictures
+    span = [tuple(sample.needle_span)]
+    rows = pictures.needle_rows(runner.recorded, span)
+    path = os.path.join(folder, name + ".png")
+    fig = pictures.needle_map(runner.recorded, span, path, title=title)
+    import matplotlib.pyplot as plt
+    plt.close(fig)
+    return {"explain_png": os.path.join(os.path.basename(folder), name + ".png"),
+            "needle_dropped_by": [r["site"] for r in rows if r["kept"] < 0.999],
+            "needle_kept": round(sum(r["kept"] for r in rows) / len(rows), 4)}
+
+
 def _run_policy(lm, spec: PolicySpec, length: int, n_tok: int, windows: list, samples: list,
                 cfg: EvalConfig, log, calibrate: Optional[Calibrator] = None,
-                progress=None) -> tuple:
+                progress=None, picture_dir: Optional[str] = None) -> tuple:
     resolved = spec.resolve(n_tok, calibrate)
     note = calibrate.note(spec, n_tok) if calibrate is not None else ""
     t0 = time.perf_counter()
@@ -497,9 +532,12 @@ def _run_policy(lm, spec: PolicySpec, length: int, n_tok: int, windows: list, sa
             if progress:
                 progress(spec.label, length, "window", i + 1, len(windows))
         trial_rows = []
+        drawn = 0
+        explain = cfg.explain_failures if picture_dir else 0
         for i, (cell, t, s) in enumerate(samples):
             ts = time.perf_counter()
-            lps, hits = runner.answer(s.ids, s.answer_ids)
+            lps, hits = runner.answer(s.ids, s.answer_ids,
+                                      record=64 if drawn < explain else 0)
             fwd_times.append(time.perf_counter() - ts)
             dens.append(runner.last_density)
             trial_rows.append({
@@ -508,6 +546,13 @@ def _run_policy(lm, spec: PolicySpec, length: int, n_tok: int, windows: list, sa
                 "needle_pos": round(s.needle_pos, 4), "answer": s.answer,
                 "exact": all(hits), "tokens_correct": sum(hits), "answer_tokens": len(hits),
                 "logprob": sum(lps), "density": runner.last_density["mean"]})
+            if not all(hits) and runner.recorded is not None:
+                name = re.sub(r"[^A-Za-z0-9]+", "_", f"{spec.label}_{length}_{cell.name}_{t}")
+                trial_rows[-1].update(explain_failure(
+                    runner, s, picture_dir, name.strip("_"),
+                    f"{spec.label}, {n_tok} tokens, {cell.name} trial {t}: missed "
+                    f"{s.answer!r}; keys kept for the last query row"))
+                drawn += 1
             if progress:
                 progress(spec.label, length, "trial", i + 1, len(samples))
     means = [d["mean"] for d in dens if d and d["mean"] is not None]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 from typing import Optional
 
 from tabulate import tabulate
@@ -151,9 +152,36 @@ def markdown(result: dict, *, title: str = "Quality: dense vs sparse policies") 
                   f"for at most {CALIBRATION_STEPS} measurements; the closest was kept. The "
                   "rows' density is then measured on the evaluation prompts as for every row.",
                   "", cal, ""]
+    ft = failure_table(result)
+    if ft:
+        lines += ["## Retrieval failures: which layer lost the needle", "",
+                  "For the failed prompts drawn (`eval --explain-failures N`), the needle map of "
+                  "the prompt's prefill: for the last query row, which keys each layer kept "
+                  "(share of heads), the needle framed; *dropped by* lists the layers that kept "
+                  "less than all of the needle's (head, token) pairs.", "", ft, ""]
     if m.get("notes"):
         lines += ["## Notes", ""] + [f"- {n}" for n in m["notes"]] + [""]
     return "\n".join(lines)
+
+
+def failure_table(result: dict, fmt: str = "github") -> str:
+    """Failed trials with a needle map: policy, length, cell, trial, needle kept, the layers
+    that dropped part of it, and a link to the picture. "" when none was drawn."""
+    rows = []
+    for t in result.get("trials", []):
+        if not t.get("explain_png"):
+            continue
+        layers = [re.search(r"(\d+)", x).group(1) if re.search(r"(\d+)", x) else x
+                  for x in t.get("needle_dropped_by", [])]
+        rows.append([t["policy"], t["length"], t["cell"], t["trial"],
+                     f"{t.get('needle_kept', 0):.2f}",
+                     ", ".join(layers) if layers else "none (lost downstream)",
+                     f"[needle map]({t['explain_png']})"])
+    if not rows:
+        return ""
+    return tabulate(rows, headers=["policy", "length", "cell", "trial", "needle kept",
+                                   "dropped by layers", "picture"], tablefmt=fmt,
+                    disable_numparse=True)
 
 
 def _unique_lengths(result: dict) -> list:
