@@ -134,7 +134,7 @@ class Backend:
                 kernel=st.kernel if st else rec.kernel_planned, graph=rec.graph,
                 schedule=rec.schedule, est_dense_ms=rec.est_dense_ms,
                 est_sparse_ms=rec.est_sparse_ms, crossover=rec.crossover,
-                rules=(st.rules if st and st.calls else rec.rules)))
+                rules=(st.rules if st and st.calls and st.rules else rec.rules)))
         return Report(sites, list(self.unmatched.values()), list(self.graphs), KERNELS.stats(),
                       notes=self._density_notes(sites))
 

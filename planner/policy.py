@@ -18,7 +18,8 @@ import dataclasses
 from typing import Any, Mapping, Union
 
 from runtime.policies import (DSA, PRESETS, Auto, BigBird, BlockTopK, Dense, Longformer,  # noqa: F401
-                              Policy, PolicyMap, Quest, SinkWindow, Threshold, VerticalSlash)
+                              NativeDSA, Policy, PolicyMap, Quest, SinkWindow, Threshold,
+                              VerticalSlash)
 
 
 DEFAULT_POLICY = "block_topk"
