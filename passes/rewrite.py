@@ -218,7 +218,7 @@ def _rewrite_native(g: fx.Graph, m, pol: NativeDSA, rec, first: dict, owner: str
         q_lat = em.call(torch.matmul, mla.q_nope, w_uk)                      # [B, H, S, r]
         q = em.call(torch.cat, (q_lat, mla.q_rope), -1)                      # [B, H, S, r+dr]
         k = em.call(torch.cat, (mla.latent, mla.rope_k), -1)                 # [B, 1, T, r+dr]
-        v = mla.latent                                                       # [B, 1, T, r]
+        v = em.call(operator.getitem, k, (Ellipsis, slice(None, r)))         # [B, 1, T, r]
     # a mask proved causal (or all-visible) is the kernels' rule: where they will run, the
     # model's [B, S, T] mask is not read (and is dead code unless the model reads it elsewhere);
     # the reference path reads it, so its scores and ties are bit-identical to the model's

@@ -240,3 +240,30 @@ def test_fp8_option_runs_and_keeps_most_of_the_sets():
     x, y = a["model.layers.0.self_attn"][0], b["model.layers.0.self_attn"][0]
     hit = sum(len(set(r.tolist()) & set(s.tolist()) - {-1}) for r, s in zip(x[0], y[0]))
     assert hit / (x >= 0).sum().item() >= 0.8
+
+
+def test_kernel_path_runs_the_fused_indexer_and_the_sparse_mla_kernel(monkeypatch):
+    """``dsa`` with the Triton kernels (the interpreter on CPU): the fused indexer + top-k (no
+    [B, S, T] tensor) and the token-sparse MLA kernel over the latent rows serve every site.
+    16 indexer heads make exact ties (keys every head scores <= 0) unlikely, where the kernel's
+    rule (the newer key) and torch.topk's may pick different keys of equal score."""
+    import os
+    if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
+        pytest.skip("needs the Triton interpreter or a GPU")
+    monkeypatch.setitem(CONFIGS["deepseek_v32"][2], "index_n_heads", 16)
+    monkeypatch.setenv("SPARSE_PLANNER_KERNELS", "triton")
+    m = build("deepseek_v32", "eager")
+    ids = torch.randint(0, 128, (1, 29))
+    got, hooks = _model_topk(m)
+    with torch.no_grad():
+        ref = m(ids).logits
+        for h in hooks:
+            h.remove()
+        cm = planner.compile(m, policy="dsa")
+        with native_dsa.recording() as rec:
+            out = cm(ids).logits
+    assert max_err(out, ref) <= 1e-4
+    vis = _causal_visible(ids)
+    assert _visible_sets(rec["model.layers.0.self_attn"][0], vis) == _visible_sets(got[0][0], vis)
+    rep = planner.inspect(cm)
+    assert all(s.kernel == "triton_sparse_mla" for s in rep.sites), rep
