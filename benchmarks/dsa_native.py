@@ -336,10 +336,11 @@ def decode(cfg, layers, rope, ctx, T, B, topk):
         return sparse_mla(q_abs, kv, idx, scale=m.scaling, dv=r)[0]
 
     def dense_step():
-        q = q_abs.transpose(1, 2)                                          # [B, H, 1, 576]
-        k = kv[:, None]                                                    # [B, 1, T, 576]
-        return F.scaled_dot_product_attention(q, k, k[..., :r], scale=m.scaling,
-                                              enable_gqa=True)
+        # dense MLA decode over the whole latent cache, absorbed: every head reads every row
+        # (two matrix products; SDPA's fused kernels take no 576-wide heads)
+        s = torch.matmul(q_abs[:, 0], kv.transpose(1, 2)).float() * m.scaling   # [B, H, T]
+        p = torch.softmax(s, dim=-1).to(kv.dtype)
+        return torch.matmul(p, kv[..., :r])                                     # [B, H, r]
     with torch.no_grad():
         for impl, fn in (("planner", planner_step), ("dense", dense_step)):
             row = dict(case="decode", impl=impl, T=T, B=B)

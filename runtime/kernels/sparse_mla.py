@@ -34,9 +34,9 @@ POISON_OUTPUT = False
 @dataclasses.dataclass(frozen=True)
 class MLASchedule:
     """``block_h`` query heads x ``block_n`` listed keys per step; warps and pipeline stages.
-    H100 starting point: 64 heads x 32 keys, 8 warps (a 64 x 512 fp32 accumulator is 64
-    registers a thread at 256 threads)."""
-    block_h: int = 64
+    Default (not tuned on a GPU yet): 32 heads x 32 keys, 8 warps, so that the 32 x 512 fp32
+    accumulator and the 32 x 512 queries stay in registers (64 + 32 a thread at 256 threads)."""
+    block_h: int = 32
     block_n: int = 32
     num_warps: int = 8
     num_stages: int = 1
@@ -91,7 +91,7 @@ def sparse_mla(q, kv, indices, *, scale: float, dv: int, dl: Optional[int] = Non
     B, S, H, D = q.shape
     dl = dv if dl is None else dl
     dr = D - dl
-    sch = schedule or MLASchedule(block_h=min(64, next_pow2(max(H, 16))))
+    sch = schedule or MLASchedule(block_h=min(32, next_pow2(max(H, 16))))
     v_is_k = v is None and dv == dl
     vt = kv if v is None else v
     if v is None and not v_is_k:
