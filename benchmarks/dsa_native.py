@@ -20,8 +20,9 @@ MLA decode over the whole latent cache (absorbed, SDPA), with and without CUDA g
 sparse MLA attention's TFLOP/s: ``2 * H * (576 + 512)`` per selected (query, key) pair, counting
 only listed keys (FlashMLA reports 640 TFLOP/s sparse prefill on H800: the public bar).
 
-Before timing, at the smallest N where (a) fits, (c)'s output and selected sets are compared
-with (a)'s (relative error; recall of (a)'s sets; ties at equal scores may differ).
+Before timing, at the smallest N, (c)'s output and selected sets are compared with (a)'s
+(relative error; recall of (a)'s sets; ties at equal scores may differ), and the FP8 indexer
+option's sets with the bf16 ones (recall).
 
 Usage (about 8 minutes on an H100; cells left when ``--budget-s`` is spent are recorded as
 skipped)::
@@ -246,14 +247,22 @@ def check(cfg, layers, rope, ctx, N, topk):
         ref = hf_layer(m, x, pe, causal_mask(1, N, ctx))
         h.remove()
         out, idx = planner_layer(m, x, pe, topk, *weights_uk_uv(m))
-    vis = torch.ones(N, N, device=ctx.dev, dtype=torch.bool).tril()
-    theirs = got["idx"][0].long()
-    t_ok = vis.gather(1, theirs)
-    mine = torch.zeros(N, N + 1, device=ctx.dev, dtype=torch.bool)     # column N: no key
-    mine.scatter_(1, torch.where(idx[0] >= 0, idx[0].long(), N), True)
-    hit = (mine.gather(1, theirs) & t_ok).sum().item()
+        # the FP8 option (NativeDSA.fp8): q_I, k_I rounded to e4m3 with one scale per row
+        from runtime.native_dsa import fp8_rows
+        _, _, _, _, qi, ki, w = projections(m, x, pe)
+        idx8 = planner_select(m, fp8_rows(qi), fp8_rows(ki), w, topk)
     rec(case="check", N=N, rel_err=common.rel_err(out, ref),
-        recall=hit / max(t_ok.sum().item(), 1))
+        recall=recall(got["idx"][0], idx[0], N), fp8_recall=recall(idx[0], idx8[0], N))
+
+
+def recall(ref, got, N: int) -> float:
+    """Share of ``ref``'s visible selected keys ([N, K] lists, causal) that ``got`` keeps."""
+    vis = torch.ones(N, N, device=ref.device, dtype=torch.bool).tril()
+    ref = ref.long()
+    r_ok = vis.gather(1, ref.clamp(min=0)) & (ref >= 0)
+    mine = torch.zeros(N, N + 1, device=ref.device, dtype=torch.bool)   # column N: no key
+    mine.scatter_(1, torch.where(got >= 0, got.long(), N), True)
+    return (mine.gather(1, ref.clamp(min=0)) & r_ok).sum().item() / max(r_ok.sum().item(), 1)
 
 
 def prefill(cfg, layers, rope, ctx, N, topk, impl):
@@ -383,7 +392,9 @@ def markdown(meta) -> str:
     if checks:
         out += ["", "## (c) against (a)", ""]
         out += [f"- N={r['N']}: output relative error {r['rel_err']:.2e}, recall of the model's "
-                f"selected sets {r['recall']:.4f}" for r in checks]
+                f"selected sets {r['recall']:.4f}; FP8 indexer (e4m3, per-row scales): recall "
+                f"of the bf16 sets {r['fp8_recall']:.4f}" if "rel_err" in r else
+                f"- N={r['N']}: {r.get('error', '')}" for r in checks]
     return "\n".join(out) + "\n"
 
 

@@ -24,6 +24,7 @@ def test_smoke_run_writes_every_row(tmp_path):
     rows = data["rows"]
     check = [r for r in rows if r["case"] == "check"]
     assert check and check[0]["recall"] == 1.0 and check[0]["rel_err"] < 1e-4, check
+    assert 0.5 < check[0]["fp8_recall"] <= 1.0, check
     impls = {r["impl"] for r in rows if r["case"] == "prefill" and "ms" in r}
     assert impls == {"hf", "dense", "planner"}, rows
     planner = next(r for r in rows if r["case"] == "prefill" and r["impl"] == "planner")
