@@ -9,6 +9,7 @@ schedule's) are baked into the source as literals. Specs and families (paths und
 - ``token_sparse.backward.TokenSparseBackwardSpec`` + ``Schedule``: its backward;
 - ``indexer.kernel.IndexerSpec``: the lightning indexer's scoring and top-k kernels;
 - ``indexer.few_rows_kernel.FewRowsSpec``: the indexer's few-row selection keys;
+- ``mla.sparse_kernel.SparseMLASpec``: token-sparse MLA attention (absorbed form), forward;
 - ``select.block_topk_kernel.BlockTopkSpec``, ``select.lines_kernel.LinesSpec``,
   ``select.quest_kernel.QuestSpec``: the selection estimators (nothing specialized).
 
@@ -36,6 +37,8 @@ from codegen.common import BlockSparseSpec, Schedule, TokenSparseSpec, render_te
 from codegen.indexer import few_rows_kernel, kernel as indexer_kernel
 from codegen.indexer.few_rows_kernel import FewRowsSpec
 from codegen.indexer.kernel import IndexerSpec
+from codegen.mla import sparse_kernel as sparse_mla_kernel
+from codegen.mla.sparse_kernel import SparseMLASpec
 from codegen.select import block_topk_kernel, lines_kernel, quest_kernel
 from codegen.select.block_topk_kernel import BlockTopkSpec
 from codegen.select.lines_kernel import LinesSpec
@@ -44,7 +47,7 @@ from codegen.token_sparse import backward as token_sparse_backward, kernel as to
 from codegen.token_sparse.backward import TokenSparseBackwardSpec
 
 Spec = Union[BlockSparseSpec, TokenSparseSpec, TokenSparseBackwardSpec, IndexerSpec, FewRowsSpec,
-             BlockTopkSpec, LinesSpec, QuestSpec]
+             BlockTopkSpec, LinesSpec, QuestSpec, SparseMLASpec]
 
 # Heads the module of every kernel rendered with a schedule (the attention kernels); the other
 # families' sources carry their own first lines.
@@ -64,6 +67,7 @@ _UNSCHEDULED = {
     BlockTopkSpec: lambda spec: block_topk_kernel.render(),
     LinesSpec: lambda spec: lines_kernel.render(),
     QuestSpec: lambda spec: quest_kernel.render(),
+    SparseMLASpec: lambda spec: sparse_mla_kernel.render(),
 }
 
 

@@ -14,6 +14,9 @@
    the reason.
 5. Masks are evaluated symbolically (``passes.masks``, over ``passes.index_eval.IndexEval``): a
    mask proved to be exactly causal is dropped from the modifiers and becomes ``Match.causal``.
+6. A mask that is the model's own DSA selection (indexer, top-k, scattered index mask:
+   DeepSeek-V3.2, GLM-MoE-DSA) is recognised as such (``passes.native_dsa``) and recorded in
+   ``Match.native``, with what the mask under it was proved to be.
 
 ``PLANNER_DEBUG=match`` prints every decision; ``PLANNER_DEBUG=match:<node>`` only those about
 the node (or site) of that name.
@@ -27,9 +30,10 @@ import networkx as nx
 import torch.fx as fx
 from networkx.algorithms.isomorphism import DiGraphMatcher
 
-from passes.graph import arg, label, module_path, to_networkx, val
+from passes.graph import arg, label, module_path, sym_expr, to_networkx, val
 from passes.index_eval import IndexEval
-from passes.masks import settle_masks
+from passes.masks import prove_visibility, settle_masks
+from passes.native_dsa import looks_native, recognize
 from passes.mutation import MutationInfo
 from passes.patterns import Match, match_fused, match_matmul_softmax, match_sdpa
 from passes.scores import SCORE_OPS, NoMatch
@@ -152,6 +156,7 @@ def discover(gm: fx.GraphModule, example_inputs=None) -> tuple[list[Match], list
                 _debug(node, site, f"no match: {e}")
                 continue
             settle_masks(m, ev)
+            _native(m, ev)
             matches.append(m)
             _report(node, site, m)
             continue
@@ -163,6 +168,7 @@ def discover(gm: fx.GraphModule, example_inputs=None) -> tuple[list[Match], list
                 reasons.append(str(e))
                 continue
             settle_masks(m, ev)
+            _native(m, ev)
             matches.append(m)
             explained.add(node)
             _report(node, site, m)
@@ -178,6 +184,27 @@ def discover(gm: fx.GraphModule, example_inputs=None) -> tuple[list[Match], list
             unmatched.append(Unmatched(n.name, site, reason))
             _debug(n, site, f"no match: {reason}")
     return matches, unmatched
+
+
+def _native(m: Match, ev: IndexEval) -> None:
+    """Record the model's own DSA chain where the site's one mask tensor is its index mask;
+    the mask under it is proved causal (the fused indexer then needs no mask tensor) or kept
+    for the indexer's scores to read."""
+    if len(m.mods) != 1 or m.mods[0][0] not in ("add", "keep") or len(m.mod_nodes) != 1 \
+            or (m.mod_fix and m.mod_fix[0]) or m.sink is not None or m.window:
+        return
+    chain, why = recognize(m.mod_nodes[0])
+    if chain is None:
+        if looks_native(m.mod_nodes[0]):
+            m.native_note = why
+        _debug(m.out, m.site, f"no native dsa chain: {why}")
+        return
+    vq, vk = val(m.q), val(m.k)
+    if chain.base is not None and vq is not None and vk is not None:
+        chain.causal, chain.all_visible, chain.note = prove_visibility(
+            m.mods[0][0], chain.base, ev, sym_expr(vq.shape[-2]), sym_expr(vk.shape[-2]), m.out)
+    m.native = chain
+    _debug(m.out, m.site, f"native dsa: top-{chain.topk}, mask under it: {chain.note}")
 
 
 def _explain_softmax(sm: fx.Node, g: nx.DiGraph) -> str:

@@ -364,6 +364,17 @@ def settle_masks(m: Match, ev: IndexEval) -> None:
     m.causal_note = "; ".join(notes)
 
 
+def prove_visibility(kind: str, node: fx.Node, ev: IndexEval, n_q, n_kv,
+                     reader=None) -> tuple[Optional[str], bool, str]:
+    """What a mask tensor of kind "add" / "keep" is, for a rule that replaces it: (causal
+    alignment or None, keeps every pair, note). Anything else (padding, a window, unproved)
+    gives (None, False, why)."""
+    f = _mask_fact((kind,), node, (), ev, n_q, n_kv, reader)
+    if f.what == "causal" and f.pad is None:
+        return f.align, False, f.note
+    return None, f.what == "noop", f.note
+
+
 def _drop_mods(m: Match, drop: set) -> None:
     if drop:
         keep = [i for i in range(len(m.mods)) if i not in drop]

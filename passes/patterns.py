@@ -55,6 +55,8 @@ class Match:
     sink: Optional[fx.Node] = None     # [Hq] learned sink logits (GPT-OSS), or None
     kv_valid: Optional[fx.Node] = None  # [B, >= Nkv] key validity (padding), or None
     empty_rows: str = "zero"           # a row that sees no key: "zero" or "mean" (see SiteSpec)
+    native: Optional[object] = None    # the model's own DSA chain (passes.native_dsa.NativeChain)
+    native_note: str = ""              # a DSA index mask that was not recognised: why
 
 
 # ---------------------------------------------------------------------------- operands

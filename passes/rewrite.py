@@ -4,6 +4,17 @@
     counts, indices = torch.ops.sparse.select(scores, q, k, key)
     out             = torch.ops.sparse.attend(q, k, v, [mods...], counts, indices, key)
 
+A site whose mask is the model's own DSA selection (``Match.native``: DeepSeek-V3.2,
+GLM-MoE-DSA) is rewritten with the model's indexer as its score and select, under the ``dense``
+and ``dsa`` policies or a ``NativeDSA`` value (``_rewrite_native``)::
+
+    indices = torch.ops.sparse.score(q_I, k_I, [w, mask3d], key)     # fused indexer + top-k
+    counts, indices = torch.ops.sparse.select(indices, q, k, key)
+    out     = torch.ops.sparse.attend(q, k, v, [], counts, indices, key)
+
+and, where its K/V are MLA's decompression of a latent, in the absorbed form (``q_nope @ W_UK``
+attends to the latent rows, the output is multiplied by ``W_UV``).
+
 A match may ask for small views first (``Match.q_fix`` ...): a ``[B*H, N, D]`` layout is viewed
 as ``[B, H, N, D]`` and the output viewed back; a mask given as ``where(m, s, v)`` is negated
 to fit ``masked_fill``; a bias added before a scale is scaled.
@@ -21,6 +32,9 @@ from passes.context import SiteRecord
 from passes.discover import discover
 from passes.graph import Emitter, val
 from passes.mutation import MutationInfo, eliminate_dead_code
+from passes.native_dsa import mla_latent
+from runtime.kernels.launch import kernels_enabled
+from runtime.policies import DSA, NativeDSA
 from runtime.spec import SiteSpec, register
 
 
@@ -215,6 +229,68 @@ def _site_reads(info: MutationInfo, m, inputs: list) -> tuple[dict, Optional[str
     return anchors, None
 
 
+def _native_policy(m, pol) -> NativeDSA:
+    """The ``NativeDSA`` value a recognised site runs with: the model's top-k (or the one a
+    ``NativeDSA`` policy names), its indexer scale, and what its mask was proved to be."""
+    ch = m.native
+    rule = ("causal" if ch.causal == "lower_right" else "all" if ch.all_visible
+            else m.mods[0][0] if ch.base is not None else "")
+    given = pol if isinstance(pol, NativeDSA) else NativeDSA()
+    # ``dense`` is the identity check: the model's selection over the model's own per-head K/V
+    # (the absorbed form reassociates the products: equal within fp32 rounding, not bit-equal)
+    return NativeDSA(topk=given.topk or ch.topk, fp8=given.fp8,
+                     absorb=given.absorb and not pol.is_dense, score_scale=ch.scale, mask=rule)
+
+
+def _rewrite_native(g: fx.Graph, m, pol: NativeDSA, rec, first: dict, owner: str) -> fx.Node:
+    """Emit the native site (see the module docstring); returns the output node."""
+    ch = m.native
+    attend_mods = () if pol.mask in ("causal", "all", "") else (m.mods[0],)
+    mla, why = mla_latent(m.q, m.k, m.v) if pol.absorb else (None, "as the model computes them")
+    gqa = mla.heads if mla is not None else m.gqa_group
+    # an additive finite mask that hides a whole row makes the model's softmax uniform there
+    empty = "mean" if pol.mask == "add" else m.empty_rows
+    spec = SiteSpec(site=m.site, owner=owner, policy=pol, scale=m.scale, causal=None,
+                    gqa_group=gqa, mods=attend_mods, empty_rows=empty)
+    key = register(spec)
+    em = Emitter(g, m.out, reads_as=first)
+    mods = [ch.base] if attend_mods else []
+    if mla is None:
+        q, k, v = (_apply_fix(em, x, fix) for x, fix in ((m.q, m.q_fix), (m.k, m.k_fix),
+                                                         (m.v, m.v_fix)))
+    else:
+        # absorbed MLA: W_kvb = [W_UK; W_UV] per head; q_nope W_UK . c == q_nope . (W_UK c)
+        r = val(mla.latent).shape[-1]
+        w = em.method("view", mla.weight, mla.heads, mla.nope + mla.dv, r)   # [H, nope+dv, r]
+        w_uk = em.call(operator.getitem, w, (slice(None), slice(None, mla.nope)))
+        w_uv = em.call(operator.getitem, w, (slice(None), slice(mla.nope, None)))
+        q_lat = em.call(torch.matmul, mla.q_nope, w_uk)                      # [B, H, S, r]
+        q = em.call(torch.cat, (q_lat, mla.q_rope), -1)                      # [B, H, S, r+dr]
+        k = em.call(torch.cat, (mla.latent, mla.rope_k), -1)                 # [B, 1, T, r+dr]
+        v = em.call(operator.getitem, k, (Ellipsis, slice(None, r)))         # [B, 1, T, r]
+    # a mask proved causal (or all-visible) is the kernels' rule: where they will run, the
+    # model's [B, S, T] mask is not read (and is dead code unless the model reads it elsewhere);
+    # the reference path reads it, so its scores and ties are bit-identical to the model's
+    drop = pol.mask in ("causal", "all") and kernels_enabled(val(ch.q_i))
+    sc_in = [ch.w] + ([ch.mask3d] if ch.mask3d is not None and not drop else [])
+    sc = em.call(torch.ops.sparse.score.default, ch.q_i, ch.k_i, sc_in, key)
+    sel = em.call(torch.ops.sparse.select.default, sc, q, k, key)
+    counts = em.call(operator.getitem, sel, 0)
+    indices = em.call(operator.getitem, sel, 1)
+    out = em.call(torch.ops.sparse.attend.default, q, k, v, mods, counts, indices, key)
+    out.meta["sparse_site"] = m.site
+    if mla is not None:
+        out = em.call(torch.matmul, out, em.method("transpose", w_uv, -1, -2))  # [B, H, S, dv]
+    rules = [f"model indexer ({val(ch.q_i).shape[2]}x{val(ch.q_i).shape[3]}), "
+             f"mask {pol.mask or 'none'}"]
+    rules.append(f"absorbed MLA (latent {val(mla.latent).shape[-1]} + rope "
+                 f"{val(mla.rope_k).shape[-1]}, {mla.heads} heads share it)" if mla is not None
+                 else f"per-head K/V ({why})")
+    rec.rules = ", ".join(rules)
+    rec.policy, rec.spec_key, rec.status = pol.short(), key, "rewritten"
+    return _apply_fix(em, out, m.out_fix)
+
+
 def rewrite_to_sparse(gm: fx.GraphModule, ctx) -> fx.GraphModule:
     g = gm.graph
     replaced: dict = {}                  # an earlier site's output node -> its rewritten output
@@ -233,10 +309,27 @@ def rewrite_to_sparse(gm: fx.GraphModule, ctx) -> fx.GraphModule:
         if m.fallback:
             rec.reason = m.fallback
             continue
-        first, why = _site_reads(MutationInfo(g), m, _site_inputs(m))
+        native = m.native is not None and (pol.is_dense or isinstance(pol, (DSA, NativeDSA)))
+        if isinstance(pol, NativeDSA) and not native:
+            rec.reason = "dsa_native: the model computes no DSA selection at this site"
+            continue
+        inputs = _site_inputs(m)
+        if native:
+            ch = m.native
+            inputs += [x for x in (ch.q_i, ch.k_i, ch.w, ch.mask3d, ch.base)
+                       if isinstance(x, fx.Node) and x not in inputs]
+        first, why = _site_reads(MutationInfo(g), m, inputs)
         if why:
             rec.reason = why
             continue
+        if native:
+            out = _rewrite_native(g, m, _native_policy(m, pol), rec, first, ctx.owner)
+            m.out.replace_all_uses_with(out)
+            replaced[m.out] = out
+            continue
+        if m.native_note:
+            rec.reason = (f"the model's DSA index mask runs as a mask tensor (its chain was not "
+                          f"recognised: {m.native_note})")
         ev = ctx.evictions.lookup(m.site)[0] if ctx.evictions is not None else None
         spec = SiteSpec(site=m.site, owner=ctx.owner, policy=pol, scale=m.scale, causal=m.causal,
                         gqa_group=m.gqa_group, mods=m.mods, window=m.window,

@@ -80,6 +80,8 @@ def plan_schedule(gm: fx.GraphModule, ctx) -> fx.GraphModule:
         rec.est_dense_ms, rec.est_sparse_ms = plan_at.dense_s * 1e3, plan_at.sparse_s * 1e3
         if pol.is_dense:
             rec.schedule = "dense"
+        elif pol.native:
+            rec.schedule = "the model's own selection (never run densely)"
         elif not prof.sparse_kernels:
             rec.schedule = "policy (reference kernels)"
         else:
@@ -106,7 +108,9 @@ def plan_schedule(gm: fx.GraphModule, ctx) -> fx.GraphModule:
                 rec.schedule = f"dense SDPA (static N={nkv}, planned)"
                 rec.kernel_planned = "sdpa (in graph)"
                 continue
-        if ctx.cost_model == "auto" and not pol.is_dense and prof.sparse_kernels:
+        if ctx.cost_model == "auto" and not pol.is_dense and not pol.native \
+                and prof.sparse_kernels:
+            # (a native selection is the model's meaning: never run densely)
             new_key = register(dataclasses.replace(spec, schedule="auto"))
             for m in list(gm.graph.nodes):
                 if m.op == "call_function" and m.args and m.args[-1] == key and m.target in (

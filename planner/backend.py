@@ -166,7 +166,7 @@ class Backend:
                 kernel=st.kernel if st else rec.kernel_planned, graph=rec.graph,
                 schedule=rec.schedule, est_dense_ms=rec.est_dense_ms,
                 est_sparse_ms=rec.est_sparse_ms, crossover=rec.crossover,
-                rules=(st.rules if st and st.calls else rec.rules),
+                rules=(st.rules if st and st.calls and st.rules else rec.rules),
                 recall=rc.recall if rc else None, recall_worst=rc.worst if rc else None,
                 recall_per_head=rc.recall_per_head if rc else None,
                 **self._eviction_fields(name, rec)))

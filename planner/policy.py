@@ -20,7 +20,8 @@ from typing import Any, Mapping, Union
 from runtime.eviction import (EVICTIONS, H2O, TOVA, AdaKV, Eviction, PyramidKV,  # noqa: F401
                               SnapKV, StreamingLLM, ValueSnapKV, eviction)
 from runtime.policies import (DSA, PRESETS, Auto, BigBird, BlockTopK, Dense, Longformer,  # noqa: F401
-                              Policy, PolicyMap, Quest, SinkWindow, Threshold, VerticalSlash)
+                              NativeDSA, Policy, PolicyMap, Quest, SinkWindow, Threshold,
+                              VerticalSlash)
 
 
 DEFAULT_POLICY = "block_topk"

@@ -14,7 +14,7 @@ from typing import Callable, Optional
 import torch
 
 from codegen.attention.reference import attention_reference
-from runtime import dsa, env, estimators, plan, recall, stats
+from runtime import dsa, env, estimators, native_dsa, plan, recall, stats
 from runtime.kernels.launch import MAX_HEAD_DIM, kernels_enabled, kernels_unavailable_reason
 from runtime.kernels.token_sparse import token_sparse_attention_fn
 from runtime.rules import (dense_variant, fix_empty_rows, keep_of, reference_rules,
@@ -33,7 +33,8 @@ def register_attend(name: str, provider: Provider) -> None:
 
 def score(q, k, mod_tensors, spec: SiteSpec) -> torch.Tensor:
     est = estimators.get(spec.policy)
-    if est.score_shape is not None and plan.choose(spec, q, k) == "dense":
+    if (est.score_shape is not None and not spec.policy.native
+            and plan.choose(spec, q, k) == "dense"):
         return q.new_zeros(est.score_shape(q, k, spec), dtype=torch.float32)
     if est.score is None:
         return q.new_empty(0, dtype=torch.float32)
@@ -63,7 +64,7 @@ def runs_dense(spec: SiteSpec, q, k) -> bool:
 def _cost_model_dense(spec: SiteSpec, q, k) -> bool:
     """Whether the cost model runs this call densely. A token-list site whose indexer is being
     trained (``runtime.dsa.recording``) follows the recording's mode instead."""
-    if spec.policy.is_dense or plan.choose(spec, q, k) != "dense":
+    if spec.policy.is_dense or spec.policy.native or plan.choose(spec, q, k) != "dense":
         return False
     if spec.policy.attend_kind == "token":
         return dsa.active_recorder() is None
@@ -88,7 +89,7 @@ def _resolve(q, k, counts, indices, spec: SiteSpec):
     cost model (or the dsa warm-up) says so."""
     tag = ""
     e = q.new_empty(0, dtype=torch.int32)
-    if spec.policy.attend_kind == "token" and dsa.dense_mode():
+    if spec.policy.attend_kind == "token" and not spec.policy.native and dsa.dense_mode():
         return dense_variant(spec), e, e, " (dsa warm-up: dense)"
     if _cost_model_dense(spec, q, k):
         # the cost model chose dense at this shape: exact attention, reported as such
@@ -110,6 +111,8 @@ def attend(q, k, v, mod_tensors, counts, indices, spec: SiteSpec) -> torch.Tenso
             out, dens, *sched = res
             if dens is None and spec.policy.is_dense:
                 dens = ([1.0] * q.shape[1], [1.0] * q.shape[1])
+            if spec.policy.native:
+                out = native_dsa.fix_unseen_rows(out, v, indices, spec)
             sched = f"[{sched[0]}]" if sched and sched[0] else ""
             stats.record(spec.stats_key, q=q, k=k, v=v, kernel=name + sched + tag,
                          allowed=dens[0] if dens else None, kept=dens[1] if dens else None,
@@ -122,6 +125,8 @@ def attend(q, k, v, mod_tensors, counts, indices, spec: SiteSpec) -> torch.Tenso
                                  causal=spec.causal, keep=keep, stats=st, sinks=sinks,
                                  window=spec.window)
     out = fix_empty_rows(out, v, spec, spec.split(mod_tensors)[2], q.shape[2], k.shape[2])
+    if spec.policy.native:
+        out = native_dsa.fix_unseen_rows(out, v, indices, spec)
     if (spec.mods and not spec.policy.is_dense and kernels_enabled(q)
             and q.shape[-1] <= MAX_HEAD_DIM):
         # kernels were there but apply rule masks only (causal, window): say why they did not run
@@ -162,9 +167,11 @@ def attend_differentiable(q, k, v, mod_tensors, counts, indices, spec: SiteSpec)
         if out is not None:
             return out
     if pol.attend_kind == "token" and indices.numel() and not spec.mods and not spec.rules:
-        return token_sparse_attention_fn(q, k, v, indices, scale=spec.scale)
+        out = token_sparse_attention_fn(q, k, v, indices, scale=spec.scale)
+        return native_dsa.fix_unseen_rows(out, v, indices, spec) if pol.native else out
     keep = keep_of(spec, counts, indices, q.shape[2], k.shape[2], q.device)
     mods, tensors, sinks = reference_rules(spec, mod_tensors, k.shape[2])
     out, _ = attention_reference(q, k, v, scale=spec.scale, mods=mods, mod_tensors=tensors,
                                  causal=spec.causal, keep=keep, sinks=sinks, window=spec.window)
-    return fix_empty_rows(out, v, spec, spec.split(mod_tensors)[2], q.shape[2], k.shape[2])
+    out = fix_empty_rows(out, v, spec, spec.split(mod_tensors)[2], q.shape[2], k.shape[2])
+    return native_dsa.fix_unseen_rows(out, v, indices, spec) if pol.native else out

@@ -21,11 +21,11 @@ from codegen.select.reference import (allowed_blocks, block_bounds, group_block_
                                       pooled_block_logits, pooled_block_scores,
                                       select_topk_blocks, structural_blocks, topk_width,
                                       window_blocks, window_keep_fn)
-from runtime import dsa, page_summaries
+from runtime import dsa, native_dsa, page_summaries
 from runtime.kernels import select as sk
 from runtime.kernels.launch import MAX_HEAD_DIM, kernels_enabled
-from runtime.policies import (DSA, PRESETS, Auto, BigBird, BlockTopK, Dense, Longformer, Policy,
-                              Quest, SinkWindow, Threshold, VerticalSlash)
+from runtime.policies import (DSA, PRESETS, Auto, BigBird, BlockTopK, Dense, Longformer, NativeDSA,
+                              Policy, Quest, SinkWindow, Threshold, VerticalSlash)
 
 
 def _cdiv(a, b):
@@ -39,6 +39,7 @@ class Estimator:
     select: Optional[Callable] = None         # (scores, q, k, spec) -> (counts, indices)
     select_width: Optional[Callable] = None   # (q, k, spec) -> index-list width (default NKB)
     token_keep: Optional[Callable] = None     # (spec, n_q, n_kv, device) -> keep(r0, r1)
+    score_dtype: torch.dtype = torch.float32  # what ``score`` returns (native dsa: int32 lists)
 
 
 def block_of(spec) -> int:
@@ -371,7 +372,7 @@ def _empty_safe(est: Estimator) -> Estimator:
         return est.select(sc, q, k, spec)
     return Estimator(score if est.score is not None else None, est.score_shape,
                      select if est.select is not None else None, est.select_width,
-                     est.token_keep)
+                     est.token_keep, est.score_dtype)
 
 
 #: the estimator of each policy class, one row each (``register`` adds one for a new class)
@@ -391,6 +392,8 @@ ESTIMATORS: dict[type, Estimator] = {
     BigBird: Estimator(select=_static(_bb_select)),
     Auto: Estimator(_auto_score, _grid_shape, _auto_select, select_width=_auto_width),
     DSA: Estimator(select=dsa.select),
+    NativeDSA: Estimator(native_dsa.score, native_dsa.score_shape, native_dsa.select,
+                         score_dtype=torch.int32),
 }
 
 

@@ -48,7 +48,7 @@ def _score_fake(q, k, mods, key):
     est = estimators.get(spec.policy)
     if est.score_shape is None:
         return q.new_empty(0, dtype=torch.float32)
-    return q.new_empty(*est.score_shape(q, k, spec), dtype=torch.float32)
+    return q.new_empty(*est.score_shape(q, k, spec), dtype=est.score_dtype)
 
 
 def select(scores: torch.Tensor, q: torch.Tensor, k: torch.Tensor,

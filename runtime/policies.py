@@ -35,6 +35,9 @@ class Policy:
     #: the density is known only after selection (the budget adapts to the input); under the
     #: cost model the run-time plan re-decides at the measured density (``runtime.plan``)
     adaptive: bool = False
+    #: the model selects its keys itself (a trained indexer and top-k in its own code); the
+    #: selection is the model's meaning, so the cost model never runs such a site densely
+    native: bool = False
 
     def expected_density(self, n_q: int, n_kv: int) -> float:
         """Expected block density of the policy's budget at this shape, for planning (the
@@ -373,6 +376,52 @@ class DSA(Policy):
     @property
     def cache_page(self) -> Optional[int]:
         return 0                          # the indexer reads the cached keys themselves
+
+
+@dataclass(frozen=True)
+class NativeDSA(Policy):
+    """DeepSeek Sparse Attention as a model computes it itself (DeepSeek-V3.2, GLM-MoE-DSA):
+    discovery recognises the model's lightning indexer, top-k and index mask
+    (``passes.native_dsa``) and the site runs them with the model's own indexer weights
+    (``runtime.native_dsa``). Sites recognised so get this policy under ``dense`` and ``dsa``
+    (the model's top-k; the model's output is the sparse one; ``dense`` keeps the model's
+    per-head K/V, ``dsa`` runs MLA absorbed); passing a value of it as the policy sets the
+    options below. Not a preset: it has no meaning where the model has no
+    indexer (such a site stays dense, with the reason).
+
+    topk:     keys per query; 0 = the model's own ``index_topk`` (the default)
+    fp8:      score with q_I / k_I rounded to float8 e4m3 with one scale per row (per query
+              head and per key), as DeepSeek's FP8 indexer does; off by default
+    absorb:   run MLA in its absorbed form where the site is MLA (queries times W_UK attend
+              to the latent cache, the output times W_UV), instead of the per-head K/V the model
+              decompresses
+    score_scale, mask: set by discovery: the indexer's q.k scale; the attention mask under
+              the index mask: "causal" (proved bottom-right causal) or "all" (proved to keep
+              every pair), where the fused kernel needs no mask tensor; "add" (float) or
+              "keep" (boolean) where it was not proved and the scores read it; "" none
+    """
+
+    topk: int = 0
+    fp8: bool = False
+    absorb: bool = True
+    score_scale: float = 1.0
+    mask: str = ""
+    name = "dsa_native"
+    attend_kind = "token"
+    native = True
+
+    def validate(self) -> None:
+        _check_int(self.name, "topk", self.topk, 0)
+        if self.mask not in ("", "add", "keep", "causal", "all"):
+            raise ValueError(f"policy {self.name!r}: 'mask' must be '', 'add', 'keep', "
+                             f"'causal' or 'all', got {self.mask!r}")
+
+    def expected_density(self, n_q: int, n_kv: int) -> float:
+        visible = max(1.0, (n_kv + 1) / 2 if n_q > 1 else n_kv)
+        return min(1.0, max(self.topk, 1) / visible)
+
+    def short(self) -> str:
+        return f"dsa (native) top-{self.topk or 'model'}{', fp8' if self.fp8 else ''}"
 
 
 #: presets looked up by name; each maps to the class built with its defaults

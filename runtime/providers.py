@@ -27,7 +27,7 @@ from codegen.block_sparse import mask_block_summary, prune_block_lists
 from codegen.select.reference import (blocks_from_mask, mask_from_blocks, structural_blocks,
                                       window_pairs)
 from runtime import cpu_attend, dispatch, env, estimators, plan
-from runtime.kernels import block_sparse, token_sparse
+from runtime.kernels import block_sparse, sparse_mla, token_sparse
 from runtime.kernels.launch import kernels_enabled
 from runtime.rules import (dense_variant, fix_empty_rows, keep_of, reference_rules, sdpa_args,
                            sdpa_attention)
@@ -377,8 +377,26 @@ def take_lse(out: torch.Tensor) -> Optional[torch.Tensor]:
     return _LSE.pop(out)
 
 
+def triton_sparse_mla(q, k, v, tensors, counts, indices, spec: SiteSpec):
+    """A native DSA site in MLA's absorbed form (``policies.NativeDSA``, ``passes.rewrite``):
+    every query head over one shared latent row per listed key, ``q [B, H, S, r + d_r]``,
+    ``k [B, 1, T, r + d_r]``, ``v [B, 1, T, r]``, lists ``[B, 1, S, K]`` (forward only)."""
+    pol = spec.policy
+    if (not pol.native or not kernels_enabled(q) or not indices.numel() or spec.mods
+            or spec.rules or k.shape[1] != 1 or v.shape[1] != 1 or indices.shape[1] != 1
+            or v.shape[-1] >= k.shape[-1] or q.requires_grad or k.requires_grad
+            or v.requires_grad):
+        return None
+    kv, vv = k[:, 0], v[:, 0]
+    shared = vv.data_ptr() == kv.data_ptr() and vv.stride() == kv.stride()   # v = k[..., :r]
+    out, _ = sparse_mla.sparse_mla(q.transpose(1, 2), kv, indices[:, 0], scale=spec.scale,
+                                   dv=vv.shape[-1], v=None if shared else vv)
+    return out.transpose(1, 2), None, ""
+
+
 def register_all() -> None:
     dispatch.register_attend("sdpa_dense", sdpa_dense)
     dispatch.register_attend("triton_block_sparse", triton_block_sparse)
+    dispatch.register_attend("triton_sparse_mla", triton_sparse_mla)
     dispatch.register_attend("triton_token_sparse", triton_token_sparse)
     dispatch.register_attend(cpu_attend.NAME, cpu_attend.provider)     # CPU: SDPA / gather
