@@ -154,9 +154,9 @@ def run_planner(prompts: dict, policies, budgets, protocols, path: str, log=prin
                                               attn_implementation="sdpa").eval()
     torch._dynamo.config.cache_size_limit = max(64, torch._dynamo.config.cache_size_limit)
     samples = prompts["samples"]
-    cells = []
     runs = ([("dense", None)] if dense else []) + (
         list(cells) if cells else [(p, b) for b in budgets for p in policies])   # budget-major
+    cells = []
     for proto in protocols:
         for name, b in runs:
             t0 = time.perf_counter()
