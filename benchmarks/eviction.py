@@ -57,10 +57,9 @@ def build(tiny: bool, layers: int, max_len: int, device, dtype):
     from transformers import LlamaConfig, LlamaForCausalLM
     cfg = LlamaConfig(**(TINY if tiny else LLAMA3_8B), num_hidden_layers=layers,
                       max_position_embeddings=max_len + 1024, attn_implementation="sdpa")
+    torch.manual_seed(0)
     with torch.device(device):
-        m = LlamaForCausalLM(cfg)
-    for p in m.parameters():                        # random weights, small enough to stay finite
-        torch.nn.init.normal_(p, std=0.02)
+        m = LlamaForCausalLM(cfg)                   # random weights: the model's own init
     return m.to(dtype).eval()
 
 

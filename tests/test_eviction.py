@@ -399,3 +399,20 @@ def test_per_layer_map_leaves_unlisted_layers_alone():
         out = cm.generate(ids, max_new_tokens=2, min_new_tokens=2, return_dict_in_generate=True,
                           **GEN)
     assert [layer.keys.shape[2] for layer in out.past_key_values.layers] == [6 + 1, 30 + 1]
+
+
+def test_per_layer_budgets_through_both_protocols():
+    """PyramidKV leaves layers with different cache lengths; the question (agnostic protocol)
+    then runs one token per call, since the model builds one mask for every layer."""
+    lm = tiny_llama("sdpa")
+    ctx, question = torch.randint(0, 128, (40,)).tolist(), torch.randint(0, 128, (5,)).tolist()
+    pol = planner.PyramidKV(budget=10, window=4, beta=4.0)
+    want = [pol.budget_for(layer, 2, 40) for layer in range(2)]
+    assert want[0] > want[1]
+    toks, cache = greedy(planner.compile(lm, policy="dense", evict=pol), ctx, question, 3)
+    assert [x.keys.shape[2] for x in cache.layers] == [w + 5 + 2 for w in want]
+    aware = planner.compile(lm, policy="dense", evict=pol)
+    toks, cache = greedy(aware, ctx + question, (), 3)
+    assert [x.keys.shape[2] for x in cache.layers] == [
+        pol.budget_for(layer, 2, 45) + 2 for layer in range(2)]
+    assert toks.shape == (3,)

@@ -68,9 +68,14 @@ def answer_scores(lm, sample: dict, protocol: str, press=None):
                      logits_to_keep=1)
         lengths = [layer.keys.shape[2] for layer in cache.layers]
         logits = [out.logits[0, -1:].float()]
-        if rest:
-            pos = torch.arange(len(first), len(first) + len(rest))[None]
-            out = lm(input_ids=torch.tensor([rest]), past_key_values=cache, use_cache=True,
+        # the rest in one call; one token per call where layers kept different lengths (per-layer
+        # budgets: the model builds one mask for every layer, sized by the first layer's cache,
+        # and a one-token call needs none); the logits are the same either way (causal)
+        step = max(1, len(rest)) if len(set(lengths)) == 1 else 1
+        for i in range(0, len(rest), step):
+            part = rest[i:i + step]
+            pos = torch.arange(len(first) + i, len(first) + i + len(part))[None]
+            out = lm(input_ids=torch.tensor([part]), past_key_values=cache, use_cache=True,
                      position_ids=pos)
             logits.append(out.logits[0].float())
     lg = torch.cat(logits)[-len(ans):]
@@ -102,7 +107,7 @@ def run(args) -> int:
             "prompts": {k: prompts[k] for k in ("model", "lengths", "trials", "tasks", "seed")}
             | {"n": len(samples)}}
     cells = []
-    runs = [("dense", None)] + [(p, b) for p in args.presses.split(",")
+    runs = ([] if args.no_dense else [("dense", None)]) + [(p, b) for p in args.presses.split(",")
                                 for b in (float(x) for x in args.budgets.split(","))]
     for proto in args.protocols.split(","):
         for name, b in runs:
@@ -139,6 +144,7 @@ def main() -> int:
     ap.add_argument("--presses", default=",".join(PRESSES))
     ap.add_argument("--budgets", default="0.5,0.25,0.1", help="fractions of the cache kept")
     ap.add_argument("--protocols", default="agnostic,aware")
+    ap.add_argument("--no-dense", action="store_true", help="skip the dense cell")
     ap.add_argument("--limit", type=int, default=0, help="first N prompts only (0: all)")
     ap.add_argument("--venv", default=DEFAULT_VENV)
     ap.add_argument("--inside", action="store_true", help=argparse.SUPPRESS)

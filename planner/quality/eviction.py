@@ -80,9 +80,14 @@ def answer_scores(lm, sample: dict, protocol: str) -> tuple[bool, float, list]:
                  logits_to_keep=1)
         lengths = [layer.keys.shape[2] for layer in cache.layers]
         logits = [out.logits[0, -1:].float()]
-        if rest:
-            pos = torch.arange(len(first), len(first) + len(rest))[None]
-            out = lm(input_ids=torch.tensor([rest]), past_key_values=cache, use_cache=True,
+        # the rest in one call; one token per call where layers kept different lengths (per-layer
+        # budgets: the model builds one mask for every layer, sized by the first layer's cache,
+        # and a one-token call needs none); the logits are the same either way (causal)
+        step = max(1, len(rest)) if len(set(lengths)) == 1 else 1
+        for i in range(0, len(rest), step):
+            part = rest[i:i + step]
+            pos = torch.arange(len(first) + i, len(first) + i + len(part))[None]
+            out = lm(input_ids=torch.tensor([part]), past_key_values=cache, use_cache=True,
                      position_ids=pos)
             logits.append(out.logits[0].float())
     lg = torch.cat(logits)[-len(ans):]                                  # rows predicting ans
@@ -114,10 +119,13 @@ def greedy(lm, first, rest=(), n_new: int = 1, cache=None):
         out = lm(input_ids=torch.tensor([first]), past_key_values=cache, use_cache=True,
                  logits_to_keep=1)
         pos = len(first)
-        if rest:
-            out = lm(input_ids=torch.tensor([rest]), past_key_values=cache, use_cache=True,
-                     position_ids=torch.arange(pos, pos + len(rest))[None], logits_to_keep=1)
-            pos += len(rest)
+        # one token per call where layers kept different lengths (see answer_scores)
+        step = max(1, len(rest)) if len({x.keys.shape[2] for x in cache.layers}) == 1 else 1
+        for i in range(0, len(rest), step):
+            part = rest[i:i + step]
+            out = lm(input_ids=torch.tensor([part]), past_key_values=cache, use_cache=True,
+                     position_ids=torch.arange(pos, pos + len(part))[None], logits_to_keep=1)
+            pos += len(part)
         for i in range(n_new):
             tok = out.logits[0, -1].argmax()
             toks.append(int(tok))
@@ -137,7 +145,8 @@ def summarize(rows: list) -> dict:
             "nll": sum(r["nll"] for r in rows) / n if n else float("nan")}
 
 
-def run_planner(prompts: dict, policies, budgets, protocols, path: str, log=print) -> dict:
+def run_planner(prompts: dict, policies, budgets, protocols, path: str, log=print, cells=(),
+                dense: bool = True) -> dict:
     import planner
     from planner.quality import assets
     from transformers import AutoModelForCausalLM
@@ -145,8 +154,9 @@ def run_planner(prompts: dict, policies, budgets, protocols, path: str, log=prin
                                               attn_implementation="sdpa").eval()
     torch._dynamo.config.cache_size_limit = max(64, torch._dynamo.config.cache_size_limit)
     samples = prompts["samples"]
+    runs = ([("dense", None)] if dense else []) + (
+        list(cells) if cells else [(p, b) for b in budgets for p in policies])   # budget-major
     cells = []
-    runs = [("dense", None)] + [(p, b) for b in budgets for p in policies]   # budget-major
     for proto in protocols:
         for name, b in runs:
             t0 = time.perf_counter()
@@ -191,10 +201,27 @@ def _write(obj, path):
 
 
 # ------------------------------------------------------------------------------- report
+def _merged(paths: str) -> Optional[dict]:
+    """Runs written to several files (comma-separated): the first one's metadata, every cell
+    (a later file's cell replaces an earlier one of the same policy, budget and protocol)."""
+    files = [json.load(open(p)) for p in paths.split(",") if os.path.exists(p)]
+    if not files:
+        return None
+    cells = {}
+    for f in files:
+        for c in f["cells"]:
+            cells[(c.get("policy", c.get("press")), c["budget"], c["protocol"])] = c
+    out = dict(files[0])
+    out["cells"] = list(cells.values())
+    if len(files) > 1:
+        out["command"] = " ; ".join(f.get("command", "") for f in files)
+    return out
+
+
 def report(planner_path: str, kvpress_path: Optional[str], out_base: str, log=print,
            notes=()) -> dict:
-    pl = json.load(open(planner_path))
-    kv = json.load(open(kvpress_path)) if kvpress_path and os.path.exists(kvpress_path) else None
+    pl = _merged(planner_path)
+    kv = _merged(kvpress_path) if kvpress_path else None
     dense = {c["protocol"]: c for c in pl["cells"] if c["policy"] == "dense"}
     kv_dense = {c["protocol"]: c for c in (kv or {}).get("cells", []) if c["press"] == "dense"}
     table = []
@@ -340,6 +367,8 @@ def main(argv=None) -> int:
     r.add_argument("--policies", default=",".join(POLICIES))
     r.add_argument("--budgets", default="0.5,0.25,0.1")
     r.add_argument("--protocols", default="agnostic,aware")
+    r.add_argument("--cells", default="", help="policy@budget,... (instead of the product)")
+    r.add_argument("--no-dense", action="store_true", help="skip the dense cell")
     r.add_argument("--out", required=True)
     p = sub.add_parser("report")
     p.add_argument("--planner", required=True)
@@ -352,8 +381,9 @@ def main(argv=None) -> int:
                a.seed, a.out)
     elif a.cmd == "run":
         prompts = json.load(open(a.prompts))
+        cells = [(c.split("@")[0], float(c.split("@")[1])) for c in a.cells.split(",") if c]
         run_planner(prompts, a.policies.split(","), [float(x) for x in a.budgets.split(",")],
-                    a.protocols.split(","), a.out)
+                    a.protocols.split(","), a.out, cells=cells, dense=not a.no_dense)
     else:
         report(a.planner, a.kvpress, a.out, notes=a.note)
     return 0
