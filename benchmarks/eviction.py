@@ -117,6 +117,28 @@ def decode(lm, cache, tok, start: int, steps: int, timed: int, device) -> float:
     return ms / max(1, timed)
 
 
+def profile_decode(lm, cache, tok, start: int, steps: int, device, top: int = 8) -> dict:
+    """``steps`` greedy decode steps under ``torch.profiler``: wall ms per step, the device's
+    busy ms per step (the sum of kernel times) and the ops that take the most device time and
+    the most host time (ms per step). Where wall >> device busy, a step is host-bound."""
+    from torch.profiler import ProfilerActivity, profile
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    with profile(activities=acts) as prof, Clock(device) as c:
+        decode(lm, cache, tok, start, steps, steps, device)
+    ev = prof.key_averages()
+
+    def dev(e):
+        return getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0)
+
+    busy = sum(dev(e) for e in ev) / 1e3 / steps
+    by_dev = sorted(ev, key=dev, reverse=True)[:top]
+    by_cpu = sorted(ev, key=lambda e: e.self_cpu_time_total, reverse=True)[:top]
+    return {"steps": steps, "wall_ms_per_step": c.ms / steps, "device_busy_ms_per_step": busy,
+            "top_device": [(e.key, dev(e) / 1e3 / steps, e.count // steps) for e in by_dev if dev(e)],
+            "top_host": [(e.key, e.self_cpu_time_total / 1e3 / steps, e.count // steps)
+                         for e in by_cpu]}
+
+
 def replicate(cache, batch: int):
     """A ``DynamicCache`` holding ``batch`` copies of a batch-1 cache (new memory)."""
     from transformers import DynamicCache
@@ -260,8 +282,15 @@ def run(args, log=print) -> dict:
                 f"({row['decode_speedup']:.2f}x)"
                 + (f", peak {row['peak_bytes'] / 2**30:.2f} GiB, decode peak "
                    f"{dec_peak / 2**30:.2f} GiB" if cuda else ""))
+            start = n + steps
+            if args.profile_steps and n == lengths[-1]:
+                row["profile"] = profile_decode(lm, cache, tok, start, args.profile_steps, device)
+                start += args.profile_steps
+                log(f"  profile: wall {row['profile']['wall_ms_per_step']:.2f} ms/step, device "
+                    f"busy {row['profile']['device_busy_ms_per_step']:.2f} ms/step; top device "
+                    f"{row['profile']['top_device'][:4]}; top host {row['profile']['top_host'][:4]}")
             if n == lengths[-1]:
-                keep[b] = (cache, n + steps)
+                keep[b] = (cache, start)
             else:
                 del cache
     n = lengths[-1]
@@ -337,6 +366,18 @@ def markdown(res: dict) -> str:
                 f"{' (the --max-batch cap)' if c['capped_at_max_batch'] else ''} | "
                 f"{_f(c['step_ms'], '.2f')} | {_f(c['tokens_per_s'], '.0f')} | "
                 f"{_f(rel, '.2f')}{'x' if rel else ''} |")
+    prof = [r for r in res["rows"] if r.get("profile")]
+    if prof:
+        lines += ["", f"Decode steps under torch.profiler ({prof[0]['profile']['steps']} steps, "
+                  "batch 1; ms per step; device busy = the sum of kernel times):", "",
+                  "| prompt | budget | wall | device busy | most device time | most host time |",
+                  "|---|---|---|---|---|---|"]
+        for r in prof:
+            p = r["profile"]
+            top = lambda xs: ", ".join(f"`{k}` {ms:.2f}" for k, ms, _ in xs[:3])  # noqa: E731
+            lines.append(f"| {r['length']} | {'dense' if r['budget'] is None else format(r['budget'], '.0%')} | "
+                         f"{p['wall_ms_per_step']:.2f} | {p['device_busy_ms_per_step']:.2f} | "
+                         f"{top(p['top_device'])} | {top(p['top_host'])} |")
     if res["skipped"]:
         lines += ["", "Skipped (time budget):", ""] + [f"- {s}" for s in res["skipped"]]
     return "\n".join(lines) + "\n"
@@ -355,6 +396,8 @@ def main(argv=None) -> int:
     ap.add_argument("--timed-tokens", type=int, default=0, help="last N steps timed (0: all)")
     ap.add_argument("--cap-steps", type=int, default=None, help="decode steps per batch try (8; tiny: 2)")
     ap.add_argument("--max-batch", type=int, default=4096)
+    ap.add_argument("--profile-steps", type=int, default=4,
+                    help="decode steps profiled per row at the longest prompt (0: none)")
     ap.add_argument("--cpu-cap-mb", type=int, default=16, help="CPU smoke: cache memory 'limit'")
     ap.add_argument("--budget-s", type=float, default=450.0, help="skip cells starting later")
     a = ap.parse_args(argv)

@@ -47,6 +47,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
 import os
 from dataclasses import dataclass
 from typing import Optional
@@ -189,6 +190,49 @@ class EstimatorRates:
         return fixed * 1e-6 + pairs * pair * 1e-12
 
 
+@dataclass(frozen=True)
+class SiteCalibration:
+    """Whole sites measured beside SDPA on one card (``benchmarks/site_overhead.py``): rows of
+    ``(Hq, Hkv, D, policy, N, sdpa_s, site_s, site_host_s)`` at B=1, causal, each policy's
+    defaults (``site_s``: until the device is done; ``site_host_s``: until the call returned).
+
+    ``plan.decide`` scales its dense and sparse estimates by measured / estimated at the
+    measured call shapes nearest the asked one (the same head dim and the nearest head count;
+    the correction interpolated in log N between the measured lengths, held beyond them): the
+    analytic model can miss a kernel's efficiency at mid lengths by 2x either way, and the
+    dense-or-sparse choice is where that shows as a slower model. A site measured host-bound
+    alone (wall < 1.5 x host) says little about its device time, which a model's other layers
+    overlap with the host's launches: there the measurement only ever lowers the estimate."""
+
+    rows: tuple = ()
+
+    def neighbours(self, policy: str, Hq: int, D: int) -> tuple:
+        """The measured ``(N, sdpa_s, site_s, site_host_s)`` of ``policy`` at the nearest measured shape,
+        with that shape's ``(Hq, Hkv, D)``; ``((), None)`` where the policy was not measured."""
+        mine = [r for r in self.rows if r[3] == policy]
+        if not mine:
+            return (), None
+        same_d = [r for r in mine if r[2] == D] or mine
+        best = min(same_d, key=lambda r: (abs(math.log(r[0] / max(Hq, 1))), abs(r[2] - D)))
+        shape = best[:3]
+        pts = sorted((r[4], r[5], r[6], r[7]) for r in same_d if r[:3] == shape)
+        return tuple(pts), shape
+
+
+def interp_log(points: tuple, n: float) -> float:
+    """Piecewise-linear interpolation of ``(N, value)`` points in log N and log value, held
+    constant beyond the first and last point."""
+    if n <= points[0][0]:
+        return points[0][1]
+    if n >= points[-1][0]:
+        return points[-1][1]
+    for (n0, v0), (n1, v1) in zip(points, points[1:]):
+        if n0 <= n <= n1:
+            t = math.log(n / n0) / math.log(n1 / n0)
+            return math.exp(math.log(v0) + t * (math.log(v1) - math.log(v0)))
+    return points[-1][1]
+
+
 #: provisional GPU rates until ``site_overhead_<card>.json`` is measured (it replaces them): a
 #: pooled estimator and its selection program at 65536 tokens, 16 heads, block 64 take about
 #: 0.5 ms (``estimators_h100.md``: pooling 0.20, products 0.06, selection 0.26 ms), 30 ps per
@@ -209,6 +253,7 @@ class HardwareProfile:
     exp_ratio: float = 256.0    # matrix FLOPs one exponential costs (H100: 4096 / 16 per clock)
     tokens: TokenSiteRates = _TOKEN_GPU    # token-list (dsa) sites beside the attention
     estimators: EstimatorRates = _EST_GPU  # block policies' estimator + selection
+    calibration: SiteCalibration = SiteCalibration()  # measured whole sites (plan.decide)
 
     def rates(self, candidate: str) -> KernelRates:
         for name, r in self.kernels:
@@ -406,27 +451,38 @@ def load_profile(name: str, results_dir: Optional[str] = None) -> HardwareProfil
     results_dir = results_dir or os.path.join(os.path.dirname(os.path.dirname(
         os.path.abspath(__file__))), "benchmarks", "results")
     path = os.path.join(results_dir, f"profile_{name}.json")
-    est = _estimator_rates(results_dir, name, base.estimators)
+    est, cal = _site_overhead(results_dir, name, base.estimators)
     if not os.path.exists(path):
-        return base if est is base.estimators else dataclasses.replace(base, estimators=est)
+        return (base if est is base.estimators and not cal.rows
+                else dataclasses.replace(base, estimators=est, calibration=cal))
     with open(path) as f:
         fit = json.load(f)["fit"]
     return dataclasses.replace(
         profile_from_fit(name, fit, measured=path, sparse_kernels=base.sparse_kernels,
-                         tokens=base.tokens), estimators=est)
+                         tokens=base.tokens), estimators=est, calibration=cal)
 
 
-def _estimator_rates(results_dir: str, name: str, base: EstimatorRates) -> EstimatorRates:
-    """The per-policy fit of ``benchmarks/site_overhead.py`` (``site_overhead_<name>.json``)
-    where it was measured, else ``base``."""
+def _site_overhead(results_dir: str, name: str, base: EstimatorRates) -> tuple:
+    """(EstimatorRates, SiteCalibration) from ``benchmarks/site_overhead.py``'s
+    ``site_overhead_<name>.json`` where it was measured, else (``base``, empty)."""
     path = os.path.join(results_dir, f"site_overhead_{name}.json")
     if not os.path.exists(path):
-        return base
+        return base, SiteCalibration()
     with open(path) as f:
-        fit = json.load(f)["fit"]
-    rates = tuple((p, float(r["fixed_us"]), float(r["pair_ps"])) for p, r in fit.items())
+        data = json.load(f)
+    rates = tuple((p, float(r["fixed_us"]), float(r["pair_ps"]))
+                  for p, r in data["fit"].items())
     worst = max(rates, key=lambda r: r[1], default=None)
-    return EstimatorRates(rates, base.default if worst is None else (worst[1], worst[2]))
+    est = EstimatorRates(rates, base.default if worst is None else (worst[1], worst[2]))
+    cal = []
+    for r in data.get("rows", ()):
+        hq_hkv, d = r["shape"].split("x")
+        hq, hkv = hq_hkv.split("/")
+        if r.get("sdpa_ms") and r.get("site_wall_ms") and r.get("site_host_ms"):
+            cal.append((int(hq), int(hkv), int(d), r["policy"], int(r["N"]),
+                        float(r["sdpa_ms"]) * 1e-3, float(r["site_wall_ms"]) * 1e-3,
+                        float(r["site_host_ms"]) * 1e-3))
+    return est, SiteCalibration(tuple(cal))
 
 
 def profile_from_fit(name: str, fit: dict, measured: str = "", sparse_kernels: bool = True,

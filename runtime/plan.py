@@ -25,6 +25,11 @@ from codegen.select.reference import structural_blocks
 from runtime import costmodel as cm
 
 
+#: the sparse path is taken only where it is estimated at least this much cheaper than dense:
+#: a wrong dense choice forgoes a small gain, a wrong sparse one makes the model slower
+SPARSE_MARGIN = 0.1
+
+
 @dataclass(frozen=True)
 class Decision:
     """``choice``: "dense" (dense attention is estimated cheaper, or exactly what the policy
@@ -53,25 +58,64 @@ def decide(policy, profile, *, B: int, Hq: int, Hkv: int, Nq: int, Nkv: int, D: 
     if min(Nq, Nkv, B, Hq, D) == 0:
         return Decision("policy")
     shape = dict(B=B, Hq=Hq, Hkv=Hkv, Nq=Nq, Nkv=Nkv, D=D)
+    dense, cand, sparse = _estimates(policy, profile, dtype, density, **shape)
+    if policy.attend_kind != "token" and Nq == Nkv:
+        # prefill shapes: scaled by what whole sites measured on this card
+        f_dense, f_sparse = _calibration(type(policy), profile, Hq, D, dtype)
+        if f_dense:
+            dense *= cm.interp_log(f_dense, Nkv)
+            sparse *= cm.interp_log(f_sparse, Nkv)
+    if policy.is_dense or not profile.sparse_kernels:
+        return Decision("policy", dense, sparse)
+    if policy.attend_kind == "token" and Nkv <= policy.topk:
+        return Decision("dense", dense, sparse)
+    return Decision("dense" if dense <= sparse * (1 + SPARSE_MARGIN) else "policy", dense,
+                    sparse, cand)
+
+
+def _estimates(policy, profile, dtype, density, **shape) -> tuple:
+    """(dense seconds, sparse candidate, sparse seconds) of the analytic cost model."""
     dense = cm.estimate("dense_sdpa", profile, rho=1.0, **shape)
     if policy.attend_kind == "token":
         # the indexer, its top-k and the gather attention (an indexer being trained is
         # followed regardless: runtime.dispatch)
         cand, sparse = cm.token_site_seconds(profile, topk=policy.topk, dtype=dtype, **shape)
-    else:
-        cand, sparse = cm.best(profile, "block_sparse", dtype=dtype,
-                               rho=policy.expected_density(Nq, Nkv) if density is None
-                               else density,
-                               block=int(getattr(policy, "block", 64)), **shape)
-        if density is None:            # the estimator has not run yet: its cost counts too
-            sparse += profile.estimators.seconds(
-                policy.name, B=B, Hq=Hq, Nq=Nq, Nkv=Nkv,
-                block=int(getattr(policy, "block", getattr(policy, "page", 64))))
-    if policy.is_dense or not profile.sparse_kernels:
-        return Decision("policy", dense, sparse)
-    if policy.attend_kind == "token" and Nkv <= policy.topk:
-        return Decision("dense", dense, sparse)
-    return Decision("dense" if dense <= sparse else "policy", dense, sparse, cand)
+        return dense, cand, sparse
+    Nq, Nkv = shape["Nq"], shape["Nkv"]
+    cand, sparse = cm.best(profile, "block_sparse", dtype=dtype,
+                           rho=policy.expected_density(Nq, Nkv) if density is None
+                           else density,
+                           block=int(getattr(policy, "block", 64)), **shape)
+    if density is None:            # the estimator has not run yet: its cost counts too
+        sparse += profile.estimators.seconds(
+            policy.name, B=shape["B"], Hq=shape["Hq"], Nq=Nq, Nkv=Nkv,
+            block=int(getattr(policy, "block", getattr(policy, "page", 64))))
+    return dense, cand, sparse
+
+
+@functools.lru_cache(maxsize=256)
+def _calibration(cls, profile, Hq: int, D: int, dtype) -> tuple:
+    """((N, measured / estimated dense), ...), ((N, measured / estimated sparse site), ...) at
+    the measured shape nearest (Hq, D) for the policy class at its defaults (what
+    ``benchmarks/site_overhead.py`` ran); ((), ()) where nothing was measured."""
+    try:
+        ref = cls()
+    except TypeError:
+        return (), ()
+    pts, m = profile.calibration.neighbours(ref.name, Hq, D)
+    if not pts:
+        return (), ()
+    f_dense, f_sparse = [], []
+    for n, sdpa_s, site_s, host_s in pts:
+        d, _, s = _estimates(ref, profile, dtype, None, B=1, Hq=m[0], Hkv=m[1], Nq=n, Nkv=n,
+                             D=m[2])
+        f_dense.append((n, sdpa_s / d))
+        # host-bound alone: the device time is unknown below the wall (see SiteCalibration);
+        # an adaptive policy waits for its selection's count on the host, so its host time
+        # holds the device's and its wall is what a model pays
+        bound = ref.adaptive or site_s >= 1.5 * host_s
+        f_sparse.append((n, site_s / s if bound else min(1.0, site_s / s)))
+    return tuple(f_dense), tuple(f_sparse)
 
 
 @functools.lru_cache(maxsize=4096)

@@ -287,3 +287,53 @@ def test_decode_split_variants_agree_and_split_differently():
     assert len(splits) >= 2
     with pytest.raises(ValueError, match="split_per_sm must be None or an int >= 0, got -1"):
         tsk.token_sparse_attention(q, k, v, idx, scale=0.25, split_per_sm=-1)
+
+
+def _site_overhead_file(tmp_path, rows):
+    import json
+    (tmp_path / "site_overhead_h100.json").write_text(json.dumps({
+        "meta": {}, "fit": {"sink_window": {"fixed_us": 20.0, "pair_ps": 0.0}},
+        "rows": [{"shape": "32/8x128", "policy": "sink_window", "N": n, "sdpa_ms": sd,
+                  "site_wall_ms": wall, "site_host_ms": host} for n, sd, wall, host in rows]}))
+    return cm.load_profile.__wrapped__("h100", str(tmp_path))
+
+
+def test_measured_sites_correct_the_choice_where_the_kernel_was_slow(tmp_path):
+    from runtime import policies
+    shape = dict(B=1, Hq=32, Hkv=8, D=128)
+    base = cm.PROFILES["h100"]
+    # the analytic model runs sink_window sparse at 4096 on this shape ...
+    assert plan.decide(policies.SinkWindow(), base, Nq=4096, Nkv=4096, **shape).choice == "policy"
+    # ... a card that measured the whole site slower than SDPA there (device-bound: wall >>
+    # host) plans it dense; at 65536, where it measured faster, it stays sparse
+    prof = _site_overhead_file(tmp_path, [(4096, 0.28, 0.50, 0.14), (16384, 3.3, 1.7, 0.15)])
+    assert len(prof.calibration.rows) == 2
+    at = lambda n: plan.decide(policies.SinkWindow(), prof, Nq=n, Nkv=n, **shape)  # noqa: E731
+    assert at(4096).choice == "dense"
+    assert at(4096).dense_s == pytest.approx(0.28e-3)
+    assert at(4096).sparse_s == pytest.approx(0.50e-3)
+    assert at(65536).choice == "policy"
+    # a decode call (Nq != Nkv) is not what was measured: the analytic estimate stands
+    dec = plan.decide(policies.SinkWindow(), prof, Nq=1, Nkv=4096, **shape)
+    assert dec.dense_s == plan.decide(policies.SinkWindow(), base, Nq=1, Nkv=4096, **shape).dense_s
+
+
+def test_a_host_bound_measurement_only_lowers_the_sparse_estimate(tmp_path):
+    from runtime import policies
+    shape = dict(B=1, Hq=32, Hkv=8, D=128, Nq=4096, Nkv=4096)
+    import dataclasses
+    # wall == host: host-bound alone, the device time under it unknown -> no increase
+    slow_host = _site_overhead_file(tmp_path, [(4096, 0.28, 5.0, 5.0)])
+    base = plan.decide(policies.SinkWindow(),
+                       dataclasses.replace(slow_host, calibration=cm.SiteCalibration()), **shape)
+    assert plan.decide(policies.SinkWindow(), slow_host, **shape).sparse_s == pytest.approx(
+        base.sparse_s)
+
+
+def test_sparse_is_taken_only_with_a_margin():
+    from runtime import policies
+    prof = cm.PROFILES["h100"]
+    shape = dict(B=1, Hq=16, Hkv=16, D=128)
+    for n in (2048, 4096, 8192, 16384, 32768):
+        d = plan.decide(policies.BlockTopK(), prof, Nq=n, Nkv=n, **shape)
+        assert (d.choice == "policy") == (d.sparse_s * (1 + plan.SPARSE_MARGIN) < d.dense_s)

@@ -178,6 +178,21 @@ def test_stacked_heads_match_reference(kernels):
 
 
 @needs_kernels
+def test_streamed_queries_match_reference(kernels):
+    """Each head's query tile reloaded per key tile (stream_queries: many wide heads): same
+    rows; the default schedule streams them where the tiles would not fit on chip together."""
+    sch = ik.IndexerSchedule(block_m=16, block_n=32, slack=8, sample_stride=2,
+                             stream_queries=True)
+    q, w, k = make_inputs(1, 70, 90, 3, 16)
+    check_rows(run_kernel(q, w, k, 9, True, schedule=sch), q, w, k, 9, True)
+    big = ik.default_schedule(64, 128, "cuda")                      # DeepSeek-V3.2's indexer
+    assert big.stream_queries and big.num_stages == 1
+    assert big.block_m * 64 * 128 * 2 > ik.RESIDENT_Q_BYTES
+    small = ik.default_schedule(4, 64, "cuda")                      # a trained DSA indexer
+    assert not small.stream_queries
+
+
+@needs_kernels
 def test_zero_ties_at_the_target_are_split_by_recency(kernels):
     """Rows whose weights are all negative score <= 0, most keys exactly 0: the k-th best is a
     tie at zero; the estimate splits the zeros by index and the result keeps the newest."""

@@ -40,7 +40,8 @@ class IndexerSpec:
     and ``block_n`` keys per tile; ``thresholds``: T of ``indexer_count``; ``stride_align``:
     every q_idx / k_idx stride but the last (which is 1) is a multiple of this many elements
     (strides come divided by it, so loads of a row vectorize); ``stack_heads``: one
-    tensor-core product for all heads (see ``_head_code``)."""
+    tensor-core product for all heads (see ``_head_code``); ``stream_queries``: each head's
+    query tile is reloaded per key tile instead of kept resident (many wide heads)."""
     heads: int
     head_dim: int
     dtype: str
@@ -49,8 +50,11 @@ class IndexerSpec:
     thresholds: int = 16
     stride_align: int = 1
     stack_heads: bool = False
+    stream_queries: bool = False
 
     def __post_init__(self):
+        if self.stack_heads and self.stream_queries:
+            raise ValueError("IndexerSpec: stack_heads and stream_queries exclude each other")
         if self.dtype not in DTYPES:
             raise ValueError(f"IndexerSpec.dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
         for name in ("heads", "head_dim", "thresholds", "stride_align"):
@@ -314,6 +318,19 @@ def _head_code(spec: IndexerSpec) -> tuple[str, str]:
         s = 0.0 + tl.sum(wa[:, :, None] * tl.maximum(d, 0.0), 0)"""
         return loads, score
     loads, dots, score = [], [], []
+    if spec.stream_queries:
+        # the heads' query tiles do not fit on chip together (Hopper: 227 KB of shared memory;
+        # DeepSeek-V3.2's 64 x 128 index heads at 16 rows take 256 KB): each head's tile is
+        # loaded (from L2 after the first key tile) right before its product, one live at a time
+        for j in range(spec.heads):
+            loads.append(f"    w{j} = tl.load(w_ptr + w_rows + {j} * swh, mask=row_ok, other=0.0)"
+                         f".to(tl.float32)")
+            score.append(f"        q{j} = tl.load(q_ptr + q_rows[:, None] + {j} * (sqh * {a}) "
+                         f"+ offs_d[None, :], mask=q_mask, other=0.0)")
+            score.append(f"        d{j} = tl.dot(q{j}, kt{prec})")
+            term = f"w{j}[:, None] * tl.maximum(d{j}, 0.0)"
+            score.append(f"        s = 0.0 + {term}" if j == 0 else f"        s += {term}")
+        return "\n".join(loads), "\n".join(score)
     for j in range(spec.heads):
         loads.append(f"    q{j} = tl.load(q_ptr + q_rows[:, None] + {j} * (sqh * {a}) + offs_d[None, :], "
                      f"mask=q_mask, other=0.0)")

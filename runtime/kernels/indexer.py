@@ -75,7 +75,9 @@ class IndexerSchedule:
     the threshold estimate scores one key tile in this many; ``split``: programs per query
     block along the keys (0: enough to fill the device); ``thresholds``: per-row thresholds
     counted in one sweep; ``stack_heads``: one tensor-core product per key tile for all heads
-    (else one per head); ``finish_warps``: warps of the per-row selection (0: by its width)."""
+    (else one per head); ``finish_warps``: warps of the per-row selection (0: by its width);
+    ``stream_queries``: each head's query tile reloaded per key tile rather than resident (for
+    many wide heads, whose tiles do not fit on chip together)."""
     block_m: int = 64
     block_n: int = 32
     num_warps: int = 4
@@ -86,6 +88,7 @@ class IndexerSchedule:
     thresholds: int = 16
     stack_heads: bool = False
     finish_warps: int = 0
+    stream_queries: bool = False
 
     def __post_init__(self):
         for name in ("block_m", "block_n"):
@@ -108,6 +111,12 @@ class IndexerSchedule:
         return max(2 * topk, topk + self.slack)
 
 
+#: the per-head kernels keep every head's [block_m, head_dim] query tile resident up to this
+#: many bytes (Hopper has 227 KB of shared memory a block; DeepSeek-V3.2's 64 x 128 index heads
+#: at 16 rows take 256 KB); above it the schedule streams them
+RESIDENT_Q_BYTES = 96 * 1024
+
+
 def default_schedule(heads: int, head_dim: int, device) -> IndexerSchedule:
     """CUDA: 64 query rows x 32 keys per score tile, 4 warps, one product per head (H200,
     H_I=4, d_I=64, bf16, N=65536: write sweep 6.6 ms against 6.7-10.2 ms for 64x64, 128x64 and
@@ -118,6 +127,11 @@ def default_schedule(heads: int, head_dim: int, device) -> IndexerSchedule:
         return IndexerSchedule(block_m=16, block_n=32, num_warps=4, num_stages=1)
     width = heads * max(head_dim, 16)
     block_m = 64 if width <= 512 else (32 if width <= 1024 else 16)
+    if width * block_m * 2 > RESIDENT_Q_BYTES:
+        # the query tiles stream through the key loop (codegen.indexer.kernel): no pipelined
+        # copies of 'heads' tiles, wider key tiles to reuse each reload
+        return IndexerSchedule(block_m=block_m, block_n=64, num_warps=4, num_stages=1,
+                               stream_queries=True)
     return IndexerSchedule(block_m=block_m, block_n=32, num_warps=4, num_stages=2)
 
 
@@ -239,7 +253,8 @@ class _IndexerRun:
         self.dev = q.device
         self.spec = IndexerSpec(heads=H, head_dim=D, dtype=FLOAT_DTYPES[q.dtype],
                                 block_m=sch.block_m, block_n=sch.block_n, thresholds=sch.thresholds,
-                                stride_align=align, stack_heads=sch.stack_heads)
+                                stride_align=align, stack_heads=sch.stack_heads,
+                                stream_queries=sch.stream_queries and not sch.stack_heads)
         self.mod = _module(self.spec, self.dev)
         self.R = self.B * self.Nq
         self.C = sch.capacity(topk)
