@@ -362,7 +362,22 @@ def decode(cfg, layers, rope, ctx, T, B, topk):
                     row["graph_ms"] = common.graph_ms(fn)
                 except Exception as e:                                     # noqa: BLE001
                     row["graph_error"] = f"{type(e).__name__}: {str(e)[:150]}"
+                row["kernels"] = _top_kernels(fn)
             rec(**row)
+
+
+def _top_kernels(fn, steps: int = 10, top: int = 5) -> list:
+    """The device kernels of ``steps`` calls under ``torch.profiler``: (name, us per call)."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            fn()
+        torch.cuda.synchronize()
+
+    def dev(e):
+        return getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0)
+    ev = sorted(prof.key_averages(), key=dev, reverse=True)[:top]
+    return [(e.key[:60], round(dev(e) / steps, 1)) for e in ev if dev(e)]
 
 
 # ----------------------------------------------------------------------------- report
@@ -382,12 +397,15 @@ def markdown(meta) -> str:
                    f"{f('indexer_topk_ms')} | {f('attention_ms')} | {f('sparse_mla_ms')} | "
                    f"{f('sparse_mla_tflops')} | {r.get('skipped', r.get('error', ''))} |")
     out += ["", "## Decode step (one token, ms; CUDA graph replay ms)", "",
-            "| context | B | impl | ms | graph ms | note |", "|---|---|---|---|---|---|"]
+            "| context | B | impl | ms | graph ms | kernels (us per step, most first) | note |",
+            "|---|---|---|---|---|---|---|"]
     for r in ROWS:
         if r.get("case") == "decode":
             f = (lambda k: f"{r[k]:.3f}" if isinstance(r.get(k), float) else "")
             out.append(f"| {r['T']} | {r['B']} | {r.get('impl', '')} | {f('ms')} | "
-                       f"{f('graph_ms')} | {r.get('skipped', r.get('error', r.get('graph_error', '')))} |")
+                       f"{f('graph_ms')} | "
+                       f"{', '.join(f'`{k}` {us}' for k, us in r.get('kernels', [])[:4])} | "
+                       f"{r.get('skipped', r.get('error', r.get('graph_error', '')))} |")
     checks = [r for r in ROWS if r.get("case") == "check"]
     if checks:
         out += ["", "## (c) against (a)", ""]
