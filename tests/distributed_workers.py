@@ -114,3 +114,14 @@ def head_parallel(rank: int, world: int, policies) -> dict:
     except ValueError as e:
         out["split_group"] = str(e)
     return out
+
+
+def hang(rank: int, world: int) -> None:
+    """Rank 0 waits in a collective that rank 1 never joins."""
+    import time
+
+    import torch.distributed as dist
+    if rank == 0:
+        dist.barrier()
+    else:
+        time.sleep(120)

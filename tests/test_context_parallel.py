@@ -121,6 +121,14 @@ def test_bad_calls_in_a_group_raise_value_errors(world):
         assert "block=32" in msgs["block"] and "64" in msgs["block"]
 
 
+def test_a_hung_collective_fails_instead_of_blocking():
+    import time
+    t0 = time.monotonic()
+    with pytest.raises(Exception, match="Timed out waiting"):      # gloo's own timeout
+        run_ranks(W.hang, 2, timeout_s=3)
+    assert time.monotonic() - t0 < 60
+
+
 # ------------------------------------------------------------------------ layout (one process)
 @pytest.mark.parametrize("n,world,block", [(1000, 2, 64), (4096, 4, 64), (999, 4, 32),
                                            (777, 2, 32), (17, 8, 1)])
