@@ -30,6 +30,7 @@ policy's estimate meaningful; plain noise gives near-uniform attention).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -39,6 +40,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -73,23 +75,26 @@ def _entry(rank, fn, world, port, backend, timeout_s, out_dir, args):
         dist.destroy_process_group()
 
 
-def run_ranks(fn, world: int, *args, backend: str = "gloo", timeout_s: float = 120.0):
+def run_ranks(fn, world: int, *args, backend: str = "gloo", timeout_s: float = 120.0,
+              deadline_s: Optional[float] = None):
     """Run ``fn(rank, world, *args)`` in ``world`` fresh processes joined in one process group
     (``backend``, rendezvous on 127.0.0.1 at a free port); returns their results by rank.
-    A rank's exception is raised here with its traceback; a run past ``timeout_s`` (the process
-    group's timeout too, so a hung collective fails) kills the processes and raises
-    TimeoutError. ``fn`` must be importable (module level)."""
+    A rank's exception is raised here with its traceback. ``timeout_s`` is the process group's
+    timeout (a collective some rank never joins fails after it); a run past ``deadline_s``
+    (default ``timeout_s`` + 30) kills the processes and raises TimeoutError. ``fn`` must be
+    importable (module level)."""
     import torch.multiprocessing as mp
     with tempfile.TemporaryDirectory() as out_dir:
         ctx = mp.start_processes(_entry, args=(fn, world, free_port(), backend, timeout_s,
                                                out_dir, args),
                                  nprocs=world, join=False, start_method="spawn")
-        deadline = time.monotonic() + timeout_s + 30
+        limit = timeout_s + 30 if deadline_s is None else deadline_s
+        deadline = time.monotonic() + limit
         try:
             while not ctx.join(timeout=1):
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"run_ranks: {fn.__name__} on {world} ranks still running "
-                                       f"after {timeout_s + 30:.0f} s")
+                                       f"after {limit:.0f} s")
         finally:
             for p in ctx.processes:
                 if p.is_alive():
@@ -114,24 +119,29 @@ class Case:
     seed: int = 0
     hot: float = 0.0
     dtype: str = "float32"
+    kernels: str = ""          # SPARSE_PLANNER_KERNELS for the call ("" = as the process has it)
 
     @property
     def id(self) -> str:
         return (f"{self.policy.name}-B{self.b}-H{self.hq}/{self.hkv}-N{self.n}-D{self.d}-"
-                f"blk{self.block}{'' if self.causal else '-noncausal'}")
+                f"blk{self.block}{'' if self.causal else '-noncausal'}"
+                f"{'-' + self.kernels if self.kernels else ''}")
 
 
-def inputs(case: Case, device="cpu"):
-    """q [B, Hq, N, D], k, v [B, Hkv, N, D] from ``case.seed`` (the same on every rank)."""
-    g = torch.Generator().manual_seed(case.seed)
-    q = torch.randn(case.b, case.hq, case.n, case.d, generator=g)
-    k = torch.randn(case.b, case.hkv, case.n, case.d, generator=g)
-    v = torch.randn(case.b, case.hkv, case.n, case.d, generator=g)
+def inputs(case: Case, device="cpu", on_device: bool = False):
+    """q [B, Hq, N, D], k, v [B, Hkv, N, D] from ``case.seed`` (the same on every rank), drawn
+    on the CPU and moved (the same numbers on any device), or with ``on_device`` drawn there
+    (fast at long lengths; the numbers differ from the CPU's)."""
+    g = torch.Generator(device if on_device else "cpu").manual_seed(case.seed)
+    dev = dict(device=device) if on_device else {}
+    q = torch.randn(case.b, case.hq, case.n, case.d, generator=g, **dev)
+    k = torch.randn(case.b, case.hkv, case.n, case.d, generator=g, **dev)
+    v = torch.randn(case.b, case.hkv, case.n, case.d, generator=g, **dev)
     if case.hot > 0:
-        u = torch.randn(case.b, case.hkv, 1, case.d, generator=g)
+        u = torch.randn(case.b, case.hkv, 1, case.d, generator=g, **dev)
         u = u / u.norm(dim=-1, keepdim=True) * 2 * case.d ** 0.5     # [B, Hkv, 1, D]
         nb = -(-case.n // case.block)
-        hot = torch.rand(case.b, case.hkv, nb, generator=g) < case.hot
+        hot = torch.rand(case.b, case.hkv, nb, generator=g, **dev) < case.hot
         rows = hot.repeat_interleave(case.block, dim=-1)[..., :case.n, None]
         k = k + rows * u
         q = q + 0.5 * u.repeat_interleave(case.hq // case.hkv, dim=1)
@@ -141,16 +151,36 @@ def inputs(case: Case, device="cpu"):
 
 def check_worker(rank: int, world: int, cases, device: str = "cpu"):
     """Per case: this rank's output, block lists and bytes (run under ``run_ranks``)."""
+    from runtime.kernels.launch import kernels_enabled
     out = []
     for case in cases:
         q, k, v = inputs(case, device)
         lay = Sharding(case.n, world, case.block)
         ql, kl, vl = (lay.shard(t, rank) for t in (q, k, v))
-        res = context_parallel_attention(ql, kl, vl, case.policy, lay, causal=case.causal)
+        with _kernels_mode(case.kernels):
+            res = context_parallel_attention(ql, kl, vl, case.policy, lay, causal=case.causal)
+            kernel = kernels_enabled(ql)
         out.append({"out": res.out.cpu(), "counts": [c.cpu() for c in res.counts],
                     "indices": [i.cpu() for i in res.indices], "recv": dict(res.bytes.recv),
-                    "sent": dict(res.bytes.sent), "ring": ring_kv_bytes(lay, rank, kl, vl)})
+                    "sent": dict(res.bytes.sent), "ring": ring_kv_bytes(lay, rank, kl, vl),
+                    "triton_attend": kernel})
     return out
+
+
+@contextlib.contextmanager
+def _kernels_mode(mode: str):
+    """``SPARSE_PLANNER_KERNELS=mode`` inside the block ("" leaves it as it is)."""
+    old = os.environ.get("SPARSE_PLANNER_KERNELS")
+    if mode:
+        os.environ["SPARSE_PLANNER_KERNELS"] = mode
+    try:
+        yield
+    finally:
+        if mode:
+            if old is None:
+                os.environ.pop("SPARSE_PLANNER_KERNELS")
+            else:
+                os.environ["SPARSE_PLANNER_KERNELS"] = old
 
 
 def global_lists(lay: Sharding, per_rank, key: str) -> torch.Tensor:
@@ -162,11 +192,14 @@ def global_lists(lay: Sharding, per_rank, key: str) -> torch.Tensor:
     return torch.cat([parts[s] for s in sorted(parts)], dim=2)
 
 
-def compare(case: Case, world: int, per_rank) -> dict:
-    """Sharded vs single-device results of one case, and its bytes."""
+def compare(case: Case, world: int, per_rank, device="cpu") -> dict:
+    """Sharded vs single-device results of one case (the single-device run on ``device``, the
+    ranks' device type), and its bytes."""
     lay = Sharding(case.n, world, case.block)
-    q, k, v = inputs(case)
-    counts, idx, want = single_device(q, k, v, case.policy, block=case.block, causal=case.causal)
+    q, k, v = inputs(case, device)
+    with _kernels_mode(case.kernels):
+        counts, idx, want = (None if t is None else t.cpu() for t in single_device(
+            q, k, v, case.policy, block=case.block, causal=case.causal))
     got = lay.unshard([r["out"] for r in per_rank])
     row = {"case": case.id, "world": world, "policy": case.policy.short(), "n": case.n,
            "max_abs_err": (got.float() - want.float()).abs().max().item()}
@@ -326,7 +359,7 @@ def _time_case(case: Case, rank: int, world: int, mesh, reps: int) -> dict:
     import torch.nn.functional as F
     from torch.distributed.tensor.experimental import context_parallel
     dev = torch.device("cuda", rank)
-    q, k, v = inputs(case, dev)
+    q, k, v = inputs(case, dev, on_device=True)
     lay = Sharding(case.n, world, case.block)
     ql, kl, vl = (lay.shard(t, rank) for t in (q, k, v))
     box = {}
@@ -354,7 +387,7 @@ def _time_case(case: Case, rank: int, world: int, mesh, reps: int) -> dict:
 def one_gpu_ms(case: Case, reps: int):
     """The sparse path on one GPU (no communication), for scaling; None where it does not fit."""
     try:
-        q, k, v = inputs(case, "cuda")
+        q, k, v = inputs(case, "cuda", on_device=True)
         torch.cuda.synchronize()
         _one_gpu(q, k, v, case)                                   # warm-up (compiles)
         times = []
@@ -396,8 +429,8 @@ def run_gpu(args) -> list[dict]:
                     hq=args.heads, hkv=args.kv_heads, d=args.head_dim, seed=args.seed,
                     hot=args.hot, dtype="float32") for p in names]
         per_rank = run_ranks(check_worker, world, chk, "cuda", backend="nccl",
-                             timeout_s=args.timeout)
-        rows = [compare(c, world, [r[i] for r in per_rank]) for i, c in enumerate(chk)]
+                             timeout_s=args.timeout, deadline_s=args.budget_s)
+        rows = [compare(c, world, [r[i] for r in per_rank], "cuda") for i, c in enumerate(chk)]
         for r in rows:
             print(_line(r), flush=True)
         cases = [Case(_policy(p, args, n), n, block=args.block, hq=args.heads,
@@ -405,7 +438,7 @@ def run_gpu(args) -> list[dict]:
                       dtype=args.dtype) for n in args.lengths for p in args.policies
                  if p != "dense"]
         timings = run_ranks(time_worker, world, cases, args.reps, args.rotate, backend="nccl",
-                            timeout_s=args.timeout)[0]
+                            timeout_s=args.timeout, deadline_s=args.budget_s)[0]
         for t, case in zip(timings, cases):
             one = one_gpu_ms(case, args.reps)
             t["one_gpu_ms"] = one
@@ -440,7 +473,10 @@ def main(argv=None) -> int:
     ap.add_argument("--rotate", default="allgather", choices=("allgather", "alltoall"),
                     help="PyTorch context_parallel's K/V rotation (cuda)")
     ap.add_argument("--reps", type=int, default=5)
-    ap.add_argument("--timeout", type=float, default=300.0)
+    ap.add_argument("--timeout", type=float, default=300.0,
+                    help="the process groups' timeout: a collective waiting longer fails")
+    ap.add_argument("--budget-s", type=float, default=None,
+                    help="kill a group's processes after this long (default: timeout + 30)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     gpu = args.device == "cuda"

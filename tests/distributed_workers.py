@@ -34,6 +34,10 @@ def cases(world: int) -> list[Case]:
             # low density: 64 blocks, 2 chosen + sink + local of about 32 visible
             Case(BlockTopK(block=64, topk=2), 4096, block=64, hq=4, hkv=2, d=32, seed=s + 7,
                  hot=0.05),
+            # the Triton attend (as on CUDA; here Triton's interpreter), its lists compared
+            # with the single-device run's Triton estimator
+            Case(BlockTopK(block=32, topk=2), 300, block=32, hq=4, hkv=2, d=16, seed=s + 8,
+                 kernels="triton"),
         ]
     return [
         Case(Dense(), 999, block=32, hq=4, hkv=2, d=32, seed=s + 1),

@@ -74,6 +74,15 @@ def test_sparse_output_equals_single_device(world, case_id):
     assert row["max_abs_err"] <= 1e-5, row["max_abs_err"]
 
 
+def test_the_triton_attend_path_runs_and_agrees():
+    """The case run with SPARSE_PLANNER_KERNELS=triton attended through the Triton kernel (as
+    every call on CUDA does) on both ranks; the lists and output checks above cover it."""
+    row = next(r for r in _run(2)["rows"].values() if r["case"].kernels == "triton")
+    if not all(r["triton_attend"] for r in row["ranks"]):
+        pytest.skip("Triton's interpreter is off here (TRITON_INTERPRET unset)")
+    assert row["lists_equal"] and row["max_abs_err"] <= 1e-5, row
+
+
 @pytest.mark.parametrize("world", [2, 4])
 def test_lists_match_the_registered_estimator(world):
     """``single_device`` is the planner's own score -> select (not a copy of this module's)."""
