@@ -21,10 +21,13 @@ a multiple of 2R * block; whole blocks keep every query block on one rank.
    fp32 rounding, so a list may differ where a cumulative sum meets ``gamma`` within it);
 3. fetch: the ids of selected key blocks that live on other ranks go to their owners
    (``all_to_all_single`` of counts, then of ids) and the blocks come back (one
-   ``all_to_all_single`` with per-rank split sizes; gloo and NCCL both implement it);
+   ``all_to_all_single`` with per-rank split sizes: NCCL and gloo both implement that; gloo's
+   list form ``all_to_all`` takes equal sizes only, so it is not used);
 4. attend: block-sparse attention of each local chunk over the owned and fetched blocks, laid
-   at their positions in a buffer as long as the chunk's causal prefix (the Triton kernel on
-   CUDA, ``block_sparse_attention_ref`` elsewhere; either reads only the listed blocks' pairs).
+   at their positions in a buffer as long as the rank's causal prefix (zeros where nothing was
+   fetched: memory of a prefix-long K/V per rank, not traffic). The Triton kernel on CUDA
+   reads only the listed blocks; elsewhere ``block_sparse_attention_ref`` scores the prefix
+   and masks what the lists leave out.
 
 ``dense`` lists every causally visible block: the same path with the whole causal prefix
 fetched (what an all-gather of K/V would move, restricted to the blocks a rank can see).
