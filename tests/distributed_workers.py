@@ -41,7 +41,7 @@ def cases(world: int) -> list[Case]:
         ]
     return [
         Case(Dense(), 999, block=32, hq=4, hkv=2, d=32, seed=s + 1),
-        Case(BlockTopK(block=32, topk=3), 999, block=32, hq=4, hkv=2, d=32, seed=s + 2),
+        Case(BlockTopK(block=32, topk=3), 999, block=32, b=2, hq=6, hkv=3, d=32, seed=s + 2),
         Case(BlockTopK(block=64, topk=2, sink_blocks=2), 1000, block=64, hq=2, hkv=2, d=24,
              seed=s + 3, hot=0.1),
         Case(Threshold(block=32, gamma=0.85), 999, block=32, hq=4, hkv=1, d=16, seed=s + 4,
