@@ -197,6 +197,11 @@ def _ev(doc, table: str, budget):
     return next(r for r in doc[table] if r["budget"] == budget)
 
 
+def _cp(doc, policy: str) -> list:
+    """The context-parallel file's rows of ``policy`` (its name, parameters aside)."""
+    return [r for r in doc["rows"] if r["policy"].split("(")[0] == policy]
+
+
 # ----------------------------------------------------------------------------- the table
 
 def _kr(case: str, N: int, impl: str, dens: Optional[str] = None) -> str:
@@ -618,6 +623,31 @@ FIGURES = [
                / _ev(d, "largest_batch", None)["tokens_per_s"], ".2f"),
             Fn("decode speed-up", lambda d: _ev(d, "rows", None)["decode_ms_per_step"]
                / _ev(d, "rows", 0.1)["decode_ms_per_step"], ".2f"))),
+    # ---- context_parallel_cpu
+    Figure("context_parallel_cpu.json",
+           "{} and {} gloo processes, {} to {} tokens: block lists equal to the single-device "
+           "estimator's in {} of {} sparse runs, dense within {} of SDPA; bytes received / "
+           "ring attention's at the same sharding: block_topk {} at {}% block density, "
+           "threshold {} ({}%), dense {} (only the causally visible blocks move); no GPU run",
+           (Fn("fewest ranks", lambda d: min(r["world"] for r in d["rows"]), "d"),
+            Fn("most ranks", lambda d: max(r["world"] for r in d["rows"]), "d"),
+            Fn("shortest length", lambda d: min(r["n"] for r in d["rows"]), "d"),
+            Fn("longest length", lambda d: max(r["n"] for r in d["rows"]), "d"),
+            Fn("sparse runs with equal lists", lambda d: sum(
+                r.get("lists_equal") is True for r in d["rows"]), "d"),
+            Fn("sparse runs", lambda d: sum("lists_equal" in r for r in d["rows"]), "d"),
+            Fn("dense's largest error", lambda d: max(
+                r["max_abs_err"] for r in _cp(d, "dense")), ".0e"),
+            Fn("block_topk's bytes / ring", lambda d: span(
+                [r["bytes_vs_ring"] for r in _cp(d, "block_topk")], ".2f")),
+            Fn("block_topk's density", lambda d: span(
+                [100 * r["block_density"] for r in _cp(d, "block_topk")], ".0f")),
+            Fn("threshold's bytes / ring", lambda d: span(
+                [r["bytes_vs_ring"] for r in _cp(d, "threshold")], ".2f")),
+            Fn("threshold's density", lambda d: span(
+                [100 * r["block_density"] for r in _cp(d, "threshold")], ".0f")),
+            Fn("dense's bytes / ring", lambda d: span(
+                [r["bytes_vs_ring"] for r in _cp(d, "dense")], ".2f")))),
 ]
 
 
