@@ -106,7 +106,7 @@ def decode(lm, cache, tok, start: int, steps: int, timed: int, device) -> float:
     the last ``timed`` steps."""
     b = tok.shape[0]
     ms = 0.0
-    with torch.no_grad():
+    with torch.no_grad(), _decode_sdpa():
         for i in range(steps):
             pos = torch.full((b, 1), start + i, device=tok.device, dtype=torch.long)
             with Clock(device) as c:
@@ -137,6 +137,21 @@ def profile_decode(lm, cache, tok, start: int, steps: int, device, top: int = 8)
             "top_device": [(e.key, dev(e) / 1e3 / steps, e.count // steps) for e in by_dev if dev(e)],
             "top_host": [(e.key, e.self_cpu_time_total / 1e3 / steps, e.count // steps)
                          for e in by_cpu]}
+
+
+#: SDPA backends the decode steps may use (None: PyTorch's choice). On an H100 with torch 2.11
+#: PyTorch picks cuDNN attention for these decode calls, which builds a new plan for every new
+#: key length: about 16 ms of host time per call, 64 ms a step for 4 layers whatever the cache
+#: size (``--decode-sdpa default`` shows it); the rows exclude cuDNN for dense and evicted alike.
+DECODE_BACKENDS = None
+
+
+def _decode_sdpa():
+    import contextlib
+    if DECODE_BACKENDS is None:
+        return contextlib.nullcontext()
+    from torch.nn.attention import sdpa_kernel
+    return sdpa_kernel(DECODE_BACKENDS)
 
 
 def replicate(cache, batch: int):
@@ -340,7 +355,11 @@ def markdown(res: dict) -> str:
              "step, one token per step). KV bytes: K and V of every layer after the prefill. Peak: "
              "`torch.cuda.max_memory_allocated` over prefill + decode (the prefill's activations "
              "set it) and over the decode alone. Weights: "
-             f"{res['weights_bytes'] / gib:.2f} GiB.", "",
+             f"{res['weights_bytes'] / gib:.2f} GiB. Decode SDPA backends: "
+             + ("flash, memory-efficient, math (cuDNN excluded for dense and evicted alike: it "
+                "builds a plan for every new key length, about 16 ms of host time per call on "
+                "torch 2.11)" if res.get("decode_sdpa", "default") == "no-cudnn"
+                else "PyTorch's choice") + ".", "",
              "| prompt | budget | kept tokens | KV MiB | KV / dense | prefill ms | decode ms/step | "
              "speed-up | peak GiB | decode peak GiB |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in res["rows"]:
@@ -396,6 +415,8 @@ def main(argv=None) -> int:
     ap.add_argument("--timed-tokens", type=int, default=0, help="last N steps timed (0: all)")
     ap.add_argument("--cap-steps", type=int, default=None, help="decode steps per batch try (8; tiny: 2)")
     ap.add_argument("--max-batch", type=int, default=4096)
+    ap.add_argument("--decode-sdpa", default="no-cudnn", choices=("no-cudnn", "default"),
+                    help="SDPA backends of the decode steps (see DECODE_BACKENDS)")
     ap.add_argument("--profile-steps", type=int, default=4,
                     help="decode steps profiled per row at the longest prompt (0: none)")
     ap.add_argument("--cpu-cap-mb", type=int, default=16, help="CPU smoke: cache memory 'limit'")
@@ -407,7 +428,13 @@ def main(argv=None) -> int:
     a.cap_steps = a.cap_steps or (2 if a.tiny else 8)
     if a.device == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda: no CUDA device here (use --device cpu --tiny for a smoke run)")
+    global DECODE_BACKENDS
+    if a.decode_sdpa == "no-cudnn":
+        from torch.nn.attention import SDPBackend
+        DECODE_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+                           SDPBackend.MATH]
     res = run(a)
+    res["decode_sdpa"] = a.decode_sdpa
     os.makedirs(a.out, exist_ok=True)
     base = os.path.join(a.out, f"eviction_{card_name(a.device)}")
     with open(base + ".json", "w") as f:

@@ -320,17 +320,18 @@ def _head_code(spec: IndexerSpec) -> tuple[str, str]:
     loads, dots, score = [], [], []
     if spec.stream_queries:
         # the heads' query tiles do not fit on chip together (Hopper: 227 KB of shared memory;
-        # DeepSeek-V3.2's 64 x 128 index heads at 16 rows take 256 KB): each head's tile is
-        # loaded (from L2 after the first key tile) right before its product, one live at a time
-        for j in range(spec.heads):
-            loads.append(f"    w{j} = tl.load(w_ptr + w_rows + {j} * swh, mask=row_ok, other=0.0)"
-                         f".to(tl.float32)")
-            score.append(f"        q{j} = tl.load(q_ptr + q_rows[:, None] + {j} * (sqh * {a}) "
-                         f"+ offs_d[None, :], mask=q_mask, other=0.0)")
-            score.append(f"        d{j} = tl.dot(q{j}, kt{prec})")
-            term = f"w{j}[:, None] * tl.maximum(d{j}, 0.0)"
-            score.append(f"        s = 0.0 + {term}" if j == 0 else f"        s += {term}")
-        return "\n".join(loads), "\n".join(score)
+        # DeepSeek-V3.2's 64 x 128 index heads at 16 rows take 256 KB): a loop over the heads
+        # inside the key loop loads each head's tile (from L2 after the first key tile) right
+        # before its product, one live at a time (a loop, not unrolled loads, which the
+        # compiler would hoist out of the key loop and keep resident again)
+        score = f"""\
+        s = tl.zeros([{bm}, {bn}], tl.float32)
+        for j in range({spec.heads}):
+            qj = tl.load(q_ptr + q_rows[:, None] + j * (sqh * {a}) + offs_d[None, :],
+                         mask=q_mask, other=0.0)
+            wj = tl.load(w_ptr + w_rows + j * swh, mask=row_ok, other=0.0).to(tl.float32)
+            s += wj[:, None] * tl.maximum(tl.dot(qj, kt{prec}), 0.0)"""
+        return "", score
     for j in range(spec.heads):
         loads.append(f"    q{j} = tl.load(q_ptr + q_rows[:, None] + {j} * (sqh * {a}) + offs_d[None, :], "
                      f"mask=q_mask, other=0.0)")
