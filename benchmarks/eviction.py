@@ -130,11 +130,14 @@ def profile_decode(lm, cache, tok, start: int, steps: int, device, top: int = 8)
     def dev(e):
         return getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0)
 
-    busy = sum(dev(e) for e in ev) / 1e3 / steps
-    by_dev = sorted(ev, key=dev, reverse=True)[:top]
+    # operators carry their kernels' device time too: the kernels alone, summed once
+    kernels = [e for e in ev if str(getattr(e, "device_type", "")).endswith("CUDA")]
+    busy = sum(dev(e) for e in kernels) / 1e3 / steps
+    by_dev = sorted(kernels, key=dev, reverse=True)[:top]
     by_cpu = sorted(ev, key=lambda e: e.self_cpu_time_total, reverse=True)[:top]
     return {"steps": steps, "wall_ms_per_step": c.ms / steps, "device_busy_ms_per_step": busy,
-            "top_device": [(e.key, dev(e) / 1e3 / steps, e.count // steps) for e in by_dev if dev(e)],
+            "top_device": [(e.key[:80], dev(e) / 1e3 / steps, e.count // steps)
+                           for e in by_dev if dev(e)],
             "top_host": [(e.key, e.self_cpu_time_total / 1e3 / steps, e.count // steps)
                          for e in by_cpu]}
 
@@ -393,9 +396,9 @@ def markdown(res: dict) -> str:
                   "|---|---|---|---|---|---|"]
         for r in prof:
             p = r["profile"]
-            top = lambda xs: ", ".join(f"`{k}` {ms:.2f}" for k, ms, _ in xs[:3])  # noqa: E731
+            top = lambda xs: ", ".join(f"`{k[:60]}` {ms:.2f}" for k, ms, _ in xs[:3])  # noqa: E731
             lines.append(f"| {r['length']} | {'dense' if r['budget'] is None else format(r['budget'], '.0%')} | "
-                         f"{p['wall_ms_per_step']:.2f} | {p['device_busy_ms_per_step']:.2f} | "
+                         f"{p['wall_ms_per_step']:.2f} | {_f(p['device_busy_ms_per_step'], '.2f')} | "
                          f"{top(p['top_device'])} | {top(p['top_host'])} |")
     if res["skipped"]:
         lines += ["", "Skipped (time budget):", ""] + [f"- {s}" for s in res["skipped"]]

@@ -197,6 +197,12 @@ def _ev(doc, table: str, budget):
     return next(r for r in doc[table] if r["budget"] == budget)
 
 
+def _dsa(doc, impl: str, n=None) -> list:
+    """The native-DSA file's prefill rows of ``impl`` (at ``n`` tokens where given)."""
+    return [r for r in doc["rows"] if r.get("case") == "prefill" and r.get("impl") == impl
+            and (n is None or r["N"] == n)]
+
+
 def _cp(doc, policy: str) -> list:
     """The context-parallel file's rows of ``policy`` (its name, parameters aside)."""
     return [r for r in doc["rows"] if r["policy"].split("(")[0] == policy]
@@ -623,6 +629,29 @@ FIGURES = [
                / _ev(d, "largest_batch", None)["tokens_per_s"], ".2f"),
             Fn("decode speed-up", lambda d: _ev(d, "rows", None)["decode_ms_per_step"]
                / _ev(d, "rows", 0.1)["decode_ms_per_step"], ".2f"))),
+    # ---- eviction_h100_cudnn
+    Figure("eviction_h100_cudnn.json",
+           "with PyTorch's default, cuDNN attention, the dense step takes {} ms",
+           (Fn("dense decode ms per step", lambda d: _ev(d, "rows", None)["decode_ms_per_step"],
+               ".2f"),)),
+    # ---- dsa_native_h100
+    Figure("dsa_native_h100.json",
+           "the planner's layer runs at {} tokens in {} GB, where Hugging Face's\nlayer would "
+           "need about {} GB of index scores and masks, and selects the model's sets (recall\n"
+           "{} at {} tokens); but it is slower than dense SDPA over the decompressed K/V ({}x at\n"
+           "{} tokens): its sparse MLA kernel runs at {} TFLOP/s",
+           (Fn("longest planner prefill", lambda d: max(r["N"] for r in _dsa(d, "planner")), "d"),
+            Fn("its peak GB", lambda d: max(_dsa(d, "planner"), key=lambda r: r["N"])["peak_gb"],
+               ".1f"),
+            Fn("HF's need at that length", lambda d: re.search(r"~(\d+) GB", max(
+                _dsa(d, "hf"), key=lambda r: r["N"])["skipped"]).group(1)),
+            V("rows[case=check].recall", ".4f"),
+            V("rows[case=check].N", "d"),
+            Fn("dense / planner at 65536", lambda d: _dsa(d, "dense", 65536)[0]["ms"]
+               / _dsa(d, "planner", 65536)[0]["ms"], ".2f"),
+            Fn("65536", lambda d: _dsa(d, "planner", 65536)[0]["N"], "d"),
+            Fn("best sparse MLA TFLOP/s", lambda d: max(
+                r["sparse_mla_tflops"] for r in _dsa(d, "planner")), ".0f"))),
     # ---- context_parallel_cpu
     Figure("context_parallel_cpu.json",
            "{} and {} gloo processes, {} to {} tokens: block lists equal to the single-device "
