@@ -30,7 +30,7 @@ from typing import List
 
 import torch
 
-from runtime import dispatch, dsa, estimators, eviction, page_summaries, providers, stats
+from runtime import dispatch, dsa, estimators, eviction, page_summaries, providers, rules, stats
 from runtime.kernels.token_sparse import token_sparse_attention_bwd
 from runtime.spec import lookup
 
@@ -101,9 +101,8 @@ def _padded_attend(q, k, v, mods, valid, spec) -> torch.Tensor:
     if spec.causal and nq > 1:
         causal = torch.ones(nq, n, dtype=torch.bool, device=q.device).tril(n - nq)
         keep = keep & causal
-    out = torch.nn.functional.scaled_dot_product_attention(
-        q, k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1), attn_mask=keep,
-        scale=spec.scale)
+    out = rules.sdpa(q, k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1),
+                     attn_mask=keep, scale=spec.scale)
     stats.record(spec.stats_key, q=q, k=k, v=v, kernel="sdpa (cache padded per head, masked)")
     return out.contiguous()
 

@@ -133,6 +133,31 @@ def sdpa_args(spec: SiteSpec, n_q: int, n_kv: int):
     return (mods[0][0] if mods else None), is_causal
 
 
+#: a call with at most this many query rows is a decode step: on CUDA it runs SDPA's flash,
+#: memory-efficient or math kernels, never cuDNN attention, which builds an execution plan for
+#: every new key length, and a decode step brings a new one each time (torch 2.11 on an H100:
+#: about 16 ms of host time per call, so 85 ms a step for a 4-layer Llama-shaped model against
+#: 6.8 ms without it; benchmarks/results/eviction_h100_cudnn.md beside eviction_h100.md).
+#: Longer calls keep PyTorch's choice.
+DECODE_ROWS = 16
+
+
+@functools.lru_cache(maxsize=1)
+def _decode_backends() -> list:
+    from torch.nn.attention import SDPBackend
+    return [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
+def sdpa(q, k, v, **kw) -> torch.Tensor:
+    """``F.scaled_dot_product_attention(q, k, v, **kw)``; decode-shaped calls on CUDA without
+    cuDNN attention (``DECODE_ROWS``)."""
+    if q.is_cuda and q.shape[-2] <= DECODE_ROWS:
+        from torch.nn.attention import sdpa_kernel
+        with sdpa_kernel(_decode_backends()):
+            return F.scaled_dot_product_attention(q, k, v, **kw)
+    return F.scaled_dot_product_attention(q, k, v, **kw)
+
+
 def sdpa_attention(q, k, v, mod_tensors, spec: SiteSpec) -> Optional[torch.Tensor]:
     """The site as one exact ``F.scaled_dot_product_attention`` call (``sdpa_args``): q
     ``[B, Hq, Nq, D]``, k / v ``[B, Hkv, Nkv, D | Dv]`` -> ``[B, Hq, Nq, Dv]``; None where SDPA
@@ -144,5 +169,4 @@ def sdpa_attention(q, k, v, mod_tensors, spec: SiteSpec) -> Optional[torch.Tenso
     mask = None if kind is None else (torch.logical_not(mod_tensors[0]) if kind == "fill"
                                       else mod_tensors[0])
     kw = {"enable_gqa": True} if spec.gqa_group > 1 else {}
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
-                                          scale=spec.scale, **kw)
+    return sdpa(q, k, v, attn_mask=mask, is_causal=is_causal, scale=spec.scale, **kw)

@@ -93,3 +93,28 @@ def test_compiled_model_runs_the_fused_sites(monkeypatch):
         cm(ids)
     assert len(calls) == 2                           # one call per layer
     assert planner.inspect(cm).sites[0].density < 1.0
+
+
+def test_decode_shaped_sdpa_calls_leave_cudnn_out(monkeypatch):
+    """``rules.sdpa``: on CUDA a call of at most DECODE_ROWS query rows runs without cuDNN
+    attention (a plan per new key length); on the CPU, and for longer calls, PyTorch chooses."""
+    import torch.nn.functional as F
+    from runtime import rules
+    seen = []
+    real = F.scaled_dot_product_attention
+
+    def spy(*a, **kw):
+        seen.append(torch.backends.cuda.cudnn_sdp_enabled())
+        return real(*a, **kw)
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    q, k, v = (torch.randn(1, 2, n, 16) for n in (1, 9, 9))
+    torch.testing.assert_close(rules.sdpa(q, k, v, scale=0.25), real(q, k, v, scale=0.25))
+    if not torch.cuda.is_available():
+        return
+    before = torch.backends.cuda.cudnn_sdp_enabled()
+    dev = [t.cuda().half() for t in (q, k, v)]
+    rules.sdpa(*dev)
+    long_q = torch.randn(1, 2, rules.DECODE_ROWS + 1, 16, device="cuda", dtype=torch.half)
+    rules.sdpa(long_q, dev[1], dev[2])
+    assert seen[-2:] == [False, before]
+    assert torch.backends.cuda.cudnn_sdp_enabled() == before
