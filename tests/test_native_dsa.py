@@ -26,6 +26,15 @@ MODELS = [pytest.param(n, i, id=f"{n}-{i}") for n in ("deepseek_v32", "glm_moe_d
           for i in ("eager", "sdpa")]
 
 
+def _caches_latent(m) -> bool:
+    """Whether the model's MLA layers cache the compressed latent (transformers 5.2x: the
+    absorbed form applies) or the decompressed per-head K/V (e.g. 5.17: the cache holds what
+    absorbing would remove, so the site keeps per-head K/V with the reason)."""
+    import inspect as _inspect
+    attn = type(m.model.layers[0].self_attn)
+    return "cache.update(k_pass" in _inspect.getsource(attn.forward)
+
+
 def _model_topk(m):
     """Hooks that keep each layer's own top-k (the indexer's int32 [B, S, K] output)."""
     got, hooks = {}, []
@@ -72,6 +81,8 @@ def test_native_site_reproduces_the_model(name, impl, pol, tol, form):
     rep = planner.inspect(cm)
     assert [s.status for s in rep.sites] == ["rewritten"] * 2, rep
     assert all(s.policy == "dsa (native) top-8" for s in rep.sites), rep
+    if pol == "dsa" and not _caches_latent(m):
+        form = "per-head K/V (v is not the second part of a split)"
     assert all(s.rules == f"model indexer (2x8), mask causal, {form}" for s in rep.sites), rep
     assert all(s.density is not None and s.density < 1 for s in rep.sites), rep
 
@@ -253,6 +264,8 @@ def test_kernel_path_runs_the_fused_indexer_and_the_sparse_mla_kernel(monkeypatc
     monkeypatch.setitem(CONFIGS["deepseek_v32"][2], "index_n_heads", 16)
     monkeypatch.setenv("SPARSE_PLANNER_KERNELS", "triton")
     m = build("deepseek_v32", "eager")
+    if not _caches_latent(m):
+        pytest.skip("this transformers caches per-head K/V: no absorbed form, no MLA kernel")
     ids = torch.randint(0, 128, (1, 29))
     got, hooks = _model_topk(m)
     with torch.no_grad():
