@@ -70,6 +70,42 @@ def test_kernel_matches_the_reference(triton_kernels, B, S, H, T, K, DL, DR, DV,
         assert (out[B - 1, S - 1] == 0).all() and (lse[B - 1, S - 1] == float("-inf")).all()
 
 
+@pytest.mark.parametrize("splits", [2, 3, 50], ids=["2-parts", "3-parts", "more-than-blocks"])
+@pytest.mark.parametrize("B, S, H, T, K", [(1, 1, 20, 70, 53), (2, 3, 5, 40, 37)],
+                         ids=["decode", "rows"])
+def test_split_lists_merge_to_the_reference(triton_kernels, B, S, H, T, K, splits):
+    """Each row's list split into parts (decode rows fill the device this way), merged by their
+    log-sum-exp: the reference's output, a part of only -1 entries included (short rows), and
+    a row naming no key stays 0 / -inf."""
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    DL, DR = 24, 8
+    q = torch.randn(B, S, H, DL + DR).to(dev)
+    kv = torch.randn(B, T, DL + DR).to(dev)
+    idx = _lists(B, S, T, K, empty_rows=[(B - 1, S - 1)] if S > 1 else [],
+                 short_rows=[(0, 0)]).to(dev)
+    sch = sm.MLASchedule(block_h=16, block_n=16, num_warps=4, splits=splits)
+    n, ks = sm.parts(1, K, sch, dev)
+    assert n > 1 and n * ks >= K and ks % 16 == 0
+    out, lse = sm.sparse_mla(q, kv, idx, scale=0.2, dv=DL, schedule=sch)
+    ref, ref_lse = sparse_mla_reference(q, kv, idx, scale=0.2, dv=DL)
+    assert out.shape == ref.shape and not out.isnan().any()
+    assert (out - ref).abs().max() <= 1e-5 * max(1.0, float(ref.abs().max()))
+    fin = torch.isfinite(ref_lse)
+    assert torch.equal(fin, torch.isfinite(lse))
+    assert (lse[fin] - ref_lse[fin]).abs().max() <= 1e-4
+    if S > 1:
+        assert (out[B - 1, S - 1] == 0).all()
+
+
+def test_parts_split_only_grids_smaller_than_the_device():
+    sch = sm.MLASchedule()
+    assert sm.parts(4, 2048, sch, "cpu") == (1, 2048)               # no split off CUDA
+    assert sm.parts(4, 2048, sm.MLASchedule(splits=8), "cpu") == (8, 256)
+    assert sm.parts(4, 40, sm.MLASchedule(block_n=32, splits=8), "cpu") == (2, 32)
+    with pytest.raises(ValueError, match="splits must be >= 0"):
+        sm.MLASchedule(splits=-1)
+
+
 def test_kernel_with_values_of_their_own(triton_kernels):
     B, S, H, T, K, D, DV = 1, 3, 18, 21, 9, 36, 20
     q, kv, v = torch.randn(B, S, H, D), torch.randn(B, T, D), torch.randn(B, T, DV)

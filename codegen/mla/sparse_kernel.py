@@ -15,6 +15,11 @@ Shapes (runtime strides throughout): ``Q [B, S, H, DL + DR]``, ``KV [B, T, DL + 
 [B, T, DV]`` (or KV with ``V_IS_K``), ``IDX [B, S, K]`` int32 (entries outside ``[0, T)`` name
 no key), ``OUT [B, S, H, DV]``, ``LSE [B, S, H]`` fp32 natural log (-inf and out 0 where a row
 names no key). Reference: ``reference.sparse_mla_reference``.
+
+A third grid axis splits each row's list into parts of ``KS`` entries (decode: one query row
+would otherwise give ``H / BLOCK_H`` programs for the whole device); part ``p`` writes its own
+normalised output and log-sum-exp at ``OUT + p * sop`` / ``LSE + p * slp``, which the caller
+merges (``runtime.kernels.sparse_mla``). One part (``KS >= K``) is the plain forward.
 """
 from __future__ import annotations
 
@@ -31,14 +36,17 @@ import triton.language as tl
 @triton.jit
 def sparse_mla_fwd(Q, KV, V, IDX, OUT, LSE,
                    sqb, sqs, sqh, sqd, skb, skt, skd, svb, svt, svd, sib, sis, sik,
-                   sob, sos, soh, sod, slb, sls, slh,
-                   S, H, T, K, scale_log2,
+                   sob, sos, soh, sod, slb, sls, slh, sop, slp,
+                   S, H, T, K, KS, scale_log2,
                    DL: tl.constexpr, DR: tl.constexpr, DV: tl.constexpr,
                    BDL: tl.constexpr, BDR: tl.constexpr, BDV: tl.constexpr,
                    BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, V_IS_K: tl.constexpr):
     bs = tl.program_id(0)
     b = bs // S
     s = bs % S
+    part = tl.program_id(2)                   # this program's share of the list: [k_lo, k_hi)
+    k_lo = part * KS
+    k_hi = tl.minimum(K, k_lo + KS)
     offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     h_ok = offs_h < H
     offs_l = tl.arange(0, BDL)
@@ -54,9 +62,9 @@ def sparse_mla_fwd(Q, KV, V, IDX, OUT, LSE,
     acc = tl.zeros([BLOCK_H, BDV], tl.float32)
     idx_row = IDX + b.to(tl.int64) * sib + s.to(tl.int64) * sis
     kv_b = KV + b.to(tl.int64) * skb
-    for n0 in range(0, K, BLOCK_N):
+    for n0 in range(k_lo, k_hi, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
-        ids = tl.load(idx_row + offs_n * sik, mask=offs_n < K, other=-1)
+        ids = tl.load(idx_row + offs_n * sik, mask=offs_n < k_hi, other=-1)
         ok = (ids >= 0) & (ids < T)
         rows = kv_b + tl.where(ok, ids, 0).to(tl.int64) * skt                 # [BLOCK_N]
         kl = tl.load(rows[:, None] + offs_l[None, :] * skd,
@@ -82,10 +90,12 @@ def sparse_mla_fwd(Q, KV, V, IDX, OUT, LSE,
     out = acc / tl.where(seen, l_i, 1.0)[:, None]
     lse = tl.where(seen, (m_i + tl.log2(tl.where(seen, l_i, 1.0))) * 0.6931471805599453,
                    float("-inf"))
-    o_row = OUT + b.to(tl.int64) * sob + s.to(tl.int64) * sos + offs_h[:, None] * soh
+    o_row = (OUT + part.to(tl.int64) * sop + b.to(tl.int64) * sob + s.to(tl.int64) * sos
+             + offs_h[:, None] * soh)
     tl.store(o_row + offs_v[None, :] * sod, out.to(OUT.dtype.element_ty),
              mask=h_ok[:, None] & (offs_v[None, :] < DV))
-    tl.store(LSE + b.to(tl.int64) * slb + s.to(tl.int64) * sls + offs_h * slh, lse, mask=h_ok)
+    tl.store(LSE + part.to(tl.int64) * slp + b.to(tl.int64) * slb + s.to(tl.int64) * sls
+             + offs_h * slh, lse, mask=h_ok)
 '''
 
 

@@ -35,13 +35,18 @@ POISON_OUTPUT = False
 class MLASchedule:
     """``block_h`` query heads x ``block_n`` listed keys per step; warps and pipeline stages.
     Default (not tuned on a GPU yet): 32 heads x 32 keys, 8 warps, so that the 32 x 512 fp32
-    accumulator and the 32 x 512 queries stay in registers (64 + 32 a thread at 256 threads)."""
+    accumulator and the 32 x 512 queries stay in registers (64 + 32 a thread at 256 threads).
+    ``splits``: each row's list split into this many parts, merged by their log-sum-exp (0:
+    ``parts`` decides; decode rows need it to fill the device)."""
     block_h: int = 32
     block_n: int = 32
     num_warps: int = 8
     num_stages: int = 1
+    splits: int = 0          # parts each row's list is split into (0: by the grid, see parts)
 
     def __post_init__(self):
+        if self.splits < 0:
+            raise ValueError(f"MLASchedule.splits must be >= 0 (0: automatic), got {self.splits}")
         for name in ("block_h", "block_n"):
             v = getattr(self, name)
             if v < 16 or v & (v - 1):
@@ -97,23 +102,69 @@ def sparse_mla(q, kv, indices, *, scale: float, dv: int, dl: Optional[int] = Non
     if v is None and not v_is_k:
         vt = kv[..., :dv]
     idx = indices if indices.dtype == torch.int32 else indices.to(torch.int32)
-    out = torch.empty((B, S, H, dv), device=q.device, dtype=q.dtype)
-    lse = torch.empty((B, S, H), device=q.device, dtype=torch.float32)
-    if out.numel() == 0:
-        return out, lse.fill_(float("-inf"))
+    K = idx.shape[2]
+    if B * S * H * dv == 0:
+        return (torch.empty((B, S, H, dv), device=q.device, dtype=q.dtype),
+                torch.full((B, S, H), float("-inf"), device=q.device))
+    n_parts, ks = parts(B * S * -(-H // sch.block_h), K, sch, q.device)
+    if n_parts == 1:
+        out = torch.empty((B, S, H, dv), device=q.device, dtype=q.dtype)
+        lse = torch.empty((B, S, H), device=q.device, dtype=torch.float32)
+    else:           # one normalised output and log-sum-exp per part, merged below
+        out = torch.empty((n_parts, B, S, H, dv), device=q.device, dtype=torch.float32)
+        lse = torch.empty((n_parts, B, S, H), device=q.device, dtype=torch.float32)
     if POISON_OUTPUT:
         out.fill_(float("nan"))
         lse.fill_(float("nan"))
     mod = KERNELS.get(("sparse_mla", device_key(q.device)), lambda: load(emit(SparseMLASpec())))
-    grid = (B * S, -(-H // sch.block_h))
+    grid = (B * S, -(-H // sch.block_h), n_parts)
+    o_st, l_st = out.stride()[-4:], lse.stride()[-3:]
+    p_st = (out.stride(0), lse.stride(0)) if n_parts > 1 else (0, 0)
     mod.sparse_mla_fwd[grid](
         q, kv, vt, idx, out, lse, *q.stride(), *kv.stride(), *vt.stride(), *idx.stride(),
-        *out.stride(), *lse.stride(), S, H, kv.shape[1], idx.shape[2],
+        *o_st, *l_st, *p_st, S, H, kv.shape[1], K, ks,
         float(scale) * math.log2(math.e), DL=dl, DR=dr, DV=dv,
         BDL=next_pow2(max(dl, 16)), BDR=next_pow2(max(dr, 16)), BDV=next_pow2(max(dv, 16)),
         BLOCK_H=sch.block_h, BLOCK_N=sch.block_n, V_IS_K=v_is_k,
         num_warps=sch.num_warps, num_stages=sch.num_stages)
-    return out, lse
+    if n_parts == 1:
+        return out, lse
+    o, l = merge_parts(out, lse)
+    return o.to(q.dtype), l
+
+
+#: a split part walks at least this many list entries (fewer: the merge costs more than the
+#: parallelism gives)
+MIN_PART = 128
+
+
+def parts(programs: int, K: int, sch: MLASchedule, device) -> tuple:
+    """``(parts, entries per part)`` for a call of ``programs`` (row, head block) programs over
+    lists of ``K`` entries: ``sch.splits`` where given; else, on CUDA, enough parts for about
+    two programs per SM where the grid has fewer programs than SMs (decode), each part a
+    multiple of ``block_n`` and at least ``MIN_PART`` entries; one part otherwise."""
+    n = sch.splits
+    if not n:
+        n = 1
+        if torch.device(device).type == "cuda" and K > MIN_PART:
+            sms = torch.cuda.get_device_properties(device).multi_processor_count
+            if programs < sms:
+                n = min(-(-2 * sms // max(programs, 1)), K // MIN_PART)
+    n = max(1, min(n, -(-K // sch.block_n)))
+    ks = -(-K // n)
+    ks = -(-ks // sch.block_n) * sch.block_n
+    return -(-K // ks) if K else 1, max(ks, sch.block_n)
+
+
+def merge_parts(out: torch.Tensor, lse: torch.Tensor) -> tuple:
+    """Merge per-part normalised outputs ``[P, B, S, H, dv]`` and natural-log LSEs ``[P, B, S,
+    H]`` (a part that saw no key: -inf) into ``(out [B, S, H, dv], lse [B, S, H])`` fp32."""
+    m = lse.max(0).values
+    m_safe = torch.where(torch.isinf(m), torch.zeros_like(m), m)
+    w = torch.exp(lse - m_safe)                                           # 0 for empty parts
+    den = w.sum(0)
+    o = (w[..., None] * out).sum(0) / torch.where(den > 0, den, torch.ones_like(den))[..., None]
+    return o, torch.where(den > 0, m_safe + torch.log(den), torch.full_like(den, float("-inf")))
 
 
 def _reference_separate_v(q, kv, v, indices, scale):
