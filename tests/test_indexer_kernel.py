@@ -350,20 +350,23 @@ def test_bad_out_and_schedule_raise():
     (2, 1, 300, 32, True, False), (3, 4, 97, 200, True, False), (1, 16, 500, 7, False, False),
     (2, 3, 50, 20, True, True)])
 @pytest.mark.parametrize("path", ["scores", "kernel"])
-def test_few_rows_path_matches_reference(B, n_q, n_kv, topk, causal, tied, path, monkeypatch):
+@pytest.mark.parametrize("heads", [4, 20], ids=["4-heads", "20-heads-mma"])
+def test_few_rows_path_matches_reference(B, n_q, n_kv, topk, causal, tied, path, heads,
+                                         monkeypatch):
     """Decode-sized calls (int64 selection keys from the score rows, or from the few-row key
-    kernel, then one topk) equal the reference."""
+    kernel, then one topk) equal the reference; 20 heads take the tensor-core kernel
+    (``few_row_keys_mma``, heads padded to 32)."""
     if path == "kernel":
         if not launch.runs_triton(DEV):
             pytest.skip("needs CUDA or TRITON_INTERPRET=1")
         monkeypatch.setenv("SPARSE_PLANNER_KERNELS", "triton")
     else:
         monkeypatch.setenv("SPARSE_PLANNER_KERNELS", "reference")
-    q = torch.randn(B, n_q, 4, 16)
-    w = torch.zeros(B, n_q, 4) if tied else torch.randn(B, n_q, 4)
+    q = torch.randn(B, n_q, heads, 16)
+    w = torch.zeros(B, n_q, heads) if tied else torch.randn(B, n_q, heads)
     k = torch.randn(B, n_kv, 16)
     if path == "kernel":                       # strided inputs on the kernels' device
-        q = torch.randn(B, n_q, 4, 32, device=DEV)[..., ::2]
+        q = torch.randn(B, n_q, heads, 32, device=DEV)[..., ::2]
         k = torch.randn(B, n_kv, 24, device=DEV)[..., 4:20]
         w = w.to(DEV)
         keys = indexer_rows.few_row_keys(q, w, k, causal=causal)

@@ -9,8 +9,14 @@ equal scores, the newest keys; keys the causal rule hides get INT64_MIN and are 
 It replaces the materialised fp32 score rows and the dozen elementwise launches that built the
 same keys from them (``runtime.kernels.indexer_rows.topk_few_rows``).
 
+``few_row_keys_mma``: the same keys with the heads' dot products as one tensor-core product
+per (query row, key tile) (``[H, d_I] x [d_I, BN]``, fp32 accumulation; bf16 / fp16 products are
+exact in fp32), the heads then summed as a reduction: for many index heads (DeepSeek-V3.2: 64 x
+128), where the CUDA-core loop above spends about 2 ms on 8 rows x 131072 keys on an H100
+(``benchmarks/results/dsa_native_h100.md``).
+
 Semantics: ``runtime.kernels.indexer_rows.keys_of_scores(indexer_scores_ref(...))`` up to the
-summation order of the dot products.
+summation order of the dot products and of the heads.
 """
 from __future__ import annotations
 
@@ -44,6 +50,43 @@ def few_row_keys(q_ptr, w_ptr, k_ptr, out_ptr, sqb, sqt, sqh, sqd, swb, swt, swh
         qj = tl.load(q_row + j * sqh + d * sqd, mask=d < D, other=0.0).to(tl.float32)
         wj = tl.load(w_row + j * swh).to(tl.float32)
         s = s + wj * tl.maximum(tl.sum(kt * qj[None, :], axis=1), 0.0)
+    bits = (s + 0.0).to(tl.int32, bitcast=True)
+    image = bits ^ ((bits >> 31) & 0x7FFFFFFF)
+    key = (image.to(tl.int64) << 32) | cols.to(tl.int64)
+    visible = Nkv
+    if CAUSAL:
+        visible = tl.minimum(t + OFF + 1, Nkv)
+    key = tl.where(cols < visible, key, -9223372036854775807 - 1)
+    tl.store(out_ptr + bt.to(tl.int64) * Nkv + cols, key, mask=col_ok)
+
+
+@triton.jit
+def few_row_keys_mma(q_ptr, w_ptr, k_ptr, out_ptr, sqb, sqt, sqh, sqd, swb, swt, swh, skb, skn,
+                     skd, Nq, Nkv, OFF, H: tl.constexpr, H_P: tl.constexpr, D: tl.constexpr,
+                     D_P: tl.constexpr, BN: tl.constexpr, CAUSAL: tl.constexpr,
+                     IEEE: tl.constexpr):
+    # one tensor-core product [H_P, D] x [D, BN] per query row for all its heads, the key tile
+    # read once for the program's query row
+    bt = tl.program_id(1)
+    b = bt // Nq
+    t = bt % Nq
+    cols = tl.program_id(0) * BN + tl.arange(0, BN)
+    d = tl.arange(0, D_P)
+    hh = tl.arange(0, H_P)
+    col_ok = cols < Nkv
+    kt = tl.load(k_ptr + b.to(tl.int64) * skb + cols.to(tl.int64)[None, :] * skn
+                 + d[:, None] * skd, mask=col_ok[None, :] & (d[:, None] < D),
+                 other=0.0)                                                  # [D_P, BN]
+    q_row = q_ptr + b.to(tl.int64) * sqb + t.to(tl.int64) * sqt
+    qa = tl.load(q_row + hh[:, None] * sqh + d[None, :] * sqd,
+                 mask=(hh[:, None] < H) & (d[None, :] < D), other=0.0)     # [H_P, D_P]
+    wa = tl.load(w_ptr + b.to(tl.int64) * swb + t.to(tl.int64) * swt + hh * swh,
+                 mask=hh < H, other=0.0).to(tl.float32)
+    if IEEE:
+        dots = tl.dot(qa, kt, input_precision="ieee")
+    else:
+        dots = tl.dot(qa, kt)                                                # [H_P, BN] fp32
+    s = tl.sum(wa[:, None] * tl.maximum(dots, 0.0), axis=0)
     bits = (s + 0.0).to(tl.int32, bitcast=True)
     image = bits ^ ((bits >> 31) & 0x7FFFFFFF)
     key = (image.to(tl.int64) << 32) | cols.to(tl.int64)

@@ -57,6 +57,9 @@ def topk_few_rows(q_idx, w, k_idx, topk: int, *, causal: bool) -> torch.Tensor:
 FEW_ROWS_MAX_DIM = 256
 #: keys per program of the few-row key kernel
 FEW_ROWS_BLOCK_N = 128
+#: from this many index heads the few-row keys come from one tensor-core product per (query row,
+#: key tile) (``few_row_keys_mma``) instead of a loop over the heads on the CUDA cores
+FEW_ROWS_MMA_HEADS = 16
 
 
 def few_row_keys(q_idx, w, k_idx, *, causal: bool) -> torch.Tensor:
@@ -71,10 +74,17 @@ def few_row_keys(q_idx, w, k_idx, *, causal: bool) -> torch.Tensor:
     mod = KERNELS.get(("indexer_few_rows", device_key(q_idx.device)),
                       lambda: load(emit(FewRowsSpec())))
     bn = FEW_ROWS_BLOCK_N if n_kv >= FEW_ROWS_BLOCK_N else max(16, next_pow2(n_kv))
-    mod.few_row_keys[(-(-n_kv // bn), B * n_q)](
-        q_idx, w, k_idx, out, *q_idx.stride(), *w.stride(), *k_idx.stride(), n_q, n_kv,
-        n_kv - n_q, H=n_h, D=d, D_P=next_pow2(max(d, 16)), BN=bn, CAUSAL=bool(causal),
-        num_warps=4)
+    grid = (-(-n_kv // bn), B * n_q)
+    args = (q_idx, w, k_idx, out, *q_idx.stride(), *w.stride(), *k_idx.stride(), n_q, n_kv,
+            n_kv - n_q)
+    if n_h >= FEW_ROWS_MMA_HEADS and k_idx.dtype == q_idx.dtype:
+        mod.few_row_keys_mma[grid](
+            *args, H=n_h, H_P=next_pow2(n_h), D=d, D_P=next_pow2(max(d, 16)), BN=bn,
+            CAUSAL=bool(causal), IEEE=q_idx.dtype == torch.float32, num_warps=4)
+    else:
+        mod.few_row_keys[grid](
+            *args, H=n_h, D=d, D_P=next_pow2(max(d, 16)), BN=bn, CAUSAL=bool(causal),
+            num_warps=4)
     return out
 
 
