@@ -255,6 +255,15 @@ class HardwareProfile:
     estimators: EstimatorRates = _EST_GPU  # block policies' estimator + selection
     calibration: SiteCalibration = SiteCalibration()  # measured whole sites (plan.decide)
 
+    def __hash__(self) -> int:
+        # the estimates are memoised per profile (lru_cache keys): hashing every nested rate
+        # tuple on each lookup cost ~100 us a decision; a frozen profile's hash is computed once
+        h = self.__dict__.get("_hash")
+        if h is None:
+            h = hash(tuple(getattr(self, f.name) for f in dataclasses.fields(self)))
+            object.__setattr__(self, "_hash", h)
+        return h
+
     def rates(self, candidate: str) -> KernelRates:
         for name, r in self.kernels:
             if name == candidate:
