@@ -82,3 +82,21 @@ def padded_batch(n: int = 23, seed: int = 0):
     am[1, :5] = 0
     am[2, n - 6:] = 0
     return ids, am
+
+
+def generate_dense_matches(m, n: int = 13, new: int = 5):
+    """Greedy ``generate`` of ``m`` and of ``planner.compile(m, policy="dense")`` on one prompt
+    of ``n`` tokens: the same tokens and scores (-inf where min_new_tokens bans EOS); returns the
+    compiled model for the caller's inspect checks."""
+    import planner
+    ids = torch.randint(0, 128, (1, n))
+    kw = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, output_scores=True,
+              return_dict_in_generate=True)
+    with torch.no_grad():
+        ref = m.generate(ids, **kw)
+        cm = planner.compile(m, policy="dense")
+        got = cm.generate(ids, **kw)
+    assert torch.equal(got.sequences, ref.sequences)
+    for a, b in zip(got.scores, ref.scores):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
+    return cm

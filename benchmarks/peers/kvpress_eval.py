@@ -7,9 +7,9 @@ from the package registry on first use (``--venv``): the environment sees this m
 brings its own transformers (5.2.0 at the time of writing) and ``kernels<0.11`` (transformers 5.2
 does not import with a newer one); the script then re-runs itself with that environment's python. Each press
 compresses the prefill (``with press(model): model(...)``, kvpress's own hook); the scoring is
-the harness's (``planner.quality.eviction.answer_scores``, written out again below because
-this environment does not import the planner): the answer teacher-forced in one call after the
-prefill, positions continuing from the full prompt's length.
+the harness's (``planner/quality/protocol.py``, loaded by its path because this environment does
+not import the planner package): the answer teacher-forced in one call after the prefill,
+positions continuing from the full prompt's length.
 
     python benchmarks/peers/kvpress_eval.py --prompts /tmp/prompts.json --out /tmp/kvpress.json \\
         --presses StreamingLLMPress,SnapKVPress,TOVAPress --budgets 0.5,0.25,0.1
@@ -52,36 +52,16 @@ def make_press(name: str, budget: float):
     return getattr(kvpress, name)(compression_ratio=ratio)
 
 
-def answer_scores(lm, sample: dict, protocol: str, press=None):
-    import torch
-    from transformers import DynamicCache
-    ctx, q, ans = sample["context"], sample["question"], sample["answer"]
-    first, rest = (ctx, q + ans[:-1]) if protocol == "agnostic" else (ctx + q, ans[:-1])
-    cache = DynamicCache()
-    with torch.no_grad():
-        if press is not None:
-            with press(lm):
-                out = lm(input_ids=torch.tensor([first]), past_key_values=cache, use_cache=True,
-                         logits_to_keep=1)
-        else:
-            out = lm(input_ids=torch.tensor([first]), past_key_values=cache, use_cache=True,
-                     logits_to_keep=1)
-        lengths = [layer.keys.shape[2] for layer in cache.layers]
-        logits = [out.logits[0, -1:].float()]
-        # the rest in one call; one token per call where layers kept different lengths (per-layer
-        # budgets: the model builds one mask for every layer, sized by the first layer's cache,
-        # and a one-token call needs none); the logits are the same either way (causal)
-        step = max(1, len(rest)) if len(set(lengths)) == 1 else 1
-        for i in range(0, len(rest), step):
-            part = rest[i:i + step]
-            pos = torch.arange(len(first) + i, len(first) + i + len(part))[None]
-            out = lm(input_ids=torch.tensor([part]), past_key_values=cache, use_cache=True,
-                     position_ids=pos)
-            logits.append(out.logits[0].float())
-    lg = torch.cat(logits)[-len(ans):]
-    target = torch.tensor(ans)
-    nll = float(torch.nn.functional.cross_entropy(lg, target))
-    return bool((lg.argmax(-1) == target).all()), nll, lengths
+def _protocol():
+    """``planner/quality/protocol.py`` loaded by its path (this environment does not import the
+    planner package; that file imports only torch and transformers): the harness's scoring."""
+    import importlib.util
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
+        os.path.abspath(__file__)))), "planner", "quality", "protocol.py")
+    spec = importlib.util.spec_from_file_location("_eviction_protocol", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
 def run(args) -> int:
@@ -89,6 +69,7 @@ def run(args) -> int:
     import torch
     import transformers
     from transformers import AutoModelForCausalLM
+    answer_scores = _protocol().answer_scores
     prompts = json.load(open(args.prompts))
     samples = prompts["samples"][: args.limit or None]
     models = {}

@@ -34,6 +34,8 @@ from typing import Optional
 
 import torch
 
+from planner.quality.protocol import answer_scores, feed
+
 #: planner eviction policy -> the kvpress press of the same method (ObservedAttention is
 #: kvpress's H2O-like press: mean observed attention, no recent window)
 KVPRESS_NAMES = {"streaming_llm": "StreamingLLMPress", "snapkv": "SnapKVPress",
@@ -68,34 +70,6 @@ def export(model: str, lengths, trials: int, tasks, seed: int, path: str, log=pr
     return out
 
 
-def answer_scores(lm, sample: dict, protocol: str) -> tuple[bool, float, list]:
-    """(correct, answer nll, cache length per layer after the prefill) of one sample, with
-    ``lm`` evicting (or not) in its prefill; the cache is a ``DynamicCache``."""
-    from transformers import DynamicCache
-    ctx, q, ans = sample["context"], sample["question"], sample["answer"]
-    first, rest = (ctx, q + ans[:-1]) if protocol == "agnostic" else (ctx + q, ans[:-1])
-    cache = DynamicCache(config=lm.config)
-    with torch.no_grad():
-        out = lm(input_ids=torch.tensor([first]), past_key_values=cache, use_cache=True,
-                 logits_to_keep=1)
-        lengths = [layer.keys.shape[2] for layer in cache.layers]
-        logits = [out.logits[0, -1:].float()]
-        # the rest in one call; one token per call where layers kept different lengths (per-layer
-        # budgets: the model builds one mask for every layer, sized by the first layer's cache,
-        # and a one-token call needs none); the logits are the same either way (causal)
-        step = max(1, len(rest)) if len(set(lengths)) == 1 else 1
-        for i in range(0, len(rest), step):
-            part = rest[i:i + step]
-            pos = torch.arange(len(first) + i, len(first) + i + len(part))[None]
-            out = lm(input_ids=torch.tensor([part]), past_key_values=cache, use_cache=True,
-                     position_ids=pos)
-            logits.append(out.logits[0].float())
-    lg = torch.cat(logits)[-len(ans):]                                  # rows predicting ans
-    target = torch.tensor(ans)
-    nll = float(torch.nn.functional.cross_entropy(lg, target))
-    return bool((lg.argmax(-1) == target).all()), nll, lengths
-
-
 def greedy(lm, first, rest=(), n_new: int = 1, cache=None):
     """Greedy decoding in the two protocols: prefill ``first`` (an eviction compiled into
     ``lm`` compacts the cache there), feed ``rest`` over the compacted cache in one call, then
@@ -118,14 +92,9 @@ def greedy(lm, first, rest=(), n_new: int = 1, cache=None):
     with torch.no_grad():
         out = lm(input_ids=torch.tensor([first]), past_key_values=cache, use_cache=True,
                  logits_to_keep=1)
-        pos = len(first)
-        # one token per call where layers kept different lengths (see answer_scores)
-        step = max(1, len(rest)) if len({x.keys.shape[2] for x in cache.layers}) == 1 else 1
-        for i in range(0, len(rest), step):
-            part = rest[i:i + step]
-            out = lm(input_ids=torch.tensor([part]), past_key_values=cache, use_cache=True,
-                     position_ids=torch.arange(pos, pos + len(part))[None], logits_to_keep=1)
-            pos += len(part)
+        for out in feed(lm, cache, rest, len(first), logits_to_keep=1):
+            pass
+        pos = len(first) + len(rest)
         for i in range(n_new):
             tok = out.logits[0, -1].argmax()
             toks.append(int(tok))
