@@ -1,6 +1,7 @@
 """Timing and error helpers shared by the benchmark scripts."""
 from __future__ import annotations
 
+import statistics
 import time
 
 
@@ -13,6 +14,27 @@ def bench_ms(fn, *, warmup: int, rep: int, dry_run: bool = False) -> float:
         return (time.perf_counter() - t0) * 1e3
     from triton.testing import do_bench
     return float(do_bench(fn, warmup=warmup, rep=rep, return_mode="median"))
+
+
+def events_ms(fn, *, reps: int, warmup: int = 1, dry_run: bool = False) -> float:
+    """Median milliseconds of ``reps`` calls of ``fn``, each timed by its own CUDA events after
+    ``warmup`` untimed calls (a count of calls, for calls too long for ``bench_ms``'s time
+    budgets). ``dry_run``: as in ``bench_ms``."""
+    if dry_run:
+        return bench_ms(fn, warmup=0, rep=0, dry_run=True)
+    import torch
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b))
+    return statistics.median(times)
 
 
 def graph_ms(fn, *, dry_run: bool = False) -> float:

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 import sys
@@ -87,19 +86,7 @@ class Ctx:
             torch.cuda.synchronize()
 
     def time_ms(self, fn, reps: int = 5) -> float:
-        if self.dry:
-            return common.bench_ms(fn, warmup=0, rep=0, dry_run=True)
-        fn()
-        self.sync()
-        ts = []
-        for _ in range(reps):
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            fn()
-            b.record()
-            b.synchronize()
-            ts.append(a.elapsed_time(b))
-        return sorted(ts)[len(ts) // 2]
+        return common.events_ms(fn, reps=reps, dry_run=self.dry)
 
     def peak_gb(self, fn) -> float | None:
         """Peak memory of ``fn`` above what was allocated before it (GB); None on the CPU."""
@@ -454,28 +441,25 @@ def main():
     except Exception as e:                                                 # noqa: BLE001
         traceback.print_exc()
         rec(case="check", N=lengths[0], error=f"{type(e).__name__}: {str(e)[:200]}")
+    def cell(run, **key):
+        """One cell: skipped past the time budget, its error recorded if it fails."""
+        if ctx.left() <= 0:
+            rec(**key, skipped="out of --budget-s")
+            return
+        try:
+            run()
+        except Exception as e:                                             # noqa: BLE001
+            traceback.print_exc()
+            rec(**key, error=f"{type(e).__name__}: {str(e)[:200]}")
+        if ctx.dev == "cuda":
+            torch.cuda.empty_cache()
     for n in lengths:
         for impl in ("planner", "dense", "hf"):
-            if ctx.left() <= 0:
-                rec(case="prefill", impl=impl, N=n, skipped="out of --budget-s")
-                continue
-            try:
-                prefill(cfg, layers, rope, ctx, n, topk, impl)
-            except Exception as e:                                         # noqa: BLE001
-                traceback.print_exc()
-                rec(case="prefill", impl=impl, N=n, error=f"{type(e).__name__}: {str(e)[:200]}")
-            if ctx.dev == "cuda":
-                torch.cuda.empty_cache()
+            cell(lambda: prefill(cfg, layers, rope, ctx, n, topk, impl),
+                 case="prefill", impl=impl, N=n)
     for t in [int(x) for x in args.decode.split(",") if x]:
         for b in [int(x) for x in args.batches.split(",") if x]:
-            if ctx.left() <= 0:
-                rec(case="decode", T=t, B=b, skipped="out of --budget-s")
-                continue
-            try:
-                decode(cfg, layers, rope, ctx, t, b, topk)
-            except Exception as e:                                         # noqa: BLE001
-                traceback.print_exc()
-                rec(case="decode", T=t, B=b, error=f"{type(e).__name__}: {str(e)[:200]}")
+            cell(lambda: decode(cfg, layers, rope, ctx, t, b, topk), case="decode", T=t, B=b)
     meta["seconds"] = time.perf_counter() - T0
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, f"{name}.json"), "w") as fh:

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import time
 import traceback
@@ -35,6 +34,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks import common  # noqa: E402
 from codegen.indexer.reference import (indexer_scores_ref, indexer_topk_ref,  # noqa: E402
                                        visible_counts)
 from runtime.kernels import indexer as ik  # noqa: E402
@@ -121,22 +121,8 @@ def check_sampled(q, w, k, got, topk, causal, n_rows=256) -> dict:
 
 
 def time_ms(fn, reps=10, warmup=3) -> float:
-    if SMOKE:                      # CPU dry run of the script's logic (no meaningful times)
-        t0 = time.perf_counter()
-        fn()
-        return (time.perf_counter() - t0) * 1e3
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    return statistics.median(times)
+    # SMOKE: a CPU dry run of the script's logic (no meaningful times)
+    return common.events_ms(fn, reps=reps, warmup=warmup, dry_run=SMOKE)
 
 
 def phases_ms(q, w, k, topk, causal, sch=None) -> dict:
