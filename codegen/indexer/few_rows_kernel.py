@@ -31,6 +31,20 @@ import triton.language as tl
 
 
 @triton.jit
+def _store_keys(out_ptr, s, cols, col_ok, bt, t, Nkv, OFF, CAUSAL: tl.constexpr):
+    # the int64 selection key of each score: its order-preserving image << 32 | key index
+    # (-0.0 read as +0.0); keys the causal rule hides get INT64_MIN
+    bits = (s + 0.0).to(tl.int32, bitcast=True)
+    image = bits ^ ((bits >> 31) & 0x7FFFFFFF)
+    key = (image.to(tl.int64) << 32) | cols.to(tl.int64)
+    visible = Nkv
+    if CAUSAL:
+        visible = tl.minimum(t + OFF + 1, Nkv)
+    key = tl.where(cols < visible, key, -9223372036854775807 - 1)
+    tl.store(out_ptr + bt.to(tl.int64) * Nkv + cols, key, mask=col_ok)
+
+
+@triton.jit
 def few_row_keys(q_ptr, w_ptr, k_ptr, out_ptr, sqb, sqt, sqh, sqd, swb, swt, swh, skb, skn, skd,
                  Nq, Nkv, OFF, H: tl.constexpr, D: tl.constexpr, D_P: tl.constexpr,
                  BN: tl.constexpr, CAUSAL: tl.constexpr):
@@ -50,14 +64,7 @@ def few_row_keys(q_ptr, w_ptr, k_ptr, out_ptr, sqb, sqt, sqh, sqd, swb, swt, swh
         qj = tl.load(q_row + j * sqh + d * sqd, mask=d < D, other=0.0).to(tl.float32)
         wj = tl.load(w_row + j * swh).to(tl.float32)
         s = s + wj * tl.maximum(tl.sum(kt * qj[None, :], axis=1), 0.0)
-    bits = (s + 0.0).to(tl.int32, bitcast=True)
-    image = bits ^ ((bits >> 31) & 0x7FFFFFFF)
-    key = (image.to(tl.int64) << 32) | cols.to(tl.int64)
-    visible = Nkv
-    if CAUSAL:
-        visible = tl.minimum(t + OFF + 1, Nkv)
-    key = tl.where(cols < visible, key, -9223372036854775807 - 1)
-    tl.store(out_ptr + bt.to(tl.int64) * Nkv + cols, key, mask=col_ok)
+    _store_keys(out_ptr, s, cols, col_ok, bt, t, Nkv, OFF, CAUSAL)
 
 
 @triton.jit
@@ -87,14 +94,7 @@ def few_row_keys_mma(q_ptr, w_ptr, k_ptr, out_ptr, sqb, sqt, sqh, sqd, swb, swt,
     else:
         dots = tl.dot(qa, kt)                                                # [H_P, BN] fp32
     s = tl.sum(wa[:, None] * tl.maximum(dots, 0.0), axis=0)
-    bits = (s + 0.0).to(tl.int32, bitcast=True)
-    image = bits ^ ((bits >> 31) & 0x7FFFFFFF)
-    key = (image.to(tl.int64) << 32) | cols.to(tl.int64)
-    visible = Nkv
-    if CAUSAL:
-        visible = tl.minimum(t + OFF + 1, Nkv)
-    key = tl.where(cols < visible, key, -9223372036854775807 - 1)
-    tl.store(out_ptr + bt.to(tl.int64) * Nkv + cols, key, mask=col_ok)
+    _store_keys(out_ptr, s, cols, col_ok, bt, t, Nkv, OFF, CAUSAL)
 '''
 
 
