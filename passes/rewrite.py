@@ -242,6 +242,18 @@ def _native_policy(m, pol) -> NativeDSA:
                      absorb=given.absorb and not pol.is_dense, score_scale=ch.scale, mask=rule)
 
 
+
+def _emit_site(em, score_args: tuple, q, k, v, mods, key: str, site):
+    """The site's ``sparse.score(*score_args, key) -> sparse.select -> sparse.attend`` chain;
+    the attend node (the site's output) is marked with ``site``."""
+    sc = em.call(torch.ops.sparse.score.default, *score_args, key)
+    sel = em.call(torch.ops.sparse.select.default, sc, q, k, key)
+    counts = em.call(operator.getitem, sel, 0)
+    indices = em.call(operator.getitem, sel, 1)
+    out = em.call(torch.ops.sparse.attend.default, q, k, v, mods, counts, indices, key)
+    out.meta["sparse_site"] = site
+    return out
+
 def _rewrite_native(g: fx.Graph, m, pol: NativeDSA, rec, first: dict, owner: str) -> fx.Node:
     """Emit the native site (see the module docstring); returns the output node."""
     ch = m.native
@@ -273,12 +285,7 @@ def _rewrite_native(g: fx.Graph, m, pol: NativeDSA, rec, first: dict, owner: str
     # the reference path reads it, so its scores and ties are bit-identical to the model's
     drop = pol.mask in ("causal", "all") and kernels_enabled(val(ch.q_i))
     sc_in = [ch.w] + ([ch.mask3d] if ch.mask3d is not None and not drop else [])
-    sc = em.call(torch.ops.sparse.score.default, ch.q_i, ch.k_i, sc_in, key)
-    sel = em.call(torch.ops.sparse.select.default, sc, q, k, key)
-    counts = em.call(operator.getitem, sel, 0)
-    indices = em.call(operator.getitem, sel, 1)
-    out = em.call(torch.ops.sparse.attend.default, q, k, v, mods, counts, indices, key)
-    out.meta["sparse_site"] = m.site
+    out = _emit_site(em, (ch.q_i, ch.k_i, sc_in), q, k, v, mods, key, m.site)
     if mla is not None:
         out = em.call(torch.matmul, out, em.method("transpose", w_uv, -1, -2))  # [B, H, S, dv]
     rules = [f"model indexer ({val(ch.q_i).shape[2]}x{val(ch.q_i).shape[3]}), "
@@ -351,12 +358,7 @@ def rewrite_to_sparse(gm: fx.GraphModule, ctx) -> fx.GraphModule:
             stores, rec.evict = _cache_stores(g, k, v)
             if stores is not None:
                 rec.evict = ev.short()
-        sc = em.call(torch.ops.sparse.score.default, q, k, mods, key)
-        sel = em.call(torch.ops.sparse.select.default, sc, q, k, key)
-        counts = em.call(operator.getitem, sel, 0)
-        indices = em.call(operator.getitem, sel, 1)
-        out = em.call(torch.ops.sparse.attend.default, q, k, v, mods, counts, indices, key)
-        out.meta["sparse_site"] = m.site
+        out = _emit_site(em, (q, k, mods), q, k, v, mods, key, m.site)
         if stores is not None:
             _insert_eviction(g, em, q, stores, key)
         out = _apply_fix(em, out, m.out_fix)

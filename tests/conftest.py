@@ -55,3 +55,13 @@ def tiny_bert(impl: str, layers: int = 2):
     cfg = BertConfig(vocab_size=100, hidden_size=64, num_hidden_layers=layers,
                      num_attention_heads=4, intermediate_size=128, attn_implementation=impl)
     return BertModel(cfg).eval()
+
+
+@pytest.fixture(scope="module")
+def tiny_lm_corpus():
+    """(a 2-layer tiny Llama, its byte codec, haystack text, held-out text) of the quality
+    harness's toy corpus, built once per module."""
+    from planner.quality.toy import tiny_llama_lm, toy_corpus
+    lm, codec = tiny_llama_lm(layers=2)
+    hay, heldout = toy_corpus(codec)
+    return lm, codec, hay, heldout

@@ -6,20 +6,12 @@ import os
 import pytest
 
 from planner.quality import harness, report
-from planner.quality.toy import tiny_llama_lm, toy_corpus
 
 pytest.importorskip("matplotlib")
 
 
-@pytest.fixture(scope="module")
-def corpus():
-    lm, codec = tiny_llama_lm(layers=2)
-    hay, heldout = toy_corpus(codec)
-    return lm, codec, hay, heldout
-
-
-def test_eval_draws_its_retrieval_failures(corpus, tmp_path):
-    lm, codec, hay, heldout = corpus
+def test_eval_draws_its_retrieval_failures(tiny_lm_corpus, tmp_path):
+    lm, codec, hay, heldout = tiny_lm_corpus
     cfg = harness.EvalConfig(lengths=(768,), policies=("sink_window@0.25",), tasks=("passkey",),
                              depths=(0.5,), trials=2, ppl_windows=1, explain_failures=1)
     out = tmp_path / "toy.json"
@@ -40,8 +32,8 @@ def test_eval_draws_its_retrieval_failures(corpus, tmp_path):
     assert "| 0, 1 " in row                                         # both layers dropped it
 
 
-def test_eval_draws_nothing_unless_asked(corpus, tmp_path):
-    lm, codec, hay, heldout = corpus
+def test_eval_draws_nothing_unless_asked(tiny_lm_corpus, tmp_path):
+    lm, codec, hay, heldout = tiny_lm_corpus
     cfg = harness.EvalConfig(lengths=(768,), policies=("sink_window@0.25",), tasks=("passkey",),
                              depths=(0.5,), trials=1, ppl_windows=1)
     res = harness.evaluate(lm, codec, hay, heldout, cfg, out_path=str(tmp_path / "toy.json"),

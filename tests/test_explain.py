@@ -10,16 +10,8 @@ import pytest
 from planner.__main__ import main
 from planner.explain import explain
 from planner.quality.policies import PolicySpec
-from planner.quality.toy import tiny_llama_lm, toy_corpus
 
 pytest.importorskip("matplotlib")
-
-
-@pytest.fixture(scope="module")
-def corpus():
-    lm, codec = tiny_llama_lm(layers=2)
-    hay, heldout = toy_corpus(codec)
-    return lm, codec, hay, heldout
 
 
 def _images(page: str) -> list:
@@ -27,8 +19,8 @@ def _images(page: str) -> list:
         return re.findall(r"<img[^>]*\ssrc='([^']+)'", f.read())
 
 
-def test_explain_writes_a_page_whose_images_exist(corpus, tmp_path):
-    lm, codec, hay, heldout = corpus
+def test_explain_writes_a_page_whose_images_exist(tiny_lm_corpus, tmp_path):
+    lm, codec, hay, heldout = tiny_lm_corpus
     specs = [PolicySpec.parse("threshold"), PolicySpec.parse("sink_window@0.25")]
     page, res = explain(lm, codec, hay, heldout, specs, length=768, rows=16,
                         out=str(tmp_path), stem="toy_{tokens}", log=lambda s: None)
