@@ -432,10 +432,9 @@ def main(argv=None) -> int:
     if a.device == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda: no CUDA device here (use --device cpu --tiny for a smoke run)")
     global DECODE_BACKENDS
-    if a.decode_sdpa == "no-cudnn":
-        from torch.nn.attention import SDPBackend
-        DECODE_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
-                           SDPBackend.MATH]
+    if a.decode_sdpa == "no-cudnn":            # what the planner's decode-shaped calls use
+        from runtime.rules import DECODE_BACKENDS as planner_backends
+        DECODE_BACKENDS = list(planner_backends)
     res = run(a)
     res["decode_sdpa"] = a.decode_sdpa
     os.makedirs(a.out, exist_ok=True)

@@ -16,6 +16,7 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from codegen.attention.reference import positions_offset
 from codegen.select.reference import block_keep_fn
@@ -142,18 +143,15 @@ def sdpa_args(spec: SiteSpec, n_q: int, n_kv: int):
 DECODE_ROWS = 16
 
 
-@functools.lru_cache(maxsize=1)
-def _decode_backends() -> list:
-    from torch.nn.attention import SDPBackend
-    return [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+#: the SDPA backends of a decode-shaped call on CUDA (``DECODE_ROWS``)
+DECODE_BACKENDS = (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH)
 
 
 def sdpa(q, k, v, **kw) -> torch.Tensor:
     """``F.scaled_dot_product_attention(q, k, v, **kw)``; decode-shaped calls on CUDA without
     cuDNN attention (``DECODE_ROWS``)."""
     if q.is_cuda and q.shape[-2] <= DECODE_ROWS:
-        from torch.nn.attention import sdpa_kernel
-        with sdpa_kernel(_decode_backends()):
+        with sdpa_kernel(list(DECODE_BACKENDS)):
             return F.scaled_dot_product_attention(q, k, v, **kw)
     return F.scaled_dot_product_attention(q, k, v, **kw)
 

@@ -343,6 +343,8 @@ def test_bad_out_and_schedule_raise():
         ik.IndexerSchedule(block_n=24)
     with pytest.raises(ValueError, match=r"IndexerSchedule.thresholds must be >= 16, got 8"):
         ik.IndexerSchedule(thresholds=8)
+    with pytest.raises(ValueError, match=r"stack_heads and stream_queries exclude each other"):
+        ik.IndexerSchedule(stack_heads=True, stream_queries=True)
     assert math.isclose(ik.IndexerSchedule(slack=8).capacity(3), 11)
 
 

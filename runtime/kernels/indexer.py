@@ -105,6 +105,9 @@ class IndexerSchedule:
                 raise ValueError(f"IndexerSchedule.{name} must be >= {least}, got {getattr(self, name)}")
         if self.thresholds < 16:
             raise ValueError(f"IndexerSchedule.thresholds must be >= 16, got {self.thresholds}")
+        if self.stack_heads and self.stream_queries:
+            raise ValueError("IndexerSchedule: stack_heads and stream_queries exclude each other "
+                             "(one product for all heads, or each head's tile reloaded)")
 
     def capacity(self, topk: int) -> int:
         """Candidate slots per row."""
@@ -254,7 +257,7 @@ class _IndexerRun:
         self.spec = IndexerSpec(heads=H, head_dim=D, dtype=FLOAT_DTYPES[q.dtype],
                                 block_m=sch.block_m, block_n=sch.block_n, thresholds=sch.thresholds,
                                 stride_align=align, stack_heads=sch.stack_heads,
-                                stream_queries=sch.stream_queries and not sch.stack_heads)
+                                stream_queries=sch.stream_queries)
         self.mod = _module(self.spec, self.dev)
         self.R = self.B * self.Nq
         self.C = sch.capacity(topk)

@@ -12,6 +12,7 @@ Example (on a CUDA device, DeepSeek-V3.2's sizes)::
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Optional
 
@@ -138,6 +139,11 @@ def sparse_mla(q, kv, indices, *, scale: float, dv: int, dl: Optional[int] = Non
 MIN_PART = 128
 
 
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
 def parts(programs: int, K: int, sch: MLASchedule, device) -> tuple:
     """``(parts, entries per part)`` for a call of ``programs`` (row, head block) programs over
     lists of ``K`` entries: ``sch.splits`` where given; else, on CUDA, enough parts for about
@@ -147,7 +153,7 @@ def parts(programs: int, K: int, sch: MLASchedule, device) -> tuple:
     if not n:
         n = 1
         if torch.device(device).type == "cuda" and K > MIN_PART:
-            sms = torch.cuda.get_device_properties(device).multi_processor_count
+            sms = _sm_count(torch.device(device).index or 0)
             if programs < sms:
                 n = min(-(-2 * sms // max(programs, 1)), K // MIN_PART)
     n = max(1, min(n, -(-K // sch.block_n)))
