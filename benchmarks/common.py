@@ -37,6 +37,18 @@ def events_ms(fn, *, reps: int, warmup: int = 1, dry_run: bool = False) -> float
     return statistics.median(times)
 
 
+def device_kernels(prof, steps: int) -> list:
+    """The device kernels of a ``torch.profiler`` run of ``steps`` calls, most time first:
+    ``(name, ms per call, launches per call)``. Operators, which carry their kernels' device
+    time too, are left out, so the times sum to the device's busy time once."""
+    def dev(e):
+        return getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0)
+    kernels = [e for e in prof.key_averages()
+               if str(getattr(e, "device_type", "")).endswith("CUDA") and dev(e)]
+    return [(e.key[:80], dev(e) / 1e3 / steps, e.count // steps)
+            for e in sorted(kernels, key=dev, reverse=True)]
+
+
 def graph_ms(fn, *, dry_run: bool = False) -> float:
     """Median milliseconds of CUDA-graph replays of ``fn`` (the GPU work without the host's
     launches; ``triton.testing.do_bench_cudagraph``). ``dry_run``: as in ``bench_ms``."""

@@ -360,11 +360,7 @@ def _top_kernels(fn, steps: int = 10, top: int = 5) -> list:
         for _ in range(steps):
             fn()
         torch.cuda.synchronize()
-
-    def dev(e):
-        return getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0)
-    ev = sorted(prof.key_averages(), key=dev, reverse=True)[:top]
-    return [(e.key[:60], round(dev(e) / steps, 1)) for e in ev if dev(e)]
+    return [(k[:60], round(ms * 1e3, 1)) for k, ms, _ in common.device_kernels(prof, steps)[:top]]
 
 
 # ----------------------------------------------------------------------------- report

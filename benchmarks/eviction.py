@@ -46,6 +46,7 @@ sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
 sys.path.insert(0, os.path.dirname(_HERE))
 
 import planner  # noqa: E402
+from benchmarks import common  # noqa: E402
 
 LLAMA3_8B = dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32,
                  num_key_value_heads=8, head_dim=128, vocab_size=128256, rope_theta=500000.0)
@@ -125,19 +126,11 @@ def profile_decode(lm, cache, tok, start: int, steps: int, device, top: int = 8)
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
     with profile(activities=acts) as prof, Clock(device) as c:
         decode(lm, cache, tok, start, steps, steps, device)
-    ev = prof.key_averages()
-
-    def dev(e):
-        return getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0)
-
-    # operators carry their kernels' device time too: the kernels alone, summed once
-    kernels = [e for e in ev if str(getattr(e, "device_type", "")).endswith("CUDA")]
-    busy = sum(dev(e) for e in kernels) / 1e3 / steps
-    by_dev = sorted(kernels, key=dev, reverse=True)[:top]
-    by_cpu = sorted(ev, key=lambda e: e.self_cpu_time_total, reverse=True)[:top]
-    return {"steps": steps, "wall_ms_per_step": c.ms / steps, "device_busy_ms_per_step": busy,
-            "top_device": [(e.key[:80], dev(e) / 1e3 / steps, e.count // steps)
-                           for e in by_dev if dev(e)],
+    kernels = common.device_kernels(prof, steps)
+    by_cpu = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)[:top]
+    return {"steps": steps, "wall_ms_per_step": c.ms / steps,
+            "device_busy_ms_per_step": sum(ms for _, ms, _ in kernels),
+            "top_device": kernels[:top],
             "top_host": [(e.key, e.self_cpu_time_total / 1e3 / steps, e.count // steps)
                          for e in by_cpu]}
 
