@@ -324,7 +324,8 @@ def run(args, log=print) -> dict:
     keep.clear()
     import transformers
     meta = {"card": torch.cuda.get_device_name() if cuda else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
-            "torch": torch.__version__, "transformers": transformers.__version__,
+            "torch": torch.__version__, "triton": _triton_version(),
+            "transformers": transformers.__version__,
             "cuda": torch.version.cuda, "python": platform.python_version(),
             "command": "python " + " ".join([os.path.relpath(__file__)] + sys.argv[1:]),
             "model": ("tiny Llama" if tiny else "Llama-3-8B-shaped") + f", {args.layers} layers, "
@@ -336,6 +337,14 @@ def run(args, log=print) -> dict:
     return {**meta, "rows": rows, "largest_batch": caps, "skipped": skipped}
 
 
+def _triton_version() -> str:
+    try:
+        import triton
+        return triton.__version__
+    except ImportError:
+        return "none"
+
+
 def _f(x, fmt):
     return "-" if x is None else format(x, fmt)
 
@@ -343,7 +352,9 @@ def _f(x, fmt):
 def markdown(res: dict) -> str:
     gib = 2 ** 30
     lines = [f"# KV-cache eviction: memory and decode speed ({res['card']})", "",
-             f"{res['model']}; policy {res['policy']}; torch {res['torch']}, transformers "
+             f"{res['model']}; policy {res['policy']}; torch {res['torch']}, triton "
+             f"{res.get('triton', '-')}"
+             + (f" ({res['triton_note']})" if res.get("triton_note") else "") + ", transformers "
              f"{res['transformers']}, CUDA {res['cuda']}. Command: `{res['command']}` "
              f"({res['seconds']:.0f} s).", "",
              f"Prefill batch 1 through `planner.compile(evict=...)`; {res['decode_tokens']} tokens "
