@@ -100,3 +100,18 @@ def generate_dense_matches(m, n: int = 13, new: int = 5):
     for a, b in zip(got.scores, ref.scores):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
     return cm
+
+
+def compiled_matches(m, policy="dense", tol: float = 1e-5, n: int = 23, batch: int = 1):
+    """``planner.compile(m, policy=policy)``'s logits on ``batch`` random prompts of ``n``
+    tokens equal ``m``'s within ``tol`` (relative, ``conftest.max_err``); returns the compiled
+    model."""
+    import planner
+    from conftest import max_err
+    ids = torch.randint(0, 128, (batch, n))
+    with torch.no_grad():
+        ref = m(ids).logits
+        cm = planner.compile(m, policy=policy)
+        out = cm(ids).logits
+    assert max_err(out, ref) <= tol
+    return cm

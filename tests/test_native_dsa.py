@@ -17,7 +17,7 @@ import torch
 
 import planner
 from conftest import max_err
-from hf_current import CONFIGS, build, generate_dense_matches, padded_batch
+from hf_current import CONFIGS, build, compiled_matches, generate_dense_matches, padded_batch
 from runtime import native_dsa
 
 pytest.importorskip("transformers")
@@ -72,12 +72,7 @@ def test_native_site_reproduces_the_model(name, impl, pol, tol, form):
     """``dense``: the model's selection over its own per-head K/V (the identity check, fp32
     1e-5); ``dsa``: MLA absorbed (the products reassociated: fp32 rounding apart)."""
     m = build(name, impl)
-    ids = torch.randint(0, 128, (2, 23))
-    with torch.no_grad():
-        ref = m(ids).logits
-        cm = planner.compile(m, policy=pol)
-        out = cm(ids).logits
-    assert max_err(out, ref) <= tol
+    cm = compiled_matches(m, pol, tol, batch=2)
     rep = planner.inspect(cm)
     assert [s.status for s in rep.sites] == ["rewritten"] * 2, rep
     assert all(s.policy == "dsa (native) top-8" for s in rep.sites), rep
@@ -188,12 +183,7 @@ def test_native_policy_sets_the_top_k():
 
 def test_native_policy_where_the_model_has_no_indexer_stays_dense():
     m = build("deepseek_v3", "eager")
-    ids = torch.randint(0, 128, (1, 23))
-    with torch.no_grad():
-        ref = m(ids).logits
-        cm = planner.compile(m, policy=planner.NativeDSA())
-        out = cm(ids).logits
-    assert max_err(out, ref) <= 1e-5
+    cm = compiled_matches(m, planner.NativeDSA())
     rep = planner.inspect(cm)
     assert all("computes no DSA selection" in s.reason for s in rep.sites), rep
 
@@ -207,12 +197,7 @@ def test_an_unknown_chain_stays_a_mask_with_the_reason(monkeypatch):
     from transformers.models.deepseek_v32 import modeling_deepseek_v32 as mod
     monkeypatch.setattr(mod, "F", types.SimpleNamespace(**{**vars(F), "relu": F.gelu}))
     m = build("deepseek_v32", "eager")
-    ids = torch.randint(0, 128, (1, 23))
-    with torch.no_grad():
-        ref = m(ids).logits
-        cm = planner.compile(m, policy="dense")
-        out = cm(ids).logits
-    assert max_err(out, ref) <= 1e-5
+    cm = compiled_matches(m)
     rep = planner.inspect(cm)
     assert [s.status for s in rep.sites] == ["rewritten"] * 2, rep
     assert all(s.policy == "dense" and "not recognised" in s.reason and "top-k reads" in s.reason
