@@ -204,6 +204,10 @@ def _indexer(m):
         yield "indexer", IndexerSpec(heads=64, head_dim=128, dtype="bfloat16", block_m=64,
                                      block_n=32, thresholds=16, stride_align=8,
                                      stack_heads=stack), None
+    for group in (1, 4):            # its queries streamed, one head or four per product
+        yield "indexer", IndexerSpec(heads=64, head_dim=128, dtype="bfloat16", block_m=16,
+                                     block_n=64, thresholds=16, stride_align=8,
+                                     stream_queries=True, head_group=group), None
     from codegen.indexer.few_rows_kernel import FewRowsSpec
     yield "indexer_few_rows", FewRowsSpec(), None
 

@@ -33,3 +33,23 @@ def test_smoke_run_writes_every_row(tmp_path):
     md = (tmp_path / "dsa_native_tiny.md").read_text()
     assert "| 40 | planner |" in md and "recall of the model's selected sets 1.0000" in md
     assert data["meta"]["command"].startswith("PYTHONPATH=. python benchmarks/dsa_native.py")
+
+
+@pytest.mark.slow
+def test_schedule_sweep_smoke_checks_every_config(tmp_path):
+    """``benchmarks/dsa_sweep.py --smoke``: every schedule of every section runs through the
+    interpreter and agrees with the PyTorch reference / the first schedule."""
+    cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "dsa_sweep.py"), "--smoke", "--out",
+           str(tmp_path)]
+    env = dict(os.environ, PYTHONPATH=ROOT, TRITON_INTERPRET="1")
+    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = json.loads((tmp_path / "dsa_sweep_cpu.json").read_text())["rows"]
+    assert not [r for r in rows if "error" in r], rows
+    for section in ("mla_prefill", "mla_decode"):
+        got = [r for r in rows if r["section"] == section]
+        assert got and all(r["rel_err_ref"] < 1e-5 and r["rel_err_first"] < 1e-5 for r in got)
+    idx = [r for r in rows if r["section"] == "indexer_prefill"]
+    assert idx and all(r["agreement"] == 1.0 for r in idx), idx
+    few = {r["config"]: r for r in rows if r["section"] == "few_rows"}
+    assert {"mma", "loop"} <= set(few), few

@@ -185,6 +185,11 @@ def test_streamed_queries_match_reference(kernels):
                              stream_queries=True)
     q, w, k = make_inputs(1, 70, 90, 3, 16)
     check_rows(run_kernel(q, w, k, 9, True, schedule=sch), q, w, k, 9, True)
+    for heads, group in ((6, 4), (8, 2)):         # a last group half masked; groups exact
+        sch = ik.IndexerSchedule(block_m=16, block_n=32, slack=8, sample_stride=2,
+                                 stream_queries=True, head_group=group)
+        q, w, k = make_inputs(1, 70, 90, heads, 16)
+        check_rows(run_kernel(q, w, k, 9, True, schedule=sch), q, w, k, 9, True)
     big = ik.default_schedule(64, 128, "cuda")                      # DeepSeek-V3.2's indexer
     assert big.stream_queries and big.num_stages == 1
     assert big.block_m * 64 * 128 * 2 > ik.RESIDENT_Q_BYTES
@@ -345,6 +350,9 @@ def test_bad_out_and_schedule_raise():
         ik.IndexerSchedule(thresholds=8)
     with pytest.raises(ValueError, match=r"stack_heads and stream_queries exclude each other"):
         ik.IndexerSchedule(stack_heads=True, stream_queries=True)
+    for bad in (dict(head_group=2), dict(head_group=3, stream_queries=True)):
+        with pytest.raises(ValueError, match=r"head_group must be a power of two"):
+            ik.IndexerSchedule(**bad)
     assert math.isclose(ik.IndexerSchedule(slack=8).capacity(3), 11)
 
 

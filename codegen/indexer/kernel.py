@@ -41,7 +41,10 @@ class IndexerSpec:
     every q_idx / k_idx stride but the last (which is 1) is a multiple of this many elements
     (strides come divided by it, so loads of a row vectorize); ``stack_heads``: one
     tensor-core product for all heads (see ``_head_code``); ``stream_queries``: each head's
-    query tile is reloaded per key tile instead of kept resident (many wide heads)."""
+    query tile is reloaded per key tile instead of kept resident (many wide heads);
+    ``head_group``: with ``stream_queries``, this many heads' tiles are stacked into one
+    ``[head_group * block_m, d]`` operand per product (Hopper's wgmma takes 64 rows a warpgroup:
+    16-row tiles alone would leave it three-quarters idle)."""
     heads: int
     head_dim: int
     dtype: str
@@ -51,10 +54,15 @@ class IndexerSpec:
     stride_align: int = 1
     stack_heads: bool = False
     stream_queries: bool = False
+    head_group: int = 1
 
     def __post_init__(self):
         if self.stack_heads and self.stream_queries:
             raise ValueError("IndexerSpec: stack_heads and stream_queries exclude each other")
+        g = self.head_group
+        if g < 1 or g & (g - 1) or (g > 1 and not self.stream_queries):
+            raise ValueError(f"IndexerSpec.head_group must be a power of two >= 1, and 1 unless "
+                             f"stream_queries, got {g}")
         if self.dtype not in DTYPES:
             raise ValueError(f"IndexerSpec.dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
         for name in ("heads", "head_dim", "thresholds", "stride_align"):
@@ -324,6 +332,23 @@ def _head_code(spec: IndexerSpec) -> tuple[str, str]:
         # inside the key loop loads each head's tile (from L2 after the first key tile) right
         # before its product, one live at a time (a loop, not unrolled loads, which the
         # compiler would hoist out of the key loop and keep resident again)
+        g = spec.head_group
+        if g > 1:
+            # g heads per product, stacked head-major ([g * BM, DP]); the last group masked
+            score = f"""\
+        s = tl.zeros([{bm}, {bn}], tl.float32)
+        offs_g = tl.arange(0, {g})
+        for j0 in range(0, {spec.heads}, {g}):
+            g_ok = (j0 + offs_g) < {spec.heads}
+            qg = tl.load(q_ptr + q_rows[None, :, None] + (j0 + offs_g)[:, None, None] * (sqh * {a})
+                         + offs_d[None, None, :], mask=g_ok[:, None, None] & q_mask[None, :, :],
+                         other=0.0)
+            wg = tl.load(w_ptr + w_rows[None, :] + (j0 + offs_g)[:, None] * swh,
+                         mask=g_ok[:, None] & row_ok[None, :], other=0.0).to(tl.float32)
+            dg = tl.reshape(tl.dot(tl.reshape(qg, [{g * bm}, {next_pow2(max(spec.head_dim, 16))}]),
+                                   kt{prec}), [{g}, {bm}, {bn}])
+            s += tl.sum(wg[:, :, None] * tl.maximum(dg, 0.0), 0)"""
+            return "", score
         score = f"""\
         s = tl.zeros([{bm}, {bn}], tl.float32)
         for j in range({spec.heads}):

@@ -45,6 +45,7 @@ from codegen.emit import emit
 from codegen.indexer.kernel import IndexerSpec
 from codegen.indexer.reference import indexer_topk_ref, visible_counts
 from runtime.cache import KERNELS
+from runtime.kernels import tuned
 from runtime.kernels.indexer_rows import (FEW_ROWS, few_row_scores, from_key, score_key,
                                           top_of_rows, topk_few_rows)
 from runtime.kernels.launch import FLOAT_DTYPES, device_key, kernels_enabled, sm_count
@@ -77,7 +78,8 @@ class IndexerSchedule:
     counted in one sweep; ``stack_heads``: one tensor-core product per key tile for all heads
     (else one per head); ``finish_warps``: warps of the per-row selection (0: by its width);
     ``stream_queries``: each head's query tile reloaded per key tile rather than resident (for
-    many wide heads, whose tiles do not fit on chip together)."""
+    many wide heads, whose tiles do not fit on chip together); ``head_group``: streamed heads
+    per tensor-core product (their tiles stacked)."""
     block_m: int = 64
     block_n: int = 32
     num_warps: int = 4
@@ -89,6 +91,7 @@ class IndexerSchedule:
     stack_heads: bool = False
     finish_warps: int = 0
     stream_queries: bool = False
+    head_group: int = 1
 
     def __post_init__(self):
         for name in ("block_m", "block_n"):
@@ -105,6 +108,10 @@ class IndexerSchedule:
                 raise ValueError(f"IndexerSchedule.{name} must be >= {least}, got {getattr(self, name)}")
         if self.thresholds < 16:
             raise ValueError(f"IndexerSchedule.thresholds must be >= 16, got {self.thresholds}")
+        if self.head_group < 1 or self.head_group & (self.head_group - 1) or (
+                self.head_group > 1 and not self.stream_queries):
+            raise ValueError(f"IndexerSchedule.head_group must be a power of two >= 1, and 1 "
+                             f"unless stream_queries, got {self.head_group}")
         if self.stack_heads and self.stream_queries:
             raise ValueError("IndexerSchedule: stack_heads and stream_queries exclude each other "
                              "(one product for all heads, or each head's tile reloaded)")
@@ -128,6 +135,9 @@ def default_schedule(heads: int, head_dim: int, device) -> IndexerSchedule:
     smaller numpy operations)."""
     if torch.device(device).type != "cuda":
         return IndexerSchedule(block_m=16, block_n=32, num_warps=4, num_stages=1)
+    fields = tuned.best("indexer_prefill", device, H_I=heads, d_I=head_dim)
+    if fields is not None:             # measured on this card at this head shape
+        return IndexerSchedule(**fields)
     width = heads * max(head_dim, 16)
     block_m = 64 if width <= 512 else (32 if width <= 1024 else 16)
     if width * block_m * 2 > RESIDENT_Q_BYTES:
@@ -257,7 +267,8 @@ class _IndexerRun:
         self.spec = IndexerSpec(heads=H, head_dim=D, dtype=FLOAT_DTYPES[q.dtype],
                                 block_m=sch.block_m, block_n=sch.block_n, thresholds=sch.thresholds,
                                 stride_align=align, stack_heads=sch.stack_heads,
-                                stream_queries=sch.stream_queries)
+                                stream_queries=sch.stream_queries,
+                                head_group=sch.head_group)
         self.mod = _module(self.spec, self.dev)
         self.R = self.B * self.Nq
         self.C = sch.capacity(topk)

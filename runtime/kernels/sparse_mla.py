@@ -23,6 +23,7 @@ from codegen.emit import emit
 from codegen.mla.reference import sparse_mla_reference
 from codegen.mla.sparse_kernel import SparseMLASpec
 from runtime.cache import KERNELS
+from runtime.kernels import tuned
 from runtime.kernels.launch import device_key, kernels_enabled
 from runtime.loader import load
 
@@ -52,6 +53,22 @@ class MLASchedule:
             v = getattr(self, name)
             if v < 16 or v & (v - 1):
                 raise ValueError(f"MLASchedule.{name} must be a power of two >= 16, got {v}")
+
+
+def default_schedule(rows: int, heads: int, dk: int, dv: int, device) -> MLASchedule:
+    """The fastest schedule ``benchmarks/dsa_sweep.py`` measured on this card at these widths
+    (``runtime.kernels.tuned``; prefill where ``rows`` (query rows x batch) alone fill the
+    device, else its decode section, parts left automatic), else ``MLASchedule``'s default
+    with ``block_h`` cut to the head count."""
+    if heads >= 16:
+        decode = torch.device(device).type == "cuda" and rows < _sm_count(
+            torch.device(device).index or 0)
+        shape = dict(dk=dk, dv=dv, H=heads) if not decode else dict(dk=dk, dv=dv, H=heads,
+                                                                       splits=0)
+        fields = tuned.best("mla_decode" if decode else "mla_prefill", device, **shape)
+        if fields is not None:
+            return MLASchedule(**fields)
+    return MLASchedule(block_h=min(32, next_pow2(max(heads, 16))))
 
 
 def _check(q, kv, indices, dv, v):
@@ -97,7 +114,7 @@ def sparse_mla(q, kv, indices, *, scale: float, dv: int, dl: Optional[int] = Non
     B, S, H, D = q.shape
     dl = dv if dl is None else dl
     dr = D - dl
-    sch = schedule or MLASchedule(block_h=min(32, next_pow2(max(H, 16))))
+    sch = schedule or default_schedule(B * S, H, D, dv, q.device)
     v_is_k = v is None and dv == dl
     vt = kv if v is None else v
     if v is None and not v_is_k:

@@ -1,0 +1,65 @@
+"""Schedules measured on a card: the fastest checked config of a section of
+``benchmarks/dsa_sweep.py``'s ``dsa_sweep_<card>.json`` (committed under ``benchmarks/results``)
+becomes the default schedule of that kernel, on that card, at the shape it was measured at.
+
+A row counts when it ran (no error, not skipped) and passed the sweep's checks: outputs within
+``MAX_REL_ERR`` of the PyTorch reference and of the section's first config (sparse MLA), or at
+least ``MIN_AGREEMENT`` of the first config's selected keys (indexer). No file, no such row, or
+another card or shape: ``None``, and the launcher keeps its built-in default.
+
+    >>> best("mla_prefill", "cpu", dk=576, dv=512) is None     # measured on GPUs only
+    True
+"""
+from __future__ import annotations
+
+import functools
+import json
+import os
+from typing import Optional
+
+import torch
+
+RESULTS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(
+    __file__)))), "benchmarks", "results")
+MAX_REL_ERR = 2e-2           # bf16 outputs against the fp32 reference
+MIN_AGREEMENT = 0.99         # share of the first schedule's selected keys
+
+
+def card_of(device) -> Optional[str]:
+    """``h100`` / ``h200`` for a CUDA device (the sweep's file names), None elsewhere."""
+    dev = torch.device(device)
+    if dev.type != "cuda" or not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name(dev)
+    return "h200" if "H200" in name else "h100" if "H100" in name else None
+
+
+@functools.lru_cache(maxsize=None)
+def _rows(card: str, results: str) -> tuple:
+    path = os.path.join(results, f"dsa_sweep_{card}.json")
+    if not os.path.exists(path):
+        return ()
+    with open(path) as fh:
+        return tuple(json.load(fh).get("rows", ()))
+
+
+def _passed(row: dict) -> bool:
+    if "ms" not in row or "schedule" not in row or row.get("error") or row.get("skipped"):
+        return False
+    if "agreement" in row:
+        return row["agreement"] >= MIN_AGREEMENT
+    return (row.get("rel_err_ref", 1.0) <= MAX_REL_ERR
+            and row.get("rel_err_first", 1.0) <= MAX_REL_ERR)
+
+
+def best(section: str, device, results: Optional[str] = None, **shape) -> Optional[dict]:
+    """The schedule fields (a dict) of the fastest row of ``section`` measured on ``device``'s
+    card whose recorded shape equals ``shape`` (keys of the row, e.g. ``dk=576, dv=512``),
+    or None."""
+    card = card_of(device)
+    if card is None:
+        return None
+    rows = [r for r in _rows(card, results or RESULTS)
+            if r.get("section") == section and _passed(r)
+            and all(r.get(k) == v for k, v in shape.items())]
+    return dict(min(rows, key=lambda r: r["ms"])["schedule"]) if rows else None
