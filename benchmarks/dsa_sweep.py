@@ -15,7 +15,7 @@ PyTorch reference on a few rows) and timed with CUDA events (median):
 4. ``few_rows``: decode's index keys (B rows over T keys): tensor-core product vs the loop over
    heads (``indexer_rows.FEW_ROWS_MMA_HEADS``), and the whole decode ``indexer_topk``.
 
-Writes ``dsa_sweep_<card>.{json,md}`` to ``--out``. A config that fails (out of shared memory,
+Writes ``dsa_sweep_<card>.{json,md}`` (``--round 2``: ``dsa_sweep_<card>_round2``) to ``--out``. A config that fails (out of shared memory,
 say) is recorded with its error; configs started past ``--budget-s`` are recorded as skipped.
 """
 from __future__ import annotations
@@ -50,6 +50,14 @@ INDEXER_PREFILL = [(16, 64, 4, 1, 1), (16, 64, 4, 1, 4), (16, 128, 4, 1, 4), (16
                    (32, 64, 4, 1, 2), (32, 128, 8, 1, 4), (64, 64, 4, 1, 1), (64, 128, 8, 1, 2),
                    (16, 64, 4, 2, 4), (32, 64, 8, 2, 2), (64, 64, 8, 2, 1), (16, 128, 8, 1, 8),
                    (128, 64, 8, 1, 1)]
+
+
+# round 2: around round 1's winners on an H200 (h64-n64-w8-s2: 232 TFLOP/s; m64-n64-w4-s1-g1)
+MLA_PREFILL_2 = [(64, 64, 8, 2), (64, 64, 8, 3), (64, 32, 8, 3), (64, 64, 8, 1), (64, 128, 8, 1),
+                 (32, 64, 4, 2), (32, 64, 4, 3), (32, 128, 4, 2), (64, 64, 4, 2)]
+INDEXER_PREFILL_2 = [(64, 64, 4, 1, 1), (64, 128, 4, 1, 1), (64, 64, 4, 2, 1), (64, 32, 4, 1, 1),
+                     (128, 64, 4, 1, 1), (64, 128, 8, 1, 1), (32, 64, 4, 1, 1),
+                     (128, 128, 8, 1, 1), (64, 64, 4, 3, 1)]
 
 
 def rec(**row):
@@ -186,7 +194,7 @@ def _mla_jit(device):
         return None
 
 
-def indexer_prefill(run: Run, N: int):
+def indexer_prefill(run: Run, N: int, configs):
     from runtime.kernels import indexer as ik
     Hi, d, K = (64, 128, 2048) if not run.smoke else (20, 16, 8)
     N = N if not run.smoke else 48
@@ -195,7 +203,7 @@ def indexer_prefill(run: Run, N: int):
     w = torch.rand(1, N, Hi, device=run.dev, generator=run.g) * Hi ** -0.5 * d ** -0.5
     pairs = N * (N + 1) / 2
     first = None
-    for bm, bn, nw, st, hg in INDEXER_PREFILL:
+    for bm, bn, nw, st, hg in configs:
         tag = f"m{bm}-n{bn}-w{nw}-s{st}-g{hg}"
 
         def go():
@@ -294,6 +302,8 @@ def main():
     ap.add_argument("--budget-s", type=float, default=240.0)
     ap.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU interpreter")
     ap.add_argument("--sections", default="mla_prefill,mla_decode,few_rows,indexer_prefill")
+    ap.add_argument("--round", type=int, default=1, choices=(1, 2),
+                    help="config lists: 1 (broad) or 2 (around round 1's winners)")
     args = ap.parse_args()
     if args.smoke:
         os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -304,7 +314,8 @@ def main():
     run = Run(args)
     card = torch.cuda.get_device_name() if not args.smoke else "cpu"
     name = "dsa_sweep_" + ("cpu" if args.smoke else "h200" if "H200" in card else
-                           "h100" if "H100" in card else "gpu")
+                           "h100" if "H100" in card else "gpu") + (
+        "" if args.round == 1 else f"_round{args.round}")
     meta = dict(device=card, torch=torch.__version__, triton=triton.__version__,
                 host=platform.node(),
                 command="PYTHONPATH=. python benchmarks/dsa_sweep.py " + " ".join(sys.argv[1:]))
@@ -312,13 +323,15 @@ def main():
     sections = args.sections.split(",")
     with torch.no_grad():
         if "mla_prefill" in sections:
-            mla(run, "mla_prefill", 1, 4096, 65536, MLA_PREFILL)
+            mla(run, "mla_prefill", 1, 4096, 65536,
+                MLA_PREFILL if args.round == 1 else MLA_PREFILL_2)
         if "mla_decode" in sections:
             mla(run, "mla_decode", 8, 1, 131072, MLA_DECODE)
         if "few_rows" in sections:
             few_rows(run, 8, 131072)
         if "indexer_prefill" in sections:
-            indexer_prefill(run, 16384)
+            indexer_prefill(run, 16384,
+                            INDEXER_PREFILL if args.round == 1 else INDEXER_PREFILL_2)
     meta["seconds"] = time.perf_counter() - T0
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, f"{name}.json"), "w") as fh:

@@ -124,7 +124,10 @@ def _wrap(compiled: Callable, original: Callable, be: Backend) -> Callable:
         am = kwargs.get("attention_mask")
         if isinstance(am, torch.Tensor) and am.dim() == 2 and _kv_present(args, kwargs):
             torch._dynamo.maybe_mark_dynamic(am, 1)     # [B, past + new] grows with the cache
-        out = compiled(*args, **kwargs)
+        if be.guard is not None:
+            out = be.guard(lambda: compiled(*args, **kwargs), args, kwargs)
+        else:
+            out = compiled(*args, **kwargs)
         if not checked:
             if not be.graphs:
                 raise _no_graph_error()

@@ -26,6 +26,7 @@ from planner.report import Report, Site, UnmatchedSoftmax, budget_note
 from runtime import env, eviction, ops, recall, stats
 from runtime.cache import KERNELS
 from runtime.env import kernels_mode
+from runtime.guard import CallGuard
 from runtime.spec import lookup
 
 _IDS = itertools.count()
@@ -49,6 +50,9 @@ class Backend:
         kernels_mode()                     # a bad SPARSE_PLANNER_KERNELS fails here, not mid-call
         self.cost_model = cost_model
         self.policies: PolicyMap = as_policy_map(policy)
+        # whole calls timed against all-dense where sites ran sparse (runtime.guard)
+        self.guard = CallGuard() if cost_model == "auto" and not all(
+            pol.is_dense for _, pol in self.policies.rules) else None
         self.evictions = as_eviction_map(evict)
         self.n_layers = n_layers
         self.owner = f"p{next(_IDS)}"
@@ -178,7 +182,8 @@ class Backend:
                          f"({len(self.graphs) - len(self.remainder_notes)} of "
                          f"{len(self.graphs)} graph(s))")
         return Report(sites, list(self.unmatched.values()), list(self.graphs), KERNELS.stats(),
-                      notes=notes + self.remainder_notes, recordings=recordings)
+                      notes=notes + self.remainder_notes
+                      + (self.guard.notes() if self.guard else []), recordings=recordings)
 
     def _eviction_fields(self, name: str, rec) -> dict:
         """What ``inspect`` shows of a site's eviction: its last eviction (the runtime's record)

@@ -103,6 +103,8 @@ def _resolve(q, k, counts, indices, spec: SiteSpec):
 
 def attend(q, k, v, mod_tensors, counts, indices, spec: SiteSpec) -> torch.Tensor:
     spec, counts, indices, tag = _resolve(q, k, counts, indices, spec)
+    if not spec.policy.is_dense:
+        plan.note_sparse_run()
     if recall.active(spec.owner):          # opt-in (planner.compile(..., record="recall"))
         recall.observe(spec, q, k, mod_tensors, counts, indices)
     for name, provider in _ATTEND_PROVIDERS:

@@ -15,6 +15,8 @@ followed: the reference *is* the policy's definition.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 from dataclasses import dataclass
 from typing import Optional
@@ -133,10 +135,38 @@ def _decide(spec, q: torch.Tensor, k: torch.Tensor) -> Decision:
                    (q.shape[0], q.shape[1], k.shape[1], q.shape[3]), q.dtype)
 
 
+_ALL_DENSE = contextvars.ContextVar("sparse_planner_all_dense", default=False)
+_sparse_runs = [0]
+
+
+@contextlib.contextmanager
+def all_dense():
+    """Within this block every site under ``cost_model="auto"`` runs dense (``runtime.guard``'s
+    dense trial of a call)."""
+    token = _ALL_DENSE.set(True)
+    try:
+        yield
+    finally:
+        _ALL_DENSE.reset(token)
+
+
+def note_sparse_run() -> None:
+    """A site call took a sparse path (``runtime.dispatch``); ``sparse_runs`` counts them."""
+    _sparse_runs[0] += 1
+
+
+def sparse_runs() -> int:
+    """How many site calls took a sparse path in this process so far."""
+    return _sparse_runs[0]
+
+
 def choose(spec, q: torch.Tensor, k: torch.Tensor) -> str:
-    """"dense" when the cost model says dense is cheaper at this shape, else "policy"."""
+    """"dense" when the cost model says dense is cheaper at this shape (or ``all_dense`` is
+    on), else "policy"."""
     if spec.schedule != "auto":
         return "policy"
+    if _ALL_DENSE.get():
+        return "dense"
     return _decide(spec, q, k).choice
 
 

@@ -141,9 +141,11 @@ def default_schedule(heads: int, head_dim: int, device) -> IndexerSchedule:
     width = heads * max(head_dim, 16)
     block_m = 64 if width <= 512 else (32 if width <= 1024 else 16)
     if width * block_m * 2 > RESIDENT_Q_BYTES:
-        # the query tiles stream through the key loop (codegen.indexer.kernel): no pipelined
-        # copies of 'heads' tiles, wider key tiles to reuse each reload
-        return IndexerSchedule(block_m=block_m, block_n=64, num_warps=4, num_stages=1,
+        # the query tiles stream through the key loop (codegen.indexer.kernel), one head per
+        # product; measured on an H200 at 64 x 128 heads, N=16384
+        # (benchmarks/results/dsa_sweep_h200.md): 64 x 64 tiles 15.7 ms, 16 x 64 24.1 ms,
+        # heads stacked in groups of 2-8 40-67 ms
+        return IndexerSchedule(block_m=64, block_n=64, num_warps=4, num_stages=1,
                                stream_queries=True)
     return IndexerSchedule(block_m=block_m, block_n=32, num_warps=4, num_stages=2)
 

@@ -36,8 +36,8 @@ POISON_OUTPUT = False
 @dataclasses.dataclass(frozen=True)
 class MLASchedule:
     """``block_h`` query heads x ``block_n`` listed keys per step; warps and pipeline stages.
-    Default (not tuned on a GPU yet): 32 heads x 32 keys, 8 warps, so that the 32 x 512 fp32
-    accumulator and the 32 x 512 queries stay in registers (64 + 32 a thread at 256 threads).
+    This default (32 heads x 32 keys, 8 warps, one stage) is what the CPU interpreter runs; on
+    CUDA ``default_schedule`` picks measured ones.
     ``splits``: each row's list split into this many parts, merged by their log-sum-exp (0:
     ``parts`` decides; decode rows need it to fill the device)."""
     block_h: int = 32
@@ -68,6 +68,12 @@ def default_schedule(rows: int, heads: int, dk: int, dv: int, device) -> MLASche
         fields = tuned.best("mla_decode" if decode else "mla_prefill", device, **shape)
         if fields is not None:
             return MLASchedule(**fields)
+        if torch.device(device).type == "cuda":
+            # Hopper, measured (benchmarks/results/dsa_sweep_h200.md, 128 heads x 576 / 512):
+            # prefill 64 heads x 64 keys, 8 warps, 2 stages 232 TFLOP/s against 66 for the
+            # 32 x 32 single-stage tile; decode 32 x 32 with 2 stages
+            return (MLASchedule(block_h=32, num_stages=2) if decode or heads < 64 else
+                    MLASchedule(block_h=64, block_n=64, num_warps=8, num_stages=2))
     return MLASchedule(block_h=min(32, next_pow2(max(heads, 16))))
 
 

@@ -1,5 +1,6 @@
 """Schedules measured on a card: the fastest checked config of a section of
-``benchmarks/dsa_sweep.py``'s ``dsa_sweep_<card>.json`` (committed under ``benchmarks/results``)
+``benchmarks/dsa_sweep.py``'s ``dsa_sweep_<card>[_round<n>].json`` (committed under
+``benchmarks/results``)
 becomes the default schedule of that kernel, on that card, at the shape it was measured at.
 
 A row counts when it ran (no error, not skipped) and passed the sweep's checks: outputs within
@@ -13,6 +14,7 @@ another card or shape: ``None``, and the launcher keeps its built-in default.
 from __future__ import annotations
 
 import functools
+import glob
 import json
 import os
 from typing import Optional
@@ -36,11 +38,14 @@ def card_of(device) -> Optional[str]:
 
 @functools.lru_cache(maxsize=None)
 def _rows(card: str, results: str) -> tuple:
-    path = os.path.join(results, f"dsa_sweep_{card}.json")
-    if not os.path.exists(path):
-        return ()
-    with open(path) as fh:
-        return tuple(json.load(fh).get("rows", ()))
+    """The rows of every sweep file of ``card`` (``dsa_sweep_<card>.json`` and later rounds,
+    ``dsa_sweep_<card>_round<n>.json``)."""
+    rows = []
+    for path in sorted(glob.glob(os.path.join(results, f"dsa_sweep_{card}.json"))
+                       + glob.glob(os.path.join(results, f"dsa_sweep_{card}_round*.json"))):
+        with open(path) as fh:
+            rows += json.load(fh).get("rows", ())
+    return tuple(rows)
 
 
 def _passed(row: dict) -> bool:

@@ -1,0 +1,123 @@
+"""The whole-call check (``runtime.guard``): after a warm-up call, one call as planned and one
+with every site dense are timed, and the faster variant serves that shape from then on; the
+calls are the user's own (each computes what its variant computes), inference only, and
+``planner.inspect`` says what was measured."""
+import pytest
+import torch
+
+import planner
+from planner.models import TinyGPT
+from runtime import guard, plan
+
+
+@pytest.fixture
+def checked_cpu(monkeypatch):
+    """Calls on the CPU are checked, every site planned sparse, and the two timed calls take
+    the times the test queues (plan first, then dense)."""
+    monkeypatch.setattr(guard, "DEVICES", ("cpu",))
+    monkeypatch.setattr(plan, "_choose", lambda *a, **k: plan.Decision("policy"))
+    times = []
+
+    def fake_timed(run, device):
+        return run(), times.pop(0)
+    monkeypatch.setattr(guard, "_timed", fake_timed)
+    return times
+
+
+def _model_and_input(seed=0, n=128):
+    torch.manual_seed(seed)
+    m = TinyGPT().eval()
+    return m, torch.randint(0, 256, (1, n))
+
+
+def _sparse_policy():
+    return planner.policy("block_topk", block=16, topk=2)
+
+
+def _close(a, b):
+    return bool((a - b).abs().max() < 1e-4)
+
+
+def test_dense_wins_the_check_and_serves_later_calls(checked_cpu):
+    m, x = _model_and_input()
+    cm = planner.compile(m, policy=_sparse_policy(), dynamic=True, cost_model="auto")
+    checked_cpu += [10.0, 5.0]                      # planned 10 ms, dense 5 ms
+    with torch.no_grad():
+        ref = m(x)
+        first = cm(x)                               # warm-up, as planned (sparse)
+        assert not _close(first, ref), "the test needs a policy that changes the output"
+        assert _close(cm(x), first)                 # timed, as planned
+        assert _close(cm(x), ref)                   # timed, every site dense: exact
+        later = [cm(x) for _ in range(2)]           # dense from now on
+    assert all(_close(o, ref) for o in later)
+    assert not checked_cpu                          # exactly two calls were timed
+    notes = [n for n in planner.inspect(cm).notes if n.startswith("call check")]
+    assert len(notes) == 1 and "10.00 ms as planned vs 5.00 ms" in notes[0]
+    assert notes[0].endswith("runs every site dense")
+
+
+def test_plan_kept_when_faster(checked_cpu):
+    m, x = _model_and_input(1)
+    cm = planner.compile(m, policy=_sparse_policy(), dynamic=True, cost_model="auto")
+    checked_cpu += [4.0, 9.0]
+    with torch.no_grad():
+        sparse = cm(x)
+        cm(x)
+        cm(x)
+        assert _close(cm(x), sparse)                # the plan serves later calls
+    assert any(n.endswith("runs as planned") for n in planner.inspect(cm).notes)
+
+
+def test_keys_are_bucketed_shapes_and_training_is_not_checked(checked_cpu):
+    m, _ = _model_and_input(2)
+    cm = planner.compile(m, policy=_sparse_policy(), dynamic=True, cost_model="auto")
+    checked_cpu += [7.0]
+    with torch.no_grad():
+        cm(torch.randint(0, 256, (1, 100)))         # warm-up of the key (1, 128)
+        cm(torch.randint(0, 256, (1, 120)))         # same key (120 rounds up to 128): timed
+    assert not checked_cpu
+    (key, st), = _backend(cm).guard.keys.items()
+    assert key == ("cpu", ((0, (1, 128)),)) and st.plan_ms == 7.0 and st.choice is None
+    assert guard.shape_key((torch.zeros(1, 129, dtype=torch.long),), {}) != key
+    assert guard.shape_key((torch.zeros(1, 64, dtype=torch.long),), {})[1] == ((0, (1, 64)),)
+    out = cm(torch.randint(0, 256, (1, 128)))       # autograd on: not checked, not counted
+    out.sum().backward()
+    assert st.calls == 2 and st.dense_ms is None
+
+
+def test_sites_that_ran_dense_are_not_measured(monkeypatch):
+    monkeypatch.setattr(guard, "DEVICES", ("cpu",))
+    monkeypatch.setattr(plan, "_choose", lambda *a, **k: plan.Decision("dense"))
+    monkeypatch.setattr(guard, "_timed", lambda run, device: pytest.fail("timed a call"))
+    m, x = _model_and_input(3)
+    cm = planner.compile(m, policy=_sparse_policy(), dynamic=True, cost_model="auto")
+    with torch.no_grad():
+        for _ in range(4):
+            assert _close(cm(x), m(x))
+
+
+def test_no_check_for_dense_policies_or_cost_model_off():
+    m, _ = _model_and_input(4)
+    assert _backend(planner.compile(m, policy=_sparse_policy(), cost_model="auto")).guard
+    for kw in (dict(policy="dense", cost_model="auto"),
+               dict(policy=_sparse_policy(), cost_model="off")):
+        be = planner.compile(m, **kw)
+        assert planner.inspect(be) is not None
+        assert getattr(_backend(be), "guard") is None
+
+
+def _backend(cm):
+    from planner import api
+    return getattr(cm, api._ATTR)
+
+
+def test_all_dense_block_overrides_the_plan_only_inside():
+    from runtime.spec import SiteSpec  # noqa: F401  (the spec type choose reads)
+
+    class Spec:
+        schedule = "auto"
+    with plan.all_dense():
+        assert plan.choose(Spec(), None, None) == "dense"
+    Spec.schedule = "off"
+    with plan.all_dense():
+        assert plan.choose(Spec(), None, None) == "policy"
