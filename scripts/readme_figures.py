@@ -197,6 +197,11 @@ def _ev(doc, table: str, budget):
     return next(r for r in doc[table] if r["budget"] == budget)
 
 
+def _ev_at(doc, length: int):
+    """The eviction file's dense row at one prompt length."""
+    return next(r for r in doc["rows"] if r["budget"] is None and r["length"] == length)
+
+
 def _dsa(doc, impl: str, n=None) -> list:
     """The native-DSA file's prefill rows of ``impl`` (at ``n`` tokens where given)."""
     return [r for r in doc["rows"] if r.get("case") == "prefill" and r.get("impl") == impl
@@ -629,6 +634,47 @@ FIGURES = [
                / _ev(d, "largest_batch", None)["tokens_per_s"], ".2f"),
             Fn("decode speed-up", lambda d: _ev(d, "rows", None)["decode_ms_per_step"]
                / _ev(d, "rows", 0.1)["decode_ms_per_step"], ".2f"))),
+    # ---- model_speed_h200
+    Figure("model_speed_h200.json",
+           "{} to {} tokens, the default cost model on (before the whole-call check of "
+           "`runtime/guard.py` "
+           "existed): {} of {} cells of dense, block_topk, auto and sink_window at or above "
+           "0.97x the original's speed; lowest {}x (auto, SmolLM2-shaped, 16384 tokens: 30 "
+           "host-bound sparse sites); at 65536 tokens block_topk {}x (SmolLM2-shaped), {}x "
+           "(Llama), {}x (Qwen)",
+           (Fn("shortest", lambda d: min(r["N"] for r in d["rows"]), "d"),
+            Fn("longest", lambda d: max(r["N"] for r in d["rows"]), "d"),
+            Fn("cells of the four policies at >= 0.97x", lambda d: sum(
+                r["speed"] >= 0.97 for r in d["rows"] if r["policy"] in _FOUR), "d"),
+            Fn("cells of the four policies", lambda d: sum(
+                r["policy"] in _FOUR for r in d["rows"]), "d"),
+            Fn("lowest speed of the four policies", lambda d: min(
+                r["speed"] for r in d["rows"] if r["policy"] in _FOUR), ".2f"),
+            V("rows[model=smollm2-135m&N=65536&policy=block_topk].speed", ".2f"),
+            V("rows[model=llama3-8b-4l&N=65536&policy=block_topk].speed", ".2f"),
+            V("rows[model=qwen2.5-7b-4l&N=65536&policy=block_topk].speed", ".2f"))),
+    Figure("model_speed_h200.json",
+           "SmolLM2-shaped at {} tokens on an H200: `auto` {}x, `block_topk` {}x the original",
+           (V("rows[model=smollm2-135m&N=16384&policy=auto].N", "d"),
+            V("rows[model=smollm2-135m&N=16384&policy=auto].speed", ".2f"),
+            V("rows[model=smollm2-135m&N=16384&policy=block_topk].speed", ".2f"))),
+    # ---- eviction_h200
+    Figure("eviction_h200.json",
+           "Llama-3-8B-shaped (4 layers, bf16), a {}-token prompt, snapkv keeping 10%: the "
+           "largest batch that decodes {} -> {} sequences, {}x the tokens/s; batch-1 decode "
+           "steps are bound by the host and noisy on that machine (dense {} ms a step at {} "
+           "tokens, {} ms at {})",
+           (Fn("prompt length", lambda d: _ev(d, "largest_batch", 0.1)["length"], "d"),
+            Fn("largest dense batch", lambda d: _ev(d, "largest_batch", None)["max_batch"], "d"),
+            Fn("largest batch at 10%", lambda d: _ev(d, "largest_batch", 0.1)["max_batch"], "d"),
+            Fn("tokens/s ratio", lambda d: _ev(d, "largest_batch", 0.1)["tokens_per_s"]
+               / _ev(d, "largest_batch", None)["tokens_per_s"], ".2f"),
+            Fn("dense step, shorter prompt", lambda d: _ev_at(d, 32768)["decode_ms_per_step"],
+               ".2f"),
+            Fn("shorter prompt", lambda d: _ev_at(d, 32768)["length"], "d"),
+            Fn("dense step, longer prompt", lambda d: _ev_at(d, 131072)["decode_ms_per_step"],
+               ".2f"),
+            Fn("longer prompt", lambda d: _ev_at(d, 131072)["length"], "d"))),
     # ---- eviction_h100_cudnn
     Figure("eviction_h100_cudnn.json",
            "with PyTorch's default, cuDNN attention, the dense step takes {} ms",
@@ -652,6 +698,30 @@ FIGURES = [
             Fn("65536", lambda d: _dsa(d, "planner", 65536)[0]["N"], "d"),
             Fn("best sparse MLA TFLOP/s", lambda d: max(
                 r["sparse_mla_tflops"] for r in _dsa(d, "planner")), ".0f"))),
+    # ---- dsa_native_h200
+    Figure("dsa_native_h200.json",
+           "the sparse MLA kernel runs at {} TFLOP/s and the\nlayer at {} tokens takes {} ms "
+           "against dense SDPA's {} ms ({}x; at {} tokens\n{}x, the indexer and its top-k now "
+           "half of the layer); a decode step over {} cached tokens\nat batch {} takes {} ms as "
+           "a CUDA-graph replay against dense's {} ms ({}x; {}x as eager\ncalls",
+           (Fn("best sparse MLA TFLOP/s", lambda d: max(
+                r["sparse_mla_tflops"] for r in _dsa(d, "planner")), ".0f"),
+            V("rows[case=prefill&impl=planner&N=131072].N", "d"),
+            V("rows[case=prefill&impl=planner&N=131072].ms", ".2f"),
+            V("rows[case=prefill&impl=dense&N=131072].ms", ".2f"),
+            Ratio("rows[case=prefill&impl=dense&N=131072].ms",
+                  "rows[case=prefill&impl=planner&N=131072].ms"),
+            V("rows[case=prefill&impl=planner&N=65536].N", "d"),
+            Ratio("rows[case=prefill&impl=dense&N=65536].ms",
+                  "rows[case=prefill&impl=planner&N=65536].ms"),
+            V("rows[case=decode&impl=planner&T=131072&B=8].T", "d"),
+            V("rows[case=decode&impl=planner&T=131072&B=8].B", "d"),
+            V("rows[case=decode&impl=planner&T=131072&B=8].graph_ms", ".3f"),
+            V("rows[case=decode&impl=dense&T=131072&B=8].graph_ms", ".3f"),
+            Ratio("rows[case=decode&impl=dense&T=131072&B=8].graph_ms",
+                  "rows[case=decode&impl=planner&T=131072&B=8].graph_ms"),
+            Ratio("rows[case=decode&impl=dense&T=131072&B=8].ms",
+                  "rows[case=decode&impl=planner&T=131072&B=8].ms"))),
     # ---- context_parallel_cpu
     Figure("context_parallel_cpu.json",
            "{} and {} gloo processes, {} to {} tokens: block lists equal to the single-device "
