@@ -79,25 +79,24 @@ class CallGuard:
         with self._lock:
             st = self.keys.setdefault(key, KeyState())
             st.calls += 1
-            step = st.calls
+            first = st.calls == 1
         if st.choice == "dense":
             with plan.all_dense():
                 return run()
         if st.choice == "plan":
             return run()
-        if step == 1:
+        if first:                   # kernels compile; did any site take its sparse path?
             before = plan.sparse_runs()
             out = run()
             if plan.sparse_runs() == before:
                 st.choice, st.reason = "plan", "every site ran dense as planned"
             return out
-        if step == 2:
+        if st.plan_ms is None:      # (a call that raised leaves its measurement to the next)
             out, st.plan_ms = _timed(run, key[0])
             return out
         with plan.all_dense():
             out, st.dense_ms = _timed(run, key[0])
-        keep = st.plan_ms < st.dense_ms * (1.0 - TIE)
-        st.choice = "plan" if keep else "dense"
+        st.choice = "plan" if st.plan_ms < st.dense_ms * (1.0 - TIE) else "dense"
         st.reason = (f"measured {st.plan_ms:.2f} ms as planned vs {st.dense_ms:.2f} ms with "
                      f"every site dense")
         return out

@@ -121,3 +121,26 @@ def test_all_dense_block_overrides_the_plan_only_inside():
     Spec.schedule = "off"
     with plan.all_dense():
         assert plan.choose(Spec(), None, None) == "policy"
+
+
+def test_a_call_that_raises_leaves_its_measurement_to_the_next(monkeypatch):
+    g = guard.CallGuard()
+    monkeypatch.setattr(guard, "DEVICES", ("cpu",))
+    monkeypatch.setattr(torch, "is_grad_enabled", lambda: False)
+    x = (torch.zeros(1, 8),)
+
+    def sparse_call():
+        plan.note_sparse_run()
+        return "out"
+
+    def failing():
+        raise RuntimeError("out of memory")
+    times = [3.0, 2.0]
+    monkeypatch.setattr(guard, "_timed", lambda run, device: (run(), times.pop(0)))
+    assert g(sparse_call, x, {}) == "out"                  # warm-up: a site ran sparse
+    with pytest.raises(RuntimeError):
+        g(failing, x, {})                                  # the plan's timed call fails
+    assert g(sparse_call, x, {}) == "out"                  # timed as planned: 3 ms
+    assert g(sparse_call, x, {}) == "out"                  # timed dense: 2 ms
+    (st,) = g.keys.values()
+    assert (st.plan_ms, st.dense_ms, st.choice) == (3.0, 2.0, "dense")
