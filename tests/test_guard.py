@@ -112,8 +112,6 @@ def _backend(cm):
 
 
 def test_all_dense_block_overrides_the_plan_only_inside():
-    from runtime.spec import SiteSpec  # noqa: F401  (the spec type choose reads)
-
     class Spec:
         schedule = "auto"
     with plan.all_dense():

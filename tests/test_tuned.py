@@ -28,7 +28,7 @@ def mla_row(ms, **kw):
 @pytest.fixture
 def on_h100(monkeypatch, tmp_path):
     monkeypatch.setattr(tuned, "card_of", lambda device: "h100")
-    monkeypatch.setattr(sm, "_sm_count", lambda index: 132)
+    monkeypatch.setattr(sm, "sm_count", lambda device: 132)
     yield tmp_path
     tuned._rows.cache_clear()
 

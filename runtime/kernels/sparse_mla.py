@@ -12,7 +12,6 @@ Example (on a CUDA device, DeepSeek-V3.2's sizes)::
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from typing import Optional
 
@@ -24,7 +23,7 @@ from codegen.mla.reference import sparse_mla_reference
 from codegen.mla.sparse_kernel import SparseMLASpec
 from runtime.cache import KERNELS
 from runtime.kernels import tuned
-from runtime.kernels.launch import device_key, kernels_enabled
+from runtime.kernels.launch import device_key, kernels_enabled, sm_count
 from runtime.loader import load
 
 
@@ -61,8 +60,7 @@ def default_schedule(rows: int, heads: int, dk: int, dv: int, device) -> MLASche
     device, else its decode section, parts left automatic), else ``MLASchedule``'s default
     with ``block_h`` cut to the head count."""
     if heads >= 16:
-        decode = torch.device(device).type == "cuda" and rows < _sm_count(
-            torch.device(device).index or 0)
+        decode = torch.device(device).type == "cuda" and rows < sm_count(torch.device(device))
         shape = dict(dk=dk, dv=dv, H=heads) if not decode else dict(dk=dk, dv=dv, H=heads,
                                                                        splits=0)
         fields = tuned.best("mla_decode" if decode else "mla_prefill", device, **shape)
@@ -162,11 +160,6 @@ def sparse_mla(q, kv, indices, *, scale: float, dv: int, dl: Optional[int] = Non
 MIN_PART = 128
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 def parts(programs: int, K: int, sch: MLASchedule, device) -> tuple:
     """``(parts, entries per part)`` for a call of ``programs`` (row, head block) programs over
     lists of ``K`` entries: ``sch.splits`` where given; else, on CUDA, enough parts for about
@@ -176,7 +169,7 @@ def parts(programs: int, K: int, sch: MLASchedule, device) -> tuple:
     if not n:
         n = 1
         if torch.device(device).type == "cuda" and K > MIN_PART:
-            sms = _sm_count(torch.device(device).index or 0)
+            sms = sm_count(torch.device(device))
             if programs < sms:
                 n = min(-(-2 * sms // max(programs, 1)), K // MIN_PART)
     n = max(1, min(n, -(-K // sch.block_n)))
