@@ -142,3 +142,27 @@ def test_a_call_that_raises_leaves_its_measurement_to_the_next(monkeypatch):
     assert g(sparse_call, x, {}) == "out"                  # timed dense: 2 ms
     (st,) = g.keys.values()
     assert (st.plan_ms, st.dense_ms, st.choice) == (3.0, 2.0, "dense")
+
+
+def test_generate_runs_through_the_check(checked_cpu):
+    """generate() on a Hugging Face model: the prefill and the decode steps are keys of their
+    own (a step's mask length rounds up, so the steps of one bucket share a key); the check's
+    dense trial of a step attends over the same cache; the tokens match dense greedy decoding
+    once every site is dense."""
+    pytest.importorskip("transformers")
+    from conftest import tiny_llama
+    torch.manual_seed(0)
+    m = tiny_llama("sdpa")
+    ids = torch.randint(0, 128, (1, 90))
+    cm = planner.compile(m, policy=planner.policy("block_topk", block=16, topk=1),
+                         dynamic=True, cost_model="auto")
+    checked_cpu += [5.0, 1.0] * 8                   # dense measured faster for every key
+    with torch.no_grad():
+        runs = [cm.generate(ids, max_new_tokens=12, do_sample=False) for _ in range(3)]
+        want = m.generate(ids, max_new_tokens=12, do_sample=False)
+    keys = _backend(cm).guard.keys
+    assert len(keys) >= 2, keys                     # the prefill and the decode steps
+    assert all(st.choice == "dense" for st in keys.values()), keys
+    assert all(r.shape == want.shape for r in runs)
+    # the third prefill is its key's dense trial and every step's key was decided dense
+    assert torch.equal(runs[2], want)
