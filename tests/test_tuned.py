@@ -79,3 +79,25 @@ def test_no_file_or_no_gpu_keeps_the_defaults(tmp_path, monkeypatch):
     monkeypatch.setattr(tuned, "card_of", lambda device: "h100")
     assert tuned.best("mla_prefill", "cuda") is None
     tuned._rows.cache_clear()
+
+
+def test_the_committed_sweep_gives_valid_schedules(monkeypatch):
+    """Every committed ``dsa_sweep_<card>.json`` yields schedules the launchers accept; the H200
+    sweep's winners are the built-in Hopper defaults (they were copied from it)."""
+    import glob
+    import os
+    files = glob.glob(os.path.join(tuned.RESULTS, "dsa_sweep_h*.json"))
+    assert files, "no committed sweep"
+    for card in sorted({os.path.basename(f)[len("dsa_sweep_"):][:4] for f in files}):
+        monkeypatch.setattr(tuned, "card_of", lambda device, c=card: c)
+        tuned._rows.cache_clear()
+        pre = tuned.best("mla_prefill", "cuda", dk=576, dv=512, H=128)
+        dec = tuned.best("mla_decode", "cuda", dk=576, dv=512, H=128, splits=0)
+        idx = tuned.best("indexer_prefill", "cuda", H_I=64, d_I=128)
+        got = sm.MLASchedule(**pre), sm.MLASchedule(**dec), ik.IndexerSchedule(**idx)
+        if card == "h200":
+            assert got == (sm.MLASchedule(block_h=64, block_n=64, num_warps=8, num_stages=2),
+                           sm.MLASchedule(block_h=32, num_stages=2),
+                           ik.IndexerSchedule(block_m=64, block_n=64, num_warps=4,
+                                              num_stages=1, stream_queries=True))
+    tuned._rows.cache_clear()
