@@ -59,6 +59,7 @@ def compile(model: Any, policy: PolicyLike = None, *, dynamic: bool | None = Non
     be = Backend(policy, verify=verify, cost_model=cost_model, evict=evict,
                  n_layers=_n_layers(model), remainder=remainder, record=record,
                  record_rows=record_rows)
+    be.calls_checked = True            # _wrap checks whole calls (runtime.guard)
     isolation = _isolation()
     note_compile(isolated=bool(isolation))
     if isinstance(model, torch.nn.Module):

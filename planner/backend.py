@@ -53,6 +53,8 @@ class Backend:
         # whole calls timed against all-dense where sites ran sparse (runtime.guard)
         self.guard = CallGuard() if cost_model == "auto" and not all(
             pol.is_dense for _, pol in self.policies.rules) else None
+        self.graph_guards: list = []       # per-graph checks where no call wrapper checks
+        self.calls_checked = False         # planner.compile's wrapper checks whole calls
         self.evictions = as_eviction_map(evict)
         self.n_layers = n_layers
         self.owner = f"p{next(_IDS)}"
@@ -102,9 +104,12 @@ class Backend:
             self.matched_patterns |= ctx.matched_patterns
             self._warn_dropout(ctx)
         runner = lower_for_eager(gm)
+        fn = runner.forward
         if self.remainder == "inductor":
-            return self._inductor(gm, example_inputs, idx) or runner.forward
-        return runner.forward
+            fn = self._inductor(gm, example_inputs, idx) or runner.forward
+        if self.guard is None or self.calls_checked:
+            return fn
+        return _checked_graph(fn, example_inputs, self)
 
     def _inductor(self, gm: fx.GraphModule, example_inputs, idx: int):
         """The rewritten graph compiled by Inductor: the sparse ops stay opaque calls (their
@@ -183,7 +188,8 @@ class Backend:
                          f"{len(self.graphs)} graph(s))")
         return Report(sites, list(self.unmatched.values()), list(self.graphs), KERNELS.stats(),
                       notes=notes + self.remainder_notes
-                      + (self.guard.notes() if self.guard else []), recordings=recordings)
+                      + (self.guard.notes() if self.guard else [])
+                      + [n for g in self.graph_guards for n in g.notes()], recordings=recordings)
 
     def _eviction_fields(self, name: str, rec) -> dict:
         """What ``inspect`` shows of a site's eviction: its last eviction (the runtime's record)
@@ -291,6 +297,22 @@ def _compiling_backend():
     except (AttributeError, ImportError):
         return None
     return None if fn is None else _innermost(fn)
+
+
+def _checked_graph(fn, example_inputs, be: Backend):
+    """A captured graph's calls through the whole-call check (``runtime.guard``), for
+    ``torch.compile(backend="sparse_planner")`` and ``planner.backend()``, which have no wrapper
+    around the model's call as ``planner.compile`` has: one check per graph, keyed on its
+    inputs other than parameters (found once, here)."""
+    import torch
+    keep = [i for i, x in enumerate(example_inputs)
+            if isinstance(x, torch.Tensor) and not isinstance(x, torch.nn.Parameter)]
+    check = CallGuard()
+    be.graph_guards.append(check)
+
+    def run(*args):
+        return check(lambda: fn(*args), tuple(args[i] for i in keep if i < len(args)), {})
+    return run
 
 
 def backend_for_compile(key) -> Backend:

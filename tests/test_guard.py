@@ -166,3 +166,21 @@ def test_generate_runs_through_the_check(checked_cpu):
     assert all(r.shape == want.shape for r in runs)
     # the third prefill is its key's dense trial and every step's key was decided dense
     assert torch.equal(runs[2], want)
+
+
+def test_backend_objects_check_each_graph(checked_cpu):
+    """``torch.compile(model, backend=planner.backend(...))`` has no call wrapper: each captured
+    graph's calls go through a check of their own, keyed without the parameters."""
+    m, x = _model_and_input(5)
+    be = planner.backend(policy=_sparse_policy(), cost_model="auto")
+    tm = torch.compile(m, backend=be, dynamic=True)
+    checked_cpu += [10.0, 5.0]
+    with torch.no_grad():
+        ref = m(x)
+        outs = [tm(x) for _ in range(4)]
+    assert not _close(outs[0], ref) and _close(outs[2], ref) and _close(outs[3], ref)
+    (g,) = be.graph_guards
+    (key,) = g.keys
+    assert key[1][0] == (0, (1, 128))                # the ids key it, no parameter does
+    assert len(key[1]) < len(list(m.parameters()))
+    assert any(n.startswith("call check") for n in planner.inspect(tm).notes)
