@@ -197,6 +197,19 @@ def _ev(doc, table: str, budget):
     return next(r for r in doc[table] if r["budget"] == budget)
 
 
+def _speed_cells() -> tuple:
+    """A model_speed file's count of cells of the four policies at >= 0.97x, their number, the
+    lowest of them, and block_topk's speed at 65536 tokens on the three models."""
+    return (Fn("cells of the four policies at >= 0.97x", lambda d: sum(
+                r["speed"] >= 0.97 for r in d["rows"] if r["policy"] in _FOUR), "d"),
+            Fn("cells of the four policies", lambda d: sum(
+                r["policy"] in _FOUR for r in d["rows"]), "d"),
+            Fn("lowest speed of the four policies", lambda d: min(
+                r["speed"] for r in d["rows"] if r["policy"] in _FOUR), ".2f"),
+            *(V(f"rows[model={m}&N=65536&policy=block_topk].speed", ".2f")
+              for m in ("smollm2-135m", "llama3-8b-4l", "qwen2.5-7b-4l")))
+
+
 def _ev_at(doc, length: int):
     """The eviction file's dense row at one prompt length."""
     return next(r for r in doc["rows"] if r["budget"] is None and r["length"] == length)
@@ -605,15 +618,7 @@ FIGURES = [
            "65536 tokens block_topk {}x (SmolLM2-shaped), {}x (Llama), {}x (Qwen); with the ops "
            "outside attention compiled by Inductor, block_topk {}x the eager original and {}x "
            "torch.compile of it (Llama, 65536 tokens)",
-           (Fn("cells of the four policies at >= 0.97x", lambda d: sum(
-                r["speed"] >= 0.97 for r in d["rows"] if r["policy"] in _FOUR), "d"),
-            Fn("cells of the four policies", lambda d: sum(
-                r["policy"] in _FOUR for r in d["rows"]), "d"),
-            Fn("lowest speed of the four policies", lambda d: min(
-                r["speed"] for r in d["rows"] if r["policy"] in _FOUR), ".2f"),
-            V("rows[model=smollm2-135m&N=65536&policy=block_topk].speed", ".2f"),
-            V("rows[model=llama3-8b-4l&N=65536&policy=block_topk].speed", ".2f"),
-            V("rows[model=qwen2.5-7b-4l&N=65536&policy=block_topk].speed", ".2f"),
+           (*_speed_cells(),
             V("rows[model=llama3-8b-4l&N=65536&policy=block_topk@inductor].speed", ".2f"),
             Fn("torch.compile's time / the Inductor remainder's, same run", lambda d: select(
                 d, "rows[model=llama3-8b-4l&N=65536&policy=torch.compile].compiled_ms")
@@ -644,15 +649,7 @@ FIGURES = [
            "(Llama), {}x (Qwen)",
            (Fn("shortest", lambda d: min(r["N"] for r in d["rows"]), "d"),
             Fn("longest", lambda d: max(r["N"] for r in d["rows"]), "d"),
-            Fn("cells of the four policies at >= 0.97x", lambda d: sum(
-                r["speed"] >= 0.97 for r in d["rows"] if r["policy"] in _FOUR), "d"),
-            Fn("cells of the four policies", lambda d: sum(
-                r["policy"] in _FOUR for r in d["rows"]), "d"),
-            Fn("lowest speed of the four policies", lambda d: min(
-                r["speed"] for r in d["rows"] if r["policy"] in _FOUR), ".2f"),
-            V("rows[model=smollm2-135m&N=65536&policy=block_topk].speed", ".2f"),
-            V("rows[model=llama3-8b-4l&N=65536&policy=block_topk].speed", ".2f"),
-            V("rows[model=qwen2.5-7b-4l&N=65536&policy=block_topk].speed", ".2f"))),
+            *_speed_cells())),
     Figure("model_speed_h200.json",
            "SmolLM2-shaped at {} tokens on an H200: `auto` {}x, `block_topk` {}x the original",
            (V("rows[model=smollm2-135m&N=16384&policy=auto].N", "d"),
