@@ -18,8 +18,7 @@ rounded up to a power of two):
 
 The calls are the user's own (nothing runs twice: model code mutates caches in place), so the
 two timed calls return what their variant computes: the dense one exact attention. A call
-timed on a GPU waits for the device at its end (one synchronisation, in the two timed calls
-only). ``planner.inspect`` lists the measurements and the choice per key. ``planner.compile``
+timed on a GPU waits for the device before and after it (in the two timed calls only). ``planner.inspect`` lists the measurements and the choice per key. ``planner.compile``
 checks whole calls; ``torch.compile(backend="sparse_planner")`` and ``planner.backend()`` check
 each captured graph (``planner.backend``).
 """
