@@ -77,6 +77,12 @@ class CallGuard:
         key = shape_key(args, kwargs) if not torch.is_grad_enabled() else None
         if key is None:
             return run()
+        if _capturing():            # inside a CUDA graph capture: no timing, no counting
+            st = self.keys.get(key)
+            if st is not None and st.choice == "dense":
+                with plan.all_dense():
+                    return run()
+            return run()
         with self._lock:
             st = self.keys.setdefault(key, KeyState())
             st.calls += 1
@@ -112,6 +118,12 @@ class CallGuard:
             out.append(f"call check ({dev}, inputs {dims}): {st.reason}: runs "
                        + ("as planned" if st.choice == "plan" else "every site dense"))
         return out
+
+
+def _capturing() -> bool:
+    """Whether the current CUDA stream is capturing a graph (where a synchronisation or a
+    timed event would fail): the captured call runs the key's decided variant, else the plan."""
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
 def _timed(run: Callable, device: str) -> tuple:

@@ -184,3 +184,23 @@ def test_backend_objects_check_each_graph(checked_cpu):
     assert key[1][0] == (0, (1, 128))                # the ids key it, no parameter does
     assert len(key[1]) < len(list(m.parameters()))
     assert any(n.startswith("call check") for n in planner.inspect(tm).notes)
+
+
+def test_a_cuda_graph_capture_runs_the_decided_variant_untimed(monkeypatch):
+    """Inside a CUDA graph capture nothing is timed or counted (a synchronisation there would
+    fail): the capture records the key's decided variant, or the plan before a decision."""
+    g = guard.CallGuard()
+    monkeypatch.setattr(guard, "DEVICES", ("cpu",))
+    monkeypatch.setattr(torch, "is_grad_enabled", lambda: False)
+    monkeypatch.setattr(guard, "_timed", lambda run, device: pytest.fail("timed a capture"))
+    x = (torch.zeros(1, 8),)
+    seen = []
+
+    def call():
+        seen.append(plan._ALL_DENSE.get())
+        return "out"
+    monkeypatch.setattr(guard, "_capturing", lambda: True)
+    assert g(call, x, {}) == "out" and seen == [False] and not g.keys   # undecided: the plan
+    g.keys[guard.shape_key(x, {})] = guard.KeyState(calls=3, choice="dense")
+    assert g(call, x, {}) == "out" and seen == [False, True]          # decided: dense
+    assert g.keys[guard.shape_key(x, {})].calls == 3
