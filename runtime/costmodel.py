@@ -452,13 +452,17 @@ def crossover(profile: HardwareProfile, *, B: int = 1, Hq: int, Hkv: int, D: int
     return float(grid[0]) if vals[0] <= 0 else None
 
 
+#: where the measured files a profile (and the kernels' tuned schedules) read live
+RESULTS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                           "benchmarks", "results")
+
+
 @functools.lru_cache(maxsize=None)
 def load_profile(name: str, results_dir: Optional[str] = None) -> HardwareProfile:
     """The built-in profile, replaced by the fit in ``profile_<name>.json`` if present (read
     once per process: the run-time plan asks for it on calls)."""
     base = PROFILES[name]
-    results_dir = results_dir or os.path.join(os.path.dirname(os.path.dirname(
-        os.path.abspath(__file__))), "benchmarks", "results")
+    results_dir = results_dir or RESULTS_DIR
     path = os.path.join(results_dir, f"profile_{name}.json")
     est, cal = _site_overhead(results_dir, name, base.estimators)
     if not os.path.exists(path):
@@ -614,13 +618,28 @@ def fit_family(points_by_candidate: dict, peak_tflops: float, bandwidth_gbs: flo
 
 
 def profile_for(device) -> HardwareProfile:
-    """Pick the profile by the device the model runs on."""
+    """Pick the profile by the device the model runs on (any CUDA card but an H200: h100)."""
+    import torch
+    if torch.device(device).type != "cuda":
+        return load_profile("cpu")
+    return load_profile(card_name(device) or "h100")
+
+
+def card_name(device) -> Optional[str]:
+    """``"h100"`` / ``"h200"`` for those CUDA cards (the suffix of their measured files under
+    ``RESULTS_DIR``), None for any other device."""
     import torch
     dev = torch.device(device)
-    if dev.type != "cuda":
-        return load_profile("cpu")
-    name = torch.cuda.get_device_name(dev)
-    return load_profile("h200" if "H200" in name else "h100")
+    if dev.type != "cuda" or not torch.cuda.is_available():
+        return None
+    return _cuda_card(dev.index if dev.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_card(index: int) -> Optional[str]:
+    import torch
+    name = torch.cuda.get_device_name(index)
+    return "h200" if "H200" in name else "h100" if "H100" in name else None
 
 
 def expected_density(policy, n_q: int, n_kv: int) -> float:

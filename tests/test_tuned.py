@@ -12,7 +12,7 @@ from runtime.kernels import tuned
 
 def _sweep(tmp_path, rows):
     (tmp_path / "dsa_sweep_h100.json").write_text(json.dumps({"meta": {}, "rows": rows}))
-    tuned._rows.cache_clear()
+    tuned.reload()
     return str(tmp_path)
 
 
@@ -30,7 +30,7 @@ def on_h100(monkeypatch, tmp_path):
     monkeypatch.setattr(tuned, "card_of", lambda device: "h100")
     monkeypatch.setattr(sm, "sm_count", lambda device: 132)
     yield tmp_path
-    tuned._rows.cache_clear()
+    tuned.reload()
 
 
 def test_fastest_passing_row_wins(on_h100, monkeypatch):
@@ -75,10 +75,10 @@ def test_no_file_or_no_gpu_keeps_the_defaults(tmp_path, monkeypatch):
     monkeypatch.setattr(tuned, "RESULTS", _sweep(tmp_path, []))
     assert tuned.best("mla_prefill", "cpu") is None
     (tmp_path / "dsa_sweep_h100.json").unlink()
-    tuned._rows.cache_clear()
+    tuned.reload()
     monkeypatch.setattr(tuned, "card_of", lambda device: "h100")
     assert tuned.best("mla_prefill", "cuda") is None
-    tuned._rows.cache_clear()
+    tuned.reload()
 
 
 def test_the_committed_sweep_gives_valid_schedules(monkeypatch):
@@ -90,7 +90,7 @@ def test_the_committed_sweep_gives_valid_schedules(monkeypatch):
     assert files, "no committed sweep"
     for card in sorted({os.path.basename(f)[len("dsa_sweep_"):][:4] for f in files}):
         monkeypatch.setattr(tuned, "card_of", lambda device, c=card: c)
-        tuned._rows.cache_clear()
+        tuned.reload()
         pre = tuned.best("mla_prefill", "cuda", dk=576, dv=512, H=128)
         dec = tuned.best("mla_decode", "cuda", dk=576, dv=512, H=128, splits=0)
         idx = tuned.best("indexer_prefill", "cuda", H_I=64, d_I=128)
@@ -100,4 +100,4 @@ def test_the_committed_sweep_gives_valid_schedules(monkeypatch):
                            sm.MLASchedule(block_h=32, num_stages=2),
                            ik.IndexerSchedule(block_m=64, block_n=64, num_warps=4,
                                               num_stages=1, stream_queries=True))
-    tuned._rows.cache_clear()
+    tuned.reload()

@@ -19,21 +19,17 @@ import json
 import os
 from typing import Optional
 
-import torch
+from runtime.costmodel import RESULTS_DIR as RESULTS
+from runtime.costmodel import card_name as card_of
 
-RESULTS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(
-    __file__)))), "benchmarks", "results")
 MAX_REL_ERR = 2e-2           # bf16 outputs against the fp32 reference
 MIN_AGREEMENT = 0.99         # share of the first schedule's selected keys
 
 
-def card_of(device) -> Optional[str]:
-    """``h100`` / ``h200`` for a CUDA device (the sweep's file names), None elsewhere."""
-    dev = torch.device(device)
-    if dev.type != "cuda" or not torch.cuda.is_available():
-        return None
-    name = torch.cuda.get_device_name(dev)
-    return "h200" if "H200" in name else "h100" if "H100" in name else None
+def reload() -> None:
+    """Forget what was read (the files under ``RESULTS`` changed)."""
+    _rows.cache_clear()
+    _best.cache_clear()
 
 
 @functools.lru_cache(maxsize=None)
@@ -60,11 +56,17 @@ def _passed(row: dict) -> bool:
 def best(section: str, device, results: Optional[str] = None, **shape) -> Optional[dict]:
     """The schedule fields (a dict) of the fastest row of ``section`` measured on ``device``'s
     card whose recorded shape equals ``shape`` (keys of the row, e.g. ``dk=576, dv=512``),
-    or None."""
+    or None. Looked up once per (section, card, shape): launchers ask on every call."""
     card = card_of(device)
     if card is None:
         return None
-    rows = [r for r in _rows(card, results or RESULTS)
+    found = _best(section, card, results or RESULTS, tuple(sorted(shape.items())))
+    return dict(found) if found is not None else None
+
+
+@functools.lru_cache(maxsize=None)
+def _best(section: str, card: str, results: str, shape: tuple) -> Optional[tuple]:
+    rows = [r for r in _rows(card, results)
             if r.get("section") == section and _passed(r)
-            and all(r.get(k) == v for k, v in shape.items())]
-    return dict(min(rows, key=lambda r: r["ms"])["schedule"]) if rows else None
+            and all(r.get(k) == v for k, v in shape)]
+    return tuple(min(rows, key=lambda r: r["ms"])["schedule"].items()) if rows else None
