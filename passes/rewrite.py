@@ -242,7 +242,6 @@ def _native_policy(m, pol) -> NativeDSA:
                      absorb=given.absorb and not pol.is_dense, score_scale=ch.scale, mask=rule)
 
 
-
 def _emit_site(em, score_args: tuple, q, k, v, mods, key: str, site):
     """The site's ``sparse.score(*score_args, key) -> sparse.select -> sparse.attend`` chain;
     the attend node (the site's output) is marked with ``site``."""
@@ -253,6 +252,7 @@ def _emit_site(em, score_args: tuple, q, k, v, mods, key: str, site):
     out = em.call(torch.ops.sparse.attend.default, q, k, v, mods, counts, indices, key)
     out.meta["sparse_site"] = site
     return out
+
 
 def _rewrite_native(g: fx.Graph, m, pol: NativeDSA, rec, first: dict, owner: str) -> fx.Node:
     """Emit the native site (see the module docstring); returns the output node."""

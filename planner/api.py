@@ -59,7 +59,8 @@ def compile(model: Any, policy: PolicyLike = None, *, dynamic: bool | None = Non
     be = Backend(policy, verify=verify, cost_model=cost_model, evict=evict,
                  n_layers=_n_layers(model), remainder=remainder, record=record,
                  record_rows=record_rows)
-    be.calls_checked = True            # _wrap checks whole calls (runtime.guard)
+    if be.checking:                    # _wrap checks whole calls (runtime.guard)
+        be.call_check = be.new_check()
     isolation = _isolation()
     note_compile(isolated=bool(isolation))
     if isinstance(model, torch.nn.Module):
@@ -125,8 +126,8 @@ def _wrap(compiled: Callable, original: Callable, be: Backend) -> Callable:
         am = kwargs.get("attention_mask")
         if isinstance(am, torch.Tensor) and am.dim() == 2 and _kv_present(args, kwargs):
             torch._dynamo.maybe_mark_dynamic(am, 1)     # [B, past + new] grows with the cache
-        if be.guard is not None:
-            out = be.guard(lambda: compiled(*args, **kwargs), args, kwargs)
+        if be.call_check is not None:
+            out = be.call_check(lambda: compiled(*args, **kwargs), args, kwargs)
         else:
             out = compiled(*args, **kwargs)
         if not checked:

@@ -50,11 +50,12 @@ class Backend:
         kernels_mode()                     # a bad SPARSE_PLANNER_KERNELS fails here, not mid-call
         self.cost_model = cost_model
         self.policies: PolicyMap = as_policy_map(policy)
-        # whole calls timed against all-dense where sites ran sparse (runtime.guard)
-        self.guard = CallGuard() if cost_model == "auto" and not all(
-            pol.is_dense for _, pol in self.policies.rules) else None
-        self.graph_guards: list = []       # per-graph checks where no call wrapper checks
-        self.calls_checked = False         # planner.compile's wrapper checks whole calls
+        # calls timed against all-dense where sites ran sparse (runtime.guard): planner.compile
+        # sets call_check for its wrapper; else each captured graph gets a check of its own
+        self.checking = cost_model == "auto" and not all(
+            pol.is_dense for _, pol in self.policies.rules)
+        self.checks: list[CallGuard] = []
+        self.call_check: Optional[CallGuard] = None
         self.evictions = as_eviction_map(evict)
         self.n_layers = n_layers
         self.owner = f"p{next(_IDS)}"
@@ -107,9 +108,15 @@ class Backend:
         fn = runner.forward
         if self.remainder == "inductor":
             fn = self._inductor(gm, example_inputs, idx) or runner.forward
-        if self.guard is None or self.calls_checked:
+        if not self.checking or self.call_check is not None:
             return fn
-        return _checked_graph(fn, example_inputs, self)
+        return _checked_graph(fn, example_inputs, self.new_check())
+
+    def new_check(self) -> CallGuard:
+        """A call check whose measurements ``inspect`` lists."""
+        check = CallGuard()
+        self.checks.append(check)
+        return check
 
     def _inductor(self, gm: fx.GraphModule, example_inputs, idx: int):
         """The rewritten graph compiled by Inductor: the sparse ops stay opaque calls (their
@@ -188,8 +195,8 @@ class Backend:
                          f"{len(self.graphs)} graph(s))")
         return Report(sites, list(self.unmatched.values()), list(self.graphs), KERNELS.stats(),
                       notes=notes + self.remainder_notes
-                      + (self.guard.notes() if self.guard else [])
-                      + [n for g in self.graph_guards for n in g.notes()], recordings=recordings)
+                      + [n for check in self.checks for n in check.notes()],
+                      recordings=recordings)
 
     def _eviction_fields(self, name: str, rec) -> dict:
         """What ``inspect`` shows of a site's eviction: its last eviction (the runtime's record)
@@ -299,7 +306,7 @@ def _compiling_backend():
     return None if fn is None else _innermost(fn)
 
 
-def _checked_graph(fn, example_inputs, be: Backend):
+def _checked_graph(fn, example_inputs, check: CallGuard):
     """A captured graph's calls through the whole-call check (``runtime.guard``), for
     ``torch.compile(backend="sparse_planner")`` and ``planner.backend()``, which have no wrapper
     around the model's call as ``planner.compile`` has: one check per graph, keyed on its
@@ -307,8 +314,6 @@ def _checked_graph(fn, example_inputs, be: Backend):
     import torch
     keep = [i for i, x in enumerate(example_inputs)
             if isinstance(x, torch.Tensor) and not isinstance(x, torch.nn.Parameter)]
-    check = CallGuard()
-    be.graph_guards.append(check)
 
     def run(*args):
         return check(lambda: fn(*args), tuple(args[i] for i in keep if i < len(args)), {})

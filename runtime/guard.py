@@ -18,9 +18,10 @@ rounded up to a power of two):
 
 The calls are the user's own (nothing runs twice: model code mutates caches in place), so the
 two timed calls return what their variant computes: the dense one exact attention. A call
-timed on a GPU waits for the device before and after it (in the two timed calls only). ``planner.inspect`` lists the measurements and the choice per key. ``planner.compile``
-checks whole calls; ``torch.compile(backend="sparse_planner")`` and ``planner.backend()`` check
-each captured graph (``planner.backend``).
+timed on a GPU waits for the device before and after it (in the two timed calls only).
+``planner.inspect`` lists the measurements and the choice per key. ``planner.compile`` checks
+whole calls; ``torch.compile(backend="sparse_planner")`` and ``planner.backend()`` check each
+captured graph (``planner.backend``).
 """
 from __future__ import annotations
 
@@ -57,13 +58,12 @@ def _bucket(n: int) -> int:
 def shape_key(args, kwargs) -> Optional[tuple]:
     """The call's tensor shapes (lengths above 64 rounded up to a power of two) and device;
     None when no tensor argument is on a checked device."""
-    shapes, dev = [], None
-    for name, a in list(enumerate(args)) + sorted(kwargs.items()):
-        if isinstance(a, torch.Tensor):
-            shapes.append((name, tuple(_bucket(int(s)) for s in a.shape)))
-            if dev is None and a.device.type in DEVICES:
-                dev = str(a.device)
-    return (dev, tuple(shapes)) if dev is not None else None
+    tensors = [(name, a) for name, a in list(enumerate(args)) + sorted(kwargs.items())
+               if isinstance(a, torch.Tensor)]
+    dev = next((str(a.device) for _, a in tensors if a.device.type in DEVICES), None)
+    if dev is None:
+        return None
+    return dev, tuple((name, tuple(_bucket(int(s)) for s in a.shape)) for name, a in tensors)
 
 
 class CallGuard:
@@ -79,19 +79,13 @@ class CallGuard:
             return run()
         if _capturing():            # inside a CUDA graph capture: no timing, no counting
             st = self.keys.get(key)
-            if st is not None and st.choice == "dense":
-                with plan.all_dense():
-                    return run()
-            return run()
+            return _run_as(st.choice if st is not None else None, run)
         with self._lock:
             st = self.keys.setdefault(key, KeyState())
             st.calls += 1
             first = st.calls == 1
-        if st.choice == "dense":
-            with plan.all_dense():
-                return run()
-        if st.choice == "plan":
-            return run()
+        if st.choice is not None:
+            return _run_as(st.choice, run)
         if first:                   # kernels compile; did any site take its sparse path?
             before = plan.sparse_runs()
             out = run()
@@ -118,6 +112,14 @@ class CallGuard:
             out.append(f"call check ({dev}, inputs {dims}): {st.reason}: runs "
                        + ("as planned" if st.choice == "plan" else "every site dense"))
         return out
+
+
+def _run_as(choice: Optional[str], run: Callable):
+    """One call as ``choice`` says: every site dense for "dense", else as planned."""
+    if choice == "dense":
+        with plan.all_dense():
+            return run()
+    return run()
 
 
 def _capturing() -> bool:

@@ -76,7 +76,7 @@ def test_keys_are_bucketed_shapes_and_training_is_not_checked(checked_cpu):
         cm(torch.randint(0, 256, (1, 100)))         # warm-up of the key (1, 128)
         cm(torch.randint(0, 256, (1, 120)))         # same key (120 rounds up to 128): timed
     assert not checked_cpu
-    (key, st), = _backend(cm).guard.keys.items()
+    (key, st), = _backend(cm).call_check.keys.items()
     assert key == ("cpu", ((0, (1, 128)),)) and st.plan_ms == 7.0 and st.choice is None
     assert guard.shape_key((torch.zeros(1, 129, dtype=torch.long),), {}) != key
     assert guard.shape_key((torch.zeros(1, 64, dtype=torch.long),), {})[1] == ((0, (1, 64)),)
@@ -98,12 +98,12 @@ def test_sites_that_ran_dense_are_not_measured(monkeypatch):
 
 def test_no_check_for_dense_policies_or_cost_model_off():
     m, _ = _model_and_input(4)
-    assert _backend(planner.compile(m, policy=_sparse_policy(), cost_model="auto")).guard
+    assert _backend(planner.compile(m, policy=_sparse_policy(), cost_model="auto")).call_check
     for kw in (dict(policy="dense", cost_model="auto"),
                dict(policy=_sparse_policy(), cost_model="off")):
         be = planner.compile(m, **kw)
         assert planner.inspect(be) is not None
-        assert getattr(_backend(be), "guard") is None
+        assert _backend(be).call_check is None and not _backend(be).checks
 
 
 def _backend(cm):
@@ -160,7 +160,7 @@ def test_generate_runs_through_the_check(checked_cpu):
     with torch.no_grad():
         runs = [cm.generate(ids, max_new_tokens=12, do_sample=False) for _ in range(3)]
         want = m.generate(ids, max_new_tokens=12, do_sample=False)
-    keys = _backend(cm).guard.keys
+    keys = _backend(cm).call_check.keys
     assert len(keys) >= 2, keys                     # the prefill and the decode steps
     assert all(st.choice == "dense" for st in keys.values()), keys
     assert all(r.shape == want.shape for r in runs)
@@ -179,7 +179,7 @@ def test_backend_objects_check_each_graph(checked_cpu):
         ref = m(x)
         outs = [tm(x) for _ in range(4)]
     assert not _close(outs[0], ref) and _close(outs[2], ref) and _close(outs[3], ref)
-    (g,) = be.graph_guards
+    (g,) = be.checks
     (key,) = g.keys
     assert key[1][0] == (0, (1, 128))                # the ids key it, no parameter does
     assert len(key[1]) < len(list(m.parameters()))
