@@ -327,10 +327,27 @@ def _closure(starts, into: set) -> set:
 
 # ---------------------------------------------------------------------------- clean-up
 
+_STATE_MODULES = ("torch._functorch", "torch._C", "torch.autograd", "torch.amp")
+_STATE_WORDS = ("nesting", "_enter", "_exit", "_set_", "lazy_load")
+
+
+def changes_state(n: fx.Node) -> bool:
+    """A call made for its effect on PyTorch's global state, which FX's ``is_impure`` does not
+    list: the vmap / grad transform levels Dynamo writes out when it inlines ``torch.vmap``
+    (``_vmap_increment_nesting`` ... ``_vmap_decrement_nesting``; their results go unused, and
+    without them ``_add_batch_dim`` fails at run time), grad / autocast mode switches."""
+    if n.op != "call_function":
+        return False
+    name = getattr(n.target, "__name__", "") or ""
+    mod = getattr(n.target, "__module__", "") or ""
+    return mod.startswith(_STATE_MODULES) and any(w in name for w in _STATE_WORDS)
+
+
 def eliminate_dead_code(gm: fx.GraphModule) -> bool:
     """``graph.eliminate_dead_code`` that keeps writes: a node stays if its value is used, if it
-    has side effects, or if it writes storage that is observed (a graph input/buffer, or
-    storage some surviving node reads). Returns whether anything was removed."""
+    has side effects (``is_impure`` or ``changes_state``), or if it writes storage that is
+    observed (a graph input/buffer, or storage some surviving node reads). Returns whether
+    anything was removed."""
     g = gm.graph
     info = MutationInfo(g)
     live: set = set()
@@ -339,8 +356,8 @@ def eliminate_dead_code(gm: fx.GraphModule) -> bool:
         _closure([n], live)
 
     for n in g.nodes:
-        if n.op in ("placeholder", "output") or (n.op == "call_function" and n.is_impure()
-                                                 and not info.is_write(n)):
+        if n.op in ("placeholder", "output") or changes_state(n) or (
+                n.op == "call_function" and n.is_impure() and not info.is_write(n)):
             keep(n)
         elif n.op == "call_module" and n.is_impure():
             keep(n)

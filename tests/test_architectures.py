@@ -164,3 +164,37 @@ def test_rule_sites_run_kernels_on_the_gpu(name, impl, padded):
             if pol == "dense":
                 rel = (out - ref).norm() / ref.norm()
                 assert rel < 2e-2, rel
+
+
+class _VmappedScaleThenAttention(torch.nn.Module):
+    """``torch.vmap`` in the forward (Dynamo writes the vmap levels out as calls whose results
+    go unused), then causal attention."""
+
+    def forward(self, q, k, v):
+        q = torch.vmap(lambda x: x * x.sigmoid())(q)
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+
+def test_vmap_in_the_forward_keeps_its_levels():
+    """The planner's dead-code pass keeps the vmap level calls (FX counts them pure): the
+    site is rewritten and the output equals the module's."""
+    m = _VmappedScaleThenAttention()
+    q, k, v = (torch.randn(2, 3, 17, 8) for _ in range(3))
+    cm = planner.compile(m, policy="dense")
+    assert max_err(cm(q, k, v), m(q, k, v)) <= 1e-5
+    assert [s.status for s in planner.inspect(cm).sites] == ["rewritten"]
+
+
+def test_a_model_without_attention_runs_as_written():
+    """Mamba (a selective scan under ``torch.vmap``, no attention): no site, the same logits."""
+    import transformers as T
+    torch.manual_seed(0)
+    m = T.MambaForCausalLM(T.MambaConfig(vocab_size=128, hidden_size=32, num_hidden_layers=2,
+                                         state_size=8)).eval()
+    ids = torch.randint(0, 128, (1, 23))
+    with torch.no_grad():
+        ref = m(input_ids=ids).logits
+        cm = planner.compile(m, policy="dense")
+        out = cm(input_ids=ids).logits
+    assert max_err(out, ref) <= 1e-5
+    assert planner.inspect(cm).sites == []
