@@ -22,11 +22,12 @@ differ: slots past a head's count repeat its last kept key and are masked when a
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import threading
 from fractions import Fraction
 from dataclasses import dataclass, field
-from typing import Optional, Union
+from typing import Iterator, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -370,27 +371,30 @@ def select(pol: Eviction, q, k, v, scale: float, gqa: int, layer: Optional[int] 
 
 
 def _adaptive(pol: AdaKV, s: torch.Tensor, m: int, w: int):
-    """Ada-KV's allocation: each head its top ``floor * m``, then the layer's remaining
-    ``H * m - H * floor * m`` slots to the best remaining scores over all heads, no head
-    taking more than ``w`` (the padded width)."""
+    """Ada-KV's allocation: each head its top ``floor * m`` (at least one key: a head with none
+    would attend to nothing), then the layer's remaining ``H * m - H * safe`` slots to the best
+    remaining scores over all heads, no head taking more than ``w`` (the padded width). Equal
+    scores (SnapKV's window keys all score +inf) go to the lower head, then the head's earlier
+    rank: a head's own safeguard keys come first whatever their score."""
     b, h, n = s.shape
-    safe = min(m, int(pol.floor * m))
-    s = s.clone()
-    order = s.argsort(dim=-1, descending=True)
-    s.scatter_(-1, order[..., w:], float("-inf"))                 # beyond a head's top w
-    if safe > 0:
-        s.scatter_(-1, order[..., :safe], float("inf"))
-    flat = s.reshape(b, h * n)
-    chosen = flat.topk(h * m, dim=-1).indices                      # [B, H*m]
+    safe = min(m, max(1, int(pol.floor * m)))
+    order = s.argsort(dim=-1, descending=True, stable=True)        # per head, ties by position
+    rank = torch.empty_like(order).scatter_(-1, order, torch.arange(n, device=s.device)
+                                            .expand_as(order))
+    tier = torch.where(rank < safe, 2, torch.where(rank < w, 1, 0)).reshape(b, h * n)
+    # the flat keys by (tier desc, score desc, head, rank): stable sorts, last key first
+    o = (order + n * torch.arange(h, device=s.device)[:, None]).reshape(b, h * n)
+    o = o.gather(-1, s.reshape(b, h * n).gather(-1, o).argsort(dim=-1, descending=True, stable=True))
+    o = o.gather(-1, tier.gather(-1, o).argsort(dim=-1, descending=True, stable=True))
     keep = torch.zeros(b, h * n, dtype=torch.bool, device=s.device)
-    keep.scatter_(-1, chosen, True)
+    keep.scatter_(-1, o[:, :h * m], True)
     keep = keep.reshape(b, h, n)
-    counts = keep.sum(-1)                                          # [B, H]
+    counts = keep.sum(-1)                                          # [B, H], each in [safe, w]
     mx = w
     # ascending kept positions first, then the dropped ones; the first ``mx`` columns
     pos = torch.arange(n, device=s.device).expand(b, h, n)
     order = torch.where(keep, pos, pos + n).sort(dim=-1).values[..., :mx]
-    last = order.gather(-1, (counts - 1).clamp(min=0).unsqueeze(-1))
+    last = order.gather(-1, (counts - 1).unsqueeze(-1))
     idx = torch.where(order >= n, last, order)                     # pad: repeat the last kept key
     return idx, counts
 
@@ -398,6 +402,14 @@ def _adaptive(pol: AdaKV, s: torch.Tensor, m: int, w: int):
 def compact(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """``x[b, h, idx[b, h, :]]``: [B, H, N, D] -> [B, H, M, D] (a new contiguous tensor)."""
     return x.gather(2, idx.unsqueeze(-1).expand(*idx.shape, x.shape[-1]))
+
+
+def evicted(k: torch.Tensor, v: torch.Tensor, idx: torch.Tensor, counts=None) -> tuple:
+    """The kept (k, v) of ``select``'s ``(idx, counts)``, per-head counts noted on the keys."""
+    k2, v2 = compact(k, idx), compact(v, idx)
+    if counts is not None:
+        note_counts(k2, counts)
+    return k2, v2
 
 
 # ---------------------------------------------------------------------------------------------
@@ -465,9 +477,34 @@ def get_record(key: str) -> Optional[EvictRecord]:
     return _RECORDS.get(key)
 
 
+_CAPTURE: Optional[dict] = None
+
+
+@contextlib.contextmanager
+def capturing() -> Iterator[dict]:
+    """Keep what every site's eviction reads while the block runs: ``{site: (q, k, v, scale,
+    gqa, layer, n_layers)}`` (the last call of each site). ``select`` on those values gives any
+    other policy's kept keys for the same prefill (the prefill attends densely whatever the
+    policy, so its K/V do not depend on it): one prefill serves every policy and budget (the
+    eviction-quality harness).
+
+    >>> with capturing() as got:                                   # doctest: +SKIP
+    ...     compiled(ids, past_key_values=cache)
+    >>> q, k, v, scale, gqa, layer, n_layers = got["model.layers.0.self_attn"]  # doctest: +SKIP
+    """
+    global _CAPTURE
+    prev, _CAPTURE = _CAPTURE, {}
+    try:
+        yield _CAPTURE
+    finally:
+        _CAPTURE = prev
+
+
 def run(pol: Eviction, q, k, v, scale: float, gqa: int, layer, n_layers, key: str):
     """Evict: the compacted (k, v) (copies of the full ones where nothing is evicted) and the
     record for ``inspect``."""
+    if _CAPTURE is not None:
+        _CAPTURE[key] = (q, k, v, scale, gqa, layer, n_layers)
     n = k.shape[2]
     nbytes = k.numel() * k.element_size() + v.numel() * v.element_size()
     idx, counts = select(pol, q, k, v, scale, gqa, layer, n_layers)
@@ -476,9 +513,7 @@ def run(pol: Eviction, q, k, v, scale: float, gqa: int, layer, n_layers, key: st
                                 note=f"budget {pol.budget_for(layer, n_layers, n)} >= cached "
                                      f"length {n}: nothing evicted"))
         return k.clone(), v.clone()
-    k2, v2 = compact(k, idx), compact(v, idx)
-    if counts is not None:
-        note_counts(k2, counts)
+    k2, v2 = evicted(k, v, idx, counts)
     per_head = (counts[0].tolist() if counts is not None else [idx.shape[2]] * k.shape[1])
     record(key, EvictRecord(pol.short(), n, idx.shape[2], nbytes,
                             k2.numel() * k2.element_size() + v2.numel() * v2.element_size(),

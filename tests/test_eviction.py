@@ -107,7 +107,7 @@ def ref_pyramid_budget(avg, layer, n_layers, beta):
 
 
 def ref_adakv(q, k, v, scale, m, window, kernel, floor, cap, value=False, sink=0):
-    """Every head keeps its own top ``floor * m``; then the layer's ``H * m`` slots go to the
+    """Every head keeps its own top ``floor * m`` (at least 1); then the layer's ``H * m`` slots go to the
     best remaining scores over all heads, a head holding at most ``ceil(cap * m)``."""
     hkv, n = k.shape[0], k.shape[1]
     w_obs = min(window, n)
@@ -122,7 +122,7 @@ def ref_adakv(q, k, v, scale, m, window, kernel, floor, cap, value=False, sink=0
     kept = [set() for _ in range(hkv)]
     rank = [sorted(range(n), key=lambda j, s=s: -s[j]) for s in scores]
     for h in range(hkv):
-        kept[h] |= set(rank[h][: int(floor * m)])
+        kept[h] |= set(rank[h][: min(m, max(1, int(floor * m)))])
     cands = sorted(((scores[h][j], h, j) for h in range(hkv) for j in rank[h][:width]
                     if j not in kept[h]), key=lambda t: -t[0])
     total = sum(len(x) for x in kept)
@@ -234,6 +234,25 @@ def test_generate_shrinks_the_cache(name, budget, width):
         assert s.bytes_freed == 2 * 2 * 16 * 4 * (n - width)            # K and V, fp32
         assert s.kept.shape == (1, 2, width)
     assert "KV-cache eviction" in str(rep)
+
+
+@pytest.mark.parametrize("floor", [0.0, 0.2])
+def test_adakv_with_every_score_tied_keeps_a_key_per_head(floor):
+    """A prompt shorter than SnapKV's observation window: every key is a window key (score
+    +inf), so the layer's choice is all ties. Each head still keeps its safeguard (at least one
+    key, also with ``floor=0``), the layer keeps H x budget, the indices are keys of the prompt;
+    generate() runs over it (a head left with no key made the compaction index past the end)."""
+    pol = planner.AdaKV(budget=0.5, floor=floor)
+    k = torch.randn(1, 4, 46, 8)
+    idx, counts = ev.select(pol, torch.randn(1, 8, 46, 8), k, k, 0.35, 2, 0, 2)
+    assert (counts >= max(1, int(floor * 23))).all() and counts.sum() == 4 * 23
+    assert 0 <= idx.min() and idx.max() < 46
+    lm = tiny_llama("sdpa")
+    ids = torch.randint(0, 128, (1, 30))
+    cm = planner.compile(lm, policy="dense", evict=pol)
+    out = _gen(cm, ids, 3)
+    assert out.shape == (1, 33)
+    assert all(s.cache_before == 30 for s in planner.inspect(cm).sites)
 
 
 def test_generate_equals_decoding_over_a_cache_compacted_by_hand():
