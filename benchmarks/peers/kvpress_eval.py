@@ -69,7 +69,7 @@ def run(args) -> int:
     import torch
     import transformers
     from transformers import AutoModelForCausalLM
-    answer_scores = _protocol().answer_scores
+    P = _protocol()
     prompts = json.load(open(args.prompts))
     samples = prompts["samples"][: args.limit or None]
     models = {}
@@ -87,35 +87,107 @@ def run(args) -> int:
                                 + [x for x in sys.argv[1:] if x != "--inside"]),
             "prompts": {k: prompts[k] for k in ("model", "lengths", "trials", "tasks", "seed")}
             | {"n": len(samples)}}
-    cells = []
     runs = ([] if args.no_dense else [("dense", None)]) + [(p, b) for p in args.presses.split(",")
                                 for b in (float(x) for x in args.budgets.split(","))]
+    smallest = min((b for _, b in runs if b is not None), default=None)
+    cells, t_prefill = [], 0.0
+
+    def cell_of(proto, name, b):
+        for c in cells:
+            if (c["protocol"], c["press"], c["budget"]) == (proto, name, b):
+                return c
+        c = {"side": "kvpress", "press": name, "budget": b, "protocol": proto, "rows": [],
+             "seconds": 0.0, "checked": 0}
+        cells.append(c)
+        return c
+
     for proto in args.protocols.split(","):
-        for name, b in runs:
-            t0 = time.perf_counter()
-            # ObservedAttention reads the attention weights: eager attention
-            lm = model("eager" if name == "ObservedAttentionPress" else "sdpa")
-            press = None if name == "dense" else make_press(name, b)
-            rows = []
-            for s in samples:
-                ok, nll, lens = answer_scores(lm, s, proto, press)
-                rows.append({"cell": s["cell"], "correct": ok, "nll": nll,
-                             "cache": sum(lens) / len(lens)})
-            n = len(rows)
-            acc = sum(r["correct"] for r in rows) / n
-            cells.append({"side": "kvpress", "press": name, "budget": b, "protocol": proto,
-                          "n": n, "retrieval": acc, "se": math.sqrt(acc * (1 - acc) / n),
-                          "nll": sum(r["nll"] for r in rows) / n,
-                          "mean_cache_tokens": sum(r["cache"] for r in rows) / n,
-                          "seconds": time.perf_counter() - t0, "rows": rows})
-            print(f"kvpress {proto:8s} {name:26s} {b}: retrieval {acc:.2f} nll "
-                  f"{cells[-1]['nll']:.3f} cache {cells[-1]['mean_cache_tokens']:.0f} "
-                  f"({cells[-1]['seconds']:.0f}s)", flush=True)
+        for i, s in enumerate(samples):
+            if args.shared:
+                t0 = time.perf_counter()
+                last, layers, rec = _recorded_prefill(model("sdpa"), P, s, proto)
+                t_prefill += time.perf_counter() - t0
+            for name, b in runs:
+                t0 = time.perf_counter()
+                c = cell_of(proto, name, b)
+                # ObservedAttention reads the attention weights: eager attention, its own prefill
+                eager = name == "ObservedAttentionPress"
+                lm = model("eager" if eager else "sdpa")
+                press = None if name == "dense" else make_press(name, b)
+                if not args.shared or eager:
+                    res = P.answer_scores(lm, s, proto, press)
+                else:
+                    res = _replayed(lm, P, s, proto, press, last, layers, rec)
+                    if i < args.check and b in (None, smallest):
+                        direct = P.answer_scores(lm, s, proto, press)
+                        if not P.same_scores(res, direct):
+                            raise RuntimeError(
+                                f"{name}@{b} {proto} prompt {i}: the replayed hooks give "
+                                f"{res[:2]} (cache {res[2][:3]}...), kvpress's own prefill "
+                                f"{direct[:2]} (cache {direct[2][:3]}...)")
+                        c["checked"] += 1
+                ok, nll, lens = res
+                c["rows"].append({"cell": s["cell"], "correct": ok, "nll": nll,
+                                  "cache": sum(lens) / len(lens)})
+                c["seconds"] += time.perf_counter() - t0
+            for c in cells:
+                n = len(c["rows"])
+                acc = sum(r["correct"] for r in c["rows"]) / n
+                c.update(n=n, retrieval=acc, se=math.sqrt(acc * (1 - acc) / n),
+                         nll=sum(r["nll"] for r in c["rows"]) / n,
+                         mean_cache_tokens=sum(r["cache"] for r in c["rows"]) / n)
+            print(f"kvpress {proto:8s} prompt {i + 1}/{len(samples)}: " + ", ".join(
+                f"{c['press']}@{c['budget']} {c['retrieval']:.2f}" for c in cells
+                if c["protocol"] == proto), flush=True)
             tmp = args.out + ".tmp"
             with open(tmp, "w") as f:
-                json.dump({**meta, "cells": cells}, f, indent=1)
+                json.dump({**meta, "shared_prefill": args.shared, "prefill_seconds": t_prefill,
+                           "cells": cells}, f, indent=1)
             os.replace(tmp, args.out)
     return 0
+
+
+def _attention_layers(lm):
+    inner = lm.model.language_model if hasattr(lm.model, "language_model") else lm.model
+    return inner, [layer.self_attn for layer in inner.layers]
+
+
+def _recorded_prefill(lm, P, sample, protocol):
+    """One plain prefill of ``sample``: (last logits, each layer's full (keys, values), each
+    layer's ``(kwargs, output)`` as a press's forward hook receives them)."""
+    _, attns = _attention_layers(lm)
+    rec = {}
+    hooks = [a.register_forward_hook(
+        lambda mod, args, kwargs, out: rec.__setitem__(mod.layer_idx, (dict(kwargs), out)),
+        with_kwargs=True) for a in attns]
+    try:
+        last, cache = P.prefill(lm, P.parts(sample, protocol)[0])
+    finally:
+        for h in hooks:
+            h.remove()
+    return last, [(x.keys, x.values) for x in cache.layers], rec
+
+
+def _replayed(lm, P, sample, protocol, press, last, layers, rec):
+    """``answer_scores`` of ``press`` from a recorded prefill: a cache holding the full K/V,
+    the press's own ``forward_hook`` called for every layer with what that layer's hook received
+    in the prefill (the prefill attends densely: only the cache depends on the press), then the
+    rest of the prompt and the answer over the compressed cache. As ``press(lm)`` does first:
+    ``post_init_from_model``, the model's rotary embedding on each attention layer; and each
+    layer's head-wise mask (``masked_key_indices``, AdaKV) cleared, as a prefill clears it."""
+    import torch
+    inner, attns = _attention_layers(lm)
+    cache = P.cache_of(lm, layers)
+    for a in attns:
+        a.masked_key_indices = None
+    if press is not None:
+        press.post_init_from_model(lm)
+        with torch.no_grad():
+            for a in attns:
+                a.rotary_emb = inner.rotary_emb
+                kwargs, out = rec[a.layer_idx]
+                press.forward_hook(a, [], dict(kwargs, past_key_values=cache), out)
+    return P.finish(lm, cache, last, sample, protocol)
 
 
 def main() -> int:
@@ -127,6 +199,12 @@ def main() -> int:
     ap.add_argument("--protocols", default="agnostic,aware")
     ap.add_argument("--no-dense", action="store_true", help="skip the dense cell")
     ap.add_argument("--limit", type=int, default=0, help="first N prompts only (0: all)")
+    ap.add_argument("--no-shared", dest="shared", action="store_false",
+                    help="one prefill per prompt and press (default: one per prompt, the "
+                         "presses' hooks replayed on it)")
+    ap.add_argument("--check", type=int, default=1,
+                    help="prompts per press (smallest budget) also scored with kvpress's own "
+                         "prefill; a difference stops the run")
     ap.add_argument("--venv", default=DEFAULT_VENV)
     ap.add_argument("--inside", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()

@@ -34,7 +34,8 @@ from typing import Optional
 
 import torch
 
-from planner.quality.protocol import answer_scores, feed
+from planner.quality.protocol import (answer_scores, cache_of, feed, finish, parts, prefill,
+                                      same_scores)
 
 #: planner eviction policy -> the kvpress press of the same method (ObservedAttention is
 #: kvpress's H2O-like press: mean observed attention, no recent window)
@@ -115,9 +116,19 @@ def summarize(rows: list) -> dict:
 
 
 def run_planner(prompts: dict, policies, budgets, protocols, path: str, log=print, cells=(),
-                dense: bool = True) -> dict:
+                dense: bool = True, shared: bool = True, check: int = 1) -> dict:
+    """Score every (policy, budget) cell on every prompt, per protocol; write ``path``.
+
+    ``shared`` (the default): one prefill per prompt serves every cell (``protocol``'s module
+    docstring): the prefill runs once through the planner with nothing evicted while
+    ``runtime.eviction.capturing`` keeps what each site's eviction reads; each cell then keeps
+    its policy's keys of those values (``runtime.eviction.select``, what the site runs) and reads
+    the rest of the prompt and the answer through the model compiled with that policy. The
+    first ``check`` prompts of each cell at the smallest budget are also scored the direct way
+    (the compiled model evicting inside its own prefill) and must agree (``same_scores``), or
+    the run stops. ``shared=False``: one prefill per prompt and cell."""
     import planner
-    from planner.quality import assets
+    from runtime import eviction as ev
     from transformers import AutoModelForCausalLM
     lm = AutoModelForCausalLM.from_pretrained(prompts["model_dir"], dtype=torch.float32,
                                               attn_implementation="sdpa").eval()
@@ -125,28 +136,72 @@ def run_planner(prompts: dict, policies, budgets, protocols, path: str, log=prin
     samples = prompts["samples"]
     runs = ([("dense", None)] if dense else []) + (
         list(cells) if cells else [(p, b) for b in budgets for p in policies])   # budget-major
-    cells = []
+
+    def compiled(name, b):
+        return planner.compile(lm, policy="dense", cost_model="off",
+                               evict=planner.eviction(name, budget=b))
+
+    models = {(name, b): (lm if name == "dense" else compiled(name, b)) for name, b in runs}
+    smallest = min((b for _, b in runs if b is not None), default=None)
+    out, t_prefill = [], 0.0
+
+    def cell_of(proto, name, b):
+        for c in out:
+            if (c["protocol"], c["policy"], c["budget"]) == (proto, name, b):
+                return c
+        c = {"side": "planner", "policy": name, "budget": b, "protocol": proto, "rows": [],
+             "seconds": 0.0, "checked": 0}
+        out.append(c)
+        return c
+
+    capture = compiled("streaming_llm", 1.0) if shared else None       # keeps every key
     for proto in protocols:
-        for name, b in runs:
-            t0 = time.perf_counter()
-            if name == "dense":
-                m = lm
-            else:
-                m = planner.compile(lm, policy="dense", cost_model="off",
-                                    evict=planner.eviction(name, budget=b))
-            rows = []
-            for s in samples:
-                ok, nll, lens = answer_scores(m, s, proto)
-                rows.append({"cell": s["cell"], "length": s["length"], "correct": ok,
-                             "nll": nll, "cache": sum(lens) / len(lens)})
-            cell = {"side": "planner", "policy": name, "budget": b, "protocol": proto,
-                    **summarize(rows), "mean_cache_tokens": sum(r["cache"] for r in rows) / len(rows),
-                    "seconds": time.perf_counter() - t0, "rows": rows}
-            cells.append(cell)
-            log(f"planner {proto:8s} {name:14s} {b}: retrieval {cell['retrieval']:.2f} nll "
-                f"{cell['nll']:.3f} cache {cell['mean_cache_tokens']:.0f} ({cell['seconds']:.0f}s)")
-            _write({"prompts": _prompt_meta(prompts), "cells": cells, **env_meta()}, path)
-    return {"cells": cells}
+        for i, s in enumerate(samples):
+            if shared:
+                t0 = time.perf_counter()
+                with ev.capturing() as got:
+                    last, _ = prefill(capture, parts(s, proto)[0])
+                t_prefill += time.perf_counter() - t0
+                sites = sorted(got.values(), key=lambda x: x[5])         # by layer
+            for name, b in runs:
+                t0 = time.perf_counter()
+                m, c = models[(name, b)], cell_of(proto, name, b)
+                if not shared:
+                    res = answer_scores(m, s, proto)
+                else:
+                    pol = None if name == "dense" else planner.eviction(name, budget=b)
+                    layers = [(k, v) if pol is None else _kept(pol, q, k, v, sc, g, ly, nl)
+                              for q, k, v, sc, g, ly, nl in sites]
+                    res = finish(m, cache_of(lm, layers), last, s, proto)
+                    if i < check and b in (None, smallest):
+                        direct = answer_scores(m, s, proto)
+                        if not same_scores(res, direct):
+                            raise RuntimeError(
+                                f"{name}@{b} {proto} prompt {i}: the shared prefill gives "
+                                f"{res[:2]} (cache {res[2][:3]}...), its own prefill {direct[:2]} "
+                                f"(cache {direct[2][:3]}...)")
+                        c["checked"] += 1
+                ok, nll, lens = res
+                c["rows"].append({"cell": s["cell"], "length": s["length"], "correct": ok,
+                                  "nll": nll, "cache": sum(lens) / len(lens)})
+                c["seconds"] += time.perf_counter() - t0
+            for name, b in runs:
+                c = cell_of(proto, name, b)
+                c.update(summarize(c["rows"]), mean_cache_tokens=sum(
+                    r["cache"] for r in c["rows"]) / len(c["rows"]))
+            log(f"planner {proto:8s} prompt {i + 1}/{len(samples)}: " + ", ".join(
+                f"{c['policy']}@{c['budget']} {c['retrieval']:.2f}" for c in out
+                if c["protocol"] == proto))
+            _write({"prompts": _prompt_meta(prompts), "cells": out, "shared_prefill": shared,
+                    "prefill_seconds": t_prefill, **env_meta()}, path)
+    return {"cells": out}
+
+
+def _kept(pol, q, k, v, scale, gqa, layer, n_layers) -> tuple:
+    """The (k, v) a site's cache keeps under ``pol`` (``runtime.eviction.run``'s values)."""
+    from runtime import eviction as ev
+    idx, counts = ev.select(pol, q, k, v, scale, gqa, layer, n_layers)
+    return (k.clone(), v.clone()) if idx is None else ev.evicted(k, v, idx, counts)
 
 
 def _prompt_meta(prompts: dict) -> dict:
@@ -338,6 +393,11 @@ def main(argv=None) -> int:
     r.add_argument("--protocols", default="agnostic,aware")
     r.add_argument("--cells", default="", help="policy@budget,... (instead of the product)")
     r.add_argument("--no-dense", action="store_true", help="skip the dense cell")
+    r.add_argument("--no-shared", action="store_true",
+                   help="one prefill per prompt and cell (default: one per prompt)")
+    r.add_argument("--check", type=int, default=1,
+                   help="prompts per cell (smallest budget) also scored with their own prefill")
+    r.add_argument("--limit", type=int, default=0, help="first N prompts only (0: all)")
     r.add_argument("--out", required=True)
     p = sub.add_parser("report")
     p.add_argument("--planner", required=True)
@@ -350,9 +410,12 @@ def main(argv=None) -> int:
                a.seed, a.out)
     elif a.cmd == "run":
         prompts = json.load(open(a.prompts))
+        if a.limit:
+            prompts["samples"] = prompts["samples"][:a.limit]
         cells = [(c.split("@")[0], float(c.split("@")[1])) for c in a.cells.split(",") if c]
         run_planner(prompts, a.policies.split(","), [float(x) for x in a.budgets.split(",")],
-                    a.protocols.split(","), a.out, cells=cells, dense=not a.no_dense)
+                    a.protocols.split(","), a.out, cells=cells, dense=not a.no_dense,
+                    shared=not a.no_shared, check=a.check)
     else:
         report(a.planner, a.kvpress, a.out, notes=a.note)
     return 0

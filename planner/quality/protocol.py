@@ -6,6 +6,12 @@ imports nothing but torch and transformers.
 Protocols: ``agnostic`` compresses the context alone, then the question and the answer are read
 over the compressed cache; ``aware`` compresses context + question. The answer is teacher-forced
 after the prefill, positions continuing from the full prompt's length.
+
+One prefill can serve every eviction of a sample: the prefill itself attends densely (a cache is
+evicted after it), so its logits and the full K/V it caches do not depend on the policy; only
+the kept keys do. ``prefill`` runs it once (its caller records what each layer's eviction reads),
+``cache_of`` builds a cache holding one eviction's kept K/V, and ``finish`` scores the sample over
+it, as ``answer_scores`` does after evicting inside the prefill.
 """
 from __future__ import annotations
 
@@ -14,28 +20,73 @@ import contextlib
 import torch
 
 
-def answer_scores(lm, sample: dict, protocol: str, press=None) -> tuple:
-    """(correct, answer nll, cache length per layer after the prefill) of one sample, with
-    ``lm`` evicting (or not) in its prefill, or under ``press(lm)`` (a kvpress press: its hook
-    compresses the prefill); the cache is a ``DynamicCache``."""
-    from transformers import DynamicCache
+def parts(sample: dict, protocol: str) -> tuple:
+    """(prefill ids, ids read over the evicted cache, answer ids) of ``sample``."""
     ctx, q, ans = sample["context"], sample["question"], sample["answer"]
-    first, rest = (ctx, q + ans[:-1]) if protocol == "agnostic" else (ctx + q, ans[:-1])
+    if protocol == "agnostic":
+        return ctx, q + ans[:-1], ans
+    if protocol == "aware":
+        return ctx + q, ans[:-1], ans
+    raise ValueError(f"protocol must be 'agnostic' or 'aware', got {protocol!r}")
+
+
+def new_cache(lm):
+    from transformers import DynamicCache
     try:
-        cache = DynamicCache(config=lm.config)
+        return DynamicCache(config=lm.config)
     except TypeError:                              # a transformers whose cache takes no config
-        cache = DynamicCache()
+        return DynamicCache()
+
+
+def prefill(lm, ids, press=None):
+    """(logits of the last prefill position [1, V] fp32, the ``DynamicCache``): ``lm`` on ``ids``
+    (an eviction compiled into ``lm`` compacts the cache here), or under ``press(lm)`` (a kvpress
+    press: its hook compresses the cache)."""
+    cache = new_cache(lm)
     with torch.no_grad():
         with press(lm) if press is not None else contextlib.nullcontext():
-            out = lm(input_ids=torch.tensor([first]), past_key_values=cache, use_cache=True,
+            out = lm(input_ids=torch.tensor([list(ids)]), past_key_values=cache, use_cache=True,
                      logits_to_keep=1)
-        lengths = [layer.keys.shape[2] for layer in cache.layers]
-        logits = [out.logits[0, -1:].float()]
+    return out.logits[0, -1:].float(), cache
+
+
+def cache_of(lm, layers):
+    """A ``DynamicCache`` whose layer i holds exactly ``layers[i] = (keys, values)`` (the very
+    tensors: notes kept with a tensor, such as per-head valid counts, stay attached)."""
+    cache = new_cache(lm)
+    for i, (k, v) in enumerate(layers):
+        cache.update(k[:, :, :0], v[:, :, :0], i)          # initialises the layer
+        cache.layers[i].keys, cache.layers[i].values = k, v
+    return cache
+
+
+def finish(lm, cache, last_logits, sample: dict, protocol: str) -> tuple:
+    """(correct, answer nll, cache length per layer) of ``sample`` whose prefill ended with
+    ``last_logits`` and left ``cache``: the rest of the prompt and the answer are read over it."""
+    first, rest, ans = parts(sample, protocol)
+    lengths = [layer.keys.shape[2] for layer in cache.layers]
+    logits = [last_logits]
+    with torch.no_grad():
         logits += [o.logits[0].float() for o in feed(lm, cache, rest, len(first))]
     lg = torch.cat(logits)[-len(ans):]                                  # rows predicting ans
     target = torch.tensor(ans)
     nll = float(torch.nn.functional.cross_entropy(lg, target))
     return bool((lg.argmax(-1) == target).all()), nll, lengths
+
+
+def answer_scores(lm, sample: dict, protocol: str, press=None) -> tuple:
+    """(correct, answer nll, cache length per layer after the prefill) of one sample, with
+    ``lm`` evicting (or not) in its prefill, or under ``press(lm)`` (a kvpress press: its hook
+    compresses the prefill); the cache is a ``DynamicCache``."""
+    first, _, _ = parts(sample, protocol)
+    last, cache = prefill(lm, first, press)
+    return finish(lm, cache, last, sample, protocol)
+
+
+def same_scores(a: tuple, b: tuple, tol: float = 1e-4) -> bool:
+    """Two ``answer_scores`` results agree: the same verdict and cache lengths, nll within
+    ``tol`` (the shared prefill against a prefill that evicts itself)."""
+    return a[0] == b[0] and list(a[2]) == list(b[2]) and abs(a[1] - b[1]) <= tol
 
 
 def feed(lm, cache, tokens, start: int, **kw):

@@ -1,0 +1,59 @@
+"""The eviction-quality harness (``planner.quality.eviction run``): one prefill per prompt
+serves every (policy, budget) cell, and gives the scores a prefill per cell gives.
+
+A tiny random Llama (GQA 4/2) saved to a temporary folder, random prompts: the shared run checks
+its first prompts against the compiled model evicting inside its own prefill (it raises on a
+difference), and every row equals the run without sharing (verdict, cache length, nll).
+"""
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+
+@pytest.fixture(scope="module")
+def prompts(tmp_path_factory):
+    import transformers as T
+    torch.manual_seed(0)
+    cfg = T.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2,
+                        max_position_embeddings=256)
+    d = tmp_path_factory.mktemp("tiny_llama")
+    T.LlamaForCausalLM(cfg).save_pretrained(d)
+    g = torch.Generator().manual_seed(1)
+    rows = []
+    for i, n in enumerate((41, 37, 45)):
+        ids = torch.randint(3, 64, (n + 8,), generator=g).tolist()
+        rows.append({"length": n, "cell": f"c{i}", "task": "t", "trial": 0,
+                     "context": ids[:n], "question": ids[n:n + 5], "answer": ids[n + 5:]})
+    return {"model": "tiny", "model_dir": str(d), "text": "random ids", "seed": 0,
+            "lengths": [48], "trials": 1, "tasks": ["t"], "samples": rows}
+
+
+def _rows(res):
+    return {(c["protocol"], c["policy"], c["budget"]): [(r["correct"], r["cache"], r["nll"])
+                                                        for r in c["rows"]]
+            for c in res["cells"]}
+
+
+@pytest.mark.parametrize("protocol", ["agnostic", "aware"])
+def test_one_prefill_per_prompt_scores_as_a_prefill_per_cell(prompts, protocol, tmp_path):
+    from planner.quality.eviction import run_planner
+    pols = ["snapkv", "h2o", "pyramidkv", "adakv"]     # window votes, all queries, per layer, per head
+    shared = run_planner(prompts, pols, [0.3], [protocol], str(tmp_path / "a.json"),
+                         log=lambda *a: None, check=3)
+    direct = run_planner(prompts, pols, [0.3], [protocol], str(tmp_path / "b.json"),
+                         log=lambda *a: None, shared=False)
+    a, b = _rows(shared), _rows(direct)
+    assert a.keys() == b.keys() and len(a) == 1 + len(pols)
+    for key in a:
+        assert len(a[key]) == 3
+        for (ok1, c1, n1), (ok2, c2, n2) in zip(a[key], b[key]):
+            assert ok1 == ok2 and c1 == c2 and abs(n1 - n2) <= 1e-4, key
+    assert all(c["checked"] == 3 for c in shared["cells"])
+    caches = {k: v[0][1] for k, v in a.items()}
+    assert caches[(protocol, "snapkv", 0.3)] < caches[(protocol, "dense", None)]  # it evicted
+    written = json.load(open(tmp_path / "a.json"))
+    assert written["shared_prefill"] is True and written["prefill_seconds"] > 0
