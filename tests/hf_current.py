@@ -1,6 +1,7 @@
 """Tiny random configs of the Hugging Face architectures people run now (transformers 5.x):
 MLA (DeepSeek-V2/V3), native-DSA models as dense equivalents (DeepSeek-V3.2, GLM-MoE-DSA),
-DeepSeek-V4, learned attention sinks (GPT-OSS), sliding-window hybrids (Gemma 3, Mistral).
+DeepSeek-V4, learned attention sinks (GPT-OSS), sliding-window hybrids (Gemma 3 and 4, Mistral),
+linear-attention hybrids (Qwen3.5; Qwen4-Exp with its QSA token indexer).
 
 ``build(name, impl)`` returns the model in eval mode (fp32, seeded); ``ARCHS`` lists
 ``(name, impls, attention sites)``.
@@ -17,6 +18,8 @@ _MOE = dict(moe_intermediate_size=32, n_routed_experts=4, num_experts_per_tok=2,
 _MLA = dict(q_lora_rank=32, kv_lora_rank=16, qk_nope_head_dim=12, qk_rope_head_dim=4,
             v_head_dim=8)
 _DSA = dict(index_n_heads=2, index_head_dim=8, index_topk=8)
+_LINEAR = dict(linear_key_head_dim=16, linear_value_head_dim=16, linear_num_key_heads=2,
+               linear_num_value_heads=4)
 
 CONFIGS = {
     "deepseek_v3": ("DeepseekV3ForCausalLM", "DeepseekV3Config",
@@ -42,6 +45,21 @@ CONFIGS = {
     "gemma3": ("Gemma3ForCausalLM", "Gemma3TextConfig",
                dict(num_key_value_heads=2, head_dim=16, sliding_window=8, num_hidden_layers=3,
                     layer_types=["sliding_attention", "sliding_attention", "full_attention"])),
+    "gemma4": ("Gemma4ForCausalLM", "Gemma4TextConfig",
+               dict(num_key_value_heads=2, head_dim=16, sliding_window=8,
+                    layer_types=["sliding_attention", "full_attention"])),
+    # gated DeltaNet layers beside attention (Qwen3.5); Qwen4-Exp's attention layers also take
+    # its QSA token indexer's selection as a boolean mask
+    "qwen3_5": ("Qwen3_5ForCausalLM", "Qwen3_5TextConfig",
+                dict(num_key_value_heads=2, head_dim=16, **_LINEAR,
+                     layer_types=["linear_attention", "full_attention"])),
+    "qwen4_exp": ("Qwen4ExpForCausalLM", "Qwen4ExpTextConfig",
+                  dict(num_key_value_heads=2, head_dim=16, **_LINEAR, moe_intermediate_size=32,
+                       shared_expert_intermediate_size=32, num_experts=4, num_experts_per_tok=2,
+                       layer_types=["linear_attention", "indexed_attention"], indexer_n_heads=2,
+                       indexer_kv_heads=1, indexer_head_dim=16, indexer_budget=8,
+                       indexer_compress_ratio=4, hc_lowrank=8, ngram_vocab_size_base=1000,
+                       split_ngram_parts=2, heads_per_ngram=2, ple_embed_dim=64)),
     "mistral": ("MistralForCausalLM", "MistralConfig",
                 dict(num_key_value_heads=2, sliding_window=8)),
     "llama": ("LlamaForCausalLM", "LlamaConfig", dict(num_key_value_heads=2)),
@@ -57,6 +75,9 @@ ARCHS = [
     ("gpt_oss", ("eager",), 2),
     ("gemma3", ("eager", "sdpa"), 3),
     ("mistral", ("eager", "sdpa"), 2),
+    ("gemma4", ("eager", "sdpa"), 2),
+    ("qwen3_5", ("eager", "sdpa"), 1),
+    ("qwen4_exp", ("sdpa",), 1),     # eager returns the weights: dense, reason shown (below)
 ]
 
 

@@ -34,12 +34,22 @@ def test_dense_reproduces_the_model(name, impl, sites):
 
 
 @pytest.mark.parametrize("name, impl", [("deepseek_v3", "sdpa"), ("gpt_oss", "eager"),
-                                        ("gemma3", "eager"), ("deepseek_v32", "eager")])
+                                        ("gemma3", "eager"), ("deepseek_v32", "eager"),
+                                        ("gemma4", "sdpa"), ("qwen4_exp", "sdpa")])
 def test_generate_with_the_kv_cache_matches(name, impl):
     m = build(name, impl)
     cm = generate_dense_matches(m)
     rep = planner.inspect(cm)
     assert all(s.calls >= 2 for s in rep.sites), rep       # the prefill and decode steps
+
+
+def test_qwen4_exp_eager_returns_its_weights_and_stays_dense_with_the_reason():
+    """Qwen4-Exp's eager attention returns the attention weights: the site would have to
+    materialise them, so it stays dense (exact) and inspect says why."""
+    m = build("qwen4_exp", "eager")
+    cm = compiled_matches(m, n=40)
+    (site,) = planner.inspect(cm).sites
+    assert site.status == "dense-fallback" and "would have to be materialised" in site.reason
 
 
 def _spec_rules(cm) -> dict:
