@@ -17,7 +17,7 @@ import torch.fx as fx
 from passes.graph import (arg, const_scalar, label, rank_of, runtime_scalar, shape_of, sym_expr,
                           val)
 from passes.mutation import written_inputs
-from passes.scores import NoMatch, Scores, score_path, walk_probs, walk_scores
+from passes.scores import NoMatch, Scores, _chain, score_path, walk_probs, walk_scores
 
 
 @dataclass
@@ -291,10 +291,11 @@ def match_matmul_softmax(mm1: fx.Node, sm: fx.Node, mm2: fx.Node, site: str) -> 
             raise NoMatch(bad)
     else:
         raise NoMatch(f"q has rank {rank} (expected [B, H, N, D] or [B*H, N, D])")
-    vo, vq = val(mm2), val(q)
+    lse = _lse_sink(m, sm, mm2) if rank == 4 else []
+    vo, vq = val(m.out), val(q)
     if vo is not None and vq is not None and vo.dtype != vq.dtype:      # e.g. fp32 p @ v.float()
         m.out_fix = tuple(m.out_fix) + (("to", vo.dtype),)
-    inside = set(s_chain + p_chain + st.extra + [sm, mm2])
+    inside = set(s_chain + p_chain + st.extra + [sm, mm2] + lse)
     for n in [mm1, sm] + s_chain + p_chain:
         others = [u for u in n.users if u not in inside]
         if others:
@@ -303,6 +304,61 @@ def match_matmul_softmax(mm1: fx.Node, sm: fx.Node, mm2: fx.Node, site: str) -> 
                           f"materialised, so the site stays dense")
             break
     return m
+
+
+def _lse_sink(m: Match, sm: fx.Node, mm2: fx.Node) -> list:
+    """A learned sink applied after attention (Granite-SWA): ``lse = logsumexp(s, -1)`` of the
+    softmax's input and ``o = (softmax(s) @ v) * sigmoid(lse - sink.view(1, -1, 1))
+    .unsqueeze(-1)``, casts allowed between. Since sigmoid(lse - c) = Z / (Z + e^c) with
+    Z = sum(e^s), that is softmax over s with one more logit ``sink_h`` in its denominator: the
+    GPT-OSS sink. Sets ``m.sink`` (the [H] tensor) and ``m.out`` (the product) and returns the
+    chain's nodes; returns [] (``m`` unchanged) where the scores feed no such chain."""
+    s = sm.args[0]
+    lses = [u for u in s.users if label(u) == "logsumexp"]
+    if m.sink is not None or len(lses) != 1 or len(mm2.users) != 1:
+        return []
+    lse, rank = lses[0], rank_of(s)
+    dim = arg(lse, 1, "dim")
+    dim = dim[0] if isinstance(dim, (list, tuple)) and len(dim) == 1 else dim
+    if not isinstance(dim, int) or dim % rank != rank - 1 or arg(lse, 2, "keepdim", False):
+        return []
+
+    def next_of(n, skip=("cast",)):
+        while n is not None and len(n.users) == 1:
+            u = next(iter(n.users))
+            if label(u) not in skip:
+                return u
+            chain.append(u)
+            n = u
+        return None
+
+    chain = [lse]
+    sub = next_of(lse, ())
+    if sub is None or label(sub) != "sub" or sub.args[0] is not lse:
+        return []
+    col = sub.args[1]
+    base = col
+    while isinstance(base, fx.Node) and label(base) in ("reshape", "cast", "identity"):
+        base = base.args[0]
+    sc, scol = shape_of(s), shape_of(col)
+    if (not isinstance(base, fx.Node) or rank_of(base) != 1 or shape_of(base)[0] != sc[1]
+            or scol is None or len(scol) != 3 or scol[0] != 1 or scol[2] != 1):
+        return []
+    chain += [sub] + _chain(col, base)
+    sig = next_of(sub)
+    if sig is None or label(sig) != "sigmoid":
+        return []
+    chain.append(sig)
+    uns = next_of(sig)
+    if uns is None or label(uns) != "unsqueeze" or arg(uns, 1, "dim") not in (-1, rank - 1):
+        return []
+    chain.append(uns)
+    mul = next_of(uns)
+    if mul is None or label(mul) != "mul" or set(mul.args[:2]) != {mm2, chain[-1]}:
+        return []
+    m.sink, m.out = base, mul
+    m.pattern += "+lse_sink"
+    return chain + [mm2]
 
 
 def _layout_3d(m: Match, st: Scores) -> None:

@@ -1,6 +1,6 @@
 """Tiny random configs of the Hugging Face architectures people run now (transformers 5.x):
 MLA (DeepSeek-V2/V3), native-DSA models as dense equivalents (DeepSeek-V3.2, GLM-MoE-DSA),
-DeepSeek-V4, learned attention sinks (GPT-OSS), sliding-window hybrids (Gemma 3 and 4, Mistral),
+DeepSeek-V4, learned attention sinks (GPT-OSS, Granite-SWA), sliding-window hybrids (Gemma 3 and 4, Mistral),
 linear-attention hybrids (Qwen3.5; Qwen4-Exp with its QSA token indexer).
 
 ``build(name, impl)`` returns the model in eval mode (fp32, seeded); ``ARCHS`` lists
@@ -60,6 +60,10 @@ CONFIGS = {
                        indexer_kv_heads=1, indexer_head_dim=16, indexer_budget=8,
                        indexer_compress_ratio=4, hc_lowrank=8, ngram_vocab_size_base=1000,
                        split_ngram_parts=2, heads_per_ngram=2, ple_embed_dim=64)),
+    # a learned sink applied after attention: out * sigmoid(logsumexp(scores) - sink)
+    "granite_swa": ("GraniteSWAForCausalLM", "GraniteSWAConfig",
+                    dict(num_key_value_heads=2, sliding_window=8, eos_token_id=2,
+                         layer_types=["sliding_attention", "full_attention"])),
     "mistral": ("MistralForCausalLM", "MistralConfig",
                 dict(num_key_value_heads=2, sliding_window=8)),
     "llama": ("LlamaForCausalLM", "LlamaConfig", dict(num_key_value_heads=2)),
@@ -78,6 +82,7 @@ ARCHS = [
     ("gemma4", ("eager", "sdpa"), 2),
     ("qwen3_5", ("eager", "sdpa"), 1),
     ("qwen4_exp", ("sdpa",), 1),     # eager returns the weights: dense, reason shown (below)
+    ("granite_swa", ("eager",), 2),
 ]
 
 

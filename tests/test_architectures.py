@@ -35,7 +35,8 @@ def test_dense_reproduces_the_model(name, impl, sites):
 
 @pytest.mark.parametrize("name, impl", [("deepseek_v3", "sdpa"), ("gpt_oss", "eager"),
                                         ("gemma3", "eager"), ("deepseek_v32", "eager"),
-                                        ("gemma4", "sdpa"), ("qwen4_exp", "sdpa")])
+                                        ("gemma4", "sdpa"), ("qwen4_exp", "sdpa"),
+                                        ("granite_swa", "eager")])
 def test_generate_with_the_kv_cache_matches(name, impl):
     m = build(name, impl)
     cm = generate_dense_matches(m)
@@ -72,6 +73,45 @@ def test_gpt_oss_sinks_and_window_are_the_sites_rules():
     assert rules == {"model.layers.0.self_attn": (8, True, False, ()),
                      "model.layers.1.self_attn": (0, True, False, ())}, rules
     assert [s.rules for s in planner.inspect(cm).sites] == ["window 8, sinks", "sinks"]
+
+
+def test_granite_swa_sink_after_attention_is_the_sites_sink():
+    """Granite-SWA scales the attention output by sigmoid(logsumexp(scores) - sink_h), which is
+    a softmax with one more logit sink_h (the GPT-OSS sink): the sites carry its sinks (drawn
+    at random here, so they matter) and window; dense is exact, a sparse policy runs."""
+    m = build("granite_swa", "eager")
+    with torch.no_grad():
+        for layer in m.model.layers:
+            layer.self_attn.sinks.normal_(0, 2)
+    cm = compiled_matches(m, n=40, batch=2)
+    rep = planner.inspect(cm)
+    assert all(s.pattern.endswith("+lse_sink") for s in rep.sites), rep
+    assert [s.rules for s in rep.sites] == ["window 8, sinks", "sinks"], rep
+    rules = _spec_rules(cm)
+    assert rules["model.layers.0.self_attn"][:2] == (8, True), rules
+    ids = torch.randint(0, 128, (1, 120))
+    with torch.no_grad():
+        out = planner.compile(m, policy=planner.policy("block_topk", block=16, topk=2),
+                              cost_model="off")(ids).logits
+    assert torch.isfinite(out).all()
+
+
+def test_a_logsumexp_used_elsewhere_keeps_the_site_dense():
+    """The scores' logsumexp also returned (not only the sink's scale): the weights would have
+    to be materialised, so the site stays dense with the reason, and the output is exact."""
+    def f(q, k, v, sink):
+        s = q @ k.transpose(-1, -2) * 0.25
+        lse = torch.logsumexp(s, dim=-1)
+        o = torch.softmax(s, dim=-1) @ v
+        return o * torch.sigmoid(lse - sink.view(1, -1, 1)).unsqueeze(-1), lse
+
+    q, k, v = (torch.randn(1, 2, 9, 16) for _ in range(3))
+    sink = torch.randn(2)
+    cf = planner.compile(f, policy="dense")
+    for a, b in zip(cf(q, k, v, sink), f(q, k, v, sink)):
+        assert max_err(a, b) <= 1e-5
+    (site,) = planner.inspect(cf).sites
+    assert site.status == "dense-fallback" and "materialised" in site.reason
 
 
 POLICIES_FULL = [
@@ -130,7 +170,7 @@ def test_padded_batch_is_exact_with_per_row_lengths(name, impl):
 
 @pytest.mark.parametrize("name, impl, ids_of", [
     ("gemma3", "eager", None), ("mistral", "sdpa", "padded"), ("gpt_oss", "eager", "padded"),
-    ("llama", "sdpa", "padded")])
+    ("llama", "sdpa", "padded"), ("granite_swa", "eager", None)])
 def test_rule_sites_run_the_triton_kernels(monkeypatch, name, impl, ids_of):
     """Window, sink and padded sites are served by the block-sparse kernel (dense policy:
     every visible block; block_topk: its lists), not by the reference (Triton interpreter)."""
