@@ -256,3 +256,27 @@ def test_kernel_path_runs_the_fused_indexer_and_the_sparse_mla_kernel(monkeypatc
     assert _visible_sets(rec["model.layers.0.self_attn"][0], vis) == _visible_sets(got[0][0], vis)
     rep = planner.inspect(cm)
     assert all(s.kernel == "triton_sparse_mla" for s in rep.sites), rep
+
+
+def test_kernel_path_keeps_the_newest_keys_among_tied_scores(monkeypatch):
+    """The fused indexer's tie rule, through the model: with the indexer's weights zeroed every
+    index score is 0, so each row's K keys are all ties; the kernel keeps the K newest keys the
+    row may see (the model's ``torch.topk`` keeps some K of them, order not documented), and
+    attention runs over exactly those."""
+    import os
+    if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
+        pytest.skip("needs the Triton interpreter or a GPU")
+    monkeypatch.setenv("SPARSE_PLANNER_KERNELS", "triton")
+    m = build("deepseek_v32", "eager")
+    for layer in m.model.layers:
+        torch.nn.init.zeros_(layer.self_attn.indexer.weights_proj.weight)
+    n, k = 21, 8
+    ids = torch.randint(0, 128, (1, n))
+    cm = planner.compile(m, policy="dsa")
+    with torch.no_grad(), native_dsa.recording() as rec:
+        out = cm(ids).logits
+    assert torch.isfinite(out).all()
+    vis = _causal_visible(ids)
+    for i in range(2):
+        got = _visible_sets(rec[f"model.layers.{i}.self_attn"][0], vis)
+        assert got == [list(range(max(0, t - k + 1), t + 1)) for t in range(n)], i
