@@ -246,6 +246,13 @@ def report(planner_path: str, kvpress_path: Optional[str], out_base: str, log=pr
            notes=()) -> dict:
     pl = _merged(planner_path)
     kv = _merged(kvpress_path) if kvpress_path else None
+    # the same prompts on both sides: every cell cut to the fewest any cell scored
+    n = min(len(c["rows"]) for c in pl["cells"] + (kv or {}).get("cells", []))
+    for c in pl["cells"] + (kv or {}).get("cells", []):
+        if len(c["rows"]) > n:
+            c["rows"] = c["rows"][:n]
+            c.update(summarize(c["rows"]),
+                     mean_cache_tokens=sum(r["cache"] for r in c["rows"]) / n)
     dense = {c["protocol"]: c for c in pl["cells"] if c["policy"] == "dense"}
     kv_dense = {c["protocol"]: c for c in (kv or {}).get("cells", []) if c["press"] == "dense"}
     table = []
@@ -295,6 +302,13 @@ def report(planner_path: str, kvpress_path: Optional[str], out_base: str, log=pr
     return res
 
 
+def _per_row(res: dict) -> int:
+    """Prompts per row: the fewest any row of either side scored (a run may stop early)."""
+    ns = [r["n"] for r in res["rows"]] + [r["kvpress_n"] for r in res["rows"]
+                                          if r.get("kvpress_n") is not None]
+    return min(ns, default=0)
+
+
 def _f(x, fmt=".2f"):
     return "-" if x is None else format(x, fmt)
 
@@ -306,7 +320,8 @@ def markdown(res: dict) -> str:
     pm = p.get("prompts", {})
     lines = ["# KV-cache eviction: the planner's policies beside kvpress's presses", "",
              f"Model {pm.get('model')}, prompts {pm.get('lengths')} tokens, tasks "
-             f"{pm.get('tasks')}, {pm.get('n')} prompts per row (seed {pm.get('seed')}); "
+             f"{pm.get('tasks')}, {_per_row(res)} prompts per row (the first of the "
+             f"{pm.get('n')} exported; seed {pm.get('seed')}); "
              f"text: {pm.get('text')}.",
              f"Planner: torch {p.get('torch')}, transformers {p.get('transformers')}, CPU "
              f"({p.get('cpu_threads')} threads); command: `{p.get('command')}`.",
@@ -317,7 +332,7 @@ def markdown(res: dict) -> str:
              "answer's mean negative log-likelihood from dense (same side). Cache = mean "
              "tokens per layer the cache holds after the prefill (kvpress's AdaKV masks evicted "
              "keys in a full-size cache).", ""]
-    n = pm.get("n") or 0
+    n = _per_row(res)
     if n < 50:
         lines += [f"**Only {n} prompts per row** (the target is >= 50): a retrieval difference "
                   "below about 1/n is noise; the per-prompt Δnll is the finer comparison.", ""]
