@@ -284,6 +284,24 @@ SH = "quality/smollm2_135m_h100.json"
 S50 = "quality/smollm2_135m_h100_2048x50.json"
 GM = "quality/gemma3_270m.json"
 EX = "explain/explain_smollm2_135m_4096.json"
+EQ = "quality/eviction_vs_kvpress.json"
+
+
+def _eq_best(doc, protocol: str = "aware") -> str:
+    """The one policy that is best at every budget of ``protocol`` on the planner's side and,
+    by its kvpress namesake, on kvpress's (else an error)."""
+    best = [b for b in doc["best"] if b["protocol"] == protocol]
+    names = {b["planner_best"] for b in best}
+    if len(names) != 1 or any(not (b["kvpress_best"] or "").lower().startswith(
+            b["planner_best"].replace("_", "")) for b in best):
+        raise LookupError(f"not one best policy on both sides: {best}")
+    return names.pop()
+
+
+def _eq(doc, protocol: str) -> list:
+    """The eviction-quality rows of ``protocol`` that have a kvpress namesake on the same
+    prompts."""
+    return [r for r in doc["rows"] if r["protocol"] == protocol and "agree" in r]
 
 
 def _ex(doc, policy: str) -> dict:
@@ -672,6 +690,24 @@ FIGURES = [
             Fn("dense step, longer prompt", lambda d: _ev_at(d, 131072)["decode_ms_per_step"],
                ".2f"),
             Fn("longer prompt", lambda d: _ev_at(d, 131072)["length"], "d"))),
+    # ---- eviction quality beside kvpress (CPU)
+    Figure(EQ, "4096 tokens, question-aware, {} prompts per row, budgets 50/25/10%: the "
+               "planner's policies and kvpress's presses of the same name give the same verdict "
+               "on {} of {} prompts (the {} that differ are {}'s, whose kvpress "
+               "namesake falls back to one budget for every layer at 4k); the best on both "
+               "sides is {}, retrieval {} / {} / {} (kvpress {} / {} / {}); dense {}",
+           (V("per_row.aware", "d"),
+            Fn("same verdicts", lambda d: sum(r["agree"] for r in _eq(d, "aware")), "d"),
+            Fn("prompt pairs", lambda d: sum(r["n"] for r in _eq(d, "aware")), "d"),
+            Fn("differing", lambda d: sum(r["n"] - r["agree"] for r in _eq(d, "aware")), "d"),
+            Fn("policies that differ", lambda d: ", ".join(sorted(
+                {r["policy"] for r in _eq(d, "aware") if r["agree"] < r["n"]}))),
+            Fn("the best policy of every budget, the same on both sides", lambda d: _eq_best(d)),
+            *(V(f"best[protocol=aware&budget~{b}].planner_best_retrieval", ".2f")
+              for b in (0.5, 0.25, 0.1)),
+            *(V(f"best[protocol=aware&budget~{b}].kvpress_best_retrieval", ".2f")
+              for b in (0.5, 0.25, 0.1)),
+            V("dense.aware.planner", ".2f"))),
     # ---- eviction_h100_cudnn
     Figure("eviction_h100_cudnn.json",
            "with PyTorch's default, cuDNN attention, the dense step takes {} ms",

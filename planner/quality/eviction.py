@@ -246,9 +246,12 @@ def report(planner_path: str, kvpress_path: Optional[str], out_base: str, log=pr
            notes=()) -> dict:
     pl = _merged(planner_path)
     kv = _merged(kvpress_path) if kvpress_path else None
-    # the same prompts on both sides: every cell cut to the fewest any cell scored
-    n = min(len(c["rows"]) for c in pl["cells"] + (kv or {}).get("cells", []))
-    for c in pl["cells"] + (kv or {}).get("cells", []):
+    # the same prompts on both sides: a protocol's cells cut to the fewest any of them scored
+    every = pl["cells"] + (kv or {}).get("cells", [])
+    per_row = {p: min(len(c["rows"]) for c in every if c["protocol"] == p)
+               for p in sorted({c["protocol"] for c in every})}
+    for c in every:
+        n = per_row[c["protocol"]]
         if len(c["rows"]) > n:
             c["rows"] = c["rows"][:n]
             c.update(summarize(c["rows"]),
@@ -274,6 +277,10 @@ def report(planner_path: str, kvpress_path: Optional[str], out_base: str, log=pr
                         "kvpress_cache": k["mean_cache_tokens"],
                         "kvpress_rows": [(r["cell"], r["correct"], round(r["nll"], 4))
                                          for r in k["rows"]]})
+            pairs = list(zip(c["rows"], k["rows"]))
+            if all(a["cell"] == b["cell"] for a, b in pairs):       # the same prompts, in order
+                row["agree"] = sum(a["correct"] == b["correct"] for a, b in pairs)
+                row["max_nll_gap"] = max(abs(a["nll"] - b["nll"]) for a, b in pairs)
         table.append(row)
     best = []
     for proto in sorted({r["protocol"] for r in table}):
@@ -293,7 +300,7 @@ def report(planner_path: str, kvpress_path: Optional[str], out_base: str, log=pr
                          "planner_nll": dense[p]["nll"],
                          "kvpress_nll": kv_dense[p]["nll"] if p in kv_dense else None}
                      for p in dense},
-           "rows": table, "best": best, "notes": list(notes)}
+           "rows": table, "best": best, "per_row": per_row, "notes": list(notes)}
     _write(res, out_base + ".json")
     with open(out_base + ".md", "w") as f:
         f.write(markdown(res))
@@ -303,10 +310,8 @@ def report(planner_path: str, kvpress_path: Optional[str], out_base: str, log=pr
 
 
 def _per_row(res: dict) -> int:
-    """Prompts per row: the fewest any row of either side scored (a run may stop early)."""
-    ns = [r["n"] for r in res["rows"]] + [r["kvpress_n"] for r in res["rows"]
-                                          if r.get("kvpress_n") is not None]
-    return min(ns, default=0)
+    """Prompts per row: the fewest of any protocol (each protocol's rows share one count)."""
+    return min(res.get("per_row", {}).values(), default=0)
 
 
 def _f(x, fmt=".2f"):
@@ -320,8 +325,9 @@ def markdown(res: dict) -> str:
     pm = p.get("prompts", {})
     lines = ["# KV-cache eviction: the planner's policies beside kvpress's presses", "",
              f"Model {pm.get('model')}, prompts {pm.get('lengths')} tokens, tasks "
-             f"{pm.get('tasks')}, {_per_row(res)} prompts per row (the first of the "
-             f"{pm.get('n')} exported; seed {pm.get('seed')}); "
+             f"{pm.get('tasks')}, prompts per row: "
+             f"{', '.join(f'{p} {n}' for p, n in res.get('per_row', {}).items())} (the first "
+             f"of the {pm.get('n')} exported; seed {pm.get('seed')}); "
              f"text: {pm.get('text')}.",
              f"Planner: torch {p.get('torch')}, transformers {p.get('transformers')}, CPU "
              f"({p.get('cpu_threads')} threads); command: `{p.get('command')}`.",
@@ -334,14 +340,18 @@ def markdown(res: dict) -> str:
              "keys in a full-size cache).", ""]
     n = _per_row(res)
     if n < 50:
-        lines += [f"**Only {n} prompts per row** (the target is >= 50): a retrieval difference "
+        lines += [f"**Only {n} prompts in some rows** (the target is >= 50): a retrieval difference "
                   "below about 1/n is noise; the per-prompt Δnll is the finer comparison.", ""]
     lines += [f"- {x}" for x in res.get("notes", [])] + ([""] if res.get("notes") else [])
     for proto, d in res["dense"].items():
         lines.append(f"Dense ({proto}): planner {_f(d['planner'])} (nll {_f(d['planner_nll'], '.3f')}), "
                      f"kvpress {_f(d['kvpress'])} (nll {_f(d['kvpress_nll'], '.3f')}).")
-    lines += ["", "| protocol | budget | planner policy | retrieval | Δnll | cache | kvpress press | "
-              "retrieval | Δnll | cache |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines += ["", "Per prompt: *same verdict* = prompts where both sides' answers are right or both "
+              "wrong; *nll gap* = the largest difference of one prompt's answer nll between "
+              "the two sides.", "",
+              "| protocol | budget | planner policy | retrieval | Δnll | cache | kvpress press | "
+              "retrieval | Δnll | cache | same verdict | nll gap |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in res["rows"]:
         lines.append(f"| {r['protocol']} | {r['budget']:.0%} | {r['policy']} | "
                      f"{_f(r['planner_retrieval'])} ± {_f(r['planner_se'])} | "
@@ -349,7 +359,9 @@ def markdown(res: dict) -> str:
                      f"{r.get('press', '-')} | "
                      f"{_f(r.get('kvpress_retrieval'))}"
                      f"{' ± ' + _f(r.get('kvpress_se')) if r.get('kvpress_se') is not None else ''} | "
-                     f"{_f(r.get('kvpress_dnll'), '+.3f')} | {_f(r.get('kvpress_cache'), '.0f')} |")
+                     f"{_f(r.get('kvpress_dnll'), '+.3f')} | {_f(r.get('kvpress_cache'), '.0f')} | "
+                     f"{str(r['agree']) + '/' + str(r['n']) if 'agree' in r else '-'} | "
+                     f"{_f(r.get('max_nll_gap'), '.3f')} |")
     lines += ["", "Best per budget:", "", "| protocol | budget | planner best | retrieval | "
               "kvpress best | retrieval |", "|---|---|---|---|---|---|"]
     for b in res["best"]:
