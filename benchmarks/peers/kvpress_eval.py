@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 import subprocess
@@ -90,17 +89,7 @@ def run(args) -> int:
     runs = ([] if args.no_dense else [("dense", None)]) + [(p, b) for p in args.presses.split(",")
                                 for b in (float(x) for x in args.budgets.split(","))]
     smallest = min((b for _, b in runs if b is not None), default=None)
-    cells, t_prefill = [], 0.0
-
-    def cell_of(proto, name, b):
-        for c in cells:
-            if (c["protocol"], c["press"], c["budget"]) == (proto, name, b):
-                return c
-        c = {"side": "kvpress", "press": name, "budget": b, "protocol": proto, "rows": [],
-             "seconds": 0.0, "checked": 0}
-        cells.append(c)
-        return c
-
+    cells, t_prefill = P.Cells("kvpress", "press"), 0.0
     for proto in args.protocols.split(","):
         for i, s in enumerate(samples):
             if args.shared:
@@ -109,7 +98,6 @@ def run(args) -> int:
                 t_prefill += time.perf_counter() - t0
             for name, b in runs:
                 t0 = time.perf_counter()
-                c = cell_of(proto, name, b)
                 # ObservedAttention reads the attention weights: eager attention, its own prefill
                 eager = name == "ObservedAttentionPress"
                 lm = model("eager" if eager else "sdpa")
@@ -119,30 +107,14 @@ def run(args) -> int:
                 else:
                     res = _replayed(lm, P, s, proto, press, last, layers, rec)
                     if i < args.check and b in (None, smallest):
-                        direct = P.answer_scores(lm, s, proto, press)
-                        if not P.same_scores(res, direct):
-                            raise RuntimeError(
-                                f"{name}@{b} {proto} prompt {i}: the replayed hooks give "
-                                f"{res[:2]} (cache {res[2][:3]}...), kvpress's own prefill "
-                                f"{direct[:2]} (cache {direct[2][:3]}...)")
-                        c["checked"] += 1
-                ok, nll, lens = res
-                c["rows"].append({"cell": s["cell"], "correct": ok, "nll": nll,
-                                  "cache": sum(lens) / len(lens)})
-                c["seconds"] += time.perf_counter() - t0
-            for c in cells:
-                n = len(c["rows"])
-                acc = sum(r["correct"] for r in c["rows"]) / n
-                c.update(n=n, retrieval=acc, se=math.sqrt(acc * (1 - acc) / n),
-                         nll=sum(r["nll"] for r in c["rows"]) / n,
-                         mean_cache_tokens=sum(r["cache"] for r in c["rows"]) / n)
-            print(f"kvpress {proto:8s} prompt {i + 1}/{len(samples)}: " + ", ".join(
-                f"{c['press']}@{c['budget']} {c['retrieval']:.2f}" for c in cells
-                if c["protocol"] == proto), flush=True)
+                        cells.check(proto, name, b, i, res, P.answer_scores(lm, s, proto, press))
+                cells.add(proto, name, b, s, res, time.perf_counter() - t0)
+            print(f"kvpress {proto:8s} prompt {i + 1}/{len(samples)}: {cells.line(proto)}",
+                  flush=True)
             tmp = args.out + ".tmp"
             with open(tmp, "w") as f:
                 json.dump({**meta, "shared_prefill": args.shared, "prefill_seconds": t_prefill,
-                           "cells": cells}, f, indent=1)
+                           "cells": cells.cells}, f, indent=1)
             os.replace(tmp, args.out)
     return 0
 

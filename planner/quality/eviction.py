@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 import sys
@@ -34,8 +33,8 @@ from typing import Optional
 
 import torch
 
-from planner.quality.protocol import (answer_scores, cache_of, feed, finish, parts, prefill,
-                                      same_scores)
+from planner.quality.protocol import (Cells, answer_scores, cache_of, feed, finish, parts,
+                                      prefill, summarize)
 
 #: planner eviction policy -> the kvpress press of the same method (ObservedAttention is
 #: kvpress's H2O-like press: mean observed attention, no recent window)
@@ -107,14 +106,6 @@ def greedy(lm, first, rest=(), n_new: int = 1, cache=None):
     return torch.tensor(toks, dtype=torch.long), cache
 
 
-def summarize(rows: list) -> dict:
-    n = len(rows)
-    acc = sum(r["correct"] for r in rows) / n if n else float("nan")
-    se = math.sqrt(acc * (1 - acc) / n) if n else float("nan")
-    return {"n": n, "retrieval": acc, "se": se,
-            "nll": sum(r["nll"] for r in rows) / n if n else float("nan")}
-
-
 def run_planner(prompts: dict, policies, budgets, protocols, path: str, log=print, cells=(),
                 dense: bool = True, shared: bool = True, check: int = 1) -> dict:
     """Score every (policy, budget) cell on every prompt, per protocol; write ``path``.
@@ -143,17 +134,7 @@ def run_planner(prompts: dict, policies, budgets, protocols, path: str, log=prin
 
     models = {(name, b): (lm if name == "dense" else compiled(name, b)) for name, b in runs}
     smallest = min((b for _, b in runs if b is not None), default=None)
-    out, t_prefill = [], 0.0
-
-    def cell_of(proto, name, b):
-        for c in out:
-            if (c["protocol"], c["policy"], c["budget"]) == (proto, name, b):
-                return c
-        c = {"side": "planner", "policy": name, "budget": b, "protocol": proto, "rows": [],
-             "seconds": 0.0, "checked": 0}
-        out.append(c)
-        return c
-
+    out, t_prefill = Cells("planner", "policy"), 0.0
     capture = compiled("streaming_llm", 1.0) if shared else None       # keeps every key
     for proto in protocols:
         for i, s in enumerate(samples):
@@ -165,7 +146,7 @@ def run_planner(prompts: dict, policies, budgets, protocols, path: str, log=prin
                 sites = sorted(got.values(), key=lambda x: x[5])         # by layer
             for name, b in runs:
                 t0 = time.perf_counter()
-                m, c = models[(name, b)], cell_of(proto, name, b)
+                m = models[(name, b)]
                 if not shared:
                     res = answer_scores(m, s, proto)
                 else:
@@ -174,27 +155,12 @@ def run_planner(prompts: dict, policies, budgets, protocols, path: str, log=prin
                               for q, k, v, sc, g, ly, nl in sites]
                     res = finish(m, cache_of(lm, layers), last, s, proto)
                     if i < check and b in (None, smallest):
-                        direct = answer_scores(m, s, proto)
-                        if not same_scores(res, direct):
-                            raise RuntimeError(
-                                f"{name}@{b} {proto} prompt {i}: the shared prefill gives "
-                                f"{res[:2]} (cache {res[2][:3]}...), its own prefill {direct[:2]} "
-                                f"(cache {direct[2][:3]}...)")
-                        c["checked"] += 1
-                ok, nll, lens = res
-                c["rows"].append({"cell": s["cell"], "length": s["length"], "correct": ok,
-                                  "nll": nll, "cache": sum(lens) / len(lens)})
-                c["seconds"] += time.perf_counter() - t0
-            for name, b in runs:
-                c = cell_of(proto, name, b)
-                c.update(summarize(c["rows"]), mean_cache_tokens=sum(
-                    r["cache"] for r in c["rows"]) / len(c["rows"]))
-            log(f"planner {proto:8s} prompt {i + 1}/{len(samples)}: " + ", ".join(
-                f"{c['policy']}@{c['budget']} {c['retrieval']:.2f}" for c in out
-                if c["protocol"] == proto))
-            _write({"prompts": _prompt_meta(prompts), "cells": out, "shared_prefill": shared,
-                    "prefill_seconds": t_prefill, **env_meta()}, path)
-    return {"cells": out}
+                        out.check(proto, name, b, i, res, answer_scores(m, s, proto))
+                out.add(proto, name, b, s, res, time.perf_counter() - t0)
+            log(f"planner {proto:8s} prompt {i + 1}/{len(samples)}: {out.line(proto)}")
+            _write({"prompts": _prompt_meta(prompts), "cells": out.cells,
+                    "shared_prefill": shared, "prefill_seconds": t_prefill, **env_meta()}, path)
+    return {"cells": out.cells}
 
 
 def _kept(pol, q, k, v, scale, gqa, layer, n_layers) -> tuple:

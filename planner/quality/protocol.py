@@ -16,6 +16,7 @@ it, as ``answer_scores`` does after evicting inside the prefill.
 from __future__ import annotations
 
 import contextlib
+import math
 
 import torch
 
@@ -87,6 +88,55 @@ def same_scores(a: tuple, b: tuple, tol: float = 1e-4) -> bool:
     """Two ``answer_scores`` results agree: the same verdict and cache lengths, nll within
     ``tol`` (the shared prefill against a prefill that evicts itself)."""
     return a[0] == b[0] and list(a[2]) == list(b[2]) and abs(a[1] - b[1]) <= tol
+
+
+def summarize(rows: list) -> dict:
+    """n, retrieval (share answered right), its binomial standard error, mean answer nll."""
+    n = len(rows)
+    acc = sum(r["correct"] for r in rows) / n if n else float("nan")
+    se = math.sqrt(acc * (1 - acc) / n) if n else float("nan")
+    return {"n": n, "retrieval": acc, "se": se,
+            "nll": sum(r["nll"] for r in rows) / n if n else float("nan")}
+
+
+class Cells:
+    """One side's scores per (protocol, policy or press, budget) cell, in the order met: a
+    row per prompt (``add``), the cell's summary kept current, the check of a shared prefill
+    against a direct one counted (``check``)."""
+
+    def __init__(self, side: str, key: str):
+        self.side, self.key, self.cells = side, key, []
+
+    def cell(self, proto: str, name: str, budget) -> dict:
+        for c in self.cells:
+            if (c["protocol"], c[self.key], c["budget"]) == (proto, name, budget):
+                return c
+        c = {"side": self.side, self.key: name, "budget": budget, "protocol": proto,
+             "rows": [], "seconds": 0.0, "checked": 0}
+        self.cells.append(c)
+        return c
+
+    def add(self, proto: str, name: str, budget, sample: dict, res: tuple, seconds: float):
+        c = self.cell(proto, name, budget)
+        ok, nll, lens = res
+        c["rows"].append({"cell": sample["cell"], "length": sample.get("length"),
+                          "correct": ok, "nll": nll, "cache": sum(lens) / len(lens)})
+        c["seconds"] += seconds
+        c.update(summarize(c["rows"]), mean_cache_tokens=sum(
+            r["cache"] for r in c["rows"]) / len(c["rows"]))
+
+    def check(self, proto: str, name: str, budget, i: int, shared: tuple, direct: tuple):
+        """Count a prompt scored both ways; a difference stops the run."""
+        if not same_scores(shared, direct):
+            raise RuntimeError(
+                f"{name}@{budget} {proto} prompt {i}: the shared prefill gives {shared[:2]} "
+                f"(cache {shared[2][:3]}...), its own prefill {direct[:2]} "
+                f"(cache {direct[2][:3]}...)")
+        self.cell(proto, name, budget)["checked"] += 1
+
+    def line(self, proto: str) -> str:
+        return ", ".join(f"{c[self.key]}@{c['budget']} {c['retrieval']:.2f}"
+                         for c in self.cells if c["protocol"] == proto and c["rows"])
 
 
 def feed(lm, cache, tokens, start: int, **kw):
