@@ -708,6 +708,16 @@ FIGURES = [
             *(V(f"best[protocol=aware&budget~{b}].kvpress_best_retrieval", ".2f")
               for b in (0.5, 0.25, 0.1)),
             V("dense.aware.planner", ".2f"))),
+    Figure(EQ, "question-agnostic (the context evicted before the question is read), {} "
+               "prompts per row: the best evicting row on either side retrieves {} (dense {}); "
+               "same verdict on {} of {} prompts",
+           (V("per_row.agnostic", "d"),
+            Fn("best retrieval of any evicting row, either side", lambda d: max(
+                max(r["planner_retrieval"], r.get("kvpress_retrieval") or 0.0)
+                for r in d["rows"] if r["protocol"] == "agnostic"), ".2f"),
+            V("dense.agnostic.planner", ".2f"),
+            Fn("same verdicts", lambda d: sum(r["agree"] for r in _eq(d, "agnostic")), "d"),
+            Fn("prompt pairs", lambda d: sum(r["n"] for r in _eq(d, "agnostic")), "d"))),
     # ---- eviction_h100_cudnn
     Figure("eviction_h100_cudnn.json",
            "with PyTorch's default, cuDNN attention, the dense step takes {} ms",
