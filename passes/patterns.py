@@ -17,7 +17,7 @@ import torch.fx as fx
 from passes.graph import (arg, const_scalar, label, rank_of, runtime_scalar, shape_of, sym_expr,
                           val)
 from passes.mutation import written_inputs
-from passes.scores import NoMatch, Scores, _chain, score_path, walk_probs, walk_scores
+from passes.scores import NoMatch, Scores, chain_to, score_path, walk_probs, walk_scores
 
 
 @dataclass
@@ -344,7 +344,7 @@ def _lse_sink(m: Match, sm: fx.Node, mm2: fx.Node) -> list:
     if (not isinstance(base, fx.Node) or rank_of(base) != 1 or shape_of(base)[0] != sc[1]
             or scol is None or len(scol) != 3 or scol[0] != 1 or scol[2] != 1):
         return []
-    chain += [sub] + _chain(col, base)
+    chain += [sub] + chain_to(col, base)
     sig = next_of(sub)
     if sig is None or label(sig) != "sigmoid":
         return []

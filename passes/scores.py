@@ -230,11 +230,12 @@ def _sink_column(n: fx.Node, cur: fx.Node, st: Scores) -> fx.Node:
     base = x.args[0]
     if rank_of(base) != 1 or shape_of(base)[0] != sc[1]:
         raise NoMatch(f"the sink column comes from {base}, not a [heads] tensor")
-    st.extra += [p for p in _chain(parts[1], base)]
+    st.extra += [p for p in chain_to(parts[1], base)]
     return base
 
 
-def _chain(top: fx.Node, base: fx.Node) -> list:
+def chain_to(top: fx.Node, base: fx.Node) -> list:
+    """The nodes from ``top`` down its first arguments to ``base`` (``base`` excluded)."""
     out, x = [], top
     while isinstance(x, fx.Node) and x is not base:
         out.append(x)

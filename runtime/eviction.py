@@ -23,10 +23,9 @@ differ: slots past a head's count repeat its last kept key and are masked when a
 from __future__ import annotations
 
 import contextlib
-import math
 import threading
 from fractions import Fraction
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterator, Optional, Union
 
 import torch
@@ -384,7 +383,8 @@ def _adaptive(pol: AdaKV, s: torch.Tensor, m: int, w: int):
     tier = torch.where(rank < safe, 2, torch.where(rank < w, 1, 0)).reshape(b, h * n)
     # the flat keys by (tier desc, score desc, head, rank): stable sorts, last key first
     o = (order + n * torch.arange(h, device=s.device)[:, None]).reshape(b, h * n)
-    o = o.gather(-1, s.reshape(b, h * n).gather(-1, o).argsort(dim=-1, descending=True, stable=True))
+    by_score = s.reshape(b, h * n).gather(-1, o).argsort(dim=-1, descending=True, stable=True)
+    o = o.gather(-1, by_score)
     o = o.gather(-1, tier.gather(-1, o).argsort(dim=-1, descending=True, stable=True))
     keep = torch.zeros(b, h * n, dtype=torch.bool, device=s.device)
     keep.scatter_(-1, o[:, :h * m], True)
@@ -404,12 +404,17 @@ def compact(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return x.gather(2, idx.unsqueeze(-1).expand(*idx.shape, x.shape[-1]))
 
 
-def evicted(k: torch.Tensor, v: torch.Tensor, idx: torch.Tensor, counts=None) -> tuple:
-    """The kept (k, v) of ``select``'s ``(idx, counts)``, per-head counts noted on the keys."""
+def keep(pol: Eviction, q, k, v, scale: float, gqa: int, layer: Optional[int] = None,
+         n_layers: Optional[int] = None) -> tuple:
+    """(k, v) a cache keeps under ``pol`` (copies of the full ones where the budget covers
+    every key; per-head counts noted on the keys) and ``select``'s ``(idx, counts)``."""
+    idx, counts = select(pol, q, k, v, scale, gqa, layer, n_layers)
+    if idx is None:
+        return k.clone(), v.clone(), None, None
     k2, v2 = compact(k, idx), compact(v, idx)
     if counts is not None:
         note_counts(k2, counts)
-    return k2, v2
+    return k2, v2, idx, counts
 
 
 # ---------------------------------------------------------------------------------------------
@@ -507,13 +512,12 @@ def run(pol: Eviction, q, k, v, scale: float, gqa: int, layer, n_layers, key: st
         _CAPTURE[key] = (q, k, v, scale, gqa, layer, n_layers)
     n = k.shape[2]
     nbytes = k.numel() * k.element_size() + v.numel() * v.element_size()
-    idx, counts = select(pol, q, k, v, scale, gqa, layer, n_layers)
+    k2, v2, idx, counts = keep(pol, q, k, v, scale, gqa, layer, n_layers)
     if idx is None:
         record(key, EvictRecord(pol.short(), n, n, nbytes, nbytes,
                                 note=f"budget {pol.budget_for(layer, n_layers, n)} >= cached "
                                      f"length {n}: nothing evicted"))
-        return k.clone(), v.clone()
-    k2, v2 = evicted(k, v, idx, counts)
+        return k2, v2
     per_head = (counts[0].tolist() if counts is not None else [idx.shape[2]] * k.shape[1])
     record(key, EvictRecord(pol.short(), n, idx.shape[2], nbytes,
                             k2.numel() * k2.element_size() + v2.numel() * v2.element_size(),

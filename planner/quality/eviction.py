@@ -85,23 +85,20 @@ def greedy(lm, first, rest=(), n_new: int = 1, cache=None):
     >>> cm = planner.compile(lm, evict=planner.SnapKV(budget=0.2))       # doctest: +SKIP
     >>> toks, cache = greedy(cm, ctx_ids, question_ids, 8)               # doctest: +SKIP
     """
-    from transformers import DynamicCache
     first, rest = list(first), list(rest)
-    cache = DynamicCache(config=lm.config) if cache is None else cache
+    last, cache = prefill(lm, first, cache=cache)
     toks = []
     with torch.no_grad():
-        out = lm(input_ids=torch.tensor([first]), past_key_values=cache, use_cache=True,
-                 logits_to_keep=1)
         for out in feed(lm, cache, rest, len(first), logits_to_keep=1):
-            pass
+            last = out.logits[0, -1:].float()
         pos = len(first) + len(rest)
         for i in range(n_new):
-            tok = out.logits[0, -1].argmax()
+            tok = last[-1].argmax()
             toks.append(int(tok))
             if i == n_new - 1:
                 break
-            out = lm(input_ids=tok.view(1, 1), past_key_values=cache, use_cache=True,
-                     position_ids=torch.tensor([[pos]]))
+            last = lm(input_ids=tok.view(1, 1), past_key_values=cache, use_cache=True,
+                      position_ids=torch.tensor([[pos]])).logits[0, -1:].float()
             pos += 1
     return torch.tensor(toks, dtype=torch.long), cache
 
@@ -151,8 +148,8 @@ def run_planner(prompts: dict, policies, budgets, protocols, path: str, log=prin
                     res = answer_scores(m, s, proto)
                 else:
                     pol = None if name == "dense" else planner.eviction(name, budget=b)
-                    layers = [(k, v) if pol is None else _kept(pol, q, k, v, sc, g, ly, nl)
-                              for q, k, v, sc, g, ly, nl in sites]
+                    layers = [(x[1], x[2]) if pol is None else ev.keep(pol, *x)[:2]
+                              for x in sites]
                     res = finish(m, cache_of(lm, layers), last, s, proto)
                     if i < check and b in (None, smallest):
                         out.check(proto, name, b, i, res, answer_scores(m, s, proto))
@@ -161,13 +158,6 @@ def run_planner(prompts: dict, policies, budgets, protocols, path: str, log=prin
             _write({"prompts": _prompt_meta(prompts), "cells": out.cells,
                     "shared_prefill": shared, "prefill_seconds": t_prefill, **env_meta()}, path)
     return {"cells": out.cells}
-
-
-def _kept(pol, q, k, v, scale, gqa, layer, n_layers) -> tuple:
-    """The (k, v) a site's cache keeps under ``pol`` (``runtime.eviction.run``'s values)."""
-    from runtime import eviction as ev
-    idx, counts = ev.select(pol, q, k, v, scale, gqa, layer, n_layers)
-    return (k.clone(), v.clone()) if idx is None else ev.evicted(k, v, idx, counts)
 
 
 def _prompt_meta(prompts: dict) -> dict:
@@ -220,8 +210,7 @@ def report(planner_path: str, kvpress_path: Optional[str], out_base: str, log=pr
         n = per_row[c["protocol"]]
         if len(c["rows"]) > n:
             c["rows"] = c["rows"][:n]
-            c.update(summarize(c["rows"]),
-                     mean_cache_tokens=sum(r["cache"] for r in c["rows"]) / n)
+            c.update(summarize(c["rows"]))
     dense = {c["protocol"]: c for c in pl["cells"] if c["policy"] == "dense"}
     kv_dense = {c["protocol"]: c for c in (kv or {}).get("cells", []) if c["press"] == "dense"}
     table = []

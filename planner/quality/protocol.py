@@ -39,11 +39,11 @@ def new_cache(lm):
         return DynamicCache()
 
 
-def prefill(lm, ids, press=None):
+def prefill(lm, ids, press=None, cache=None):
     """(logits of the last prefill position [1, V] fp32, the ``DynamicCache``): ``lm`` on ``ids``
     (an eviction compiled into ``lm`` compacts the cache here), or under ``press(lm)`` (a kvpress
-    press: its hook compresses the cache)."""
-    cache = new_cache(lm)
+    press: its hook compresses the cache); into ``cache`` if given, else a new one."""
+    cache = new_cache(lm) if cache is None else cache
     with torch.no_grad():
         with press(lm) if press is not None else contextlib.nullcontext():
             out = lm(input_ids=torch.tensor([list(ids)]), past_key_values=cache, use_cache=True,
@@ -91,12 +91,16 @@ def same_scores(a: tuple, b: tuple, tol: float = 1e-4) -> bool:
 
 
 def summarize(rows: list) -> dict:
-    """n, retrieval (share answered right), its binomial standard error, mean answer nll."""
+    """n, retrieval (share answered right), its binomial standard error, mean answer nll and
+    (where rows carry it) the mean cache length."""
     n = len(rows)
     acc = sum(r["correct"] for r in rows) / n if n else float("nan")
     se = math.sqrt(acc * (1 - acc) / n) if n else float("nan")
-    return {"n": n, "retrieval": acc, "se": se,
-            "nll": sum(r["nll"] for r in rows) / n if n else float("nan")}
+    out = {"n": n, "retrieval": acc, "se": se,
+           "nll": sum(r["nll"] for r in rows) / n if n else float("nan")}
+    if n and all("cache" in r for r in rows):
+        out["mean_cache_tokens"] = sum(r["cache"] for r in rows) / n
+    return out
 
 
 class Cells:
@@ -122,8 +126,7 @@ class Cells:
         c["rows"].append({"cell": sample["cell"], "length": sample.get("length"),
                           "correct": ok, "nll": nll, "cache": sum(lens) / len(lens)})
         c["seconds"] += seconds
-        c.update(summarize(c["rows"]), mean_cache_tokens=sum(
-            r["cache"] for r in c["rows"]) / len(c["rows"]))
+        c.update(summarize(c["rows"]))
 
     def check(self, proto: str, name: str, budget, i: int, shared: tuple, direct: tuple):
         """Count a prompt scored both ways; a difference stops the run."""
