@@ -54,11 +54,12 @@ def select(scores, q, k, spec: SiteSpec):
 
 
 def runs_dense(spec: SiteSpec, q, k) -> bool:
-    """Whether ``attend`` computes every pair of this block-list call whatever the lists say
-    (the cost model's dense choice at this shape, as ``_resolve`` makes it), so that the
-    estimator need not run. Token lists (dsa) are left to the full chain: their indexer may be
-    recorded for training."""
-    return spec.policy.attend_kind != "token" and _cost_model_dense(spec, q, k)
+    """Whether ``attend`` computes every pair of this call whatever the lists say (the cost
+    model's dense choice at this shape, as ``_resolve`` makes it), so that neither the
+    estimator nor the selection need run, nor placeholder lists be built (for a token site at
+    65536 tokens and top-2048 they are 0.5 GB a site). A token site whose indexer is being
+    trained (``runtime.dsa.recording``) runs its chain."""
+    return _cost_model_dense(spec, q, k)
 
 
 def _cost_model_dense(spec: SiteSpec, q, k) -> bool:

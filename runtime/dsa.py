@@ -360,10 +360,16 @@ def no_lists(q: torch.Tensor, k: torch.Tensor, spec):
     """``select``'s result for a call the cost model runs densely: lists of padding only (the
     attention ignores them), the indexer made (its parameters belong to the model) but not
     run."""
-    bank_for(spec.owner).ensure(spec.site, q, k, spec.policy, spec.scale)
+    made(q, k, spec)
     idx = torch.full((q.shape[0], 1, q.shape[2], spec.policy.topk), -1, dtype=torch.int32,
                      device=q.device)
     return q.new_empty(0, dtype=torch.int32), idx
+
+
+def made(q: torch.Tensor, k: torch.Tensor, spec) -> None:
+    """Make the site's indexer (its parameters belong to the model) without running it: what a
+    call the cost model runs densely does in place of ``select``."""
+    bank_for(spec.owner).ensure(spec.site, q, k, spec.policy, spec.scale)
 
 
 def topk_indices(q_i, w, k_i, topk: int, *, causal: bool, offset: int) -> torch.Tensor:

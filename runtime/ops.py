@@ -114,15 +114,21 @@ def site(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mods: List[torch.Ten
     autograd and mode checks: tens of microseconds per op) is skipped, and a call the cost
     model runs densely goes straight to dense attention, without building the placeholder
     scores and lists. Same results as the three ops. Where autograd may record (grad enabled
-    and an input that requires grad, or a trainable indexer), it calls the ops themselves."""
+    and an input that requires grad, or a trainable indexer), it calls the ops themselves
+    (``attend`` alone for a dense call)."""
     spec = lookup(key)
+    dense = _no_pairs(q, k) or dispatch.runs_dense(spec, q, k)
+    if dense and spec.policy.attend_kind == "token":
+        dsa.made(q, k, spec)
+    e = q.new_empty(0, dtype=torch.int32)
     if torch.is_grad_enabled() and (spec.policy.attend_kind == "token" or any(
             t.requires_grad for t in (q, k, v, *mods))):
         sp = torch.ops.sparse
+        if dense:
+            return sp.attend(q, k, v, mods, e, e, key)
         c, i = sp.select(sp.score(q, k, mods, key), q, k, key)
         return sp.attend(q, k, v, mods, c, i, key)
-    if _no_pairs(q, k) or dispatch.runs_dense(spec, q, k):
-        e = q.new_empty(0, dtype=torch.int32)
+    if dense:
         return attend(q, k, v, mods, e, e, key)
     c, i = select(score(q, k, mods, key), q, k, key)
     return attend(q, k, v, mods, c, i, key)

@@ -110,18 +110,29 @@ def padded_batch(n: int = 23, seed: int = 0):
     return ids, am
 
 
-def generate_dense_matches(m, n: int = 13, new: int = 5):
+def generate_dense_matches(m, n: int = 13, new: int = 5, cache: str | None = None,
+                           via: str = "compile"):
     """Greedy ``generate`` of ``m`` and of ``planner.compile(m, policy="dense")`` on one prompt
     of ``n`` tokens: the same tokens and scores (-inf where min_new_tokens bans EOS); returns the
-    compiled model for the caller's inspect checks."""
+    compiled model for the caller's inspect checks. ``cache``: ``generate``'s
+    ``cache_implementation`` ("static": a preallocated cache written in place). ``via="backend"``:
+    ``m.forward`` compiled by ``torch.compile`` with ``planner.backend(policy="dense")`` instead
+    (returns the backend)."""
     import planner
     ids = torch.randint(0, 128, (1, n))
     kw = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, output_scores=True,
               return_dict_in_generate=True)
+    if cache is not None:
+        kw["cache_implementation"] = cache
     with torch.no_grad():
         ref = m.generate(ids, **kw)
-        cm = planner.compile(m, policy="dense")
-        got = cm.generate(ids, **kw)
+        if via == "backend":
+            cm = planner.backend(policy="dense")
+            m.forward = torch.compile(m.forward, backend=cm)
+            got = m.generate(ids, **kw)
+        else:
+            cm = planner.compile(m, policy="dense")
+            got = cm.generate(ids, **kw)
     assert torch.equal(got.sequences, ref.sequences)
     for a, b in zip(got.scores, ref.scores):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=0)

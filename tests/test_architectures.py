@@ -44,6 +44,19 @@ def test_generate_with_the_kv_cache_matches(name, impl):
     assert all(s.calls >= 2 for s in rep.sites), rep       # the prefill and decode steps
 
 
+@pytest.mark.parametrize("name, impl", [("gemma3", "sdpa"), ("deepseek_v3", "eager"),
+                                        ("gpt_oss", "eager")])
+@pytest.mark.parametrize("via", ["compile", "backend"])
+def test_generate_with_a_static_cache_matches(name, impl, via):
+    """``generate(cache_implementation="static")``: the cache is preallocated at its full length
+    and written in place each step (``index_copy_``), the mask hides the slots not yet written;
+    through ``planner.compile`` and through the ``torch.compile`` backend."""
+    m = build(name, impl)
+    got = generate_dense_matches(m, cache="static", via=via)
+    rep = planner.inspect(got)
+    assert rep.sites and all(s.status == "rewritten" for s in rep.sites), rep
+
+
 def test_qwen4_exp_eager_returns_its_weights_and_stays_dense_with_the_reason():
     """Qwen4-Exp's eager attention returns the attention weights: the site would have to
     materialise them, so it stays dense (exact) and inspect says why."""

@@ -88,6 +88,31 @@ def test_dsa_runs_dense_where_its_indexer_would_cost_more(gpt):
                                for r in rec.records)
 
 
+@pytest.mark.parametrize("grad", [False, True])
+def test_dense_dsa_call_builds_no_lists(gpt, monkeypatch, grad):
+    """A dsa call the cost model runs densely goes straight to dense attention: no indexer, no
+    selection, no placeholder lists ([B, 1, N, topk] int32: 0.5 GB a site at 65536 tokens and
+    top-2048, measured 0.95x of the original on SmolLM2 at 16k on an H100 when they were
+    built), with or without autograd; the gradients are dense attention's."""
+    from runtime import dsa
+
+    def refused(*a, **kw):
+        raise AssertionError("placeholder lists built for a dense call")
+    monkeypatch.setattr(dsa, "no_lists", refused)
+    monkeypatch.setattr(dsa, "select", refused)
+    ids = torch.randint(0, 256, (1, 300))
+    cm = planner.compile(gpt, policy=planner.policy("dsa", topk=64), cost_model="auto")
+    with torch.set_grad_enabled(grad):
+        out, ref = cm(ids), gpt(ids)
+        assert max_err(out, ref) <= 1e-5
+        if grad:
+            g1 = torch.autograd.grad(out.square().sum(), gpt.lm_head.weight)[0]
+            g2 = torch.autograd.grad(ref.square().sum(), gpt.lm_head.weight)[0]
+            assert max_err(g1, g2) <= 1e-5 * g2.abs().max()
+    assert any(k.startswith("sparse_indexers.") for k in cm.state_dict())
+    assert all("cost model: dense" in (s.kernel or "") for s in planner.inspect(cm).sites)
+
+
 def test_token_site_costs_on_the_h100_profile():
     """The H100 numbers the token-site costs come from (benchmarks/results/dsa_h100.md): with
     one KV head at 65536 tokens DSA measured 1.15x faster than dense (it runs), at 16384
