@@ -47,6 +47,7 @@ sys.path.insert(0, os.path.dirname(_HERE))
 
 import planner  # noqa: E402
 from benchmarks import common  # noqa: E402
+from planner.quality.protocol import cache_arg  # noqa: E402
 
 LLAMA3_8B = dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32,
                  num_key_value_heads=8, head_dim=128, vocab_size=128256, rope_theta=500000.0)
@@ -97,7 +98,7 @@ def prefill(model, ids, device):
     from transformers import DynamicCache
     cache = DynamicCache(config=model.config if hasattr(model, "config") else None)
     with torch.no_grad(), Clock(device) as c:
-        out = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        out = model(input_ids=ids, **cache_arg(model, cache), use_cache=True, logits_to_keep=1)
         tok = out.logits[:, -1:].argmax(-1)
     return cache, tok, c.ms
 
@@ -111,7 +112,7 @@ def decode(lm, cache, tok, start: int, steps: int, timed: int, device) -> float:
         for i in range(steps):
             pos = torch.full((b, 1), start + i, device=tok.device, dtype=torch.long)
             with Clock(device) as c:
-                out = lm(input_ids=tok, past_key_values=cache, use_cache=True, position_ids=pos)
+                out = lm(input_ids=tok, **cache_arg(lm, cache), use_cache=True, position_ids=pos)
                 tok = out.logits[:, -1:].argmax(-1)
             if i >= steps - timed:
                 ms += c.ms

@@ -64,3 +64,28 @@ def test_a_difference_stops_the_run(prompts, tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="the shared prefill gives"):
         E.run_planner(prompts, ["snapkv"], [0.3], ["aware"], str(tmp_path / "b.json"),
                       log=lambda *a: None, check=1)
+
+
+def test_the_cache_goes_by_the_name_the_model_takes():
+    """transformers 5.25 renamed ``past_key_values`` to ``cache`` (the old name warns and goes in
+    5.40); kvpress's environment pins a release that knows only the old one."""
+    from planner.quality.protocol import cache_arg
+
+    class New(torch.nn.Module):
+        def forward(self, input_ids=None, cache=None, use_cache=None):
+            return cache
+
+    class Old(torch.nn.Module):
+        def forward(self, input_ids=None, past_key_values=None, use_cache=None):
+            return past_key_values
+
+    for cls, name in ((New, "cache"), (Old, "past_key_values")):
+        m = cls()
+        assert cache_arg(m, 7) == {name: 7} and m(**cache_arg(m, 7)) == 7
+    import transformers
+    if hasattr(transformers, "LlamaForCausalLM"):
+        from inspect import signature
+        want = "cache" if "cache" in signature(transformers.LlamaForCausalLM.forward).parameters \
+            else "past_key_values"
+        assert list(cache_arg(transformers.LlamaForCausalLM.__new__(
+            transformers.LlamaForCausalLM), None)) == [want]

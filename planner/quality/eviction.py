@@ -33,8 +33,8 @@ from typing import Optional
 
 import torch
 
-from planner.quality.protocol import (Cells, answer_scores, cache_of, feed, finish, parts,
-                                      prefill, summarize)
+from planner.quality.protocol import (Cells, answer_scores, cache_arg, cache_of, feed, finish,
+                                      parts, prefill, summarize)
 
 #: planner eviction policy -> the kvpress press of the same method (ObservedAttention is
 #: kvpress's H2O-like press: mean observed attention, no recent window)
@@ -97,7 +97,7 @@ def greedy(lm, first, rest=(), n_new: int = 1, cache=None):
             toks.append(int(tok))
             if i == n_new - 1:
                 break
-            last = lm(input_ids=tok.view(1, 1), past_key_values=cache, use_cache=True,
+            last = lm(input_ids=tok.view(1, 1), **cache_arg(lm, cache), use_cache=True,
                       position_ids=torch.tensor([[pos]])).logits[0, -1:].float()
             pos += 1
     return torch.tensor(toks, dtype=torch.long), cache

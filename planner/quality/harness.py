@@ -49,6 +49,7 @@ import torch.nn.functional as F
 
 import planner
 from runtime import cpu_attend
+from planner.quality.protocol import cache_arg
 from planner.quality.policies import (CALIBRATED, DEFAULT_POLICIES, PolicySpec, causal_density,
                                       describe)
 from planner.quality.tasks import PASSKEY_DEPTHS, TASKS, cells, make_sample, sample_seed
@@ -80,8 +81,8 @@ class _Body(torch.nn.Module):
         self.add_module(prefix, getattr(lm, prefix))
 
     def forward(self, input_ids, past_key_values=None):
-        out = getattr(self, self.prefix)(input_ids=input_ids, past_key_values=past_key_values,
-                                         use_cache=True)
+        base = getattr(self, self.prefix)
+        out = base(input_ids=input_ids, **cache_arg(base, past_key_values), use_cache=True)
         return out.last_hidden_state, out.past_key_values
 
 

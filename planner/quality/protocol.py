@@ -16,6 +16,8 @@ it, as ``answer_scores`` does after evicting inside the prefill.
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 import math
 
 import torch
@@ -29,6 +31,22 @@ def parts(sample: dict, protocol: str) -> tuple:
     if protocol == "aware":
         return ctx + q, ans[:-1], ans
     raise ValueError(f"protocol must be 'agnostic' or 'aware', got {protocol!r}")
+
+
+def cache_arg(model, cache) -> dict:
+    """``{name: cache}``: the keyword under which ``model``'s forward takes its cache. transformers
+    5.25 renamed ``past_key_values`` to ``cache`` (the old name warns, and is removed in 5.40);
+    older releases (kvpress's environment pins < 5.3) know only ``past_key_values``."""
+    return {_cache_name(type(model)): cache}
+
+
+@functools.lru_cache(maxsize=None)
+def _cache_name(cls) -> str:
+    try:
+        params = inspect.signature(cls.forward).parameters
+    except (TypeError, ValueError):
+        return "past_key_values"
+    return "cache" if "cache" in params else "past_key_values"
 
 
 def new_cache(lm):
@@ -46,7 +64,7 @@ def prefill(lm, ids, press=None, cache=None):
     cache = new_cache(lm) if cache is None else cache
     with torch.no_grad():
         with press(lm) if press is not None else contextlib.nullcontext():
-            out = lm(input_ids=torch.tensor([list(ids)]), past_key_values=cache, use_cache=True,
+            out = lm(input_ids=torch.tensor([list(ids)]), **cache_arg(lm, cache), use_cache=True,
                      logits_to_keep=1)
     return out.logits[0, -1:].float(), cache
 
@@ -153,5 +171,5 @@ def feed(lm, cache, tokens, start: int, **kw):
     step = max(1, len(tokens)) if len({x.keys.shape[2] for x in cache.layers}) == 1 else 1
     for i in range(0, len(tokens), step):
         part = tokens[i:i + step]
-        yield lm(input_ids=torch.tensor([part]), past_key_values=cache, use_cache=True,
+        yield lm(input_ids=torch.tensor([part]), **cache_arg(lm, cache), use_cache=True,
                  position_ids=torch.arange(start + i, start + i + len(part))[None], **kw)
