@@ -18,6 +18,7 @@ import json
 import os
 import platform
 import resource
+import select
 import signal
 import sys
 import time
@@ -186,6 +187,41 @@ def summary(rows: list, meta: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _isolated(mt: str, arch: str, timeout: int) -> dict:
+    """``one(mt, arch)`` in a forked child, killed after ``timeout`` seconds (an alarm cannot
+    stop a long native call, such as filling a 500k-row embedding table at its default size)."""
+    rd, wr = os.pipe()
+    pid = os.fork()
+    if pid == 0:                                    # the child: one architecture, then exit
+        os.close(rd)
+        signal.alarm(timeout)
+        try:
+            res = one(mt, arch)
+        except BaseException as e:                  # noqa: BLE001 (a timeout included)
+            res = {"model_type": mt, "arch": arch, "stage": "build",
+                   "error": "timeout" if isinstance(e, _Timeout) else repr(e)[:300]}
+        os.write(wr, json.dumps(res).encode())
+        os._exit(0)
+    os.close(wr)
+    data, deadline = b"", time.monotonic() + timeout + 10
+    with os.fdopen(rd, "rb") as f:
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([f], [], [], left)[0]:
+                os.kill(pid, signal.SIGKILL)
+                break
+            chunk = os.read(f.fileno(), 1 << 16)
+            if not chunk:
+                break
+            data += chunk
+    os.waitpid(pid, 0)
+    try:
+        return json.loads(data)
+    except ValueError:
+        return {"model_type": mt, "arch": arch, "stage": "build",
+                "error": "timeout" if data == b"" else "no result from the child"}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True, help="path without extension: .jsonl and .md")
@@ -209,13 +245,7 @@ def main() -> int:
             if only and mt not in only:
                 continue
             arch = arch[0] if isinstance(arch, (tuple, list)) else arch
-            signal.alarm(a.timeout)
-            try:
-                r = one(mt, arch)
-            except _Timeout:
-                r = {"model_type": mt, "arch": arch, "stage": "build", "error": "timeout"}
-            finally:
-                signal.alarm(0)
+            r = _isolated(mt, arch, a.timeout)
             rows.append(r)
             f.write(json.dumps(r) + "\n")
             f.flush()
