@@ -37,7 +37,12 @@ def ensure_venv(venv: str) -> str:
         return py
     print(f"creating {venv} (this python's torch, {KVPRESS}, {KERNELS})", flush=True)
     subprocess.check_call([sys.executable, "-m", "venv", "--system-site-packages", venv])
-    subprocess.check_call([py, "-m", "pip", "install", "-q", KVPRESS, KERNELS])
+    # this python's torch, pinned: where this python is itself a virtual environment, the new
+    # one sees the base interpreter's packages, not its torch, and kvpress's requirement alone
+    # would let pip pick the newest (a CUDA build of several GB)
+    import torch
+    subprocess.check_call([py, "-m", "pip", "install", "-q", KVPRESS, KERNELS,
+                           f"torch=={torch.__version__}"])
     open(os.path.join(venv, ".ready"), "w").close()
     return py
 
