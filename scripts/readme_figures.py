@@ -215,6 +215,12 @@ def _ev_at(doc, length: int):
     return next(r for r in doc["rows"] if r["budget"] is None and r["length"] == length)
 
 
+def _verdicts(doc) -> dict:
+    """The architecture sweep's count per verdict (its first table)."""
+    return {r["verdict"]: int(r["architectures"]) for r in doc["tables"]
+            if "architectures" in r and "verdict" in r}
+
+
 def _dsa(doc, impl: str, n=None) -> list:
     """The native-DSA file's prefill rows of ``impl`` (at ``n`` tokens where given)."""
     return [r for r in doc["rows"] if r.get("case") == "prefill" and r.get("impl") == impl
@@ -629,6 +635,21 @@ FIGURES = [
                 r["speed"] for r in d["rows"] if r["policy"] == "dsa"), ".2f"),
             Fn("highest dsa speed", lambda d: max(
                 r["speed"] for r in d["rows"] if r["policy"] == "dsa"), ".2f"))),
+    # ---- architectures_cpu
+    Figure("architectures_cpu.md",
+           "With transformers {} (`architectures_cpu.md`), {} of its {} classes built from a "
+           "tiny\nconfig and every one of them is exact under `dense`: {} with their sites "
+           "rewritten, {} whose\nsites stay dense with the reason (ProphetNet), {} whose softmax "
+           "is left alone with the reason,\n{} without attention (Mamba, Mamba2, FalconMamba, "
+           "RWKV); {} wrong, {} failing. The other {} did\nnot build",
+           (Sentence(r"transformers (\d+\.\d+\.\d+), torch"),
+            Fn("built", lambda d: sum(n for v, n in _verdicts(d).items()
+                                      if v.startswith("exact")), "d"),
+            Fn("classes", lambda d: sum(_verdicts(d).values()), "d"),
+            *(Fn(f"architectures '{v}'", lambda d, v=v: _verdicts(d)[v], "d")
+              for v in ("exact, rewritten", "exact, dense with reason",
+                        "exact, no site (softmax left alone, reason shown)", "exact, no site",
+                        "WRONG", "FAILS", "not built")))),
     # ---- model_speed_h100
     Figure("model_speed_h100.json",
            "1024 to 65536 tokens, the default cost model on, dense, block_topk, auto and "
