@@ -31,6 +31,7 @@ from typing import List
 import torch
 
 from runtime import dispatch, dsa, estimators, eviction, page_summaries, providers, rules, stats
+from codegen.attention.reference import MASKED_BELOW
 from runtime.kernels.token_sparse import token_sparse_attention_bwd
 from runtime.spec import lookup
 
@@ -120,6 +121,8 @@ def site(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mods: List[torch.Ten
     dense = _no_pairs(q, k) or dispatch.runs_dense(spec, q, k)
     if dense and spec.policy.attend_kind == "token":
         dsa.made(q, k, spec)
+    if not dense:
+        k, v, mods = unwritten_keys_dropped(q, k, v, mods, spec)
     e = q.new_empty(0, dtype=torch.int32)
     if torch.is_grad_enabled() and (spec.policy.attend_kind == "token" or any(
             t.requires_grad for t in (q, k, v, *mods))):
@@ -132,6 +135,42 @@ def site(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mods: List[torch.Ten
         return attend(q, k, v, mods, e, e, key)
     c, i = select(score(q, k, mods, key), q, k, key)
     return attend(q, k, v, mods, c, i, key)
+
+
+def unwritten_keys_dropped(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                           mods: List[torch.Tensor], spec) -> tuple:
+    """``(k, v, mods)`` without the trailing keys that the site's masks hide from every query.
+
+    A static KV cache (``generate(cache_implementation="static")``) is preallocated at its full
+    length and written in place; its mask hides the slots not written yet. Dense attention is
+    the same with or without them, but a sparse policy's positions are not: a window would be
+    the last slots of the buffer (unwritten, so masked) instead of the last tokens, and a block
+    or page selection would spend its budget on masked blocks. Dropping the keys that every
+    query's mask hides makes the call what it is with a cache of the written length. Only for
+    sites whose mask is a tensor (no proved causal rule, no window, sink or key-length rule,
+    no eviction) and more keys than queries (a cache); one host read of the mask's columns per
+    such call."""
+    if (spec.causal is not None or spec.rules or spec.evict is not None or not mods
+            or k.shape[2] <= q.shape[2]):
+        return k, v, mods
+    n = k.shape[2]
+    scores = spec.split(mods)[0]
+    kinds = [m[0] for m in spec.mods if m[0] != "softcap"]
+    dead = None
+    for kind, t in zip(kinds, scores):
+        if kind not in ("add", "keep") or t.dim() < 2 or t.shape[-1] != n:
+            continue
+        seen = t.to(torch.bool) if kind == "keep" else t > MASKED_BELOW
+        col = ~seen.reshape(-1, n).any(0)
+        dead = col if dead is None else dead | col
+    if dead is None or not bool(dead[-1]):
+        return k, v, mods
+    alive = (~dead).nonzero()
+    if not alive.numel():
+        return k, v, mods
+    m = int(alive.max()) + 1
+    cut = [t[..., :m] if t.dim() >= 2 and t.shape[-1] == n else t for t in scores]
+    return k[:, :, :m], v[:, :, :m], cut + list(mods[len(scores):])
 
 
 def _no_pairs(q: torch.Tensor, k: torch.Tensor) -> bool:

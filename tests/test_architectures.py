@@ -57,6 +57,30 @@ def test_generate_with_a_static_cache_matches(name, impl, via):
     assert rep.sites and all(s.status == "rewritten" for s in rep.sites), rep
 
 
+@pytest.mark.parametrize("name, impl", [("gemma3", "sdpa"), ("deepseek_v3", "eager")])
+@pytest.mark.parametrize("pol", [dict(name="block_topk", block=4, topk=2),
+                                 dict(name="quest", page=4, budget=8),
+                                 dict(name="sink_window", sink=4, window=8)],
+                         ids=["block_topk", "quest", "sink_window"])
+def test_a_static_cache_gives_what_a_dynamic_cache_gives_under_a_sparse_policy(name, impl, pol):
+    """A static cache is longer than what is written; its mask hides the rest. A sparse policy
+    must not see those slots: a window would fall on unwritten (masked) slots, a selection
+    would spend its budget on them. Greedy tokens and scores equal the dynamic cache's."""
+    m = build(name, impl)
+    ids = torch.randint(0, 128, (1, 29), generator=torch.Generator().manual_seed(1))
+    kw = dict(max_new_tokens=12, min_new_tokens=12, do_sample=False, output_scores=True,
+              return_dict_in_generate=True)
+    policy = planner.policy(**pol)
+    with torch.no_grad():
+        a = planner.compile(m, policy=policy, cost_model="off").generate(ids, **kw)
+        cm = planner.compile(m, policy=policy, cost_model="off")
+        b = cm.generate(ids, cache_implementation="static", **kw)
+    assert torch.equal(a.sequences, b.sequences)
+    for x, y in zip(a.scores, b.scores):
+        torch.testing.assert_close(x, y, atol=1e-5, rtol=0)
+    assert any(s.density is not None and s.density < 1 for s in planner.inspect(cm).sites)
+
+
 def test_qwen4_exp_eager_returns_its_weights_and_stays_dense_with_the_reason():
     """Qwen4-Exp's eager attention returns the attention weights: the site would have to
     materialise them, so it stays dense (exact) and inspect says why."""
