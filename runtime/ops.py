@@ -139,25 +139,29 @@ def site(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mods: List[torch.Ten
 
 def unwritten_keys_dropped(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                            mods: List[torch.Tensor], spec) -> tuple:
-    """``(k, v, mods)`` without the trailing keys that the site's masks hide from every query.
+    """``(k, v, mods)`` without the trailing keys that no query of the call can see.
 
     A static KV cache (``generate(cache_implementation="static")``) is preallocated at its full
-    length and written in place; its mask hides the slots not written yet. Dense attention is
-    the same with or without them, but a sparse policy's positions are not: a window would be
-    the last slots of the buffer (unwritten, so masked) instead of the last tokens, and a block
-    or page selection would spend its budget on masked blocks. Dropping the keys that every
-    query's mask hides makes the call what it is with a cache of the written length. Only for
-    sites whose mask is a tensor (no proved causal rule, no window, sink or key-length rule,
-    no eviction) and more keys than queries (a cache); one host read of the mask's columns per
-    such call."""
-    if (spec.causal is not None or spec.rules or spec.evict is not None or not mods
-            or k.shape[2] <= q.shape[2]):
+    length and written in place; causality or its mask hides the slots not written yet. Dense
+    attention is the same with or without them, but a sparse policy is not: a window would be
+    the last slots of the buffer (unwritten, so masked) instead of the last tokens, a block or
+    page selection would spend its budget on masked blocks, and a partial last block's pooled
+    key would average unwritten zeros. Dropping the keys that every query is denied makes the
+    call what it is with a cache of the written length. With top-left causality (the prefill
+    into a static cache) the queries see keys up to their own count: no host work. With a mask
+    tensor (no proved causal rule, no window, sink or key-length rule): one host read of the
+    mask's columns per call. Only where there are more keys than queries, never with
+    eviction."""
+    n, nq = k.shape[2], q.shape[2]
+    if spec.evict is not None or n <= nq:
         return k, v, mods
-    n = k.shape[2]
-    scores = spec.split(mods)[0]
-    kinds = [m[0] for m in spec.mods if m[0] != "softcap"]
+    if spec.causal == "upper_left":
+        return _keys_cut(k, v, mods, spec, nq)
+    if spec.causal is not None or spec.rules or not mods:
+        return k, v, mods
     dead = None
-    for kind, t in zip(kinds, scores):
+    kinds = [m[0] for m in spec.mods if m[0] != "softcap"]
+    for kind, t in zip(kinds, spec.split(mods)[0]):
         if kind not in ("add", "keep") or t.dim() < 2 or t.shape[-1] != n:
             continue
         seen = t.to(torch.bool) if kind == "keep" else t > MASKED_BELOW
@@ -168,9 +172,20 @@ def unwritten_keys_dropped(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     alive = (~dead).nonzero()
     if not alive.numel():
         return k, v, mods
-    m = int(alive.max()) + 1
+    return _keys_cut(k, v, mods, spec, int(alive.max()) + 1)
+
+
+def _keys_cut(k, v, mods, spec, m: int) -> tuple:
+    """The first ``m`` keys: K, V and every per-key modifier tensor (score modifiers whose last
+    dimension runs over the keys, the key-validity rule); the sinks are per head, kept."""
+    n = k.shape[2]
+    scores, sinks, valid = spec.split(mods)
     cut = [t[..., :m] if t.dim() >= 2 and t.shape[-1] == n else t for t in scores]
-    return k[:, :, :m], v[:, :, :m], cut + list(mods[len(scores):])
+    if sinks is not None:
+        cut.append(sinks)
+    if valid is not None:
+        cut.append(valid[..., :m])
+    return k[:, :, :m], v[:, :, :m], cut
 
 
 def _no_pairs(q: torch.Tensor, k: torch.Tensor) -> bool:

@@ -125,3 +125,27 @@ def test_token_site_costs_on_the_h100_profile():
         _, sparse = cm.token_site_seconds(prof, B=1, Hq=16, Hkv=hkv, Nq=n, Nkv=n, D=128,
                                           topk=2048)
         assert ("dense" if dense <= sparse else "policy") == want, (n, hkv, dense, sparse)
+
+
+def test_keys_no_query_can_see_are_dropped_before_the_policy():
+    """Top-left causality (a prefill into a longer static cache) hides every key past the
+    queries' count: cut by shape, per-key rules cut with them, per-head sinks kept. A mask
+    tensor that hides the trailing keys from every query: cut after reading its columns. No
+    cut where the last key is visible, or with as many queries as keys."""
+    from runtime.ops import unwritten_keys_dropped
+    from runtime.spec import SiteSpec
+    pol = planner.policy("block_topk", block=4, topk=2)
+    q, k = torch.randn(1, 2, 6, 8), torch.randn(1, 2, 10, 8)
+    spec = SiteSpec(site="s", owner="t", policy=pol, scale=0.3, causal="upper_left", sinks=True,
+                    kv_valid=True)
+    sinks, valid = torch.randn(2), torch.ones(1, 12)
+    k2, v2, mods = unwritten_keys_dropped(q, k, k, [sinks, valid], spec)
+    assert k2.shape[2] == v2.shape[2] == 6 and mods[0] is sinks and mods[1].shape == (1, 6)
+    masked = SiteSpec(site="s", owner="t", policy=pol, scale=0.3, causal=None, mods=(("keep",),))
+    keep = torch.zeros(1, 1, 6, 10, dtype=torch.bool)
+    keep[..., :7] = True
+    k3, _, (m3,) = unwritten_keys_dropped(q, k, k, [keep], masked)
+    assert k3.shape[2] == 7 and m3.shape[-1] == 7 and torch.equal(k3, k[:, :, :7])
+    keep[..., 9] = True
+    assert unwritten_keys_dropped(q, k, k, [keep], masked)[0] is k
+    assert unwritten_keys_dropped(q, q, q, [keep[..., :6]], masked)[0] is q
