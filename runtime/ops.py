@@ -150,15 +150,16 @@ def unwritten_keys_dropped(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     call what it is with a cache of the written length. With top-left causality (the prefill
     into a static cache) the queries see keys up to their own count: no host work. With a mask
     tensor (no proved causal rule, no window, sink or key-length rule): one host read of the
-    mask's columns per call. Only where there are more keys than queries, never with
-    eviction."""
+    mask's columns per call, skipped while a CUDA graph is being captured (the keys then stay
+    as given). Only where there are more keys than queries, never with eviction."""
     n, nq = k.shape[2], q.shape[2]
     if spec.evict is not None or n <= nq:
         return k, v, mods
     if spec.causal == "upper_left":
         return _keys_cut(k, v, mods, spec, nq)
-    if spec.causal is not None or spec.rules or not mods:
-        return k, v, mods
+    if spec.causal is not None or spec.rules or not mods or (
+            k.is_cuda and torch.cuda.is_current_stream_capturing()):
+        return k, v, mods                   # (a CUDA graph capture cannot read the mask)
     dead = None
     kinds = [m[0] for m in spec.mods if m[0] != "softcap"]
     for kind, t in zip(kinds, spec.split(mods)[0]):
