@@ -33,7 +33,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from codegen.attention.reference import visible_keys
+from codegen.attention.reference import MASKED_BELOW, mask_visible, visible_keys
 from runtime import estimators
 from runtime.dsa import keep_from_indices
 from runtime.env import kernels_mode
@@ -41,7 +41,6 @@ from runtime.policies import SinkWindow
 from runtime.rules import fix_empty_rows, lower_rules
 
 NAME = "cpu_gather"
-MASKED_BELOW = -1e30           # same threshold as codegen.attention.reference
 #: elements of one chunk's score tensor [B, H, nb, G, block, C*block] (fp32: 4 bytes each)
 CHUNK_ELEMENTS = 48 * 2 ** 20
 #: calls served / declined (for tests and logs)
@@ -112,7 +111,7 @@ def _pair_ok(spec, mod_tensors, n_q: int, n_kv: int, r0: int, r1: int) -> torch.
     ok = torch.ones(1, 1, r1 - r0, n_kv, dtype=torch.bool)
     for mod, t in zip(spec.mods, mod_tensors):
         t = _mod_rows(t, r0, r1)
-        ok = ok & (t.to(torch.bool) if mod[0] == "keep" else t.float() > MASKED_BELOW)
+        ok = ok & mask_visible(t, mod[0])
     if spec.causal is not None:
         pos = torch.arange(r0, r1)[:, None] + _offset(spec.causal, n_q, n_kv)
         ok = ok & (torch.arange(n_kv)[None, :] <= pos)

@@ -45,7 +45,7 @@ def select(scores, q, k, spec: SiteSpec):
     est = estimators.get(spec.policy)
     if est.select is None:
         return q.new_empty(0, dtype=torch.int32), q.new_empty(0, dtype=torch.int32)
-    if _cost_model_dense(spec, q, k):
+    if runs_dense(spec, q, k):
         if spec.policy.attend_kind == "token":
             return dsa.no_lists(q, k, spec)
         return _all_blocks(q, k, spec)
@@ -54,17 +54,11 @@ def select(scores, q, k, spec: SiteSpec):
 
 
 def runs_dense(spec: SiteSpec, q, k) -> bool:
-    """Whether ``attend`` computes every pair of this call whatever the lists say (the cost
-    model's dense choice at this shape, as ``_resolve`` makes it), so that neither the
-    estimator nor the selection need run, nor placeholder lists be built (for a token site at
-    65536 tokens and top-2048 they are 0.5 GB a site). A token site whose indexer is being
-    trained (``runtime.dsa.recording``) runs its chain."""
-    return _cost_model_dense(spec, q, k)
-
-
-def _cost_model_dense(spec: SiteSpec, q, k) -> bool:
-    """Whether the cost model runs this call densely. A token-list site whose indexer is being
-    trained (``runtime.dsa.recording``) follows the recording's mode instead."""
+    """Whether the cost model runs this call densely (``attend`` then computes every pair
+    whatever the lists say, as ``_resolve`` makes it), so that neither the estimator nor the
+    selection need run, nor placeholder lists be built (for a token site at 65536 tokens and
+    top-2048 they are 0.5 GB a site). A token-list site whose indexer is being trained
+    (``runtime.dsa.recording``) follows the recording's mode instead."""
     if spec.policy.is_dense or spec.policy.native or plan.choose(spec, q, k) != "dense":
         return False
     if spec.policy.attend_kind == "token":
@@ -92,7 +86,7 @@ def _resolve(q, k, counts, indices, spec: SiteSpec):
     e = q.new_empty(0, dtype=torch.int32)
     if spec.policy.attend_kind == "token" and not spec.policy.native and dsa.dense_mode():
         return dense_variant(spec), e, e, " (dsa warm-up: dense)"
-    if _cost_model_dense(spec, q, k):
+    if runs_dense(spec, q, k):
         # the cost model chose dense at this shape: exact attention, reported as such
         return dense_variant(spec), e, e, " (cost model: dense)"
     go_dense, rho = plan.dense_at_measured_density(spec, q, k, counts, estimators.block_of(spec))

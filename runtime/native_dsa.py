@@ -41,6 +41,7 @@ from typing import Iterator, Optional
 
 import torch
 
+from codegen.attention.reference import mask_visible
 from runtime.kernels import indexer as indexer_kernels
 from runtime.kernels.launch import kernels_enabled
 
@@ -76,7 +77,7 @@ def fp8_rows(x: torch.Tensor) -> torch.Tensor:
 
 def visible(mask3d: torch.Tensor, kind: str) -> torch.Tensor:
     """bool ``[B, S, T]``: the pairs the model's mask lets through."""
-    return mask3d if kind == "keep" else mask3d > -1e30
+    return mask_visible(mask3d, kind)
 
 
 def index_topk_reference(q_i, k_i, w, scale: float, topk: int, mask3d, kind: str) -> torch.Tensor:

@@ -31,7 +31,7 @@ from typing import List
 import torch
 
 from runtime import dispatch, dsa, estimators, eviction, page_summaries, providers, rules, stats
-from codegen.attention.reference import MASKED_BELOW
+from codegen.attention.reference import mask_visible
 from runtime.kernels.token_sparse import token_sparse_attention_bwd
 from runtime.spec import lookup
 
@@ -123,15 +123,16 @@ def site(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mods: List[torch.Ten
         dsa.made(q, k, spec)
     if not dense:
         k, v, mods = unwritten_keys_dropped(q, k, v, mods, spec)
-    e = q.new_empty(0, dtype=torch.int32)
     if torch.is_grad_enabled() and (spec.policy.attend_kind == "token" or any(
             t.requires_grad for t in (q, k, v, *mods))):
         sp = torch.ops.sparse
         if dense:
+            e = q.new_empty(0, dtype=torch.int32)
             return sp.attend(q, k, v, mods, e, e, key)
         c, i = sp.select(sp.score(q, k, mods, key), q, k, key)
         return sp.attend(q, k, v, mods, c, i, key)
     if dense:
+        e = q.new_empty(0, dtype=torch.int32)
         return attend(q, k, v, mods, e, e, key)
     c, i = select(score(q, k, mods, key), q, k, key)
     return attend(q, k, v, mods, c, i, key)
@@ -165,8 +166,7 @@ def unwritten_keys_dropped(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     for kind, t in zip(kinds, spec.split(mods)[0]):
         if kind not in ("add", "keep") or t.dim() < 2 or t.shape[-1] != n:
             continue
-        seen = t.to(torch.bool) if kind == "keep" else t > MASKED_BELOW
-        col = ~seen.reshape(-1, n).any(0)
+        col = ~mask_visible(t, kind).reshape(-1, n).any(0)
         dead = col if dead is None else dead | col
     if dead is None or not bool(dead[-1]):
         return k, v, mods

@@ -163,7 +163,8 @@ def summary(rows: list, meta: dict) -> str:
     from collections import Counter
     c = Counter(verdict(r) for r in rows)
     lines = ["# Every causal-LM architecture of transformers under `policy=\"dense\"` (CPU)", "",
-             f"transformers {meta['transformers']}, torch {meta['torch']}, {meta['machine']}; "
+             f"transformers {meta['transformers']}, torch {meta['torch']}, triton "
+             f"{meta.get('triton', '?')}, {meta['machine']}; "
              f"command: `{meta['command']}`.", "",
              "Tiny random configs (hidden 64, 2 layers), 23 random tokens, fp32; `err` = max "
              f"|logit difference| / max |logit| (exact: <= {TOL}).", "",
@@ -185,6 +186,15 @@ def summary(rows: list, meta: dict) -> str:
         lines.append(f"| {r['model_type']} | {r['arch']} | {v} | {err} | {len(sites)}"
                      f"{' (' + pats + ')' if pats else ''} | {note.replace('|', '/')[:160]} |")
     return "\n".join(lines) + "\n"
+
+
+def _cpu_name() -> str:
+    """The processor's model name (Linux), else the platform's."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or "CPU"
 
 
 def _isolated(mt: str, arch: str, timeout: int) -> dict:
@@ -235,8 +245,10 @@ def main() -> int:
     resource.setrlimit(resource.RLIMIT_AS, (lim, lim))
     signal.signal(signal.SIGALRM, _alarm)
     only = set(x for x in a.only.split(",") if x)
+    import triton
     meta = {"transformers": transformers.__version__, "torch": torch.__version__,
-            "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
+            "triton": triton.__version__,
+            "machine": f"{_cpu_name()}, {platform.machine()}, {torch.get_num_threads()} threads",
             "command": "python scripts/arch_sweep.py " + " ".join(sys.argv[1:])}
     rows = []
     with open(a.out + ".jsonl", "w") as f:

@@ -36,6 +36,12 @@ import torch
 # A pair whose modified score is at or below this counts as masked (HF masks use finfo.min).
 MASKED_BELOW = -1e30
 
+def mask_visible(t: torch.Tensor, kind: str) -> torch.Tensor:
+    """bool, ``t``'s shape: the pairs a mask modifier lets through (``"keep"``: a boolean mask,
+    True = attend; ``"add"``: an additive mask, above ``MASKED_BELOW``)."""
+    return t.to(torch.bool) if kind == "keep" else t.float() > MASKED_BELOW
+
+
 KeepFn = Callable[[int, int], torch.Tensor]  # (row0, row1) -> bool [B, Hs, row1-row0, Nkv]
 
 
