@@ -58,7 +58,7 @@ def test_cost_model_dense_calls_skip_the_estimator(monkeypatch):
     from runtime import dispatch
     gm, (q, k, v) = _captured(planner.policy("block_topk", block=16, topk=3))
     low = lower_for_eager(gm)
-    monkeypatch.setattr(dispatch, "_cost_model_dense", lambda spec, q, k: True)
+    monkeypatch.setattr(dispatch, "runs_dense", lambda spec, q, k: True)
     called = []
     monkeypatch.setattr(ops, "score", lambda *a: called.append("score"))
     with torch.no_grad():
